@@ -1,0 +1,397 @@
+//! The ACP side of the echo agent: `initialize`, `session/new`,
+//! `session/prompt` and `session/cancel`, served through the SDK's v1
+//! connection layer.
+//!
+//! The SDK runs `on_receive_*` handlers one at a time on its dispatch loop, so
+//! a handler that waited for a slow turn would also hold back the
+//! `session/cancel` meant to stop it. Handlers therefore only validate and
+//! record state; each turn streams from a task spawned on the connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use agent_client_protocol::v1::{ConnectionTo, Responder};
+use agent_client_protocol::{
+    Agent, Client, ConnectTo, Error, ErrorCode, RequestCancellation, on_receive_notification,
+    on_receive_request,
+};
+use agent_client_protocol_schema::ProtocolVersion;
+use agent_client_protocol_schema::v1::{
+    AgentCapabilities, CancelNotification, ContentBlock, ContentChunk, Implementation,
+    InitializeRequest, InitializeResponse, NewSessionRequest, NewSessionResponse, PromptRequest,
+    PromptResponse, SessionId, SessionNotification, SessionUpdate, StopReason, TextContent,
+};
+use tokio::sync::watch;
+
+use crate::chunking::{self, Chunking};
+use crate::cli::FailInitialize;
+use crate::stdio::StdoutLines;
+
+/// What `--fail-initialize garbage` writes in place of a response: clearly not
+/// JSON, so a client must treat it as a framing error rather than misparse it.
+pub const GARBAGE_LINE: &str = "echo-agent: this line is deliberately not JSON";
+
+/// The exit status of `--fail-initialize exit`, distinct from the 1 of an
+/// ordinary failure so tests can tell an injected crash from a real one.
+pub const FAIL_EXIT_CODE: i32 = 3;
+
+/// How the agent behaves, as set on the command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub chunking: Chunking,
+    pub delay: Duration,
+    pub repeat: usize,
+    pub fail_initialize: Option<FailInitialize>,
+}
+
+/// Serves one ACP client over `transport` until the client closes its side.
+///
+/// Turns still running at that point are allowed to finish and answer: a
+/// client that writes all its prompts and then closes stdin (a shell pipe, a
+/// benchmark) still gets every reply.
+pub async fn serve(
+    config: Config,
+    stdout: StdoutLines,
+    transport: impl ConnectTo<Agent> + 'static,
+) -> Result<(), Error> {
+    let state = Arc::new(State::new(config, stdout));
+    Agent
+        .v1()
+        .name("echo-agent")
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: InitializeRequest, responder, _cx| {
+                    state.initialize(request, responder).await
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |_request: NewSessionRequest, responder, _cx| {
+                    responder.respond(NewSessionResponse::new(state.new_session()))
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: PromptRequest, responder, cx| {
+                    state.clone().prompt(request, responder, cx)
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_notification(
+            {
+                let state = state.clone();
+                async move |notification: CancelNotification, _cx| {
+                    state.cancel(&notification.session_id);
+                    Ok(())
+                }
+            },
+            on_receive_notification!(),
+        )
+        .connect_with(transport, async |cx| {
+            cx.incoming_closed().await;
+            let mut active = state.active_turns.subscribe();
+            // The sender lives in `state`, which outlives this wait.
+            let _ = active.wait_for(|&n| n == 0).await;
+            Ok(())
+        })
+        .await
+}
+
+/// Shared by all handlers and turn tasks.
+struct State {
+    config: Config,
+    stdout: StdoutLines,
+    /// Every session created on this connection, with the cancel switch of its
+    /// running turn, if any.
+    sessions: Mutex<HashMap<SessionId, Option<RunningTurn>>>,
+    /// Responses the fault modes deliberately never send. Dropping a responder
+    /// makes the SDK answer with an error, which would defeat `hang`.
+    parked: Mutex<Vec<Responder<InitializeResponse>>>,
+    /// How many turns are streaming, so shutdown can wait for them.
+    active_turns: watch::Sender<usize>,
+    next_turn_id: AtomicU64,
+}
+
+struct RunningTurn {
+    /// Tells a stale guard apart from the turn that replaced it.
+    id: u64,
+    cancel: watch::Sender<bool>,
+}
+
+impl State {
+    fn new(config: Config, stdout: StdoutLines) -> Self {
+        Self {
+            config,
+            stdout,
+            sessions: Mutex::default(),
+            parked: Mutex::default(),
+            active_turns: watch::Sender::new(0),
+            next_turn_id: AtomicU64::new(0),
+        }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Option<RunningTurn>>> {
+        // A panic elsewhere cannot leave the map half-updated in a way that
+        // matters to an echo agent, so keep serving.
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn initialize(
+        &self,
+        request: InitializeRequest,
+        responder: Responder<InitializeResponse>,
+    ) -> Result<(), Error> {
+        tracing::info!(client_version = %request.protocol_version, "initialize");
+        match self.config.fail_initialize {
+            None => responder.respond(
+                InitializeResponse::new(ProtocolVersion::V1)
+                    .agent_capabilities(AgentCapabilities::new().load_session(false))
+                    .agent_info(Implementation::new("echo-agent", env!("CARGO_PKG_VERSION"))),
+            ),
+            Some(FailInitialize::Error) => responder.respond_with_error(Error::new(
+                ErrorCode::INTERNAL_ERROR,
+                "initialize failed (injected by --fail-initialize error)",
+            )),
+            Some(FailInitialize::Exit) => {
+                tracing::warn!("exiting on initialize (--fail-initialize exit)");
+                std::process::exit(FAIL_EXIT_CODE);
+            }
+            Some(FailInitialize::Hang) => {
+                tracing::warn!("never answering initialize (--fail-initialize hang)");
+                self.park(responder);
+                Ok(())
+            }
+            Some(FailInitialize::Garbage) => {
+                tracing::warn!("writing garbage instead of initialize (--fail-initialize garbage)");
+                self.stdout
+                    .write_line(GARBAGE_LINE)
+                    .await
+                    .map_err(Error::into_internal_error)?;
+                self.park(responder);
+                Ok(())
+            }
+        }
+    }
+
+    fn park(&self, responder: Responder<InitializeResponse>) {
+        self.parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(responder);
+    }
+
+    fn new_session(&self) -> SessionId {
+        let id = SessionId::new(format!("sess_{}", uuid::Uuid::new_v4().simple()));
+        self.sessions().insert(id.clone(), None);
+        tracing::info!(session = %id, "session created");
+        id
+    }
+
+    /// Registers the turn, then streams it from a spawned task. Registration
+    /// happens here, on the dispatch loop, so that two prompts sent back to
+    /// back are checked in order and the second one reliably sees the first.
+    fn prompt(
+        self: Arc<Self>,
+        request: PromptRequest,
+        responder: Responder<PromptResponse>,
+        cx: ConnectionTo<Client>,
+    ) -> Result<(), Error> {
+        let session_id = request.session_id;
+        let (guard, cancel) = match self.clone().begin_turn(&session_id) {
+            Ok(started) => started,
+            Err(err) => return responder.respond_with_error(err),
+        };
+        let text = prompt_text(&request.prompt);
+        tracing::info!(session = %session_id, chars = text.chars().count(), "prompt");
+        let cancel = TurnCancel {
+            session: cancel,
+            request: responder.cancellation(),
+        };
+        cx.clone().spawn(async move {
+            let stop_reason = self.stream_echo(&cx, &session_id, &text, cancel).await;
+            // Free the session before answering: a client may send its next
+            // prompt the moment it sees this response.
+            drop(guard);
+            let sent = match stop_reason {
+                Ok(stop_reason) => {
+                    tracing::info!(session = %session_id, ?stop_reason, "turn finished");
+                    responder.respond(PromptResponse::new(stop_reason))
+                }
+                Err(err) => responder.respond_with_error(err),
+            };
+            // An error returned from a spawned task tears the whole connection
+            // down; failing to answer only means the client is already gone.
+            if let Err(err) = sent {
+                tracing::debug!(%err, "could not answer session/prompt");
+            }
+            Ok(())
+        })
+    }
+
+    fn begin_turn(
+        self: Arc<Self>,
+        session_id: &SessionId,
+    ) -> Result<(TurnGuard, watch::Receiver<bool>), Error> {
+        let mut sessions = self.sessions();
+        let Some(running) = sessions.get_mut(session_id) else {
+            return Err(Error::new(
+                ErrorCode::INVALID_PARAMS,
+                format!("unknown session id {session_id}"),
+            )
+            .data(serde_json::json!({ "sessionId": session_id })));
+        };
+        if running.is_some() {
+            return Err(Error::new(
+                ErrorCode::INVALID_REQUEST,
+                format!("session {session_id} already has a prompt turn running"),
+            )
+            .data(serde_json::json!({ "sessionId": session_id })));
+        }
+        let id = self.next_turn_id.fetch_add(1, Ordering::Relaxed);
+        let (cancel, cancelled) = watch::channel(false);
+        *running = Some(RunningTurn { id, cancel });
+        drop(sessions);
+        self.active_turns.send_modify(|n| *n += 1);
+        let guard = TurnGuard {
+            state: self,
+            session_id: session_id.clone(),
+            turn_id: id,
+        };
+        Ok((guard, cancelled))
+    }
+
+    fn cancel(&self, session_id: &SessionId) {
+        match self.sessions().get(session_id) {
+            Some(Some(turn)) => {
+                tracing::info!(session = %session_id, "cancelling turn");
+                turn.cancel.send_replace(true);
+            }
+            // Cancel is a notification and may race with the turn's end, so a
+            // cancel with nothing to stop is normal, not an error.
+            Some(None) => tracing::debug!(session = %session_id, "cancel: no turn running"),
+            None => tracing::warn!(session = %session_id, "cancel: unknown session"),
+        }
+    }
+
+    async fn stream_echo(
+        &self,
+        cx: &ConnectionTo<Client>,
+        session_id: &SessionId,
+        text: &str,
+        mut cancel: TurnCancel,
+    ) -> Result<StopReason, Error> {
+        let chunks = chunking::split(text, self.config.chunking);
+        let echoed = std::iter::repeat_n(chunks.as_slice(), self.config.repeat).flatten();
+        for chunk in echoed {
+            if self.config.delay.is_zero() {
+                // Turn tasks share one task with the dispatch loop and the
+                // writer; yielding lets both run, so a cancel is seen and
+                // chunks go out as they are made rather than piling up.
+                tokio::task::yield_now().await;
+            } else {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = tokio::time::sleep(self.config.delay) => {}
+                }
+            }
+            if cancel.is_cancelled() {
+                return Ok(StopReason::Cancelled);
+            }
+            cx.send_notification(SessionNotification::new(
+                session_id.clone(),
+                SessionUpdate::AgentMessageChunk(ContentChunk::new(ContentBlock::Text(
+                    TextContent::new(*chunk),
+                ))),
+            ))?;
+        }
+        Ok(StopReason::EndTurn)
+    }
+}
+
+/// Marks a session idle again when its turn ends, however it ends: normally,
+/// by error, or by the task being dropped as the connection shuts down.
+struct TurnGuard {
+    state: Arc<State>,
+    session_id: SessionId,
+    turn_id: u64,
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        if let Some(running) = self.state.sessions().get_mut(&self.session_id)
+            && running.as_ref().is_some_and(|turn| turn.id == self.turn_id)
+        {
+            *running = None;
+        }
+        self.state.active_turns.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Either way a client can stop a turn: ACP's `session/cancel`, or the
+/// JSON-RPC-level `$/cancel_request` for the prompt request itself. Both end
+/// the turn with `stopReason: cancelled`, which ACP requires for the former
+/// and is the most useful answer for the latter.
+struct TurnCancel {
+    session: watch::Receiver<bool>,
+    request: RequestCancellation,
+}
+
+impl TurnCancel {
+    fn is_cancelled(&self) -> bool {
+        *self.session.borrow() || self.request.is_cancelled()
+    }
+
+    async fn cancelled(&mut self) {
+        tokio::select! {
+            fired = async { self.session.wait_for(|&c| c).await.is_ok() } => {
+                // The sender is dropped only after this turn ends; should that
+                // ever change, never firing is safer than cancelling.
+                if !fired {
+                    std::future::pending::<()>().await;
+                }
+            }
+            () = self.request.cancelled() => {}
+        }
+    }
+}
+
+/// The text the agent echoes: all text blocks of the prompt, in order. Other
+/// block kinds (images, resources) have no text to echo and are skipped.
+fn prompt_text(prompt: &[ContentBlock]) -> String {
+    prompt
+        .iter()
+        .filter_map(|block| match block {
+            ContentBlock::Text(text) => Some(text.text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_text_concatenates_text_blocks_only() {
+        let prompt = vec![
+            ContentBlock::from("hello "),
+            ContentBlock::ResourceLink(agent_client_protocol_schema::v1::ResourceLink::new(
+                "file",
+                "file:///x",
+            )),
+            ContentBlock::from("world"),
+        ];
+        assert_eq!(prompt_text(&prompt), "hello world");
+        assert_eq!(prompt_text(&[]), "");
+    }
+}

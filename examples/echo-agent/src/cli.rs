@@ -1,0 +1,62 @@
+//! Command-line flags. They exist to shape the agent's behaviour for client
+//! tests (timing, chunking, injected faults) and for throughput benchmarks.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::agent::Config;
+use crate::chunking::Chunking;
+
+/// An ACP v1 agent that echoes each prompt back as streamed message chunks.
+///
+/// Speaks newline-delimited JSON-RPC 2.0 on stdin/stdout; logs go to stderr
+/// (filter with `RUST_LOG`).
+#[derive(Debug, Parser)]
+#[command(name = "echo-agent", version)]
+pub struct Args {
+    /// Stream fixed-size chunks of this many characters instead of one chunk
+    /// per whitespace-separated word.
+    #[arg(long, value_name = "N")]
+    pub chunk_chars: Option<NonZeroUsize>,
+
+    /// Sleep this many milliseconds before each chunk, so that cancellation
+    /// can land in the middle of a turn.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub delay_ms: u64,
+
+    /// Echo the prompt text this many times in a row within one turn.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub repeat: usize,
+
+    /// Misbehave on `initialize`, to test how a client copes with a broken
+    /// agent.
+    #[arg(long, value_name = "MODE")]
+    pub fail_initialize: Option<FailInitialize>,
+}
+
+/// The ways `--fail-initialize` can break the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailInitialize {
+    /// Write a line that is not JSON to stdout instead of answering, then keep
+    /// serving stdin.
+    Garbage,
+    /// Exit with status 3 without answering.
+    Exit,
+    /// Never answer.
+    Hang,
+    /// Answer with a JSON-RPC error.
+    Error,
+}
+
+impl Args {
+    pub fn into_config(self) -> Config {
+        Config {
+            chunking: self.chunk_chars.map_or(Chunking::Words, Chunking::Chars),
+            delay: Duration::from_millis(self.delay_ms),
+            repeat: self.repeat,
+            fail_initialize: self.fail_initialize,
+        }
+    }
+}

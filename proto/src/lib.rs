@@ -1,0 +1,35 @@
+//! gRPC contracts of agentd.
+//!
+//! - [`node`]: the control plane's view of a node (sandboxes, agents, sessions,
+//!   runs and each session's event log).
+//! - [`supervisor`]: the node's view of one sandbox's PID 1 (agent processes and
+//!   their ACP sessions), served on a unix socket per sandbox.
+//!
+//! Both are generated at build time from `proto/*.proto` by `protox` and tonic.
+
+pub mod node {
+    tonic::include_proto!("agentd.node.v1");
+}
+
+pub mod supervisor {
+    tonic::include_proto!("agentd.supervisor.v1");
+}
+
+/// Stable error codes carried across gRPC, so that the HTTP API can answer with
+/// the same `code` whichever process found the problem.
+pub mod error {
+    /// Metadata key holding the stable code.
+    pub const CODE_KEY: &str = "agentd-code";
+
+    /// A status whose `code` survives the trip to the control plane.
+    pub fn status(grpc: tonic::Code, code: &'static str, message: impl Into<String>) -> tonic::Status {
+        let mut status = tonic::Status::new(grpc, message);
+        status.metadata_mut().insert(CODE_KEY, tonic::metadata::MetadataValue::from_static(code));
+        status
+    }
+
+    /// The stable code of a status, if the peer set one.
+    pub fn code_of(status: &tonic::Status) -> Option<&str> {
+        status.metadata().get(CODE_KEY).and_then(|v| v.to_str().ok())
+    }
+}

@@ -1,0 +1,69 @@
+//! The supervisor: PID 1 inside each sandbox.
+//!
+//! - [`reaper`]: reaps every child and orphan, and hands exit statuses to
+//!   whoever waits for a pid (PID 1 must reap, or zombies pile up).
+//! - [`agents`]: agent processes, each in its own process group, and the ACP
+//!   sessions they hold.
+//! - [`service`]: the `Supervisor` gRPC service on the inherited unix socket.
+//!
+//! It runs on a current-thread runtime: one sandbox's work is small, and one
+//! thread keeps its memory small.
+
+pub mod agents;
+pub mod reaper;
+pub mod service;
+
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// How long agents get between SIGTERM and SIGKILL when the sandbox stops.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs the supervisor on the listening socket `listen_fd` until told to stop.
+pub fn run(listen_fd: i32) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(serve(listen_fd))
+}
+
+async fn serve(listen_fd: i32) -> std::io::Result<()> {
+    // SAFETY: sandbox-init passes us this descriptor, open and owned by no one else.
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(listen_fd) };
+    std_listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(std_listener)?;
+
+    let reaper = reaper::Reaper::start()?;
+    let (stop_tx, mut stop_rx) = watch::channel(None::<Duration>);
+    let agents = Arc::new(agents::Agents::new(Arc::clone(&reaper)));
+    let svc = service::SupervisorService::new(Arc::clone(&agents), stop_tx.clone());
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let _ = stop_tx.send(Some(DEFAULT_GRACE));
+        }
+    });
+
+    tracing::info!("supervisor ready");
+    let shutdown = async move {
+        let _ = stop_rx.wait_for(|v| v.is_some()).await;
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(agentd_proto::supervisor::supervisor_server::SupervisorServer::new(svc))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let grace = stop_tx.borrow().unwrap_or(DEFAULT_GRACE);
+    agents.stop_all(grace).await;
+    tracing::info!("supervisor stopped");
+    served.map_err(std::io::Error::other)
+}

@@ -1,0 +1,102 @@
+//! The `Supervisor` gRPC service: one method per request, each a thin call into
+//! [`Agents`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_proto::supervisor::supervisor_server::Supervisor;
+use agentd_proto::supervisor::{prompt_event, *};
+use futures::Stream;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::agents::{Agents, StartSpec, TurnEvent};
+
+/// Used when a request leaves the initialize timeout unset.
+const DEFAULT_INITIALIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct SupervisorService {
+    agents: Arc<Agents>,
+    /// Set to the grace period to stop the supervisor.
+    stop: watch::Sender<Option<Duration>>,
+}
+
+impl SupervisorService {
+    pub fn new(agents: Arc<Agents>, stop: watch::Sender<Option<Duration>>) -> Self {
+        Self { agents, stop }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<PromptEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Supervisor for SupervisorService {
+    async fn start_agent(&self, req: Request<StartAgentRequest>) -> Result<Response<StartAgentResponse>, Status> {
+        let r = req.into_inner();
+        let timeout = match r.initialize_timeout_ms {
+            0 => DEFAULT_INITIALIZE_TIMEOUT,
+            ms => Duration::from_millis(ms.into()),
+        };
+        let spec = StartSpec {
+            id: r.agent_instance_id,
+            command: r.command,
+            args: r.args,
+            env: r.env,
+            cwd: r.cwd,
+            initialize_timeout: timeout,
+        };
+        let agent = self.agents.start(spec).await?;
+        Ok(Response::new(StartAgentResponse {
+            pid: agent.pid,
+            protocol_version: agent.initialized.protocol_version as u32,
+            initialize_json: agent.initialized.raw.clone(),
+        }))
+    }
+
+    async fn new_session(&self, req: Request<NewSessionRequest>) -> Result<Response<NewSessionResponse>, Status> {
+        let r = req.into_inner();
+        let acp_session_id = self.agents.new_session(&r.agent_instance_id, &r.cwd).await?;
+        Ok(Response::new(NewSessionResponse { acp_session_id }))
+    }
+
+    type PromptStream = EventStream;
+
+    async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<Self::PromptStream>, Status> {
+        let r = req.into_inner();
+        let rx = self.agents.prompt(&r.agent_instance_id, &r.acp_session_id, &r.prompt_json)?;
+        let stream = ReceiverStream::new(rx).map(|event| {
+            let event = match event {
+                TurnEvent::Update(json) => prompt_event::Event::UpdateJson(json),
+                TurnEvent::Stopped(reason) => prompt_event::Event::StopReason(reason),
+                TurnEvent::Failed(error) => prompt_event::Event::Error(error),
+            };
+            Ok(PromptEvent { event: Some(event) })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let r = req.into_inner();
+        let was_running = self.agents.cancel(&r.agent_instance_id, &r.acp_session_id)?;
+        Ok(Response::new(CancelResponse { was_running }))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let agents = self
+            .agents
+            .list()
+            .iter()
+            .map(|a| AgentStatus { agent_instance_id: a.id.clone(), pid: a.pid, state: a.state().to_string() })
+            .collect();
+        Ok(Response::new(StatusResponse { agents }))
+    }
+
+    async fn shutdown(&self, req: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {
+        let grace = Duration::from_millis(req.into_inner().grace_ms.into());
+        let _ = self.stop.send(Some(grace));
+        Ok(Response::new(ShutdownResponse {}))
+    }
+}
