@@ -1,1 +1,22 @@
-fn main(){}
+//! `agentd`: one binary for every role.
+//!
+//! `main` only parses the command line and dispatches to `commands/<verb>.rs`.
+//! `sandbox-init` and `supervisor` are dispatched before any async runtime or
+//! thread exists: creating a user namespace and forking need a single-threaded
+//! process.
+
+mod cli;
+mod commands;
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    match cli.command {
+        cli::Command::SandboxInit => agentd_runtime::sandbox::init::main(),
+        cli::Command::Supervisor(args) => commands::supervisor::run(args),
+        cli::Command::Up(args) => commands::up::run(args),
+        cli::Command::Node(args) => commands::node::run(args),
+        cli::Command::Server(args) => commands::server::run(args),
+    }
+}

@@ -1,1 +1,111 @@
-//! placeholder
+//! The control plane: HTTP/SSE API, durable store, execution-plan compiler and
+//! the client side of the node service.
+//!
+//! Layout:
+//! - [`api`]: axum routes, one module per resource; errors as problem+json.
+//! - [`plan`]: compiles a session request (manual agent, profile, session
+//!   options) into the sandbox and agent plans a node executes.
+//! - [`store`]: containers, sessions and runs, behind enforced state machines.
+//! - [`runs`]: follows each live session's event log and records run ends.
+//! - [`teardown`]: deleting containers and recording it.
+//!
+//! [`serve`] runs the API until shutdown; [`app`] builds the router alone.
+
+pub mod api;
+pub mod plan;
+pub mod runs;
+pub mod store;
+pub mod teardown;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use agentd_proto::node::node_client::NodeClient;
+use agentd_proto::node::GetSandboxRequest;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use store::Store;
+use store::states::container;
+
+/// A new id: a kind prefix and a time-ordered UUID (v7), so ids sort by birth.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub node: NodeClient<Channel>,
+    /// The node this control plane schedules onto (one, until the fleet lands).
+    pub node_id: String,
+    pub defaults: plan::PlanDefaults,
+    /// Cancelled on shutdown: ends SSE streams and session followers.
+    pub shutdown: CancellationToken,
+}
+
+pub fn app(state: AppState) -> axum::Router {
+    api::router(state)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Brings the store in line with the node after a restart: containers the node
+/// no longer runs are recorded gone, and live sessions are followed again.
+pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
+    for state_name in [container::PROVISIONING, container::READY] {
+        for c in state.store.containers_in_state(state_name).await? {
+            let known = state.node.clone().get_sandbox(GetSandboxRequest { container_id: c.id.clone() }).await;
+            match known {
+                Ok(_) => {
+                    for s in state.store.sessions_of_container(&c.id).await? {
+                        if s.state == store::states::session::READY {
+                            runs::watch_session(state.clone(), s.id);
+                        }
+                    }
+                }
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    tracing::warn!(container = c.id, "node no longer runs this sandbox; recording it gone");
+                    if c.state == container::PROVISIONING {
+                        state.store.container_failed(&c.id, "agentd stopped while provisioning").await?;
+                    }
+                    teardown::record_gone(state, &c.id, "the sandbox was lost when agentd restarted").await?;
+                }
+                Err(status) => tracing::warn!(container = c.id, error = %status, "cannot reach node to reconcile"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every live container; `agentd up` does this on Ctrl-C so that
+/// nothing is left running and the store says so.
+pub async fn stop_all_containers(state: &AppState) {
+    let Ok(live) = state.store.containers_in_state(container::READY).await else { return };
+    for c in live {
+        if let Err(e) = teardown::delete_container(state, &c.id, "agentd stopped").await {
+            tracing::warn!(container = c.id, error = ?e, "cannot stop container on shutdown");
+        }
+    }
+}
+
+/// Serves the API on `listen` until `shutdown` resolves.
+pub async fn serve(state: AppState, listen: SocketAddr, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Listen { addr: listen, source })?;
+    tracing::info!(%listen, "API listening");
+    let token = state.shutdown.clone();
+    let graceful = async move {
+        shutdown.await;
+        token.cancel();
+    };
+    axum::serve(listener, app(state)).with_graceful_shutdown(graceful).await.map_err(ServeError::Http)
+}

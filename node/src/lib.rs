@@ -1,1 +1,109 @@
-//! placeholder
+//! The node daemon: owns the sandboxes of one machine.
+//!
+//! Layout:
+//! - [`sandboxes`]: the sandbox table: id ranges, state directories, launching
+//!   through `agentd sandbox-init`, watching each PID 1 through a pidfd,
+//!   teardown, and cleanup of what a crashed node left behind.
+//! - [`event_log`]: each session's append-only event log (memory and a JSONL
+//!   file), from which clients resume by sequence number.
+//! - [`sessions`]: ACP sessions on this node and the turn running on each.
+//! - [`service`]: the `Node` gRPC service.
+//!
+//! [`serve`] runs the service on a unix socket until shutdown.
+
+pub mod event_log;
+pub mod sandboxes;
+pub mod service;
+pub mod sessions;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use agentd_proto::node::node_server::NodeServer;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// Node settings. Paths are parameters so tests run in temp directories.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Root of this node's state: sandboxes/<id>/ (rootfs mount point,
+    /// workspace, supervisor socket and log, session event logs).
+    pub state_dir: PathBuf,
+    /// The agentd binary, re-executed as `sandbox-init`.
+    pub exe: PathBuf,
+    /// First host uid/gid handed to sandboxes; sandbox `n` gets
+    /// `id_base + n * id_range_size ..`.
+    pub id_base: u32,
+    pub id_range_size: u32,
+    pub max_sandboxes: u32,
+    /// `RUST_LOG` given to supervisors.
+    pub supervisor_log_filter: String,
+}
+
+impl NodeConfig {
+    pub fn new(state_dir: PathBuf, exe: PathBuf) -> Self {
+        Self {
+            state_dir,
+            exe,
+            id_base: 1_000_000,
+            id_range_size: 65_536,
+            max_sandboxes: 1_000,
+            supervisor_log_filter: "info".into(),
+        }
+    }
+}
+
+/// The running node: the state its gRPC service works on.
+pub struct Node {
+    pub sandboxes: Arc<sandboxes::Sandboxes>,
+    pub sessions: Arc<sessions::Sessions>,
+}
+
+impl Node {
+    /// Prepares the state directory, becomes the subreaper for sandbox PID 1s,
+    /// and removes what an earlier run left behind.
+    pub async fn start(config: NodeConfig) -> std::io::Result<Arc<Self>> {
+        sandboxes::become_subreaper()?;
+        let sandboxes = sandboxes::Sandboxes::open(config).await?;
+        let sessions = Arc::new(sessions::Sessions::default());
+        Ok(Arc::new(Self { sandboxes, sessions }))
+    }
+
+    /// Stops every sandbox; used on shutdown.
+    pub async fn stop_all(&self) {
+        for id in self.sandboxes.ids() {
+            self.delete_sandbox(&id).await;
+        }
+    }
+
+    /// Kills a sandbox and forgets its sessions. Returns whether it existed.
+    pub async fn delete_sandbox(&self, id: &str) -> bool {
+        let existed = self.sandboxes.delete(id).await;
+        self.sessions.close_container(id).await;
+        existed
+    }
+}
+
+/// Serves the node on the unix socket `socket` until `shutdown` resolves.
+///
+/// Sandboxes are stopped before the server drains: that closes every session
+/// log, which ends the event streams a graceful shutdown would otherwise wait
+/// for forever.
+pub async fn serve(node: Arc<Node>, socket: &Path, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    let svc = service::NodeService::new(Arc::clone(&node));
+    let stop = {
+        let node = Arc::clone(&node);
+        async move {
+            shutdown.await;
+            node.stop_all().await;
+        }
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(NodeServer::new(svc))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
+        .await;
+    let _ = std::fs::remove_file(socket);
+    served.map_err(std::io::Error::other)
+}

@@ -119,6 +119,11 @@ fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(fail("make mounts private"))?;
     rootfs::prepare(spec)?;
+    // The child resolves paths as an unprivileged host uid and may not traverse
+    // the (0700) state directory: it inherits the root's parent as working
+    // directory instead and only uses paths relative to it.
+    let parent = spec.rootfs_dir.parent().ok_or_else(|| InitError::new("chdir", "rootfs_dir has no parent"))?;
+    chdir(parent).map_err(fail("chdir to sandbox dir"))?;
 
     let (go_rx, go_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipe"))?;
     let (err_rx, err_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipe"))?;
@@ -206,12 +211,18 @@ fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infall
     setgroups(&[]).map_err(fail("setgroups"))?;
     sethostname(&spec.hostname).map_err(fail("sethostname"))?;
 
-    let root = spec.rootfs_dir.as_path();
+    // Mounts copied into a less privileged namespace are locked, and
+    // pivot_root refuses a locked new root: bind the tree onto itself to get an
+    // unlocked top mount (its children stay locked, so agents cannot unmount
+    // them to peek underneath).
+    let name = spec.rootfs_dir.file_name().ok_or_else(|| InitError::new("bind root", "rootfs_dir has no name"))?;
+    mount(Some(name), name, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(fail("bind new root"))?;
+    chdir(name).map_err(fail("chdir new root"))?;
     let noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(Some("proc"), &root.join("proc"), Some("proc"), noexec, None::<&str>).map_err(fail("mount /proc"))?;
+    mount(Some("proc"), "proc", Some("proc"), noexec, None::<&str>).map_err(fail("mount /proc"))?;
     mount(
         Some("devpts"),
-        &root.join("dev/pts"),
+        "dev/pts",
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=0620"),
@@ -220,7 +231,6 @@ fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infall
 
     // pivot_root(".", ".") stacks the old root under the new one; detaching it
     // leaves only the new root, with no directory needed for the old one.
-    chdir(root).map_err(fail("chdir new root"))?;
     pivot_root(".", ".").map_err(fail("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(fail("detach old root"))?;
     chdir("/").map_err(fail("chdir /"))?;

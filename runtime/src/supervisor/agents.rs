@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 use super::reaper::{Exit, Reaper};
-use crate::acp::{AcpClient, AcpError, ErrorObject, InboundHandler, Initialized, RpcConnection};
+use crate::acp::{AcpClient, AcpError, ErrorObject, InboundHandler, Initialized, RpcConnection, RpcError};
 
 /// How long `session/new` may take before the agent counts as hung.
 const SESSION_NEW_TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,12 +94,16 @@ impl Agent {
         if self.exit.borrow().is_some() { "exited" } else { "ready" }
     }
 
-    /// Why the agent stopped answering, with its exit status if it ended.
+    /// Why the agent stopped answering. When it closed its output, its exit
+    /// status (if it ends soon) says more than the closed pipe does.
     async fn describe(&self, error: AcpError) -> String {
+        if !matches!(error, AcpError::Rpc(RpcError::Closed)) {
+            return error.to_string();
+        }
         let mut exit = self.exit.clone();
         let ended = tokio::time::timeout(Duration::from_millis(500), exit.wait_for(|e| e.is_some())).await;
         match ended {
-            Ok(Ok(e)) => format!("agent exited ({}): {error}", e.expect("waited for Some")),
+            Ok(Ok(e)) => format!("agent exited ({})", e.expect("waited for Some")),
             _ => error.to_string(),
         }
     }
@@ -187,8 +191,8 @@ impl Agents {
             Ok(init) => init,
             Err(e) => {
                 let agent = Agent { id: spec.id, pid, initialized: Initialized { protocol_version: 0, raw: String::new() }, client, exit, sinks };
-                agent.signal_group(Signal::SIGKILL);
                 let reason = agent.describe(e).await;
+                agent.signal_group(Signal::SIGKILL);
                 return Err(status(Code::FailedPrecondition, "agent_init_failed", format!("initialize failed: {reason}")));
             }
         };

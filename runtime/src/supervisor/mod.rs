@@ -31,6 +31,12 @@ pub fn run(listen_fd: i32) -> std::io::Result<()> {
 }
 
 async fn serve(listen_fd: i32) -> std::io::Result<()> {
+    // The descriptor came without close-on-exec so that it survived our exec;
+    // agents must not inherit it, or they could drive the supervisor.
+    // SAFETY: fcntl only changes the descriptor's flags.
+    if unsafe { libc::fcntl(listen_fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     // SAFETY: sandbox-init passes us this descriptor, open and owned by no one else.
     let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(listen_fd) };
     std_listener.set_nonblocking(true)?;

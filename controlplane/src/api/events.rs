@@ -1,0 +1,60 @@
+//! `GET /v1/sessions/{id}/events`: the session's event log as SSE, with
+//! per-session monotonic ids and `Last-Event-ID` resume.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+
+use super::Problem;
+use crate::AppState;
+use crate::store::states::session;
+use agentd_proto::node::StreamEventsRequest;
+
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Resume after this event id, for clients that cannot set Last-Event-ID.
+    #[serde(default)]
+    pub after: Option<u64>,
+}
+
+fn resume_point(headers: &HeaderMap, query: &EventsQuery) -> Result<u64, Problem> {
+    match headers.get("last-event-id") {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Problem::new(axum::http::StatusCode::BAD_REQUEST, "invalid_request", "Last-Event-ID must be an event id")),
+        None => Ok(query.after.unwrap_or(0)),
+    }
+}
+
+pub async fn stream(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Problem> {
+    let after_seq = resume_point(&headers, &query)?;
+    let s = app.store.get_session(&id).await?;
+    if s.state != session::READY {
+        return Err(Problem::new(axum::http::StatusCode::GONE, "session_closed", format!("session {id} is {}; its events are gone", s.state)));
+    }
+    let events = app.node.clone().stream_events(StreamEventsRequest { session_id: id, after_seq }).await?.into_inner();
+    let events = events
+        .take_while(|item| std::future::ready(item.is_ok()))
+        .filter_map(|item| async move { item.ok() })
+        .map(|e| {
+            // Agents' JSON arrives on one line; a stray CR would break SSE framing.
+            let data = if e.data_json.contains('\r') { e.data_json.replace('\r', " ") } else { e.data_json };
+            Ok(Event::default().id(e.seq.to_string()).event(e.kind).data(data))
+        })
+        .take_until(app.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}

@@ -1,0 +1,53 @@
+//! The HTTP API: one module per resource, gathered by [`router`].
+
+pub mod containers;
+pub mod events;
+pub mod problem;
+pub mod sessions;
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::routing::get;
+
+use crate::AppState;
+pub use problem::Problem;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/sessions", get(sessions::list).post(sessions::create))
+        .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
+        .route("/v1/sessions/{id}/events", get(events::stream))
+        .route("/v1/containers/{id}", get(containers::get).delete(containers::delete))
+        .fallback(|| async { Problem::not_found("not_found", "no such resource") })
+        .with_state(state)
+}
+
+/// `Json` whose rejections are problems with stable codes.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(ApiJson(value)),
+            Err(JsonRejection::JsonSyntaxError(e)) => {
+                Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {}", e.body_text())))
+            }
+            Err(JsonRejection::JsonDataError(e)) => Err(Problem::invalid("invalid_request", e.body_text())),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with Content-Type: application/json",
+            )),
+            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())),
+        }
+    }
+}

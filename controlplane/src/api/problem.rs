@@ -1,0 +1,126 @@
+//! Errors to HTTP clients: `application/problem+json` with a stable `code`.
+//! Internals are logged; clients see only what they may.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, code, detail: detail.into() }
+    }
+
+    pub fn not_found(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, detail)
+    }
+
+    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, detail)
+    }
+
+    pub fn invalid(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(code = self.code, detail = %self.detail, "request failed");
+        }
+        let body = json!({
+            "type": format!("https://agentd.dev/problems/{}", self.code),
+            "title": self.status.canonical_reason().unwrap_or("error"),
+            "status": self.status.as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+        });
+        let mut response = (self.status, body.to_string()).into_response();
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for Problem {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::NotFound { entity, .. } => {
+                let code = match entity {
+                    crate::store::states::Entity::Container => "container_not_found",
+                    crate::store::states::Entity::Session => "session_not_found",
+                    crate::store::states::Entity::Run => "run_not_found",
+                };
+                Problem::not_found(code, e.to_string())
+            }
+            StoreError::Illegal(_) => Problem::conflict("illegal_state", e.to_string()),
+            StoreError::RunActive { .. } => Problem::conflict("run_active", e.to_string()),
+            StoreError::Db(_) | StoreError::Migrate(_) => {
+                tracing::error!(error = %e, "store error");
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the store is unavailable; retry later")
+            }
+        }
+    }
+}
+
+/// HTTP status for a stable code that came back from a node.
+fn status_for(code: &str) -> StatusCode {
+    match code {
+        "container_not_found" | "session_not_found" | "agent_not_found" => StatusCode::NOT_FOUND,
+        "run_active" | "agent_exists" => StatusCode::CONFLICT,
+        "invalid_request" | "invalid_profile" | "invalid_prompt" | "bad_working_dir" | "agent_executable_not_found"
+        | "mount_source_not_found" => StatusCode::UNPROCESSABLE_ENTITY,
+        "agent_init_failed" | "agent_error" | "agent_spawn_failed" => StatusCode::BAD_GATEWAY,
+        "node_full" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<tonic::Status> for Problem {
+    fn from(s: tonic::Status) -> Self {
+        match agentd_proto::error::code_of(&s) {
+            Some(code) => {
+                // The stable codes are a closed set: anything else is internal.
+                let code: &'static str = KNOWN_CODES.iter().find(|c| **c == code).copied().unwrap_or("internal");
+                Problem::new(status_for(code), code, s.message().to_string())
+            }
+            None if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_unavailable",
+                format!("the node did not answer: {}", s.message()),
+            ),
+            None => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", s.message().to_string()),
+        }
+    }
+}
+
+const KNOWN_CODES: &[&str] = &[
+    "container_not_found",
+    "session_not_found",
+    "agent_not_found",
+    "run_active",
+    "agent_exists",
+    "invalid_request",
+    "invalid_profile",
+    "invalid_prompt",
+    "bad_working_dir",
+    "agent_executable_not_found",
+    "mount_source_not_found",
+    "agent_init_failed",
+    "agent_error",
+    "agent_spawn_failed",
+    "node_full",
+    "sandbox_failed",
+    "internal",
+];

@@ -1,0 +1,236 @@
+//! `/v1/sessions`: create (sandbox, agent, ACP session), read, prompt, cancel,
+//! delete.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiJson, Problem};
+use crate::plan::{self, ManualAgent, SessionOptions};
+use crate::store::states::{container, session as session_state};
+use crate::store::{NewSession, SessionRow};
+use crate::{AppState, new_id};
+use agentd_proto::node::{CancelRequest, CreateSandboxRequest, CreateSessionRequest, PromptRequest, StartAgentRequest};
+
+#[derive(Debug, Deserialize)]
+pub struct CreateSessionBody {
+    #[serde(default)]
+    pub manual_agent: Option<ManualAgent>,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub container_profile: Option<Value>,
+    #[serde(default)]
+    pub session: Option<SessionOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PromptBody {
+    pub prompt: Value,
+}
+
+/// A session as clients see it, with its runs.
+pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
+    let runs = app.store.runs_of_session(&s.id).await?;
+    Ok(json!({
+        "id": s.id,
+        "container_id": s.container_id,
+        "state": s.state,
+        "agent": {"id": s.agent_id, "version": s.agent_version, "instance_id": s.agent_instance_id},
+        "acp_session_id": s.acp_session_id,
+        "working_dir": s.working_dir,
+        "error": s.error,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+        "runs": runs,
+    }))
+}
+
+pub async fn list(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
+    let sessions = app.store.list_sessions().await?;
+    Ok(Json(json!({ "sessions": sessions })))
+}
+
+pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+    let s = app.store.get_session(&id).await?;
+    Ok(Json(view(&app, &s).await?))
+}
+
+pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSessionBody>) -> Result<Response, Problem> {
+    let agent = match (body.manual_agent, body.agent_id) {
+        (Some(agent), _) => agent,
+        (None, Some(id)) => {
+            return Err(Problem::invalid("unknown_agent", format!("no registry agent {id:?}: the registry is empty")));
+        }
+        (None, None) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id")),
+    };
+    if let Some(profile) = &body.container_profile {
+        if !profile.is_object() {
+            return Err(Problem::invalid("invalid_profile", "container_profile must be an object"));
+        }
+    }
+    let container_id = new_id("ctr");
+    let session_id = new_id("ses");
+    let instance_id = new_id("agi");
+    let compiled = plan::compile(&container_id, &agent, &body.session.unwrap_or_default(), &app.defaults)
+        .map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
+
+    let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
+    app.store.insert_container(&container_id, &app.node_id, &profile).await?;
+    app.store
+        .insert_session(NewSession {
+            id: &session_id,
+            container_id: &container_id,
+            agent_id: &agent.id,
+            agent_version: &agent.version,
+            agent_instance_id: &instance_id,
+            working_dir: &compiled.working_dir,
+        })
+        .await?;
+
+    // Provisioning runs to its end even if the client goes away, so that
+    // nothing is left half-created.
+    let task = tokio::spawn({
+        let app = app.clone();
+        let session_id = session_id.clone();
+        async move { provision(&app, compiled, &container_id, &session_id, &instance_id).await }
+    });
+    task.await.map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+
+    let s = app.store.get_session(&session_id).await?;
+    let location = format!("/v1/sessions/{session_id}");
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(view(&app, &s).await?)).into_response())
+}
+
+async fn provision(app: &AppState, compiled: plan::Compiled, container_id: &str, session_id: &str, instance_id: &str) -> Result<(), Problem> {
+    let mut node = app.node.clone();
+    let result: Result<(i32, String), tonic::Status> = async {
+        let sandbox = node.create_sandbox(CreateSandboxRequest { plan: Some(compiled.sandbox) }).await?.into_inner();
+        node.start_agent(StartAgentRequest {
+            container_id: container_id.to_string(),
+            agent_instance_id: instance_id.to_string(),
+            agent: Some(compiled.agent),
+        })
+        .await?;
+        let info = node
+            .create_session(CreateSessionRequest {
+                container_id: container_id.to_string(),
+                agent_instance_id: instance_id.to_string(),
+                session_id: session_id.to_string(),
+                cwd: compiled.working_dir.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok((sandbox.supervisor_pid, info.acp_session_id))
+    }
+    .await;
+    match result {
+        Ok((pid, acp_session_id)) => {
+            app.store.container_ready(container_id, pid).await?;
+            app.store.session_ready(session_id, &acp_session_id).await?;
+            crate::runs::watch_session(app.clone(), session_id.to_string());
+            Ok(())
+        }
+        Err(status) => {
+            let problem = Problem::from(status);
+            let _ = node.delete_sandbox(agentd_proto::node::DeleteSandboxRequest { container_id: container_id.to_string() }).await;
+            app.store.container_failed(container_id, &problem.detail).await?;
+            app.store.container_deleted(container_id).await?;
+            app.store.session_failed(session_id, &problem.detail).await?;
+            Err(problem)
+        }
+    }
+}
+
+/// `POST /v1/sessions/{id}:prompt` and `POST /v1/sessions/{id}:cancel`.
+pub async fn action(State(app): State<AppState>, Path(target): Path<String>, body: axum::body::Bytes) -> Result<Response, Problem> {
+    let Some((id, verb)) = target.rsplit_once(':') else {
+        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a session action: {id}:prompt or {id}:cancel"));
+    };
+    match verb {
+        "prompt" => {
+            let body: PromptBody = parse_body(&body)?;
+            prompt(app, id, body).await
+        }
+        "cancel" => cancel(app, id).await,
+        other => Err(Problem::not_found("unknown_action", format!("no session action {other:?} (try prompt or cancel)"))),
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}")))?;
+    serde_json::from_value(value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))
+}
+
+/// A prompt is a string (one text block) or ACP content blocks.
+fn content_blocks(prompt: Value) -> Result<Value, Problem> {
+    match prompt {
+        Value::String(text) => Ok(json!([{"type": "text", "text": text}])),
+        Value::Array(blocks) if !blocks.is_empty() && blocks.iter().all(|b| b.get("type").is_some_and(Value::is_string)) => {
+            Ok(Value::Array(blocks))
+        }
+        _ => Err(Problem::invalid("invalid_prompt", "prompt must be a string or a non-empty array of ACP content blocks")),
+    }
+}
+
+fn require_ready(s: &SessionRow) -> Result<(), Problem> {
+    if s.state != session_state::READY {
+        return Err(Problem::conflict("illegal_state", format!("session {} is {}", s.id, s.state)));
+    }
+    Ok(())
+}
+
+async fn prompt(app: AppState, id: &str, body: PromptBody) -> Result<Response, Problem> {
+    let blocks = content_blocks(body.prompt)?;
+    let s = app.store.get_session(id).await?;
+    require_ready(&s)?;
+    let run_id = new_id("run");
+    app.store.insert_run(&run_id, &s.id).await?;
+    let request = PromptRequest {
+        container_id: s.container_id.clone(),
+        session_id: s.id.clone(),
+        run_id: run_id.clone(),
+        prompt_json: blocks.to_string(),
+    };
+    if let Err(status) = app.node.clone().prompt(request).await {
+        let problem = Problem::from(status);
+        app.store.run_failed(&run_id, &problem.detail).await?;
+        return Err(problem);
+    }
+    let body = json!({"run_id": run_id, "session_id": s.id, "state": "running"});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+async fn cancel(app: AppState, id: &str) -> Result<Response, Problem> {
+    let s = app.store.get_session(id).await?;
+    require_ready(&s)?;
+    let answer = app
+        .node
+        .clone()
+        .cancel(CancelRequest { container_id: s.container_id.clone(), session_id: s.id.clone() })
+        .await?
+        .into_inner();
+    if !answer.was_running {
+        return Err(Problem::conflict("no_active_run", format!("session {id} has no running turn")));
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({"session_id": s.id, "cancelling": true}))).into_response())
+}
+
+pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
+    let s = app.store.get_session(&id).await?;
+    if s.state == session_state::CLOSED {
+        return Err(Problem::conflict("illegal_state", format!("session {id} is already closed")));
+    }
+    // One session per container for now: the session's sandbox goes with it.
+    let c = app.store.get_container(&s.container_id).await?;
+    if c.state != container::DELETED {
+        crate::teardown::delete_container(&app, &c.id, "session deleted").await?;
+    } else {
+        app.store.session_closed(&id).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,92 @@
+//! The lifecycle state machines. Every state write in the store names the
+//! states it may come from; anything else is an [`IllegalTransition`].
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    Container,
+    Session,
+    Run,
+}
+
+impl fmt::Display for Entity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Entity::Container => "container",
+            Entity::Session => "session",
+            Entity::Run => "run",
+        })
+    }
+}
+
+/// Container: provisioning -> ready -> deleted, or failed on the way.
+pub mod container {
+    pub const PROVISIONING: &str = "provisioning";
+    pub const READY: &str = "ready";
+    pub const FAILED: &str = "failed";
+    pub const DELETED: &str = "deleted";
+}
+
+/// Session: creating -> ready -> closed, or failed.
+pub mod session {
+    pub const CREATING: &str = "creating";
+    pub const READY: &str = "ready";
+    pub const FAILED: &str = "failed";
+    pub const CLOSED: &str = "closed";
+}
+
+/// Run: running -> completed | cancelled | failed.
+pub mod run {
+    pub const RUNNING: &str = "running";
+    pub const COMPLETED: &str = "completed";
+    pub const CANCELLED: &str = "cancelled";
+    pub const FAILED: &str = "failed";
+}
+
+/// The states each target state may be entered from.
+pub fn sources(entity: Entity, to: &str) -> &'static [&'static str] {
+    match (entity, to) {
+        (Entity::Container, container::READY) => &[container::PROVISIONING],
+        (Entity::Container, container::FAILED) => &[container::PROVISIONING, container::READY],
+        (Entity::Container, container::DELETED) => &[container::PROVISIONING, container::READY, container::FAILED],
+        (Entity::Session, session::READY) => &[session::CREATING],
+        (Entity::Session, session::FAILED) => &[session::CREATING, session::READY],
+        (Entity::Session, session::CLOSED) => &[session::CREATING, session::READY, session::FAILED],
+        (Entity::Run, run::COMPLETED | run::CANCELLED | run::FAILED) => &[run::RUNNING],
+        _ => &[],
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{entity} {id} is {current}; it cannot become {to}")]
+pub struct IllegalTransition {
+    pub entity: Entity,
+    pub id: String,
+    pub current: String,
+    pub to: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_states_have_no_way_out() {
+        for to in [container::READY, container::FAILED] {
+            assert!(!sources(Entity::Container, to).contains(&container::DELETED));
+        }
+        for to in [run::COMPLETED, run::CANCELLED, run::FAILED] {
+            for from in [run::COMPLETED, run::CANCELLED, run::FAILED] {
+                assert!(!sources(Entity::Run, to).contains(&from));
+            }
+        }
+        assert!(sources(Entity::Session, session::READY).iter().all(|s| *s == session::CREATING));
+    }
+
+    #[test]
+    fn unknown_targets_are_unreachable() {
+        assert!(sources(Entity::Run, "exploded").is_empty());
+        assert!(sources(Entity::Container, run::RUNNING).is_empty());
+    }
+}

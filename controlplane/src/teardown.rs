@@ -1,0 +1,28 @@
+//! Deleting a container: the node kills the sandbox, then the store records
+//! the container deleted, its sessions closed and their running turns failed.
+
+use agentd_proto::node::DeleteSandboxRequest;
+
+use crate::AppState;
+use crate::api::Problem;
+use crate::store::StoreError;
+use crate::store::states::session;
+
+pub async fn delete_container(app: &AppState, container_id: &str, reason: &str) -> Result<(), Problem> {
+    app.node.clone().delete_sandbox(DeleteSandboxRequest { container_id: container_id.to_string() }).await?;
+    record_gone(app, container_id, reason).await?;
+    Ok(())
+}
+
+/// Records that a container's sandbox no longer exists.
+pub async fn record_gone(app: &AppState, container_id: &str, reason: &str) -> Result<(), StoreError> {
+    for s in app.store.sessions_of_container(container_id).await? {
+        for run in app.store.running_runs_of_session(&s.id).await? {
+            app.store.run_failed(&run.id, reason).await?;
+        }
+        if s.state != session::CLOSED {
+            app.store.session_closed(&s.id).await?;
+        }
+    }
+    app.store.container_deleted(container_id).await
+}

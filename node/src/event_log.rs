@@ -1,0 +1,152 @@
+//! Each session's event log: every event a client may see, numbered from 1,
+//! kept in memory for replay and appended to a JSONL file so that it outlives
+//! the node process.
+//!
+//! Readers follow the log by index and wait on a watch of the last sequence
+//! number, so a slow reader never loses events (a broadcast channel would drop
+//! them when it lags).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use agentd_proto::node::SessionEvent;
+use futures::Stream;
+use tokio::sync::watch;
+
+pub const RUN_STARTED: &str = "run.started";
+pub const SESSION_UPDATE: &str = "session.update";
+pub const RUN_COMPLETED: &str = "run.completed";
+pub const RUN_FAILED: &str = "run.failed";
+
+struct Inner {
+    events: Vec<Arc<SessionEvent>>,
+    file: Option<File>,
+}
+
+pub struct EventLog {
+    session_id: String,
+    inner: Mutex<Inner>,
+    /// Last sequence number written, and whether the log is closed.
+    head: watch::Sender<(u64, bool)>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl EventLog {
+    /// Opens (creating) the log file at `path`. A log that cannot be written
+    /// to disk still serves from memory; the failure is logged.
+    pub fn open(session_id: &str, path: &Path) -> Self {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .inspect_err(|e| tracing::error!(path = %path.display(), error = %e, "cannot open event log file"))
+            .ok();
+        Self {
+            session_id: session_id.to_string(),
+            inner: Mutex::new(Inner { events: Vec::new(), file }),
+            head: watch::Sender::new((0, false)),
+        }
+    }
+
+    /// Appends one event and wakes readers. Returns its sequence number.
+    pub fn append(&self, kind: &str, run_id: &str, data_json: String) -> u64 {
+        let mut inner = self.inner.lock().unwrap();
+        let seq = inner.events.len() as u64 + 1;
+        let event = Arc::new(SessionEvent {
+            seq,
+            session_id: self.session_id.clone(),
+            kind: kind.to_string(),
+            run_id: run_id.to_string(),
+            data_json,
+            ts_ms: now_ms(),
+        });
+        if let Some(file) = inner.file.as_mut() {
+            let line = serde_json::json!({
+                "seq": seq, "kind": event.kind, "run_id": event.run_id,
+                "ts_ms": event.ts_ms, "data": serde_json::value::RawValue::from_string(event.data_json.clone()).ok(),
+            });
+            if let Err(e) = writeln!(file, "{line}") {
+                tracing::error!(error = %e, session = self.session_id, "event log write failed");
+            }
+        }
+        inner.events.push(event);
+        self.head.send_modify(|h| h.0 = seq);
+        seq
+    }
+
+    /// Marks the log finished: readers end once they have read everything.
+    pub fn close(&self) {
+        self.head.send_modify(|h| h.1 = true);
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.head.borrow().0
+    }
+
+    /// Events after `after_seq`, then live ones until the log is closed.
+    pub fn follow(self: Arc<Self>, after_seq: u64) -> impl Stream<Item = Arc<SessionEvent>> + Send + 'static {
+        let mut head = self.head.subscribe();
+        async_stream::stream! {
+            let mut next = after_seq as usize;
+            loop {
+                let batch: Vec<Arc<SessionEvent>> = {
+                    let inner = self.inner.lock().unwrap();
+                    inner.events.get(next..).map(|s| s.to_vec()).unwrap_or_default()
+                };
+                next += batch.len();
+                let empty = batch.is_empty();
+                for event in batch {
+                    yield event;
+                }
+                if empty {
+                    if head.borrow_and_update().1 {
+                        return;
+                    }
+                    if head.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn replays_from_any_point_then_follows_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EventLog::open("ses_1", &dir.path().join("events.jsonl")));
+        for i in 0..3 {
+            log.append(SESSION_UPDATE, "run_1", format!("{{\"n\":{i}}}"));
+        }
+        let follower = tokio::spawn(Arc::clone(&log).follow(1).map(|e| e.seq).collect::<Vec<_>>());
+        tokio::task::yield_now().await;
+        log.append(RUN_COMPLETED, "run_1", "{}".into());
+        log.close();
+        assert_eq!(follower.await.unwrap(), vec![2, 3, 4]);
+        let file = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+        assert_eq!(file.lines().count(), 4);
+        assert!(file.lines().last().unwrap().contains("\"kind\":\"run.completed\""));
+    }
+
+    #[tokio::test]
+    async fn a_reader_past_the_end_waits_for_new_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EventLog::open("ses_1", &dir.path().join("events.jsonl")));
+        let mut stream = Box::pin(Arc::clone(&log).follow(0));
+        let next = tokio::spawn(async move { stream.next().await.map(|e| e.seq) });
+        tokio::task::yield_now().await;
+        log.append(RUN_STARTED, "run_1", "{}".into());
+        assert_eq!(next.await.unwrap(), Some(1));
+    }
+}

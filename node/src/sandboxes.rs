@@ -1,0 +1,324 @@
+//! The node's sandbox table.
+//!
+//! Each sandbox has a directory `state_dir/sandboxes/<id>/` holding the empty
+//! mount point of its root, its workspace, its supervisor's socket and log, its
+//! sessions' event logs and `sandbox.json`, the record a restarted node uses to
+//! find what it left behind. PID 1 of each sandbox is re-parented to the node
+//! (a subreaper) and watched through a pidfd.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentd_proto::error::status;
+use agentd_proto::node::{SandboxPlan, Sandbox as SandboxInfo};
+use agentd_proto::supervisor::supervisor_client::SupervisorClient;
+use agentd_runtime::sandbox::spec::DEFAULT_SYSTEM_BINDS;
+use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, SandboxSpec, launch};
+use agentd_runtime::uds;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::NodeConfig;
+use crate::event_log::now_ms;
+
+/// How long a killed sandbox may take to disappear before teardown gives up
+/// waiting (the kernel kills the whole pid namespace with its PID 1).
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// What `sandbox.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    pid: i32,
+    slot: u32,
+    ids: IdRange,
+    created_at_ms: i64,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub pid: i32,
+    pub ids: IdRange,
+    pub slot: u32,
+    pub dir: PathBuf,
+    pub created_at_ms: i64,
+    pub supervisor: SupervisorClient<Channel>,
+    exited: watch::Receiver<bool>,
+}
+
+impl Sandbox {
+    pub fn is_running(&self) -> bool {
+        !*self.exited.borrow()
+    }
+
+    pub fn info(&self) -> SandboxInfo {
+        SandboxInfo {
+            container_id: self.id.clone(),
+            state: if self.is_running() { "running" } else { "exited" }.into(),
+            supervisor_pid: self.pid,
+            host_uid_base: self.ids.host_base,
+            id_range_size: self.ids.size,
+            created_at_ms: self.created_at_ms,
+        }
+    }
+
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.dir.join("sessions")
+    }
+}
+
+pub struct Sandboxes {
+    config: NodeConfig,
+    table: Mutex<HashMap<String, Arc<Sandbox>>>,
+    free_slots: Mutex<BTreeSet<u32>>,
+    /// Serializes creation per id so that a repeated create is answered with the
+    /// first one's sandbox.
+    creating: tokio::sync::Mutex<()>,
+}
+
+/// Makes the node the parent of every orphan below it, so that sandbox PID 1s
+/// (grandchildren through sandbox-init) can be waited for and never linger.
+pub fn become_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Container ids name directories: only a safe alphabet is allowed.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is new and ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Resolves when `pid` has exited, and reaps it if it is our child.
+fn watch_exit(pid: i32) -> std::io::Result<watch::Receiver<bool>> {
+    // SAFETY: an OwnedFd stays open and keeps its number until dropped.
+    let fd = unsafe { AsyncFd::register_with_interest(pidfd_open(pid)?, tokio::io::Interest::READABLE) }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let _ = fd.readable().await;
+        // ECHILD when we are not its parent (a node started without being a
+        // subreaper); then whoever is reaps it.
+        let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+        drop(fd);
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    status(Code::Internal, "internal", e.to_string())
+}
+
+impl Sandboxes {
+    pub async fn open(config: NodeConfig) -> std::io::Result<Arc<Self>> {
+        let root = config.state_dir.join("sandboxes");
+        std::fs::create_dir_all(&root)?;
+        let free_slots = (0..config.max_sandboxes).collect();
+        let this = Arc::new(Self { config, table: Mutex::default(), free_slots: Mutex::new(free_slots), creating: Default::default() });
+        this.clean_leftovers(&root).await;
+        Ok(this)
+    }
+
+    /// Kills sandboxes an earlier node process left running and removes their
+    /// directories. (Re-adopting them instead is planned; see HACKING.md.)
+    async fn clean_leftovers(&self, root: &Path) {
+        let Ok(entries) = std::fs::read_dir(root) else { return };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let record = std::fs::read(dir.join("sandbox.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+            if let Some(record) = record {
+                if is_sandbox_init(record.pid) {
+                    tracing::warn!(id = record.id, pid = record.pid, "killing sandbox left by an earlier node");
+                    let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
+                    if let Ok(mut exited) = watch_exit(record.pid) {
+                        let _ = tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await;
+                    }
+                }
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove leftover sandbox directory");
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, Status> {
+        self.table
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| status(Code::NotFound, "container_not_found", format!("no sandbox {id} on this node")))
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.table.lock().unwrap().keys().cloned().collect()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Sandbox>> {
+        self.table.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Builds the sandbox a plan describes. Creating an id that exists answers
+    /// with the existing sandbox; a failure leaves nothing behind.
+    pub async fn create(&self, plan: SandboxPlan) -> Result<Arc<Sandbox>, Status> {
+        let id = plan.container_id.clone();
+        if !valid_id(&id) {
+            return Err(status(Code::InvalidArgument, "invalid_request", format!("invalid container id {id:?}")));
+        }
+        let _guard = self.creating.lock().await;
+        if let Ok(existing) = self.get(&id) {
+            return Ok(existing);
+        }
+        let slot = self.free_slots.lock().unwrap().pop_first().ok_or_else(|| {
+            status(Code::ResourceExhausted, "node_full", format!("node holds its maximum of {} sandboxes", self.config.max_sandboxes))
+        })?;
+        let dir = self.config.state_dir.join("sandboxes").join(&id);
+        match self.build(&plan, slot, &dir).await {
+            Ok(sandbox) => {
+                let sandbox = Arc::new(sandbox);
+                self.table.lock().unwrap().insert(id, Arc::clone(&sandbox));
+                Ok(sandbox)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                self.free_slots.lock().unwrap().insert(slot);
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(&self, plan: &SandboxPlan, slot: u32, dir: &Path) -> Result<Sandbox, Status> {
+        let cfg = &self.config;
+        let ids = IdRange { host_base: cfg.id_base + slot * cfg.id_range_size, size: cfg.id_range_size };
+        let workspace = dir.join("workspace");
+        for d in [dir.join("rootfs"), workspace.clone(), dir.join("sessions")] {
+            std::fs::create_dir_all(&d).map_err(|e| internal(format!("create {}: {e}", d.display())))?;
+        }
+        // Root inside the sandbox owns its workspace.
+        std::os::unix::fs::chown(&workspace, Some(ids.host_base), Some(ids.host_base)).map_err(internal)?;
+
+        for m in &plan.mounts {
+            if std::fs::symlink_metadata(&m.source).is_err() {
+                let (code, what) = match m.role.as_str() {
+                    "agent" => ("agent_executable_not_found", "agent executable"),
+                    _ => ("mount_source_not_found", "mount source"),
+                };
+                return Err(status(Code::FailedPrecondition, code, format!("{what} {} does not exist on node", m.source)));
+            }
+        }
+        let workspace_path = if plan.workspace_path.is_empty() { "/workspace" } else { plan.workspace_path.as_str() };
+        let mut mounts = vec![BindMount { source: workspace, target: workspace_path.into(), read_only: false }];
+        mounts.extend(plan.mounts.iter().map(|m| BindMount {
+            source: m.source.clone().into(),
+            target: m.target.clone().into(),
+            read_only: m.read_only,
+        }));
+        let spec = SandboxSpec {
+            id: plan.container_id.clone(),
+            rootfs_dir: dir.join("rootfs"),
+            socket_path: dir.join("supervisor.sock"),
+            log_path: dir.join("supervisor.log"),
+            hostname: if plan.hostname.is_empty() { "sandbox".into() } else { plan.hostname.clone() },
+            ids,
+            system_binds: DEFAULT_SYSTEM_BINDS.iter().map(PathBuf::from).collect(),
+            mounts,
+            supervisor_log_filter: cfg.supervisor_log_filter.clone(),
+        };
+        let launched = launch(&cfg.exe, &spec).await.map_err(|e| match e {
+            LaunchError::Spec(e) => status(Code::InvalidArgument, "invalid_profile", e.to_string()),
+            e => status(Code::Internal, "sandbox_failed", e.to_string()),
+        })?;
+        let pid = launched.pid;
+        let kill_on_error = |e: Status| {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            e
+        };
+        let exited = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
+        let channel = uds::connect(&spec.socket_path)
+            .await
+            .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("supervisor unreachable: {e}"))))?;
+        let record = Record { id: plan.container_id.clone(), pid, slot, ids, created_at_ms: now_ms() };
+        std::fs::write(dir.join("sandbox.json"), serde_json::to_vec_pretty(&record).expect("record serializes"))
+            .map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
+        Ok(Sandbox {
+            id: record.id,
+            pid,
+            ids,
+            slot,
+            dir: dir.to_owned(),
+            created_at_ms: record.created_at_ms,
+            supervisor: SupervisorClient::new(channel),
+            exited,
+        })
+    }
+
+    /// Kills the sandbox's whole tree (its pid namespace dies with PID 1),
+    /// waits for it, and removes its directory. Returns whether it existed.
+    pub async fn delete(&self, id: &str) -> bool {
+        let Some(sandbox) = self.table.lock().unwrap().remove(id) else { return false };
+        if sandbox.is_running() {
+            // The pid cannot have been reused: it is our unreaped child.
+            let _ = kill(Pid::from_raw(sandbox.pid), Signal::SIGKILL);
+        }
+        let mut exited = sandbox.exited.clone();
+        if tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_err() {
+            tracing::error!(id, pid = sandbox.pid, "sandbox did not exit after SIGKILL");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&sandbox.dir) {
+            tracing::warn!(id, error = %e, "cannot remove sandbox directory");
+        }
+        self.free_slots.lock().unwrap().insert(sandbox.slot);
+        true
+    }
+}
+
+/// Whether `pid` still runs agentd (a supervisor), so that a stale record
+/// never makes us kill an unrelated process that reused the pid.
+fn is_sandbox_init(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|b| *b == 0).nth(1) == Some(b"supervisor".as_slice()))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_escape_the_state_dir_are_refused() {
+        assert!(valid_id("ctr_0193b3c4-aa"));
+        for bad in ["", "../x", "a/b", ".", "a b", &"x".repeat(65)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_live_non_agentd_process_is_not_taken_for_a_sandbox() {
+        assert!(!is_sandbox_init(std::process::id() as i32));
+        assert!(!is_sandbox_init(i32::MAX));
+    }
+}
+

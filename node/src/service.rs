@@ -1,0 +1,188 @@
+//! The `Node` gRPC service.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use agentd_proto::error::status;
+use agentd_proto::node::node_server;
+use agentd_proto::node::*;
+use agentd_proto::supervisor::{self as sup, prompt_event};
+use futures::{Stream, StreamExt};
+use serde_json::json;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::Node;
+use crate::event_log::{EventLog, RUN_COMPLETED, RUN_FAILED, RUN_STARTED, SESSION_UPDATE};
+use crate::sandboxes::valid_id;
+use crate::sessions::NodeSession;
+
+pub struct NodeService {
+    node: Arc<Node>,
+}
+
+impl NodeService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<SessionEvent, Status>> + Send>>;
+
+/// Copies one turn's events from the supervisor into the session's log, and
+/// makes sure the log gets exactly one terminal event whatever happens.
+async fn pump_turn(session: Arc<NodeSession>, run_id: String, mut events: Streaming<sup::PromptEvent>) {
+    let log = &session.log;
+    let mut ended = false;
+    while let Some(item) = events.next().await {
+        match item.map(|e| e.event) {
+            Ok(Some(prompt_event::Event::UpdateJson(update))) => {
+                log.append(SESSION_UPDATE, &run_id, update);
+            }
+            Ok(Some(prompt_event::Event::StopReason(stop_reason))) => {
+                log.append(RUN_COMPLETED, &run_id, json!({"run_id": run_id, "stop_reason": stop_reason}).to_string());
+                ended = true;
+                break;
+            }
+            Ok(Some(prompt_event::Event::Error(error))) => {
+                log.append(RUN_FAILED, &run_id, json!({"run_id": run_id, "error": error}).to_string());
+                ended = true;
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(run_id, error = %e, "turn stream broke");
+                break;
+            }
+        }
+    }
+    if !ended {
+        let error = "the sandbox stopped during the run";
+        log.append(RUN_FAILED, &run_id, json!({"run_id": run_id, "error": error}).to_string());
+    }
+    session.end_run();
+}
+
+#[tonic::async_trait]
+impl node_server::Node for NodeService {
+    async fn create_sandbox(&self, req: Request<CreateSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+        let plan = req.into_inner().plan.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "plan is required"))?;
+        let sandbox = self.node.sandboxes.create(plan).await?;
+        Ok(Response::new(sandbox.info()))
+    }
+
+    async fn delete_sandbox(&self, req: Request<DeleteSandboxRequest>) -> Result<Response<DeleteSandboxResponse>, Status> {
+        let existed = self.node.delete_sandbox(&req.into_inner().container_id).await;
+        Ok(Response::new(DeleteSandboxResponse { existed }))
+    }
+
+    async fn get_sandbox(&self, req: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+        Ok(Response::new(self.node.sandboxes.get(&req.into_inner().container_id)?.info()))
+    }
+
+    async fn list_sandboxes(&self, _req: Request<ListSandboxesRequest>) -> Result<Response<ListSandboxesResponse>, Status> {
+        let sandboxes = self.node.sandboxes.list().iter().map(|s| s.info()).collect();
+        Ok(Response::new(ListSandboxesResponse { sandboxes }))
+    }
+
+    async fn start_agent(&self, req: Request<StartAgentRequest>) -> Result<Response<AgentInstance>, Status> {
+        let r = req.into_inner();
+        let agent = r.agent.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "agent plan is required"))?;
+        let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .start_agent(sup::StartAgentRequest {
+                agent_instance_id: r.agent_instance_id.clone(),
+                command: agent.command,
+                args: agent.args,
+                env: agent.env,
+                cwd: agent.cwd,
+                initialize_timeout_ms: agent.initialize_timeout_ms,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(AgentInstance {
+            agent_instance_id: r.agent_instance_id,
+            state: "ready".into(),
+            pid: answer.pid,
+            protocol_version: answer.protocol_version,
+            initialize_json: answer.initialize_json,
+        }))
+    }
+
+    async fn create_session(&self, req: Request<CreateSessionRequest>) -> Result<Response<SessionInfo>, Status> {
+        let r = req.into_inner();
+        if !valid_id(&r.session_id) {
+            return Err(status(Code::InvalidArgument, "invalid_request", format!("invalid session id {:?}", r.session_id)));
+        }
+        if let Ok(existing) = self.node.sessions.get(&r.session_id) {
+            return Ok(Response::new(SessionInfo { session_id: r.session_id, acp_session_id: existing.acp_session_id.clone() }));
+        }
+        let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .new_session(sup::NewSessionRequest { agent_instance_id: r.agent_instance_id.clone(), cwd: r.cwd })
+            .await?
+            .into_inner();
+        let log = EventLog::open(&r.session_id, &sandbox.sessions_dir().join(format!("{}.jsonl", r.session_id)));
+        let session = self.node.sessions.insert(NodeSession::new(
+            r.session_id.clone(),
+            r.container_id,
+            r.agent_instance_id,
+            answer.acp_session_id,
+            log,
+        ));
+        Ok(Response::new(SessionInfo { session_id: r.session_id, acp_session_id: session.acp_session_id.clone() }))
+    }
+
+    async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<PromptAccepted>, Status> {
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        session.begin_run(&r.run_id)?;
+        let log = &session.log;
+        log.append(RUN_STARTED, &r.run_id, json!({"run_id": r.run_id}).to_string());
+        let request = sup::PromptRequest {
+            agent_instance_id: session.agent_instance_id.clone(),
+            acp_session_id: session.acp_session_id.clone(),
+            prompt_json: r.prompt_json,
+        };
+        match sandbox.supervisor.clone().prompt(request).await {
+            Ok(events) => {
+                tokio::spawn(pump_turn(Arc::clone(&session), r.run_id.clone(), events.into_inner()));
+                Ok(Response::new(PromptAccepted { run_id: r.run_id }))
+            }
+            Err(e) => {
+                log.append(RUN_FAILED, &r.run_id, json!({"run_id": r.run_id, "error": e.message()}).to_string());
+                session.end_run();
+                Err(e)
+            }
+        }
+    }
+
+    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .cancel(sup::CancelRequest {
+                agent_instance_id: session.agent_instance_id.clone(),
+                acp_session_id: session.acp_session_id.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(CancelResponse { was_running: answer.was_running }))
+    }
+
+    type StreamEventsStream = EventStream;
+
+    async fn stream_events(&self, req: Request<StreamEventsRequest>) -> Result<Response<Self::StreamEventsStream>, Status> {
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let stream = Arc::clone(&session.log).follow(r.after_seq).map(|e| Ok((*e).clone()));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

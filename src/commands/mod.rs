@@ -1,0 +1,60 @@
+//! One module per subcommand, plus what they share.
+
+pub mod node;
+pub mod server;
+pub mod supervisor;
+pub mod up;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::CommonArgs;
+
+pub fn init_tracing(common: &CommonArgs) {
+    let filter = EnvFilter::try_new(&common.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if common.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    }
+}
+
+pub fn node_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("run").join("node.sock")
+}
+
+pub fn node_config(common: &CommonArgs) -> anyhow::Result<agentd_node::NodeConfig> {
+    let exe = std::env::current_exe()?;
+    let mut config = agentd_node::NodeConfig::new(common.state_dir.join("node"), exe);
+    config.supervisor_log_filter = common.log.clone();
+    Ok(config)
+}
+
+pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir.join("run"))?;
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! `agentd server`: the control plane alone, scheduling onto one node's socket.
+
+use agentd_controlplane::{AppState, plan::PlanDefaults, store::Store};
+use agentd_proto::node::node_client::NodeClient;
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::{init_tracing, prepare_state_dir, runtime, shutdown_signal};
+use crate::cli::ServerArgs;
+
+pub fn run(args: ServerArgs) -> anyhow::Result<()> {
+    init_tracing(&args.common);
+    runtime()?.block_on(async {
+        prepare_state_dir(&args.common.state_dir)?;
+        let store = Store::open_sqlite(&args.common.state_dir.join("agentd.db")).await.context("cannot open store")?;
+        let state = AppState {
+            store: store.clone(),
+            node: NodeClient::new(agentd_runtime::uds::lazy_channel(&args.node_socket)),
+            node_id: "local".into(),
+            defaults: PlanDefaults { initialize_timeout_ms: args.api.initialize_timeout_ms },
+            shutdown: CancellationToken::new(),
+        };
+        agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
+        let served = agentd_controlplane::serve(state, args.api.listen, shutdown_signal()).await;
+        store.close().await;
+        served?;
+        Ok(())
+    })
+}

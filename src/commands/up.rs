@@ -1,0 +1,56 @@
+//! `agentd up`: one node and the control plane in one process. They still talk
+//! gRPC over a unix socket, so the same code paths serve one machine and a
+//! fleet.
+
+use std::sync::Arc;
+
+use agentd_controlplane::{AppState, plan::PlanDefaults, store::Store};
+use agentd_proto::node::node_client::NodeClient;
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::{init_tracing, node_config, node_socket, prepare_state_dir, runtime, shutdown_signal};
+use crate::cli::UpArgs;
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    init_tracing(&args.common);
+    runtime()?.block_on(up(args))
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let state_dir = &args.common.state_dir;
+    prepare_state_dir(state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
+    let socket = node_socket(state_dir);
+
+    let node = agentd_node::Node::start(node_config(&args.common)?).await.context("cannot start node")?;
+    let node_stop = CancellationToken::new();
+    let node_task = tokio::spawn({
+        let node = Arc::clone(&node);
+        let socket = socket.clone();
+        let stop = node_stop.clone();
+        async move { agentd_node::serve(node, &socket, stop.cancelled_owned()).await }
+    });
+
+    let store = Store::open_sqlite(&state_dir.join("agentd.db")).await.context("cannot open store")?;
+    let state = AppState {
+        store: store.clone(),
+        node: NodeClient::new(agentd_runtime::uds::lazy_channel(&socket)),
+        node_id: "local".into(),
+        defaults: PlanDefaults { initialize_timeout_ms: args.api.initialize_timeout_ms },
+        shutdown: CancellationToken::new(),
+    };
+    agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
+
+    let served = agentd_controlplane::serve(state.clone(), args.api.listen, shutdown_signal()).await;
+    agentd_controlplane::stop_all_containers(&state).await;
+    node_stop.cancel();
+    match node_task.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "node server failed"),
+        Err(e) => tracing::error!(error = %e, "node task panicked"),
+        Ok(Ok(())) => {}
+    }
+    store.close().await;
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
