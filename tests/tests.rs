@@ -1,1 +1,9 @@
+//! End-to-end tests of the `agentd` binary: each test starts a real
+//! `agentd up` in a temp state dir and drives it over HTTP and SSE.
+//! One test binary keeps link time down.
 
+mod support;
+
+mod bad_input;
+mod session_path;
+mod shutdown;

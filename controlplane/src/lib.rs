@@ -101,7 +101,9 @@ pub async fn stop_all_containers(state: &AppState) {
 /// Serves the API on `listen` until `shutdown` resolves.
 pub async fn serve(state: AppState, listen: SocketAddr, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Listen { addr: listen, source })?;
-    tracing::info!(%listen, "API listening");
+    let bound = listener.local_addr().map_err(|source| ServeError::Listen { addr: listen, source })?;
+    // Tests and scripts that ask for port 0 read the real address here.
+    tracing::info!(listen = %bound, "API listening");
     let token = state.shutdown.clone();
     let graceful = async move {
         shutdown.await;

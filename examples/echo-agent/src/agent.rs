@@ -174,7 +174,7 @@ impl State {
             Some(FailInitialize::Garbage) => {
                 tracing::warn!("writing garbage instead of initialize (--fail-initialize garbage)");
                 self.stdout
-                    .write_line(GARBAGE_LINE)
+                    .write_line(GARBAGE_LINE.to_owned())
                     .await
                     .map_err(Error::into_internal_error)?;
                 self.park(responder);
@@ -292,12 +292,14 @@ impl State {
     ) -> Result<StopReason, Error> {
         let chunks = chunking::split(text, self.config.chunking);
         let echoed = std::iter::repeat_n(chunks.as_slice(), self.config.repeat).flatten();
-        for chunk in echoed {
+        for (i, chunk) in echoed.enumerate() {
             if self.config.delay.is_zero() {
+                if i % 32 == 0 {
                 // Turn tasks share one task with the dispatch loop and the
                 // writer; yielding lets both run, so a cancel is seen and
                 // chunks go out as they are made rather than piling up.
                 tokio::task::yield_now().await;
+                }
             } else {
                 tokio::select! {
                     () = cancel.cancelled() => {}

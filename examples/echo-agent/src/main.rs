@@ -23,9 +23,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
 
-    let stdout = stdio::StdoutLines::new();
+    let (stdout, writer) = stdio::stdout();
     let transport = stdio::transport(stdout.clone());
-    agent::serve(args.into_config(), stdout, transport).await?;
+    let served = agent::serve(args.into_config(), stdout, transport).await;
+    // Every stdout handle is gone with the connection; wait for the last
+    // queued lines to be written before exiting.
+    let written = writer.finish();
+    served?;
+    written?;
     tracing::info!("stdin closed, exiting");
     Ok(())
 }

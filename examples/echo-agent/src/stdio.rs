@@ -3,34 +3,74 @@
 //! The SDK has a ready-made `Stdio` transport, but it owns stdout outright.
 //! `--fail-initialize garbage` must put a non-JSON line on that same channel,
 //! so this module builds the transport from the SDK's `Lines` adapter around a
-//! stdout writer the agent can share. A single lock around whole lines keeps
-//! the injected line from interleaving with a protocol message.
+//! stdout handle the agent can share.
+//!
+//! All stdout lines go through one writer thread. That keeps an injected line
+//! from interleaving with a protocol message, and lets the thread flush once
+//! per burst instead of once per line: the SDK flushes after every message,
+//! which through tokio's stdout costs two blocking-pool round trips per
+//! chunk and made the agent, not the client, the bottleneck of throughput
+//! benchmarks.
 
-use std::io;
-use std::sync::Arc;
+use std::io::{self, Write as _};
+use std::thread::{self, JoinHandle};
 
 use agent_client_protocol::{Agent, ConnectTo, Lines};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::sync::Mutex;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::sync::mpsc;
 
-/// A shared handle that writes whole lines to stdout.
+/// Lines waiting for the writer thread. Bounded so that a client that stops
+/// reading stdout slows the agent down instead of growing its memory.
+const QUEUE_LINES: usize = 1024;
+
+/// A shared handle that queues whole lines for stdout.
 #[derive(Debug, Clone)]
-pub struct StdoutLines(Arc<Mutex<tokio::io::Stdout>>);
+pub struct StdoutLines(mpsc::Sender<String>);
+
+/// The thread behind [`StdoutLines`]. It finishes once every handle is
+/// dropped and all queued lines are written, so joining it is how `main`
+/// makes sure the last response is out before the process exits.
+#[derive(Debug)]
+pub struct StdoutWriter(JoinHandle<io::Result<()>>);
+
+/// Starts the stdout writer thread.
+pub fn stdout() -> (StdoutLines, StdoutWriter) {
+    let (tx, mut rx) = mpsc::channel::<String>(QUEUE_LINES);
+    let thread = thread::Builder::new()
+        .name("stdout".into())
+        .spawn(move || {
+            let mut out = io::BufWriter::new(io::stdout().lock());
+            while let Some(line) = rx.blocking_recv() {
+                writeln!(out, "{line}")?;
+                while let Ok(line) = rx.try_recv() {
+                    writeln!(out, "{line}")?;
+                }
+                // Nothing else queued: the peer reads line by line and must
+                // not wait on a buffer that no further write would fill.
+                out.flush()?;
+            }
+            Ok(())
+        })
+        .expect("spawn stdout writer thread");
+    (StdoutLines(tx), StdoutWriter(thread))
+}
 
 impl StdoutLines {
-    pub fn new() -> Self {
-        Self(Arc::new(Mutex::new(tokio::io::stdout())))
+    /// Queues `line` (without its newline) for stdout.
+    pub async fn write_line(&self, line: String) -> io::Result<()> {
+        self.0
+            .send(line)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "stdout writer has stopped"))
     }
+}
 
-    /// Writes `line` plus a newline and flushes, because the peer reads line by
-    /// line and a message stuck in a buffer looks like a hung agent.
-    pub async fn write_line(&self, line: &str) -> io::Result<()> {
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-        let mut stdout = self.0.lock().await;
-        stdout.write_all(&bytes).await?;
-        stdout.flush().await
+impl StdoutWriter {
+    /// Waits until everything queued is written; fails if stdout failed.
+    pub fn finish(self) -> io::Result<()> {
+        self.0
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("stdout writer panicked")))
     }
 }
 
@@ -38,7 +78,7 @@ impl StdoutLines {
 /// Reaching EOF on stdin ends the incoming side of the connection.
 pub fn transport(stdout: StdoutLines) -> impl ConnectTo<Agent> + 'static {
     let outgoing = futures::sink::unfold(stdout, |stdout, line: String| async move {
-        stdout.write_line(&line).await?;
+        stdout.write_line(line).await?;
         Ok::<_, io::Error>(stdout)
     });
     let incoming = futures::stream::unfold(

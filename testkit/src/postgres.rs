@@ -1,0 +1,153 @@
+//! A throwaway PostgreSQL cluster per test.
+//!
+//! PostgreSQL refuses to run as root, so when the tests run as root (as they
+//! must, to build sandboxes) the cluster runs as the `postgres` system user.
+//! The server gets SIGQUIT if the test process dies, and its directory goes
+//! with the [`TempPostgres`] value.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, User};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct TempPostgres {
+    port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+/// Finds a PostgreSQL program on PATH or in Debian's versioned directories.
+pub fn pg_bin(name: &str) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name));
+    let debian = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name));
+    on_path.chain(debian).find(|p| p.is_file())
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run_as<'a>(cmd: &'a mut Command, user: Option<&User>) -> &'a mut Command {
+    if let Some(user) = user {
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+    cmd
+}
+
+impl TempPostgres {
+    /// Creates and starts a cluster; returns once it accepts connections.
+    pub fn start() -> std::io::Result<Self> {
+        let initdb = pg_bin("initdb").ok_or_else(|| std::io::Error::other("initdb not found: install postgresql"))?;
+        let postgres = pg_bin("postgres").ok_or_else(|| std::io::Error::other("postgres not found"))?;
+        let pg_isready = pg_bin("pg_isready").ok_or_else(|| std::io::Error::other("pg_isready not found"))?;
+        let user = if nix::unistd::geteuid().is_root() {
+            Some(User::from_name("postgres")?.ok_or_else(|| std::io::Error::other("no postgres user to run the server as"))?)
+        } else {
+            None
+        };
+        let dir = tempfile::Builder::new().prefix("agentd-pg-").tempdir()?;
+        if let Some(user) = &user {
+            std::os::unix::fs::chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+        }
+        let data = dir.path().join("data");
+        let status = run_as(&mut Command::new(initdb), user.as_ref())
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        if !status.status.success() {
+            return Err(std::io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&status.stderr))));
+        }
+        let port = free_port()?;
+        let mut cmd = Command::new(postgres);
+        run_as(&mut cmd, user.as_ref())
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; it only sets this child's death signal.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        let pg = Self { port, child, dir };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let ready = Command::new(&pg_isready)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q"])
+                .status()?
+                .success();
+            if ready {
+                return Ok(pg);
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("postgres did not become ready"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of the `postgres` database as the `postgres` superuser.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for TempPostgres {
+    fn drop(&mut self) {
+        // SIGQUIT: immediate shutdown; the data is thrown away anyway.
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGQUIT);
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_answers_queries_and_leaves_nothing_behind() {
+        let pg = TempPostgres::start().expect("start postgres");
+        let psql = pg_bin("psql").expect("psql");
+        let out = Command::new(psql).args([&pg.url(), "-tAc", "select 40 + 2"]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "{}", String::from_utf8_lossy(&out.stderr));
+        let (dir, pid) = (pg.dir().to_owned(), pg.pid());
+        drop(pg);
+        assert!(!dir.exists(), "cluster directory removed");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "server process gone");
+    }
+}

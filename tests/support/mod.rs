@@ -1,0 +1,299 @@
+//! A running `agentd up` for one test, an SSE reader and request helpers.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+pub use agentd_testkit::procfs;
+
+/// Set in agentd's environment; agents must never see it.
+pub const MARKER_VAR: &str = "AGENTD_TEST_MARKER_MUST_NOT_LEAK";
+
+pub struct Agentd {
+    child: Option<Child>,
+    state: tempfile::TempDir,
+    pub base: String,
+    pub http: reqwest::Client,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn agentd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_agentd"))
+}
+
+/// The example agent, built into the same target directory as agentd.
+pub fn echo_agent() -> PathBuf {
+    let path = agentd_bin().with_file_name("echo-agent");
+    assert!(path.is_file(), "{} is missing: build the workspace's binaries first (see README)", path.display());
+    path
+}
+
+/// A session request with the manual echo agent, run with `args`.
+pub fn session_body(args: &[&str]) -> Value {
+    let exe = echo_agent().display().to_string();
+    json!({
+        "manual_agent": {"id": "echo-local", "version": "1.0.0", "source": "manual",
+            "protocol": {"auth_modes": ["agent"]},
+            "distribution": {"type": "binary",
+                "binary": {"url": format!("file://{exe}"), "executable": exe, "args": args}}},
+        "container_profile": {},
+        "session": {"working_dir": "/workspace"}
+    })
+}
+
+impl Agentd {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(env: &[(&str, &str)]) -> Self {
+        let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+        let mut child = Command::new(agentd_bin())
+            .args(["up", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state.path())
+            .env("AGENTD_LOG", "info,agentd_controlplane=debug")
+            .env(MARKER_VAR, "1")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agentd up");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let log = Arc::clone(&log);
+            move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("API listening") {
+                        if let Some(addr) = line.split("listen=").nth(1) {
+                            let _ = addr_tx.send(addr.trim().to_string());
+                        }
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            }
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+            panic!("agentd did not start; its log:\n{}", log.lock().unwrap().join("\n"));
+        });
+        Self { child: Some(child), state, base: format!("http://{addr}"), http: reqwest::Client::new(), log }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.state.path().join("node").join("sandboxes")
+    }
+
+    /// Names of the sandbox directories the node holds.
+    pub fn sandbox_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.sandboxes_dir())
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> (StatusCode, Option<String>, Value) {
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let text = resp.text().await.unwrap();
+        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, content_type, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let (s, _, b) = self.send(self.http.get(self.url(path))).await;
+        (s, b)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let (s, _, b) = self.send(self.http.post(self.url(path)).json(body)).await;
+        (s, b)
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        let (s, _, b) = self.send(self.http.delete(self.url(path))).await;
+        (s, b)
+    }
+
+    /// Creates a session with the echo agent and returns its view.
+    pub async fn create_session(&self, args: &[&str]) -> Value {
+        let (status, body) = self.post("/v1/sessions", &session_body(args)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}\n{}", self.log());
+        body
+    }
+
+    pub async fn prompt(&self, session: &str, text: &str) -> (StatusCode, Value) {
+        self.post(&format!("/v1/sessions/{session}:prompt"), &json!({"prompt": text})).await
+    }
+
+    pub async fn events(&self, session: &str, last_event_id: Option<u64>) -> Sse {
+        let mut req = self.http.get(self.url(&format!("/v1/sessions/{session}/events")));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        Sse { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
+    }
+
+    /// Polls `GET path` until `check` accepts the body.
+    pub async fn wait_for(&self, path: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = self.get(path).await;
+            if check(&body) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting on {path}; last: {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGINT, as Ctrl-C does, and waits for the exit.
+    pub fn interrupt(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agentd runs");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+        wait_timeout(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("agentd did not stop on SIGINT; its log:\n{}", self.log());
+        })
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Agentd {
+    fn drop(&mut self) {
+        if self.child.is_some() && !std::thread::panicking() {
+            self.interrupt();
+        } else if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // Whatever a failed test left: kill sandboxes still recorded on disk.
+        for dir in self.sandbox_dirs() {
+            let record = std::fs::read(self.sandboxes_dir().join(&dir).join("sandbox.json")).ok();
+            let pid = record.and_then(|r| serde_json::from_slice::<Value>(&r).ok()).and_then(|v| v["pid"].as_i64());
+            if let Some(pid) = pid {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Waits until `pid` is gone (reaped, not a zombie).
+pub async fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procfs::exists(pid) {
+        assert!(Instant::now() < deadline, "process {pid} still exists: {:?}", procfs::status_field(pid, "State"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
+    }
+}
+
+pub struct Sse {
+    stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+impl Sse {
+    /// The next event (comments skipped), or None when the stream ends.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        let deadline = Duration::from_secs(15);
+        tokio::time::timeout(deadline, self.next_inner()).await.expect("no SSE event within 15 s")
+    }
+
+    async fn next_inner(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent { id: None, event: "message".into(), data: String::new() };
+                let mut has_field = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = v.trim().parse().ok();
+                        has_field = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        ev.event = v.trim().to_string();
+                        has_field = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        if !ev.data.is_empty() {
+                            ev.data.push('\n');
+                        }
+                        ev.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                        has_field = true;
+                    }
+                }
+                if has_field {
+                    return Some(ev);
+                }
+                continue;
+            }
+            match self.stream.next().await {
+                Some(Ok(chunk)) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Events up to and including the first terminal event of a run.
+    pub async fn until_run_end(&mut self) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        while let Some(ev) = self.next().await {
+            let done = ev.event == "run.completed" || ev.event == "run.failed";
+            out.push(ev);
+            if done {
+                return out;
+            }
+        }
+        panic!("stream ended before the run did: {out:?}");
+    }
+}
