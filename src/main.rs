@@ -7,10 +7,16 @@
 
 mod cli;
 mod commands;
+mod config;
 
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    // Internal roles take everything from their parent, never from the file.
+    let internal = matches!(std::env::args().nth(1).as_deref(), Some("supervisor" | "sandbox-init"));
+    if !internal {
+        config::load_into_env()?;
+    }
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::SandboxInit => agentd_runtime::sandbox::init::main(),
