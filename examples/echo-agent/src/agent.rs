@@ -37,6 +37,14 @@ pub const GARBAGE_LINE: &str = "echo-agent: this line is deliberately not JSON";
 /// ordinary failure so tests can tell an injected crash from a real one.
 pub const FAIL_EXIT_CODE: i32 = 3;
 
+/// How many chunks a turn without `--delay-ms` sends between yields. Turn
+/// tasks run inside the connection's task, next to the dispatch loop and the
+/// outgoing writer, so a turn that never yielded would hold back both (and a
+/// `session/cancel` with them) until it ended. Yielding after every chunk
+/// would instead re-poll the whole connection per chunk, which halved
+/// throughput in measurements.
+const YIELD_EVERY: usize = 32;
+
 /// How the agent behaves, as set on the command line.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -293,18 +301,18 @@ impl State {
         let chunks = chunking::split(text, self.config.chunking);
         let echoed = std::iter::repeat_n(chunks.as_slice(), self.config.repeat).flatten();
         for (i, chunk) in echoed.enumerate() {
-            if self.config.delay.is_zero() {
-                if i % 32 == 0 {
-                // Turn tasks share one task with the dispatch loop and the
-                // writer; yielding lets both run, so a cancel is seen and
-                // chunks go out as they are made rather than piling up.
-                tokio::task::yield_now().await;
+            let pace = async {
+                if !self.config.delay.is_zero() {
+                    tokio::time::sleep(self.config.delay).await;
+                } else if i % YIELD_EVERY == 0 {
+                    tokio::task::yield_now().await;
                 }
-            } else {
-                tokio::select! {
-                    () = cancel.cancelled() => {}
-                    () = tokio::time::sleep(self.config.delay) => {}
-                }
+                self.stdout.chunk_slot().await;
+            };
+            tokio::select! {
+                biased;
+                () = pace => {}
+                () = cancel.cancelled() => {}
             }
             if cancel.is_cancelled() {
                 return Ok(StopReason::Cancelled);

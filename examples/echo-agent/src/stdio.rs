@@ -13,19 +13,27 @@
 //! benchmarks.
 
 use std::io::{self, Write as _};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use agent_client_protocol::{Agent, ConnectTo, Lines};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
-/// Lines waiting for the writer thread. Bounded so that a client that stops
-/// reading stdout slows the agent down instead of growing its memory.
+/// Lines waiting for the writer thread.
 const QUEUE_LINES: usize = 1024;
+
+/// How many streamed chunks may be produced but not yet written. The SDK's
+/// own outgoing queue is unbounded, so without this window a long `--repeat`
+/// turn outruns a slower reader and buffers the whole echo in memory.
+const CHUNK_WINDOW: usize = 4096;
 
 /// A shared handle that queues whole lines for stdout.
 #[derive(Debug, Clone)]
-pub struct StdoutLines(mpsc::Sender<String>);
+pub struct StdoutLines {
+    tx: mpsc::Sender<String>,
+    window: Arc<Semaphore>,
+}
 
 /// The thread behind [`StdoutLines`]. It finishes once every handle is
 /// dropped and all queued lines are written, so joining it is how `main`
@@ -36,32 +44,60 @@ pub struct StdoutWriter(JoinHandle<io::Result<()>>);
 /// Starts the stdout writer thread.
 pub fn stdout() -> (StdoutLines, StdoutWriter) {
     let (tx, mut rx) = mpsc::channel::<String>(QUEUE_LINES);
+    let window = Arc::new(Semaphore::new(CHUNK_WINDOW));
+    let written = window.clone();
     let thread = thread::Builder::new()
         .name("stdout".into())
         .spawn(move || {
-            let mut out = io::BufWriter::new(io::stdout().lock());
-            while let Some(line) = rx.blocking_recv() {
-                writeln!(out, "{line}")?;
-                while let Ok(line) = rx.try_recv() {
-                    writeln!(out, "{line}")?;
-                }
-                // Nothing else queued: the peer reads line by line and must
-                // not wait on a buffer that no further write would fill.
-                out.flush()?;
-            }
-            Ok(())
+            let result = write_lines(&mut rx, &written);
+            // Nothing will reopen the window any more; closing it keeps turns
+            // from waiting forever while the connection shuts down.
+            written.close();
+            result
         })
         .expect("spawn stdout writer thread");
-    (StdoutLines(tx), StdoutWriter(thread))
+    (StdoutLines { tx, window }, StdoutWriter(thread))
+}
+
+fn write_lines(rx: &mut mpsc::Receiver<String>, window: &Semaphore) -> io::Result<()> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    while let Some(line) = rx.blocking_recv() {
+        writeln!(out, "{line}")?;
+        reopen(window);
+        while let Ok(line) = rx.try_recv() {
+            writeln!(out, "{line}")?;
+            reopen(window);
+        }
+        // Nothing else queued: the peer reads line by line and must not wait
+        // on a buffer that no further write would fill.
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Any written line reopens the window by one. The cap keeps lines that took
+/// no slot (responses, say) from widening it for good.
+fn reopen(window: &Semaphore) {
+    if window.available_permits() < CHUNK_WINDOW {
+        window.add_permits(1);
+    }
 }
 
 impl StdoutLines {
     /// Queues `line` (without its newline) for stdout.
     pub async fn write_line(&self, line: String) -> io::Result<()> {
-        self.0
+        self.tx
             .send(line)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "stdout writer has stopped"))
+    }
+
+    /// Waits until one more streamed chunk fits in the window. Call before
+    /// producing each chunk.
+    pub async fn chunk_slot(&self) {
+        if let Ok(permit) = self.window.acquire().await {
+            permit.forget();
+        }
     }
 }
 
