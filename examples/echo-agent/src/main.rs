@@ -10,8 +10,7 @@ mod stdio;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = cli::Args::parse();
     // stdout carries the protocol, so every log line must go to stderr.
     tracing_subscriber::fmt()
@@ -23,10 +22,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
 
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (stdout, writer) = stdio::stdout();
     let transport = stdio::transport(stdout.clone());
-    let served = agent::serve(args.into_config(), stdout, transport).await;
-    // Every stdout handle is gone with the connection; wait for the last
+    let served = runtime.block_on(agent::serve(args.into_config(), stdout, transport));
+    // If the connection failed while stdin was still open, a read is parked on
+    // a blocking thread that nothing can interrupt; don't wait for it.
+    runtime.shutdown_background();
+    // Every stdout handle went away with the connection; wait for the last
     // queued lines to be written before exiting.
     let written = writer.finish();
     served?;

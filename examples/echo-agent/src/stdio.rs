@@ -8,9 +8,8 @@
 //! All stdout lines go through one writer thread. That keeps an injected line
 //! from interleaving with a protocol message, and lets the thread flush once
 //! per burst instead of once per line: the SDK flushes after every message,
-//! which through tokio's stdout costs two blocking-pool round trips per
-//! chunk and made the agent, not the client, the bottleneck of throughput
-//! benchmarks.
+//! and through tokio's stdout every write and every flush is a round trip to
+//! the blocking pool, a large share of the agent's cost per streamed chunk.
 
 use std::io::{self, Write as _};
 use std::sync::Arc;

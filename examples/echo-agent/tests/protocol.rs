@@ -279,6 +279,25 @@ fn cancel_stops_a_running_turn() {
 }
 
 #[test]
+fn cancel_stops_a_turn_without_delay() {
+    // Far more chunks than can be written before the cancel arrives, so this
+    // checks that a turn with nothing to wait on still notices the cancel.
+    let repeat = 100_000;
+    let mut agent = Agent::spawn(&["--repeat", &repeat.to_string()]);
+    agent.initialize();
+    let session = agent.new_session();
+
+    let id = agent.prompt(&session, "a b c d");
+    let first = agent.message();
+    assert_eq!(first["method"], "session/update", "{first}");
+    agent.notify("session/cancel", json!({"sessionId": session}));
+
+    let (response, chunks) = agent.response_with_chunks(id);
+    assert_eq!(response["result"], json!({"stopReason": "cancelled"}));
+    assert!(chunks.len() + 1 < 4 * repeat, "turn was not cut short");
+}
+
+#[test]
 fn eof_lets_running_turns_finish() {
     let mut agent = Agent::spawn(&["--delay-ms", "20"]);
     agent.initialize();
