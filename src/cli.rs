@@ -21,6 +21,9 @@ pub enum Command {
     Node(NodeArgs),
     /// The control plane alone, against a node's socket.
     Server(ServerArgs),
+    /// Sandboxes for operators and tests.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
     /// PID 1 of a sandbox (internal).
     #[command(hide = true)]
     Supervisor(SupervisorArgs),
@@ -83,6 +86,64 @@ pub struct ServerArgs {
 #[derive(Debug, Args)]
 pub struct SupervisorArgs {
     /// Inherited descriptor of the listening unix socket.
+    #[arg(long, required_unless_present = "run")]
+    pub listen_fd: Option<i32>,
+    /// Run mode: run the command after `--` and exit with its status.
     #[arg(long)]
-    pub listen_fd: i32,
+    pub run: bool,
+    #[arg(long, default_value = "/")]
+    pub cwd: PathBuf,
+    /// NAME=VALUE for the command's environment (its only variables).
+    #[arg(long = "env")]
+    pub env: Vec<String>,
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Runs one command in a sandbox built exactly as agent sandboxes are,
+    /// stdio attached; exits with its code (or 128 + signal).
+    Run(SandboxRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxRunArgs {
+    /// Memory limit (bytes, or with a K/M/G suffix); no swap beyond it.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Maximum number of processes and threads.
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// CPU limit in CPUs, e.g. 0.5.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// none (own network namespace, loopback only) or host.
+    #[arg(long, default_value = "none")]
+    pub network: String,
+    /// A root filesystem directory to use instead of the host's system dirs.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// Host directory mounted read-write at /workspace (default: a fresh
+    /// temporary directory, removed afterwards).
+    #[arg(long)]
+    pub workspace: Option<PathBuf>,
+    /// Extra read-only bind mount, HOST:SANDBOX (repeatable).
+    #[arg(long = "ro-bind", value_name = "HOST:SANDBOX")]
+    pub ro_binds: Vec<String>,
+    /// NAME=VALUE for the command's environment (repeatable). The command gets
+    /// only PATH, HOME, LANG, TMPDIR and these.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// First host uid/gid of the sandbox's id range (default: derived from
+    /// this process's pid, so concurrent runs never share ids).
+    #[arg(long)]
+    pub uid_base: Option<u32>,
+    #[arg(long, default_value_t = 65536)]
+    pub uid_count: u32,
+    #[arg(long, env = "AGENTD_LOG", default_value = "warn")]
+    pub log: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }

@@ -13,7 +13,7 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     // Internal roles take everything from their parent, never from the file.
-    let internal = matches!(std::env::args().nth(1).as_deref(), Some("supervisor" | "sandbox-init"));
+    let internal = matches!(std::env::args().nth(1).as_deref(), Some("supervisor" | "sandbox-init" | "sandbox"));
     if !internal {
         config::load_into_env()?;
     }
@@ -24,5 +24,6 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Up(args) => commands::up::run(args),
         cli::Command::Node(args) => commands::node::run(args),
         cli::Command::Server(args) => commands::server::run(args),
+        cli::Command::Sandbox(cli::SandboxCommand::Run(args)) => std::process::exit(commands::sandbox::run(args)?),
     }
 }

@@ -16,7 +16,7 @@ use agentd_proto::error::status;
 use agentd_proto::node::{SandboxPlan, Sandbox as SandboxInfo};
 use agentd_proto::supervisor::supervisor_client::SupervisorClient;
 use agentd_runtime::sandbox::spec::DEFAULT_SYSTEM_BINDS;
-use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, SandboxSpec, launch};
+use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, Network, Payload, SandboxSpec, launch};
 use agentd_runtime::uds;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
@@ -235,11 +235,14 @@ impl Sandboxes {
             target: m.target.clone().into(),
             read_only: m.read_only,
         }));
+        let socket_path = dir.join("supervisor.sock");
         let spec = SandboxSpec {
             id: plan.container_id.clone(),
             rootfs_dir: dir.join("rootfs"),
-            socket_path: dir.join("supervisor.sock"),
-            log_path: dir.join("supervisor.log"),
+            rootfs: None,
+            network: Network::None,
+            cgroup_procs: Vec::new(),
+            payload: Payload::Supervisor { socket_path: socket_path.clone(), log_path: dir.join("supervisor.log") },
             hostname: if plan.hostname.is_empty() { "sandbox".into() } else { plan.hostname.clone() },
             ids,
             system_binds: DEFAULT_SYSTEM_BINDS.iter().map(PathBuf::from).collect(),
@@ -257,7 +260,7 @@ impl Sandboxes {
             e
         };
         let exited = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
-        let channel = uds::connect(&spec.socket_path)
+        let channel = uds::connect(&socket_path)
             .await
             .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("supervisor unreachable: {e}"))))?;
         let record = Record { id: plan.container_id.clone(), pid, slot, ids, created_at_ms: now_ms() };

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus what they share.
 
 pub mod node;
+pub mod sandbox;
 pub mod server;
 pub mod supervisor;
 pub mod up;

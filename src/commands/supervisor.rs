@@ -1,3 +1,5 @@
+//! `agentd supervisor`: PID 1 inside a sandbox (internal; sandbox-init execs it).
+
 use crate::cli::SupervisorArgs;
 
 pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
@@ -6,6 +8,18 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    agentd_runtime::supervisor::run(args.listen_fd)?;
+    if args.run {
+        let env = args
+            .env
+            .iter()
+            .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| anyhow::anyhow!("--env takes NAME=VALUE"))?;
+        anyhow::ensure!(!args.command.is_empty(), "no command to run");
+        let code = agentd_runtime::supervisor::run_mode::run(&args.command, &env, &args.cwd, || Ok(()));
+        std::process::exit(code);
+    }
+    let fd = args.listen_fd.ok_or_else(|| anyhow::anyhow!("--listen-fd is required"))?;
+    agentd_runtime::supervisor::run(fd)?;
     Ok(())
 }

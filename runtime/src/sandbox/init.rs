@@ -19,6 +19,7 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 
@@ -30,7 +31,7 @@ use nix::unistd::{Gid, Pid, Uid, chdir, pivot_root, setgroups, sethostname, setr
 use serde::{Deserialize, Serialize};
 
 use super::rootfs;
-use super::spec::SandboxSpec;
+use super::spec::{Network, Payload, SandboxSpec};
 
 /// What `sandbox-init` prints: the sandbox's PID 1 as a host pid, or why not.
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,30 +91,50 @@ fn read_spec() -> Result<SandboxSpec, InitError> {
 /// in the host's namespaces.
 struct Handover {
     exe: File,
-    log: File,
-    listener: UnixListener,
+    /// The supervisor's log and listening socket; absent in run mode, where
+    /// the command keeps the caller's stdio.
+    service: Option<(File, UnixListener)>,
 }
 
-fn create(spec: &SandboxSpec) -> Result<Pid, InitError> {
+/// Builds the sandbox and returns its PID 1 as a host pid. The calling process
+/// must be single-threaded; it joins the sandbox's cgroups and leaves its own
+/// mount namespace private, so it should exit (sandbox-init) or only wait
+/// (`agentd sandbox run`) afterwards.
+pub fn create(spec: &SandboxSpec) -> Result<Pid, InitError> {
     let exe = File::open("/proc/self/exe").map_err(fail_io("open agentd binary"))?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&spec.log_path)
-        .map_err(fail_io("open supervisor log"))?;
-    let _ = std::fs::remove_file(&spec.socket_path);
-    let listener = UnixListener::bind(&spec.socket_path).map_err(fail_io("bind supervisor socket"))?;
-    let handover = Handover { exe, log, listener };
+    let service = match &spec.payload {
+        Payload::Supervisor { socket_path, log_path } => {
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(log_path)
+                .map_err(fail_io("open supervisor log"))?;
+            let _ = std::fs::remove_file(socket_path);
+            let listener = UnixListener::bind(socket_path).map_err(fail_io("bind supervisor socket"))?;
+            Some((log, listener))
+        }
+        Payload::Command { .. } => None,
+    };
+    let handover = Handover { exe, service };
 
     let result = build(spec, &handover);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&spec.socket_path);
+    if let (Err(_), Payload::Supervisor { socket_path, .. }) = (&result, &spec.payload) {
+        let _ = std::fs::remove_file(socket_path);
     }
     result
 }
 
+fn join_cgroups(spec: &SandboxSpec) -> Result<(), InitError> {
+    let me = std::process::id().to_string();
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, &me).map_err(|e| InitError::new("join cgroup", format!("{}: {e}", procs.display())))?;
+    }
+    Ok(())
+}
+
 fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
+    join_cgroups(spec)?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(fail("unshare mount namespace"))?;
     // Nothing mounted from here on may propagate back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
@@ -128,13 +149,15 @@ fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
     let (go_rx, go_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipe"))?;
     let (err_rx, err_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipe"))?;
 
-    let flags = CloneFlags::CLONE_NEWUSER
+    let mut flags = CloneFlags::CLONE_NEWUSER
         | CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWCGROUP;
+    if spec.network == Network::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
     // SAFETY: this process is single-threaded (sandbox-init starts no threads),
     // so the child may run arbitrary code, as after fork(2). A null stack makes
     // clone behave like fork: the child continues on a copy of this stack.
@@ -235,8 +258,12 @@ fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infall
     umount2(".", MntFlags::MNT_DETACH).map_err(fail("detach old root"))?;
     chdir("/").map_err(fail("chdir /"))?;
 
-    loopback_up().map_err(fail_io("bring up loopback"))?;
-    redirect_stdio(&handover.log).map_err(fail_io("redirect stdio"))?;
+    if spec.network == Network::None {
+        loopback_up().map_err(fail_io("bring up loopback"))?;
+    }
+    if let Some((log, _)) = &handover.service {
+        redirect_stdio(log).map_err(fail_io("redirect stdio"))?;
+    }
     exec_supervisor(spec, handover)
 }
 
@@ -271,25 +298,41 @@ fn redirect_stdio(log: &File) -> std::io::Result<()> {
     Ok(())
 }
 
+fn cstring(s: impl Into<Vec<u8>>) -> Result<CString, InitError> {
+    CString::new(s).map_err(|e| InitError::new("exec supervisor", format!("argument contains NUL: {e}")))
+}
+
 fn exec_supervisor(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infallible, InitError> {
-    // Every descriptor but stdio and the listener is close-on-exec from here on:
-    // no daemon descriptor may leak into the sandbox.
-    // SAFETY: close_range and fcntl only change descriptor flags.
-    let listen_fd = handover.listener.as_raw_fd();
+    // Every descriptor but stdio (and the listener) is close-on-exec from here
+    // on: no daemon descriptor may leak into the sandbox.
+    // SAFETY: close_range only changes descriptor flags.
     let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-    if rc < 0 || unsafe { libc::fcntl(listen_fd, libc::F_SETFD, 0) } < 0 {
+    if rc < 0 {
         return Err(InitError::new("prepare descriptors", std::io::Error::last_os_error().to_string()));
     }
-    let argv = [
-        CString::new("agentd").unwrap(),
-        CString::new("supervisor").unwrap(),
-        CString::new("--listen-fd").unwrap(),
-        CString::new(listen_fd.to_string()).unwrap(),
-    ];
-    let filter = CString::new(format!("RUST_LOG={}", spec.supervisor_log_filter))
-        .map_err(|e| InitError::new("exec supervisor", e.to_string()))?;
-    let env = [filter, CString::new("PATH=/usr/local/bin:/usr/bin:/bin").unwrap()];
+    let mut argv = vec![cstring("agentd")?, cstring("supervisor")?];
+    match (&spec.payload, &handover.service) {
+        (Payload::Supervisor { .. }, Some((_, listener))) => {
+            let listen_fd = listener.as_raw_fd();
+            // SAFETY: fcntl only changes the descriptor's flags.
+            if unsafe { libc::fcntl(listen_fd, libc::F_SETFD, 0) } < 0 {
+                return Err(InitError::new("prepare descriptors", std::io::Error::last_os_error().to_string()));
+            }
+            argv.extend([cstring("--listen-fd")?, cstring(listen_fd.to_string())?]);
+        }
+        (Payload::Command { argv: command, env, cwd }, _) => {
+            argv.extend([cstring("--run")?, cstring("--cwd")?, cstring(cwd.as_os_str().as_bytes())?]);
+            for (k, v) in env {
+                argv.extend([cstring("--env")?, cstring(format!("{k}={v}"))?]);
+            }
+            argv.push(cstring("--")?);
+            for a in command {
+                argv.push(cstring(a.as_str())?);
+            }
+        }
+        (Payload::Supervisor { .. }, None) => unreachable!("a supervisor payload always has its socket"),
+    }
+    let env = [cstring(format!("RUST_LOG={}", spec.supervisor_log_filter))?, cstring("PATH=/usr/local/bin:/usr/bin:/bin")?];
     let Err(e) = nix::unistd::fexecve(&handover.exe, &argv, &env);
     Err(InitError::new("exec supervisor", e.to_string()))
 }
-

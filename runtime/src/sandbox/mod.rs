@@ -13,4 +13,4 @@ mod rootfs;
 pub mod spec;
 
 pub use launch::{LaunchError, Launched, launch};
-pub use spec::{BindMount, IdRange, SandboxSpec, SpecError};
+pub use spec::{BindMount, IdRange, Network, Payload, SandboxSpec, SpecError};

@@ -78,19 +78,15 @@ fn bind_any(source: &Path, target: &Path, read_only: bool) -> Result<(), InitErr
 pub(crate) fn prepare(spec: &SandboxSpec) -> Result<(), InitError> {
     let root = spec.rootfs_dir.as_path();
     let owner = spec.ids.host_base;
-    mount_tmpfs(root, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755,size=1m,nr_inodes=4096")?;
-
-    for host in &spec.system_binds {
-        let Ok(meta) = fs::symlink_metadata(host) else { continue };
-        let target = inside(root, host);
-        if meta.file_type().is_symlink() {
-            let dest = fs::read_link(host).map_err(|e| err("readlink", host, e))?;
-            if let Some(parent) = target.parent() {
-                mkdir_p(parent)?;
-            }
-            symlink(&dest, &target).map_err(|e| err("symlink", &target, e))?;
-        } else {
-            bind_any(host, &target, true)?;
+    match &spec.rootfs {
+        Some(dir) => {
+            // A given root filesystem: used whole, made read-only below. Its
+            // mount points are created if missing, as runc does.
+            bind(dir, root, false)?;
+        }
+        None => {
+            mount_tmpfs(root, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755,size=1m,nr_inodes=4096")?;
+            bind_system_dirs(spec, root)?;
         }
     }
 
@@ -108,6 +104,24 @@ pub(crate) fn prepare(spec: &SandboxSpec) -> Result<(), InitError> {
     // The skeleton itself is read-only: agents write to the workspace and /tmp.
     let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(None::<&str>, root, None::<&str>, flags, None::<&str>).map_err(|e| err("remount root read-only", root, e))
+}
+
+fn bind_system_dirs(spec: &SandboxSpec, root: &Path) -> Result<(), InitError> {
+    for host in &spec.system_binds {
+        let Ok(meta) = fs::symlink_metadata(host) else { continue };
+        let target = inside(root, host);
+        if meta.file_type().is_symlink() {
+            let dest = fs::read_link(host).map_err(|e| err("readlink", host, e))?;
+            if let Some(parent) = target.parent() {
+                mkdir_p(parent)?;
+            }
+            symlink(&dest, &target).map_err(|e| err("symlink", &target, e))?;
+        } else {
+            bind_any(host, &target, true)?;
+        }
+    }
+
+    Ok(())
 }
 
 fn prepare_dev(root: &Path, owner: u32) -> Result<(), InitError> {

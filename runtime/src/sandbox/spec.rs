@@ -24,21 +24,68 @@ pub struct BindMount {
     pub read_only: bool,
 }
 
+/// How the sandbox reaches the network. An egress allow-list mode will join
+/// these (its own namespace plus a filtering veth), which is why this is an
+/// enum rather than a flag.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Its own network namespace with only loopback, up.
+    #[default]
+    None,
+    /// The host's network namespace, for agents that must reach an LLM API.
+    Host,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Network::None),
+            "host" => Ok(Network::Host),
+            other => Err(format!("unknown network mode {other:?} (known: none, host)")),
+        }
+    }
+}
+
+/// What PID 1 of the sandbox is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Payload {
+    /// The supervisor, serving gRPC on `socket_path` and logging to `log_path`.
+    Supervisor {
+        /// Bound before the sandbox exists, so the node can connect as soon
+        /// as it learns the pid.
+        socket_path: PathBuf,
+        log_path: PathBuf,
+    },
+    /// The supervisor in run mode: it runs one command as an agent is run,
+    /// with the caller's stdio, and exits with the command's status.
+    Command { argv: Vec<String>, env: Vec<(String, String)>, cwd: PathBuf },
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxSpec {
     /// The container id; also names the sandbox in logs.
     pub id: String,
     /// Empty host directory that becomes the mount point of the new root.
     pub rootfs_dir: PathBuf,
-    /// Host path where the supervisor listens; bound before the sandbox exists so
-    /// the node can connect as soon as it learns the pid.
-    pub socket_path: PathBuf,
-    /// Host file that receives the supervisor's (and the agents') stderr.
-    pub log_path: PathBuf,
+    /// A root filesystem directory to use (read-only) instead of binding the
+    /// host's system directories.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
     pub hostname: String,
     pub ids: IdRange,
     pub system_binds: Vec<PathBuf>,
     pub mounts: Vec<BindMount>,
+    #[serde(default)]
+    pub network: Network,
+    /// `cgroup.procs` files of the sandbox's cgroups; sandbox-init joins them
+    /// before cloning, so the sandbox's cgroup namespace is rooted there.
+    #[serde(default)]
+    pub cgroup_procs: Vec<PathBuf>,
+    pub payload: Payload,
     /// `RUST_LOG` for the supervisor: the only environment it gets.
     pub supervisor_log_filter: String,
 }
@@ -57,6 +104,10 @@ pub enum SpecError {
     BadHostname(String),
     #[error("mount target {0:?} is reserved by the sandbox")]
     ReservedTarget(PathBuf),
+    #[error("rootfs {0:?} is not a directory")]
+    MissingRootfs(PathBuf),
+    #[error("command is empty")]
+    EmptyCommand,
 }
 
 /// Targets the sandbox builds itself; a plan may not mount over them.
@@ -76,8 +127,27 @@ impl SandboxSpec {
     /// Checks everything that can be checked before any kernel object exists.
     pub fn validate(&self) -> Result<(), SpecError> {
         check_abs("rootfs_dir", &self.rootfs_dir)?;
-        check_abs("socket_path", &self.socket_path)?;
-        check_abs("log_path", &self.log_path)?;
+        match &self.payload {
+            Payload::Supervisor { socket_path, log_path } => {
+                check_abs("socket_path", socket_path)?;
+                check_abs("log_path", log_path)?;
+            }
+            Payload::Command { argv, cwd, .. } => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(SpecError::EmptyCommand);
+                }
+                check_abs("cwd", cwd)?;
+            }
+        }
+        if let Some(rootfs) = &self.rootfs {
+            check_abs("rootfs", rootfs)?;
+            if !rootfs.is_dir() {
+                return Err(SpecError::MissingRootfs(rootfs.clone()));
+            }
+        }
+        for p in &self.cgroup_procs {
+            check_abs("cgroup_procs", p)?;
+        }
         if self.ids.host_base == 0 || self.ids.size == 0 || self.ids.host_base.checked_add(self.ids.size).is_none() {
             return Err(SpecError::BadIdRange { base: self.ids.host_base, size: self.ids.size });
         }
@@ -112,8 +182,10 @@ mod tests {
         SandboxSpec {
             id: "ctr_test".into(),
             rootfs_dir: "/tmp/x/rootfs".into(),
-            socket_path: "/tmp/x/sup.sock".into(),
-            log_path: "/tmp/x/sup.log".into(),
+            rootfs: None,
+            payload: Payload::Supervisor { socket_path: "/tmp/x/sup.sock".into(), log_path: "/tmp/x/sup.log".into() },
+            network: Network::None,
+            cgroup_procs: Vec::new(),
             hostname: "sandbox".into(),
             ids: IdRange { host_base: 1_000_000, size: 65536 },
             system_binds: vec!["/usr".into()],
@@ -154,6 +226,18 @@ mod tests {
         let mut s = spec();
         s.mounts[0].target = "/proc".into();
         assert_eq!(s.validate(), Err(SpecError::ReservedTarget("/proc".into())));
+    }
+
+    #[test]
+    fn refuses_missing_rootfs_empty_command_and_unknown_network() {
+        let mut s = spec();
+        s.rootfs = Some("/definitely/not/a/rootfs".into());
+        assert_eq!(s.validate(), Err(SpecError::MissingRootfs("/definitely/not/a/rootfs".into())));
+        let mut s = spec();
+        s.payload = Payload::Command { argv: vec![], env: vec![], cwd: "/".into() };
+        assert_eq!(s.validate(), Err(SpecError::EmptyCommand));
+        assert_eq!("host".parse::<Network>(), Ok(Network::Host));
+        assert!("bridge".parse::<Network>().unwrap_err().contains("unknown network mode"));
     }
 
     #[test]

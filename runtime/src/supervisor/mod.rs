@@ -5,12 +5,14 @@
 //! - [`agents`]: agent processes, each in its own process group, and the ACP
 //!   sessions they hold.
 //! - [`service`]: the `Supervisor` gRPC service on the inherited unix socket.
+//! - [`run_mode`]: PID 1 of `agentd sandbox run`: one command, stdio attached.
 //!
 //! It runs on a current-thread runtime: one sandbox's work is small, and one
 //! thread keeps its memory small.
 
 pub mod agents;
 pub mod reaper;
+pub mod run_mode;
 pub mod service;
 
 use std::os::fd::FromRawFd;

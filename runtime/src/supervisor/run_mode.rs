@@ -1,0 +1,91 @@
+//! The supervisor's run mode, behind `agentd sandbox run`: PID 1 runs one
+//! command exactly as it would run an agent, with the caller's stdio, forwards
+//! termination signals to it, reaps every orphan, and exits with the command's
+//! status (its code, or 128 + the signal that killed it).
+//!
+//! No async runtime: one blocking `waitpid(-1)` loop is all PID 1 needs here.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// The command's pid, for the signal handler.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+
+extern "C" fn forward(signal: libc::c_int) {
+    let child = CHILD.load(Ordering::Relaxed);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(child, signal) };
+    }
+}
+
+/// Forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 received by
+/// this process to `pid`. Used by PID 1 for its command, and by
+/// `agentd sandbox run` for the sandbox's PID 1.
+pub fn forward_signals_to(pid: i32) -> std::io::Result<()> {
+    CHILD.store(pid, Ordering::Relaxed);
+    install_forwarding()
+}
+
+fn install_forwarding() -> std::io::Result<()> {
+    for &signal in FORWARDED {
+        // SAFETY: a zeroed sigaction with a plain handler and SA_RESTART; the
+        // handler only calls kill.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = forward as *const () as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `argv` and returns the exit code PID 1 should exit with. `harden`
+/// runs in the child between fork and exec and must be async-signal-safe.
+pub fn run(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: &Path,
+    harden: impl Fn() -> std::io::Result<()> + Send + Sync + 'static,
+) -> i32 {
+    if let Err(e) = install_forwarding() {
+        eprintln!("agentd sandbox: cannot forward signals: {e}");
+        return 125;
+    }
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v))).current_dir(cwd);
+    // SAFETY: the hook only makes async-signal-safe calls (its contract).
+    unsafe { cmd.pre_exec(harden) };
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("agentd sandbox: cannot run {}: {e}", argv[0]);
+            // The shell's codes: 127 not found, 126 found but not runnable.
+            return if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+        }
+    };
+    let child_pid = child.id() as i32;
+    CHILD.store(child_pid, Ordering::Relaxed);
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child_pid => return code,
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid.as_raw() == child_pid => return 128 + signal as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("agentd sandbox: waitpid failed: {e}");
+                return 125;
+            }
+        }
+    }
+}
