@@ -50,6 +50,10 @@ pub struct ApiArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "AGENTD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// PostgreSQL URL (postgres://...) of the store; without it, the embedded
+    /// SQLite file <state-dir>/agentd.db.
+    #[arg(long, env = "AGENTD_DATABASE_URL")]
+    pub database_url: Option<String>,
     /// How long an agent may take to answer `initialize`, in milliseconds.
     #[arg(long, env = "AGENTD_INITIALIZE_TIMEOUT_MS", default_value_t = 30_000)]
     pub initialize_timeout_ms: u32,

@@ -120,3 +120,20 @@ async fn cancel_ends_a_running_turn_and_the_session_goes_on() {
     let end = events.until_run_end().await.pop().unwrap();
     assert_eq!(end.json()["stop_reason"], "end_turn");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_path_runs_on_postgresql() {
+    let pg = agentd_testkit::postgres::TempPostgres::start().expect("start postgres");
+    let agentd = Agentd::start_with(&[("AGENTD_DATABASE_URL", &pg.url())]).await;
+    assert!(agentd.log().contains("backend=\"postgres\""), "{}", agentd.log());
+    let session = agentd.create_session(&[]).await;
+    let id = session["id"].as_str().unwrap();
+    let mut events = agentd.events(id, None).await;
+    let (status, _) = agentd.prompt(id, "stored in postgres").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let end = events.until_run_end().await.pop().unwrap();
+    assert_eq!(end.json()["stop_reason"], "end_turn");
+    agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"][0]["state"] == "completed").await;
+    let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}

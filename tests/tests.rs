@@ -5,5 +5,6 @@
 mod support;
 
 mod bad_input;
+mod hostile;
 mod session_path;
 mod shutdown;

@@ -6,6 +6,7 @@
 //!   `agentd sandbox-init` entry point that makes the namespaces, the root
 //!   filesystem and the id maps, then execs the supervisor as PID 1;
 //!   [`sandbox::launch`] is the node's async side of that hand-over.
+//! - [`cgroups`]: sandbox cgroups (limits, freeze, kill, stats), v1/hybrid/v2.
 //! - [`supervisor`]: PID 1 inside a sandbox. Reaps orphans, runs agent processes
 //!   and serves the `Supervisor` gRPC service on the sandbox's unix socket.
 //! - [`acp`]: the ACP (JSON-RPC 2.0 over stdio) client the supervisor speaks to
@@ -14,6 +15,7 @@
 //!   control plane.
 
 pub mod acp;
+pub mod cgroups;
 pub mod sandbox;
 pub mod supervisor;
 pub mod uds;

@@ -63,3 +63,16 @@ pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir.join("run"))?;
     Ok(())
 }
+
+/// The store the flags name: PostgreSQL when a URL is given, else the embedded
+/// SQLite file in the state dir.
+pub async fn open_store(api: &crate::cli::ApiArgs, state_dir: &Path) -> anyhow::Result<agentd_controlplane::store::Store> {
+    use anyhow::Context;
+    let location = match &api.database_url {
+        Some(url) => url.clone(),
+        None => state_dir.join("agentd.db").display().to_string(),
+    };
+    let store = agentd_controlplane::store::Store::open(&location).await.context("cannot open store")?;
+    tracing::info!(backend = store.backend(), "store open");
+    Ok(store)
+}

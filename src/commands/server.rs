@@ -1,6 +1,6 @@
 //! `agentd server`: the control plane alone, scheduling onto one node's socket.
 
-use agentd_controlplane::{AppState, plan::PlanDefaults, store::Store};
+use agentd_controlplane::{AppState, plan::PlanDefaults};
 use agentd_proto::node::node_client::NodeClient;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -12,7 +12,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_tracing(&args.common);
     runtime()?.block_on(async {
         prepare_state_dir(&args.common.state_dir)?;
-        let store = Store::open_sqlite(&args.common.state_dir.join("agentd.db")).await.context("cannot open store")?;
+        let store = super::open_store(&args.api, &args.common.state_dir).await?;
         let state = AppState {
             store: store.clone(),
             node: NodeClient::new(agentd_runtime::uds::lazy_channel(&args.node_socket)),

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use agentd_controlplane::{AppState, plan::PlanDefaults, store::Store};
+use agentd_controlplane::{AppState, plan::PlanDefaults};
 use agentd_proto::node::node_client::NodeClient;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         async move { agentd_node::serve(node, &socket, stop.cancelled_owned()).await }
     });
 
-    let store = Store::open_sqlite(&state_dir.join("agentd.db")).await.context("cannot open store")?;
+    let store = super::open_store(&args.api, state_dir).await?;
     let state = AppState {
         store: store.clone(),
         node: NodeClient::new(agentd_runtime::uds::lazy_channel(&socket)),

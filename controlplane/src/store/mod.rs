@@ -1,23 +1,66 @@
 //! Durable control state: containers, sessions and runs.
 //!
 //! - [`states`]: the state machines every write goes through.
-//! - [`Store`]: the embedded SQLite backend (a file under the state dir), the
-//!   default of `agentd up`. The PostgreSQL backend joins it behind the same
-//!   methods (see HACKING.md).
+//! - [`Store`]: one set of methods over two backends, the embedded SQLite
+//!   file (the default of `agentd up`) and PostgreSQL (multi-node, HA).
+//!   [`Store::open`] picks by URL scheme.
+//! - `conformance` (tests only): one suite, run against both backends.
+//!
+//! # One implementation, two drivers
+//!
+//! [`Store`] holds a `Backend` enum over sqlx's native `SqlitePool` and
+//! `PgPool`, chosen when the store is opened (an enum, not `dyn`, as youki
+//! chooses its cgroup manager). Each method is written once: its body goes
+//! through `with_pool!`, which expands the same expression once per pool
+//! type, so the compiler checks the binds and row decoding against each
+//! driver. What makes one SQL text serve both is the placeholder syntax:
+//! every statement uses PostgreSQL's numbered `$1, $2, ...`, which sqlx-sqlite
+//! 0.9 also binds by number (`SqliteArguments::bind` maps a parameter named
+//! `$N` to the N-th bound value), so no statement exists in two spellings.
+//!
+//! sqlx's `Any` driver would also give one code path, but it opens SQLite from
+//! a URL alone (no WAL, busy timeout or foreign keys without per-connection
+//! pragma hooks), needs its drivers installed at runtime, and decodes through
+//! a lowest-common-denominator value type; the migrations would still be two
+//! directories. The enum keeps each driver's typed options for the price of a
+//! two-armed `match` hidden in a macro.
+//!
+//! The schemas (`migrations/sqlite`, `migrations/postgres`) are kept column
+//! for column equal; integers are 64-bit on both (`INTEGER` / `BIGINT`), times
+//! are milliseconds since the Unix epoch.
+//!
+//! # Concurrency
+//!
+//! Every method is one autocommit statement, or two (a transition's `UPDATE`
+//! and, when it matched nothing, a `SELECT` to explain why); no transaction is
+//! ever held open, let alone across a network call. PostgreSQL runs at its
+//! default READ COMMITTED. "One running run per session" is not a
+//! check-then-insert: the partial unique index `runs_one_active` refuses the
+//! second concurrent insert, and a unique violation there becomes
+//! [`StoreError::RunActive`]. A transition names the states it may come from in
+//! its `WHERE`, so two racing writers cannot both move a row.
 //!
 //! Token-by-token output never passes through here: it lives in the node's
 //! per-session event logs.
 
 pub mod states;
 
+#[cfg(test)]
+mod conformance;
+
 use std::path::Path;
-use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, SqlitePool};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::FromRow;
 
 use states::{Entity, IllegalTransition};
+
+/// How long a query waits for a connection before the store counts as
+/// unavailable (the API answers 503 with Retry-After).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -31,6 +74,9 @@ pub enum StoreError {
     Illegal(#[from] IllegalTransition),
     #[error("session {session_id} already has a running turn")]
     RunActive { session_id: String },
+    /// Anything the database or the connection to it did wrong, including an
+    /// unreachable server (`PoolTimedOut`) and an unusable store URL
+    /// (`Configuration`).
     #[error("store unavailable: {0}")]
     Db(#[from] sqlx::Error),
     #[error("store migration failed: {0}")]
@@ -86,9 +132,30 @@ pub struct NewSession<'a> {
     pub working_dir: &'a str,
 }
 
+/// The connection pool of the backend a store was opened on.
+#[derive(Clone)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Evaluates `$body` with `$pool` bound to the store's pool, whichever it is.
+/// The body is compiled once per backend, so it must be valid for both: write
+/// SQL with `$N` placeholders, bind values both drivers encode, and yield a
+/// type both arms share (rows, scalars; `rows_affected()` of an execute).
+macro_rules! with_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    /// Which database, and the pool of connections to it.
+    backend: Backend,
 }
 
 fn table(entity: Entity) -> &'static str {
@@ -99,103 +166,215 @@ fn table(entity: Entity) -> &'static str {
     }
 }
 
+/// A column a transition sets besides state, error and time, with its value.
+#[derive(Clone, Copy)]
+enum Extra<'a> {
+    SupervisorPid(i64),
+    AcpSessionId(&'a str),
+    StopReason(&'a str),
+}
+
+impl Extra<'_> {
+    fn column(self) -> &'static str {
+        match self {
+            Extra::SupervisorPid(_) => "supervisor_pid",
+            Extra::AcpSessionId(_) => "acp_session_id",
+            Extra::StopReason(_) => "stop_reason",
+        }
+    }
+}
+
+/// What an insert's constraint violation means, if it is one the caller can act on.
+fn insert_refused(e: &sqlx::Error) -> Option<ConstraintKind> {
+    match e {
+        sqlx::Error::Database(e) if e.is_unique_violation() => Some(ConstraintKind::Unique),
+        sqlx::Error::Database(e) if e.is_foreign_key_violation() => Some(ConstraintKind::ForeignKey),
+        _ => None,
+    }
+}
+
+enum ConstraintKind {
+    Unique,
+    ForeignKey,
+}
+
+/// Splits `scheme://rest` off a store location; `None` for a plain path.
+fn scheme_of(location: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = location.split_once(':')?;
+    let valid = !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    // "sqlite:agentd.db" is sqlx's own spelling; anything else needs "://".
+    (valid && (rest.starts_with("//") || scheme.eq_ignore_ascii_case("sqlite"))).then_some((scheme, rest))
+}
+
 impl Store {
+    /// Opens the store at `location`: a PostgreSQL URL (`postgres://` or
+    /// `postgresql://`), or a SQLite file given as a path or a `sqlite://`
+    /// (or `sqlite:`) URL whose remainder is the path. Either is migrated.
+    pub async fn open(location: &str) -> Result<Self, StoreError> {
+        match scheme_of(location) {
+            None => Self::open_sqlite(Path::new(location)).await,
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql") => {
+                Self::open_postgres(location).await
+            }
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("sqlite") => {
+                let path = rest.strip_prefix("//").unwrap_or(rest);
+                Self::open_sqlite(Path::new(path)).await
+            }
+            Some((scheme, _)) => Err(StoreError::Db(sqlx::Error::Configuration(
+                format!("unsupported store URL scheme {scheme:?}: use postgres://, postgresql://, sqlite:// or a file path").into(),
+            ))),
+        }
+    }
+
     /// Opens (creating) the SQLite store at `path` and migrates it.
     pub async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        let options = SqliteConnectOptions::new()
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { backend: Backend::Sqlite(pool) })
     }
 
+    /// Connects to the PostgreSQL database at `url` and migrates it (sqlx's
+    /// migrator holds an advisory lock, so control planes starting together
+    /// migrate once). An unreachable server is [`StoreError::Db`] after the
+    /// acquire timeout (5 s).
+    pub async fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(ACQUIRE_TIMEOUT).connect(url).await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        let isolation: String = sqlx::query_scalar("SELECT current_setting('default_transaction_isolation')").fetch_one(&pool).await?;
+        if isolation != "read committed" {
+            // Every statement here is its own transaction, so this stays correct,
+            // but stricter levels add serialization failures the store does not retry.
+            tracing::warn!(%isolation, "PostgreSQL default_transaction_isolation is not read committed");
+        }
+        Ok(Self { backend: Backend::Postgres(pool) })
+    }
+
+    /// The backend's name, for logs: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Records a new container, `provisioning`.
     pub async fn insert_container(&self, id: &str, node_id: &str, profile_json: &str) -> Result<(), StoreError> {
         let now = now_ms();
-        sqlx::query("INSERT INTO containers (id, node_id, state, profile_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)")
+        let sql = "INSERT INTO containers (id, node_id, state, profile_json, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)";
+        with_pool!(self, |pool| sqlx::query(sql)
             .bind(id)
             .bind(node_id)
             .bind(states::container::PROVISIONING)
             .bind(profile_json)
             .bind(now)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
         Ok(())
     }
 
+    /// Records a new session, `creating`, on an existing container.
     pub async fn insert_session(&self, s: NewSession<'_>) -> Result<(), StoreError> {
         let now = now_ms();
-        sqlx::query(
-            "INSERT INTO sessions (id, container_id, agent_id, agent_version, agent_instance_id, state, working_dir, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(s.id)
-        .bind(s.container_id)
-        .bind(s.agent_id)
-        .bind(s.agent_version)
-        .bind(s.agent_instance_id)
-        .bind(states::session::CREATING)
-        .bind(s.working_dir)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Starts a run; refused while the session has another one running.
-    pub async fn insert_run(&self, id: &str, session_id: &str) -> Result<(), StoreError> {
-        let inserted = sqlx::query("INSERT INTO runs (id, session_id, state, created_at) VALUES (?, ?, ?, ?)")
-            .bind(id)
-            .bind(session_id)
-            .bind(states::run::RUNNING)
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await;
+        let sql = "INSERT INTO sessions \
+                   (id, container_id, agent_id, agent_version, agent_instance_id, state, working_dir, created_at, updated_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)";
+        let inserted = with_pool!(self, |pool| sqlx::query(sql)
+            .bind(s.id)
+            .bind(s.container_id)
+            .bind(s.agent_id)
+            .bind(s.agent_version)
+            .bind(s.agent_instance_id)
+            .bind(states::session::CREATING)
+            .bind(s.working_dir)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()));
         match inserted {
             Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(StoreError::RunActive { session_id: session_id.to_string() })
+            Err(e) if matches!(insert_refused(&e), Some(ConstraintKind::ForeignKey)) => {
+                Err(StoreError::NotFound { entity: Entity::Container, id: s.container_id.to_string() })
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Moves `entity` `id` to `to`, setting `column` to `value` too when given.
-    /// Repeating a transition that already happened is harmless.
+    /// Starts a run; refused while the session has another one running. The
+    /// partial unique index `runs_one_active` decides, so concurrent callers
+    /// get exactly one success and [`StoreError::RunActive`] for the rest.
+    /// (A reused run id is a unique violation too, and reads the same; ids
+    /// are fresh UUIDs.) A missing session is [`StoreError::NotFound`].
+    pub async fn insert_run(&self, id: &str, session_id: &str) -> Result<(), StoreError> {
+        let sql = "INSERT INTO runs (id, session_id, state, created_at) VALUES ($1, $2, $3, $4)";
+        let inserted = with_pool!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(session_id)
+            .bind(states::run::RUNNING)
+            .bind(now_ms())
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()));
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) => match insert_refused(&e) {
+                Some(ConstraintKind::Unique) => Err(StoreError::RunActive { session_id: session_id.to_string() }),
+                Some(ConstraintKind::ForeignKey) => Err(StoreError::NotFound { entity: Entity::Session, id: session_id.to_string() }),
+                None => Err(e.into()),
+            },
+        }
+    }
+
+    /// Moves `entity` `id` to `to`, recording `error` and `extra` too when
+    /// given. Repeating a transition that already happened is harmless and
+    /// changes nothing (the first write's error and extra value stay).
     async fn transition(
         &self,
         entity: Entity,
         id: &str,
         to: &str,
         error: Option<&str>,
-        extra: Option<(&'static str, &str)>,
+        extra: Option<Extra<'_>>,
     ) -> Result<(), StoreError> {
         let from = states::sources(entity, to);
-        let allowed = from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
-        let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
-        let extra_sql = extra.map(|(c, _)| format!(", {c} = ?")).unwrap_or_default();
-        let sql = format!(
-            "UPDATE {} SET state = ?, error = COALESCE(?, error), {time_column} = ?{extra_sql} WHERE id = ? AND state IN ({allowed})",
-            table(entity)
-        );
-        // Audited: the SQL is built from constant table, column and state names only.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to).bind(error).bind(now_ms());
-        if let Some((_, value)) = extra {
-            query = query.bind(value);
+        // No source state: nothing can match, and "IN ()" is not PostgreSQL.
+        if !from.is_empty() {
+            let allowed = from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+            let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
+            let extra_sql = extra.map(|e| format!(", {} = $5", e.column())).unwrap_or_default();
+            let sql = format!(
+                "UPDATE {} SET state = $1, error = COALESCE($2, error), {time_column} = $3{extra_sql} WHERE id = $4 AND state IN ({allowed})",
+                table(entity)
+            );
+            let now = now_ms();
+            let updated = with_pool!(self, |pool| {
+                // Audited: the SQL is built from constant table, column and state names only.
+                let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to).bind(error).bind(now).bind(id);
+                let query = match extra {
+                    None => query,
+                    Some(Extra::SupervisorPid(pid)) => query.bind(pid),
+                    Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
+                };
+                query.execute(pool).await.map(|done| done.rows_affected())
+            })?;
+            if updated == 1 {
+                return Ok(());
+            }
         }
-        let updated = query.bind(id).execute(&self.pool).await?.rows_affected();
-        if updated == 1 {
-            return Ok(());
-        }
-        let current: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT state FROM {} WHERE id = ?", table(entity))))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let sql = format!("SELECT state FROM {} WHERE id = $1", table(entity));
+        let current: Option<String> =
+            with_pool!(self, |pool| sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await)?;
         match current {
             None => Err(StoreError::NotFound { entity, id: id.to_string() }),
             Some(current) if current == to => Ok(()),
@@ -204,8 +383,8 @@ impl Store {
     }
 
     pub async fn container_ready(&self, id: &str, supervisor_pid: i32) -> Result<(), StoreError> {
-        self.transition(Entity::Container, id, states::container::READY, None, Some(("supervisor_pid", &supervisor_pid.to_string())))
-            .await
+        let extra = Extra::SupervisorPid(i64::from(supervisor_pid));
+        self.transition(Entity::Container, id, states::container::READY, None, Some(extra)).await
     }
 
     pub async fn container_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
@@ -217,7 +396,8 @@ impl Store {
     }
 
     pub async fn session_ready(&self, id: &str, acp_session_id: &str) -> Result<(), StoreError> {
-        self.transition(Entity::Session, id, states::session::READY, None, Some(("acp_session_id", acp_session_id))).await
+        let extra = Extra::AcpSessionId(acp_session_id);
+        self.transition(Entity::Session, id, states::session::READY, None, Some(extra)).await
     }
 
     pub async fn session_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
@@ -228,9 +408,11 @@ impl Store {
         self.transition(Entity::Session, id, states::session::CLOSED, None, None).await
     }
 
+    /// Ends a run as the agent reported it: `cancelled` when the stop reason
+    /// says so, `completed` otherwise; the stop reason is kept either way.
     pub async fn run_completed(&self, id: &str, stop_reason: &str) -> Result<(), StoreError> {
         let to = if stop_reason == "cancelled" { states::run::CANCELLED } else { states::run::COMPLETED };
-        self.transition(Entity::Run, id, to, None, Some(("stop_reason", stop_reason))).await
+        self.transition(Entity::Run, id, to, None, Some(Extra::StopReason(stop_reason))).await
     }
 
     pub async fn run_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
@@ -238,110 +420,55 @@ impl Store {
     }
 
     pub async fn get_container(&self, id: &str) -> Result<ContainerRow, StoreError> {
-        sqlx::query_as("SELECT * FROM containers WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
+        let sql = "SELECT * FROM containers WHERE id = $1";
+        with_pool!(self, |pool| sqlx::query_as(sql).bind(id).fetch_optional(pool).await)?
             .ok_or_else(|| StoreError::NotFound { entity: Entity::Container, id: id.to_string() })
     }
 
     pub async fn get_session(&self, id: &str) -> Result<SessionRow, StoreError> {
-        sqlx::query_as("SELECT * FROM sessions WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
+        let sql = "SELECT * FROM sessions WHERE id = $1";
+        with_pool!(self, |pool| sqlx::query_as(sql).bind(id).fetch_optional(pool).await)?
             .ok_or_else(|| StoreError::NotFound { entity: Entity::Session, id: id.to_string() })
     }
 
+    /// All sessions, newest first (ids are time-ordered, so they break ties).
     pub async fn list_sessions(&self) -> Result<Vec<SessionRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM sessions ORDER BY created_at DESC").fetch_all(&self.pool).await?)
+        let sql = "SELECT * FROM sessions ORDER BY created_at DESC, id DESC";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).fetch_all(pool).await)?)
     }
 
+    /// Sessions in `state`, oldest first.
     pub async fn sessions_in_state(&self, state: &str) -> Result<Vec<SessionRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM sessions WHERE state = ?").bind(state).fetch_all(&self.pool).await?)
+        let sql = "SELECT * FROM sessions WHERE state = $1 ORDER BY created_at, id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(state).fetch_all(pool).await)?)
     }
 
+    /// Sessions on a container, oldest first.
     pub async fn sessions_of_container(&self, container_id: &str) -> Result<Vec<SessionRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM sessions WHERE container_id = ?").bind(container_id).fetch_all(&self.pool).await?)
+        let sql = "SELECT * FROM sessions WHERE container_id = $1 ORDER BY created_at, id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(container_id).fetch_all(pool).await)?)
     }
 
+    /// Containers in `state`, oldest first.
     pub async fn containers_in_state(&self, state: &str) -> Result<Vec<ContainerRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM containers WHERE state = ?").bind(state).fetch_all(&self.pool).await?)
+        let sql = "SELECT * FROM containers WHERE state = $1 ORDER BY created_at, id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(state).fetch_all(pool).await)?)
     }
 
+    /// A session's runs, oldest first.
     pub async fn runs_of_session(&self, session_id: &str) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM runs WHERE session_id = ? ORDER BY created_at, id")
-            .bind(session_id)
-            .fetch_all(&self.pool)
-            .await?)
+        let sql = "SELECT * FROM runs WHERE session_id = $1 ORDER BY created_at, id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(session_id).fetch_all(pool).await)?)
     }
 
+    /// The session's running run, if any (at most one, by `runs_one_active`).
     pub async fn running_runs_of_session(&self, session_id: &str) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM runs WHERE session_id = ? AND state = ?")
-            .bind(session_id)
-            .bind(states::run::RUNNING)
-            .fetch_all(&self.pool)
-            .await?)
+        let sql = "SELECT * FROM runs WHERE session_id = $1 AND state = $2 ORDER BY created_at, id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(session_id).bind(states::run::RUNNING).fetch_all(pool).await)?)
     }
 
+    /// Closes the pool, waiting for connections in use to come back.
     pub async fn close(&self) {
-        self.pool.close().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("agentd.db")).await.unwrap();
-        (dir, store)
-    }
-
-    async fn session(store: &Store) {
-        store.insert_container("ctr_1", "local", "{}").await.unwrap();
-        store
-            .insert_session(NewSession {
-                id: "ses_1",
-                container_id: "ctr_1",
-                agent_id: "echo",
-                agent_version: "1",
-                agent_instance_id: "agi_1",
-                working_dir: "/workspace",
-            })
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn transitions_are_enforced_and_repeats_are_harmless() {
-        let (_dir, store) = store().await;
-        session(&store).await;
-        store.container_ready("ctr_1", 42).await.unwrap();
-        store.container_ready("ctr_1", 42).await.unwrap();
-        assert_eq!(store.get_container("ctr_1").await.unwrap().supervisor_pid, Some(42));
-        store.container_deleted("ctr_1").await.unwrap();
-        match store.container_ready("ctr_1", 42).await {
-            Err(StoreError::Illegal(e)) => {
-                assert_eq!(e.current, "deleted");
-                assert_eq!(e.to_string(), "container ctr_1 is deleted; it cannot become ready");
-            }
-            other => panic!("expected an illegal transition, got {other:?}"),
-        }
-        assert!(matches!(store.session_ready("ses_nope", "x").await, Err(StoreError::NotFound { .. })));
-    }
-
-    #[tokio::test]
-    async fn one_running_run_per_session() {
-        let (_dir, store) = store().await;
-        session(&store).await;
-        store.insert_run("run_1", "ses_1").await.unwrap();
-        assert!(matches!(store.insert_run("run_2", "ses_1").await, Err(StoreError::RunActive { .. })));
-        store.run_completed("run_1", "cancelled").await.unwrap();
-        let runs = store.runs_of_session("ses_1").await.unwrap();
-        assert_eq!((runs[0].state.as_str(), runs[0].stop_reason.as_deref()), ("cancelled", Some("cancelled")));
-        store.insert_run("run_2", "ses_1").await.unwrap();
-        assert!(matches!(store.run_failed("run_1", "late").await, Err(StoreError::Illegal(_))));
+        with_pool!(self, |pool| pool.close().await)
     }
 }

@@ -252,6 +252,8 @@ fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infall
     )
     .map_err(fail("mount /dev/pts"))?;
 
+    mask_proc().map_err(|e| InitError::new("mask /proc", e))?;
+
     // pivot_root(".", ".") stacks the old root under the new one; detaching it
     // leaves only the new root, with no directory needed for the old one.
     pivot_root(".", ".").map_err(fail("pivot_root"))?;
@@ -265,6 +267,48 @@ fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infall
         redirect_stdio(log).map_err(fail_io("redirect stdio"))?;
     }
     exec_supervisor(spec, handover)
+}
+
+/// /proc paths that leak host information or expose kernel knobs, hidden as
+/// runc hides them: files under /dev/null, directories under an empty
+/// read-only tmpfs.
+const MASKED_PROC: &[&str] = &[
+    "proc/asound",
+    "proc/acpi",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+];
+
+/// /proc paths left visible but read-only, as runc leaves them.
+const READONLY_PROC: &[&str] = &["proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger"];
+
+/// Runs inside the new namespaces, relative to the new root (our cwd).
+fn mask_proc() -> Result<(), String> {
+    let locked = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for path in MASKED_PROC {
+        let Ok(meta) = std::fs::symlink_metadata(path) else { continue };
+        let done = if meta.is_dir() {
+            mount(Some("tmpfs"), *path, Some("tmpfs"), locked | MsFlags::MS_RDONLY, Some("size=0,mode=0555"))
+        } else {
+            mount(Some("dev/null"), *path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        };
+        done.map_err(|e| format!("{path}: {e}"))?;
+    }
+    for path in READONLY_PROC {
+        if std::fs::symlink_metadata(path).is_err() {
+            continue;
+        }
+        mount(Some(*path), *path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .map_err(|e| format!("{path}: {e}"))?;
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | locked;
+        mount(None::<&str>, *path, None::<&str>, flags, None::<&str>).map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
 }
 
 fn loopback_up() -> std::io::Result<()> {

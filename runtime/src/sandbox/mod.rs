@@ -7,9 +7,11 @@
 //! `agentd sandbox-init` ([`init`]), a fresh single-threaded process that does
 //! the kernel work and reports one line of JSON back ([`launch`]).
 
+pub mod harden;
 pub mod init;
 pub mod launch;
 mod rootfs;
+pub mod seccomp;
 pub mod spec;
 
 pub use launch::{LaunchError, Launched, launch};

@@ -1,0 +1,178 @@
+//! Sandbox benchmark: prints figures, asserts nothing.
+//!
+//! `cargo build --release --workspace --bins && cargo bench --bench sandbox`
+//!
+//! - create -> supervisor ready (CreateSandbox answered and a Status call
+//!   answered), create -> first exec (an ACP agent started and initialized),
+//!   and teardown, p50/p99 over RUNS sandboxes;
+//! - supervisor RSS of idle sandboxes;
+//! - IDLE idle sandboxes held at once, and host memory per sandbox;
+//! - `agentd sandbox run -- true` against `bwrap --unshare-all ... true`
+//!   (Debian's bubblewrap), as whole processes, in the same run.
+//!
+//! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentd_node::{Node, NodeConfig};
+use agentd_proto::node::SandboxPlan;
+use agentd_proto::supervisor::{StartAgentRequest, StatusRequest};
+
+fn release_bin(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release").join(name);
+    assert!(path.is_file(), "{} missing: cargo build --release --workspace --bins", path.display());
+    path
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let p50 = percentile(&samples, 0.5);
+    println!(
+        "{name:<34} n={:<4} p50={:>8.2} ms  p99={:>8.2} ms  max={:>8.2} ms",
+        samples.len(),
+        p50.as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        samples.last().unwrap().as_secs_f64() * 1e3
+    );
+    p50
+}
+
+fn plan(id: &str) -> SandboxPlan {
+    SandboxPlan { container_id: id.into(), hostname: "bench".into(), mounts: vec![], workspace_path: "/workspace".into() }
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse().unwrap_or(0))))
+        .unwrap_or(0)
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:").map(|v| v.trim().trim_end_matches(" kB").parse().unwrap()))
+        .unwrap()
+}
+
+async fn node_figures(node: &Arc<Node>, runs: usize, idle: usize) {
+    let echo = release_bin("echo-agent");
+    let (mut ready, mut exec, mut teardown) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let id = format!("bench-{i}");
+        let mut p = plan(&id);
+        p.mounts.push(agentd_proto::node::Mount {
+            source: echo.display().to_string(),
+            target: "/opt/echo-agent".into(),
+            read_only: true,
+            role: "agent".into(),
+        });
+        let t0 = Instant::now();
+        let sandbox = node.sandboxes.create(p).await.expect("create");
+        let mut sup = sandbox.supervisor.clone();
+        sup.status(StatusRequest {}).await.expect("status");
+        ready.push(t0.elapsed());
+        sup.start_agent(StartAgentRequest {
+            agent_instance_id: "a".into(),
+            command: "/opt/echo-agent".into(),
+            cwd: "/workspace".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start agent");
+        exec.push(t0.elapsed());
+        let t1 = Instant::now();
+        node.delete_sandbox(&id).await;
+        teardown.push(t1.elapsed());
+    }
+    report("create -> supervisor ready", ready);
+    report("create -> agent exec'd + initialized", exec);
+    report("teardown (kill, reap, rm state)", teardown);
+
+    let before = mem_available_kib();
+    let t0 = Instant::now();
+    let mut held = 0;
+    for i in 0..idle {
+        match node.sandboxes.create(plan(&format!("idle-{i}"))).await {
+            Ok(_) => held += 1,
+            Err(e) => {
+                println!("idle sandbox {i} failed: {}", e.message());
+                break;
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = mem_available_kib();
+    let mut rss: Vec<u64> = node.sandboxes.list().iter().map(|s| rss_kib(s.pid)).collect();
+    rss.sort();
+    println!(
+        "idle sandboxes held: {held}/{idle} (created in {:.1} s); host memory per sandbox: {:.0} KiB (MemAvailable delta)",
+        elapsed.as_secs_f64(),
+        before.saturating_sub(after) as f64 / held.max(1) as f64
+    );
+    if !rss.is_empty() {
+        println!("supervisor RSS: p50 {} KiB, max {} KiB", rss[rss.len() / 2], rss[rss.len() - 1]);
+    }
+    let t0 = Instant::now();
+    node.stop_all().await;
+    println!("stopped {held} sandboxes in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+fn whole_process_figures(runs: usize) {
+    let agentd = release_bin("agentd");
+    let time = |cmd: &mut Command| {
+        let t0 = Instant::now();
+        let status = cmd.status().expect("run");
+        assert!(status.success(), "{cmd:?} failed");
+        t0.elapsed()
+    };
+    let mut ours = Vec::new();
+    let mut bwrap = Vec::new();
+    let have_bwrap = Command::new("bwrap").arg("--version").output().is_ok();
+    for _ in 0..runs {
+        ours.push(time(Command::new(&agentd).args(["sandbox", "run", "--", "true"])));
+        if have_bwrap {
+            bwrap.push(time(Command::new("bwrap").args([
+                "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+                "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "true",
+            ])));
+        }
+    }
+    let a = report("agentd sandbox run -- true", ours);
+    if have_bwrap {
+        let b = report("bwrap --unshare-all true", bwrap);
+        println!("ratio agentd/bwrap (p50): {:.2}", a.as_secs_f64() / b.as_secs_f64());
+    } else {
+        println!("bwrap not installed (apt-get install bubblewrap) : no comparison");
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let runs = env_usize("BENCH_RUNS", 200);
+    let idle = env_usize("BENCH_IDLE", 500);
+    let state = tempfile::Builder::new().prefix("agentd-bench-").tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut config = NodeConfig::new(state.path().to_owned(), release_bin("agentd"));
+        config.supervisor_log_filter = "warn".into();
+        let node = Node::start(config).await.expect("node");
+        node_figures(&node, runs, idle).await;
+    });
+    whole_process_figures(runs);
+}

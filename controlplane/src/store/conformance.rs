@@ -1,0 +1,485 @@
+//! The store conformance suite: every check is written once, as an async
+//! function of a `&Store`, and `suite!` runs each against a fresh SQLite file
+//! and a fresh PostgreSQL server (`agentd_testkit::postgres::TempPostgres`),
+//! as `store::conformance::sqlite::<check>` and `...::postgres::<check>`.
+//!
+//! Backend-specific behaviour (opening by URL, an unreachable server) is
+//! tested at the end of this file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_testkit::postgres::TempPostgres;
+
+use super::states::{container, run, session};
+use super::*;
+
+/// A migrated SQLite store in a temp dir, which goes with the dir.
+pub(super) async fn sqlite() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("agentd.db")).await.unwrap();
+    (dir, store)
+}
+
+/// A migrated PostgreSQL store on a server of its own, which stops on drop.
+pub(super) async fn postgres() -> (TempPostgres, Store) {
+    let pg = tokio::task::spawn_blocking(TempPostgres::start)
+        .await
+        .unwrap()
+        .expect("start a throwaway PostgreSQL (initdb and postgres from /usr/lib/postgresql/*/bin)");
+    let store = Store::open_postgres(&pg.url()).await.unwrap();
+    (pg, store)
+}
+
+macro_rules! suite {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let (_dir, store) = super::sqlite().await;
+                    super::$check(&store).await;
+                    store.close().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let (_pg, store) = super::postgres().await;
+                    super::$check(&store).await;
+                    store.close().await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    inserts_and_reads,
+    container_transitions,
+    session_transitions,
+    run_transitions,
+    illegal_transition_names_the_current_state,
+    repeated_transitions_are_harmless,
+    missing_rows_are_not_found,
+    one_running_run_per_session,
+    concurrent_starts_of_a_turn_one_wins,
+    run_completion_follows_the_stop_reason,
+    listings_filter_and_order,
+);
+
+fn new_session<'a>(id: &'a str, container_id: &'a str) -> NewSession<'a> {
+    NewSession {
+        id,
+        container_id,
+        agent_id: "echo",
+        agent_version: "1.2.3",
+        agent_instance_id: "agi_1",
+        working_dir: "/workspace",
+    }
+}
+
+/// A container and one session on it.
+async fn seed(store: &Store, container_id: &str, session_id: &str) {
+    store.insert_container(container_id, "local", "{}").await.unwrap();
+    store.insert_session(new_session(session_id, container_id)).await.unwrap();
+}
+
+/// Asserts `result` is an illegal transition of `id` from `current` to `to`.
+fn assert_illegal(result: Result<(), StoreError>, id: &str, current: &str, to: &str) {
+    match result {
+        Err(StoreError::Illegal(e)) => {
+            assert_eq!((e.id.as_str(), e.current.as_str(), e.to.as_str()), (id, current, to), "{e}");
+        }
+        other => panic!("{id}: expected {current} -> {to} to be illegal, got {other:?}"),
+    }
+}
+
+fn assert_not_found(result: Result<impl std::fmt::Debug, StoreError>, entity: Entity, id: &str) {
+    match result {
+        Err(StoreError::NotFound { entity: e, id: i }) => assert_eq!((e, i.as_str()), (entity, id)),
+        other => panic!("expected {entity} {id} not to be found, got {other:?}"),
+    }
+}
+
+async fn inserts_and_reads(store: &Store) {
+    let before = now_ms();
+    let profile = r#"{"memory":"512M","label":"ünïcødé"}"#;
+    store.insert_container("ctr_1", "node-a", profile).await.unwrap();
+    store.insert_session(new_session("ses_1", "ctr_1")).await.unwrap();
+    let after = now_ms();
+
+    let c = store.get_container("ctr_1").await.unwrap();
+    assert_eq!((c.id.as_str(), c.node_id.as_str(), c.state.as_str()), ("ctr_1", "node-a", container::PROVISIONING));
+    assert_eq!(c.profile_json, profile);
+    assert_eq!((c.supervisor_pid, c.error), (None, None));
+    assert!((before..=after).contains(&c.created_at), "created_at {} not in {before}..={after}", c.created_at);
+    assert_eq!(c.updated_at, c.created_at);
+
+    let s = store.get_session("ses_1").await.unwrap();
+    assert_eq!((s.id.as_str(), s.container_id.as_str(), s.state.as_str()), ("ses_1", "ctr_1", session::CREATING));
+    assert_eq!((s.agent_id.as_str(), s.agent_version.as_str(), s.agent_instance_id.as_str()), ("echo", "1.2.3", "agi_1"));
+    assert_eq!((s.working_dir.as_str(), s.acp_session_id, s.error), ("/workspace", None, None));
+    assert!((before..=after).contains(&s.created_at));
+    assert_eq!(s.updated_at, s.created_at);
+
+    store.container_ready("ctr_1", i32::MAX).await.unwrap();
+    store.session_ready("ses_1", "acp-42").await.unwrap();
+    let c = store.get_container("ctr_1").await.unwrap();
+    assert_eq!((c.state.as_str(), c.supervisor_pid), (container::READY, Some(i64::from(i32::MAX))));
+    assert!(c.updated_at >= c.created_at);
+    let s = store.get_session("ses_1").await.unwrap();
+    assert_eq!((s.state.as_str(), s.acp_session_id.as_deref()), (session::READY, Some("acp-42")));
+
+    store.insert_run("run_1", "ses_1").await.unwrap();
+    let runs = store.runs_of_session("ses_1").await.unwrap();
+    assert_eq!(runs.len(), 1);
+    let r = &runs[0];
+    assert_eq!((r.id.as_str(), r.session_id.as_str(), r.state.as_str()), ("run_1", "ses_1", run::RUNNING));
+    assert_eq!((r.stop_reason.as_deref(), r.error.as_deref(), r.completed_at), (None, None, None));
+    assert!(r.created_at >= before);
+}
+
+/// Every (from, to) pair of container states: the legal ones move the row,
+/// a repeat is a no-op, anything else is refused and leaves the row alone.
+async fn container_transitions(store: &Store) {
+    const LEGAL: &[(&str, &str)] = &[
+        (container::PROVISIONING, container::READY),
+        (container::PROVISIONING, container::FAILED),
+        (container::READY, container::FAILED),
+        (container::PROVISIONING, container::DELETED),
+        (container::READY, container::DELETED),
+        (container::FAILED, container::DELETED),
+    ];
+    async fn to(store: &Store, id: &str, state: &str) -> Result<(), StoreError> {
+        match state {
+            container::PROVISIONING => Ok(()),
+            container::READY => store.container_ready(id, 7).await,
+            container::FAILED => store.container_failed(id, "boom").await,
+            container::DELETED => store.container_deleted(id).await,
+            _ => unreachable!("{state}"),
+        }
+    }
+    let all = [container::PROVISIONING, container::READY, container::FAILED, container::DELETED];
+    for from in all {
+        for target in &all[1..] {
+            let id = format!("ctr_{from}_{target}");
+            store.insert_container(&id, "local", "{}").await.unwrap();
+            to(store, &id, from).await.unwrap();
+            let result = to(store, &id, target).await;
+            let state = store.get_container(&id).await.unwrap().state;
+            if LEGAL.contains(&(from, target)) || from == *target {
+                result.unwrap_or_else(|e| panic!("{from} -> {target}: {e}"));
+                assert_eq!(state, *target);
+            } else {
+                assert_illegal(result, &id, from, target);
+                assert_eq!(state, from);
+            }
+        }
+    }
+}
+
+async fn session_transitions(store: &Store) {
+    const LEGAL: &[(&str, &str)] = &[
+        (session::CREATING, session::READY),
+        (session::CREATING, session::FAILED),
+        (session::READY, session::FAILED),
+        (session::CREATING, session::CLOSED),
+        (session::READY, session::CLOSED),
+        (session::FAILED, session::CLOSED),
+    ];
+    async fn to(store: &Store, id: &str, state: &str) -> Result<(), StoreError> {
+        match state {
+            session::CREATING => Ok(()),
+            session::READY => store.session_ready(id, "acp").await,
+            session::FAILED => store.session_failed(id, "boom").await,
+            session::CLOSED => store.session_closed(id).await,
+            _ => unreachable!("{state}"),
+        }
+    }
+    store.insert_container("ctr_1", "local", "{}").await.unwrap();
+    let all = [session::CREATING, session::READY, session::FAILED, session::CLOSED];
+    for from in all {
+        for target in &all[1..] {
+            let id = format!("ses_{from}_{target}");
+            store.insert_session(new_session(&id, "ctr_1")).await.unwrap();
+            to(store, &id, from).await.unwrap();
+            let result = to(store, &id, target).await;
+            let state = store.get_session(&id).await.unwrap().state;
+            if LEGAL.contains(&(from, target)) || from == *target {
+                result.unwrap_or_else(|e| panic!("{from} -> {target}: {e}"));
+                assert_eq!(state, *target);
+            } else {
+                assert_illegal(result, &id, from, target);
+                assert_eq!(state, from);
+            }
+        }
+    }
+}
+
+async fn run_transitions(store: &Store) {
+    async fn to(store: &Store, id: &str, state: &str) -> Result<(), StoreError> {
+        match state {
+            run::RUNNING => Ok(()),
+            run::COMPLETED => store.run_completed(id, "end_turn").await,
+            run::CANCELLED => store.run_completed(id, "cancelled").await,
+            run::FAILED => store.run_failed(id, "boom").await,
+            _ => unreachable!("{state}"),
+        }
+    }
+    store.insert_container("ctr_1", "local", "{}").await.unwrap();
+    let all = [run::RUNNING, run::COMPLETED, run::CANCELLED, run::FAILED];
+    for from in all {
+        for target in &all[1..] {
+            // A session per case: each keeps its run running until driven on.
+            let (session_id, id) = (format!("ses_{from}_{target}"), format!("run_{from}_{target}"));
+            store.insert_session(new_session(&session_id, "ctr_1")).await.unwrap();
+            store.insert_run(&id, &session_id).await.unwrap();
+            to(store, &id, from).await.unwrap();
+            let result = to(store, &id, target).await;
+            let state = store.runs_of_session(&session_id).await.unwrap().remove(0).state;
+            // Only running has a way out.
+            if from == run::RUNNING || from == *target {
+                result.unwrap_or_else(|e| panic!("{from} -> {target}: {e}"));
+                assert_eq!(state, *target);
+            } else {
+                assert_illegal(result, &id, from, target);
+                assert_eq!(state, from);
+            }
+        }
+    }
+}
+
+async fn illegal_transition_names_the_current_state(store: &Store) {
+    seed(store, "ctr_1", "ses_1").await;
+    store.container_deleted("ctr_1").await.unwrap();
+    match store.container_ready("ctr_1", 42).await {
+        Err(e @ StoreError::Illegal(_)) => {
+            assert_eq!(e.to_string(), "container ctr_1 is deleted; it cannot become ready");
+        }
+        other => panic!("expected an illegal transition, got {other:?}"),
+    }
+    store.session_closed("ses_1").await.unwrap();
+    let e = store.session_ready("ses_1", "acp").await.unwrap_err();
+    assert_eq!(e.to_string(), "session ses_1 is closed; it cannot become ready");
+}
+
+/// A repeat succeeds and changes nothing: the first write's values stay.
+async fn repeated_transitions_are_harmless(store: &Store) {
+    seed(store, "ctr_1", "ses_1").await;
+    store.container_ready("ctr_1", 42).await.unwrap();
+    let first = store.get_container("ctr_1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    store.container_ready("ctr_1", 43).await.unwrap();
+    let again = store.get_container("ctr_1").await.unwrap();
+    assert_eq!((again.supervisor_pid, again.updated_at), (Some(42), first.updated_at));
+
+    store.container_failed("ctr_1", "first").await.unwrap();
+    store.container_failed("ctr_1", "second").await.unwrap();
+    assert_eq!(store.get_container("ctr_1").await.unwrap().error.as_deref(), Some("first"));
+    store.container_deleted("ctr_1").await.unwrap();
+    store.container_deleted("ctr_1").await.unwrap();
+    let c = store.get_container("ctr_1").await.unwrap();
+    assert_eq!((c.state.as_str(), c.error.as_deref()), (container::DELETED, Some("first")), "deleting keeps the error");
+
+    store.session_ready("ses_1", "acp-1").await.unwrap();
+    store.session_ready("ses_1", "acp-2").await.unwrap();
+    assert_eq!(store.get_session("ses_1").await.unwrap().acp_session_id.as_deref(), Some("acp-1"));
+    store.session_closed("ses_1").await.unwrap();
+    store.session_closed("ses_1").await.unwrap();
+
+    store.insert_run("run_1", "ses_1").await.unwrap();
+    store.run_completed("run_1", "end_turn").await.unwrap();
+    store.run_completed("run_1", "max_tokens").await.unwrap();
+    let r = store.runs_of_session("ses_1").await.unwrap().remove(0);
+    assert_eq!((r.state.as_str(), r.stop_reason.as_deref()), (run::COMPLETED, Some("end_turn")));
+    store.insert_run("run_2", "ses_1").await.unwrap();
+    store.run_failed("run_2", "node lost").await.unwrap();
+    store.run_failed("run_2", "again").await.unwrap();
+    assert_eq!(store.runs_of_session("ses_1").await.unwrap()[1].error.as_deref(), Some("node lost"));
+}
+
+async fn missing_rows_are_not_found(store: &Store) {
+    assert_not_found(store.get_container("ctr_x").await, Entity::Container, "ctr_x");
+    assert_not_found(store.get_session("ses_x").await, Entity::Session, "ses_x");
+    assert_not_found(store.container_ready("ctr_x", 1).await, Entity::Container, "ctr_x");
+    assert_not_found(store.container_failed("ctr_x", "e").await, Entity::Container, "ctr_x");
+    assert_not_found(store.container_deleted("ctr_x").await, Entity::Container, "ctr_x");
+    assert_not_found(store.session_ready("ses_x", "acp").await, Entity::Session, "ses_x");
+    assert_not_found(store.session_failed("ses_x", "e").await, Entity::Session, "ses_x");
+    assert_not_found(store.session_closed("ses_x").await, Entity::Session, "ses_x");
+    assert_not_found(store.run_completed("run_x", "end_turn").await, Entity::Run, "run_x");
+    assert_not_found(store.run_completed("run_x", "cancelled").await, Entity::Run, "run_x");
+    assert_not_found(store.run_failed("run_x", "e").await, Entity::Run, "run_x");
+    // Rows that would hang off a missing parent: the parent is not found.
+    assert_not_found(store.insert_session(new_session("ses_1", "ctr_x")).await, Entity::Container, "ctr_x");
+    assert_not_found(store.insert_run("run_1", "ses_x").await, Entity::Session, "ses_x");
+    assert!(store.list_sessions().await.unwrap().is_empty());
+    assert!(store.sessions_of_container("ctr_x").await.unwrap().is_empty());
+    assert!(store.runs_of_session("ses_x").await.unwrap().is_empty());
+    assert!(store.running_runs_of_session("ses_x").await.unwrap().is_empty());
+}
+
+async fn one_running_run_per_session(store: &Store) {
+    seed(store, "ctr_1", "ses_1").await;
+    store.insert_session(new_session("ses_2", "ctr_1")).await.unwrap();
+    store.insert_run("run_1", "ses_1").await.unwrap();
+    match store.insert_run("run_2", "ses_1").await {
+        Err(StoreError::RunActive { session_id }) => assert_eq!(session_id, "ses_1"),
+        other => panic!("expected RunActive, got {other:?}"),
+    }
+    // Another session is not affected.
+    store.insert_run("run_3", "ses_2").await.unwrap();
+    store.run_completed("run_1", "cancelled").await.unwrap();
+    store.insert_run("run_2", "ses_1").await.unwrap();
+    assert!(matches!(store.run_failed("run_1", "late").await, Err(StoreError::Illegal(_))));
+    let running: Vec<String> = store.running_runs_of_session("ses_1").await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(running, ["run_2"]);
+}
+
+/// Twenty callers start a turn of the same session at once, three times over:
+/// each time exactly one wins and the rest are told a run is active.
+async fn concurrent_starts_of_a_turn_one_wins(store: &Store) {
+    const CALLERS: usize = 20;
+    seed(store, "ctr_1", "ses_1").await;
+    for round in 0..3 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
+        let tasks: Vec<_> = (0..CALLERS)
+            .map(|i| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                let id = format!("run_{round}_{i:02}");
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.insert_run(&id, "ses_1").await.map(|()| id)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(id) => winners.push(id),
+                Err(StoreError::RunActive { session_id }) => assert_eq!(session_id, "ses_1"),
+                Err(e) => panic!("round {round}: expected RunActive, got {e:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let running: Vec<String> = store.running_runs_of_session("ses_1").await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(running, winners);
+        assert_eq!(store.runs_of_session("ses_1").await.unwrap().len(), round + 1, "losers left no rows");
+        store.run_completed(&winners[0], "end_turn").await.unwrap();
+    }
+}
+
+async fn run_completion_follows_the_stop_reason(store: &Store) {
+    seed(store, "ctr_1", "ses_1").await;
+    let cases = [
+        ("run_1", Ok("cancelled"), run::CANCELLED),
+        ("run_2", Ok("end_turn"), run::COMPLETED),
+        ("run_3", Ok("max_tokens"), run::COMPLETED),
+        ("run_4", Err("supervisor gone"), run::FAILED),
+    ];
+    for (id, end, state) in cases {
+        let before = now_ms();
+        store.insert_run(id, "ses_1").await.unwrap();
+        match end {
+            Ok(stop_reason) => store.run_completed(id, stop_reason).await.unwrap(),
+            Err(error) => store.run_failed(id, error).await.unwrap(),
+        }
+        assert!(store.running_runs_of_session("ses_1").await.unwrap().is_empty());
+        let r = store.runs_of_session("ses_1").await.unwrap().into_iter().find(|r| r.id == id).unwrap();
+        assert_eq!(r.state, state, "{id}");
+        assert_eq!(r.stop_reason.as_deref(), end.ok(), "{id}");
+        assert_eq!(r.error.as_deref(), end.err(), "{id}");
+        let completed_at = r.completed_at.expect("completed_at set");
+        assert!(completed_at >= before && completed_at >= r.created_at, "{id}");
+    }
+}
+
+async fn listings_filter_and_order(store: &Store) {
+    // Ids sort against insertion order, so only created_at can order them.
+    let tick = || tokio::time::sleep(Duration::from_millis(3));
+    store.insert_container("ctr_b", "local", "{}").await.unwrap();
+    tick().await;
+    store.insert_container("ctr_a", "local", "{}").await.unwrap();
+    for (id, container_id) in [("ses_c", "ctr_b"), ("ses_b", "ctr_a"), ("ses_a", "ctr_b")] {
+        tick().await;
+        store.insert_session(new_session(id, container_id)).await.unwrap();
+    }
+    let ids = |rows: Vec<SessionRow>| rows.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.list_sessions().await.unwrap()), ["ses_a", "ses_b", "ses_c"], "newest first");
+    assert_eq!(ids(store.sessions_of_container("ctr_b").await.unwrap()), ["ses_c", "ses_a"], "oldest first");
+    assert_eq!(ids(store.sessions_of_container("ctr_a").await.unwrap()), ["ses_b"]);
+
+    store.session_ready("ses_a", "acp-a").await.unwrap();
+    store.session_ready("ses_c", "acp-c").await.unwrap();
+    assert_eq!(ids(store.sessions_in_state(session::READY).await.unwrap()), ["ses_c", "ses_a"]);
+    assert_eq!(ids(store.sessions_in_state(session::CREATING).await.unwrap()), ["ses_b"]);
+    assert!(store.sessions_in_state(session::CLOSED).await.unwrap().is_empty());
+
+    let cids = |rows: Vec<ContainerRow>| rows.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(cids(store.containers_in_state(container::PROVISIONING).await.unwrap()), ["ctr_b", "ctr_a"]);
+    store.container_ready("ctr_a", 1).await.unwrap();
+    assert_eq!(cids(store.containers_in_state(container::READY).await.unwrap()), ["ctr_a"]);
+    assert_eq!(cids(store.containers_in_state(container::PROVISIONING).await.unwrap()), ["ctr_b"]);
+
+    for id in ["run_z", "run_y", "run_x"] {
+        tick().await;
+        store.insert_run(id, "ses_a").await.unwrap();
+        store.run_completed(id, "end_turn").await.unwrap();
+    }
+    let runs: Vec<String> = store.runs_of_session("ses_a").await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(runs, ["run_z", "run_y", "run_x"], "oldest first");
+    assert!(store.runs_of_session("ses_b").await.unwrap().is_empty());
+}
+
+// Backend-specific behaviour.
+
+#[tokio::test]
+async fn open_picks_the_backend_by_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("by-path.db");
+    let store = Store::open(path.to_str().unwrap()).await.unwrap();
+    assert_eq!(store.backend(), "sqlite");
+    store.insert_container("ctr_1", "local", "{}").await.unwrap();
+    store.close().await;
+    // Reopening migrates nothing twice and keeps the data.
+    for location in [format!("sqlite://{}", path.display()), format!("sqlite:{}", path.display())] {
+        let store = Store::open(&location).await.unwrap();
+        assert_eq!(store.backend(), "sqlite", "{location}");
+        assert_eq!(store.get_container("ctr_1").await.unwrap().id, "ctr_1");
+        store.close().await;
+    }
+
+    let pg = tokio::task::spawn_blocking(TempPostgres::start).await.unwrap().unwrap();
+    let url = pg.url();
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(store.backend(), "postgres");
+    store.insert_container("ctr_1", "local", "{}").await.unwrap();
+    store.close().await;
+    let store = Store::open(&url.replacen("postgres://", "postgresql://", 1)).await.unwrap();
+    assert_eq!(store.backend(), "postgres");
+    assert_eq!(store.get_container("ctr_1").await.unwrap().id, "ctr_1");
+    store.close().await;
+
+    match Store::open("mysql://localhost/agentd").await {
+        Err(StoreError::Db(sqlx::Error::Configuration(e))) => assert!(e.to_string().contains("mysql"), "{e}"),
+        other => panic!("expected a configuration error, got {:?}", other.map(|s| s.backend())),
+    }
+}
+
+/// A server that is gone makes the store unavailable (`Db`, which the API
+/// answers with 503), both for a running store and for opening one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_postgres_is_unavailable() {
+    let (pg, store) = postgres().await;
+    store.insert_container("ctr_1", "local", "{}").await.unwrap();
+    let url = pg.url();
+    tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
+    let started = std::time::Instant::now();
+    let (read, opened) = tokio::join!(store.get_container("ctr_1"), Store::open_postgres(&url));
+    assert!(matches!(read, Err(StoreError::Db(_))), "{read:?}");
+    assert!(matches!(opened, Err(StoreError::Db(_))), "{:?}", opened.map(|s| s.backend()));
+    assert!(started.elapsed() < ACQUIRE_TIMEOUT + Duration::from_secs(5), "gave up in {:?}", started.elapsed());
+}
