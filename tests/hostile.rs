@@ -109,7 +109,7 @@ fn proc_and_sys_leak_nothing_and_cannot_be_written() {
 fn only_the_minimal_dev_exists_and_devices_cannot_be_made() {
     let run = probe("list-dev");
     assert!(
-        run.stdout.contains("dev=fd,full,null,ptmx,pts,random,shm,stderr,stdin,stdout,tty,urandom,zero "),
+        run.stdout.trim_end().ends_with("dev=fd,full,null,ptmx,pts,random,shm,stderr,stdin,stdout,tty,urandom,zero"),
         "{}",
         run.stdout
     );
@@ -127,9 +127,13 @@ fn writes_outside_the_workspace_fail_and_reach_nothing_on_the_host() {
         assert_eq!(run.code, EROFS, "{path}: {}", run.stdout);
         assert!(!Path::new(path).exists(), "{path} appeared on the host");
     }
+    // A given workspace is used as it is: it must belong to the sandbox's ids.
     let workspace = tempfile::tempdir().unwrap();
-    let flag = format!("--workspace={}", workspace.path().display());
-    assert_eq!(probe_with(&[&flag], "write-workspace", None).code, 0, "the workspace is writable");
+    let uid_base: u32 = 1_500_000_000;
+    std::os::unix::fs::chown(workspace.path(), Some(uid_base), Some(uid_base)).unwrap();
+    let flags = [format!("--workspace={}", workspace.path().display()), format!("--uid-base={uid_base}")];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    assert_eq!(probe_with(&flags, "write-workspace", None).code, 0, "the workspace is writable");
     assert!(workspace.path().join("probe-was-here").exists());
 }
 
@@ -178,7 +182,7 @@ fn network_none_has_only_loopback_and_cannot_reach_the_hosts() {
 fn no_daemon_descriptor_or_binary_is_reachable() {
     let run = probe("list-fds");
     // 0-2 are stdio; 3 is the directory the probe is listing.
-    assert!(run.stdout.contains("fds=0,1,2,3 "), "{}", run.stdout);
+    assert!(run.stdout.trim_end().ends_with("fds=0,1,2,3"), "{}", run.stdout);
     let exe = agentd_bin();
     let before = std::fs::metadata(&exe).unwrap().modified().unwrap();
     for target in ["/proc/1/exe", "/proc/self/exe"] {

@@ -34,6 +34,12 @@ async fn a_prompt_streams_back_from_an_agent_in_its_own_namespaces() {
     // Root inside is an unprivileged host uid.
     let uid: u32 = procfs::status_field(agent, "Uid").unwrap().split_whitespace().next().unwrap().parse().unwrap();
     assert!(uid >= 100_000, "agent runs as host uid {uid}");
+    // Hardened: no capabilities, no new privileges, the seccomp filter.
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(procfs::status_field(agent, set).as_deref(), Some("0000000000000000"), "{set}");
+    }
+    assert_eq!(procfs::status_field(agent, "NoNewPrivs").as_deref(), Some("1"));
+    assert_eq!(procfs::status_field(agent, "Seccomp").as_deref(), Some("2"));
     // Only the plan's environment.
     let env = procfs::environ(agent).unwrap();
     assert!(env.iter().all(|v| !v.starts_with(MARKER_VAR)), "daemon environment leaked: {env:?}");

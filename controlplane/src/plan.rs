@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use agentd_proto::node::{AgentPlan, Mount, SandboxPlan};
+use agentd_proto::node::{AgentPlan, Mount, Resources, SandboxPlan};
+use agentd_runtime::sandbox::Network;
+use agentd_runtime::sandbox::profile::Profile;
 use serde::Deserialize;
 
 /// Where agent executables are mounted inside the sandbox.
@@ -86,6 +88,7 @@ pub fn compile(
     container_id: &str,
     agent: &ManualAgent,
     session: &SessionOptions,
+    profile: &Profile,
     defaults: &PlanDefaults,
 ) -> Result<Compiled, PlanError> {
     if agent.id.is_empty() || !agent.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
@@ -121,6 +124,16 @@ pub fn compile(
         hostname: "sandbox".into(),
         mounts: vec![Mount { source: binary.executable.clone(), target: command.clone(), read_only: true, role: "agent".into() }],
         workspace_path: WORKSPACE.into(),
+        resources: Some(Resources {
+            memory_bytes: profile.memory_bytes.unwrap_or(0),
+            pids_max: profile.pids_max.unwrap_or(0),
+            cpus: profile.cpus.unwrap_or(0.0),
+        }),
+        network: match profile.network {
+            Network::None => "none".into(),
+            Network::Host => "host".into(),
+        },
+        rootfs: profile.rootfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
     };
     let agent_plan = AgentPlan {
         agent_id: agent.id.clone(),
@@ -152,7 +165,7 @@ mod tests {
 
     #[test]
     fn compiles_the_manual_agent_shape() {
-        let c = compile("ctr_1", &agent("/opt/bin/echo-agent"), &SessionOptions::default(), &DEFAULTS).unwrap();
+        let c = compile("ctr_1", &agent("/opt/bin/echo-agent"), &SessionOptions::default(), &Profile::default(), &DEFAULTS).unwrap();
         assert_eq!(c.agent.command, "/opt/agentd/agents/echo-local/echo-agent");
         assert_eq!(c.sandbox.mounts[0].source, "/opt/bin/echo-agent");
         assert!(c.sandbox.mounts[0].read_only);
@@ -164,19 +177,19 @@ mod tests {
 
     #[test]
     fn refuses_relative_paths_and_unknown_distributions() {
-        let e = compile("ctr_1", &agent("echo-agent"), &SessionOptions::default(), &DEFAULTS).err();
+        let e = compile("ctr_1", &agent("echo-agent"), &SessionOptions::default(), &Profile::default(), &DEFAULTS).err();
         assert!(matches!(e, Some(PlanError::NotAbsolute { .. })));
         let mut a = agent("/bin/x");
         a.distribution.kind = "npx".into();
-        assert_eq!(compile("ctr_1", &a, &SessionOptions::default(), &DEFAULTS).err(), Some(PlanError::UnsupportedDistribution("npx".into())));
+        assert_eq!(compile("ctr_1", &a, &SessionOptions::default(), &Profile::default(), &DEFAULTS).err(), Some(PlanError::UnsupportedDistribution("npx".into())));
         let s = SessionOptions { working_dir: Some("../etc".into()) };
-        assert!(matches!(compile("ctr_1", &agent("/bin/x"), &s, &DEFAULTS), Err(PlanError::NotAbsolute { .. })));
+        assert!(matches!(compile("ctr_1", &agent("/bin/x"), &s, &Profile::default(), &DEFAULTS), Err(PlanError::NotAbsolute { .. })));
     }
 
     #[test]
     fn refuses_agent_ids_that_could_escape_the_mount_root() {
         let mut a = agent("/bin/x");
         a.id = "../../etc".into();
-        assert!(matches!(compile("ctr_1", &a, &SessionOptions::default(), &DEFAULTS), Err(PlanError::BadAgentId(_))));
+        assert!(matches!(compile("ctr_1", &a, &SessionOptions::default(), &Profile::default(), &DEFAULTS), Err(PlanError::BadAgentId(_))));
     }
 }

@@ -235,12 +235,17 @@ impl Sandboxes {
             target: m.target.clone().into(),
             read_only: m.read_only,
         }));
+        let network: Network = match plan.network.as_str() {
+            "" => Network::None,
+            other => other.parse().map_err(|e: String| status(Code::InvalidArgument, "invalid_profile", e))?,
+        };
+        let rootfs = (!plan.rootfs.is_empty()).then(|| PathBuf::from(&plan.rootfs));
         let socket_path = dir.join("supervisor.sock");
         let spec = SandboxSpec {
             id: plan.container_id.clone(),
             rootfs_dir: dir.join("rootfs"),
-            rootfs: None,
-            network: Network::None,
+            rootfs,
+            network,
             cgroup_procs: Vec::new(),
             payload: Payload::Supervisor { socket_path: socket_path.clone(), log_path: dir.join("supervisor.log") },
             hostname: if plan.hostname.is_empty() { "sandbox".into() } else { plan.hostname.clone() },

@@ -16,7 +16,9 @@ pub fn run(args: SupervisorArgs) -> anyhow::Result<()> {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| anyhow::anyhow!("--env takes NAME=VALUE"))?;
         anyhow::ensure!(!args.command.is_empty(), "no command to run");
-        let code = agentd_runtime::supervisor::run_mode::run(&args.command, &env, &args.cwd, || Ok(()));
+        // Built before fork: it compiles the seccomp filter and reads /proc.
+        let hardening = agentd_runtime::sandbox::harden::Hardening::default_for_agents()?;
+        let code = agentd_runtime::supervisor::run_mode::run(&args.command, &env, &args.cwd, move || hardening.apply_in_child());
         std::process::exit(code);
     }
     let fd = args.listen_fd.ok_or_else(|| anyhow::anyhow!("--listen-fd is required"))?;

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::{ApiJson, Problem};
 use crate::plan::{self, ManualAgent, SessionOptions};
+use agentd_runtime::sandbox::profile::Profile;
 use crate::store::states::{container, session as session_state};
 use crate::store::{NewSession, SessionRow};
 use crate::{AppState, new_id};
@@ -67,15 +68,14 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
         }
         (None, None) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id")),
     };
-    if let Some(profile) = &body.container_profile {
-        if !profile.is_object() {
-            return Err(Problem::invalid("invalid_profile", "container_profile must be an object"));
-        }
-    }
+    let profile = match &body.container_profile {
+        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?,
+        None => Profile::default(),
+    };
     let container_id = new_id("ctr");
     let session_id = new_id("ses");
     let instance_id = new_id("agi");
-    let compiled = plan::compile(&container_id, &agent, &body.session.unwrap_or_default(), &app.defaults)
+    let compiled = plan::compile(&container_id, &agent, &body.session.unwrap_or_default(), &profile, &app.defaults)
         .map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
 
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();

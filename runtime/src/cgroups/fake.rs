@@ -29,7 +29,10 @@ const V1_MEMORY: &[(&str, &str)] = &[
     ("memory.limit_in_bytes", ""),
     ("memory.memsw.limit_in_bytes", ""),
     ("memory.usage_in_bytes", "0\n"),
-    ("memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n"),
+    (
+        "memory.oom_control",
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+    ),
 ];
 const V1_PIDS: &[(&str, &str)] = &[("pids.max", ""), ("pids.current", "0\n")];
 const V1_CPU: &[(&str, &str)] = &[("cpu.cfs_period_us", ""), ("cpu.cfs_quota_us", "")];
@@ -60,7 +63,9 @@ impl FakeCgroupFs {
         if self.unified {
             return [V2_CORE, V2_CONTROLLED].concat();
         }
-        let rel = path.strip_prefix(&self.root).expect("fake mkdir outside the root");
+        let rel = path
+            .strip_prefix(&self.root)
+            .expect("fake mkdir outside the root");
         let mount = rel.iter().next().and_then(|m| m.to_str()).unwrap_or("");
         let mut files = Vec::new();
         if mount == "unified" {
@@ -173,7 +178,11 @@ impl FakeHost {
             host.start(m, "/", &[("cgroup.procs", "1\n")]);
         }
         host.start("memory", "/process_api/abc", &[("cgroup.procs", "1\n")]);
-        host.start("unified", "/", &[("cgroup.procs", "1\n"), ("cgroup.controllers", "")]);
+        host.start(
+            "unified",
+            "/",
+            &[("cgroup.procs", "1\n"), ("cgroup.controllers", "")],
+        );
         host
     }
 
@@ -206,7 +215,10 @@ impl FakeHost {
             "/",
             &[
                 ("cgroup.procs", "1\n"),
-                ("cgroup.controllers", "cpuset cpu io memory hugetlb pids rdma misc\n"),
+                (
+                    "cgroup.controllers",
+                    "cpuset cpu io memory hugetlb pids rdma misc\n",
+                ),
                 ("cgroup.subtree_control", "cpu io memory pids\n"),
             ],
         );

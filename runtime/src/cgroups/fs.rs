@@ -59,7 +59,10 @@ pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
 }
 
 fn write_io(path: &Path, value: &[u8]) -> io::Result<()> {
-    fs::OpenOptions::new().write(true).open(path)?.write_all(value)
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all(value)
 }
 
 /// Reads one number; `max` (v2's "no limit") reads as `None`.
@@ -141,7 +144,9 @@ pub(crate) fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| CgroupError::io("list", dir, e))?;
-        let ft = entry.file_type().map_err(|e| CgroupError::io("list", entry.path(), e))?;
+        let ft = entry
+            .file_type()
+            .map_err(|e| CgroupError::io("list", entry.path(), e))?;
         if ft.is_dir() {
             out.push(entry.path());
         }

@@ -90,7 +90,11 @@ impl Guard {
             if let Some(status) = self.children[child].try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "child {} still running", self.pid(child));
+            assert!(
+                Instant::now() < deadline,
+                "child {} still running",
+                self.pid(child)
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -171,10 +175,15 @@ fn assert_in_sandbox(pid: u32, sb: &SandboxCgroup, subtree: &str) {
         let ours = if line.is_v2() {
             sb.v2_dir().is_some()
         } else {
-            line.controllers.iter().any(|c| V1_CONTROLLERS.contains(&c.as_str()))
+            line.controllers
+                .iter()
+                .any(|c| V1_CONTROLLERS.contains(&c.as_str()))
         };
         if ours {
-            assert!(line.path.ends_with(&want), "pid {pid}: {line:?} not in {want:?}\n{text}");
+            assert!(
+                line.path.ends_with(&want),
+                "pid {pid}: {line:?} not in {want:?}\n{text}"
+            );
             checked += 1;
         }
     }
@@ -231,7 +240,10 @@ fn host_sandbox_lifecycle() {
     // Kill: both die by SIGKILL.
     sb.kill().unwrap();
     for c in [a, b] {
-        assert_eq!(g.wait(c, Duration::from_secs(5)).signal(), Some(libc::SIGKILL));
+        assert_eq!(
+            g.wait(c, Duration::from_secs(5)).signal(),
+            Some(libc::SIGKILL)
+        );
     }
     sb.remove().unwrap();
     for d in sb.dirs() {
@@ -303,8 +315,6 @@ fn host_clean_leftovers_after_a_crash() {
     let c = g.spawn("exec sleep 30");
     sb.add_process(g.pid(c)).unwrap();
     let dirs = sb.dirs().to_vec();
-    panic!("deliberate");
-    #[allow(unreachable_code)]
     drop(sb);
 
     // A new daemon with the same subtree name, as after a crash.
@@ -313,7 +323,10 @@ fn host_clean_leftovers_after_a_crash() {
     let report = again.clean_leftovers();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(report.removed, ["orphan"]);
-    assert_eq!(g.wait(c, Duration::from_secs(5)).signal(), Some(libc::SIGKILL));
+    assert_eq!(
+        g.wait(c, Duration::from_secs(5)).signal(),
+        Some(libc::SIGKILL)
+    );
     for d in dirs {
         assert!(!d.path.exists(), "{}", d.path.display());
     }
@@ -323,7 +336,10 @@ fn host_clean_leftovers_after_a_crash() {
 fn host_v1_only_freezes_with_the_freezer_and_kills_by_signal() {
     // Hide the v2 line: the layer then works as on a legacy host.
     let Some(mut g) = Guard::new("legacy", |t| {
-        t.lines().filter(|l| !l.starts_with("0::")).map(|l| format!("{l}\n")).collect()
+        t.lines()
+            .filter(|l| !l.starts_with("0::"))
+            .map(|l| format!("{l}\n"))
+            .collect()
     }) else {
         return;
     };
@@ -341,7 +357,10 @@ fn host_v1_only_freezes_with_the_freezer_and_kills_by_signal() {
     assert_eq!(read(&state), "THAWED");
 
     sb.kill().unwrap();
-    assert_eq!(g.wait(c, Duration::from_secs(5)).signal(), Some(libc::SIGKILL));
+    assert_eq!(
+        g.wait(c, Duration::from_secs(5)).signal(),
+        Some(libc::SIGKILL)
+    );
     assert_eq!(read(&state), "THAWED");
     sb.remove().unwrap();
     for d in sb.dirs() {

@@ -62,10 +62,11 @@ impl SelfCgroup {
 pub fn parse_self_cgroup(text: &str) -> Result<Vec<SelfCgroup>, CgroupError> {
     let mut out = Vec::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let bad = || CgroupError::SelfCgroupLine { line: line.to_owned() };
+        let bad = || CgroupError::SelfCgroupLine {
+            line: line.to_owned(),
+        };
         let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
         };
         let hierarchy: u32 = id.parse().map_err(|_| bad())?;
@@ -198,7 +199,10 @@ mod tests {
     fn refuses_malformed_lines() {
         for bad in ["x::/", "0:/", "1:memory:relative", "garbage"] {
             assert!(
-                matches!(parse_self_cgroup(bad), Err(CgroupError::SelfCgroupLine { .. })),
+                matches!(
+                    parse_self_cgroup(bad),
+                    Err(CgroupError::SelfCgroupLine { .. })
+                ),
                 "{bad}"
             );
         }
@@ -209,7 +213,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         let hybrid = parse_self_cgroup(HYBRID).unwrap();
-        assert_eq!(detect_mode(root, &hybrid).unwrap(), Mode::Legacy, "no unified mount yet");
+        assert_eq!(
+            detect_mode(root, &hybrid).unwrap(),
+            Mode::Legacy,
+            "no unified mount yet"
+        );
         std::fs::create_dir(root.join("unified")).unwrap();
         std::fs::write(root.join("unified/cgroup.procs"), "").unwrap();
         assert_eq!(detect_mode(root, &hybrid).unwrap(), Mode::Hybrid);
@@ -217,7 +225,10 @@ mod tests {
         assert_eq!(detect_mode(root, &legacy).unwrap(), Mode::Legacy);
 
         let v2 = parse_self_cgroup("0::/system.slice/agentd.service\n").unwrap();
-        assert!(matches!(detect_mode(root, &v2), Err(CgroupError::NoHierarchy { .. })));
+        assert!(matches!(
+            detect_mode(root, &v2),
+            Err(CgroupError::NoHierarchy { .. })
+        ));
         std::fs::write(root.join("cgroup.procs"), "").unwrap();
         assert_eq!(detect_mode(root, &v2).unwrap(), Mode::Unified);
         assert!(detect_mode(root, &[]).is_err());
@@ -230,8 +241,14 @@ mod tests {
         std::fs::create_dir(root.join("cpu,cpuacct")).unwrap();
         std::fs::create_dir(root.join("memory")).unwrap();
         let lines = parse_self_cgroup("3:cpu,cpuacct:/\n4:memory:/\n5:pids:/\n").unwrap();
-        assert_eq!(v1_mount(root, &lines[0], "cpu"), Some(root.join("cpu,cpuacct")));
-        assert_eq!(v1_mount(root, &lines[1], "memory"), Some(root.join("memory")));
+        assert_eq!(
+            v1_mount(root, &lines[0], "cpu"),
+            Some(root.join("cpu,cpuacct"))
+        );
+        assert_eq!(
+            v1_mount(root, &lines[1], "memory"),
+            Some(root.join("memory"))
+        );
         assert_eq!(v1_mount(root, &lines[2], "pids"), None);
     }
 
@@ -249,7 +266,16 @@ mod tests {
             check_sandbox_id(ok).unwrap();
         }
         let long = "x".repeat(129);
-        for bad in ["", ".", "..", "a/b", "memory.max", "a b", "é", long.as_str()] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "memory.max",
+            "a b",
+            "é",
+            long.as_str(),
+        ] {
             assert!(
                 matches!(check_name(bad), Err(CgroupError::InvalidName { .. })),
                 "{bad:?}"

@@ -172,7 +172,7 @@ impl Limits {
 
     /// The same limits as OCI resources, for libcgroups. Swap is left out:
     /// the v2 path writes `memory.swap.max` itself (see `v2::apply`).
-    pub(crate) fn to_oci(&self) -> LinuxResources {
+    pub(crate) fn to_oci(self) -> LinuxResources {
         let mut res = LinuxResources::default();
         if let Some(bytes) = self.memory_bytes {
             let mut mem = LinuxMemory::default();
@@ -210,12 +210,19 @@ mod tests {
         assert_eq!(l.memory_bytes(), Some(512 << 20));
         assert_eq!(l.pids_max(), Some(256));
         assert_eq!(l.cpu_quota_us(), Some(50_000));
-        assert_eq!(Limits::new(None, None, None, &HOST).unwrap(), Limits::unlimited());
+        assert_eq!(
+            Limits::new(None, None, None, &HOST).unwrap(),
+            Limits::unlimited()
+        );
     }
 
     #[test]
     fn cpu_quota_rounds_and_keeps_the_kernel_minimum() {
-        let q = |c| Limits::new(None, None, Some(c), &HOST).unwrap().cpu_quota_us();
+        let q = |c| {
+            Limits::new(None, None, Some(c), &HOST)
+                .unwrap()
+                .cpu_quota_us()
+        };
         assert_eq!(q(0.01), Some(1000));
         assert_eq!(q(1.5), Some(150_000));
         assert_eq!(q(2.0), Some(200_000));
@@ -226,7 +233,10 @@ mod tests {
     fn refuses_out_of_range_memory() {
         assert_eq!(
             Limits::new(Some(0), None, None, &HOST),
-            Err(LimitsError::MemoryTooSmall { bytes: 0, min: 4 << 20 })
+            Err(LimitsError::MemoryTooSmall {
+                bytes: 0,
+                min: 4 << 20
+            })
         );
         assert!(matches!(
             Limits::new(Some((4 << 20) - 1), None, None, &HOST),
@@ -236,7 +246,10 @@ mod tests {
         assert!(Limits::new(Some(8 << 30), None, None, &HOST).is_ok());
         assert_eq!(
             Limits::new(Some((8 << 30) + 1), None, None, &HOST),
-            Err(LimitsError::MemoryTooLarge { bytes: (8 << 30) + 1, host: 8 << 30 })
+            Err(LimitsError::MemoryTooLarge {
+                bytes: (8 << 30) + 1,
+                host: 8 << 30
+            })
         );
         assert!(Limits::new(Some(u64::MAX), None, None, &HOST).is_err());
     }
@@ -273,7 +286,9 @@ mod tests {
                 Err(LimitsError::CpusNotFinite { .. })
             ));
         }
-        let msg = Limits::new(None, None, Some(3.0), &HOST).unwrap_err().to_string();
+        let msg = Limits::new(None, None, Some(3.0), &HOST)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("cpus 3"), "{msg}");
     }
 

@@ -18,7 +18,7 @@
 //! daemon was started in, in each hierarchy: `<start>/<subtree>/<sandbox>`.
 //! Never at a hierarchy's root, never elsewhere; nothing is written into a
 //! cgroup we did not make, except the v2 start cgroup's
-//! `cgroup.subtree_control` (delegated to us; see [`v2`]).
+//! `cgroup.subtree_control` (delegated to us; see `v2.rs`).
 //! - v1 (legacy): `<root>/<controller>/<start>/<subtree>/<sandbox>` for the
 //!   memory, pids, cpu, cpuacct and freezer hierarchies present (one
 //!   directory per hierarchy when co-mounted, as `cpu,cpuacct`).
@@ -35,11 +35,11 @@
 //!   and the operations on them.
 //! - [`limits`]: [`Limits`], validated when built.
 //! - [`layout`]: parsing `/proc/self/cgroup`, telling the modes apart, names.
-//! - [`v1`], [`v2`]: per-version controller code; `v2` goes through youki's
-//!   libcgroups, `v1` writes files itself (each says why).
+//! - `v1`, `v2` (private): per-version controller code; `v2` goes through
+//!   youki's libcgroups, `v1` writes files itself (each says why).
 //! - [`fs`]: the kernel side effects ([`CgroupFs`]) and file helpers;
 //!   [`join`] for the single-threaded sandbox-init.
-//! - [`error`]: [`CgroupError`].
+//! - [`error`]: the error type, [`CgroupError`].
 
 pub mod error;
 pub mod fs;
@@ -47,8 +47,8 @@ pub mod layout;
 pub mod limits;
 pub mod sandbox;
 pub mod tree;
-pub mod v1;
-pub mod v2;
+mod v1;
+mod v2;
 
 #[cfg(test)]
 mod fake;

@@ -79,8 +79,18 @@ impl PartialEq for SandboxCgroup {
 }
 
 impl SandboxCgroup {
-    pub(crate) fn new(id: String, mode: Mode, dirs: Vec<CgroupDir>, cfs: Arc<dyn CgroupFs>) -> Self {
-        SandboxCgroup { id, mode, dirs, cfs }
+    pub(crate) fn new(
+        id: String,
+        mode: Mode,
+        dirs: Vec<CgroupDir>,
+        cfs: Arc<dyn CgroupFs>,
+    ) -> Self {
+        SandboxCgroup {
+            id,
+            mode,
+            dirs,
+            cfs,
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -114,7 +124,10 @@ impl SandboxCgroup {
 
     /// The `cgroup.procs` file of every directory, for [`super::join`].
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|d| d.path.join("cgroup.procs")).collect()
+        self.dirs
+            .iter()
+            .map(|d| d.path.join("cgroup.procs"))
+            .collect()
     }
 
     /// Makes the directories and applies `limits`. On failure whatever was
@@ -126,7 +139,9 @@ impl SandboxCgroup {
                 match self.cfs.mkdir(&d.path) {
                     Ok(()) => made.push(d.path.clone()),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        return Err(CgroupError::AlreadyExists { path: d.path.clone() });
+                        return Err(CgroupError::AlreadyExists {
+                            path: d.path.clone(),
+                        });
                     }
                     Err(e) => return Err(CgroupError::io("mkdir", &d.path, e)),
                 }
@@ -208,7 +223,11 @@ impl SandboxCgroup {
 
     fn no_freezer(&self) -> CgroupError {
         CgroupError::FreezerUnavailable {
-            path: self.dirs.first().map(|d| d.path.clone()).unwrap_or_default(),
+            path: self
+                .dirs
+                .first()
+                .map(|d| d.path.clone())
+                .unwrap_or_default(),
         }
     }
 

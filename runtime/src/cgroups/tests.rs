@@ -11,15 +11,17 @@ use super::*;
 const SUBTREE: &str = "agentd-t";
 
 fn limits() -> Limits {
-    let host = HostCapacity { cpus: 2.0, memory_bytes: 1 << 33 };
+    let host = HostCapacity {
+        cpus: 2.0,
+        memory_bytes: 1 << 33,
+    };
     Limits::new(Some(64 << 20), Some(32), Some(0.5), &host).unwrap()
 }
 
 fn discover(host: &FakeHost, pid: u32) -> (CgroupTree, Arc<FakeCgroupFs>) {
     let cfs = host.cfs();
-    let tree =
-        CgroupTree::discover_with(cfs.clone(), host.root(), &host.self_cgroup, SUBTREE, pid)
-            .unwrap();
+    let tree = CgroupTree::discover_with(cfs.clone(), host.root(), &host.self_cgroup, SUBTREE, pid)
+        .unwrap();
     (tree, cfs)
 }
 
@@ -52,7 +54,11 @@ fn hybrid_discovery_puts_the_subtree_under_each_start_cgroup() {
     assert_eq!(
         paths(tree.dirs()),
         [
-            (Version::V1, vec!["memory"], r.join("memory/process_api/abc/agentd-t")),
+            (
+                Version::V1,
+                vec!["memory"],
+                r.join("memory/process_api/abc/agentd-t")
+            ),
             (Version::V1, vec!["pids"], r.join("pids/agentd-t")),
             (Version::V1, vec!["cpu"], r.join("cpu/agentd-t")),
             (Version::V1, vec!["cpuacct"], r.join("cpuacct/agentd-t")),
@@ -123,14 +129,21 @@ fn hybrid_freezes_and_kills_through_the_v2_tree() {
     put(v2.join("cgroup.events"), "populated 1\nfrozen 1\n");
     sb.freeze().unwrap();
     assert_eq!(get(v2.join("cgroup.freeze")), "1");
-    assert_eq!(get(r.join("freezer/agentd-t/sb1/freezer.state")), "", "v1 freezer untouched");
+    assert_eq!(
+        get(r.join("freezer/agentd-t/sb1/freezer.state")),
+        "",
+        "v1 freezer untouched"
+    );
     assert!(sb.populated().unwrap());
     sb.thaw().unwrap();
     assert_eq!(get(v2.join("cgroup.freeze")), "0");
 
     sb.kill().unwrap();
     assert_eq!(get(v2.join("cgroup.kill")), "1");
-    assert!(cfs.killed.lock().unwrap().is_empty(), "no signal sent by hand");
+    assert!(
+        cfs.killed.lock().unwrap().is_empty(),
+        "no signal sent by hand"
+    );
 }
 
 #[test]
@@ -155,7 +168,10 @@ fn hybrid_stats_read_v1_files() {
     let mem = r.join("memory/process_api/abc/agentd-t/sb1");
     put(mem.join("memory.usage_in_bytes"), "1048576\n");
     put(mem.join("memory.limit_in_bytes"), "67108864\n");
-    put(mem.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n");
+    put(
+        mem.join("memory.oom_control"),
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+    );
     put(r.join("pids/agentd-t/sb1/pids.current"), "3\n");
     put(r.join("pids/agentd-t/sb1/pids.max"), "32\n");
     put(r.join("cpuacct/agentd-t/sb1/cpuacct.usage"), "7000000\n");
@@ -184,10 +200,26 @@ fn legacy_co_mounted_cpu_cpuacct_is_one_directory() {
     assert_eq!(
         paths(tree.dirs()),
         [
-            (Version::V1, vec!["memory"], r.join("memory/user.slice/agentd-t")),
-            (Version::V1, vec!["pids"], r.join("pids/user.slice/agentd-t")),
-            (Version::V1, vec!["cpu", "cpuacct"], r.join("cpu,cpuacct/user.slice/agentd-t")),
-            (Version::V1, vec!["freezer"], r.join("freezer/user.slice/agentd-t")),
+            (
+                Version::V1,
+                vec!["memory"],
+                r.join("memory/user.slice/agentd-t")
+            ),
+            (
+                Version::V1,
+                vec!["pids"],
+                r.join("pids/user.slice/agentd-t")
+            ),
+            (
+                Version::V1,
+                vec!["cpu", "cpuacct"],
+                r.join("cpu,cpuacct/user.slice/agentd-t")
+            ),
+            (
+                Version::V1,
+                vec!["freezer"],
+                r.join("freezer/user.slice/agentd-t")
+            ),
         ]
     );
     let sb = tree.create("sb1", &limits()).unwrap();
@@ -205,8 +237,14 @@ fn legacy_kill_freezes_signals_each_pid_and_thaws() {
     let r = host.root();
     let (tree, cfs) = discover(&host, 7);
     let sb = tree.create("sb1", &Limits::unlimited()).unwrap();
-    put(r.join("memory/user.slice/agentd-t/sb1/cgroup.procs"), "111\n222\n");
-    put(r.join("pids/user.slice/agentd-t/sb1/cgroup.procs"), "222\n111\n");
+    put(
+        r.join("memory/user.slice/agentd-t/sb1/cgroup.procs"),
+        "111\n222\n",
+    );
+    put(
+        r.join("pids/user.slice/agentd-t/sb1/cgroup.procs"),
+        "222\n111\n",
+    );
     // A sub-cgroup the sandbox made: its processes die too.
     let sub = r.join("pids/user.slice/agentd-t/sb1/inner");
     std::fs::create_dir(&sub).unwrap();
@@ -215,7 +253,10 @@ fn legacy_kill_freezes_signals_each_pid_and_thaws() {
 
     sb.kill().unwrap();
     assert_eq!(*cfs.killed.lock().unwrap(), [111, 222, 333]);
-    assert_eq!(get(r.join("freezer/user.slice/agentd-t/sb1/freezer.state")), "THAWED");
+    assert_eq!(
+        get(r.join("freezer/user.slice/agentd-t/sb1/freezer.state")),
+        "THAWED"
+    );
     assert!(!sb.populated().unwrap());
 
     sb.remove().unwrap();
@@ -252,12 +293,15 @@ fn clean_leftovers_kills_and_removes_every_sandbox_of_our_subtree_only() {
     let (tree, _) = discover(&host, 7);
     tree.create("old1", &limits()).unwrap();
     tree.create("old2", &Limits::unlimited()).unwrap();
-    put(r.join("memory/user.slice/agentd-t/old1/cgroup.procs"), "555\n");
+    put(
+        r.join("memory/user.slice/agentd-t/old1/cgroup.procs"),
+        "555\n",
+    );
     // Another instance's subtree next to ours.
     let (other, _) = {
         let cfs = host.cfs();
-        let t = CgroupTree::discover_with(cfs.clone(), r, &host.self_cgroup, "agentd-u", 8)
-            .unwrap();
+        let t =
+            CgroupTree::discover_with(cfs.clone(), r, &host.self_cgroup, "agentd-u", 8).unwrap();
         (t, cfs)
     };
     other.create("theirs", &Limits::unlimited()).unwrap();
@@ -286,13 +330,23 @@ fn unified_moves_the_daemon_to_a_leaf_and_enables_controllers() {
     assert_eq!(tree.mode(), Mode::Unified);
     assert_eq!(
         paths(tree.dirs()),
-        [(Version::V2, vec!["cpu", "memory", "pids"], s.join("agentd-t"))]
+        [(
+            Version::V2,
+            vec!["cpu", "memory", "pids"],
+            s.join("agentd-t")
+        )]
     );
     assert_eq!(get(s.join("agentd-t/daemon/cgroup.procs")), "777");
     assert_eq!(get(s.join("cgroup.subtree_control")), "+cpu +memory +pids");
-    assert_eq!(get(s.join("agentd-t/cgroup.subtree_control")), "+cpu +memory +pids");
+    assert_eq!(
+        get(s.join("agentd-t/cgroup.subtree_control")),
+        "+cpu +memory +pids"
+    );
     // The root is never written.
-    assert_eq!(get(r.join("cgroup.subtree_control")), "cpu io memory pids\n");
+    assert_eq!(
+        get(r.join("cgroup.subtree_control")),
+        "cpu io memory pids\n"
+    );
 
     let sb = tree.create("sb1", &limits()).unwrap();
     let d = s.join("agentd-t/sb1");
@@ -304,12 +358,18 @@ fn unified_moves_the_daemon_to_a_leaf_and_enables_controllers() {
 
     sb.add_process(4242).unwrap();
     assert_eq!(get(d.join("cgroup.procs")), "4242");
-    put(d.join("memory.events"), "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n");
+    put(
+        d.join("memory.events"),
+        "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+    );
     put(d.join("memory.current"), "12345\n");
     put(d.join("memory.max"), "67108864\n");
     put(d.join("pids.current"), "1\n");
     put(d.join("pids.max"), "32\n");
-    put(d.join("cpu.stat"), "usage_usec 99\nuser_usec 90\nsystem_usec 9\n");
+    put(
+        d.join("cpu.stat"),
+        "usage_usec 99\nuser_usec 90\nsystem_usec 9\n",
+    );
     assert_eq!(
         sb.stats().unwrap(),
         Stats {
@@ -332,8 +392,7 @@ fn unified_moves_the_daemon_to_a_leaf_and_enables_controllers() {
 
     // Discovering again from inside the leaf finds the same subtree.
     let text = format!("0::{start}/agentd-t/daemon\n");
-    let again =
-        CgroupTree::discover_with(host.cfs(), r, &text, SUBTREE, 777).unwrap();
+    let again = CgroupTree::discover_with(host.cfs(), r, &text, SUBTREE, 777).unwrap();
     assert_eq!(paths(again.dirs()), paths(tree.dirs()));
     assert!(!s.join("agentd-t/daemon/agentd-t").exists());
 }
@@ -362,12 +421,21 @@ fn unified_at_the_root_writes_nothing_there_and_refuses_missing_controllers() {
         paths(tree.dirs()),
         [(Version::V2, vec!["cpu", "memory"], r.join("agentd-t"))]
     );
-    assert!(!r.join("agentd-t/daemon").exists(), "the daemon stays at the root");
+    assert!(
+        !r.join("agentd-t/daemon").exists(),
+        "the daemon stays at the root"
+    );
     assert_eq!(get(r.join("cgroup.subtree_control")), "cpu memory\n");
     assert_eq!(get(r.join("cgroup.procs")), "1\n");
     let err = tree.create("sb1", &limits()).unwrap_err();
     assert!(
-        matches!(err, CgroupError::ControllerUnavailable { controller: "pids", .. }),
+        matches!(
+            err,
+            CgroupError::ControllerUnavailable {
+                controller: "pids",
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(!r.join("agentd-t/sb1").exists(), "nothing made on refusal");
@@ -381,7 +449,11 @@ fn a_failed_create_leaves_nothing_behind() {
         CgroupTree::discover_with(broken, host.root(), &host.self_cgroup, SUBTREE, 7).unwrap();
     let err = tree.create("sb1", &limits()).unwrap_err();
     assert!(err.to_string().contains("pids.max"), "{err}");
-    assert!(tree.sandbox_ids().unwrap().is_empty(), "{:?}", tree.sandbox_ids());
+    assert!(
+        tree.sandbox_ids().unwrap().is_empty(),
+        "{:?}",
+        tree.sandbox_ids()
+    );
 }
 
 /// A cgroupfs whose pids cgroups come without `pids.max`.
@@ -410,14 +482,19 @@ fn refuses_bad_names_and_bad_hosts_clearly() {
     let r = host.root();
     let cfs = host.cfs();
     for bad in ["", "../x", "a/b", "x.y"] {
-        let err =
-            CgroupTree::discover_with(cfs.clone(), r, &host.self_cgroup, bad, 1).unwrap_err();
-        assert!(matches!(err, CgroupError::InvalidName { .. }), "{bad:?}: {err}");
+        let err = CgroupTree::discover_with(cfs.clone(), r, &host.self_cgroup, bad, 1).unwrap_err();
+        assert!(
+            matches!(err, CgroupError::InvalidName { .. }),
+            "{bad:?}: {err}"
+        );
     }
     let (tree, _) = discover(&host, 7);
     for bad in ["../../etc", "daemon", "a b", ""] {
         assert!(
-            matches!(tree.create(bad, &limits()), Err(CgroupError::InvalidName { .. })),
+            matches!(
+                tree.create(bad, &limits()),
+                Err(CgroupError::InvalidName { .. })
+            ),
             "{bad:?}"
         );
     }

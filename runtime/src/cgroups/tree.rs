@@ -8,9 +8,7 @@ use std::time::Instant;
 
 use super::error::CgroupError;
 use super::fs::{self, CgroupFs, RealCgroupFs};
-use super::layout::{
-    self, DAEMON_LEAF, HYBRID_UNIFIED_DIR, Mode, SelfCgroup, V1_CONTROLLERS,
-};
+use super::layout::{self, DAEMON_LEAF, HYBRID_UNIFIED_DIR, Mode, SelfCgroup, V1_CONTROLLERS};
 use super::limits::Limits;
 use super::sandbox::{CgroupDir, SandboxCgroup, Version};
 use super::v2;
@@ -47,12 +45,22 @@ impl CgroupTree {
     /// cpuacct and freezer hierarchies (and the hybrid v2 tree); on pure v2
     /// the one hierarchy, after moving this process into the leaf
     /// `<start>/<subtree>/daemon` and enabling cpu, memory and pids (see
-    /// [`v2::prepare_subtree`]).
+    /// `v2::prepare_subtree`).
     ///
     /// `subtree` names our directory; two daemons sharing a start cgroup need
     /// different names (`agentd-<instance id>`). Idempotent.
-    pub fn discover(root: &Path, self_cgroup: &str, subtree: &str) -> Result<CgroupTree, CgroupError> {
-        Self::discover_with(Arc::new(RealCgroupFs), root, self_cgroup, subtree, std::process::id())
+    pub fn discover(
+        root: &Path,
+        self_cgroup: &str,
+        subtree: &str,
+    ) -> Result<CgroupTree, CgroupError> {
+        Self::discover_with(
+            Arc::new(RealCgroupFs),
+            root,
+            self_cgroup,
+            subtree,
+            std::process::id(),
+        )
     }
 
     /// [`Self::discover`] with the kernel operations and this process's pid
@@ -101,7 +109,8 @@ impl CgroupTree {
         if dirs.is_empty() {
             return Err(CgroupError::NoHierarchy {
                 root: root.to_owned(),
-                reason: "none of memory, pids, cpu, cpuacct, freezer or a v2 tree is mounted".into(),
+                reason: "none of memory, pids, cpu, cpuacct, freezer or a v2 tree is mounted"
+                    .into(),
             });
         }
         tracing::info!(?mode, subtree, dirs = ?dirs.iter().map(|d| &d.path).collect::<Vec<_>>(), "cgroup subtree ready");
@@ -164,7 +173,12 @@ impl CgroupTree {
                 path: d.path.join(id),
             })
             .collect();
-        Ok(SandboxCgroup::new(id.to_owned(), self.mode, dirs, self.cfs.clone()))
+        Ok(SandboxCgroup::new(
+            id.to_owned(),
+            self.mode,
+            dirs,
+            self.cfs.clone(),
+        ))
     }
 
     /// The ids that have a cgroup directory under our subtree, in any

@@ -25,7 +25,11 @@ pub(crate) const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Applies `limits` to the v1 cgroup `dir` of a hierarchy bound to
 /// `controllers`.
-pub(crate) fn apply(controllers: &[String], dir: &Path, limits: &Limits) -> Result<(), CgroupError> {
+pub(crate) fn apply(
+    controllers: &[String],
+    dir: &Path,
+    limits: &Limits,
+) -> Result<(), CgroupError> {
     for c in controllers {
         match c.as_str() {
             "memory" => apply_memory(dir, limits)?,
@@ -113,7 +117,11 @@ pub(crate) fn memory(dir: &Path) -> Result<(u64, Option<u64>), CgroupError> {
 /// OOM kills in this cgroup: the `oom_kill` field of `memory.oom_control`
 /// (Linux 4.13+; absent before, reported as `None`).
 pub(crate) fn oom_kills(dir: &Path) -> Result<Option<u64>, CgroupError> {
-    fs::read_keyed(&dir.join("memory.oom_control"), "oom_kill", "oom kill count")
+    fs::read_keyed(
+        &dir.join("memory.oom_control"),
+        "oom_kill",
+        "oom kill count",
+    )
 }
 
 /// CPU time used, microseconds (`cpuacct.usage` is in nanoseconds).
@@ -128,7 +136,10 @@ mod tests {
     use crate::cgroups::limits::HostCapacity;
 
     fn limits() -> Limits {
-        let host = HostCapacity { cpus: 4.0, memory_bytes: 1 << 34 };
+        let host = HostCapacity {
+            cpus: 4.0,
+            memory_bytes: 1 << 34,
+        };
         Limits::new(Some(64 << 20), Some(32), Some(1.5), &host).unwrap()
     }
 
@@ -156,7 +167,10 @@ mod tests {
         let all: Vec<String> = ["memory", "pids", "cpu"].map(String::from).to_vec();
         apply(&all, d, &limits()).unwrap();
         assert_eq!(get(d, "memory.limit_in_bytes"), (64u64 << 20).to_string());
-        assert_eq!(get(d, "memory.memsw.limit_in_bytes"), (64u64 << 20).to_string());
+        assert_eq!(
+            get(d, "memory.memsw.limit_in_bytes"),
+            (64u64 << 20).to_string()
+        );
         assert_eq!(get(d, "pids.max"), "32");
         assert_eq!(get(d, "cpu.cfs_period_us"), "100000");
         assert_eq!(get(d, "cpu.cfs_quota_us"), "150000");
@@ -182,7 +196,11 @@ mod tests {
         let d = tmp.path();
         file(d, "memory.usage_in_bytes", "4096\n");
         file(d, "memory.limit_in_bytes", "9223372036854771712\n");
-        file(d, "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n");
+        file(
+            d,
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        );
         file(d, "cpuacct.usage", "2500000\n");
         assert_eq!(memory(d).unwrap(), (4096, None));
         file(d, "memory.limit_in_bytes", "16777216\n");

@@ -4,22 +4,21 @@
 //! libcgroups' `v2::manager::Manager::new(root, path)` takes its root as a
 //! parameter, so we hand it our own subtree directory as the "root" and the
 //! sandbox id as the path. It then applies limits (`memory.max`, `pids.max`,
-//! `cpu.max` from OCI resources), freezes and
-//! thaws (`cgroup.freeze`, waiting for `frozen 1` in `cgroup.events`) and
-//! attaches pids. On the hybrid layout's controller-less v2 tree the same
+//! `cpu.max` from OCI resources), freezes and thaws (`cgroup.freeze`, waiting
+//! for `frozen 1` in `cgroup.events`) and attaches pids. On the hybrid layout's controller-less v2 tree the same
 //! manager freezes and attaches.
 //!
 //! By hand, each for a reason:
-//! - `memory.swap.max = 0` ([`apply`]): libcgroups turns OCI's memory+swap
+//! - `memory.swap.max = 0` (`apply`): libcgroups turns OCI's memory+swap
 //!   into `swap - limit` and does not write it when that is 0.
-//! - enabling controllers ([`prepare_subtree`]): the manager would write
+//! - enabling controllers (`prepare_subtree`): the manager would write
 //!   `cgroup.subtree_control` in every ancestor up to the mount's root, i.e.
 //!   in cgroups we did not make; we write only in the start cgroup (delegated
 //!   to us) and in our own subtree, and move the daemon to a leaf first.
-//! - `cgroup.kill` ([`kill`]): libcgroups only writes it inside `remove()`,
+//! - `cgroup.kill` (`kill`): libcgroups only writes it inside `remove()`,
 //!   together with a short rmdir retry; we kill and remove at different
 //!   times (removal may wait until after the client has its answer).
-//! - stats ([`memory`], [`cpu_usage_usec`], [`oom_kills`]): the manager's
+//! - stats (`memory`, `cpu_usage_usec`, `oom_kills`): the manager's
 //!   `stats()` also reads hugetlb, io, swap and PSI files and fails on hosts
 //!   where one of those is missing; we read only the numbers we report.
 
@@ -59,7 +58,9 @@ pub(crate) fn apply(dir: &Path, limits: &Limits) -> Result<(), CgroupError> {
         oom_score_adj: None,
         freezer_state: None,
     };
-    manager(dir)?.apply(&opt).map_err(|e| CgroupError::lib(dir, e))?;
+    manager(dir)?
+        .apply(&opt)
+        .map_err(|e| CgroupError::lib(dir, e))?;
     if limits.memory_bytes().is_some() {
         disable_swap(dir)?;
     }
@@ -215,7 +216,10 @@ pub(crate) fn prepare_subtree(
             ?missing,
             "controllers not enabled at the hierarchy's root; limits needing them will be refused"
         );
-        wanted.into_iter().filter(|c| enabled.contains(*c)).collect()
+        wanted
+            .into_iter()
+            .filter(|c| enabled.contains(*c))
+            .collect()
     } else {
         let leaf = tree.join(DAEMON_LEAF);
         fs::mkdir_existing_ok(cfs, &leaf)?;

@@ -10,6 +10,7 @@
 pub mod harden;
 pub mod init;
 pub mod launch;
+pub mod profile;
 mod rootfs;
 pub mod seccomp;
 pub mod spec;

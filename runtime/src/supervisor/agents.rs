@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 use super::reaper::{Exit, Reaper};
+use crate::sandbox::harden::Hardening;
 use crate::acp::{AcpClient, AcpError, ErrorObject, InboundHandler, Initialized, RpcConnection, RpcError};
 
 /// How long `session/new` may take before the agent counts as hung.
@@ -115,6 +116,9 @@ impl Agent {
 
 pub struct Agents {
     reaper: Arc<Reaper>,
+    /// Applied to every agent between fork and exec: empty capability sets,
+    /// no_new_privs, rlimits, a raised OOM score, the seccomp filter.
+    hardening: Arc<Hardening>,
     table: Mutex<HashMap<String, Arc<Agent>>>,
 }
 
@@ -129,8 +133,8 @@ fn log_stderr(id: String, stderr: std::process::ChildStderr) {
 }
 
 impl Agents {
-    pub fn new(reaper: Arc<Reaper>) -> Self {
-        Self { reaper, table: Mutex::default() }
+    pub fn new(reaper: Arc<Reaper>, hardening: Hardening) -> Self {
+        Self { reaper, hardening: Arc::new(hardening), table: Mutex::default() }
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Agent>, Status> {
@@ -155,7 +159,12 @@ impl Agents {
         if let Err(e) = std::fs::create_dir_all(&spec.cwd) {
             return Err(status(Code::InvalidArgument, "bad_working_dir", format!("cannot create {}: {e}", spec.cwd)));
         }
-        let mut child = std::process::Command::new(&spec.command)
+        let mut command = std::process::Command::new(&spec.command);
+        let hardening = Arc::clone(&self.hardening);
+        // SAFETY: apply_in_child makes only async-signal-safe system calls and
+        // allocates nothing (its contract), as a pre_exec hook must.
+        unsafe { command.pre_exec(move || hardening.apply_in_child()) };
+        let mut child = command
             .args(&spec.args)
             .env_clear()
             .envs(&spec.env)

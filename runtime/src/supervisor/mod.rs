@@ -46,7 +46,8 @@ async fn serve(listen_fd: i32) -> std::io::Result<()> {
 
     let reaper = reaper::Reaper::start()?;
     let (stop_tx, mut stop_rx) = watch::channel(None::<Duration>);
-    let agents = Arc::new(agents::Agents::new(Arc::clone(&reaper)));
+    let hardening = crate::sandbox::harden::Hardening::default_for_agents().map_err(std::io::Error::other)?;
+    let agents = Arc::new(agents::Agents::new(Arc::clone(&reaper), hardening));
     let svc = service::SupervisorService::new(Arc::clone(&agents), stop_tx.clone());
 
     let mut term = signal(SignalKind::terminate())?;

@@ -118,9 +118,10 @@ fn run(case: &str, arg: Option<&str>) -> (i32, String) {
             (check(rc), none)
         }
         "setns" => {
-            let fd = unsafe { libc::open(c("/proc/1/ns/mnt").as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            // Our own namespace file always opens: the call itself is tested.
+            let fd = unsafe { libc::open(c("/proc/self/ns/mnt").as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
             if fd < 0 {
-                return (errno(), "open /proc/1/ns/mnt".into());
+                return (errno(), "open /proc/self/ns/mnt".into());
             }
             (check(unsafe { libc::setns(fd, libc::CLONE_NEWNS) } as i64), none)
         }
