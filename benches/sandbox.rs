@@ -171,6 +171,7 @@ fn main() {
     rt.block_on(async {
         let mut config = NodeConfig::new(state.path().to_owned(), release_bin("agentd"));
         config.supervisor_log_filter = "warn".into();
+        config.cgroup_subtree = format!("agentd-bench-{}", std::process::id());
         let node = Node::start(config).await.expect("node");
         node_figures(&node, runs, idle).await;
     });

@@ -45,6 +45,23 @@ pub struct CommonArgs {
     pub log_json: bool,
 }
 
+/// Node settings shared by `up` and `node`.
+#[derive(Debug, Args, Clone)]
+pub struct NodeFlags {
+    /// Name of the node's cgroup subtree under the cgroup agentd started in;
+    /// two nodes started in one cgroup need different names.
+    #[arg(long, env = "AGENTD_CGROUP_SUBTREE", default_value = "agentd")]
+    pub cgroup_subtree: String,
+    /// First host uid/gid given to sandboxes; sandbox n gets
+    /// id_base + n * id_range_size onwards.
+    #[arg(long, env = "AGENTD_ID_BASE", default_value_t = 1_000_000)]
+    pub id_base: u32,
+    #[arg(long, env = "AGENTD_ID_RANGE_SIZE", default_value_t = 65_536)]
+    pub id_range_size: u32,
+    #[arg(long, env = "AGENTD_MAX_SANDBOXES", default_value_t = 1_000)]
+    pub max_sandboxes: u32,
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct ApiArgs {
     /// Address of the HTTP API.
@@ -64,6 +81,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
+    pub node: NodeFlags,
+    #[command(flatten)]
     pub api: ApiArgs,
 }
 
@@ -71,6 +90,8 @@ pub struct UpArgs {
 pub struct NodeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub node: NodeFlags,
     /// Unix socket of the node API (default: <state-dir>/run/node.sock).
     #[arg(long, env = "AGENTD_NODE_SOCKET")]
     pub socket: Option<PathBuf>,

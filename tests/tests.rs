@@ -6,5 +6,6 @@ mod support;
 
 mod bad_input;
 mod hostile;
+mod sandbox_limits;
 mod session_path;
 mod shutdown;

@@ -62,7 +62,7 @@ pub enum ServeError {
 /// Brings the store in line with the node after a restart: containers the node
 /// no longer runs are recorded gone, and live sessions are followed again.
 pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
-    for state_name in [container::PROVISIONING, container::READY] {
+    for state_name in [container::PROVISIONING, container::READY, container::HIBERNATED] {
         for c in state.store.containers_in_state(state_name).await? {
             let known = state.node.clone().get_sandbox(GetSandboxRequest { container_id: c.id.clone() }).await;
             match known {
@@ -90,7 +90,10 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
 /// Deletes every live container; `agentd up` does this on Ctrl-C so that
 /// nothing is left running and the store says so.
 pub async fn stop_all_containers(state: &AppState) {
-    let Ok(live) = state.store.containers_in_state(container::READY).await else { return };
+    let mut live = Vec::new();
+    for s in [container::READY, container::HIBERNATED] {
+        live.extend(state.store.containers_in_state(s).await.unwrap_or_default());
+    }
     for c in live {
         if let Err(e) = teardown::delete_container(state, &c.id, "agentd stopped").await {
             tracing::warn!(container = c.id, error = ?e, "cannot stop container on shutdown");

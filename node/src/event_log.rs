@@ -20,6 +20,7 @@ pub const RUN_STARTED: &str = "run.started";
 pub const SESSION_UPDATE: &str = "session.update";
 pub const RUN_COMPLETED: &str = "run.completed";
 pub const RUN_FAILED: &str = "run.failed";
+pub const SANDBOX_OOM: &str = "sandbox.oom";
 
 struct Inner {
     events: Vec<Arc<SessionEvent>>,

@@ -7,11 +7,13 @@
 //! - [`event_log`]: each session's append-only event log (memory and a JSONL
 //!   file), from which clients resume by sequence number.
 //! - [`sessions`]: ACP sessions on this node and the turn running on each.
+//! - `oom`: turns OOM kills in a sandbox's cgroup into `sandbox.oom` events.
 //! - [`service`]: the `Node` gRPC service.
 //!
 //! [`serve`] runs the service on a unix socket until shutdown.
 
 pub mod event_log;
+mod oom;
 pub mod sandboxes;
 pub mod service;
 pub mod sessions;
@@ -38,6 +40,12 @@ pub struct NodeConfig {
     pub max_sandboxes: u32,
     /// `RUST_LOG` given to supervisors.
     pub supervisor_log_filter: String,
+    /// The cgroup filesystem and /proc: parameters so tests can use fakes.
+    pub cgroup_root: PathBuf,
+    pub proc_root: PathBuf,
+    /// Name of this node's cgroup subtree under the cgroup it started in.
+    /// Two nodes started in one cgroup need different names.
+    pub cgroup_subtree: String,
 }
 
 impl NodeConfig {
@@ -49,6 +57,9 @@ impl NodeConfig {
             id_range_size: 65_536,
             max_sandboxes: 1_000,
             supervisor_log_filter: "info".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            proc_root: "/proc".into(),
+            cgroup_subtree: "agentd".into(),
         }
     }
 }
@@ -66,14 +77,18 @@ impl Node {
         sandboxes::become_subreaper()?;
         let sandboxes = sandboxes::Sandboxes::open(config).await?;
         let sessions = Arc::new(sessions::Sessions::default());
-        Ok(Arc::new(Self { sandboxes, sessions }))
+        let node = Arc::new(Self { sandboxes, sessions });
+        oom::watch(Arc::downgrade(&node));
+        Ok(node)
     }
 
-    /// Stops every sandbox; used on shutdown.
+    /// Stops every sandbox and removes this node's cgroup subtree; used on
+    /// shutdown.
     pub async fn stop_all(&self) {
         for id in self.sandboxes.ids() {
             self.delete_sandbox(&id).await;
         }
+        self.sandboxes.finish_removals().await;
     }
 
     /// Kills a sandbox and forgets its sessions. Returns whether it existed.

@@ -9,11 +9,15 @@
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentd_proto::error::status;
-use agentd_proto::node::{SandboxPlan, Sandbox as SandboxInfo};
+use agentd_proto::node::{Sandbox as SandboxInfo, SandboxPlan, SandboxUsage};
+use agentd_runtime::cgroups::limits::{HostCapacity, Limits};
+use agentd_runtime::cgroups::sandbox::SandboxCgroup;
+use agentd_runtime::cgroups::tree::CgroupTree;
 use agentd_proto::supervisor::supervisor_client::SupervisorClient;
 use agentd_runtime::sandbox::spec::DEFAULT_SYSTEM_BINDS;
 use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, Network, Payload, SandboxSpec, launch};
@@ -52,6 +56,12 @@ pub struct Sandbox {
     pub dir: PathBuf,
     pub created_at_ms: i64,
     pub supervisor: SupervisorClient<Channel>,
+    /// Limits, freeze, whole-tree kill, usage and the OOM counter.
+    pub cgroup: SandboxCgroup,
+    limits: Limits,
+    /// OOM kills already reported (see `oom.rs`).
+    oom_seen: AtomicU64,
+    frozen: AtomicBool,
     exited: watch::Receiver<bool>,
 }
 
@@ -61,6 +71,14 @@ impl Sandbox {
     }
 
     pub fn info(&self) -> SandboxInfo {
+        let usage = self.cgroup.stats().ok().map(|s| SandboxUsage {
+            memory_current: s.memory_current,
+            memory_max: s.memory_max,
+            cpu_usage_usec: s.cpu_usage_usec,
+            pids_current: s.pids_current,
+            pids_max: s.pids_max,
+            oom_kills: s.oom_kills,
+        });
         SandboxInfo {
             container_id: self.id.clone(),
             state: if self.is_running() { "running" } else { "exited" }.into(),
@@ -68,7 +86,41 @@ impl Sandbox {
             host_uid_base: self.ids.host_base,
             id_range_size: self.ids.size,
             created_at_ms: self.created_at_ms,
+            usage,
+            frozen: self.frozen.load(Ordering::Relaxed),
         }
+    }
+
+    pub fn memory_max(&self) -> Option<u64> {
+        self.limits.memory_bytes()
+    }
+
+    /// OOM kills since the last call, if any.
+    pub fn note_oom_kills(&self) -> Option<u64> {
+        let now = self.cgroup.oom_kills().ok().flatten()?;
+        let before = self.oom_seen.swap(now, Ordering::Relaxed);
+        (now > before).then_some(now - before)
+    }
+
+    /// OOM kills so far, reported or not.
+    pub fn oom_kills(&self) -> u64 {
+        self.cgroup.oom_kills().ok().flatten().unwrap_or(0)
+    }
+
+    pub fn freeze(&self) -> Result<(), Status> {
+        self.cgroup.freeze().map_err(|e| internal(format!("freeze: {e}")))?;
+        self.frozen.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn thaw(&self) -> Result<(), Status> {
+        self.cgroup.thaw().map_err(|e| internal(format!("thaw: {e}")))?;
+        self.frozen.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Relaxed)
     }
 
     pub fn sessions_dir(&self) -> PathBuf {
@@ -78,6 +130,10 @@ impl Sandbox {
 
 pub struct Sandboxes {
     config: NodeConfig,
+    cgroups: CgroupTree,
+    host: HostCapacity,
+    /// cgroup removals run after teardown answers; shutdown waits for them.
+    removals: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
     table: Mutex<HashMap<String, Arc<Sandbox>>>,
     free_slots: Mutex<BTreeSet<u32>>,
     /// Serializes creation per id so that a repeated create is answered with the
@@ -136,8 +192,23 @@ impl Sandboxes {
         let root = config.state_dir.join("sandboxes");
         std::fs::create_dir_all(&root)?;
         let free_slots = (0..config.max_sandboxes).collect();
-        let this = Arc::new(Self { config, table: Mutex::default(), free_slots: Mutex::new(free_slots), creating: Default::default() });
+        let self_cgroup = std::fs::read_to_string(config.proc_root.join("self/cgroup"))?;
+        let cgroups = CgroupTree::discover(&config.cgroup_root, &self_cgroup, &config.cgroup_subtree).map_err(std::io::Error::other)?;
+        let host = HostCapacity::detect(&config.proc_root).map_err(std::io::Error::other)?;
+        let this = Arc::new(Self {
+            config,
+            cgroups,
+            host,
+            removals: Default::default(),
+            table: Mutex::default(),
+            free_slots: Mutex::new(free_slots),
+            creating: Default::default(),
+        });
         this.clean_leftovers(&root).await;
+        let report = this.cgroups.clean_leftovers();
+        if !report.removed.is_empty() || !report.failed.is_empty() {
+            tracing::warn!(removed = ?report.removed, failed = ?report.failed, "cleaned cgroups an earlier node left");
+        }
         Ok(this)
     }
 
@@ -195,21 +266,64 @@ impl Sandboxes {
             status(Code::ResourceExhausted, "node_full", format!("node holds its maximum of {} sandboxes", self.config.max_sandboxes))
         })?;
         let dir = self.config.state_dir.join("sandboxes").join(&id);
-        match self.build(&plan, slot, &dir).await {
-            Ok(sandbox) => {
-                let sandbox = Arc::new(sandbox);
+        let resources = plan.resources.unwrap_or_default();
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        let limits = Limits::new(
+            nonzero(resources.memory_bytes),
+            nonzero(resources.pids_max),
+            (resources.cpus != 0.0).then_some(resources.cpus),
+            &self.host,
+        )
+        .map_err(|e| status(Code::InvalidArgument, "invalid_profile", e.to_string()));
+        let cgroup = match limits.and_then(|l| {
+            let cg = self.cgroups.create(&id, &l).map_err(|e| status(Code::Internal, "sandbox_failed", format!("cgroup: {e}")))?;
+            Ok((cg, l))
+        }) {
+            Ok(cg) => cg,
+            Err(e) => {
+                self.free_slots.lock().unwrap().insert(slot);
+                return Err(e);
+            }
+        };
+        match self.build(&plan, slot, &dir, &cgroup.0).await {
+            Ok((pid, ids, created_at_ms, supervisor, exited)) => {
+                let (cgroup, limits) = cgroup;
+                let sandbox = Arc::new(Sandbox {
+                    id: id.clone(),
+                    pid,
+                    ids,
+                    slot,
+                    dir,
+                    created_at_ms,
+                    supervisor,
+                    cgroup,
+                    limits,
+                    oom_seen: AtomicU64::new(0),
+                    frozen: AtomicBool::new(false),
+                    exited,
+                });
                 self.table.lock().unwrap().insert(id, Arc::clone(&sandbox));
                 Ok(sandbox)
             }
             Err(e) => {
+                let _ = cgroup.0.kill();
                 let _ = std::fs::remove_dir_all(&dir);
+                if let Err(e) = cgroup.0.remove() {
+                    tracing::warn!(error = %e, "cannot remove cgroup of a failed sandbox");
+                }
                 self.free_slots.lock().unwrap().insert(slot);
                 Err(e)
             }
         }
     }
 
-    async fn build(&self, plan: &SandboxPlan, slot: u32, dir: &Path) -> Result<Sandbox, Status> {
+    async fn build(
+        &self,
+        plan: &SandboxPlan,
+        slot: u32,
+        dir: &Path,
+        cgroup: &SandboxCgroup,
+    ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>), Status> {
         let cfg = &self.config;
         let ids = IdRange { host_base: cfg.id_base + slot * cfg.id_range_size, size: cfg.id_range_size };
         let workspace = dir.join("workspace");
@@ -246,7 +360,7 @@ impl Sandboxes {
             rootfs_dir: dir.join("rootfs"),
             rootfs,
             network,
-            cgroup_procs: Vec::new(),
+            cgroup_procs: cgroup.procs_files(),
             payload: Payload::Supervisor { socket_path: socket_path.clone(), log_path: dir.join("supervisor.log") },
             hostname: if plan.hostname.is_empty() { "sandbox".into() } else { plan.hostname.clone() },
             ids,
@@ -271,22 +385,18 @@ impl Sandboxes {
         let record = Record { id: plan.container_id.clone(), pid, slot, ids, created_at_ms: now_ms() };
         std::fs::write(dir.join("sandbox.json"), serde_json::to_vec_pretty(&record).expect("record serializes"))
             .map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok(Sandbox {
-            id: record.id,
-            pid,
-            ids,
-            slot,
-            dir: dir.to_owned(),
-            created_at_ms: record.created_at_ms,
-            supervisor: SupervisorClient::new(channel),
-            exited,
-        })
+        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited))
     }
 
     /// Kills the sandbox's whole tree (its pid namespace dies with PID 1),
     /// waits for it, and removes its directory. Returns whether it existed.
     pub async fn delete(&self, id: &str) -> bool {
         let Some(sandbox) = self.table.lock().unwrap().remove(id) else { return false };
+        // The whole tree at once (cgroup.kill where there is one), thawed
+        // first so a hibernated sandbox can die.
+        if let Err(e) = sandbox.cgroup.kill() {
+            tracing::warn!(id, error = %e, "cgroup kill failed; killing PID 1");
+        }
         if sandbox.is_running() {
             // The pid cannot have been reused: it is our unreaped child.
             let _ = kill(Pid::from_raw(sandbox.pid), Signal::SIGKILL);
@@ -299,7 +409,24 @@ impl Sandboxes {
             tracing::warn!(id, error = %e, "cannot remove sandbox directory");
         }
         self.free_slots.lock().unwrap().insert(sandbox.slot);
+        // rmdir of a cgroup can wait on the kernel for milliseconds: after the answer.
+        let cgroup = sandbox.cgroup.clone();
+        let id = id.to_string();
+        self.removals.lock().await.spawn_blocking(move || {
+            if let Err(e) = cgroup.remove() {
+                tracing::warn!(id, error = %e, "cannot remove sandbox cgroup");
+            }
+        });
         true
+    }
+
+    /// Waits for pending cgroup removals and removes this node's subtree.
+    pub async fn finish_removals(&self) {
+        let mut removals = self.removals.lock().await;
+        while removals.join_next().await.is_some() {}
+        if let Err(e) = self.cgroups.remove_subtree() {
+            tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::Node;
 use crate::event_log::{EventLog, RUN_COMPLETED, RUN_FAILED, RUN_STARTED, SESSION_UPDATE};
-use crate::sandboxes::valid_id;
+use crate::sandboxes::{Sandbox as NodeSandbox, valid_id};
 use crate::sessions::NodeSession;
 
 pub struct NodeService {
@@ -30,8 +30,18 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<SessionEvent, Status>> + Sen
 
 /// Copies one turn's events from the supervisor into the session's log, and
 /// makes sure the log gets exactly one terminal event whatever happens.
-async fn pump_turn(session: Arc<NodeSession>, run_id: String, mut events: Streaming<sup::PromptEvent>) {
+async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id: String, mut events: Streaming<sup::PromptEvent>) {
     let log = &session.log;
+    let oom_before = sandbox.oom_kills();
+    // A turn whose agent died in an OOM kill says so, never just "exited".
+    let explain = |error: &str| {
+        if sandbox.oom_kills() > oom_before {
+            let limit = sandbox.memory_max().map(|b| format!(" of {} MiB", b >> 20)).unwrap_or_default();
+            format!("out of memory: the sandbox hit its memory limit{limit} and the kernel killed the agent ({error})")
+        } else {
+            error.to_string()
+        }
+    };
     let mut ended = false;
     while let Some(item) = events.next().await {
         match item.map(|e| e.event) {
@@ -44,7 +54,7 @@ async fn pump_turn(session: Arc<NodeSession>, run_id: String, mut events: Stream
                 break;
             }
             Ok(Some(prompt_event::Event::Error(error))) => {
-                log.append(RUN_FAILED, &run_id, json!({"run_id": run_id, "error": error}).to_string());
+                log.append(RUN_FAILED, &run_id, json!({"run_id": run_id, "error": explain(&error)}).to_string());
                 ended = true;
                 break;
             }
@@ -56,7 +66,7 @@ async fn pump_turn(session: Arc<NodeSession>, run_id: String, mut events: Stream
         }
     }
     if !ended {
-        let error = "the sandbox stopped during the run";
+        let error = explain("the sandbox stopped during the run");
         log.append(RUN_FAILED, &run_id, json!({"run_id": run_id, "error": error}).to_string());
     }
     session.end_run();
@@ -140,6 +150,9 @@ impl node_server::Node for NodeService {
         let r = req.into_inner();
         let session = self.node.sessions.get(&r.session_id)?;
         let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        if sandbox.is_frozen() {
+            return Err(status(Code::FailedPrecondition, "container_hibernated", "the sandbox is hibernated: resume it first"));
+        }
         session.begin_run(&r.run_id)?;
         let log = &session.log;
         log.append(RUN_STARTED, &r.run_id, json!({"run_id": r.run_id}).to_string());
@@ -150,7 +163,7 @@ impl node_server::Node for NodeService {
         };
         match sandbox.supervisor.clone().prompt(request).await {
             Ok(events) => {
-                tokio::spawn(pump_turn(Arc::clone(&session), r.run_id.clone(), events.into_inner()));
+                tokio::spawn(pump_turn(Arc::clone(&session), Arc::clone(&sandbox), r.run_id.clone(), events.into_inner()));
                 Ok(Response::new(PromptAccepted { run_id: r.run_id }))
             }
             Err(e) => {
@@ -175,6 +188,18 @@ impl node_server::Node for NodeService {
             .await?
             .into_inner();
         Ok(Response::new(CancelResponse { was_running: answer.was_running }))
+    }
+
+    async fn freeze_sandbox(&self, req: Request<FreezeSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+        let sandbox = self.node.sandboxes.get(&req.into_inner().container_id)?;
+        sandbox.freeze()?;
+        Ok(Response::new(sandbox.info()))
+    }
+
+    async fn thaw_sandbox(&self, req: Request<ThawSandboxRequest>) -> Result<Response<Sandbox>, Status> {
+        let sandbox = self.node.sandboxes.get(&req.into_inner().container_id)?;
+        sandbox.thaw()?;
+        Ok(Response::new(sandbox.info()))
     }
 
     type StreamEventsStream = EventStream;

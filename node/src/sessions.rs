@@ -70,6 +70,10 @@ impl Sessions {
             .ok_or_else(|| status(Code::NotFound, "session_not_found", format!("no session {id} on this node")))
     }
 
+    pub fn of_container(&self, container_id: &str) -> Vec<Arc<NodeSession>> {
+        self.table.lock().unwrap().values().filter(|s| s.container_id == container_id).cloned().collect()
+    }
+
     /// Registers a session, or returns the one already registered under its id.
     pub fn insert(&self, session: NodeSession) -> Arc<NodeSession> {
         let mut table = self.table.lock().unwrap();

@@ -51,10 +51,18 @@ pub fn node_socket(state_dir: &Path) -> PathBuf {
     state_dir.join("run").join("node.sock")
 }
 
-pub fn node_config(common: &CommonArgs) -> anyhow::Result<agentd_node::NodeConfig> {
+pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow::Result<agentd_node::NodeConfig> {
     let exe = std::env::current_exe()?;
     let mut config = agentd_node::NodeConfig::new(common.state_dir.join("node"), exe);
     config.supervisor_log_filter = common.log.clone();
+    config.cgroup_subtree = flags.cgroup_subtree.clone();
+    anyhow::ensure!(flags.id_base > 0, "--id-base must not map host root");
+    anyhow::ensure!(flags.id_range_size > 0, "--id-range-size must be positive");
+    let top = u64::from(flags.id_base) + u64::from(flags.id_range_size) * u64::from(flags.max_sandboxes);
+    anyhow::ensure!(top <= u64::from(u32::MAX), "id ranges overflow: --id-base + --id-range-size * --max-sandboxes > 2^32");
+    config.id_base = flags.id_base;
+    config.id_range_size = flags.id_range_size;
+    config.max_sandboxes = flags.max_sandboxes;
     Ok(config)
 }
 

@@ -22,7 +22,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     prepare_state_dir(state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
     let socket = node_socket(state_dir);
 
-    let node = agentd_node::Node::start(node_config(&args.common)?).await.context("cannot start node")?;
+    let node = agentd_node::Node::start(node_config(&args.common, &args.node)?).await.context("cannot start node")?;
     let node_stop = CancellationToken::new();
     let node_task = tokio::spawn({
         let node = Arc::clone(&node);

@@ -61,6 +61,7 @@ impl Agentd {
             .arg(state.path())
             .env("AGENTD_LOG", "info,agentd_controlplane=debug")
             .env(MARKER_VAR, "1")
+            .env("AGENTD_CGROUP_SUBTREE", format!("agentd-e2e-{}-{}", std::process::id(), state.path().file_name().unwrap().to_string_lossy().replace('.', "")))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

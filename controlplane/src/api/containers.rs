@@ -8,9 +8,32 @@ use serde_json::{Value, json};
 use super::Problem;
 use crate::AppState;
 use crate::store::states::container;
+use agentd_proto::node::{FreezeSandboxRequest, GetSandboxRequest, ThawSandboxRequest};
+
+/// Live usage from the node, for containers that still run.
+async fn usage(app: &AppState, id: &str, state: &str) -> Value {
+    if state != container::READY && state != container::HIBERNATED {
+        return Value::Null;
+    }
+    match app.node.clone().get_sandbox(GetSandboxRequest { container_id: id.to_string() }).await {
+        Ok(s) => {
+            let s = s.into_inner();
+            let u = s.usage.unwrap_or_default();
+            json!({
+                "frozen": s.frozen,
+                "memory_bytes": u.memory_current, "memory_max_bytes": u.memory_max,
+                "cpu_usage_usec": u.cpu_usage_usec,
+                "pids": u.pids_current, "pids_max": u.pids_max,
+                "oom_kills": u.oom_kills,
+            })
+        }
+        Err(e) => json!({"error": e.message()}),
+    }
+}
 
 pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
     let c = app.store.get_container(&id).await?;
+    let usage = usage(&app, &c.id, &c.state).await;
     let sessions: Vec<String> = app.store.sessions_of_container(&id).await?.into_iter().map(|s| s.id).collect();
     let profile: Value = serde_json::from_str(&c.profile_json).unwrap_or(Value::Null);
     Ok(Json(json!({
@@ -21,6 +44,7 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
         "error": c.error,
         "container_profile": profile,
         "sessions": sessions,
+        "usage": usage,
         "created_at": c.created_at,
         "updated_at": c.updated_at,
     })))
@@ -32,5 +56,33 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
         return Err(Problem::conflict("illegal_state", format!("container {id} is already deleted")));
     }
     crate::teardown::delete_container(&app, &id, "container deleted").await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/containers/{id}:hibernate` freezes every process of the sandbox
+/// (memory and state intact); `:resume` thaws it.
+pub async fn action(State(app): State<AppState>, Path(target): Path<String>) -> Result<StatusCode, Problem> {
+    let Some((id, verb)) = target.rsplit_once(':') else {
+        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST {id}:hibernate or {id}:resume"));
+    };
+    let c = app.store.get_container(id).await?;
+    let mut node = app.node.clone();
+    match verb {
+        "hibernate" => {
+            if c.state != container::READY {
+                return Err(Problem::conflict("illegal_state", format!("container {id} is {}; only a ready one hibernates", c.state)));
+            }
+            node.freeze_sandbox(FreezeSandboxRequest { container_id: id.to_string() }).await?;
+            app.store.container_hibernated(id).await?;
+        }
+        "resume" => {
+            if c.state != container::HIBERNATED {
+                return Err(Problem::conflict("illegal_state", format!("container {id} is {}; only a hibernated one resumes", c.state)));
+            }
+            node.thaw_sandbox(ThawSandboxRequest { container_id: id.to_string() }).await?;
+            app.store.container_resumed(id).await?;
+        }
+        other => return Err(Problem::not_found("unknown_action", format!("no container action {other:?} (try hibernate or resume)"))),
+    }
     Ok(StatusCode::NO_CONTENT)
 }

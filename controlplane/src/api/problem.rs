@@ -78,7 +78,7 @@ impl From<StoreError> for Problem {
 fn status_for(code: &str) -> StatusCode {
     match code {
         "container_not_found" | "session_not_found" | "agent_not_found" => StatusCode::NOT_FOUND,
-        "run_active" | "agent_exists" => StatusCode::CONFLICT,
+        "run_active" | "agent_exists" | "container_hibernated" => StatusCode::CONFLICT,
         "invalid_request" | "invalid_profile" | "invalid_prompt" | "bad_working_dir" | "agent_executable_not_found"
         | "mount_source_not_found" => StatusCode::UNPROCESSABLE_ENTITY,
         "agent_init_failed" | "agent_error" | "agent_spawn_failed" => StatusCode::BAD_GATEWAY,
@@ -121,6 +121,7 @@ const KNOWN_CODES: &[&str] = &[
     "agent_error",
     "agent_spawn_failed",
     "node_full",
+    "container_hibernated",
     "sandbox_failed",
     "internal",
 ];

@@ -147,27 +147,40 @@ async fn inserts_and_reads(store: &Store) {
 async fn container_transitions(store: &Store) {
     const LEGAL: &[(&str, &str)] = &[
         (container::PROVISIONING, container::READY),
+        (container::HIBERNATED, container::READY),
+        (container::READY, container::HIBERNATED),
         (container::PROVISIONING, container::FAILED),
         (container::READY, container::FAILED),
+        (container::HIBERNATED, container::FAILED),
         (container::PROVISIONING, container::DELETED),
         (container::READY, container::DELETED),
+        (container::HIBERNATED, container::DELETED),
         (container::FAILED, container::DELETED),
     ];
+    /// One transition, straight from wherever the row is.
     async fn to(store: &Store, id: &str, state: &str) -> Result<(), StoreError> {
         match state {
             container::PROVISIONING => Ok(()),
             container::READY => store.container_ready(id, 7).await,
+            container::HIBERNATED => store.container_hibernated(id).await,
             container::FAILED => store.container_failed(id, "boom").await,
             container::DELETED => store.container_deleted(id).await,
             _ => unreachable!("{state}"),
         }
     }
-    let all = [container::PROVISIONING, container::READY, container::FAILED, container::DELETED];
+    /// A fresh row walked to `state` along legal moves.
+    async fn reach(store: &Store, id: &str, state: &str) -> Result<(), StoreError> {
+        if state == container::HIBERNATED {
+            to(store, id, container::READY).await?;
+        }
+        to(store, id, state).await
+    }
+    let all = [container::PROVISIONING, container::READY, container::HIBERNATED, container::FAILED, container::DELETED];
     for from in all {
         for target in &all[1..] {
             let id = format!("ctr_{from}_{target}");
             store.insert_container(&id, "local", "{}").await.unwrap();
-            to(store, &id, from).await.unwrap();
+            reach(store, &id, from).await.unwrap();
             let result = to(store, &id, target).await;
             let state = store.get_container(&id).await.unwrap().state;
             if LEGAL.contains(&(from, target)) || from == *target {

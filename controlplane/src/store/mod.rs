@@ -382,6 +382,15 @@ impl Store {
         }
     }
 
+    pub async fn container_hibernated(&self, id: &str) -> Result<(), StoreError> {
+        self.transition(Entity::Container, id, states::container::HIBERNATED, None, None).await
+    }
+
+    /// Back from hibernation; unlike [`Self::container_ready`] the pid stays.
+    pub async fn container_resumed(&self, id: &str) -> Result<(), StoreError> {
+        self.transition(Entity::Container, id, states::container::READY, None, None).await
+    }
+
     pub async fn container_ready(&self, id: &str, supervisor_pid: i32) -> Result<(), StoreError> {
         let extra = Extra::SupervisorPid(i64::from(supervisor_pid));
         self.transition(Entity::Container, id, states::container::READY, None, Some(extra)).await

@@ -20,10 +20,13 @@ impl fmt::Display for Entity {
     }
 }
 
-/// Container: provisioning -> ready -> deleted, or failed on the way.
+/// Container: provisioning -> ready <-> hibernated -> deleted, or failed on
+/// the way.
 pub mod container {
     pub const PROVISIONING: &str = "provisioning";
     pub const READY: &str = "ready";
+    /// Frozen: every process stopped, memory intact.
+    pub const HIBERNATED: &str = "hibernated";
     pub const FAILED: &str = "failed";
     pub const DELETED: &str = "deleted";
 }
@@ -47,9 +50,12 @@ pub mod run {
 /// The states each target state may be entered from.
 pub fn sources(entity: Entity, to: &str) -> &'static [&'static str] {
     match (entity, to) {
-        (Entity::Container, container::READY) => &[container::PROVISIONING],
-        (Entity::Container, container::FAILED) => &[container::PROVISIONING, container::READY],
-        (Entity::Container, container::DELETED) => &[container::PROVISIONING, container::READY, container::FAILED],
+        (Entity::Container, container::READY) => &[container::PROVISIONING, container::HIBERNATED],
+        (Entity::Container, container::HIBERNATED) => &[container::READY],
+        (Entity::Container, container::FAILED) => &[container::PROVISIONING, container::READY, container::HIBERNATED],
+        (Entity::Container, container::DELETED) => {
+            &[container::PROVISIONING, container::READY, container::HIBERNATED, container::FAILED]
+        }
         (Entity::Session, session::READY) => &[session::CREATING],
         (Entity::Session, session::FAILED) => &[session::CREATING, session::READY],
         (Entity::Session, session::CLOSED) => &[session::CREATING, session::READY, session::FAILED],

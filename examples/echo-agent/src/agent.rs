@@ -51,7 +51,23 @@ pub struct Config {
     pub chunking: Chunking,
     pub delay: Duration,
     pub repeat: usize,
+    pub hog_mib: usize,
     pub fail_initialize: Option<FailInitialize>,
+}
+
+/// Memory `--hog-mib` holds on to, so each turn grows the agent further.
+static HOGGED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+fn hog(mib: usize) {
+    let mut hogged = HOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..mib {
+        // Touch every page so the memory is really charged to the cgroup.
+        let mut block = vec![0u8; 1 << 20];
+        for page in block.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        hogged.push(block);
+    }
 }
 
 /// Serves one ACP client over `transport` until the client closes its side.
@@ -298,6 +314,9 @@ impl State {
         text: &str,
         mut cancel: TurnCancel,
     ) -> Result<StopReason, Error> {
+        if self.config.hog_mib > 0 {
+            hog(self.config.hog_mib);
+        }
         let chunks = chunking::split(text, self.config.chunking);
         let echoed = std::iter::repeat_n(chunks.as_slice(), self.config.repeat).flatten();
         for (i, chunk) in echoed.enumerate() {

@@ -30,6 +30,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub repeat: usize,
 
+    /// Allocate and touch this many MiB at the start of every turn and keep
+    /// them, to test how a client reports a sandbox's OOM kill.
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub hog_mib: usize,
+
     /// Misbehave on `initialize`, to test how a client copes with a broken
     /// agent.
     #[arg(long, value_name = "MODE")]
@@ -56,6 +61,7 @@ impl Args {
             chunking: self.chunk_chars.map_or(Chunking::Words, Chunking::Chars),
             delay: Duration::from_millis(self.delay_ms),
             repeat: self.repeat,
+            hog_mib: self.hog_mib,
             fail_initialize: self.fail_initialize,
         }
     }

@@ -19,6 +19,8 @@ pub enum ProfileError {
     RelativeRootfs(String),
     #[error("container_profile is not valid: {0}")]
     Shape(String),
+    #[error("{0} must be positive (leave it out for no limit)")]
+    NotPositive(&'static str),
 }
 
 /// `256M`, `1G`, `512K`, `1048576` (binary units).
@@ -84,6 +86,16 @@ impl Profile {
             Some(r) if r.starts_with('/') && !r.split('/').any(|c| c == "..") => Some(PathBuf::from(r)),
             Some(r) => return Err(ProfileError::RelativeRootfs(r)),
         };
+        // Zero travels as "unlimited" to the node, so it must not be asked for.
+        if memory_bytes == Some(0) {
+            return Err(ProfileError::NotPositive("memory"));
+        }
+        if input.pids == Some(0) {
+            return Err(ProfileError::NotPositive("pids"));
+        }
+        if input.cpus.is_some_and(|c| c.is_nan() || c <= 0.0) {
+            return Err(ProfileError::NotPositive("cpus"));
+        }
         Ok(Profile { memory_bytes, pids_max: input.pids, cpus: input.cpus, network, rootfs })
     }
 }
@@ -114,5 +126,8 @@ mod tests {
         assert!(matches!(Profile::from_json(&json!({"network": "bridge"})), Err(ProfileError::BadNetwork(_))));
         assert!(matches!(Profile::from_json(&json!({"rootfs": "srv"})), Err(ProfileError::RelativeRootfs(_))));
         assert!(matches!(Profile::from_json(&json!({"pids": -1})), Err(ProfileError::Shape(_))));
+        assert_eq!(Profile::from_json(&json!({"pids": 0})), Err(ProfileError::NotPositive("pids")));
+        assert_eq!(Profile::from_json(&json!({"cpus": 0})), Err(ProfileError::NotPositive("cpus")));
+        assert_eq!(Profile::from_json(&json!({"memory": "0M"})), Err(ProfileError::NotPositive("memory")));
     }
 }
