@@ -168,6 +168,9 @@ pub struct SandboxRunArgs {
     pub uid_count: u32,
     #[arg(long, env = "AGENTD_LOG", default_value = "warn")]
     pub log: String,
+    /// Fail setup at this stage on purpose (tests of the undo path).
+    #[arg(long, hide = true)]
+    pub inject_failure: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

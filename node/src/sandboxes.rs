@@ -361,6 +361,8 @@ impl Sandboxes {
             rootfs,
             network,
             cgroup_procs: cgroup.procs_files(),
+            cgroup_return: Vec::new(),
+            inject_failure: None,
             payload: Payload::Supervisor { socket_path: socket_path.clone(), log_path: dir.join("supervisor.log") },
             hostname: if plan.hostname.is_empty() { "sandbox".into() } else { plan.hostname.clone() },
             ids,

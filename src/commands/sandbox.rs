@@ -1,11 +1,17 @@
 //! `agentd sandbox run`: one command in a sandbox built by the same code as
 //! agent sandboxes, for operators trying a profile and for the hostile-workload
 //! tests. This process is single-threaded throughout: it builds the sandbox
-//! itself (as `sandbox-init` does), waits for it, and cleans up.
+//! itself (as `sandbox-init` does), waits for it, reports an OOM kill, and
+//! removes everything it made.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use agentd_runtime::cgroups::layout::Mode;
+use agentd_runtime::cgroups::limits::{HostCapacity, Limits};
+use agentd_runtime::cgroups::sandbox::SandboxCgroup;
+use agentd_runtime::cgroups::tree::CgroupTree;
+use agentd_runtime::sandbox::profile::parse_size;
 use agentd_runtime::sandbox::spec::DEFAULT_SYSTEM_BINDS;
 use agentd_runtime::sandbox::{BindMount, IdRange, Network, Payload, SandboxSpec, init};
 use agentd_runtime::supervisor::run_mode;
@@ -40,11 +46,60 @@ pub fn run(args: SandboxRunArgs) -> anyhow::Result<i32> {
     }
 }
 
+/// The cgroups a `sandbox run` makes: its own subtree, one sandbox in it.
+/// Dropping it kills what is left and removes both.
+struct RunCgroups {
+    tree: CgroupTree,
+    sandbox: SandboxCgroup,
+}
+
+impl RunCgroups {
+    fn create(args: &SandboxRunArgs) -> anyhow::Result<Self> {
+        let host = HostCapacity::detect(Path::new("/proc"))?;
+        let memory = args.memory.as_deref().map(parse_size).transpose()?;
+        let limits = Limits::new(memory, args.pids, args.cpus, &host)?;
+        let self_cgroup = std::fs::read_to_string("/proc/self/cgroup")?;
+        let subtree = format!("agentd-run-{}", std::process::id());
+        let tree = CgroupTree::discover(Path::new("/sys/fs/cgroup"), &self_cgroup, &subtree)?;
+        let sandbox = match tree.create("sandbox", &limits) {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                let _ = tree.remove_subtree();
+                return Err(e.into());
+            }
+        };
+        Ok(Self { tree, sandbox })
+    }
+
+    /// Where this process goes back to once the sandbox is cloned: the cgroup
+    /// it came from (v1, hybrid) or the daemon leaf discovery moved it to (v2).
+    fn return_files(&self) -> Vec<PathBuf> {
+        self.sandbox
+            .dirs()
+            .iter()
+            .filter_map(|d| {
+                let subtree = d.path.parent()?;
+                let home = if self.tree.mode() == Mode::Unified { subtree.join("daemon") } else { subtree.parent()?.to_owned() };
+                Some(home.join("cgroup.procs"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for RunCgroups {
+    fn drop(&mut self) {
+        let _ = self.sandbox.kill();
+        if let Err(e) = self.sandbox.remove() {
+            eprintln!("agentd sandbox: cannot remove cgroup: {e}");
+        }
+        if let Err(e) = self.tree.remove_subtree() {
+            eprintln!("agentd sandbox: cannot remove cgroup subtree: {e}");
+        }
+    }
+}
+
 fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     let network: Network = args.network.parse().map_err(|e: String| anyhow!(e))?;
-    if args.memory.is_some() || args.pids.is_some() || args.cpus.is_some() {
-        bail!("resource limits need the cgroup layer, which this build lacks");
-    }
     let uid_base = args.uid_base.unwrap_or(1_000_000_000 + (std::process::id() % 40_000) * 65_536);
     let mut mounts: Vec<BindMount> = args.ro_binds.iter().map(|b| parse_bind(b)).collect::<Result<_, _>>()?;
     let mut env: Vec<(String, String)> = vec![
@@ -58,8 +113,11 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         env.retain(|(name, _)| *name != k);
         env.push((k, v));
     }
+    if let Some(stage) = &args.inject_failure {
+        anyhow::ensure!(init::FAULT_STAGES.contains(&stage.as_str()) || stage == "cgroup", "unknown stage {stage:?}");
+    }
 
-    let scratch = tempfile::Builder::new().prefix("agentd-run-").tempdir().context("cannot create a scratch directory")?;
+    let scratch = tempfile::Builder::new().prefix(&format!("agentd-run-{}-", std::process::id())).tempdir().context("cannot create a scratch directory")?;
     let rootfs_dir = scratch.path().join("rootfs");
     std::fs::create_dir(&rootfs_dir)?;
     let workspace = match &args.workspace {
@@ -73,7 +131,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     };
     mounts.insert(0, BindMount { source: workspace, target: "/workspace".into(), read_only: false });
 
-    let spec = SandboxSpec {
+    let mut spec = SandboxSpec {
         id: format!("run-{}", std::process::id()),
         rootfs_dir,
         rootfs: args.rootfs.clone(),
@@ -83,26 +141,45 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         mounts,
         network,
         cgroup_procs: Vec::new(),
+        cgroup_return: Vec::new(),
         payload: Payload::Command { argv: args.command.clone(), env, cwd: "/workspace".into() },
         supervisor_log_filter: args.log.clone(),
+        inject_failure: args.inject_failure.clone(),
     };
     spec.validate()?;
+    let cgroups = RunCgroups::create(&args)?;
+    if args.inject_failure.as_deref() == Some("cgroup") {
+        bail!("sandbox setup failed at cgroup: injected failure");
+    }
+    spec.cgroup_procs = cgroups.sandbox.procs_files();
+    spec.cgroup_return = cgroups.return_files();
 
     // Building the sandbox leaves this process in a private mount namespace
     // whose mounts sit on the scratch directory: come back to the original one
-    // before removing it, or the removal would walk into the bind mounts.
+    // before removing it, whatever happened, or the removal would walk into
+    // the bind mounts (the workspace among them).
     let host_mnt = std::fs::File::open("/proc/self/ns/mnt").context("cannot open own mount namespace")?;
-    let pid = init::create(&spec).map_err(|e| anyhow!("sandbox setup failed at {e}"))?;
-    run_mode::forward_signals_to(pid.as_raw()).context("cannot forward signals")?;
-    let code = loop {
-        match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, code)) => break code,
-            Ok(WaitStatus::Signaled(_, signal, _)) => break 128 + signal as i32,
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(anyhow!("waitpid: {e}")),
+    let created = init::create(&spec);
+    let waited = created.map_err(|e| anyhow!("sandbox setup failed at {e}")).and_then(|pid| {
+        run_mode::forward_signals_to(pid.as_raw()).context("cannot forward signals")?;
+        loop {
+            match waitpid(pid, None) {
+                Ok(WaitStatus::Exited(_, code)) => break Ok(code),
+                Ok(WaitStatus::Signaled(_, signal, _)) => break Ok(128 + signal as i32),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => break Err(anyhow!("waitpid: {e}")),
+            }
         }
-    };
+    });
     nix::sched::setns(host_mnt.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS).context("cannot return to the host mount namespace")?;
+    let code = waited?;
+    if let Ok(Some(kills)) = cgroups.sandbox.oom_kills()
+        && kills > 0
+    {
+        let limit = args.memory.as_deref().unwrap_or("?");
+        eprintln!("agentd sandbox: the sandbox ran out of memory: {kills} process(es) OOM-killed (limit {limit})");
+    }
+    drop(cgroups);
     drop(scratch);
     Ok(code)
 }

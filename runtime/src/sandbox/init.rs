@@ -119,10 +119,34 @@ pub fn create(spec: &SandboxSpec) -> Result<Pid, InitError> {
     let handover = Handover { exe, service };
 
     let result = build(spec, &handover);
-    if let (Err(_), Payload::Supervisor { socket_path, .. }) = (&result, &spec.payload) {
-        let _ = std::fs::remove_file(socket_path);
+    if result.is_err() {
+        // Whatever joined the sandbox's cgroups must not stay there: their
+        // owner kills and removes them next.
+        let _ = leave_cgroups(spec);
+        if let Payload::Supervisor { socket_path, .. } = &spec.payload {
+            let _ = std::fs::remove_file(socket_path);
+        }
     }
     result
+}
+
+fn leave_cgroups(spec: &SandboxSpec) -> Result<(), InitError> {
+    let me = std::process::id().to_string();
+    for procs in &spec.cgroup_return {
+        std::fs::write(procs, &me).map_err(|e| InitError::new("leave cgroup", format!("{}: {e}", procs.display())))?;
+    }
+    Ok(())
+}
+
+/// Stages where a test may make setup fail (`SandboxSpec::inject_failure`).
+pub const FAULT_STAGES: &[&str] = &["join-cgroup", "mount", "clone", "id-map", "pivot-root"];
+
+/// Fails at `stage` if a test asked for it.
+pub(crate) fn injected(spec: &SandboxSpec, stage: &'static str) -> Result<(), InitError> {
+    match spec.inject_failure.as_deref() {
+        Some(s) if s == stage => Err(InitError::new(stage, "injected failure")),
+        _ => Ok(()),
+    }
 }
 
 fn join_cgroups(spec: &SandboxSpec) -> Result<(), InitError> {
@@ -135,6 +159,7 @@ fn join_cgroups(spec: &SandboxSpec) -> Result<(), InitError> {
 
 fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
     join_cgroups(spec)?;
+    injected(spec, "join-cgroup")?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(fail("unshare mount namespace"))?;
     // Nothing mounted from here on may propagate back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
@@ -161,6 +186,7 @@ fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
     // SAFETY: this process is single-threaded (sandbox-init starts no threads),
     // so the child may run arbitrary code, as after fork(2). A null stack makes
     // clone behave like fork: the child continues on a copy of this stack.
+    injected(spec, "clone")?;
     let ret = unsafe {
         libc::syscall(libc::SYS_clone, (flags.bits() as libc::c_ulong) | libc::SIGCHLD as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
     };
@@ -180,7 +206,11 @@ fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
         let _ = waitpid(pid, None);
         e
     };
-    write_id_maps(pid, spec).map_err(abort)?;
+    write_id_maps(pid, spec).and_then(|()| injected(spec, "id-map")).map_err(abort)?;
+    // The sandbox is cloned into its cgroups; the creator leaves them if it
+    // is to live on, so that it neither counts against their limits nor
+    // keeps them busy at removal.
+    leave_cgroups(spec).map_err(abort)?;
     File::from(go_tx).write_all(b"1").map_err(|e| abort(InitError::new("release child", e.to_string())))?;
 
     let mut message = String::new();
@@ -253,6 +283,7 @@ fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infall
     .map_err(fail("mount /dev/pts"))?;
 
     mask_proc().map_err(|e| InitError::new("mask /proc", e))?;
+    injected(spec, "pivot-root")?;
 
     // pivot_root(".", ".") stacks the old root under the new one; detaching it
     // leaves only the new root, with no directory needed for the old one.

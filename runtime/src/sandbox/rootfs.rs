@@ -89,6 +89,7 @@ pub(crate) fn prepare(spec: &SandboxSpec) -> Result<(), InitError> {
             bind_system_dirs(spec, root)?;
         }
     }
+    super::init::injected(spec, "mount")?;
 
     prepare_dev(root, owner)?;
 

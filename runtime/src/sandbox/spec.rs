@@ -88,6 +88,14 @@ pub struct SandboxSpec {
     pub payload: Payload,
     /// `RUST_LOG` for the supervisor: the only environment it gets.
     pub supervisor_log_filter: String,
+    /// `cgroup.procs` files the creating process moves itself back to once the
+    /// sandbox is cloned, when it lives on (`agentd sandbox run`).
+    #[serde(default)]
+    pub cgroup_return: Vec<PathBuf>,
+    /// A stage at which setup fails on purpose, for tests that check a
+    /// failure midway undoes everything (see `init::FAULT_STAGES`).
+    #[serde(default)]
+    pub inject_failure: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -186,6 +194,8 @@ mod tests {
             payload: Payload::Supervisor { socket_path: "/tmp/x/sup.sock".into(), log_path: "/tmp/x/sup.log".into() },
             network: Network::None,
             cgroup_procs: Vec::new(),
+            cgroup_return: Vec::new(),
+            inject_failure: None,
             hostname: "sandbox".into(),
             ids: IdRange { host_base: 1_000_000, size: 65536 },
             system_binds: vec!["/usr".into()],
