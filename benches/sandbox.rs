@@ -49,7 +49,7 @@ fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
 }
 
 fn plan(id: &str) -> SandboxPlan {
-    SandboxPlan { container_id: id.into(), hostname: "bench".into(), mounts: vec![], workspace_path: "/workspace".into() }
+    SandboxPlan { container_id: id.into(), hostname: "bench".into(), workspace_path: "/workspace".into(), ..Default::default() }
 }
 
 fn rss_kib(pid: i32) -> u64 {

@@ -156,3 +156,28 @@ async fn invalid_profiles_are_refused_and_nothing_is_left() {
         assert!(cgroup_dirs(s["container_id"].as_str().unwrap()).is_empty());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_seccomp_policy_replaces_the_default_one() {
+    let agentd = Agentd::start_with(&[("AGENTD_INITIALIZE_TIMEOUT_MS", "3000")]).await;
+    let policy = |syscall: &str| {
+        json!({"main": {"mismatch_action": "allow", "filter_action": {"errno": 1}, "filter": [{"syscall": syscall}]}})
+    };
+    // A policy that takes `write` away: the agent cannot even answer.
+    let mut body = session_body(&[]);
+    body["container_profile"] = json!({"seccomp": policy("write")});
+    let (status, problem) = agentd.post("/v1/sessions", &body).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("agent_init_failed")), "{problem}");
+
+    // A harmless one: the agent works, under it rather than the default.
+    body["container_profile"] = json!({"seccomp": policy("acct")});
+    let (status, session) = agentd.post("/v1/sessions", &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{session}");
+    let (_, container) = agentd.get(&format!("/v1/containers/{}", session["container_id"].as_str().unwrap())).await;
+    let agent = procfs::children(container["supervisor_pid"].as_u64().unwrap() as u32)[0];
+    assert_eq!(procfs::status_field(agent, "Seccomp").as_deref(), Some("2"));
+
+    body["container_profile"] = json!({"seccomp": {"main": {"filter": "nonsense"}}});
+    let (status, problem) = agentd.post("/v1/sessions", &body).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_profile")), "{problem}");
+}

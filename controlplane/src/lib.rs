@@ -8,6 +8,8 @@
 //! - [`store`]: containers, sessions and runs, behind enforced state machines.
 //! - [`runs`]: follows each live session's event log and records run ends.
 //! - [`teardown`]: deleting containers and recording it.
+//! - [`workflow`]: the outbox runner: steps written with their state change,
+//!   claimed under fenced leases, retried with backoff.
 //!
 //! [`serve`] runs the API until shutdown; [`app`] builds the router alone.
 
@@ -16,6 +18,7 @@ pub mod plan;
 pub mod runs;
 pub mod store;
 pub mod teardown;
+pub mod workflow;
 
 use std::future::Future;
 use std::net::SocketAddr;

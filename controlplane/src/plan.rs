@@ -143,6 +143,7 @@ pub fn compile(
         env,
         cwd: working_dir.clone(),
         initialize_timeout_ms: defaults.initialize_timeout_ms,
+        seccomp_json: profile.seccomp_json.clone().unwrap_or_default(),
     };
     Ok(Compiled { sandbox, agent: agent_plan, working_dir })
 }

@@ -108,6 +108,7 @@ impl node_server::Node for NodeService {
                 env: agent.env,
                 cwd: agent.cwd,
                 initialize_timeout_ms: agent.initialize_timeout_ms,
+                seccomp_json: agent.seccomp_json,
             })
             .await?
             .into_inner();

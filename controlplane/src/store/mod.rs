@@ -4,6 +4,8 @@
 //! - [`Store`]: one set of methods over two backends, the embedded SQLite
 //!   file (the default of `agentd up`) and PostgreSQL (multi-node, HA).
 //!   [`Store::open`] picks by URL scheme.
+//! - [`outbox`]: workflow steps written with the state change that needs
+//!   them, claimed under fenced leases ([`crate::workflow`] runs them).
 //! - `conformance` (tests only): one suite, run against both backends.
 //!
 //! # One implementation, two drivers
@@ -151,6 +153,9 @@ macro_rules! with_pool {
         }
     };
 }
+
+// After `with_pool!`, which it uses.
+pub mod outbox;
 
 #[derive(Clone)]
 pub struct Store {

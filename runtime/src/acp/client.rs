@@ -47,10 +47,11 @@ impl AcpClient {
     }
 
     pub async fn initialize(&self, timeout: Duration) -> Result<Initialized, AcpError> {
-        // agentd serves no fs or terminal methods yet, so it advertises none.
+        // The supervisor serves fs/* (confined to each session's directory)
+        // and terminal/* (commands in the sandbox): see supervisor::client_methods.
         let params = json!({
             "protocolVersion": PROTOCOL_VERSION,
-            "clientCapabilities": {"fs": {"readTextFile": false, "writeTextFile": false}, "terminal": false},
+            "clientCapabilities": {"fs": {"readTextFile": true, "writeTextFile": true}, "terminal": true},
             "clientInfo": {"name": "agentd", "version": env!("CARGO_PKG_VERSION")},
         });
         let raw = self.rpc.request_within("initialize", &params, timeout).await?;

@@ -21,6 +21,8 @@ pub enum ProfileError {
     Shape(String),
     #[error("{0} must be positive (leave it out for no limit)")]
     NotPositive(&'static str),
+    #[error("seccomp policy does not compile: {0}")]
+    Seccomp(String),
 }
 
 /// `256M`, `1G`, `512K`, `1048576` (binary units).
@@ -57,6 +59,8 @@ struct Input {
     network: Option<String>,
     #[serde(default)]
     rootfs: Option<String>,
+    #[serde(default)]
+    seccomp: Option<serde_json::Value>,
 }
 
 /// A parsed profile. Limits are `None` when unset.
@@ -67,6 +71,9 @@ pub struct Profile {
     pub cpus: Option<f64>,
     pub network: Network,
     pub rootfs: Option<PathBuf>,
+    /// A custom seccomp policy for the agents, in seccompiler's JSON format,
+    /// already checked to compile.
+    pub seccomp_json: Option<String>,
 }
 
 impl Profile {
@@ -96,7 +103,15 @@ impl Profile {
         if input.cpus.is_some_and(|c| c.is_nan() || c <= 0.0) {
             return Err(ProfileError::NotPositive("cpus"));
         }
-        Ok(Profile { memory_bytes, pids_max: input.pids, cpus: input.cpus, network, rootfs })
+        let seccomp_json = match input.seccomp {
+            None => None,
+            Some(policy) => {
+                let json = policy.to_string();
+                super::seccomp::compile_custom(&json).map_err(|e| ProfileError::Seccomp(e.to_string()))?;
+                Some(json)
+            }
+        };
+        Ok(Profile { memory_bytes, pids_max: input.pids, cpus: input.cpus, network, rootfs, seccomp_json })
     }
 }
 
@@ -122,6 +137,7 @@ mod tests {
         assert_eq!(p.memory_bytes, Some(64 << 20));
         assert_eq!((p.pids_max, p.cpus, p.network), (Some(32), Some(0.5), Network::Host));
         assert_eq!(Profile::from_json(&json!({})).unwrap(), Profile::default());
+        assert!(matches!(Profile::from_json(&json!({"seccomp": {"x": 1}})), Err(ProfileError::Seccomp(_))));
         assert!(matches!(Profile::from_json(&json!({"memroy": "1G"})), Err(ProfileError::Shape(_))));
         assert!(matches!(Profile::from_json(&json!({"network": "bridge"})), Err(ProfileError::BadNetwork(_))));
         assert!(matches!(Profile::from_json(&json!({"rootfs": "srv"})), Err(ProfileError::RelativeRootfs(_))));

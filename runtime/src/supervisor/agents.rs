@@ -16,8 +16,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
+use super::client_methods::{self, ClientMethods};
 use super::reaper::{Exit, Reaper};
 use crate::sandbox::harden::Hardening;
+use crate::sandbox::seccomp::compile_custom;
 use crate::acp::{AcpClient, AcpError, ErrorObject, InboundHandler, Initialized, RpcConnection, RpcError};
 
 /// How long `session/new` may take before the agent counts as hung.
@@ -36,9 +38,12 @@ pub enum TurnEvent {
 
 type Sinks = Mutex<HashMap<String, mpsc::Sender<TurnEvent>>>;
 
-/// Routes each `session/update` to the turn running on its session.
+/// Routes each `session/update` to the turn running on its session, and
+/// serves the agent's requests to its client.
 struct Inbound {
     sinks: Arc<Sinks>,
+    /// `fs/*` and `terminal/*`, shared with the [`Agent`] that records sessions.
+    methods: Arc<ClientMethods>,
 }
 
 #[derive(Deserialize)]
@@ -66,8 +71,13 @@ impl InboundHandler for Inbound {
         }
     }
 
-    async fn request(&self, method: String, _params: Option<Box<RawValue>>) -> Result<Value, ErrorObject> {
-        Err(ErrorObject::method_not_found(&method))
+    async fn request(&self, method: String, params: Option<Box<RawValue>>) -> Result<Value, ErrorObject> {
+        match method.as_str() {
+            // Permission requests: being done separately; not served yet.
+            "session/request_permission" => Err(ErrorObject::method_not_found(&method)),
+            m if client_methods::METHODS.contains(&m) => self.methods.serve(m, params.as_deref()).await,
+            _ => Err(ErrorObject::method_not_found(&method)),
+        }
     }
 }
 
@@ -78,6 +88,8 @@ pub struct StartSpec {
     pub env: HashMap<String, String>,
     pub cwd: String,
     pub initialize_timeout: Duration,
+    /// Replaces the default seccomp filter for this agent.
+    pub seccomp_json: Option<String>,
 }
 
 pub struct Agent {
@@ -88,6 +100,8 @@ pub struct Agent {
     client: AcpClient,
     exit: watch::Receiver<Option<Exit>>,
     sinks: Arc<Sinks>,
+    /// Where `new_session` records each session's directory.
+    methods: Arc<ClientMethods>,
 }
 
 impl Agent {
@@ -160,7 +174,16 @@ impl Agents {
             return Err(status(Code::InvalidArgument, "bad_working_dir", format!("cannot create {}: {e}", spec.cwd)));
         }
         let mut command = std::process::Command::new(&spec.command);
-        let hardening = Arc::clone(&self.hardening);
+        let hardening = match &spec.seccomp_json {
+            None => Arc::clone(&self.hardening),
+            Some(json) => {
+                let program = compile_custom(json)
+                    .map_err(|e| status(Code::InvalidArgument, "invalid_profile", format!("seccomp policy: {e}")))?;
+                Arc::new((*self.hardening).clone().with_seccomp(Some(program)))
+            }
+        };
+        // The agent's terminals run with its hardening and environment.
+        let methods = Arc::new(ClientMethods::new(Arc::clone(&self.reaper), Arc::clone(&hardening), spec.env.clone()));
         // SAFETY: apply_in_child makes only async-signal-safe system calls and
         // allocates nothing (its contract), as a pre_exec hook must.
         unsafe { command.pre_exec(move || hardening.apply_in_child()) };
@@ -184,6 +207,15 @@ impl Agents {
             })?;
         let pid = child.id() as i32;
         let exit = self.reaper.watch(pid);
+        // Terminals die with their agent.
+        tokio::spawn({
+            let methods = Arc::clone(&methods);
+            let mut exit = exit.clone();
+            async move {
+                let _ = exit.wait_for(|e| e.is_some()).await;
+                methods.release_all();
+            }
+        });
         let io = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let (Some(stdin), Some(stdout), Some(stderr)) = io else { unreachable!("all three are piped") };
         log_stderr(spec.id.clone(), stderr);
@@ -195,17 +227,17 @@ impl Agents {
             }
         };
         let sinks: Arc<Sinks> = Arc::default();
-        let client = AcpClient::new(RpcConnection::start(stdout, stdin, Inbound { sinks: Arc::clone(&sinks) }));
+        let client = AcpClient::new(RpcConnection::start(stdout, stdin, Inbound { sinks: Arc::clone(&sinks), methods: Arc::clone(&methods) }));
         let initialized = match client.initialize(spec.initialize_timeout).await {
             Ok(init) => init,
             Err(e) => {
-                let agent = Agent { id: spec.id, pid, initialized: Initialized { protocol_version: 0, raw: String::new() }, client, exit, sinks };
+                let agent = Agent { id: spec.id, pid, initialized: Initialized { protocol_version: 0, raw: String::new() }, client, exit, sinks, methods };
                 let reason = agent.describe(e).await;
                 agent.signal_group(Signal::SIGKILL);
                 return Err(status(Code::FailedPrecondition, "agent_init_failed", format!("initialize failed: {reason}")));
             }
         };
-        let agent = Arc::new(Agent { id: spec.id.clone(), pid, initialized, client, exit, sinks });
+        let agent = Arc::new(Agent { id: spec.id.clone(), pid, initialized, client, exit, sinks, methods });
         self.table.lock().unwrap().insert(spec.id, Arc::clone(&agent));
         Ok(agent)
     }
@@ -213,7 +245,10 @@ impl Agents {
     pub async fn new_session(&self, agent_id: &str, cwd: &str) -> Result<String, Status> {
         let agent = self.get(agent_id)?;
         match agent.client.new_session(cwd, SESSION_NEW_TIMEOUT).await {
-            Ok(id) => Ok(id),
+            Ok(id) => {
+                agent.methods.add_session(&id, cwd);
+                Ok(id)
+            }
             Err(e) => Err(status(Code::FailedPrecondition, "agent_error", format!("session/new failed: {}", agent.describe(e).await))),
         }
     }

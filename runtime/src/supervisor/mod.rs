@@ -4,6 +4,9 @@
 //!   whoever waits for a pid (PID 1 must reap, or zombies pile up).
 //! - [`agents`]: agent processes, each in its own process group, and the ACP
 //!   sessions they hold.
+//! - [`client_methods`]: the agent-to-client methods the supervisor serves as
+//!   each agent's ACP client, gathering [`fs`] (text files, confined to the
+//!   session's directories) and [`terminals`] (commands run in the sandbox).
 //! - [`service`]: the `Supervisor` gRPC service on the inherited unix socket.
 //! - [`run_mode`]: PID 1 of `agentd sandbox run`: one command, stdio attached.
 //!
@@ -11,9 +14,12 @@
 //! thread keeps its memory small.
 
 pub mod agents;
+pub mod client_methods;
+pub mod fs;
 pub mod reaper;
 pub mod run_mode;
 pub mod service;
+pub mod terminals;
 
 use std::os::fd::FromRawFd;
 use std::sync::Arc;

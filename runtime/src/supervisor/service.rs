@@ -47,6 +47,7 @@ impl Supervisor for SupervisorService {
             env: r.env,
             cwd: r.cwd,
             initialize_timeout: timeout,
+            seccomp_json: (!r.seccomp_json.is_empty()).then_some(r.seccomp_json),
         };
         let agent = self.agents.start(spec).await?;
         Ok(Response::new(StartAgentResponse {

@@ -1,0 +1,648 @@
+//! The transactional outbox: steps of workflows, written in the same
+//! transaction as the state change that needs them, claimed by workers under
+//! a fenced lease, retried with backoff. [`crate::workflow`] runs them.
+//!
+//! # Transactions
+//!
+//! [`Store::begin`] opens a [`Tx`] on either backend (SQLite: `BEGIN
+//! IMMEDIATE`, so the writer lock is taken up front and two writers never
+//! deadlock upgrading; PostgreSQL: the default READ COMMITTED). A state
+//! change ([`Tx::transition`]) and its steps ([`Tx::enqueue`]) commit or
+//! vanish together. [`Store::transaction`] wraps the same in a closure.
+//!
+//! # Clock
+//!
+//! Every outbox time (`available_at`, `lease_expires_at`, `created_at`,
+//! `completed_at`) is read from the database's clock inside the statement
+//! that writes or compares it, so control planes with skewed clocks agree on
+//! when a lease expires. PostgreSQL: `statement_timestamp()` (stable within a
+//! statement, so the claim's comparison can use the `outbox_due` index, which
+//! the volatile `clock_timestamp()` would forbid); SQLite: `unixepoch('subsec')`.
+//!
+//! # Ordering and fencing
+//!
+//! A step is claimable when it is pending, due, and no older step (lower id)
+//! of the same entity is pending or leased: one entity's steps never run
+//! concurrently or out of order, while different entities' steps run in
+//! parallel. Ids follow commit order per entity as long as an entity's
+//! enqueuing transactions serialize, which they do when each first moves the
+//! entity's row ([`Tx::transition`] updates it before enqueueing; the second
+//! transaction waits on its row lock, or on SQLite's single writer).
+//!
+//! Each claim bumps `lease_epoch`; completion, failure, lease extension and
+//! release all say `WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'`,
+//! and a worker whose lease was reaped and re-claimed matches nothing:
+//! [`OutboxError::StaleLease`].
+//!
+//! # Wake-ups
+//!
+//! A committed enqueue wakes runners: on PostgreSQL one `pg_notify` per
+//! transaction (delivered at commit, so never for a rolled-back step) to
+//! every control plane listening, and in this process a watch channel per
+//! database ([`Store::outbox_wakeups`]), which is all SQLite has. Both are
+//! hints: runners poll as well.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, FromRow, Postgres, Sqlite, Transaction};
+use tokio::sync::watch;
+
+use super::states::{self, Entity, IllegalTransition};
+use super::{Backend, Store, StoreError, now_ms, table};
+
+/// The PostgreSQL channel a committed enqueue notifies.
+pub const CHANNEL: &str = "agentd_outbox";
+
+/// How many finished rows one pruning statement deletes at most, so that a
+/// large backlog is removed in short statements.
+const PRUNE_BATCH: i64 = 5_000;
+
+/// The outbox row states: pending -> leased -> done | failed, and back to
+/// pending from leased on a retryable failure, an expired lease or a release.
+pub mod step_state {
+    pub const PENDING: &str = "pending";
+    pub const LEASED: &str = "leased";
+    pub const DONE: &str = "done";
+    pub const FAILED: &str = "failed";
+}
+
+/// "Now" in milliseconds since the epoch on the database's clock; replaces
+/// `NOW_MS` in the statements below.
+const PG_NOW: &str = "(extract(epoch from statement_timestamp()) * 1000)::bigint";
+const SQLITE_NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The row was re-claimed (or finished) since this worker claimed it:
+    /// its result must be dropped.
+    #[error("outbox row {id}: lease epoch {epoch} is no longer held")]
+    StaleLease { id: i64, epoch: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for OutboxError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// One outbox row, as stored.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub entity_kind: String,
+    pub entity_id: String,
+    pub kind: String,
+    pub payload: Value,
+    pub idempotency_key: String,
+    pub state: String,
+    /// Claims so far, this one included while leased.
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub available_at: i64,
+    pub lease_owner: Option<String>,
+    pub lease_epoch: i64,
+    pub lease_expires_at: Option<i64>,
+    pub last_error: Option<String>,
+    /// What the handler returned, once done.
+    pub result: Option<Value>,
+    pub created_at: i64,
+    pub completed_at: Option<i64>,
+}
+
+/// One recorded state change of an entity.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct TransitionRow {
+    pub id: i64,
+    pub entity_kind: String,
+    pub entity_id: String,
+    pub from_state: String,
+    pub to_state: String,
+    pub at: i64,
+    pub reason: Option<String>,
+}
+
+/// A step to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewStep<'a> {
+    /// With `entity_id`, the ordering key: one entity's steps run in order.
+    pub entity_kind: &'a str,
+    pub entity_id: &'a str,
+    /// The handler that runs it.
+    pub kind: &'a str,
+    pub payload: Value,
+    /// Enqueueing the same key again returns the existing row.
+    pub idempotency_key: &'a str,
+    /// Tries before the step fails for good.
+    pub max_attempts: i64,
+    /// Not claimable before this much time has passed.
+    pub delay: Duration,
+}
+
+impl<'a> NewStep<'a> {
+    pub const DEFAULT_MAX_ATTEMPTS: i64 = 5;
+
+    pub fn new(entity_kind: &'a str, entity_id: &'a str, kind: &'a str, idempotency_key: &'a str, payload: Value) -> Self {
+        Self {
+            entity_kind,
+            entity_id,
+            kind,
+            payload,
+            idempotency_key,
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn max_attempts(mut self, max_attempts: i64) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// Where a failed step went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failed {
+    /// Pending again, claimable from `available_at` (database clock, ms).
+    Retry { available_at: i64 },
+    /// Out of attempts, or not retryable: `failed` for good.
+    Final,
+}
+
+/// A fenced update matched its row, or the lease is stale.
+fn fenced(updated: u64, id: i64, epoch: i64) -> Result<(), OutboxError> {
+    if updated == 1 { Ok(()) } else { Err(OutboxError::StaleLease { id, epoch }) }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// The open transaction of one backend.
+enum TxConn {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+/// An open transaction on the store; dropped without [`Tx::commit`], it
+/// rolls back. Never hold one across a network call.
+pub struct Tx {
+    conn: TxConn,
+    /// Set when a step was inserted: the commit wakes runners.
+    enqueued: bool,
+    /// This database's in-process wake-up signal.
+    signal: Arc<watch::Sender<u64>>,
+}
+
+/// Evaluates `$body` with `$conn` bound to the transaction's connection, as
+/// `with_pool!` does for the pool.
+macro_rules! with_tx {
+    ($tx:expr, |$conn:ident| $body:expr) => {
+        match &mut $tx.conn {
+            TxConn::Sqlite(t) => {
+                let $conn = &mut **t;
+                $body
+            }
+            TxConn::Postgres(t) => {
+                let $conn = &mut **t;
+                $body
+            }
+        }
+    };
+}
+
+/// The in-process wake-up signals, one per database this process opened
+/// (keyed by file or server and database), shared by every clone of a store
+/// and every store opened on the same database.
+fn signal_for(key: String) -> Arc<watch::Sender<u64>> {
+    static SIGNALS: OnceLock<Mutex<HashMap<String, Arc<watch::Sender<u64>>>>> = OnceLock::new();
+    let mut signals = SIGNALS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    signals.entry(key).or_insert_with(|| Arc::new(watch::Sender::new(0))).clone()
+}
+
+fn bump(signal: &watch::Sender<u64>) {
+    signal.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+impl Tx {
+    fn now_sql(&self) -> &'static str {
+        match self.conn {
+            TxConn::Sqlite(_) => SQLITE_NOW,
+            TxConn::Postgres(_) => PG_NOW,
+        }
+    }
+
+    fn sql(&self, template: &str) -> AssertSqlSafe<String> {
+        // Audited: the only substitution is a constant clock expression.
+        AssertSqlSafe(template.replace("NOW_MS", self.now_sql()))
+    }
+
+    /// Inserts a pending step, or returns the row already holding its
+    /// idempotency key (unchanged, whatever its state).
+    pub async fn enqueue(&mut self, step: NewStep<'_>) -> Result<OutboxRow, StoreError> {
+        let insert = self.sql(
+            "INSERT INTO outbox \
+             (entity_kind, entity_id, kind, payload, idempotency_key, state, max_attempts, available_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, NOW_MS + $7, NOW_MS) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING *",
+        );
+        let delay = millis(step.delay);
+        let inserted: Option<OutboxRow> = with_tx!(self, |conn| sqlx::query_as(insert)
+            .bind(step.entity_kind)
+            .bind(step.entity_id)
+            .bind(step.kind)
+            .bind(&step.payload)
+            .bind(step.idempotency_key)
+            .bind(step.max_attempts.max(1))
+            .bind(delay)
+            .fetch_optional(conn)
+            .await)?;
+        if let Some(row) = inserted {
+            self.enqueued = true;
+            return Ok(row);
+        }
+        // The key exists: committed before (on PostgreSQL the insert waited
+        // for a concurrent holder to commit), so this statement sees it.
+        let sql = "SELECT * FROM outbox WHERE idempotency_key = $1";
+        Ok(with_tx!(self, |conn| sqlx::query_as(sql).bind(step.idempotency_key).fetch_one(conn).await)?)
+    }
+
+    /// Moves `entity` `id` to `to` along its state machine and records the
+    /// change (with `reason`) in `transitions`. Returns the state it came
+    /// from, or `None` when it already was `to` (a repeat changes and records
+    /// nothing). `error` is kept on the row, as the store's own transitions do.
+    pub async fn transition(
+        &mut self,
+        entity: Entity,
+        id: &str,
+        to: &str,
+        error: Option<&str>,
+        reason: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let select = format!("SELECT state FROM {} WHERE id = $1", table(entity));
+        let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
+        let update = format!(
+            "UPDATE {} SET state = $1, error = COALESCE($2, error), {time_column} = $3 WHERE id = $4 AND state = $5",
+            table(entity)
+        );
+        loop {
+            // Audited: both statements are built from constant table and column names only.
+            let current: Option<String> =
+                with_tx!(self, |conn| sqlx::query_scalar(AssertSqlSafe(select.clone())).bind(id).fetch_optional(conn).await)?;
+            let current = match current {
+                None => return Err(StoreError::NotFound { entity, id: id.to_string() }),
+                Some(current) if current == to => return Ok(None),
+                Some(current) if !states::sources(entity, to).contains(&current.as_str()) => {
+                    return Err(IllegalTransition { entity, id: id.to_string(), current, to: to.to_string() }.into());
+                }
+                Some(current) => current,
+            };
+            // Compare-and-set on the state just read: a concurrent writer that
+            // moved the row first makes this match nothing, and we read again.
+            let now = now_ms();
+            let updated = with_tx!(self, |conn| sqlx::query(AssertSqlSafe(update.clone()))
+                .bind(to)
+                .bind(error)
+                .bind(now)
+                .bind(id)
+                .bind(&current)
+                .execute(conn)
+                .await
+                .map(|done| done.rows_affected()))?;
+            if updated == 1 {
+                let history = self.sql(
+                    "INSERT INTO transitions (entity_kind, entity_id, from_state, to_state, at, reason) \
+                     VALUES ($1, $2, $3, $4, NOW_MS, $5)",
+                );
+                with_tx!(self, |conn| sqlx::query(history)
+                    .bind(entity.to_string())
+                    .bind(id)
+                    .bind(&current)
+                    .bind(to)
+                    .bind(reason)
+                    .execute(conn)
+                    .await
+                    .map(|done| done.rows_affected()))?;
+                return Ok(Some(current));
+            }
+        }
+    }
+
+    /// Commits; if a step was enqueued, wakes runners (PostgreSQL: one
+    /// NOTIFY, sent by the commit itself; in process: the watch channel).
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        if self.enqueued && matches!(self.conn, TxConn::Postgres(_)) {
+            with_tx!(self, |conn| sqlx::query("SELECT pg_notify($1, '')")
+                .bind(CHANNEL)
+                .execute(conn)
+                .await
+                .map(|done| done.rows_affected()))?;
+        }
+        match self.conn {
+            TxConn::Sqlite(t) => t.commit().await?,
+            TxConn::Postgres(t) => t.commit().await?,
+        }
+        if self.enqueued {
+            bump(&self.signal);
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        match self.conn {
+            TxConn::Sqlite(t) => t.rollback().await?,
+            TxConn::Postgres(t) => t.rollback().await?,
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    fn now_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => SQLITE_NOW,
+            Backend::Postgres(_) => PG_NOW,
+        }
+    }
+
+    fn sql(&self, template: &str) -> AssertSqlSafe<String> {
+        // Audited: the only substitution is a constant clock expression.
+        AssertSqlSafe(template.replace("NOW_MS", self.now_sql()))
+    }
+
+    fn signal(&self) -> Arc<watch::Sender<u64>> {
+        let key = match &self.backend {
+            Backend::Sqlite(pool) => format!("sqlite:{}", pool.connect_options().get_filename().display()),
+            Backend::Postgres(pool) => {
+                let o = pool.connect_options();
+                format!("postgres://{}:{}/{}", o.get_host(), o.get_port(), o.get_database().unwrap_or_default())
+            }
+        };
+        signal_for(key)
+    }
+
+    /// The PostgreSQL pool, for LISTEN; `None` on SQLite.
+    pub(crate) fn pg_pool(&self) -> Option<sqlx::PgPool> {
+        match &self.backend {
+            Backend::Postgres(pool) => Some(pool.clone()),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// Changes whenever a step may have become claimable in this process
+    /// (an enqueue committed, a step finished, a notification arrived).
+    pub fn outbox_wakeups(&self) -> watch::Receiver<u64> {
+        self.signal().subscribe()
+    }
+
+    /// Wakes this process's runners on this database.
+    pub fn wake_outbox(&self) {
+        bump(&self.signal());
+    }
+
+    /// Opens a transaction (see the module doc).
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
+        let conn = match &self.backend {
+            Backend::Sqlite(pool) => TxConn::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres(pool) => TxConn::Postgres(pool.begin().await?),
+        };
+        Ok(Tx { conn, enqueued: false, signal: self.signal() })
+    }
+
+    /// Runs `f` in a transaction: committed if it returns `Ok`, rolled back
+    /// if it returns `Err` (or panics).
+    pub async fn transaction<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        E: From<StoreError>,
+        F: AsyncFnOnce(&mut Tx) -> Result<T, E>,
+    {
+        let mut tx = self.begin().await?;
+        let value = f(&mut tx).await?;
+        tx.commit().await?;
+        Ok(value)
+    }
+
+    /// Enqueues one step in a transaction of its own.
+    pub async fn enqueue(&self, step: NewStep<'_>) -> Result<OutboxRow, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = tx.enqueue(step).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// Moves `entity` `id` to `to` and enqueues `step`, atomically: both are
+    /// written or neither is. An illegal transition enqueues nothing.
+    pub async fn transition_and_enqueue(
+        &self,
+        entity: Entity,
+        id: &str,
+        to: &str,
+        reason: &str,
+        step: NewStep<'_>,
+    ) -> Result<OutboxRow, StoreError> {
+        let mut tx = self.begin().await?;
+        tx.transition(entity, id, to, None, reason).await?;
+        let row = tx.enqueue(step).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// Leases up to `limit` due steps to `owner` for `lease`, oldest first,
+    /// at most one per entity and none behind an open older step of its
+    /// entity. Each claimed row's epoch and attempts go up by one.
+    pub async fn claim(&self, owner: &str, limit: u32, lease: Duration) -> Result<Vec<OutboxRow>, StoreError> {
+        const DUE: &str = "SELECT o.id FROM outbox o \
+             WHERE o.state = 'pending' AND o.available_at <= NOW_MS \
+             AND NOT EXISTS (SELECT 1 FROM outbox p \
+                 WHERE p.entity_kind = o.entity_kind AND p.entity_id = o.entity_id \
+                 AND p.id < o.id AND p.state IN ('pending', 'leased')) \
+             ORDER BY o.available_at, o.id LIMIT $2";
+        const LEASE: &str = "state = 'leased', lease_owner = $1, lease_epoch = lease_epoch + 1, \
+             attempts = attempts + 1, lease_expires_at = NOW_MS + $3";
+        let (limit, lease) = (i64::from(limit), millis(lease));
+        let mut rows: Vec<OutboxRow> = match &self.backend {
+            // One autocommit statement at READ COMMITTED: rows another claimer
+            // holds are skipped, not waited for; a row it claimed and committed
+            // meanwhile fails the re-check of `state = 'pending'`.
+            Backend::Postgres(pool) => {
+                let sql = self.sql(&format!(
+                    "WITH due AS ({DUE} FOR UPDATE OF o SKIP LOCKED) \
+                     UPDATE outbox SET {LEASE} FROM due WHERE outbox.id = due.id RETURNING outbox.*"
+                ));
+                sqlx::query_as(sql).bind(owner).bind(limit).bind(lease).fetch_all(pool).await?
+            }
+            // One writer at a time: the subquery is evaluated once, before any
+            // row changes, inside a transaction that holds the write lock.
+            Backend::Sqlite(_) => {
+                let sql = self.sql(&format!("UPDATE outbox SET {LEASE} WHERE id IN ({DUE}) RETURNING *"));
+                let mut tx = self.begin().await?;
+                let rows = with_tx!(tx, |conn| sqlx::query_as(sql).bind(owner).bind(limit).bind(lease).fetch_all(conn).await)?;
+                tx.commit().await?;
+                rows
+            }
+        };
+        rows.sort_by_key(|r| (r.available_at, r.id));
+        Ok(rows)
+    }
+
+    /// Marks a leased step done with its handler's `result`.
+    pub async fn complete(&self, id: i64, epoch: i64, result: &Value) -> Result<(), OutboxError> {
+        let sql = self.sql(
+            "UPDATE outbox SET state = 'done', result = $3, completed_at = NOW_MS, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
+        );
+        let updated = with_pool!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(epoch)
+            .bind(result)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        fenced(updated, id, epoch)
+    }
+
+    /// Keeps a leased step's lease for `lease` from now (a heartbeat).
+    pub async fn extend_lease(&self, id: i64, epoch: i64, lease: Duration) -> Result<(), OutboxError> {
+        let sql = self.sql(
+            "UPDATE outbox SET lease_expires_at = NOW_MS + $3 WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
+        );
+        let updated = with_pool!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(epoch)
+            .bind(millis(lease))
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        fenced(updated, id, epoch)
+    }
+
+    /// Gives a leased step back unfinished (a runner shutting down): pending
+    /// again at once, and the attempt does not count.
+    pub async fn release(&self, id: i64, epoch: i64, reason: &str) -> Result<(), OutboxError> {
+        let sql = self.sql(
+            "UPDATE outbox SET state = 'pending', attempts = attempts - 1, available_at = NOW_MS, \
+             lease_expires_at = NULL, last_error = $3 \
+             WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
+        );
+        let updated = with_pool!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(epoch)
+            .bind(reason)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        fenced(updated, id, epoch)?;
+        self.wake_outbox();
+        Ok(())
+    }
+
+    /// Records a leased step's failure. With `retry_in` and attempts left it
+    /// is pending again from `retry_in` on; otherwise it is failed for good.
+    /// `error` is kept as `last_error` either way.
+    pub async fn fail(&self, id: i64, epoch: i64, error: &str, retry_in: Option<Duration>) -> Result<Failed, OutboxError> {
+        let retry = "($3 >= 0 AND attempts < max_attempts)";
+        let sql = self.sql(&format!(
+            "UPDATE outbox SET \
+             state = CASE WHEN {retry} THEN 'pending' ELSE 'failed' END, \
+             available_at = CASE WHEN {retry} THEN NOW_MS + $3 ELSE available_at END, \
+             completed_at = CASE WHEN {retry} THEN NULL ELSE NOW_MS END, \
+             last_error = $4, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND state = 'leased' \
+             RETURNING state, available_at"
+        ));
+        let retry_ms = retry_in.map(millis).unwrap_or(-1);
+        let row: Option<(String, i64)> =
+            with_pool!(self, |pool| sqlx::query_as(sql).bind(id).bind(epoch).bind(retry_ms).bind(error).fetch_optional(pool).await)?;
+        match row {
+            None => Err(OutboxError::StaleLease { id, epoch }),
+            Some((state, available_at)) if state == step_state::PENDING => Ok(Failed::Retry { available_at }),
+            Some(_) => Ok(Failed::Final),
+        }
+    }
+
+    /// Returns steps whose lease expired to pending (failed, if that was
+    /// their last attempt). Their epoch was bumped when they were claimed, so
+    /// the worker that lost them is already fenced. Returns how many.
+    pub async fn reap_expired_leases(&self) -> Result<u64, StoreError> {
+        let out_of_attempts = "attempts >= max_attempts";
+        let sql = self.sql(&format!(
+            "UPDATE outbox SET \
+             state = CASE WHEN {out_of_attempts} THEN 'failed' ELSE 'pending' END, \
+             completed_at = CASE WHEN {out_of_attempts} THEN NOW_MS ELSE NULL END, \
+             available_at = NOW_MS, lease_expires_at = NULL, \
+             last_error = 'lease of ' || COALESCE(lease_owner, '?') || ' expired' \
+             WHERE state = 'leased' AND lease_expires_at < NOW_MS"
+        ));
+        let reaped = with_pool!(self, |pool| sqlx::query(sql).execute(pool).await.map(|done| done.rows_affected()))?;
+        if reaped > 0 {
+            self.wake_outbox();
+        }
+        Ok(reaped)
+    }
+
+    /// Deletes done steps finished more than `retention` ago, and transition
+    /// history older than `history_retention`. Failed steps stay for
+    /// inspection. Returns (steps, transitions) deleted.
+    pub async fn prune_outbox(&self, retention: Duration, history_retention: Duration) -> Result<(u64, u64), StoreError> {
+        let steps = self.sql(
+            "DELETE FROM outbox WHERE id IN \
+             (SELECT id FROM outbox WHERE state = 'done' AND completed_at < NOW_MS - $1 LIMIT $2)",
+        )
+        .0;
+        let history = self.sql("DELETE FROM transitions WHERE id IN (SELECT id FROM transitions WHERE at < NOW_MS - $1 LIMIT $2)").0;
+        let mut deleted = (0, 0);
+        for (sql, retention, total) in [(steps, retention, &mut deleted.0), (history, history_retention, &mut deleted.1)] {
+            loop {
+                let n = with_pool!(self, |pool| sqlx::query(AssertSqlSafe(sql.clone()))
+                    .bind(millis(retention))
+                    .bind(PRUNE_BATCH)
+                    .execute(pool)
+                    .await
+                    .map(|done| done.rows_affected()))?;
+                *total += n;
+                if n < PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    pub async fn get_step(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        let sql = "SELECT * FROM outbox WHERE id = $1";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(id).fetch_optional(pool).await)?)
+    }
+
+    pub async fn get_step_by_key(&self, idempotency_key: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let sql = "SELECT * FROM outbox WHERE idempotency_key = $1";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(idempotency_key).fetch_optional(pool).await)?)
+    }
+
+    /// An entity's steps, in order.
+    pub async fn steps_of_entity(&self, entity_kind: &str, entity_id: &str) -> Result<Vec<OutboxRow>, StoreError> {
+        let sql = "SELECT * FROM outbox WHERE entity_kind = $1 AND entity_id = $2 ORDER BY id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(entity_kind).bind(entity_id).fetch_all(pool).await)?)
+    }
+
+    /// How many steps are in `state`.
+    pub async fn count_steps(&self, state: &str) -> Result<i64, StoreError> {
+        let sql = "SELECT COUNT(*) FROM outbox WHERE state = $1";
+        Ok(with_pool!(self, |pool| sqlx::query_scalar(sql).bind(state).fetch_one(pool).await)?)
+    }
+
+    /// An entity's recorded transitions, oldest first.
+    pub async fn transitions_of(&self, entity_kind: &str, entity_id: &str) -> Result<Vec<TransitionRow>, StoreError> {
+        let sql = "SELECT * FROM transitions WHERE entity_kind = $1 AND entity_id = $2 ORDER BY id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(entity_kind).bind(entity_id).fetch_all(pool).await)?)
+    }
+}

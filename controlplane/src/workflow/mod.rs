@@ -1,0 +1,81 @@
+//! The workflow runner, in place of Temporal: a transactional outbox drained
+//! by leased, fenced, retrying workers.
+//!
+//! A state change and the steps it needs are written in one transaction
+//! ([`Store::begin`](crate::store::Store::begin),
+//! [`Tx::enqueue`](crate::store::outbox::Tx::enqueue),
+//! [`Store::transition_and_enqueue`](crate::store::Store::transition_and_enqueue));
+//! a [`Runner`] claims due steps, runs each kind's handler from its
+//! [`Registry`], and records the outcome under the lease's epoch. The store
+//! side (schema, claim SQL, ordering and fencing rules) is documented in
+//! [`crate::store::outbox`].
+//!
+//! Layout:
+//! - [`registry`]: step kind -> async handler.
+//! - [`runner`]: the claim loop, bounded concurrency, graceful shutdown.
+//! - [`step`]: one claimed step: heartbeat, handler, complete or fail.
+//! - [`backoff`]: exponential backoff with jitter between attempts.
+//! - [`wake`]: PostgreSQL LISTEN as a wake-up hint.
+//! - [`janitor`]: the lease reaper and pruning of finished rows.
+//!
+//! No transaction is open while a handler runs: the claim commits before the
+//! handler starts, and the completion is one short statement after it ends.
+//! A handler may run more than once for a step (a lease expired, a runner
+//! died after the handler's side effect but before completing), so it must be
+//! idempotent: it gets the step's idempotency key and lease epoch to pass on
+//! (the node rejects stale epochs).
+
+pub mod backoff;
+pub mod janitor;
+pub mod registry;
+pub mod runner;
+pub mod step;
+pub mod wake;
+
+#[cfg(test)]
+mod tests;
+
+pub use backoff::Backoff;
+pub use registry::Registry;
+pub use runner::{Runner, RunnerConfig};
+
+use serde_json::Value;
+
+/// What a handler gets: the claimed step.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    /// The outbox row.
+    pub id: i64,
+    /// The lease epoch this run holds; pass it to whatever the step calls.
+    pub epoch: i64,
+    /// Stable across retries: the receiver's deduplication key.
+    pub idempotency_key: String,
+    pub entity_kind: String,
+    pub entity_id: String,
+    pub kind: String,
+    pub payload: Value,
+    /// 1 on the first try.
+    pub attempt: i64,
+}
+
+/// Why a handler gave up on this attempt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StepError {
+    /// Try again after a backoff (until attempts run out), or fail for good.
+    pub retryable: bool,
+    pub message: String,
+}
+
+impl StepError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self { retryable: true, message: message.into() }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { retryable: false, message: message.into() }
+    }
+}
+
+/// What a handler returns; the value is stored as the step's result.
+pub type StepResult = Result<Value, StepError>;

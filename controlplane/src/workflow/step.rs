@@ -1,0 +1,106 @@
+//! One claimed step: run its handler under a kept-alive lease, then record
+//! the outcome with the lease's epoch.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+use crate::store::outbox::{Failed, OutboxError, OutboxRow};
+
+use super::registry::Registry;
+use super::{Backoff, StepContext, StepError, StepResult};
+
+/// What a step task needs besides its row; shared by all of a runner's steps.
+pub(crate) struct Shared {
+    pub store: Store,
+    pub registry: Registry,
+    /// How long a claim holds; the heartbeat renews it every third of it.
+    pub lease: Duration,
+    pub backoff: Backoff,
+    /// Cancelled when the drain bound has passed: unfinished steps are given
+    /// back (released) instead of completing.
+    pub abandon: CancellationToken,
+}
+
+/// Runs `row`'s handler and records how it ended. Never fails: a step whose
+/// outcome cannot be recorded keeps its lease until it expires, and the
+/// reaper makes it claimable again.
+pub(crate) async fn run(shared: Arc<Shared>, row: OutboxRow) {
+    let (id, epoch) = (row.id, row.lease_epoch);
+    let ctx = StepContext {
+        id,
+        epoch,
+        idempotency_key: row.idempotency_key,
+        entity_kind: row.entity_kind,
+        entity_id: row.entity_id,
+        kind: row.kind,
+        payload: row.payload,
+        attempt: row.attempts,
+    };
+    let kind = ctx.kind.clone();
+
+    let outcome = match shared.registry.get(&kind) {
+        None => Err(StepError::retryable(format!("no handler for step kind {kind:?} in this runner"))),
+        Some(handler) => {
+            let handler = AssertUnwindSafe(handler(ctx)).catch_unwind();
+            match heartbeat(&shared, id, epoch, handler).await {
+                Some(Ok(outcome)) => outcome,
+                Some(Err(_panic)) => Err(StepError::retryable("step handler panicked")),
+                None => {
+                    // Abandoned at shutdown: give the step back for another runner.
+                    if let Err(e) = shared.store.release(id, epoch, "runner shut down before the step finished").await {
+                        tracing::warn!(id, epoch, kind, error = %e, "cannot release step");
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    record(&shared, id, epoch, &kind, row.attempts, outcome).await;
+    // The entity's next step, held back behind this one, may be claimable now.
+    shared.store.wake_outbox();
+}
+
+/// Drives `handler`, renewing the lease every third of its length; `None`
+/// if the runner abandoned the step first.
+async fn heartbeat<F: Future>(shared: &Shared, id: i64, epoch: i64, handler: F) -> Option<F::Output> {
+    let period = (shared.lease / 3).max(Duration::from_millis(10));
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut handler = std::pin::pin!(handler);
+    loop {
+        tokio::select! {
+            outcome = &mut handler => return Some(outcome),
+            _ = shared.abandon.cancelled() => return None,
+            _ = beat.tick() => match shared.store.extend_lease(id, epoch, shared.lease).await {
+                Ok(()) => {}
+                // Someone else holds the step now; its outcome here will be refused.
+                Err(e @ OutboxError::StaleLease { .. }) => tracing::warn!(error = %e, "lease lost while the step ran"),
+                Err(e) => tracing::warn!(id, epoch, error = %e, "cannot renew lease"),
+            },
+        }
+    }
+}
+
+async fn record(shared: &Shared, id: i64, epoch: i64, kind: &str, attempt: i64, outcome: StepResult) {
+    let recorded = match outcome {
+        Ok(result) => shared.store.complete(id, epoch, &result).await.map(|()| None),
+        Err(e) => {
+            let retry_in = e.retryable.then(|| shared.backoff.delay(attempt));
+            shared.store.fail(id, epoch, &e.message, retry_in).await.map(|failed| Some((failed, e)))
+        }
+    };
+    match recorded {
+        Ok(None) => tracing::debug!(id, epoch, kind, "step done"),
+        Ok(Some((Failed::Retry { available_at }, e))) => {
+            tracing::info!(id, epoch, kind, attempt, available_at, error = %e, "step failed; will retry")
+        }
+        Ok(Some((Failed::Final, e))) => tracing::warn!(id, epoch, kind, attempt, error = %e, "step failed for good"),
+        Err(e @ OutboxError::StaleLease { .. }) => tracing::warn!(kind, error = %e, "step outcome dropped"),
+        Err(e) => tracing::warn!(id, epoch, kind, error = %e, "cannot record step outcome; its lease will expire"),
+    }
+}

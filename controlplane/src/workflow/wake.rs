@@ -1,0 +1,49 @@
+//! PostgreSQL LISTEN as a wake-up hint for the runners of this process.
+//!
+//! Notifications are only hints (LISTEN does not pass through PgBouncer in
+//! transaction mode, and one lost while reconnecting is gone): runners poll
+//! as well.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+use crate::store::outbox::CHANNEL;
+
+/// Wait between attempts to (re)connect the listener.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Forwards notifications on the outbox channel into the store's in-process
+/// wake-up signal until `shutdown`. Returns at once on SQLite.
+pub async fn listen(store: Store, shutdown: CancellationToken) {
+    let Some(pool) = store.pg_pool() else { return };
+    while !shutdown.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect the outbox listener; polling only");
+                tokio::select! { _ = tokio::time::sleep(RETRY) => continue, _ = shutdown.cancelled() => return }
+            }
+        };
+        if let Err(e) = listener.listen(CHANNEL).await {
+            tracing::warn!(error = %e, "cannot LISTEN on {CHANNEL}; polling only");
+            tokio::select! { _ = tokio::time::sleep(RETRY) => continue, _ = shutdown.cancelled() => return }
+        }
+        // Anything enqueued while we were not listening is found by the first claim.
+        store.wake_outbox();
+        loop {
+            tokio::select! {
+                received = listener.recv() => match received {
+                    Ok(_) => store.wake_outbox(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox listener lost; reconnecting");
+                        break;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
