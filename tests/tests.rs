@@ -4,6 +4,7 @@
 
 mod support;
 
+mod acp_methods;
 mod bad_input;
 mod hostile;
 mod sandbox_limits;

@@ -15,7 +15,8 @@
 //!
 //! Each figure is the median over BENCH_REPEATS runs (default 3) of
 //! BENCH_SECONDS (default 5) each. BENCH_BACKENDS=postgres,sqlite picks
-//! backends; BENCH_WORKERS (default 16) sizes the runner.
+//! backends; BENCH_WORKERS (default 16) sizes the runner; BENCH_ONLY=latency
+//! or saturation runs one half.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -213,7 +214,8 @@ struct Figures {
 async fn bench(store: &Store, settings: &Settings) -> Figures {
     let backend = store.backend();
     let mut latency = Vec::new();
-    for rate in RATES {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    for rate in RATES.into_iter().filter(|_| only != "saturation") {
         let (mut p50s, mut p99s, mut enq) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..settings.repeats {
             let r = latency_run(store, settings, rate, run).await;
@@ -233,7 +235,7 @@ async fn bench(store: &Store, settings: &Settings) -> Figures {
         latency.push((rate, median(p50s), median(p99s), median(enq)));
     }
     let mut rates = Vec::new();
-    for run in 0..settings.repeats {
+    for run in (0..settings.repeats).filter(|_| only != "latency") {
         let rate = saturation_run(store, settings, run).await;
         println!("  {backend:8} saturation run {run}: {rate:7.0} transitions/s ({} workers, {CHAINS} chains)", settings.workers);
         rates.push(rate);

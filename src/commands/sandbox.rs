@@ -147,12 +147,18 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         inject_failure: args.inject_failure.clone(),
     };
     spec.validate()?;
-    let cgroups = RunCgroups::create(&args)?;
+    // cgroups carry the limits and the OOM count; without limits the pid
+    // namespace alone holds the tree together (it dies with PID 1), and
+    // skipping the cgroups saves their mkdir and rmdir in every hierarchy.
+    let wants_cgroups = args.memory.is_some() || args.pids.is_some() || args.cpus.is_some();
+    let cgroups = if wants_cgroups { Some(RunCgroups::create(&args)?) } else { None };
     if args.inject_failure.as_deref() == Some("cgroup") {
         bail!("sandbox setup failed at cgroup: injected failure");
     }
-    spec.cgroup_procs = cgroups.sandbox.procs_files();
-    spec.cgroup_return = cgroups.return_files();
+    if let Some(cg) = &cgroups {
+        spec.cgroup_procs = cg.sandbox.procs_files();
+        spec.cgroup_return = cg.return_files();
+    }
 
     // Building the sandbox leaves this process in a private mount namespace
     // whose mounts sit on the scratch directory: come back to the original one
@@ -173,7 +179,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     });
     nix::sched::setns(host_mnt.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS).context("cannot return to the host mount namespace")?;
     let code = waited?;
-    if let Ok(Some(kills)) = cgroups.sandbox.oom_kills()
+    if let Some(Ok(Some(kills))) = cgroups.as_ref().map(|cg| cg.sandbox.oom_kills())
         && kills > 0
     {
         let limit = args.memory.as_deref().unwrap_or("?");

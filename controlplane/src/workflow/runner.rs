@@ -150,8 +150,11 @@ impl Runner {
                 steps.abort_all();
             }
         }
-        background.abort_all();
-        while background.join_next().await.is_some() {}
+        // The listener and the janitor end on the shutdown signal themselves.
+        let stopped = tokio::time::timeout(Duration::from_secs(5), async { while background.join_next().await.is_some() {} }).await;
+        if stopped.is_err() {
+            background.abort_all();
+        }
         tracing::info!(owner = config.owner, "workflow runner stopped");
     }
 }

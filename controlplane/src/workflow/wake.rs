@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
@@ -18,7 +18,11 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Forwards notifications on the outbox channel into the store's in-process
 /// wake-up signal until `shutdown`. Returns at once on SQLite.
 pub async fn listen(store: Store, shutdown: CancellationToken) {
-    let Some(pool) = store.pg_pool() else { return };
+    let Some(store_pool) = store.pg_pool() else { return };
+    // A connection of its own, outside the store's pool: a LISTEN holds its
+    // connection for as long as it listens.
+    let options = (*store_pool.connect_options()).clone();
+    let pool = PgPoolOptions::new().max_connections(1).idle_timeout(None).max_lifetime(None).connect_lazy_with(options);
     while !shutdown.is_cancelled() {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -42,8 +46,9 @@ pub async fn listen(store: Store, shutdown: CancellationToken) {
                         break;
                     }
                 },
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
             }
         }
     }
+    pool.close().await;
 }

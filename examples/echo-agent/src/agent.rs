@@ -1,6 +1,8 @@
 //! The ACP side of the echo agent: `initialize`, `session/new`,
 //! `session/prompt` and `session/cancel`, served through the SDK's v1
-//! connection layer.
+//! connection layer. A prompt that is one of the [`crate::commands`] calls
+//! the client's file-system or terminal methods instead of echoing
+//! ([`crate::tools`]).
 //!
 //! The SDK runs `on_receive_*` handlers one at a time on its dispatch loop, so
 //! a handler that waited for a slow turn would also hold back the
@@ -19,15 +21,18 @@ use agent_client_protocol::{
 };
 use agent_client_protocol_schema::ProtocolVersion;
 use agent_client_protocol_schema::v1::{
-    AgentCapabilities, CancelNotification, ContentBlock, ContentChunk, Implementation,
-    InitializeRequest, InitializeResponse, NewSessionRequest, NewSessionResponse, PromptRequest,
-    PromptResponse, SessionId, SessionNotification, SessionUpdate, StopReason, TextContent,
+    AgentCapabilities, CancelNotification, ClientCapabilities, ContentBlock, ContentChunk,
+    Implementation, InitializeRequest, InitializeResponse, NewSessionRequest, NewSessionResponse,
+    PromptRequest, PromptResponse, SessionId, SessionNotification, SessionUpdate, StopReason,
+    TextContent, ToolCallId,
 };
 use tokio::sync::watch;
 
 use crate::chunking::{self, Chunking};
 use crate::cli::FailInitialize;
+use crate::commands;
 use crate::stdio::StdoutLines;
+use crate::tools::Tools;
 
 /// What `--fail-initialize garbage` writes in place of a response: clearly not
 /// JSON, so a client must treat it as a framing error rather than misparse it.
@@ -144,6 +149,11 @@ struct State {
     /// How many turns are streaming, so shutdown can wait for them.
     active_turns: watch::Sender<usize>,
     next_turn_id: AtomicU64,
+    /// What the client offered in `initialize`: the agent calls only those of
+    /// its methods.
+    client_capabilities: Mutex<ClientCapabilities>,
+    /// Numbers the `tool_call`s that terminal commands report.
+    next_tool_call: AtomicU64,
 }
 
 struct RunningTurn {
@@ -161,6 +171,8 @@ impl State {
             parked: Mutex::default(),
             active_turns: watch::Sender::new(0),
             next_turn_id: AtomicU64::new(0),
+            client_capabilities: Mutex::default(),
+            next_tool_call: AtomicU64::new(1),
         }
     }
 
@@ -176,6 +188,10 @@ impl State {
         responder: Responder<InitializeResponse>,
     ) -> Result<(), Error> {
         tracing::info!(client_version = %request.protocol_version, "initialize");
+        *self
+            .client_capabilities
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = request.client_capabilities;
         match self.config.fail_initialize {
             None => responder.respond(
                 InitializeResponse::new(ProtocolVersion::V1)
@@ -242,7 +258,10 @@ impl State {
             request: responder.cancellation(),
         };
         cx.clone().spawn(async move {
-            let stop_reason = self.stream_echo(&cx, &session_id, &text, cancel).await;
+            let stop_reason = match commands::parse(&text) {
+                Some(command) => self.run_command(&cx, &session_id, command, cancel).await,
+                None => self.stream_echo(&cx, &session_id, &text, cancel).await,
+            };
             // Free the session before answering: a client may send its next
             // prompt the moment it sees this response.
             drop(guard);
@@ -305,6 +324,30 @@ impl State {
             Some(None) => tracing::debug!(session = %session_id, "cancel: no turn running"),
             None => tracing::warn!(session = %session_id, "cancel: unknown session"),
         }
+    }
+
+    /// A prompt command: calls the client and streams what it answered.
+    async fn run_command(
+        &self,
+        cx: &ConnectionTo<Client>,
+        session_id: &SessionId,
+        command: commands::Command,
+        mut cancel: TurnCancel,
+    ) -> Result<StopReason, Error> {
+        tracing::info!(session = %session_id, ?command, "prompt command");
+        let caps = self
+            .client_capabilities
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let id = self.next_tool_call.fetch_add(1, Ordering::Relaxed);
+        let tools = Tools {
+            cx,
+            session_id,
+            caps: &caps,
+            tool_call_id: ToolCallId::new(format!("call_{id}")),
+        };
+        tools.run(command, &mut cancel).await
     }
 
     async fn stream_echo(
@@ -370,7 +413,7 @@ impl Drop for TurnGuard {
 /// JSON-RPC-level `$/cancel_request` for the prompt request itself. Both end
 /// the turn with `stopReason: cancelled`, which ACP requires for the former
 /// and is the most useful answer for the latter.
-struct TurnCancel {
+pub(crate) struct TurnCancel {
     session: watch::Receiver<bool>,
     request: RequestCancellation,
 }
@@ -380,7 +423,7 @@ impl TurnCancel {
         *self.session.borrow() || self.request.is_cancelled()
     }
 
-    async fn cancelled(&mut self) {
+    pub(crate) async fn cancelled(&mut self) {
         tokio::select! {
             fired = async { self.session.wait_for(|&c| c).await.is_ok() } => {
                 // The sender is dropped only after this turn ends; should that

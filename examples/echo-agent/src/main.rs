@@ -1,11 +1,14 @@
 //! `echo-agent`: a real ACP v1 agent that echoes prompts back, used by
 //! agentd's tests and benchmarks as a predictable stand-in for an AI agent.
-//! See `agent.rs` for the protocol and `cli.rs` for the flags.
+//! See `agent.rs` for the protocol, `cli.rs` for the flags and `commands.rs`
+//! for the prompt commands that exercise a client's fs and terminal methods.
 
 mod agent;
 mod chunking;
 mod cli;
+mod commands;
 mod stdio;
+mod tools;
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;

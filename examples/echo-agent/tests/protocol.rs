@@ -113,12 +113,45 @@ impl Agent {
     }
 
     fn initialize(&mut self) -> Value {
+        self.initialize_with(json!({}))
+    }
+
+    fn initialize_with(&mut self, client_capabilities: Value) -> Value {
         let id = self.request(
             "initialize",
-            json!({"protocolVersion": 1, "clientCapabilities": {}}),
+            json!({"protocolVersion": 1, "clientCapabilities": client_capabilities}),
         );
         let response = self.response(id);
         response["result"].clone()
+    }
+
+    /// Plays the client until the response to `id`: each request the agent
+    /// makes is recorded and answered by `answer` (a JSON-RPC result or
+    /// error object, as `Ok`/`Err`), each `session/update` recorded.
+    fn serve_until(
+        &mut self,
+        id: u64,
+        mut answer: impl FnMut(&str, &Value) -> Result<Value, Value>,
+    ) -> Served {
+        let mut served = Served::default();
+        loop {
+            let message = self.message();
+            if message["id"] == json!(id) && message.get("method").is_none() {
+                served.response = message;
+                return served;
+            }
+            let method = message["method"].as_str().expect("a method").to_owned();
+            if method == "session/update" {
+                served.updates.push(message["params"]["update"].clone());
+                continue;
+            }
+            let reply = match answer(&method, &message["params"]) {
+                Ok(result) => json!({"jsonrpc": "2.0", "id": message["id"], "result": result}),
+                Err(error) => json!({"jsonrpc": "2.0", "id": message["id"], "error": error}),
+            };
+            served.requests.push((method, message["params"].clone()));
+            self.send(&reply);
+        }
     }
 
     fn new_session(&mut self) -> String {
@@ -159,6 +192,31 @@ impl Agent {
         self.child.try_wait().expect("try_wait").is_none()
     }
 }
+
+/// What a turn showed the client: its requests, its updates, its answer.
+#[derive(Default, Debug)]
+struct Served {
+    requests: Vec<(String, Value)>,
+    updates: Vec<Value>,
+    response: Value,
+}
+
+impl Served {
+    fn text(&self) -> String {
+        self.updates
+            .iter()
+            .filter(|u| u["sessionUpdate"] == "agent_message_chunk")
+            .map(|u| u["content"]["text"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn methods(&self) -> Vec<&str> {
+        self.requests.iter().map(|(m, _)| m.as_str()).collect()
+    }
+}
+
+const ALL_CAPABILITIES: &str =
+    r#"{"fs": {"readTextFile": true, "writeTextFile": true}, "terminal": true}"#;
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -384,4 +442,196 @@ fn fail_initialize_hang_never_answers() {
     assert!(agent.is_running());
     agent.close_stdin();
     assert_eq!(agent.wait().code(), Some(0));
+}
+
+#[test]
+fn commands_call_nothing_the_client_did_not_offer() {
+    let mut agent = Agent::spawn(&[]);
+    agent.initialize();
+    let session = agent.new_session();
+    for (prompt, said) in [
+        (
+            "/read /w/a.txt",
+            "error: the client does not offer fs/read_text_file",
+        ),
+        (
+            "/write /w/a.txt x",
+            "error: the client does not offer fs/write_text_file",
+        ),
+        ("/run true", "error: the client does not offer terminals"),
+        (
+            "/kill sleep 1",
+            "error: the client does not offer terminals",
+        ),
+    ] {
+        let id = agent.prompt(&session, prompt);
+        let served = agent.serve_until(id, |m, _| panic!("{m} called"));
+        assert_eq!(served.text(), said);
+        assert_eq!(served.response["result"]["stopReason"], "end_turn");
+    }
+    // Unknown commands and plain text are echoed as ever.
+    let id = agent.prompt(&session, "/nothing here");
+    assert_eq!(
+        agent.serve_until(id, |m, _| panic!("{m} called")).text(),
+        "/nothing here"
+    );
+}
+
+#[test]
+fn fs_commands_send_spec_shaped_requests() {
+    let mut agent = Agent::spawn(&[]);
+    agent.initialize_with(serde_json::from_str(ALL_CAPABILITIES).unwrap());
+    let session = agent.new_session();
+
+    let id = agent.prompt(&session, "/read /w/a.txt 2 3");
+    let served = agent.serve_until(id, |_, _| Ok(json!({"content": "two\nthree\n"})));
+    assert_eq!(
+        served.requests,
+        [(
+            "fs/read_text_file".to_owned(),
+            json!({"sessionId": session, "path": "/w/a.txt", "line": 2, "limit": 3})
+        )]
+    );
+    assert_eq!(served.text(), "two\nthree\n");
+
+    let id = agent.prompt(&session, "/read /etc/passwd");
+    let served = agent.serve_until(id, |_, _| {
+        Err(json!({"code": -32602, "message": "outside the workspace"}))
+    });
+    assert_eq!(
+        served.requests[0].1,
+        json!({"sessionId": session, "path": "/etc/passwd"})
+    );
+    assert_eq!(served.text(), "error -32602: outside the workspace");
+    assert_eq!(served.response["result"]["stopReason"], "end_turn");
+
+    let id = agent.prompt(&session, "/write /w/new.txt héllo\nworld");
+    let served = agent.serve_until(id, |_, _| Ok(Value::Null));
+    assert_eq!(
+        served.requests,
+        [(
+            "fs/write_text_file".to_owned(),
+            json!({"sessionId": session, "path": "/w/new.txt", "content": "héllo\nworld"})
+        )]
+    );
+    assert_eq!(served.text(), "wrote 12 bytes to /w/new.txt");
+}
+
+#[test]
+fn run_drives_a_terminal_and_reports_a_tool_call() {
+    let mut agent = Agent::spawn(&[]);
+    agent.initialize_with(serde_json::from_str(ALL_CAPABILITIES).unwrap());
+    let session = agent.new_session();
+
+    let id = agent.prompt(
+        &session,
+        "/run --limit 64 --env A=1 --cwd /tmp sh -c 'echo o; exit 3'",
+    );
+    let served = agent.serve_until(id, |method, _| match method {
+        "terminal/create" => Ok(json!({"terminalId": "t1"})),
+        "terminal/wait_for_exit" => Ok(json!({"exitCode": 3, "signal": null})),
+        "terminal/output" => {
+            Ok(json!({"output": "o\n", "truncated": false, "exitStatus": {"exitCode": 3}}))
+        }
+        "terminal/release" => Ok(json!({})),
+        other => panic!("unexpected {other}"),
+    });
+    assert_eq!(
+        served.methods(),
+        [
+            "terminal/create",
+            "terminal/wait_for_exit",
+            "terminal/output",
+            "terminal/release"
+        ]
+    );
+    assert_eq!(
+        served.requests[0].1,
+        json!({"sessionId": session, "command": "sh", "args": ["-c", "echo o; exit 3"],
+               "env": [{"name": "A", "value": "1"}], "cwd": "/tmp", "outputByteLimit": 64})
+    );
+    for (_, params) in &served.requests[1..] {
+        assert_eq!(params, &json!({"sessionId": session, "terminalId": "t1"}));
+    }
+    assert_eq!(served.text(), "o\n[exit code 3]");
+    let calls: Vec<&Value> = served
+        .updates
+        .iter()
+        .filter(|u| u["sessionUpdate"] != "agent_message_chunk")
+        .collect();
+    assert_eq!(calls[0]["sessionUpdate"], "tool_call");
+    assert_eq!(calls[0]["kind"], "execute");
+    assert_eq!(calls[0]["title"], "sh -c echo o; exit 3");
+    let call_id = &calls[0]["toolCallId"];
+    assert_eq!(
+        calls[1]["content"],
+        json!([{"type": "terminal", "terminalId": "t1"}])
+    );
+    let last = calls.last().unwrap();
+    assert_eq!(last["sessionUpdate"], "tool_call_update");
+    assert_eq!(&last["toolCallId"], call_id);
+    assert_eq!(last["status"], "completed");
+    assert_eq!(
+        last["rawOutput"],
+        json!({"output": "o\n", "truncated": false, "exitCode": 3, "signal": null})
+    );
+    assert_eq!(served.response["result"]["stopReason"], "end_turn");
+}
+
+#[test]
+fn kill_kills_before_waiting_and_errors_are_reported() {
+    let mut agent = Agent::spawn(&[]);
+    agent.initialize_with(serde_json::from_str(ALL_CAPABILITIES).unwrap());
+    let session = agent.new_session();
+
+    let id = agent.prompt(&session, "/kill sleep 100");
+    let served = agent.serve_until(id, |method, _| match method {
+        "terminal/create" => Ok(json!({"terminalId": "t2"})),
+        "terminal/kill" | "terminal/release" => Ok(json!({})),
+        "terminal/wait_for_exit" => Ok(json!({"exitCode": null, "signal": "SIGKILL"})),
+        "terminal/output" => {
+            Ok(json!({"output": "", "truncated": false, "exitStatus": {"signal": "SIGKILL"}}))
+        }
+        other => panic!("unexpected {other}"),
+    });
+    assert_eq!(
+        served.methods(),
+        [
+            "terminal/create",
+            "terminal/kill",
+            "terminal/wait_for_exit",
+            "terminal/output",
+            "terminal/release"
+        ]
+    );
+    assert_eq!(served.text(), "[signal SIGKILL]");
+
+    let id = agent.prompt(&session, "/run no-such-command");
+    let served = agent.serve_until(id, |_, _| {
+        Err(json!({"code": -32002, "message": "command not found: no-such-command"}))
+    });
+    assert_eq!(served.methods(), ["terminal/create"]);
+    assert_eq!(
+        served.text(),
+        "error -32002: command not found: no-such-command"
+    );
+    let last = served
+        .updates
+        .iter()
+        .rfind(|u| u["sessionUpdate"] == "tool_call_update")
+        .unwrap();
+    assert_eq!(last["status"], "failed");
+
+    let id = agent.prompt(&session, "/output term_gone");
+    let served = agent.serve_until(id, |_, _| {
+        Err(json!({"code": -32002, "message": "no terminal term_gone"}))
+    });
+    assert_eq!(
+        served.requests[0],
+        (
+            "terminal/output".to_owned(),
+            json!({"sessionId": session, "terminalId": "term_gone"})
+        )
+    );
+    assert_eq!(served.text(), "error -32002: no terminal term_gone");
 }

@@ -73,7 +73,8 @@ impl InboundHandler for Inbound {
 
     async fn request(&self, method: String, params: Option<Box<RawValue>>) -> Result<Value, ErrorObject> {
         match method.as_str() {
-            // Permission requests: being done separately; not served yet.
+            // Permission requests are a separate change (they wait on a
+            // human); until it lands they are not served.
             "session/request_permission" => Err(ErrorObject::method_not_found(&method)),
             m if client_methods::METHODS.contains(&m) => self.methods.serve(m, params.as_deref()).await,
             _ => Err(ErrorObject::method_not_found(&method)),

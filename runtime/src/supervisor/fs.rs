@@ -169,8 +169,10 @@ fn containing_root(roots: &Roots, canonical: &Path) -> Option<PathBuf> {
 
 /// `openat2` flags that stay under the directory and follow no symlink.
 fn beneath(flags: OFlag, mode: u32) -> OpenHow {
+    // openat2 refuses O_PATH with any flag O_PATH would ignore.
+    let extra = if flags.contains(OFlag::O_PATH) { OFlag::O_CLOEXEC } else { OFlag::O_CLOEXEC | OFlag::O_NOCTTY };
     OpenHow::new()
-        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .flags(flags | extra)
         .mode(Mode::from_bits_truncate(mode))
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS)
 }
