@@ -48,18 +48,9 @@ async fn session(agentd: &Agentd) -> Session {
 }
 
 async fn turn(agentd: &Agentd, s: &mut Session, prompt: &str) -> Turn {
-    // The previous run's end reaches SSE a moment before the store marks the
-    // run finished: until then a new prompt is refused as run_active.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (status, body) = agentd.prompt(&s.id, prompt).await;
-        if status == StatusCode::CONFLICT && body["code"] == "run_active" && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            continue;
-        }
-        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        break;
-    }
+    // Prompting right after the previous run.completed must be accepted.
+    let (status, body) = agentd.prompt(&s.id, prompt).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let events = s.events.until_run_end().await;
     let mut turn = Turn { text: String::new(), tool_calls: Vec::new(), stop_reason: Value::Null };
     for event in &events {

@@ -143,3 +143,19 @@ async fn the_same_path_runs_on_postgresql() {
     let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_sent_the_moment_a_run_completes_is_accepted() {
+    let agentd = Agentd::start().await;
+    let session = agentd.create_session(&[]).await;
+    let id = session["id"].as_str().unwrap();
+    let mut events = agentd.events(id, None).await;
+    for i in 0..20 {
+        let (status, body) = agentd.prompt(id, &format!("turn {i}")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "turn {i}: {body}");
+        let end = events.until_run_end().await.pop().unwrap();
+        assert_eq!(end.json()["stop_reason"], "end_turn");
+    }
+    let view = agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"][19]["state"] == "completed").await;
+    assert!(view["runs"].as_array().unwrap().iter().all(|r| r["state"] == "completed"), "{view}");
+}

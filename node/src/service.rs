@@ -191,6 +191,16 @@ impl node_server::Node for NodeService {
         Ok(Response::new(CancelResponse { was_running: answer.was_running }))
     }
 
+    async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionState>, Status> {
+        let session = self.node.sessions.get(&req.into_inner().session_id)?;
+        Ok(Response::new(SessionState {
+            session_id: session.session_id.clone(),
+            acp_session_id: session.acp_session_id.clone(),
+            active_run_id: session.active_run().unwrap_or_default(),
+            last_seq: session.log.last_seq(),
+        }))
+    }
+
     async fn freeze_sandbox(&self, req: Request<FreezeSandboxRequest>) -> Result<Response<Sandbox>, Status> {
         let sandbox = self.node.sandboxes.get(&req.into_inner().container_id)?;
         sandbox.freeze()?;

@@ -12,9 +12,11 @@ use super::{ApiJson, Problem};
 use crate::plan::{self, ManualAgent, SessionOptions};
 use agentd_runtime::sandbox::profile::Profile;
 use crate::store::states::{container, session as session_state};
-use crate::store::{NewSession, SessionRow};
+use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, new_id};
-use agentd_proto::node::{CancelRequest, CreateSandboxRequest, CreateSessionRequest, PromptRequest, StartAgentRequest};
+use agentd_proto::node::{
+    CancelRequest, CreateSandboxRequest, CreateSessionRequest, GetSessionRequest, PromptRequest, StartAgentRequest,
+};
 
 #[derive(Debug, Deserialize)]
 pub struct CreateSessionBody {
@@ -189,7 +191,7 @@ async fn prompt(app: AppState, id: &str, body: PromptBody) -> Result<Response, P
     let s = app.store.get_session(id).await?;
     require_ready(&s)?;
     let run_id = new_id("run");
-    app.store.insert_run(&run_id, &s.id).await?;
+    claim_run(&app, &s, &run_id).await?;
     let request = PromptRequest {
         container_id: s.container_id.clone(),
         session_id: s.id.clone(),
@@ -203,6 +205,31 @@ async fn prompt(app: AppState, id: &str, body: PromptBody) -> Result<Response, P
     }
     let body = json!({"run_id": run_id, "session_id": s.id, "state": "running"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// How long a prompt waits for the store to record the end of a turn the
+/// node has already finished.
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Records a new running run. A client may prompt again the moment it sees
+/// `run.completed` on the stream, a little before the run follower has
+/// recorded that end in the store; the node, which ends turns, decides whether
+/// the run the store still calls running is really running.
+async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str) -> Result<(), Problem> {
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        match app.store.insert_run(run_id, &s.id).await {
+            Err(StoreError::RunActive { .. }) => {}
+            other => return Ok(other?),
+        }
+        let state = app.node.clone().get_session(GetSessionRequest { session_id: s.id.clone() }).await?.into_inner();
+        let stale = app.store.running_runs_of_session(&s.id).await?.iter().all(|r| r.id != state.active_run_id);
+        if !stale || tokio::time::Instant::now() >= deadline {
+            let running = if state.active_run_id.is_empty() { "a run" } else { state.active_run_id.as_str() };
+            return Err(Problem::conflict("run_active", format!("{running} is still running on session {}", s.id)));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 async fn cancel(app: AppState, id: &str) -> Result<Response, Problem> {
