@@ -7,6 +7,7 @@ mod support;
 mod acp_methods;
 mod bad_input;
 mod hostile;
+mod permissions;
 mod sandbox_limits;
 mod session_path;
 mod shutdown;

@@ -258,7 +258,9 @@ async fn run() {
     for backend in backends.split(',').map(str::trim) {
         match backend {
             "postgres" => {
-                let pg = match tokio::task::spawn_blocking(TempPostgres::start).await.unwrap() {
+                // On this thread, which lives as long as the benchmark: the
+                // server's parent-death signal fires when its spawning thread exits.
+                let pg = match tokio::task::block_in_place(TempPostgres::start) {
                     Ok(pg) => pg,
                     Err(e) => {
                         println!("  postgres: skipped ({e})");
@@ -268,7 +270,7 @@ async fn run() {
                 let store = Store::open_postgres(&pg.url()).await.unwrap();
                 all.push(bench(&store, &settings).await);
                 store.close().await;
-                tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
+                tokio::task::block_in_place(move || drop(pg));
             }
             "sqlite" => {
                 let dir = tempfile::tempdir().unwrap();

@@ -58,6 +58,9 @@ async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id:
                 ended = true;
                 break;
             }
+            Ok(Some(prompt_event::Event::AgentdEvent(event))) => {
+                log.append(&event.kind, &run_id, event.data_json);
+            }
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(run_id, error = %e, "turn stream broke");
@@ -133,7 +136,12 @@ impl node_server::Node for NodeService {
         let answer = sandbox
             .supervisor
             .clone()
-            .new_session(sup::NewSessionRequest { agent_instance_id: r.agent_instance_id.clone(), cwd: r.cwd })
+            .new_session(sup::NewSessionRequest {
+                agent_instance_id: r.agent_instance_id.clone(),
+                cwd: r.cwd,
+                permission_policy: r.permission_policy,
+                permission_timeout_ms: r.permission_timeout_ms,
+            })
             .await?
             .into_inner();
         let log = EventLog::open(&r.session_id, &sandbox.sessions_dir().join(format!("{}.jsonl", r.session_id)));
@@ -211,6 +219,22 @@ impl node_server::Node for NodeService {
         let sandbox = self.node.sandboxes.get(&req.into_inner().container_id)?;
         sandbox.thaw()?;
         Ok(Response::new(sandbox.info()))
+    }
+
+    async fn answer_permission(&self, req: Request<AnswerPermissionRequest>) -> Result<Response<AnswerPermissionResponse>, Status> {
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        sandbox
+            .supervisor
+            .clone()
+            .answer_permission(sup::AnswerPermissionRequest {
+                agent_instance_id: session.agent_instance_id.clone(),
+                request_id: r.request_id,
+                option_id: r.option_id,
+            })
+            .await?;
+        Ok(Response::new(AnswerPermissionResponse {}))
     }
 
     type StreamEventsStream = EventStream;

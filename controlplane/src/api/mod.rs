@@ -20,6 +20,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
         .route("/v1/sessions/{id}/events", get(events::stream))
+        .route("/v1/sessions/{id}/permissions/{request_id}", axum::routing::post(sessions::answer_permission))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
         .fallback(|| async { Problem::not_found("not_found", "no such resource") })
         .with_state(state)

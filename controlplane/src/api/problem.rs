@@ -77,10 +77,10 @@ impl From<StoreError> for Problem {
 /// HTTP status for a stable code that came back from a node.
 fn status_for(code: &str) -> StatusCode {
     match code {
-        "container_not_found" | "session_not_found" | "agent_not_found" => StatusCode::NOT_FOUND,
+        "container_not_found" | "session_not_found" | "agent_not_found" | "permission_request_not_found" => StatusCode::NOT_FOUND,
         "run_active" | "agent_exists" | "container_hibernated" => StatusCode::CONFLICT,
         "invalid_request" | "invalid_profile" | "invalid_prompt" | "bad_working_dir" | "agent_executable_not_found"
-        | "mount_source_not_found" => StatusCode::UNPROCESSABLE_ENTITY,
+        | "mount_source_not_found" | "unknown_option" => StatusCode::UNPROCESSABLE_ENTITY,
         "agent_init_failed" | "agent_error" | "agent_spawn_failed" => StatusCode::BAD_GATEWAY,
         "node_full" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -122,6 +122,8 @@ const KNOWN_CODES: &[&str] = &[
     "agent_spawn_failed",
     "node_full",
     "container_hibernated",
+    "permission_request_not_found",
+    "unknown_option",
     "sandbox_failed",
     "internal",
 ];

@@ -15,7 +15,7 @@ use crate::store::states::{container, session as session_state};
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, new_id};
 use agentd_proto::node::{
-    CancelRequest, CreateSandboxRequest, CreateSessionRequest, GetSessionRequest, PromptRequest, StartAgentRequest,
+    AnswerPermissionRequest, CancelRequest, CreateSandboxRequest, CreateSessionRequest, GetSessionRequest, PromptRequest, StartAgentRequest,
 };
 
 #[derive(Debug, Deserialize)]
@@ -28,6 +28,25 @@ pub struct CreateSessionBody {
     pub container_profile: Option<Value>,
     #[serde(default)]
     pub session: Option<SessionOptions>,
+    #[serde(default)]
+    pub policy: Option<PolicyBody>,
+}
+
+/// How the session answers the agent's `session/request_permission`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    /// allow | deny | ask (the default: clients answer over HTTP).
+    #[serde(default)]
+    pub permissions: Option<String>,
+    /// How long an `ask` waits for a client before denying.
+    #[serde(default)]
+    pub ask_timeout_ms: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PermissionAnswer {
+    pub option_id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +93,12 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
         Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?,
         None => Profile::default(),
     };
+    let policy = body.policy.unwrap_or_default();
+    let permission_policy = policy.permissions.unwrap_or_else(|| "ask".into());
+    if !["allow", "deny", "ask"].contains(&permission_policy.as_str()) {
+        return Err(Problem::invalid("invalid_request", format!("policy.permissions must be allow, deny or ask, got {permission_policy:?}")));
+    }
+    let permissions = (permission_policy, policy.ask_timeout_ms.unwrap_or(0));
     let container_id = new_id("ctr");
     let session_id = new_id("ses");
     let instance_id = new_id("agi");
@@ -98,7 +123,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     let task = tokio::spawn({
         let app = app.clone();
         let session_id = session_id.clone();
-        async move { provision(&app, compiled, &container_id, &session_id, &instance_id).await }
+        async move { provision(&app, compiled, &container_id, &session_id, &instance_id, permissions).await }
     });
     task.await.map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
 
@@ -107,7 +132,14 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(view(&app, &s).await?)).into_response())
 }
 
-async fn provision(app: &AppState, compiled: plan::Compiled, container_id: &str, session_id: &str, instance_id: &str) -> Result<(), Problem> {
+async fn provision(
+    app: &AppState,
+    compiled: plan::Compiled,
+    container_id: &str,
+    session_id: &str,
+    instance_id: &str,
+    (permission_policy, permission_timeout_ms): (String, u32),
+) -> Result<(), Problem> {
     let mut node = app.node.clone();
     let result: Result<(i32, String), tonic::Status> = async {
         let sandbox = node.create_sandbox(CreateSandboxRequest { plan: Some(compiled.sandbox) }).await?.into_inner();
@@ -123,6 +155,8 @@ async fn provision(app: &AppState, compiled: plan::Compiled, container_id: &str,
                 agent_instance_id: instance_id.to_string(),
                 session_id: session_id.to_string(),
                 cwd: compiled.working_dir.clone(),
+                permission_policy,
+                permission_timeout_ms,
             })
             .await?
             .into_inner();
@@ -259,5 +293,21 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
     } else {
         app.store.session_closed(&id).await?;
     }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/sessions/{id}/permissions/{request_id}` with `{"option_id": ...}`:
+/// a client's answer to a `permission.requested` event.
+pub async fn answer_permission(
+    State(app): State<AppState>,
+    Path((id, request_id)): Path<(String, String)>,
+    ApiJson(body): ApiJson<PermissionAnswer>,
+) -> Result<StatusCode, Problem> {
+    let s = app.store.get_session(&id).await?;
+    require_ready(&s)?;
+    app.node
+        .clone()
+        .answer_permission(AnswerPermissionRequest { session_id: s.id.clone(), request_id, option_id: body.option_id })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

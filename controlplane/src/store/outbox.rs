@@ -36,10 +36,14 @@
 //!
 //! # Wake-ups
 //!
-//! A committed enqueue wakes runners: on PostgreSQL one `pg_notify` per
-//! transaction (delivered at commit, so never for a rolled-back step) to
-//! every control plane listening, and in this process a watch channel per
-//! database ([`Store::outbox_wakeups`]), which is all SQLite has. Both are
+//! A committed enqueue wakes this process's runners at once through a watch
+//! channel per database ([`Store::outbox_wakeups`]), which is all SQLite
+//! needs. On PostgreSQL other control planes hear of it by NOTIFY, sent
+//! outside the enqueuing transaction (a commit that notifies takes a global
+//! lock, which would serialize every state change): the commit also bumps
+//! [`Store::outbox_enqueued`], and the runner's notifier
+//! ([`crate::workflow::wake`]) sends one `pg_notify` for however many
+//! commits happened while its previous one was in flight. All of these are
 //! hints: runners poll as well.
 
 use std::collections::HashMap;
@@ -200,8 +204,8 @@ pub struct Tx {
     conn: TxConn,
     /// Set when a step was inserted: the commit wakes runners.
     enqueued: bool,
-    /// This database's in-process wake-up signal.
-    signal: Arc<watch::Sender<u64>>,
+    /// This database's in-process wake-up signals.
+    signals: Arc<Signals>,
 }
 
 /// Evaluates `$body` with `$conn` bound to the transaction's connection, as
@@ -221,13 +225,26 @@ macro_rules! with_tx {
     };
 }
 
-/// The in-process wake-up signals, one per database this process opened
-/// (keyed by file or server and database), shared by every clone of a store
-/// and every store opened on the same database.
-fn signal_for(key: String) -> Arc<watch::Sender<u64>> {
-    static SIGNALS: OnceLock<Mutex<HashMap<String, Arc<watch::Sender<u64>>>>> = OnceLock::new();
+/// The in-process wake-up signals of one database: counters whose changes
+/// receivers wait for (a watch never loses a change made while its receiver
+/// was busy, unlike a bare `Notify`).
+struct Signals {
+    /// Steps may have become claimable: wakes claim loops.
+    claimable: watch::Sender<u64>,
+    /// Steps were enqueued here: wakes the NOTIFY forwarder.
+    enqueued: watch::Sender<u64>,
+}
+
+/// The signals of each database this process opened (keyed by file, or by
+/// server and database), shared by every clone of a store and every store
+/// opened on the same database.
+fn signals_for(key: String) -> Arc<Signals> {
+    static SIGNALS: OnceLock<Mutex<HashMap<String, Arc<Signals>>>> = OnceLock::new();
     let mut signals = SIGNALS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    signals.entry(key).or_insert_with(|| Arc::new(watch::Sender::new(0))).clone()
+    signals
+        .entry(key)
+        .or_insert_with(|| Arc::new(Signals { claimable: watch::Sender::new(0), enqueued: watch::Sender::new(0) }))
+        .clone()
 }
 
 fn bump(signal: &watch::Sender<u64>) {
@@ -338,22 +355,15 @@ impl Tx {
         }
     }
 
-    /// Commits; if a step was enqueued, wakes runners (PostgreSQL: one
-    /// NOTIFY, sent by the commit itself; in process: the watch channel).
-    pub async fn commit(mut self) -> Result<(), StoreError> {
-        if self.enqueued && matches!(self.conn, TxConn::Postgres(_)) {
-            with_tx!(self, |conn| sqlx::query("SELECT pg_notify($1, '')")
-                .bind(CHANNEL)
-                .execute(conn)
-                .await
-                .map(|done| done.rows_affected()))?;
-        }
+    /// Commits; if a step was enqueued, wakes runners (see the module doc).
+    pub async fn commit(self) -> Result<(), StoreError> {
         match self.conn {
             TxConn::Sqlite(t) => t.commit().await?,
             TxConn::Postgres(t) => t.commit().await?,
         }
         if self.enqueued {
-            bump(&self.signal);
+            bump(&self.signals.claimable);
+            bump(&self.signals.enqueued);
         }
         Ok(())
     }
@@ -380,7 +390,7 @@ impl Store {
         AssertSqlSafe(template.replace("NOW_MS", self.now_sql()))
     }
 
-    fn signal(&self) -> Arc<watch::Sender<u64>> {
+    fn signals(&self) -> Arc<Signals> {
         let key = match &self.backend {
             Backend::Sqlite(pool) => format!("sqlite:{}", pool.connect_options().get_filename().display()),
             Backend::Postgres(pool) => {
@@ -388,7 +398,7 @@ impl Store {
                 format!("postgres://{}:{}/{}", o.get_host(), o.get_port(), o.get_database().unwrap_or_default())
             }
         };
-        signal_for(key)
+        signals_for(key)
     }
 
     /// The PostgreSQL pool, for LISTEN; `None` on SQLite.
@@ -402,12 +412,27 @@ impl Store {
     /// Changes whenever a step may have become claimable in this process
     /// (an enqueue committed, a step finished, a notification arrived).
     pub fn outbox_wakeups(&self) -> watch::Receiver<u64> {
-        self.signal().subscribe()
+        self.signals().claimable.subscribe()
+    }
+
+    /// Changes whenever a step was enqueued in this process.
+    pub fn outbox_enqueued(&self) -> watch::Receiver<u64> {
+        self.signals().enqueued.subscribe()
     }
 
     /// Wakes this process's runners on this database.
     pub fn wake_outbox(&self) {
-        bump(&self.signal());
+        bump(&self.signals().claimable);
+    }
+
+    /// Tells every control plane listening on this PostgreSQL database that
+    /// steps were enqueued (one NOTIFY on the outbox channel, in a statement
+    /// of its own). Does nothing on SQLite.
+    pub async fn notify_outbox(&self) -> Result<(), StoreError> {
+        if let Backend::Postgres(pool) = &self.backend {
+            sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(pool).await?;
+        }
+        Ok(())
     }
 
     /// Opens a transaction (see the module doc).
@@ -416,7 +441,7 @@ impl Store {
             Backend::Sqlite(pool) => TxConn::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
             Backend::Postgres(pool) => TxConn::Postgres(pool.begin().await?),
         };
-        Ok(Tx { conn, enqueued: false, signal: self.signal() })
+        Ok(Tx { conn, enqueued: false, signals: self.signals() })
     }
 
     /// Runs `f` in a transaction: committed if it returns `Ok`, rolled back

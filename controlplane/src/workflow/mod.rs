@@ -15,7 +15,7 @@
 //! - [`runner`]: the claim loop, bounded concurrency, graceful shutdown.
 //! - [`step`]: one claimed step: heartbeat, handler, complete or fail.
 //! - [`backoff`]: exponential backoff with jitter between attempts.
-//! - [`wake`]: PostgreSQL LISTEN as a wake-up hint.
+//! - [`wake`]: PostgreSQL LISTEN/NOTIFY as wake-up hints between control planes.
 //! - [`janitor`]: the lease reaper and pruning of finished rows.
 //!
 //! No transaction is open while a handler runs: the claim commits before the

@@ -87,6 +87,7 @@ impl Runner {
         });
         let mut background = JoinSet::new();
         background.spawn(wake::listen(store.clone(), shutdown.clone()));
+        background.spawn(wake::forward(store.clone(), shutdown.clone()));
         background.spawn(janitor::run(store.clone(), config.janitor, shutdown.clone()));
 
         let idle = Arc::new(Semaphore::new(workers));

@@ -23,11 +23,19 @@ async fn sqlite() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// Started from a thread that lives as long as the test process: the
+/// server's parent-death signal fires when the thread that spawned it exits,
+/// and a `spawn_blocking` thread exits after idling 10 s, killing the server
+/// mid-test. (nextest runs each test in a process of its own.)
 async fn postgres() -> (TempPostgres, Store) {
-    let pg = tokio::task::spawn_blocking(TempPostgres::start)
-        .await
-        .unwrap()
-        .expect("start a throwaway PostgreSQL (initdb and postgres from /usr/lib/postgresql/*/bin)");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(TempPostgres::start());
+        loop {
+            std::thread::park();
+        }
+    });
+    let pg = rx.await.unwrap().expect("start a throwaway PostgreSQL (initdb and postgres from /usr/lib/postgresql/*/bin)");
     let store = Store::open_postgres(&pg.url()).await.unwrap();
     (pg, store)
 }
@@ -121,6 +129,11 @@ fn config(owner: &str) -> RunnerConfig {
     };
     c.janitor.reap_interval = Duration::from_millis(100);
     c
+}
+
+fn store_url(pool: &sqlx::PgPool) -> String {
+    let o = pool.connect_options();
+    format!("postgres://postgres@{}:{}/{}", o.get_host(), o.get_port(), o.get_database().unwrap_or("postgres"))
 }
 
 /// How often each idempotency key's handler ran.
@@ -608,6 +621,13 @@ async fn runner_is_woken_without_polling(store: &Store) {
         assert!(at - sent < Duration::from_secs(2));
     }
     if let Some(pool) = store.pg_pool() {
+        // This process's enqueues reach other control planes by NOTIFY, sent by the runner.
+        let mut listener = sqlx::postgres::PgListener::connect(&store_url(&pool)).await.unwrap();
+        listener.listen(crate::store::outbox::CHANNEL).await.unwrap();
+        store.enqueue(NewStep::new("test", "e", "ping", "heard", json!({}))).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.expect("NOTIFY forwarded").unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap().0, "heard");
+        drop(listener);
         // Another control plane's enqueue: a raw insert and NOTIFY, no local wake-up.
         let mut tx = pool.begin().await.unwrap();
         sqlx::query(

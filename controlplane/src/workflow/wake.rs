@@ -1,8 +1,10 @@
-//! PostgreSQL LISTEN as a wake-up hint for the runners of this process.
+//! PostgreSQL LISTEN/NOTIFY as wake-up hints between control planes.
 //!
-//! Notifications are only hints (LISTEN does not pass through PgBouncer in
-//! transaction mode, and one lost while reconnecting is gone): runners poll
-//! as well.
+//! [`listen`] turns notifications into wake-ups of this process's runners;
+//! [`forward`] sends one NOTIFY for the steps this process enqueued since its
+//! last one, outside their transactions. Notifications are only hints (LISTEN
+//! does not pass through PgBouncer in transaction mode, and one lost while
+//! reconnecting is gone): runners poll as well.
 
 use std::time::Duration;
 
@@ -51,4 +53,24 @@ pub async fn listen(store: Store, shutdown: CancellationToken) {
         }
     }
     pool.close().await;
+}
+
+/// Sends a NOTIFY whenever steps were enqueued in this process, until
+/// `shutdown`: one per wake-up, so commits that happen while a NOTIFY is in
+/// flight share the next. Returns at once on SQLite.
+pub async fn forward(store: Store, shutdown: CancellationToken) {
+    if store.pg_pool().is_none() {
+        return;
+    }
+    let mut enqueued = store.outbox_enqueued();
+    loop {
+        tokio::select! {
+            changed = enqueued.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+        enqueued.borrow_and_update();
+        if let Err(e) = store.notify_outbox().await {
+            tracing::debug!(error = %e, "cannot NOTIFY the outbox channel");
+        }
+    }
 }

@@ -35,6 +35,11 @@ pub enum Command {
     Output {
         terminal_id: String,
     },
+    /// `session/request_permission` for a tool call titled `title`, with an
+    /// allow and a reject option.
+    Ask {
+        title: String,
+    },
     /// A known command used wrongly: the text explains how to use it.
     Usage(&'static str),
 }
@@ -70,6 +75,7 @@ pub fn parse(text: &str) -> Option<Command> {
             }
             _ => Command::Usage(KILL_USAGE),
         },
+        "ask" => Command::Ask { title: if args.trim().is_empty() { "a tool call".into() } else { args.trim().to_string() } },
         "output" => match words(args).as_deref() {
             Some([id]) => Command::Output {
                 terminal_id: id.clone(),

@@ -13,7 +13,8 @@ use agent_client_protocol::v1::ConnectionTo;
 use agent_client_protocol::{Client, Error};
 use agent_client_protocol_schema::v1::{
     ClientCapabilities, ContentBlock, ContentChunk, CreateTerminalRequest, EnvVariable,
-    KillTerminalRequest, ReadTextFileRequest, ReleaseTerminalRequest, SessionId,
+    KillTerminalRequest, PermissionOption, PermissionOptionKind, ReadTextFileRequest,
+    RequestPermissionOutcome, RequestPermissionRequest, ReleaseTerminalRequest, SessionId,
     SessionNotification, SessionUpdate, StopReason, Terminal, TerminalExitStatus, TerminalId,
     TerminalOutputRequest, TerminalOutputResponse, TextContent, ToolCall, ToolCallContent,
     ToolCallId, ToolCallStatus, ToolCallUpdate, ToolCallUpdateFields, ToolKind,
@@ -79,6 +80,7 @@ impl Tools<'_> {
                 return self.terminal(spec, true, cancel).await;
             }
             Command::Output { terminal_id } => self.output(terminal_id).await?,
+            Command::Ask { title } => return self.ask(title).await,
         }
         Ok(StopReason::EndTurn)
     }
@@ -127,6 +129,30 @@ impl Tools<'_> {
             Ok(_) => self.say(&format!("wrote {bytes} bytes to {path}")),
             Err(e) => self.say(&describe(&e)),
         }
+    }
+
+    /// Asks the client for permission and says which option it chose:
+    /// `permission: selected ID` or `permission: cancelled`. A cancelled
+    /// answer means the client cancelled the turn, which then ends
+    /// `cancelled`, as the spec asks of agents.
+    async fn ask(&self, title: String) -> Result<StopReason, Error> {
+        let tool_call = ToolCallUpdate::new(self.tool_call_id.clone(), ToolCallUpdateFields::new().title(title));
+        let options = vec![
+            PermissionOption::new("allow", "Allow", PermissionOptionKind::AllowOnce),
+            PermissionOption::new("reject", "Reject", PermissionOptionKind::RejectOnce),
+        ];
+        let request = RequestPermissionRequest::new(self.session_id.clone(), tool_call, options);
+        match self.cx.send_request(request).block_task().await {
+            Ok(response) => match response.outcome {
+                RequestPermissionOutcome::Selected(selected) => self.say(&format!("permission: selected {}", selected.option_id))?,
+                _ => {
+                    self.say("permission: cancelled")?;
+                    return Ok(StopReason::Cancelled);
+                }
+            },
+            Err(e) => self.say(&describe(&e))?,
+        }
+        Ok(StopReason::EndTurn)
     }
 
     async fn output(&self, terminal_id: String) -> Result<(), Error> {

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 use super::client_methods::{self, ClientMethods};
+use super::permissions::{AnswerError, Permissions, Policy};
 use super::reaper::{Exit, Reaper};
 use crate::sandbox::harden::Hardening;
 use crate::sandbox::seccomp::compile_custom;
@@ -34,6 +35,8 @@ pub enum TurnEvent {
     Update(String),
     Stopped(String),
     Failed(String),
+    /// An event agentd adds to the turn (permission.requested, ...).
+    Event { kind: &'static str, data: String },
 }
 
 type Sinks = Mutex<HashMap<String, mpsc::Sender<TurnEvent>>>;
@@ -42,6 +45,7 @@ type Sinks = Mutex<HashMap<String, mpsc::Sender<TurnEvent>>>;
 /// serves the agent's requests to its client.
 struct Inbound {
     sinks: Arc<Sinks>,
+    permissions: Arc<Permissions>,
     /// `fs/*` and `terminal/*`, shared with the [`Agent`] that records sessions.
     methods: Arc<ClientMethods>,
 }
@@ -73,9 +77,11 @@ impl InboundHandler for Inbound {
 
     async fn request(&self, method: String, params: Option<Box<RawValue>>) -> Result<Value, ErrorObject> {
         match method.as_str() {
-            // Permission requests are a separate change (they wait on a
-            // human); until it lands they are not served.
-            "session/request_permission" => Err(ErrorObject::method_not_found(&method)),
+            "session/request_permission" => {
+                let sinks = Arc::clone(&self.sinks);
+                let turn = move |session: &str| sinks.lock().unwrap().get(session).cloned();
+                self.permissions.request(params.as_ref().map(|p| p.get()), turn).await
+            }
             m if client_methods::METHODS.contains(&m) => self.methods.serve(m, params.as_deref()).await,
             _ => Err(ErrorObject::method_not_found(&method)),
         }
@@ -103,6 +109,8 @@ pub struct Agent {
     sinks: Arc<Sinks>,
     /// Where `new_session` records each session's directory.
     methods: Arc<ClientMethods>,
+    /// Each session's permission policy and the requests waiting on clients.
+    permissions: Arc<Permissions>,
 }
 
 impl Agent {
@@ -228,26 +236,29 @@ impl Agents {
             }
         };
         let sinks: Arc<Sinks> = Arc::default();
-        let client = AcpClient::new(RpcConnection::start(stdout, stdin, Inbound { sinks: Arc::clone(&sinks), methods: Arc::clone(&methods) }));
+        let permissions: Arc<Permissions> = Arc::default();
+        let inbound = Inbound { sinks: Arc::clone(&sinks), permissions: Arc::clone(&permissions), methods: Arc::clone(&methods) };
+        let client = AcpClient::new(RpcConnection::start(stdout, stdin, inbound));
         let initialized = match client.initialize(spec.initialize_timeout).await {
             Ok(init) => init,
             Err(e) => {
-                let agent = Agent { id: spec.id, pid, initialized: Initialized { protocol_version: 0, raw: String::new() }, client, exit, sinks, methods };
+                let agent = Agent { id: spec.id, pid, initialized: Initialized { protocol_version: 0, raw: String::new() }, client, exit, sinks, methods, permissions };
                 let reason = agent.describe(e).await;
                 agent.signal_group(Signal::SIGKILL);
                 return Err(status(Code::FailedPrecondition, "agent_init_failed", format!("initialize failed: {reason}")));
             }
         };
-        let agent = Arc::new(Agent { id: spec.id.clone(), pid, initialized, client, exit, sinks, methods });
+        let agent = Arc::new(Agent { id: spec.id.clone(), pid, initialized, client, exit, sinks, methods, permissions });
         self.table.lock().unwrap().insert(spec.id, Arc::clone(&agent));
         Ok(agent)
     }
 
-    pub async fn new_session(&self, agent_id: &str, cwd: &str) -> Result<String, Status> {
+    pub async fn new_session(&self, agent_id: &str, cwd: &str, policy: Policy) -> Result<String, Status> {
         let agent = self.get(agent_id)?;
         match agent.client.new_session(cwd, SESSION_NEW_TIMEOUT).await {
             Ok(id) => {
                 agent.methods.add_session(&id, cwd);
+                agent.permissions.set_policy(&id, policy);
                 Ok(id)
             }
             Err(e) => Err(status(Code::FailedPrecondition, "agent_error", format!("session/new failed: {}", agent.describe(e).await))),
@@ -284,6 +295,9 @@ impl Agents {
     pub fn cancel(&self, agent_id: &str, session_id: &str) -> Result<bool, Status> {
         let agent = self.get(agent_id)?;
         let running = agent.sinks.lock().unwrap().contains_key(session_id);
+        // The spec: on cancel, every pending permission request is answered
+        // `cancelled`.
+        agent.permissions.cancel_session(session_id);
         if running {
             agent
                 .client
@@ -291,6 +305,14 @@ impl Agents {
                 .map_err(|e| status(Code::Unavailable, "agent_error", format!("session/cancel failed: {e}")))?;
         }
         Ok(running)
+    }
+
+    pub fn answer_permission(&self, agent_id: &str, request_id: &str, option_id: &str) -> Result<(), Status> {
+        let agent = self.get(agent_id)?;
+        agent.permissions.answer(request_id, option_id).map_err(|e| match e {
+            AnswerError::Unknown(_) => status(Code::NotFound, "permission_request_not_found", e.to_string()),
+            AnswerError::UnknownOption { .. } => status(Code::InvalidArgument, "unknown_option", e.to_string()),
+        })
     }
 
     /// SIGTERM to every agent's process group, SIGKILL to what is left after `grace`.

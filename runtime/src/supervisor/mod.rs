@@ -7,6 +7,7 @@
 //! - [`client_methods`]: the agent-to-client methods the supervisor serves as
 //!   each agent's ACP client, gathering [`fs`] (text files, confined to the
 //!   session's directories) and [`terminals`] (commands run in the sandbox).
+//! - [`permissions`]: `session/request_permission` by the session's policy.
 //! - [`service`]: the `Supervisor` gRPC service on the inherited unix socket.
 //! - [`run_mode`]: PID 1 of `agentd sandbox run`: one command, stdio attached.
 //!
@@ -16,6 +17,7 @@
 pub mod agents;
 pub mod client_methods;
 pub mod fs;
+pub mod permissions;
 pub mod reaper;
 pub mod run_mode;
 pub mod service;

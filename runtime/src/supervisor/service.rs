@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::agents::{Agents, StartSpec, TurnEvent};
+use super::permissions::Policy;
 
 /// Used when a request leaves the initialize timeout unset.
 const DEFAULT_INITIALIZE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,7 +60,9 @@ impl Supervisor for SupervisorService {
 
     async fn new_session(&self, req: Request<NewSessionRequest>) -> Result<Response<NewSessionResponse>, Status> {
         let r = req.into_inner();
-        let acp_session_id = self.agents.new_session(&r.agent_instance_id, &r.cwd).await?;
+        let policy = Policy::parse(&r.permission_policy, r.permission_timeout_ms)
+            .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", e))?;
+        let acp_session_id = self.agents.new_session(&r.agent_instance_id, &r.cwd, policy).await?;
         Ok(Response::new(NewSessionResponse { acp_session_id }))
     }
 
@@ -73,6 +76,7 @@ impl Supervisor for SupervisorService {
                 TurnEvent::Update(json) => prompt_event::Event::UpdateJson(json),
                 TurnEvent::Stopped(reason) => prompt_event::Event::StopReason(reason),
                 TurnEvent::Failed(error) => prompt_event::Event::Error(error),
+                TurnEvent::Event { kind, data } => prompt_event::Event::AgentdEvent(AgentdEvent { kind: kind.into(), data_json: data }),
             };
             Ok(PromptEvent { event: Some(event) })
         });
@@ -83,6 +87,12 @@ impl Supervisor for SupervisorService {
         let r = req.into_inner();
         let was_running = self.agents.cancel(&r.agent_instance_id, &r.acp_session_id)?;
         Ok(Response::new(CancelResponse { was_running }))
+    }
+
+    async fn answer_permission(&self, req: Request<AnswerPermissionRequest>) -> Result<Response<AnswerPermissionResponse>, Status> {
+        let r = req.into_inner();
+        self.agents.answer_permission(&r.agent_instance_id, &r.request_id, &r.option_id)?;
+        Ok(Response::new(AnswerPermissionResponse {}))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
