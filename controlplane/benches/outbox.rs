@@ -140,7 +140,7 @@ async fn latency_run(store: &Store, settings: &Settings, rate: u32, run: usize) 
 
 /// The state a chain's step `n` moves its container to.
 fn target(n: u64) -> &'static str {
-    if n % 2 == 0 { container::READY } else { container::HIBERNATED }
+    if n.is_multiple_of(2) { container::READY } else { container::HIBERNATED }
 }
 
 /// Transitions per second with every worker busy.

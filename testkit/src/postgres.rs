@@ -36,6 +36,33 @@ pub fn pg_bin(name: &str) -> Option<PathBuf> {
     on_path.chain(debian).find(|p| p.is_file())
 }
 
+/// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not
+/// the process: a server started from a short-lived thread (tokio's blocking
+/// pool retires idle threads after 10 s) would be killed mid-test. Every
+/// server is therefore spawned from one thread that lives as long as the
+/// test process.
+fn spawn_from_lasting_thread(mut cmd: Command) -> std::io::Result<Child> {
+    type Job = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("temp-postgres-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+                // The senders live in a static: this thread never ends.
+            })
+            .expect("spawn the postgres spawner thread");
+        std::sync::Mutex::new(tx)
+    });
+    let (reply, answer) = std::sync::mpsc::channel();
+    let job: Job = (std::mem::replace(&mut cmd, Command::new("true")), reply);
+    spawner.lock().unwrap().send(job).map_err(|_| std::io::Error::other("postgres spawner thread is gone"))?;
+    answer.recv().map_err(|_| std::io::Error::other("postgres spawner thread is gone"))?
+}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -91,7 +118,7 @@ impl TempPostgres {
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
+        let child = spawn_from_lasting_thread(cmd)?;
         let pg = Self { port, child, dir };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {

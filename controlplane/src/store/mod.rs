@@ -33,9 +33,10 @@
 //!
 //! # Concurrency
 //!
-//! Every method is one autocommit statement, or two (a transition's `UPDATE`
-//! and, when it matched nothing, a `SELECT` to explain why); no transaction is
-//! ever held open, let alone across a network call. PostgreSQL runs at its
+//! Every method here is one autocommit statement, or two (a transition's
+//! `UPDATE` and, when it matched nothing, a `SELECT` to explain why). The
+//! outbox (`outbox.rs`) adds short explicit transactions that write a state
+//! change and its steps together; none is ever held across a network call. PostgreSQL runs at its
 //! default READ COMMITTED. "One running run per session" is not a
 //! check-then-insert: the partial unique index `runs_one_active` refuses the
 //! second concurrent insert, and a unique violation there becomes

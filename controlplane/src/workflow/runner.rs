@@ -29,7 +29,12 @@ const CLAIM_ERROR_PAUSE: Duration = Duration::from_millis(500);
 pub struct RunnerConfig {
     /// Written into `lease_owner`: which runner holds a step.
     pub owner: String,
-    /// Steps run at once.
+    /// Steps run at once. Each running step may hold one of the store's
+    /// pooled connections (its own transaction, then its completion), and
+    /// the claim loop and janitor one each. On PostgreSQL keep it below the
+    /// pool size (16) so API requests are not starved (sqlx's pool is not
+    /// fair under contention); SQLite serializes writers anyway, so there
+    /// more workers only help steps that wait on the network.
     pub workers: usize,
     /// Steps leased by one claim at most.
     pub max_batch: u32,
