@@ -361,7 +361,6 @@ impl Sandboxes {
             rootfs,
             network,
             cgroup_procs: cgroup.procs_files(),
-            cgroup_return: Vec::new(),
             inject_failure: None,
             payload: Payload::Supervisor { socket_path: socket_path.clone(), log_path: dir.join("supervisor.log") },
             hostname: if plan.hostname.is_empty() { "sandbox".into() } else { plan.hostname.clone() },
@@ -432,11 +431,12 @@ impl Sandboxes {
     }
 }
 
-/// Whether `pid` still runs agentd (a supervisor), so that a stale record
-/// never makes us kill an unrelated process that reused the pid.
+/// Whether `pid` still runs agentd as a sandbox's PID 1 (forked, not exec'd,
+/// by `agentd sandbox-init`, whose command line it keeps), so that a stale
+/// record never makes us kill an unrelated process that reused the pid.
 fn is_sandbox_init(pid: i32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.split(|b| *b == 0).nth(1) == Some(b"supervisor".as_slice()))
+        .map(|c| c.split(|b| *b == 0).nth(1) == Some(b"sandbox-init".as_slice()))
         .unwrap_or(false)
 }
 

@@ -1,5 +1,5 @@
 //! The node's side of sandbox creation: run `agentd sandbox-init` and read its
-//! report. The sandbox's PID 1 is a grandchild: once `sandbox-init` exits it is
+//! report. The sandbox's PID 1 is a descendant: once `sandbox-init` exits it is
 //! re-parented to the nearest subreaper, which the node makes itself.
 
 use std::path::Path;
