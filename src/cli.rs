@@ -26,7 +26,11 @@ pub enum Command {
     Sandbox(SandboxCommand),
     /// Builds one sandbox from a spec on stdin (internal).
     #[command(hide = true)]
-    SandboxInit,
+    SandboxInit {
+        /// Serve specs from stdin, one worker per sandbox, until end of file.
+        #[arg(long)]
+        zygote: bool,
+    },
 }
 
 #[derive(Debug, Args, Clone)]

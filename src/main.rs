@@ -20,7 +20,8 @@ fn main() -> anyhow::Result<()> {
     }
     let cli = cli::Cli::parse();
     match cli.command {
-        cli::Command::SandboxInit => agentd_runtime::sandbox::init::main(),
+        cli::Command::SandboxInit { zygote: false } => agentd_runtime::sandbox::init::main(),
+        cli::Command::SandboxInit { zygote: true } => agentd_runtime::sandbox::zygote::main(),
         cli::Command::Up(args) => commands::up::run(args),
         cli::Command::Node(args) => commands::node::run(args),
         cli::Command::Server(args) => commands::server::run(args),

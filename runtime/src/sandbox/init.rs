@@ -113,11 +113,17 @@ struct Handover {
 /// mount namespace, so it should exit (sandbox-init) or only wait
 /// (`agentd sandbox run`) afterwards. It never joins the sandbox's cgroups.
 pub fn create(spec: &SandboxSpec) -> Result<Pid, InitError> {
+    let hardening = Hardening::default_for_agents().map_err(|e| InitError::new("hardening", e.to_string()))?;
+    create_with(spec, hardening)
+}
+
+/// As [`create`], with the agents' hardening already built (by a zygote,
+/// once for every sandbox it makes).
+pub fn create_with(spec: &SandboxSpec, hardening: Hardening) -> Result<Pid, InitError> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(InitError::new("subreaper", std::io::Error::last_os_error().to_string()));
     }
-    let hardening = Hardening::default_for_agents().map_err(|e| InitError::new("hardening", e.to_string()))?;
     let service = match &spec.payload {
         Payload::Supervisor { socket_path, log_path } => {
             let log = OpenOptions::new()
@@ -451,6 +457,10 @@ fn redirect_stdio(log: &File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The sandbox PID 1's name (`/proc/<pid>/comm`), by which a restarted node
+/// recognises it among live processes.
+pub const PID1_NAME: &std::ffi::CStr = c"agentd-sandbox";
+
 /// What exec used to clean, done by hand: no descriptor of the creator's but
 /// stdio (and the supervisor's listener) stays open, PID 1 is not dumpable
 /// (the sandbox may not read its memory, environment or descriptors), and the
@@ -472,8 +482,10 @@ fn scrub(keep: Option<i32>) -> Result<(), InitError> {
         }
         None => close(3, u32::MAX)?,
     }
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+    // SAFETY: prctl with integer arguments only; the name is NUL-terminated.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0
+        || unsafe { libc::prctl(libc::PR_SET_NAME, PID1_NAME.as_ptr(), 0, 0, 0) } != 0
+    {
         return Err(InitError::new("prepare process", std::io::Error::last_os_error().to_string()));
     }
     let names: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
