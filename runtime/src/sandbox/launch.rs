@@ -78,7 +78,16 @@ pub async fn launch(exe: &Path, spec: &SandboxSpec) -> Result<Launched, LaunchEr
 /// a zygote that fails mid-request is dropped (killed) and replaced next time.
 pub struct Launcher {
     exe: PathBuf,
-    zygote: tokio::sync::Mutex<Option<Zygote>>,
+    zygote: tokio::sync::Mutex<ZygoteState>,
+}
+
+#[derive(Default)]
+struct ZygoteState {
+    zygote: Option<Zygote>,
+    /// Whether a zygote ever answered. One that exits before its first
+    /// answer (a binary without `--zygote`, say) turns the zygote off.
+    answered: bool,
+    disabled: bool,
 }
 
 struct Zygote {
@@ -120,34 +129,46 @@ impl Zygote {
 
 impl Launcher {
     pub fn new(exe: PathBuf) -> Self {
-        Self { exe, zygote: tokio::sync::Mutex::new(None) }
+        Self { exe, zygote: tokio::sync::Mutex::new(ZygoteState::default()) }
     }
 
     /// Builds the sandbox `spec` describes.
     pub async fn launch(&self, spec: &SandboxSpec) -> Result<Launched, LaunchError> {
         spec.validate()?;
-        let mut zygote = self.zygote.lock().await;
-        if zygote.is_none() {
+        let mut state = self.zygote.lock().await;
+        if state.zygote.is_none() && !state.disabled {
             match Zygote::spawn(&self.exe) {
-                Ok(z) => *zygote = Some(z),
-                Err(e) => tracing::warn!(error = %e, "cannot start the sandbox-init zygote; executing sandbox-init per sandbox"),
+                Ok(z) => state.zygote = Some(z),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the sandbox-init zygote; executing sandbox-init per sandbox");
+                    state.disabled = true;
+                }
             }
         }
-        let Some(z) = zygote.as_mut() else {
-            drop(zygote);
+        let Some(z) = state.zygote.as_mut() else {
+            drop(state);
             return launch(&self.exe, spec).await;
         };
         let input = serde_json::to_vec(spec).expect("spec serializes");
         let answer = tokio::time::timeout(INIT_TIMEOUT, z.request(&input)).await;
         let report = match answer {
-            Ok(Ok(report)) => report,
+            Ok(Ok(report)) => {
+                state.answered = true;
+                report
+            }
             Ok(Err(e)) => {
                 // Killed on drop; its worker dies with it.
-                *zygote = None;
+                state.zygote = None;
+                if !state.answered {
+                    tracing::warn!(error = %e, "the sandbox-init zygote never answered; executing sandbox-init per sandbox");
+                    state.disabled = true;
+                    drop(state);
+                    return launch(&self.exe, spec).await;
+                }
                 return Err(e);
             }
             Err(_) => {
-                *zygote = None;
+                state.zygote = None;
                 return Err(LaunchError::Timeout(INIT_TIMEOUT));
             }
         };
