@@ -24,12 +24,13 @@ pub enum Command {
     /// Sandboxes for operators and tests.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
-    /// PID 1 of a sandbox (internal).
-    #[command(hide = true)]
-    Supervisor(SupervisorArgs),
     /// Builds one sandbox from a spec on stdin (internal).
     #[command(hide = true)]
-    SandboxInit,
+    SandboxInit {
+        /// Serve specs from stdin, one worker per sandbox, until end of file.
+        #[arg(long)]
+        zygote: bool,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -108,22 +109,6 @@ pub struct ServerArgs {
     pub node_socket: PathBuf,
 }
 
-#[derive(Debug, Args)]
-pub struct SupervisorArgs {
-    /// Inherited descriptor of the listening unix socket.
-    #[arg(long, required_unless_present = "run")]
-    pub listen_fd: Option<i32>,
-    /// Run mode: run the command after `--` and exit with its status.
-    #[arg(long)]
-    pub run: bool,
-    #[arg(long, default_value = "/")]
-    pub cwd: PathBuf,
-    /// NAME=VALUE for the command's environment (its only variables).
-    #[arg(long = "env")]
-    pub env: Vec<String>,
-    #[arg(last = true)]
-    pub command: Vec<String>,
-}
 
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {

@@ -19,8 +19,9 @@ use agentd_runtime::cgroups::limits::{HostCapacity, Limits};
 use agentd_runtime::cgroups::sandbox::SandboxCgroup;
 use agentd_runtime::cgroups::tree::CgroupTree;
 use agentd_proto::supervisor::supervisor_client::SupervisorClient;
+use agentd_runtime::sandbox::init::PID1_NAME;
 use agentd_runtime::sandbox::spec::DEFAULT_SYSTEM_BINDS;
-use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, Network, Payload, SandboxSpec, launch};
+use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, Launcher, Network, Payload, SandboxSpec};
 use agentd_runtime::uds;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
@@ -139,6 +140,8 @@ pub struct Sandboxes {
     /// Serializes creation per id so that a repeated create is answered with the
     /// first one's sandbox.
     creating: tokio::sync::Mutex<()>,
+    /// Runs sandbox-init (a zygote kept for the node's life).
+    launcher: Launcher,
 }
 
 /// Makes the node the parent of every orphan below it, so that sandbox PID 1s
@@ -195,6 +198,7 @@ impl Sandboxes {
         let self_cgroup = std::fs::read_to_string(config.proc_root.join("self/cgroup"))?;
         let cgroups = CgroupTree::discover(&config.cgroup_root, &self_cgroup, &config.cgroup_subtree).map_err(std::io::Error::other)?;
         let host = HostCapacity::detect(&config.proc_root).map_err(std::io::Error::other)?;
+        let launcher = Launcher::new(config.exe.clone());
         let this = Arc::new(Self {
             config,
             cgroups,
@@ -203,6 +207,7 @@ impl Sandboxes {
             table: Mutex::default(),
             free_slots: Mutex::new(free_slots),
             creating: Default::default(),
+            launcher,
         });
         this.clean_leftovers(&root).await;
         let report = this.cgroups.clean_leftovers();
@@ -361,7 +366,6 @@ impl Sandboxes {
             rootfs,
             network,
             cgroup_procs: cgroup.procs_files(),
-            cgroup_return: Vec::new(),
             inject_failure: None,
             payload: Payload::Supervisor { socket_path: socket_path.clone(), log_path: dir.join("supervisor.log") },
             hostname: if plan.hostname.is_empty() { "sandbox".into() } else { plan.hostname.clone() },
@@ -370,7 +374,7 @@ impl Sandboxes {
             mounts,
             supervisor_log_filter: cfg.supervisor_log_filter.clone(),
         };
-        let launched = launch(&cfg.exe, &spec).await.map_err(|e| match e {
+        let launched = self.launcher.launch(&spec).await.map_err(|e| match e {
             LaunchError::Spec(e) => status(Code::InvalidArgument, "invalid_profile", e.to_string()),
             e => status(Code::Internal, "sandbox_failed", e.to_string()),
         })?;
@@ -432,12 +436,18 @@ impl Sandboxes {
     }
 }
 
-/// Whether `pid` still runs agentd (a supervisor), so that a stale record
-/// never makes us kill an unrelated process that reused the pid.
+/// Whether `pid` still runs agentd as a sandbox's PID 1 (forked, not exec'd,
+/// from `agentd sandbox-init`, whose command line it keeps, and named
+/// [`PID1_NAME`]), so that a stale record never makes us kill an unrelated
+/// process that reused the pid.
 fn is_sandbox_init(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.split(|b| *b == 0).nth(1) == Some(b"supervisor".as_slice()))
-        .unwrap_or(false)
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|b| *b == 0).nth(1) == Some(b"sandbox-init".as_slice()))
+        .unwrap_or(false);
+    let comm = std::fs::read(format!("/proc/{pid}/comm"))
+        .map(|c| c.strip_suffix(b"\n").unwrap_or(&c) == PID1_NAME.to_bytes())
+        .unwrap_or(false);
+    cmdline && comm
 }
 
 #[cfg(test)]

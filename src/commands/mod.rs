@@ -3,7 +3,6 @@
 pub mod node;
 pub mod sandbox;
 pub mod server;
-pub mod supervisor;
 pub mod up;
 
 use std::future::Future;

@@ -7,7 +7,6 @@
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use agentd_runtime::cgroups::layout::Mode;
 use agentd_runtime::cgroups::limits::{HostCapacity, Limits};
 use agentd_runtime::cgroups::sandbox::SandboxCgroup;
 use agentd_runtime::cgroups::tree::CgroupTree;
@@ -70,20 +69,6 @@ impl RunCgroups {
         };
         Ok(Self { tree, sandbox })
     }
-
-    /// Where this process goes back to once the sandbox is cloned: the cgroup
-    /// it came from (v1, hybrid) or the daemon leaf discovery moved it to (v2).
-    fn return_files(&self) -> Vec<PathBuf> {
-        self.sandbox
-            .dirs()
-            .iter()
-            .filter_map(|d| {
-                let subtree = d.path.parent()?;
-                let home = if self.tree.mode() == Mode::Unified { subtree.join("daemon") } else { subtree.parent()?.to_owned() };
-                Some(home.join("cgroup.procs"))
-            })
-            .collect()
-    }
 }
 
 impl Drop for RunCgroups {
@@ -141,7 +126,6 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         mounts,
         network,
         cgroup_procs: Vec::new(),
-        cgroup_return: Vec::new(),
         payload: Payload::Command { argv: args.command.clone(), env, cwd: "/workspace".into() },
         supervisor_log_filter: args.log.clone(),
         inject_failure: args.inject_failure.clone(),
@@ -157,7 +141,6 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     }
     if let Some(cg) = &cgroups {
         spec.cgroup_procs = cg.sandbox.procs_files();
-        spec.cgroup_return = cg.return_files();
     }
 
     // Building the sandbox leaves this process in a private mount namespace

@@ -217,7 +217,24 @@ impl Hardening {
             check(unsafe { libc::setrlimit(resource, &limit) })?;
         }
         if self.oom_score_adj.is_some() {
-            write_all(&self.oom_path, &self.oom_bytes)?;
+            // A non-dumpable process's /proc files belong to the root of the
+            // user namespace its memory was created in: for the sandbox's
+            // PID 1 (forked, not exec'd, from host root) that is host root,
+            // whom the sandbox's root cannot write for. Dumpable for this one
+            // write (we still hold every capability, so no agent can attach);
+            // exec makes the agent dumpable anyway.
+            // SAFETY: integer arguments only.
+            let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+            if dumpable == 0 {
+                // SAFETY: integer arguments only.
+                check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
+            }
+            let written = write_all(&self.oom_path, &self.oom_bytes);
+            if dumpable == 0 {
+                // SAFETY: integer arguments only.
+                check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
+            }
+            written?;
         }
         drop_bounding_set(self.cap_last_cap)?;
         // SAFETY: integer arguments only.

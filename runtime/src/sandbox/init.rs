@@ -3,23 +3,28 @@
 //! It runs as a fresh process (the node re-executes its own binary), reads a
 //! [`SandboxSpec`] as JSON on stdin and writes one [`InitReport`] line on stdout.
 //!
-//! 1. Bind the supervisor's unix socket on the host and open the agentd binary,
-//!    both before any namespace exists.
-//! 2. `unshare(CLONE_NEWNS)` and prepare the new root ([`super::rootfs`]).
-//! 3. `clone` a child into new user, mount, pid, uts, ipc, net and cgroup
-//!    namespaces. The child is PID 1 of its pid namespace.
-//! 4. As host root, write the child's uid and gid maps, then let it go on.
-//! 5. The child mounts `/proc` and `/dev/pts`, `pivot_root`s, raises loopback and
-//!    `fexecve`s `agentd supervisor` with only the listening socket open.
+//! 1. Bind the supervisor's unix socket and open its log on the host, and
+//!    compile the agents' hardening (seccomp), before any namespace exists.
+//! 2. `unshare(CLONE_NEWNS)` and prepare the new root ([`super::rootfs`]) as
+//!    host root (P).
+//! 3. `fork` P1, which joins the sandbox's cgroups and `unshare`s a user
+//!    namespace; P (host root) writes its uid and gid maps; P1 becomes its
+//!    root and `unshare`s mount, pid, uts, ipc, net and cgroup namespaces,
+//!    owned by the new user namespace, then `fork`s C, PID 1 of the new pid
+//!    namespace, and exits. C comes back to P, a child subreaper.
+//! 4. C mounts `/proc` and `/dev/pts`, masks `/proc`, `pivot_root`s, raises
+//!    loopback, closes every descriptor but stdio and the listener, makes
+//!    itself non-dumpable and runs the supervisor (or run mode) in place: no
+//!    exec, so no second load of the agentd binary. Plain `fork` (not a raw
+//!    `clone`) keeps glibc's view of the process right for threads, signals
+//!    and the rest.
 //!
-//! Errors in the child travel back on a close-on-exec pipe: end of file with no
-//! data means the exec succeeded.
+//! Errors in P1 and C travel back on a pipe: end of file with no data means
+//! C got through setup (it closes its end just before running the payload).
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 
@@ -30,6 +35,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{Gid, Pid, Uid, chdir, pivot_root, setgroups, sethostname, setresgid, setresuid};
 use serde::{Deserialize, Serialize};
 
+use super::harden::Hardening;
 use super::rootfs;
 use super::spec::{Network, Payload, SandboxSpec};
 
@@ -87,27 +93,44 @@ fn read_spec() -> Result<SandboxSpec, InitError> {
     Ok(spec)
 }
 
-/// Everything the child needs, opened by the parent while it is still host root
-/// in the host's namespaces.
+/// Everything the sandbox's PID 1 needs, opened or built by the creating
+/// process while it is still host root in the host's namespaces.
 struct Handover {
-    exe: File,
     /// The supervisor's log and listening socket; absent in run mode, where
     /// the command keeps the caller's stdio.
     service: Option<(File, UnixListener)>,
+    /// Agent hardening (the seccomp filter compiled once, here), inherited by
+    /// PID 1 through fork.
+    hardening: Hardening,
 }
 
-/// Builds the sandbox and returns its PID 1 as a host pid. The calling process
-/// must be single-threaded; it joins the sandbox's cgroups and leaves its own
-/// mount namespace private, so it should exit (sandbox-init) or only wait
-/// (`agentd sandbox run`) afterwards.
+/// Builds the sandbox and returns its PID 1 as a host pid, in the creating
+/// process. PID 1 itself never returns from this call: it runs the payload
+/// (the supervisor, or run mode) and exits.
+///
+/// The calling process must be single-threaded. It becomes a child subreaper
+/// (PID 1 is its grandchild and comes back to it) and is left in a private
+/// mount namespace, so it should exit (sandbox-init) or only wait
+/// (`agentd sandbox run`) afterwards. It never joins the sandbox's cgroups.
 pub fn create(spec: &SandboxSpec) -> Result<Pid, InitError> {
-    let exe = File::open("/proc/self/exe").map_err(fail_io("open agentd binary"))?;
+    let hardening = Hardening::default_for_agents().map_err(|e| InitError::new("hardening", e.to_string()))?;
+    create_with(spec, hardening)
+}
+
+/// As [`create`], with the agents' hardening already built (by a zygote,
+/// once for every sandbox it makes).
+pub fn create_with(spec: &SandboxSpec, hardening: Hardening) -> Result<Pid, InitError> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(InitError::new("subreaper", std::io::Error::last_os_error().to_string()));
+    }
     let service = match &spec.payload {
         Payload::Supervisor { socket_path, log_path } => {
             let log = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC)
                 .open(log_path)
                 .map_err(fail_io("open supervisor log"))?;
             let _ = std::fs::remove_file(socket_path);
@@ -116,26 +139,15 @@ pub fn create(spec: &SandboxSpec) -> Result<Pid, InitError> {
         }
         Payload::Command { .. } => None,
     };
-    let handover = Handover { exe, service };
+    let handover = Handover { service, hardening };
 
     let result = build(spec, &handover);
-    if result.is_err() {
-        // Whatever joined the sandbox's cgroups must not stay there: their
-        // owner kills and removes them next.
-        let _ = leave_cgroups(spec);
-        if let Payload::Supervisor { socket_path, .. } = &spec.payload {
-            let _ = std::fs::remove_file(socket_path);
-        }
+    if result.is_err()
+        && let Payload::Supervisor { socket_path, .. } = &spec.payload
+    {
+        let _ = std::fs::remove_file(socket_path);
     }
     result
-}
-
-fn leave_cgroups(spec: &SandboxSpec) -> Result<(), InitError> {
-    let me = std::process::id().to_string();
-    for procs in &spec.cgroup_return {
-        std::fs::write(procs, &me).map_err(|e| InitError::new("leave cgroup", format!("{}: {e}", procs.display())))?;
-    }
-    Ok(())
 }
 
 /// Stages where a test may make setup fail (`SandboxSpec::inject_failure`).
@@ -157,74 +169,110 @@ fn join_cgroups(spec: &SandboxSpec) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Kills and reaps a child of ours.
+fn kill_and_reap(pid: Pid) {
+    let _ = kill(pid, Signal::SIGKILL);
+    let _ = waitpid(pid, None);
+}
+
+/// Reads the error a child wrote on the error pipe (end of file with no data
+/// means none).
+fn read_error(err_rx: OwnedFd) -> Result<(), InitError> {
+    let mut message = String::new();
+    File::from(err_rx).read_to_string(&mut message).map_err(|e| InitError::new("read child status", e.to_string()))?;
+    if message.is_empty() {
+        return Ok(());
+    }
+    let (stage, msg) = message.split_once('\0').unwrap_or(("child", message.as_str()));
+    Err(InitError { stage: leak_stage(stage), message: msg.to_string() })
+}
+
+/// The creating process (P): host root, in a private mount namespace where it
+/// prepares the root; then forks P1, which makes the user namespace (P writes
+/// its id maps) and the other namespaces, and forks C, PID 1 of the sandbox.
+/// P1 exits at once; C comes back to P, a subreaper.
 fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
-    join_cgroups(spec)?;
-    injected(spec, "join-cgroup")?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(fail("unshare mount namespace"))?;
     // Nothing mounted from here on may propagate back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(fail("make mounts private"))?;
     rootfs::prepare(spec)?;
-    // The child resolves paths as an unprivileged host uid and may not traverse
-    // the (0700) state directory: it inherits the root's parent as working
-    // directory instead and only uses paths relative to it.
+    // The sandbox resolves paths as an unprivileged host uid and may not
+    // traverse the (0700) state directory: it inherits the root's parent as
+    // working directory instead and only uses paths relative to it.
     let parent = spec.rootfs_dir.parent().ok_or_else(|| InitError::new("chdir", "rootfs_dir has no parent"))?;
     chdir(parent).map_err(fail("chdir to sandbox dir"))?;
 
-    let (go_rx, go_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipe"))?;
-    let (err_rx, err_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(fail("pipe"))?;
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    // P1 -> P: one byte once the user namespace exists, then C's host pid.
+    let (up_rx, up_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
+    // P -> P1: one byte once the id maps are written.
+    let (go_rx, go_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
+    // P1, C -> P: "stage\0message" on failure; end of file once C is set up.
+    let (err_rx, err_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
 
-    let mut flags = CloneFlags::CLONE_NEWUSER
-        | CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWCGROUP;
-    if spec.network == Network::None {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
-    // SAFETY: this process is single-threaded (sandbox-init starts no threads),
-    // so the child may run arbitrary code, as after fork(2). A null stack makes
-    // clone behave like fork: the child continues on a copy of this stack.
-    injected(spec, "clone")?;
-    let ret = unsafe {
-        libc::syscall(libc::SYS_clone, (flags.bits() as libc::c_ulong) | libc::SIGCHLD as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
+    // SAFETY: this process is single-threaded (sandbox-init and sandbox run
+    // start no threads), so the child may run arbitrary code.
+    let p1 = match unsafe { nix::unistd::fork() }.map_err(fail("fork"))? {
+        nix::unistd::ForkResult::Child => {
+            drop(up_rx);
+            drop(go_tx);
+            drop(err_rx);
+            // Never unwind into the creator's frames from a forked copy.
+            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| namespaces(spec, handover, up_tx, go_rx, &err_tx))) {
+                Ok(Ok(never)) => match never {},
+                Ok(Err(e)) => e,
+                Err(_) => InitError::new("clone", "panic"),
+            };
+            report_and_exit(err_tx, e)
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
     };
-    if ret < 0 {
-        return Err(InitError::new("clone", std::io::Error::last_os_error().to_string()));
-    }
-    if ret == 0 {
-        drop(go_tx);
-        drop(err_rx);
-        child(spec, handover, go_rx, err_tx)
-    }
-    let pid = Pid::from_raw(ret as i32);
+    drop(up_tx);
     drop(go_rx);
     drop(err_tx);
-    let abort = |e: InitError| {
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = waitpid(pid, None);
-        e
+    let mut up = File::from(up_rx);
+    // P1 has failed and is on its way out (it closes its pipe end before
+    // writing its error): reap it, then read why.
+    let fail_p1 = |err_rx: OwnedFd, fallback: InitError| {
+        let _ = waitpid(p1, None);
+        read_error(err_rx).err().unwrap_or(fallback)
     };
-    write_id_maps(pid, spec).and_then(|()| injected(spec, "id-map")).map_err(abort)?;
-    // The sandbox is cloned into its cgroups; the creator leaves them if it
-    // is to live on, so that it neither counts against their limits nor
-    // keeps them busy at removal.
-    leave_cgroups(spec).map_err(abort)?;
-    File::from(go_tx).write_all(b"1").map_err(|e| abort(InitError::new("release child", e.to_string())))?;
 
-    let mut message = String::new();
-    File::from(err_rx).read_to_string(&mut message).map_err(|e| abort(InitError::new("read child status", e.to_string())))?;
-    if !message.is_empty() {
-        let _ = waitpid(pid, None);
-        let (stage, msg) = message.split_once('\0').unwrap_or(("child", message.as_str()));
-        return Err(InitError { stage: leak_stage(stage), message: msg.to_string() });
+    let mut byte = [0u8; 1];
+    if !matches!(up.read(&mut byte), Ok(1)) {
+        return Err(fail_p1(err_rx, InitError::new("clone", "user namespace not created")));
+    }
+    if let Err(e) = write_id_maps(p1, spec).and_then(|()| injected(spec, "id-map")) {
+        kill_and_reap(p1);
+        return Err(e);
+    }
+    if let Err(e) = File::from(go_tx).write_all(b"1") {
+        return Err(fail_p1(err_rx, InitError::new("release child", e.to_string())));
+    }
+    let mut pid = [0u8; 4];
+    if up.read_exact(&mut pid).is_err() {
+        return Err(fail_p1(err_rx, InitError::new("clone", "sandbox PID 1 not created")));
+    }
+    let pid = Pid::from_raw(i32::from_ne_bytes(pid));
+    // P1 exits right after forking C: once reaped, C is our child.
+    let _ = waitpid(p1, None);
+    if let Err(e) = read_error(err_rx) {
+        kill_and_reap(pid);
+        return Err(e);
     }
     Ok(pid)
 }
 
+fn report_and_exit(err_tx: OwnedFd, e: InitError) -> ! {
+    let mut pipe = File::from(err_tx);
+    let _ = write!(pipe, "{}\0{}", e.stage, e.message);
+    // SAFETY: _exit skips destructors and atexit handlers that belong to the parent.
+    unsafe { libc::_exit(1) }
+}
+
 /// Stage names come back from the child as text; they are few and this process
-/// exits right after, so leaking one is harmless.
+/// exits or only waits afterwards, so leaking one is harmless.
 fn leak_stage(stage: &str) -> &'static str {
     Box::leak(stage.to_string().into_boxed_str())
 }
@@ -238,30 +286,66 @@ fn write_id_maps(pid: Pid, spec: &SandboxSpec) -> Result<(), InitError> {
     Ok(())
 }
 
-/// The sandbox's future PID 1. Never returns: it execs the supervisor or exits.
-fn child(spec: &SandboxSpec, handover: &Handover, go_rx: OwnedFd, err_tx: OwnedFd) -> ! {
+/// P1: joins the sandbox's cgroups (so the cgroup namespace is rooted there),
+/// makes the user namespace, waits for its id maps, becomes its root, makes
+/// the other namespaces (owned by the new user namespace) and forks C.
+fn namespaces(
+    spec: &SandboxSpec,
+    handover: &Handover,
+    up_tx: OwnedFd,
+    go_rx: OwnedFd,
+    err_tx: &OwnedFd,
+) -> Result<std::convert::Infallible, InitError> {
+    join_cgroups(spec)?;
+    injected(spec, "join-cgroup")?;
+    injected(spec, "clone")?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWUSER).map_err(fail("clone"))?;
+    let mut up = File::from(up_tx);
+    up.write_all(b"1").map_err(fail_io("signal parent"))?;
     let mut go = [0u8; 1];
-    match File::from(go_rx).read(&mut go) {
-        Ok(1) => {}
+    if !matches!(File::from(go_rx).read(&mut go), Ok(1)) {
         // The parent died or failed before releasing us.
-        _ => unsafe { libc::_exit(1) },
+        unsafe { libc::_exit(1) }
     }
-    let e = match enter(spec, handover) {
-        Ok(never) => match never {},
-        Err(e) => e,
-    };
-    let mut pipe = File::from(err_tx);
-    let _ = write!(pipe, "{}\0{}", e.stage, e.message);
-    // SAFETY: _exit skips destructors and atexit handlers that belong to the parent.
-    unsafe { libc::_exit(1) }
-}
-
-fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infallible, InitError> {
     // Without these, creating files fails with EOVERFLOW: our ids are unmapped
     // until we switch to the mapped root.
     setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).map_err(fail("setresgid"))?;
     setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(fail("setresuid"))?;
     setgroups(&[]).map_err(fail("setgroups"))?;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWCGROUP;
+    if spec.network == Network::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    nix::sched::unshare(flags).map_err(fail("clone"))?;
+    // SAFETY: single-threaded (a fork child of a single-threaded process).
+    match unsafe { nix::unistd::fork() }.map_err(fail("clone"))? {
+        nix::unistd::ForkResult::Child => {
+            drop(up);
+            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enter(spec, handover))) {
+                Ok(Ok(never)) => match never {},
+                Ok(Err(e)) => e,
+                // After setup the error pipe is closed and nobody reads this.
+                Err(_) => InitError::new("sandbox init", "panic"),
+            };
+            // SAFETY: the descriptor is ours; this process exits right after.
+            let err_tx = unsafe { OwnedFd::from_raw_fd(err_tx.as_raw_fd()) };
+            report_and_exit(err_tx, e)
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let _ = up.write_all(&child.as_raw().to_ne_bytes());
+            // SAFETY: nothing of the parent's needs to run here.
+            unsafe { libc::_exit(0) }
+        }
+    }
+}
+
+/// C, the sandbox's PID 1: finishes the root, pivots into it, drops what the
+/// creator held and runs the payload. Returns only on a setup failure.
+fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infallible, InitError> {
     sethostname(&spec.hostname).map_err(fail("sethostname"))?;
 
     // Mounts copied into a less privileged namespace are locked, and
@@ -297,7 +381,7 @@ fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infall
     if let Some((log, _)) = &handover.service {
         redirect_stdio(log).map_err(fail_io("redirect stdio"))?;
     }
-    exec_supervisor(spec, handover)
+    run_payload(spec, handover)
 }
 
 /// /proc paths that leak host information or expose kernel knobs, hidden as
@@ -373,41 +457,72 @@ fn redirect_stdio(log: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-fn cstring(s: impl Into<Vec<u8>>) -> Result<CString, InitError> {
-    CString::new(s).map_err(|e| InitError::new("exec supervisor", format!("argument contains NUL: {e}")))
+/// The sandbox PID 1's name (`/proc/<pid>/comm`), by which a restarted node
+/// recognises it among live processes.
+pub const PID1_NAME: &std::ffi::CStr = c"agentd-sandbox";
+
+/// What exec used to clean, done by hand: no descriptor of the creator's but
+/// stdio (and the supervisor's listener) stays open, PID 1 is not dumpable
+/// (the sandbox may not read its memory, environment or descriptors), and the
+/// environment holds only `PATH`.
+fn scrub(keep: Option<i32>) -> Result<(), InitError> {
+    let close = |from: u32, to: u32| {
+        if from > to {
+            return Ok(());
+        }
+        // SAFETY: closes descriptors this process never uses again: PID 1
+        // never returns to the frames that own them, it exits.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, from, to, 0u32) };
+        if rc < 0 { Err(InitError::new("prepare descriptors", std::io::Error::last_os_error().to_string())) } else { Ok(()) }
+    };
+    match keep {
+        Some(fd) => {
+            close(3, (fd as u32).saturating_sub(1))?;
+            close(fd as u32 + 1, u32::MAX)?;
+        }
+        None => close(3, u32::MAX)?,
+    }
+    // SAFETY: prctl with integer arguments only; the name is NUL-terminated.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0
+        || unsafe { libc::prctl(libc::PR_SET_NAME, PID1_NAME.as_ptr(), 0, 0, 0) } != 0
+    {
+        return Err(InitError::new("prepare process", std::io::Error::last_os_error().to_string()));
+    }
+    let names: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
+    for name in names {
+        // SAFETY: single-threaded (no thread has been started in this process).
+        unsafe { std::env::remove_var(name) };
+    }
+    // SAFETY: as above.
+    unsafe { std::env::set_var("PATH", "/usr/local/bin:/usr/bin:/bin") };
+    Ok(())
 }
 
-fn exec_supervisor(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infallible, InitError> {
-    // Every descriptor but stdio (and the listener) is close-on-exec from here
-    // on: no daemon descriptor may leak into the sandbox.
-    // SAFETY: close_range only changes descriptor flags.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-    if rc < 0 {
-        return Err(InitError::new("prepare descriptors", std::io::Error::last_os_error().to_string()));
-    }
-    let mut argv = vec![cstring("agentd")?, cstring("supervisor")?];
-    match (&spec.payload, &handover.service) {
-        (Payload::Supervisor { .. }, Some((_, listener))) => {
-            let listen_fd = listener.as_raw_fd();
-            // SAFETY: fcntl only changes the descriptor's flags.
-            if unsafe { libc::fcntl(listen_fd, libc::F_SETFD, 0) } < 0 {
-                return Err(InitError::new("prepare descriptors", std::io::Error::last_os_error().to_string()));
+fn run_payload(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infallible, InitError> {
+    let listen_fd = handover.service.as_ref().map(|(_, l)| l.as_raw_fd());
+    // The last fallible step: closing the error pipe (with the rest) tells
+    // the creator that setup succeeded.
+    scrub(listen_fd)?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&spec.supervisor_log_filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    let hardening = handover.hardening.clone();
+    // Past this point a panic must end PID 1, never unwind into the
+    // creator's frames (the error pipe is gone).
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match (&spec.payload, listen_fd) {
+        (Payload::Supervisor { .. }, Some(fd)) => match crate::supervisor::run(fd, hardening) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "supervisor failed");
+                1
             }
-            argv.extend([cstring("--listen-fd")?, cstring(listen_fd.to_string())?]);
-        }
-        (Payload::Command { argv: command, env, cwd }, _) => {
-            argv.extend([cstring("--run")?, cstring("--cwd")?, cstring(cwd.as_os_str().as_bytes())?]);
-            for (k, v) in env {
-                argv.extend([cstring("--env")?, cstring(format!("{k}={v}"))?]);
-            }
-            argv.push(cstring("--")?);
-            for a in command {
-                argv.push(cstring(a.as_str())?);
-            }
+        },
+        (Payload::Command { argv, env, cwd }, _) => {
+            crate::supervisor::run_mode::run(argv, env, cwd, move || hardening.apply_in_child())
         }
         (Payload::Supervisor { .. }, None) => unreachable!("a supervisor payload always has its socket"),
-    }
-    let env = [cstring(format!("RUST_LOG={}", spec.supervisor_log_filter))?, cstring("PATH=/usr/local/bin:/usr/bin:/bin")?];
-    let Err(e) = nix::unistd::fexecve(&handover.exe, &argv, &env);
-    Err(InitError::new("exec supervisor", e.to_string()))
+    })).unwrap_or(101);
+    std::process::exit(code)
 }

@@ -1,8 +1,8 @@
 //! The node's side of sandbox creation: run `agentd sandbox-init` and read its
-//! report. The sandbox's PID 1 is a grandchild: once `sandbox-init` exits it is
+//! report. The sandbox's PID 1 is a descendant: once `sandbox-init` exits it is
 //! re-parented to the nearest subreaper, which the node makes itself.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -68,5 +68,113 @@ pub async fn launch(exe: &Path, spec: &SandboxSpec) -> Result<Launched, LaunchEr
             status: output.status.to_string(),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         }),
+    }
+}
+
+/// The node's way to make sandboxes: one `agentd sandbox-init --zygote`
+/// started on first use and kept ([`super::zygote`]), which forks a worker
+/// per sandbox, so no sandbox pays for executing the agentd binary. Falls
+/// back to a one-shot [`launch`] when the zygote cannot be started or fed;
+/// a zygote that fails mid-request is dropped (killed) and replaced next time.
+pub struct Launcher {
+    exe: PathBuf,
+    zygote: tokio::sync::Mutex<ZygoteState>,
+}
+
+#[derive(Default)]
+struct ZygoteState {
+    zygote: Option<Zygote>,
+    /// Whether a zygote ever answered. One that exits before its first
+    /// answer (a binary without `--zygote`, say) turns the zygote off.
+    answered: bool,
+    disabled: bool,
+}
+
+struct Zygote {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+impl Zygote {
+    fn spawn(exe: &Path) -> std::io::Result<Self> {
+        let mut child = Command::new(exe)
+            .args(["sandbox-init", "--zygote"])
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+        Ok(Self { _child: child, stdin, stdout })
+    }
+
+    async fn request(&mut self, input: &[u8]) -> Result<InitReport, LaunchError> {
+        use tokio::io::AsyncBufReadExt;
+        let len = u32::try_from(input.len()).map_err(|_| LaunchError::Spawn(std::io::ErrorKind::InvalidInput.into()))?;
+        let mut frame = len.to_le_bytes().to_vec();
+        frame.extend_from_slice(input);
+        self.stdin.write_all(&frame).await.map_err(LaunchError::Spawn)?;
+        self.stdin.flush().await.map_err(LaunchError::Spawn)?;
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).await.map_err(LaunchError::Spawn)?;
+        serde_json::from_str(line.trim_end()).map_err(|_| LaunchError::NoReport {
+            status: if n == 0 { "zygote exited".into() } else { "zygote answered garbage".into() },
+            stderr: line.trim().to_string(),
+        })
+    }
+}
+
+impl Launcher {
+    pub fn new(exe: PathBuf) -> Self {
+        Self { exe, zygote: tokio::sync::Mutex::new(ZygoteState::default()) }
+    }
+
+    /// Builds the sandbox `spec` describes.
+    pub async fn launch(&self, spec: &SandboxSpec) -> Result<Launched, LaunchError> {
+        spec.validate()?;
+        let mut state = self.zygote.lock().await;
+        if state.zygote.is_none() && !state.disabled {
+            match Zygote::spawn(&self.exe) {
+                Ok(z) => state.zygote = Some(z),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the sandbox-init zygote; executing sandbox-init per sandbox");
+                    state.disabled = true;
+                }
+            }
+        }
+        let Some(z) = state.zygote.as_mut() else {
+            drop(state);
+            return launch(&self.exe, spec).await;
+        };
+        let input = serde_json::to_vec(spec).expect("spec serializes");
+        let answer = tokio::time::timeout(INIT_TIMEOUT, z.request(&input)).await;
+        let report = match answer {
+            Ok(Ok(report)) => {
+                state.answered = true;
+                report
+            }
+            Ok(Err(e)) => {
+                // Killed on drop; its worker dies with it.
+                state.zygote = None;
+                if !state.answered {
+                    tracing::warn!(error = %e, "the sandbox-init zygote never answered; executing sandbox-init per sandbox");
+                    state.disabled = true;
+                    drop(state);
+                    return launch(&self.exe, spec).await;
+                }
+                return Err(e);
+            }
+            Err(_) => {
+                state.zygote = None;
+                return Err(LaunchError::Timeout(INIT_TIMEOUT));
+            }
+        };
+        match report {
+            InitReport::Ready { pid } => Ok(Launched { pid }),
+            InitReport::Failed { stage, message } => Err(LaunchError::Failed { stage, message }),
+        }
     }
 }

@@ -1,11 +1,13 @@
 //! Building one sandbox: user, mount, pid, uts, ipc, net and cgroup namespaces,
 //! a `pivot_root` into a fresh root of read-only bind mounts, and the supervisor
-//! exec'd as PID 1.
+//! run (forked, not exec'd) as PID 1.
 //!
 //! The node is a multi-threaded tokio process, where `unshare(CLONE_NEWUSER)`
-//! fails and `fork` is hazardous. So it re-executes its own binary as
-//! `agentd sandbox-init` ([`init`]), a fresh single-threaded process that does
-//! the kernel work and reports one line of JSON back ([`launch`]).
+//! fails and `fork` is hazardous. So it runs its own binary once as
+//! `agentd sandbox-init --zygote` ([`zygote`]), a single-threaded process that
+//! forks a worker per sandbox to do the kernel work ([`init`]) and reports one
+//! line of JSON back ([`launch`]); a one-shot `agentd sandbox-init` is the
+//! fallback.
 
 pub mod harden;
 pub mod init;
@@ -14,6 +16,7 @@ pub mod profile;
 mod rootfs;
 pub mod seccomp;
 pub mod spec;
+pub mod zygote;
 
-pub use launch::{LaunchError, Launched, launch};
+pub use launch::{LaunchError, Launched, Launcher, launch};
 pub use spec::{BindMount, IdRange, Network, Payload, SandboxSpec, SpecError};

@@ -81,17 +81,14 @@ pub struct SandboxSpec {
     pub mounts: Vec<BindMount>,
     #[serde(default)]
     pub network: Network,
-    /// `cgroup.procs` files of the sandbox's cgroups; sandbox-init joins them
-    /// before cloning, so the sandbox's cgroup namespace is rooted there.
+    /// `cgroup.procs` files of the sandbox's cgroups; the process that makes
+    /// the sandbox's namespaces joins them first, so the sandbox's cgroup
+    /// namespace is rooted there (the creator itself never joins them).
     #[serde(default)]
     pub cgroup_procs: Vec<PathBuf>,
     pub payload: Payload,
     /// `RUST_LOG` for the supervisor: the only environment it gets.
     pub supervisor_log_filter: String,
-    /// `cgroup.procs` files the creating process moves itself back to once the
-    /// sandbox is cloned, when it lives on (`agentd sandbox run`).
-    #[serde(default)]
-    pub cgroup_return: Vec<PathBuf>,
     /// A stage at which setup fails on purpose, for tests that check a
     /// failure midway undoes everything (see `init::FAULT_STAGES`).
     #[serde(default)]
@@ -194,7 +191,6 @@ mod tests {
             payload: Payload::Supervisor { socket_path: "/tmp/x/sup.sock".into(), log_path: "/tmp/x/sup.log".into() },
             network: Network::None,
             cgroup_procs: Vec::new(),
-            cgroup_return: Vec::new(),
             inject_failure: None,
             hostname: "sandbox".into(),
             ids: IdRange { host_base: 1_000_000, size: 65536 },

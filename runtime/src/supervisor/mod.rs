@@ -34,27 +34,26 @@ use tokio_stream::wrappers::UnixListenerStream;
 /// How long agents get between SIGTERM and SIGKILL when the sandbox stops.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 
-/// Runs the supervisor on the listening socket `listen_fd` until told to stop.
-pub fn run(listen_fd: i32) -> std::io::Result<()> {
+/// Runs the supervisor on the listening socket `listen_fd` until told to
+/// stop, hardening agents with `hardening`.
+pub fn run(listen_fd: i32, hardening: crate::sandbox::harden::Hardening) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(serve(listen_fd))
+    rt.block_on(serve(listen_fd, hardening))
 }
 
-async fn serve(listen_fd: i32) -> std::io::Result<()> {
-    // The descriptor came without close-on-exec so that it survived our exec;
-    // agents must not inherit it, or they could drive the supervisor.
+async fn serve(listen_fd: i32, hardening: crate::sandbox::harden::Hardening) -> std::io::Result<()> {
+    // Agents must not inherit the listener, or they could drive the supervisor.
     // SAFETY: fcntl only changes the descriptor's flags.
     if unsafe { libc::fcntl(listen_fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: sandbox-init passes us this descriptor, open and owned by no one else.
+    // SAFETY: sandbox setup hands us this descriptor, open and used by no one else.
     let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(listen_fd) };
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(std_listener)?;
 
     let reaper = reaper::Reaper::start()?;
     let (stop_tx, mut stop_rx) = watch::channel(None::<Duration>);
-    let hardening = crate::sandbox::harden::Hardening::default_for_agents().map_err(std::io::Error::other)?;
     let agents = Arc::new(agents::Agents::new(Arc::clone(&reaper), hardening));
     let svc = service::SupervisorService::new(Arc::clone(&agents), stop_tx.clone());
 
