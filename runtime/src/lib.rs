@@ -3,9 +3,10 @@
 //! Layout:
 //! - [`sandbox`]: building one sandbox. [`sandbox::spec`] is the validated
 //!   description the node hands over; [`sandbox::init`] is the single-threaded
-//!   `agentd sandbox-init` entry point that makes the namespaces, the root
-//!   filesystem and the id maps, then execs the supervisor as PID 1;
-//!   [`sandbox::launch`] is the node's async side of that hand-over.
+//!   path (run by the `agentd sandbox-init --zygote` process's forked workers)
+//!   that makes the namespaces, the root filesystem and the id maps, then runs
+//!   the supervisor in place as PID 1; [`sandbox::launch`] is the node's async
+//!   side of that hand-over.
 //! - [`cgroups`]: sandbox cgroups (limits, freeze, kill, stats), v1/hybrid/v2.
 //! - [`supervisor`]: PID 1 inside a sandbox. Reaps orphans, runs agent processes
 //!   and serves the `Supervisor` gRPC service on the sandbox's unix socket.
