@@ -13,6 +13,35 @@
 //!
 //! [`serve`] runs the API until shutdown; [`app`] builds the router alone.
 
+/// Writes each listed check (an `async fn(&Store)` in the calling module) once
+/// as a test on SQLite and once on a throwaway PostgreSQL, using the calling
+/// module's `sqlite()` and `postgres()` (see `store::conformance`).
+#[cfg(test)]
+macro_rules! backend_suite {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let (_dir, store) = super::sqlite().await;
+                    super::$check(&store).await;
+                    store.close().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let (_pg, store) = super::postgres().await;
+                    super::$check(&store).await;
+                    store.close().await;
+                }
+            )*
+        }
+    };
+}
+
 pub mod api;
 pub mod plan;
 pub mod runs;

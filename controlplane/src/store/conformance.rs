@@ -15,14 +15,14 @@ use super::states::{container, run, session};
 use super::*;
 
 /// A migrated SQLite store in a temp dir, which goes with the dir.
-pub(super) async fn sqlite() -> (tempfile::TempDir, Store) {
+pub(crate) async fn sqlite() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sqlite(&dir.path().join("agentd.db")).await.unwrap();
     (dir, store)
 }
 
 /// A migrated PostgreSQL store on a server of its own, which stops on drop.
-pub(super) async fn postgres() -> (TempPostgres, Store) {
+pub(crate) async fn postgres() -> (TempPostgres, Store) {
     let pg = tokio::task::spawn_blocking(TempPostgres::start)
         .await
         .unwrap()
@@ -31,32 +31,7 @@ pub(super) async fn postgres() -> (TempPostgres, Store) {
     (pg, store)
 }
 
-macro_rules! suite {
-    ($($check:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $check() {
-                    let (_dir, store) = super::sqlite().await;
-                    super::$check(&store).await;
-                    store.close().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $check() {
-                    let (_pg, store) = super::postgres().await;
-                    super::$check(&store).await;
-                    store.close().await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+backend_suite!(
     inserts_and_reads,
     container_transitions,
     session_transitions,

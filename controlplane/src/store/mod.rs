@@ -49,7 +49,7 @@
 pub mod states;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 use std::path::Path;
 use std::time::Duration;

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentd_testkit::postgres::TempPostgres;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -17,55 +16,9 @@ use crate::store::outbox::{Failed, NewStep, OutboxError, OutboxRow, step_state};
 use crate::store::states::{Entity, container};
 use crate::store::{Store, StoreError};
 
-async fn sqlite() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("agentd.db")).await.unwrap();
-    (dir, store)
-}
+use crate::store::conformance::{postgres, sqlite};
 
-/// Started from a thread that lives as long as the test process: the
-/// server's parent-death signal fires when the thread that spawned it exits,
-/// and a `spawn_blocking` thread exits after idling 10 s, killing the server
-/// mid-test. (nextest runs each test in a process of its own.)
-async fn postgres() -> (TempPostgres, Store) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(TempPostgres::start());
-        loop {
-            std::thread::park();
-        }
-    });
-    let pg = rx.await.unwrap().expect("start a throwaway PostgreSQL (initdb and postgres from /usr/lib/postgresql/*/bin)");
-    let store = Store::open_postgres(&pg.url()).await.unwrap();
-    (pg, store)
-}
-
-macro_rules! suite {
-    ($($check:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $check() {
-                    let (_dir, store) = super::sqlite().await;
-                    super::$check(&store).await;
-                    store.close().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $check() {
-                    let (_pg, store) = super::postgres().await;
-                    super::$check(&store).await;
-                    store.close().await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+backend_suite!(
     enqueue_claim_complete,
     enqueue_is_idempotent_by_key,
     transition_and_enqueue_is_atomic,
