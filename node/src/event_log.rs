@@ -22,6 +22,16 @@ pub const RUN_COMPLETED: &str = "run.completed";
 pub const RUN_FAILED: &str = "run.failed";
 pub const SANDBOX_OOM: &str = "sandbox.oom";
 
+/// One line of the JSONL file; `data` is the event's JSON as it came.
+#[derive(serde::Serialize)]
+struct LogLine<'a> {
+    seq: u64,
+    kind: &'a str,
+    run_id: &'a str,
+    ts_ms: i64,
+    data: Option<&'a serde_json::value::RawValue>,
+}
+
 struct Inner {
     events: Vec<Arc<SessionEvent>>,
     file: Option<File>,
@@ -68,11 +78,18 @@ impl EventLog {
             ts_ms: now_ms(),
         });
         if let Some(file) = inner.file.as_mut() {
-            let line = serde_json::json!({
-                "seq": seq, "kind": event.kind, "run_id": event.run_id,
-                "ts_ms": event.ts_ms, "data": serde_json::value::RawValue::from_string(event.data_json.clone()).ok(),
-            });
-            if let Err(e) = writeln!(file, "{line}") {
+            let line = LogLine {
+                seq,
+                kind: &event.kind,
+                run_id: &event.run_id,
+                ts_ms: event.ts_ms,
+                data: serde_json::from_str(&event.data_json).ok(),
+            };
+            // One write per event: formatting straight into the file would
+            // issue a write syscall per JSON token.
+            let mut buf = serde_json::to_vec(&line).expect("a log line serializes");
+            buf.push(b'\n');
+            if let Err(e) = file.write_all(&buf) {
                 tracing::error!(error = %e, session = self.session_id, "event log write failed");
             }
         }
