@@ -8,23 +8,16 @@
 //! - throughput: `session.update` events per second one session streams to one
 //!   SSE client (echo agent with `--repeat`, BENCH_EVENTS chunks per turn).
 
+mod common;
+
+use common::{env_usize, release_bin};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-fn release_bin(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release").join(name);
-    assert!(path.is_file(), "{} missing: cargo build --release --workspace --bins", path.display());
-    path
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// Reads SSE frames, yielding each event's name.
 struct Events {

@@ -12,7 +12,9 @@
 //!
 //! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500).
 
-use std::path::PathBuf;
+mod common;
+
+use common::{env_usize, release_bin};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,15 +23,6 @@ use agentd_node::{Node, NodeConfig};
 use agentd_proto::node::SandboxPlan;
 use agentd_proto::supervisor::{StartAgentRequest, StatusRequest};
 
-fn release_bin(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release").join(name);
-    assert!(path.is_file(), "{} missing: cargo build --release --workspace --bins", path.display());
-    path
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

@@ -74,26 +74,38 @@ impl From<StoreError> for Problem {
     }
 }
 
-/// HTTP status for a stable code that came back from a node.
-fn status_for(code: &str) -> StatusCode {
-    match code {
-        "container_not_found" | "session_not_found" | "agent_not_found" | "permission_request_not_found" => StatusCode::NOT_FOUND,
-        "run_active" | "agent_exists" | "container_hibernated" => StatusCode::CONFLICT,
-        "invalid_request" | "invalid_profile" | "invalid_prompt" | "bad_working_dir" | "agent_executable_not_found"
-        | "mount_source_not_found" | "unknown_option" => StatusCode::UNPROCESSABLE_ENTITY,
-        "agent_init_failed" | "agent_error" | "agent_spawn_failed" => StatusCode::BAD_GATEWAY,
-        "node_full" => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
+/// The stable codes a node may send back, with the HTTP status each becomes.
+/// A closed set: any other code is treated as internal.
+const NODE_CODES: &[(&str, StatusCode)] = &[
+    ("container_not_found", StatusCode::NOT_FOUND),
+    ("session_not_found", StatusCode::NOT_FOUND),
+    ("agent_not_found", StatusCode::NOT_FOUND),
+    ("permission_request_not_found", StatusCode::NOT_FOUND),
+    ("run_active", StatusCode::CONFLICT),
+    ("agent_exists", StatusCode::CONFLICT),
+    ("container_hibernated", StatusCode::CONFLICT),
+    ("invalid_request", StatusCode::UNPROCESSABLE_ENTITY),
+    ("invalid_profile", StatusCode::UNPROCESSABLE_ENTITY),
+    ("invalid_prompt", StatusCode::UNPROCESSABLE_ENTITY),
+    ("bad_working_dir", StatusCode::UNPROCESSABLE_ENTITY),
+    ("agent_executable_not_found", StatusCode::UNPROCESSABLE_ENTITY),
+    ("mount_source_not_found", StatusCode::UNPROCESSABLE_ENTITY),
+    ("unknown_option", StatusCode::UNPROCESSABLE_ENTITY),
+    ("agent_init_failed", StatusCode::BAD_GATEWAY),
+    ("agent_error", StatusCode::BAD_GATEWAY),
+    ("agent_spawn_failed", StatusCode::BAD_GATEWAY),
+    ("node_full", StatusCode::SERVICE_UNAVAILABLE),
+    ("sandbox_failed", StatusCode::INTERNAL_SERVER_ERROR),
+    ("internal", StatusCode::INTERNAL_SERVER_ERROR),
+];
 
 impl From<tonic::Status> for Problem {
     fn from(s: tonic::Status) -> Self {
         match agentd_proto::error::code_of(&s) {
             Some(code) => {
-                // The stable codes are a closed set: anything else is internal.
-                let code: &'static str = KNOWN_CODES.iter().find(|c| **c == code).copied().unwrap_or("internal");
-                Problem::new(status_for(code), code, s.message().to_string())
+                let (code, status) =
+                    NODE_CODES.iter().find(|(c, _)| *c == code).copied().unwrap_or(("internal", StatusCode::INTERNAL_SERVER_ERROR));
+                Problem::new(status, code, s.message().to_string())
             }
             None if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -104,26 +116,3 @@ impl From<tonic::Status> for Problem {
         }
     }
 }
-
-const KNOWN_CODES: &[&str] = &[
-    "container_not_found",
-    "session_not_found",
-    "agent_not_found",
-    "run_active",
-    "agent_exists",
-    "invalid_request",
-    "invalid_profile",
-    "invalid_prompt",
-    "bad_working_dir",
-    "agent_executable_not_found",
-    "mount_source_not_found",
-    "agent_init_failed",
-    "agent_error",
-    "agent_spawn_failed",
-    "node_full",
-    "container_hibernated",
-    "permission_request_not_found",
-    "unknown_option",
-    "sandbox_failed",
-    "internal",
-];

@@ -99,6 +99,12 @@ impl Tools<'_> {
             .send_notification(SessionNotification::new(self.session_id.clone(), update))
     }
 
+    /// Marks the tool call failed and says why.
+    fn tool_failed(&self, text: &str) -> Result<(), Error> {
+        self.tool_update(ToolCallUpdateFields::new().status(ToolCallStatus::Failed).raw_output(json!({"error": text})))?;
+        self.say(text)
+    }
+
     fn tool_update(&self, fields: ToolCallUpdateFields) -> Result<(), Error> {
         self.update(SessionUpdate::ToolCallUpdate(ToolCallUpdate::new(
             self.tool_call_id.clone(),
@@ -215,13 +221,7 @@ impl Tools<'_> {
         let terminal_id = match self.cx.send_request(request).block_task().await {
             Ok(created) => created.terminal_id,
             Err(e) => {
-                let text = describe(&e);
-                self.tool_update(
-                    ToolCallUpdateFields::new()
-                        .status(ToolCallStatus::Failed)
-                        .raw_output(json!({"error": text})),
-                )?;
-                self.say(&text)?;
+                self.tool_failed(&describe(&e))?;
                 return Ok(StopReason::EndTurn);
             }
         };
@@ -283,13 +283,7 @@ impl Tools<'_> {
                 )?;
             }
             Err(e) => {
-                let text = describe(&e);
-                self.tool_update(
-                    ToolCallUpdateFields::new()
-                        .status(ToolCallStatus::Failed)
-                        .raw_output(json!({"error": text})),
-                )?;
-                self.say(&text)?;
+                self.tool_failed(&describe(&e))?;
             }
         }
         Ok(StopReason::EndTurn)

@@ -43,29 +43,27 @@ fn error(code: i64, message: impl Into<String>) -> ErrorObject {
     ErrorObject { code, message: message.into(), data: None }
 }
 
+/// The ACP error code for a failure: the request's fault, a missing thing, or ours.
+fn classify(invalid_params: bool, not_found: bool, message: String) -> ErrorObject {
+    let code = if invalid_params {
+        INVALID_PARAMS
+    } else if not_found {
+        RESOURCE_NOT_FOUND
+    } else {
+        INTERNAL_ERROR
+    };
+    error(code, message)
+}
+
 impl From<FsError> for ErrorObject {
     fn from(e: FsError) -> Self {
-        let code = if e.is_invalid_params() {
-            INVALID_PARAMS
-        } else if e.is_not_found() {
-            RESOURCE_NOT_FOUND
-        } else {
-            INTERNAL_ERROR
-        };
-        error(code, e.to_string())
+        classify(e.is_invalid_params(), e.is_not_found(), e.to_string())
     }
 }
 
 impl From<TerminalError> for ErrorObject {
     fn from(e: TerminalError) -> Self {
-        let code = if e.is_invalid_params() {
-            INVALID_PARAMS
-        } else if e.is_not_found() {
-            RESOURCE_NOT_FOUND
-        } else {
-            INTERNAL_ERROR
-        };
-        error(code, e.to_string())
+        classify(e.is_invalid_params(), e.is_not_found(), e.to_string())
     }
 }
 

@@ -1,0 +1,15 @@
+//! What the benchmarks share: where the release binaries are, and sizing
+//! from the environment.
+
+use std::path::PathBuf;
+
+/// A binary of the release build; benchmarks measure what users run.
+pub fn release_bin(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release").join(name);
+    assert!(path.is_file(), "{} missing: cargo build --release --workspace --bins", path.display());
+    path
+}
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
