@@ -35,7 +35,8 @@ pub fn watch_session(app: AppState, session_id: String) {
 async fn follow(app: &AppState, session_id: &str) {
     let mut after_seq = 0;
     loop {
-        let request = StreamEventsRequest { session_id: session_id.to_string(), after_seq };
+        let kinds = vec!["run.completed".to_string(), "run.failed".to_string()];
+        let request = StreamEventsRequest { session_id: session_id.to_string(), after_seq, kinds };
         let mut events = match app.node.clone().stream_events(request).await {
             Ok(events) => events.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => return,

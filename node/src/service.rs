@@ -242,7 +242,11 @@ impl node_server::Node for NodeService {
     async fn stream_events(&self, req: Request<StreamEventsRequest>) -> Result<Response<Self::StreamEventsStream>, Status> {
         let r = req.into_inner();
         let session = self.node.sessions.get(&r.session_id)?;
-        let stream = Arc::clone(&session.log).follow(r.after_seq).map(|e| Ok((*e).clone()));
+        let kinds = r.kinds;
+        let stream = Arc::clone(&session.log)
+            .follow(r.after_seq)
+            .filter(move |e| std::future::ready(kinds.is_empty() || kinds.iter().any(|k| *k == e.kind)))
+            .map(|e| Ok((*e).clone()));
         Ok(Response::new(Box::pin(stream)))
     }
 }

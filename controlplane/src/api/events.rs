@@ -46,7 +46,7 @@ pub async fn stream(
     if s.state != session::READY {
         return Err(Problem::new(axum::http::StatusCode::GONE, "session_closed", format!("session {id} is {}; its events are gone", s.state)));
     }
-    let events = app.node.clone().stream_events(StreamEventsRequest { session_id: id, after_seq }).await?.into_inner();
+    let events = app.node.clone().stream_events(StreamEventsRequest { session_id: id, after_seq, kinds: Vec::new() }).await?.into_inner();
     let events = events
         .take_while(|item| std::future::ready(item.is_ok()))
         .filter_map(|item| async move { item.ok() })
