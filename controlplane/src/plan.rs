@@ -134,6 +134,7 @@ pub fn compile(
             Network::Host => "host".into(),
         },
         rootfs: profile.rootfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        bundles: Vec::new(),
     };
     let agent_plan = AgentPlan {
         agent_id: agent.id.clone(),

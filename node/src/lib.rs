@@ -4,6 +4,8 @@
 //! - [`sandboxes`]: the sandbox table: id ranges, state directories, launching
 //!   through `agentd sandbox-init`, watching each PID 1 through a pidfd,
 //!   teardown, and cleanup of what a crashed node left behind.
+//! - [`bundles`]: the content-addressed cache of agent bundles (archives
+//!   fetched, checked and unpacked once, bound read-only into sandboxes).
 //! - [`event_log`]: each session's append-only event log (memory and a JSONL
 //!   file), from which clients resume by sequence number.
 //! - [`sessions`]: ACP sessions on this node and the turn running on each.
@@ -12,6 +14,7 @@
 //!
 //! [`serve`] runs the service on a unix socket until shutdown.
 
+pub mod bundles;
 pub mod event_log;
 mod oom;
 pub mod sandboxes;
@@ -29,7 +32,8 @@ use tokio_stream::wrappers::UnixListenerStream;
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// Root of this node's state: sandboxes/<id>/ (rootfs mount point,
-    /// workspace, supervisor socket and log, session event logs).
+    /// workspace, supervisor socket and log, session event logs) and
+    /// bundles/<sha256>/ (unpacked agent bundles).
     pub state_dir: PathBuf,
     /// The agentd binary, re-executed as `sandbox-init`.
     pub exe: PathBuf,

@@ -33,6 +33,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::NodeConfig;
+use crate::bundles::BundleCache;
 use crate::event_log::now_ms;
 
 /// How long a killed sandbox may take to disappear before teardown gives up
@@ -142,6 +143,8 @@ pub struct Sandboxes {
     creating: tokio::sync::Mutex<()>,
     /// Runs sandbox-init (a zygote kept for the node's life).
     launcher: Launcher,
+    /// Agent bundles the plans name, unpacked once and shared read-only.
+    bundles: BundleCache,
 }
 
 /// Makes the node the parent of every orphan below it, so that sandbox PID 1s
@@ -199,6 +202,7 @@ impl Sandboxes {
         let cgroups = CgroupTree::discover(&config.cgroup_root, &self_cgroup, &config.cgroup_subtree).map_err(std::io::Error::other)?;
         let host = HostCapacity::detect(&config.proc_root).map_err(std::io::Error::other)?;
         let launcher = Launcher::new(config.exe.clone());
+        let bundles = BundleCache::open(config.state_dir.join("bundles"))?;
         let this = Arc::new(Self {
             config,
             cgroups,
@@ -208,6 +212,7 @@ impl Sandboxes {
             free_slots: Mutex::new(free_slots),
             creating: Default::default(),
             launcher,
+            bundles,
         });
         this.clean_leftovers(&root).await;
         let report = this.cgroups.clean_leftovers();
@@ -263,6 +268,8 @@ impl Sandboxes {
         if !valid_id(&id) {
             return Err(status(Code::InvalidArgument, "invalid_request", format!("invalid container id {id:?}")));
         }
+        // Before the creation lock: a slow download must not hold up other sandboxes.
+        let bundle_mounts = self.bundle_mounts(&plan).await?;
         let _guard = self.creating.lock().await;
         if let Ok(existing) = self.get(&id) {
             return Ok(existing);
@@ -290,7 +297,7 @@ impl Sandboxes {
                 return Err(e);
             }
         };
-        match self.build(&plan, slot, &dir, &cgroup.0).await {
+        match self.build(&plan, bundle_mounts, slot, &dir, &cgroup.0).await {
             Ok((pid, ids, created_at_ms, supervisor, exited)) => {
                 let (cgroup, limits) = cgroup;
                 let sandbox = Arc::new(Sandbox {
@@ -322,9 +329,26 @@ impl Sandboxes {
         }
     }
 
+    /// The plan's bundles, fetched and unpacked if the cache lacks them, as
+    /// read-only binds.
+    async fn bundle_mounts(&self, plan: &SandboxPlan) -> Result<Vec<BindMount>, Status> {
+        let mut mounts = Vec::new();
+        for b in &plan.bundles {
+            let target = Path::new(&b.target);
+            if !target.is_absolute() || target.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(status(Code::InvalidArgument, "invalid_request", format!("bundle target {:?} must be an absolute path", b.target)));
+            }
+            let digest = (!b.sha256.is_empty()).then_some(b.sha256.as_str());
+            let source = self.bundles.ensure(&b.archive_url, digest).await.map_err(|e| e.status())?;
+            mounts.push(BindMount { source, target: target.to_owned(), read_only: true });
+        }
+        Ok(mounts)
+    }
+
     async fn build(
         &self,
         plan: &SandboxPlan,
+        bundle_mounts: Vec<BindMount>,
         slot: u32,
         dir: &Path,
         cgroup: &SandboxCgroup,
@@ -354,6 +378,7 @@ impl Sandboxes {
             target: m.target.clone().into(),
             read_only: m.read_only,
         }));
+        mounts.extend(bundle_mounts);
         let network: Network = match plan.network.as_str() {
             "" => Network::None,
             other => other.parse().map_err(|e: String| status(Code::InvalidArgument, "invalid_profile", e))?,
