@@ -75,6 +75,10 @@ pub struct ApiArgs {
     /// How long an agent may take to answer `initialize`, in milliseconds.
     #[arg(long, env = "AGENTD_INITIALIZE_TIMEOUT_MS", default_value_t = 30_000)]
     pub initialize_timeout_ms: u32,
+    /// Agent registry to sync at start (a file path, file://, http:// or https:// URL);
+    /// `POST /v1/registry:sync` syncs it again.
+    #[arg(long, env = "AGENTD_REGISTRY")]
+    pub registry: Option<String>,
 }
 
 #[derive(Debug, Args)]

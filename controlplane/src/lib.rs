@@ -3,8 +3,11 @@
 //!
 //! Layout:
 //! - [`api`]: axum routes, one module per resource; errors as problem+json.
-//! - [`plan`]: compiles a session request (manual agent, profile, session
-//!   options) into the sandbox and agent plans a node executes.
+//! - [`agent_spec`]: agent definitions in the ACP registry's shape and the
+//!   original agentd's, read into one validated `AgentSpec`.
+//! - [`agent_registry`]: registry sync from a file or URL into the store.
+//! - [`plan`]: compiles a session request (agent, profile, session options)
+//!   into the sandbox and agent plans a node executes.
 //! - [`store`]: containers, sessions and runs, behind enforced state machines.
 //! - [`runs`]: follows each live session's event log and records run ends.
 //! - [`teardown`]: deleting containers and recording it.
@@ -42,6 +45,8 @@ macro_rules! backend_suite {
     };
 }
 
+pub mod agent_registry;
+pub mod agent_spec;
 pub mod api;
 pub mod plan;
 pub mod runs;
@@ -73,6 +78,10 @@ pub struct AppState {
     /// The node this control plane schedules onto (one, until the fleet lands).
     pub node_id: String,
     pub defaults: plan::PlanDefaults,
+    /// The registry file or URL synced at start and by `POST /v1/registry:sync`.
+    pub registry_source: Option<String>,
+    /// For registry syncs over http(s).
+    pub http: reqwest::Client,
     /// Cancelled on shutdown: ends SSE streams and session followers.
     pub shutdown: CancellationToken,
 }
@@ -117,6 +126,15 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
         }
     }
     Ok(())
+}
+
+/// Syncs the configured registry, if any. A failure is logged, not fatal:
+/// the registry stored by the last good sync stays in use.
+pub async fn sync_registry_at_start(state: &AppState) {
+    let Some(source) = &state.registry_source else { return };
+    if let Err(e) = agent_registry::sync(&state.store, &state.http, source).await {
+        tracing::error!(error = %e, "registry sync failed; keeping the registry stored before");
+    }
 }
 
 /// Deletes every live container; `agentd up` does this on Ctrl-C so that

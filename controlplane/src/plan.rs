@@ -1,48 +1,32 @@
 //! Compiles a session request into the plans a node executes. Northbound
 //! payloads never reach a node: only what this module emits does.
+//!
+//! The agent comes in as a validated [`AgentSpec`] (from the registry or a
+//! session's `manual_agent`); [`compile`] picks its distribution for the
+//! node's platform and turns it into mounts, bundles and a command:
+//! - an archive: a [`BundleMount`] the node fetches, checks and unpacks into
+//!   its cache, bound read-only at `/opt/agentd/agents/<id>`; the command is
+//!   `cmd` under that mount point;
+//! - an executable on the node: bound read-only at
+//!   `/opt/agentd/agents/<id>/<file name>`;
+//! - npx / uvx: `npx -y <package> args` or `uvx <package> args` run inside the
+//!   sandbox from the host's `/usr`, with their caches in the workspace and
+//!   the host's network (they download the package) unless the profile names
+//!   a network mode itself.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Component, Path};
 
-use agentd_proto::node::{AgentPlan, Mount, Resources, SandboxPlan};
+use agentd_proto::node::{AgentPlan, BundleMount, Mount, Resources, SandboxPlan};
 use agentd_runtime::sandbox::Network;
 use agentd_runtime::sandbox::profile::Profile;
 use serde::Deserialize;
 
-/// Where agent executables are mounted inside the sandbox.
+use crate::agent_spec::{AgentSpec, Launch, SpecError};
+
+/// Where agent executables and bundles are mounted inside the sandbox.
 const AGENT_MOUNT_ROOT: &str = "/opt/agentd/agents";
 pub const WORKSPACE: &str = "/workspace";
-
-/// An agent given inline, in the original agentd's shape.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ManualAgent {
-    pub id: String,
-    pub version: String,
-    #[serde(default)]
-    pub source: Option<String>,
-    #[serde(default)]
-    pub protocol: Option<serde_json::Value>,
-    pub distribution: Distribution,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Distribution {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub binary: Option<BinaryDistribution>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct BinaryDistribution {
-    #[serde(default)]
-    pub url: Option<String>,
-    pub executable: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SessionOptions {
@@ -52,16 +36,10 @@ pub struct SessionOptions {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("distribution type {0:?} is not supported yet (supported: \"binary\")")]
-    UnsupportedDistribution(String),
-    #[error("distribution.binary is required for type \"binary\"")]
-    MissingBinary,
     #[error("{field} must be an absolute path, got {value:?}")]
     NotAbsolute { field: &'static str, value: String },
-    #[error("agent id {0:?} may only use letters, digits, '.', '_' and '-'")]
-    BadAgentId(String),
-    #[error("environment variable name {0:?} is invalid")]
-    BadEnvName(String),
+    #[error(transparent)]
+    NoDistribution(SpecError),
 }
 
 pub struct Compiled {
@@ -76,34 +54,97 @@ pub struct PlanDefaults {
     pub initialize_timeout_ms: u32,
 }
 
+/// The container profile as the plan needs it.
+pub struct ProfileInput<'a> {
+    pub profile: &'a Profile,
+    /// Whether the request named a network mode; if not, npx and uvx agents
+    /// get the host's network to download their package.
+    pub network_given: bool,
+}
+
 fn absolute(field: &'static str, value: &str) -> Result<(), PlanError> {
     let p = Path::new(value);
-    if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(PlanError::NotAbsolute { field, value: value.to_string() });
     }
     Ok(())
 }
 
+/// What the chosen distribution adds to the plan.
+struct Launched {
+    command: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    mounts: Vec<Mount>,
+    bundles: Vec<BundleMount>,
+    needs_network: bool,
+}
+
+fn launch(agent: &AgentSpec, platform: &str) -> Result<Launched, PlanError> {
+    let mount_root = format!("{AGENT_MOUNT_ROOT}/{}", agent.id);
+    let chosen = agent.launch_for(platform).map_err(PlanError::NoDistribution)?;
+    let own_env = |env: &std::collections::BTreeMap<String, String>| env.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
+    Ok(match chosen {
+        Launch::Archive(t) => {
+            // The spec holds cmd to plain components, so this stays under the mount.
+            let cmd: std::path::PathBuf = Path::new(&t.cmd).components().filter(|c| matches!(c, Component::Normal(_))).collect();
+            Launched {
+                command: format!("{mount_root}/{}", cmd.display()),
+                args: t.args.clone(),
+                env: own_env(&t.env),
+                mounts: Vec::new(),
+                bundles: vec![BundleMount {
+                    archive_url: t.archive.clone(),
+                    sha256: t.sha256.clone().unwrap_or_default().to_ascii_lowercase(),
+                    target: mount_root,
+                }],
+                needs_network: false,
+            }
+        }
+        Launch::Local(l) => {
+            let file_name = Path::new(&l.executable).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let command = format!("{mount_root}/{file_name}");
+            Launched {
+                mounts: vec![Mount { source: l.executable.clone(), target: command.clone(), read_only: true, role: "agent".into() }],
+                command,
+                args: l.args.clone(),
+                env: own_env(&l.env),
+                bundles: Vec::new(),
+                needs_network: false,
+            }
+        }
+        Launch::Npx(p) => {
+            let mut args = vec!["-y".to_string(), p.package.clone()];
+            args.extend(p.args.iter().cloned());
+            let mut env = vec![
+                ("npm_config_cache".to_string(), format!("{WORKSPACE}/.npm")),
+                ("npm_config_update_notifier".to_string(), "false".to_string()),
+                ("NO_UPDATE_NOTIFIER".to_string(), "1".to_string()),
+            ];
+            env.extend(own_env(&p.env));
+            Launched { command: "npx".into(), args, env, mounts: Vec::new(), bundles: Vec::new(), needs_network: true }
+        }
+        Launch::Uvx(p) => {
+            let mut args = vec![p.package.clone()];
+            args.extend(p.args.iter().cloned());
+            let mut env = vec![("UV_CACHE_DIR".to_string(), format!("{WORKSPACE}/.cache/uv"))];
+            env.extend(own_env(&p.env));
+            Launched { command: "uvx".into(), args, env, mounts: Vec::new(), bundles: Vec::new(), needs_network: true }
+        }
+    })
+}
+
 pub fn compile(
     container_id: &str,
-    agent: &ManualAgent,
+    agent: &AgentSpec,
+    platform: &str,
     session: &SessionOptions,
-    profile: &Profile,
+    profile: ProfileInput<'_>,
     defaults: &PlanDefaults,
 ) -> Result<Compiled, PlanError> {
-    if agent.id.is_empty() || !agent.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
-        return Err(PlanError::BadAgentId(agent.id.clone()));
-    }
-    if agent.distribution.kind != "binary" {
-        return Err(PlanError::UnsupportedDistribution(agent.distribution.kind.clone()));
-    }
-    let binary = agent.distribution.binary.as_ref().ok_or(PlanError::MissingBinary)?;
-    absolute("distribution.binary.executable", &binary.executable)?;
     let working_dir = session.working_dir.clone().unwrap_or_else(|| WORKSPACE.to_string());
     absolute("session.working_dir", &working_dir)?;
-
-    let file_name = Path::new(&binary.executable).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let command = format!("{AGENT_MOUNT_ROOT}/{}/{file_name}", agent.id);
+    let launched = launch(agent, platform)?;
 
     // The agent's whole environment: nothing of the daemon's is inherited.
     let mut env: HashMap<String, String> = HashMap::from([
@@ -112,35 +153,35 @@ pub fn compile(
         ("LANG".into(), "C.UTF-8".into()),
         ("TMPDIR".into(), "/tmp".into()),
     ]);
-    for (name, value) in &binary.env {
-        if name.is_empty() || name.contains('=') || name.contains('\0') {
-            return Err(PlanError::BadEnvName(name.clone()));
-        }
-        env.insert(name.clone(), value.clone());
-    }
+    env.extend(launched.env);
 
+    let network = match profile.profile.network {
+        Network::None if launched.needs_network && !profile.network_given => Network::Host,
+        other => other,
+    };
+    let profile = profile.profile;
     let sandbox = SandboxPlan {
         container_id: container_id.to_string(),
         hostname: "sandbox".into(),
-        mounts: vec![Mount { source: binary.executable.clone(), target: command.clone(), read_only: true, role: "agent".into() }],
+        mounts: launched.mounts,
         workspace_path: WORKSPACE.into(),
         resources: Some(Resources {
             memory_bytes: profile.memory_bytes.unwrap_or(0),
             pids_max: profile.pids_max.unwrap_or(0),
             cpus: profile.cpus.unwrap_or(0.0),
         }),
-        network: match profile.network {
+        network: match network {
             Network::None => "none".into(),
             Network::Host => "host".into(),
         },
         rootfs: profile.rootfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        bundles: Vec::new(),
+        bundles: launched.bundles,
     };
     let agent_plan = AgentPlan {
         agent_id: agent.id.clone(),
         version: agent.version.clone(),
-        command,
-        args: binary.args.clone(),
+        command: launched.command,
+        args: launched.args,
         env,
         cwd: working_dir.clone(),
         initialize_timeout_ms: defaults.initialize_timeout_ms,
@@ -151,26 +192,38 @@ pub fn compile(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
-    fn agent(executable: &str) -> ManualAgent {
-        serde_json::from_value(serde_json::json!({
+    const DEFAULTS: PlanDefaults = PlanDefaults { initialize_timeout_ms: 1000 };
+    const SHA: &str = "2B7E1B9D4B4E4C0C7F0A8A0B6F1C1D2E3F405162738495A6B7C8D9EAFB0C1D2E";
+
+    fn spec(value: Value) -> AgentSpec {
+        AgentSpec::from_json(&value).unwrap()
+    }
+
+    fn local(executable: &str) -> AgentSpec {
+        spec(json!({
             "id": "echo-local", "version": "1.0.0", "source": "manual",
             "protocol": {"auth_modes": ["agent"]},
             "distribution": {"type": "binary", "binary": {"url": format!("file://{executable}"), "executable": executable,
                 "env": {"ECHO_MODE": "fast"}}}
         }))
-        .unwrap()
     }
 
-    const DEFAULTS: PlanDefaults = PlanDefaults { initialize_timeout_ms: 1000 };
+    fn build(agent: &AgentSpec, profile: &Profile, network_given: bool) -> Result<Compiled, PlanError> {
+        compile("ctr_1", agent, "linux-x86_64", &SessionOptions::default(), ProfileInput { profile, network_given }, &DEFAULTS)
+    }
 
     #[test]
-    fn compiles_the_manual_agent_shape() {
-        let c = compile("ctr_1", &agent("/opt/bin/echo-agent"), &SessionOptions::default(), &Profile::default(), &DEFAULTS).unwrap();
+    fn compiles_an_executable_on_the_node() {
+        let c = build(&local("/opt/bin/echo-agent"), &Profile::default(), false).unwrap();
         assert_eq!(c.agent.command, "/opt/agentd/agents/echo-local/echo-agent");
         assert_eq!(c.sandbox.mounts[0].source, "/opt/bin/echo-agent");
         assert!(c.sandbox.mounts[0].read_only);
+        assert!(c.sandbox.bundles.is_empty());
+        assert_eq!(c.sandbox.network, "none");
         assert_eq!(c.agent.cwd, "/workspace");
         assert_eq!(c.agent.env["ECHO_MODE"], "fast");
         assert_eq!(c.agent.env["PATH"], "/usr/local/bin:/usr/bin:/bin");
@@ -178,20 +231,56 @@ mod tests {
     }
 
     #[test]
-    fn refuses_relative_paths_and_unknown_distributions() {
-        let e = compile("ctr_1", &agent("echo-agent"), &SessionOptions::default(), &Profile::default(), &DEFAULTS).err();
-        assert!(matches!(e, Some(PlanError::NotAbsolute { .. })));
-        let mut a = agent("/bin/x");
-        a.distribution.kind = "npx".into();
-        assert_eq!(compile("ctr_1", &a, &SessionOptions::default(), &Profile::default(), &DEFAULTS).err(), Some(PlanError::UnsupportedDistribution("npx".into())));
-        let s = SessionOptions { working_dir: Some("../etc".into()) };
-        assert!(matches!(compile("ctr_1", &agent("/bin/x"), &s, &Profile::default(), &DEFAULTS), Err(PlanError::NotAbsolute { .. })));
+    fn compiles_a_registry_archive_into_a_bundle_mount() {
+        let agent = spec(json!({"id": "codex-acp", "name": "Codex", "version": "0.5.1", "description": "",
+            "distribution": {"binary": {"linux-x86_64": {"archive": "https://example.invalid/codex.tar.gz", "sha256": SHA,
+                "cmd": "./bin/codex-acp", "args": ["--acp"], "env": {"RUST_LOG": "warn"}}}}}));
+        let c = build(&agent, &Profile::default(), false).unwrap();
+        assert_eq!(c.sandbox.bundles.len(), 1);
+        let b = &c.sandbox.bundles[0];
+        assert_eq!((b.archive_url.as_str(), b.sha256.as_str(), b.target.as_str()),
+            ("https://example.invalid/codex.tar.gz", SHA.to_ascii_lowercase().as_str(), "/opt/agentd/agents/codex-acp"));
+        assert_eq!(c.agent.command, "/opt/agentd/agents/codex-acp/bin/codex-acp");
+        assert_eq!(c.agent.args, ["--acp"]);
+        assert_eq!(c.agent.env["RUST_LOG"], "warn");
+        assert!(c.sandbox.mounts.is_empty());
+        assert_eq!(c.sandbox.network, "none", "a bundle needs no network");
     }
 
     #[test]
-    fn refuses_agent_ids_that_could_escape_the_mount_root() {
-        let mut a = agent("/bin/x");
-        a.id = "../../etc".into();
-        assert!(matches!(compile("ctr_1", &a, &SessionOptions::default(), &Profile::default(), &DEFAULTS), Err(PlanError::BadAgentId(_))));
+    fn compiles_npx_and_uvx_to_run_inside_the_sandbox() {
+        let npx = spec(json!({"id": "gemini", "version": "1", "distribution": {"npx": {"package": "@google/gemini-cli@1.0.0",
+            "args": ["--experimental-acp"], "env": {"GEMINI_API_KEY": "k"}}}}));
+        let c = build(&npx, &Profile::default(), false).unwrap();
+        assert_eq!(c.agent.command, "npx");
+        assert_eq!(c.agent.args, ["-y", "@google/gemini-cli@1.0.0", "--experimental-acp"]);
+        assert_eq!(c.agent.env["HOME"], "/workspace");
+        assert_eq!(c.agent.env["npm_config_cache"], "/workspace/.npm");
+        assert_eq!(c.agent.env["GEMINI_API_KEY"], "k");
+        assert_eq!(c.sandbox.network, "host", "npx downloads its package");
+        assert!(c.sandbox.mounts.is_empty() && c.sandbox.bundles.is_empty());
+
+        // A profile that names its network keeps it (an offline, warmed cache).
+        let offline = Profile::from_json(&json!({"network": "none"})).unwrap();
+        assert_eq!(build(&npx, &offline, true).unwrap().sandbox.network, "none");
+
+        let uvx = spec(json!({"id": "fast-agent", "version": "1", "distribution": {"type": "uvx", "uvx": {"package": "fast-agent-acp==0.2", "args": ["serve"]}}}));
+        let c = build(&uvx, &Profile::default(), false).unwrap();
+        assert_eq!((c.agent.command.as_str(), c.agent.args.as_slice()), ("uvx", &["fast-agent-acp==0.2".to_string(), "serve".to_string()][..]));
+        assert_eq!(c.agent.env["UV_CACHE_DIR"], "/workspace/.cache/uv");
+        assert_eq!(c.sandbox.network, "host");
+    }
+
+    #[test]
+    fn an_agent_without_a_distribution_for_the_platform_is_refused() {
+        let agent = spec(json!({"id": "mac-only", "version": "1", "distribution": {"binary": {"darwin-aarch64": {"archive": "https://x/a.tar.gz", "cmd": "a"}}}}));
+        assert!(matches!(build(&agent, &Profile::default(), false), Err(PlanError::NoDistribution(SpecError::NoDistributionForPlatform { .. }))));
+    }
+
+    #[test]
+    fn refuses_a_relative_working_dir() {
+        let s = SessionOptions { working_dir: Some("../etc".into()) };
+        let r = compile("ctr_1", &local("/bin/x"), "linux-x86_64", &s, ProfileInput { profile: &Profile::default(), network_given: false }, &DEFAULTS);
+        assert!(matches!(r, Err(PlanError::NotAbsolute { .. })));
     }
 }

@@ -18,9 +18,12 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             node: NodeClient::new(agentd_runtime::uds::lazy_channel(&args.node_socket)),
             node_id: "local".into(),
             defaults: PlanDefaults { initialize_timeout_ms: args.api.initialize_timeout_ms },
+            registry_source: args.api.registry.clone(),
+            http: agentd_controlplane::agent_registry::http_client(),
             shutdown: CancellationToken::new(),
         };
         agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
+        agentd_controlplane::sync_registry_at_start(&state).await;
         let served = agentd_controlplane::serve(state, args.api.listen, shutdown_signal()).await;
         store.close().await;
         served?;

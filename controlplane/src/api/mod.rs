@@ -3,6 +3,7 @@
 pub mod containers;
 pub mod events;
 pub mod problem;
+pub mod registry;
 pub mod sessions;
 
 use axum::Router;
@@ -21,6 +22,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
         .route("/v1/sessions/{id}/events", get(events::stream))
         .route("/v1/sessions/{id}/permissions/{request_id}", axum::routing::post(sessions::answer_permission))
+        .route("/v1/registry/agents", get(registry::list))
+        .route("/v1/registry/agents/{id}", get(registry::get))
+        .route("/v1/registry:sync", axum::routing::post(registry::sync))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
         .fallback(|| async { Problem::not_found("not_found", "no such resource") })
         .with_state(state)

@@ -9,7 +9,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiJson, Problem};
-use crate::plan::{self, ManualAgent, SessionOptions};
+use crate::agent_spec::{AgentSpec, this_platform};
+use crate::plan::{self, PlanError, ProfileInput, SessionOptions};
 use agentd_runtime::sandbox::profile::Profile;
 use crate::store::states::{container, session as session_state};
 use crate::store::{NewSession, SessionRow, StoreError};
@@ -20,8 +21,9 @@ use agentd_proto::node::{
 
 #[derive(Debug, Deserialize)]
 pub struct CreateSessionBody {
+    /// An agent given inline, in the registry's shape or the original agentd's.
     #[serde(default)]
-    pub manual_agent: Option<ManualAgent>,
+    pub manual_agent: Option<Value>,
     #[serde(default)]
     pub agent_id: Option<String>,
     #[serde(default)]
@@ -83,9 +85,14 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
 
 pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSessionBody>) -> Result<Response, Problem> {
     let agent = match (body.manual_agent, body.agent_id) {
-        (Some(agent), _) => agent,
+        (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id, not both")),
+        (Some(value), None) => AgentSpec::from_json(&value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?,
         (None, Some(id)) => {
-            return Err(Problem::invalid("unknown_agent", format!("no registry agent {id:?}: the registry is empty")));
+            let row = app.store.registry_agent(&id).await?.ok_or_else(|| super::registry::unknown_agent(&id))?;
+            let entry: Value = serde_json::from_str(&row.entry_json)
+                .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("stored registry entry {id}: {e}")))?;
+            AgentSpec::from_json(&entry)
+                .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("stored registry entry {id}: {e}")))?
         }
         (None, None) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id")),
     };
@@ -102,8 +109,19 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     let container_id = new_id("ctr");
     let session_id = new_id("ses");
     let instance_id = new_id("agi");
-    let compiled = plan::compile(&container_id, &agent, &body.session.unwrap_or_default(), &profile, &app.defaults)
-        .map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
+    let network_given = body.container_profile.as_ref().is_some_and(|p| p.get("network").is_some());
+    let compiled = plan::compile(
+        &container_id,
+        &agent,
+        &this_platform(),
+        &body.session.unwrap_or_default(),
+        ProfileInput { profile: &profile, network_given },
+        &app.defaults,
+    )
+    .map_err(|e| match e {
+        PlanError::NoDistribution(e) => Problem::invalid("no_distribution", e.to_string()),
+        e => Problem::invalid("invalid_request", e.to_string()),
+    })?;
 
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
     app.store.insert_container(&container_id, &app.node_id, &profile).await?;
@@ -196,7 +214,7 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, bod
     }
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}")))?;
     serde_json::from_value(value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))

@@ -43,6 +43,8 @@ backend_suite!(
     concurrent_starts_of_a_turn_one_wins,
     run_completion_follows_the_stop_reason,
     listings_filter_and_order,
+    registry_sync_replaces_the_whole_registry,
+    a_failed_registry_sync_keeps_the_old_registry,
 );
 
 fn new_session<'a>(id: &'a str, container_id: &'a str) -> NewSession<'a> {
@@ -470,4 +472,42 @@ async fn unreachable_postgres_is_unavailable() {
     assert!(matches!(read, Err(StoreError::Db(_))), "{read:?}");
     assert!(matches!(opened, Err(StoreError::Db(_))), "{:?}", opened.map(|s| s.backend()));
     assert!(started.elapsed() < ACQUIRE_TIMEOUT + Duration::from_secs(5), "gave up in {:?}", started.elapsed());
+}
+
+fn registry_agent<'a>(id: &'a str, version: &'a str, entry_json: &'a str) -> registry::NewRegistryAgent<'a> {
+    registry::NewRegistryAgent { id, name: "An agent", version, description: "ünïcødé description", entry_json }
+}
+
+async fn registry_sync_replaces_the_whole_registry(store: &Store) {
+    assert!(store.registry_agents().await.unwrap().is_empty());
+    assert_eq!(store.registry_agent("codex-acp").await.unwrap(), None);
+    let before = now_ms();
+    let entry = r#"{"id":"codex-acp","distribution":{"npx":{"package":"x"}}}"#;
+    store
+        .replace_registry("file:///a.json", &[registry_agent("zed-echo", "1.0.0", "{}"), registry_agent("codex-acp", "0.5.1", entry)])
+        .await
+        .unwrap();
+    let agents = store.registry_agents().await.unwrap();
+    assert_eq!(agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["codex-acp", "zed-echo"], "ordered by id");
+    let codex = store.registry_agent("codex-acp").await.unwrap().unwrap();
+    assert_eq!((codex.version.as_str(), codex.entry_json.as_str(), codex.source.as_str()), ("0.5.1", entry, "file:///a.json"));
+    assert_eq!(codex.description, "ünïcødé description");
+    assert!(codex.synced_at >= before);
+
+    // The next sync replaces everything: gone entries go, changed ones change.
+    store.replace_registry("https://x/registry.json", &[registry_agent("codex-acp", "0.6.0", "{}")]).await.unwrap();
+    let agents = store.registry_agents().await.unwrap();
+    assert_eq!(agents.len(), 1);
+    assert_eq!((agents[0].version.as_str(), agents[0].source.as_str()), ("0.6.0", "https://x/registry.json"));
+    assert_eq!(store.registry_agent("zed-echo").await.unwrap(), None);
+    store.replace_registry("empty", &[]).await.unwrap();
+    assert!(store.registry_agents().await.unwrap().is_empty());
+}
+
+async fn a_failed_registry_sync_keeps_the_old_registry(store: &Store) {
+    store.replace_registry("first", &[registry_agent("a", "1", "{}"), registry_agent("b", "1", "{}")]).await.unwrap();
+    let duplicate = [registry_agent("c", "2", "{}"), registry_agent("c", "3", "{}")];
+    assert!(matches!(store.replace_registry("second", &duplicate).await, Err(StoreError::Db(_))));
+    let agents = store.registry_agents().await.unwrap();
+    assert_eq!(agents.iter().map(|a| (a.id.as_str(), a.source.as_str())).collect::<Vec<_>>(), [("a", "first"), ("b", "first")]);
 }

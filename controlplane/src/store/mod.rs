@@ -6,6 +6,7 @@
 //!   [`Store::open`] picks by URL scheme.
 //! - [`outbox`]: workflow steps written with the state change that needs
 //!   them, claimed under fenced leases ([`crate::workflow`] runs them).
+//! - [`registry`]: the agent registry's entries, replaced whole by each sync.
 //! - `conformance` (tests only): one suite, run against both backends.
 //!
 //! # One implementation, two drivers
@@ -155,8 +156,9 @@ macro_rules! with_pool {
     };
 }
 
-// After `with_pool!`, which it uses.
+// After `with_pool!`, which they use.
 pub mod outbox;
+pub mod registry;
 
 #[derive(Clone)]
 pub struct Store {
