@@ -8,6 +8,8 @@ mod acp_methods;
 mod bad_input;
 mod hostile;
 mod permissions;
+mod registry;
 mod sandbox_limits;
 mod session_path;
 mod shutdown;
+mod third_party;
