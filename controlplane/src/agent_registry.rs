@@ -26,7 +26,7 @@ pub enum RegistryError {
     #[error("registry {location} is not valid: {reason}")]
     Parse { location: String, reason: String },
     #[error("registry {location}: entry {index} ({id}): {error}")]
-    Entry { location: String, index: usize, id: String, error: SpecError },
+    Entry { location: String, index: usize, id: String, error: Box<SpecError> },
     #[error("registry {location}: agent id {id:?} appears more than once")]
     Duplicate { location: String, id: String },
     #[error(transparent)]
@@ -94,7 +94,7 @@ pub fn parse(source: &str, bytes: &[u8]) -> Result<Vec<(AgentSpec, Value)>, Regi
     let mut out = Vec::with_capacity(entries.len());
     for (index, entry) in entries.into_iter().enumerate() {
         let id = entry.get("id").and_then(Value::as_str).unwrap_or("no id").to_string();
-        let spec = AgentSpec::from_json(&entry).map_err(|error| RegistryError::Entry { location: source.to_string(), index, id, error })?;
+        let spec = AgentSpec::from_json(&entry).map_err(|error| RegistryError::Entry { location: source.to_string(), index, id, error: Box::new(error) })?;
         if !seen.insert(spec.id.clone()) {
             return Err(RegistryError::Duplicate { location: source.to_string(), id: spec.id });
         }
@@ -174,6 +174,40 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(fetch(&http, "ftp://x/registry.json").await, Err(RegistryError::Fetch { reason, .. }) if reason.contains("ftp")));
+    }
+
+    /// Serves each of `responses` once over plain HTTP/1.1 on loopback.
+    async fn http_server(responses: Vec<(u16, String)>) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for (code, body) in responses {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let _ = conn.read(&mut [0u8; 4096]).await;
+                let head = format!("HTTP/1.1 {code} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn syncs_over_http_and_reports_http_errors() {
+        let (_dir, store) = crate::store::conformance::sqlite().await;
+        let addr = http_server(vec![(200, json!({"agents": [entry("remote")]}).to_string()), (500, "oops".into())]).await;
+        let http = http_client();
+        let url = format!("http://{addr}/registry.json");
+        let report = sync(&store, &http, &url).await.unwrap();
+        assert_eq!((report.agents, report.source.as_str()), (1, url.as_str()));
+        assert_eq!(store.registry_agent("remote").await.unwrap().unwrap().source, url);
+        match sync(&store, &http, &url).await {
+            Err(e @ RegistryError::Fetch { .. }) => assert!(e.to_string().contains("500"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.registry_agents().await.unwrap().len(), 1);
+        store.close().await;
     }
 
     #[tokio::test]

@@ -261,10 +261,10 @@ impl AgentSpec {
             if !matches!(scheme.as_deref(), Some("http" | "https" | "file")) {
                 return Err(bad(field("archive"), &t.archive, "must be an http://, https:// or file:// URL"));
             }
-            if let Some(sha) = &t.sha256 {
-                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(bad(field("sha256"), sha, "must be 64 hexadecimal digits"));
-                }
+            if let Some(sha) = &t.sha256
+                && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(bad(field("sha256"), sha, "must be 64 hexadecimal digits"));
             }
             let cmd = Path::new(&t.cmd);
             let inside = !t.cmd.is_empty() && cmd.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));

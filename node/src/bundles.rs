@@ -165,10 +165,10 @@ impl BundleCache {
         let archive = tmp.with_extension("archive");
         let result = async {
             let actual = self.download(url, source, &archive).await?;
-            if let Some(expected) = expected {
-                if actual != expected {
-                    return Err(BundleError::Mismatch { url: url.to_string(), expected: expected.to_string(), actual });
-                }
+            if let Some(expected) = expected
+                && actual != expected
+            {
+                return Err(BundleError::Mismatch { url: url.to_string(), expected: expected.to_string(), actual });
             }
             let dest = self.root.join(&actual);
             if dest.is_dir() {
@@ -188,10 +188,10 @@ impl BundleCache {
         }
         .await;
         let _ = fs::remove_file(&archive);
-        if tmp.exists() {
-            if let Err(e) = fs::remove_dir_all(&tmp) {
-                tracing::warn!(path = %tmp.display(), error = %e, "cannot remove bundle temp");
-            }
+        if tmp.exists()
+            && let Err(e) = fs::remove_dir_all(&tmp)
+        {
+            tracing::warn!(path = %tmp.display(), error = %e, "cannot remove bundle temp");
         }
         if let Ok(dir) = &result {
             tracing::info!(url, dir = %dir.display(), "bundle ready");
