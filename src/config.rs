@@ -83,5 +83,7 @@ mod tests {
         assert!(matches!(parse(Path::new("x"), "listn = \"a\""), Err(ConfigError::UnknownKey { .. })));
         assert!(matches!(parse(Path::new("x"), "log = [1]"), Err(ConfigError::BadValue { .. })));
         assert!(matches!(parse(Path::new("x"), "listen = "), Err(ConfigError::Parse { .. })));
+        let vars = parse(Path::new("x"), "registry = \"https://example.org/registry.json\"").unwrap();
+        assert_eq!(vars, [("AGENTD_REGISTRY".to_string(), "https://example.org/registry.json".to_string())]);
     }
 }

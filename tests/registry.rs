@@ -18,9 +18,16 @@ fn sha256(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
-/// `tar -czf archive -C dir args...`
+/// `tar -czf archive -C dir args...`, fast gzip (a debug echo-agent is ~100 MB).
 fn tar_gz(archive: &Path, dir: &Path, args: &[&str]) {
-    let status = Command::new("tar").arg("-czf").arg(archive).arg("-C").arg(dir).args(args).status().expect("tar");
+    let status = Command::new("tar")
+        .args(["--use-compress-program", "gzip -1", "-cf"])
+        .arg(archive)
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .status()
+        .expect("tar");
     assert!(status.success());
 }
 
@@ -56,15 +63,19 @@ fn archives() -> Archives {
     std::fs::copy(echo_agent(), content.join("bin/echo-agent")).unwrap();
     let good = dir.path().join("echo.tar.gz");
     tar_gz(&good, &content, &["."]);
+    // The bad archives need no agent: they fail before any runs.
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(small.join("bin")).unwrap();
+    std::fs::write(small.join("bin/echo-agent"), vec![b'x'; 64 * 1024]).unwrap();
     let corrupt = dir.path().join("corrupt.tar.gz");
-    let mut bytes = std::fs::read(&good).unwrap();
-    let mid = bytes.len() / 2;
-    bytes.truncate(mid);
+    tar_gz(&corrupt, &small, &["."]);
+    let mut bytes = std::fs::read(&corrupt).unwrap();
+    bytes.truncate(bytes.len() / 2);
     std::fs::write(&corrupt, bytes).unwrap();
     // An entry named ../escaped (GNU tar keeps it with -P).
     std::fs::write(dir.path().join("escaped"), b"evil").unwrap();
     let traversal = dir.path().join("traversal.tar.gz");
-    tar_gz(&traversal, &content, &["-P", "bin/echo-agent", "../escaped"]);
+    tar_gz(&traversal, &small, &["-P", "bin/echo-agent", "../escaped"]);
     let registry = dir.path().join("registry.json");
     Archives { good, corrupt, traversal, registry, _dir: dir }
 }
@@ -170,4 +181,17 @@ async fn a_manual_agent_may_be_a_bundle_in_either_shape() {
         let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_fails_at_start_is_logged_and_agentd_still_serves() {
+    let agentd = Agentd::start_with(&[("AGENTD_REGISTRY", "/nonexistent/registry.json")]).await;
+    let (status, list) = agentd.get("/v1/registry/agents").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["agents"], json!([]));
+    assert!(agentd.log().contains("registry sync failed"), "{}", agentd.log());
+    // The configured source is the default of a sync.
+    let (status, body) = agentd.post("/v1/registry:sync", &json!({})).await;
+    assert_problem(status, &body, StatusCode::BAD_GATEWAY, "registry_unavailable");
+    assert!(body["detail"].as_str().unwrap().contains("/nonexistent/registry.json"), "{body}");
 }
