@@ -138,10 +138,12 @@ async fn registry_agents_run_from_bundles_and_bad_input_leaves_nothing() {
     let (status, body) = agentd.post("/v1/sessions", &json!({"agent_id": "echo-bundle", "manual_agent": {}})).await;
     assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
 
-    // The good bundle, twice (one digest, one tree), and prompted.
+    // The good bundle, by two agents at once (with and without its digest):
+    // one tree in the cache, and prompted.
+    let (checked, unchecked) = (json!({"agent_id": "echo-bundle"}), json!({"agent_id": "echo-unchecked"}));
+    let (a, b) = tokio::join!(agentd.post("/v1/sessions", &checked), agentd.post("/v1/sessions", &unchecked));
     let mut ids = Vec::new();
-    for agent in ["echo-bundle", "echo-unchecked"] {
-        let (status, session) = agentd.post("/v1/sessions", &json!({"agent_id": agent})).await;
+    for (status, session) in [a, b] {
         assert_eq!(status, StatusCode::CREATED, "{session}\n{}", agentd.log());
         ids.push(session["id"].as_str().unwrap().to_string());
     }
