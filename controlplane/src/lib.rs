@@ -49,6 +49,9 @@ pub mod store;
 pub mod teardown;
 pub mod workflow;
 
+#[cfg(test)]
+mod outage_tests;
+
 use std::future::Future;
 use std::net::SocketAddr;
 
