@@ -7,7 +7,9 @@
 //!   options) into the sandbox and agent plans a node executes.
 //! - [`store`]: containers, sessions and runs, behind enforced state machines.
 //! - [`runs`]: follows each live session's event log and records run ends.
-//! - [`teardown`]: deleting containers and recording it.
+//! - [`flows`]: the API's workflows (session create, container delete) as
+//!   outbox steps, and the API's wait for their outcome.
+//! - [`teardown`]: recording containers gone; direct deletion on shutdown.
 //! - [`workflow`]: the outbox runner: steps written with their state change,
 //!   claimed under fenced leases, retried with backoff.
 //!
@@ -43,6 +45,7 @@ macro_rules! backend_suite {
 }
 
 pub mod api;
+pub mod flows;
 pub mod plan;
 pub mod runs;
 pub mod store;
@@ -96,11 +99,25 @@ pub enum ServeError {
 
 /// Brings the store in line with the node after a restart: containers the node
 /// no longer runs are recorded gone, and live sessions are followed again.
+/// A container with a workflow step still open (a create or delete that was
+/// running when the control plane stopped) is left to that step: the runner
+/// finishes it, its node calls answered from the node's memory where they
+/// already happened.
 pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
-    for state_name in [container::PROVISIONING, container::READY, container::HIBERNATED] {
+    for state_name in [container::PROVISIONING, container::STOPPING, container::READY, container::HIBERNATED] {
         for c in state.store.containers_in_state(state_name).await? {
+            if state.store.has_open_steps(flows::CONTAINER, &c.id).await? {
+                tracing::info!(container = c.id, state = c.state, "interrupted work resumes on the runner");
+                continue;
+            }
             let known = state.node.clone().get_sandbox(GetSandboxRequest { container_id: c.id.clone() }).await;
             match known {
+                Ok(_) if c.state == container::STOPPING => {
+                    // Its delete step failed for good: try once more now.
+                    if let Err(e) = teardown::delete_container(state, &c.id, "container deleted").await {
+                        tracing::warn!(container = c.id, error = ?e, "cannot finish deleting container");
+                    }
+                }
                 Ok(_) => {
                     for s in state.store.sessions_of_container(&c.id).await? {
                         if s.state == store::states::session::READY {
@@ -120,6 +137,24 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
         }
     }
     Ok(())
+}
+
+/// Starts the workflow runner that carries out the API's steps
+/// ([`flows`]), until `shutdown`. Steps that `config.owner` still holds were
+/// leased by this control plane's previous process, which died running them:
+/// they are given back first, so they resume now rather than when their
+/// leases expire. Give each control plane a stable owner name of its own.
+pub async fn start_workflows(
+    state: &AppState,
+    config: workflow::RunnerConfig,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, store::StoreError> {
+    let released = state.store.release_leases_of(&config.owner).await?;
+    if released > 0 {
+        tracing::warn!(steps = released, owner = config.owner, "resuming steps this control plane was running when it stopped");
+    }
+    let runner = workflow::Runner::new(state.store.clone(), flows::registry(state), config);
+    Ok(tokio::spawn(runner.run(shutdown)))
 }
 
 /// Deletes every live container; `agentd up` does this on Ctrl-C so that

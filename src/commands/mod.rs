@@ -71,6 +71,21 @@ pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The workflow runner's settings. Its owner name is stable across restarts
+/// of one control plane (host and state dir), so a restarted process takes
+/// back the steps its predecessor held at once (see
+/// `agentd_controlplane::start_workflows`).
+pub fn runner_config(state_dir: &Path) -> agentd_controlplane::workflow::RunnerConfig {
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into());
+    agentd_controlplane::workflow::RunnerConfig {
+        owner: format!("agentd@{host}:{}", state_dir.display()),
+        // Fewer than the PostgreSQL pool's connections, so API requests
+        // always find one.
+        workers: 8,
+        ..Default::default()
+    }
+}
+
 /// The store the flags name: PostgreSQL when a URL is given, else the embedded
 /// SQLite file in the state dir.
 pub async fn open_store(api: &crate::cli::ApiArgs, state_dir: &Path) -> anyhow::Result<agentd_controlplane::store::Store> {

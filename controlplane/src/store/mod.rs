@@ -276,45 +276,12 @@ impl Store {
 
     /// Records a new container, `provisioning`.
     pub async fn insert_container(&self, id: &str, node_id: &str, profile_json: &str) -> Result<(), StoreError> {
-        let now = now_ms();
-        let sql = "INSERT INTO containers (id, node_id, state, profile_json, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)";
-        with_pool!(self, |pool| sqlx::query(sql)
-            .bind(id)
-            .bind(node_id)
-            .bind(states::container::PROVISIONING)
-            .bind(profile_json)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()))?;
-        Ok(())
+        self.transaction(async |tx| tx.insert_container(id, node_id, profile_json).await).await
     }
 
     /// Records a new session, `creating`, on an existing container.
     pub async fn insert_session(&self, s: NewSession<'_>) -> Result<(), StoreError> {
-        let now = now_ms();
-        let sql = "INSERT INTO sessions \
-                   (id, container_id, agent_id, agent_version, agent_instance_id, state, working_dir, created_at, updated_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)";
-        let inserted = with_pool!(self, |pool| sqlx::query(sql)
-            .bind(s.id)
-            .bind(s.container_id)
-            .bind(s.agent_id)
-            .bind(s.agent_version)
-            .bind(s.agent_instance_id)
-            .bind(states::session::CREATING)
-            .bind(s.working_dir)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()));
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(insert_refused(&e), Some(ConstraintKind::ForeignKey)) => {
-                Err(StoreError::NotFound { entity: Entity::Container, id: s.container_id.to_string() })
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.transaction(async |tx| tx.insert_session(s).await).await
     }
 
     /// Starts a run; refused while the session has another one running. The
