@@ -1,0 +1,130 @@
+//! Faults and races the durable control plane must survive without losing
+//! or doubling anything, counted at the node: a control plane killed in the
+//! middle of a workflow step, and concurrent API calls on one session.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::daemon::{NodeProcess, ServerProcess};
+use crate::support::{Agentd, session_body};
+
+async fn get(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls `url` until `check` accepts the body.
+async fn wait_for(http: &reqwest::Client, url: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = get(http, url).await;
+        if check(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL of the control plane after the node built the sandbox and before
+/// the step recorded anything; the restarted control plane finishes the
+/// create: the session is ready and usable, and the node built one sandbox
+/// (the repeated call was answered with its first result).
+async fn killed_mid_create_finishes_after_restart(database_url: Option<String>) {
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path()).await;
+    let cp_state = dir.path().join("cp");
+    let mut env: Vec<(&str, &str)> = Vec::new();
+    if let Some(url) = &database_url {
+        env.push(("AGENTD_DATABASE_URL", url));
+    }
+    let mut paused = env.clone();
+    paused.push(("AGENTD_TEST_PAUSE_STEP", "session.create/sandbox"));
+    let http = reqwest::Client::new();
+
+    let mut server = ServerProcess::start(&cp_state, &node.socket, &paused).await;
+    let create = tokio::spawn(http.post(server.url("/v1/sessions")).json(&session_body(&[])).send());
+    server.daemon.wait_for_line("step paused for a fault test").await;
+    node.daemon.wait_for_line("sandbox created").await;
+    assert_eq!(node.sandboxes_created(), 1, "{}\n{}", node.daemon.log(), server.daemon.log());
+    server.daemon.kill9();
+    assert!(create.await.unwrap().is_err(), "the client of the killed control plane got no answer");
+
+    let mut server = ServerProcess::start(&cp_state, &node.socket, &env).await;
+    let list = wait_for(&http, &server.url("/v1/sessions"), "the interrupted session to become ready", |l| {
+        l["sessions"][0]["state"] == "ready"
+    })
+    .await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1, "{list}");
+    let id = list["sessions"][0]["id"].as_str().unwrap().to_string();
+    assert!(server.daemon.log().contains("resuming steps this control plane was running"), "{}", server.daemon.log());
+    assert_eq!(node.sandboxes_created(), 1, "exactly one sandbox built; node log:\n{}", node.daemon.log());
+    assert!(node.daemon.count(&["repeated call answered with its first result"]) >= 1, "{}", node.daemon.log());
+    assert_eq!(node.sandbox_dirs().len(), 1);
+
+    // The session works end to end.
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": "after the crash"})).send().await.unwrap();
+    assert_eq!(prompt.status(), StatusCode::ACCEPTED);
+    wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the run to complete", |s| s["runs"][0]["state"] == "completed").await;
+    let deleted = http.delete(server.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert_eq!(node.sandboxes_created(), 1);
+    server.daemon.interrupt();
+    node.daemon.interrupt();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_killed_mid_create_on_sqlite() {
+    killed_mid_create_finishes_after_restart(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_killed_mid_create_on_postgresql() {
+    let pg = agentd_testkit::postgres::TempPostgres::start().expect("start postgres");
+    killed_mid_create_finishes_after_restart(Some(pg.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prompts_at_once_one_runs_the_other_is_refused() {
+    let agentd = Agentd::start().await;
+    let session = agentd.create_session(&["--delay-ms", "50"]).await;
+    let id = session["id"].as_str().unwrap();
+    for round in 0..3 {
+        let ((a, a_body), (b, b_body)) = tokio::join!(agentd.prompt(id, "a b c d e f"), agentd.prompt(id, "g h i j k l"));
+        let mut statuses = [a, b];
+        statuses.sort();
+        assert_eq!(statuses, [StatusCode::ACCEPTED, StatusCode::CONFLICT], "round {round}: {a_body} {b_body}");
+        let refused = if a == StatusCode::CONFLICT { &a_body } else { &b_body };
+        assert_eq!(refused["code"], "run_active", "{refused}");
+        let runs = round + 1;
+        agentd
+            .wait_for(&format!("/v1/sessions/{id}"), |s| {
+                s["runs"].as_array().is_some_and(|r| r.len() == runs && r.iter().all(|r| r["state"] == "completed"))
+            })
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deletes_at_once_one_deletes_the_other_is_refused() {
+    let agentd = Agentd::start().await;
+    let session = agentd.create_session(&[]).await;
+    let id = session["id"].as_str().unwrap();
+    let path = format!("/v1/sessions/{id}");
+    let ((a, a_body), (b, b_body)) = tokio::join!(agentd.delete(&path), agentd.delete(&path));
+    let mut statuses = [a, b];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::NO_CONTENT, StatusCode::CONFLICT], "{a_body} {b_body}");
+    let refused = if a == StatusCode::CONFLICT { &a_body } else { &b_body };
+    assert_eq!(refused["code"], "illegal_state", "{refused}");
+    let (status, body) = agentd.delete(&path).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("illegal_state")));
+    let (_, view) = agentd.get(&path).await;
+    assert_eq!(view["state"], "closed");
+    let (_, container) = agentd.get(&format!("/v1/containers/{}", session["container_id"].as_str().unwrap())).await;
+    assert_eq!(container["state"], "deleted");
+    assert!(agentd.sandbox_dirs().is_empty(), "{:?}", agentd.sandbox_dirs());
+    assert_eq!(agentd.log().matches("sandbox created").count(), 1);
+}
