@@ -15,7 +15,7 @@ use crate::store::states::{container, session as session_state};
 use crate::store::outbox::NewStep;
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, flows, new_id};
-use agentd_proto::node::{AnswerPermissionRequest, CancelRequest, GetSessionRequest, PromptRequest};
+use agentd_proto::node::{AnswerPermissionRequest, CancelRequest, GetSessionRequest};
 
 #[derive(Debug, Deserialize)]
 pub struct CreateSessionBody {
@@ -191,22 +191,23 @@ async fn prompt(app: AppState, id: &str, body: PromptBody) -> Result<Response, P
     let s = app.store.get_session(id).await?;
     require_ready(&s)?;
     let run_id = new_id("run");
-    claim_run(&app, &s, &run_id).await?;
-    let request = PromptRequest {
-        container_id: s.container_id.clone(),
-        session_id: s.id.clone(),
-        run_id: run_id.clone(),
-        prompt_json: blocks.to_string(),
-        fence: None,
-    };
-    if let Err(status) = app.node.clone().prompt(request).await {
-        let problem = Problem::from(status);
-        app.store.run_failed(&run_id, &problem.detail).await?;
-        return Err(problem);
+    let key = format!("{}:{run_id}", flows::RUN_DISPATCH);
+    let payload = flows::dispatch::Payload { session_id: s.id.clone(), run_id: run_id.clone(), prompt_json: blocks.to_string() };
+    let payload = serde_json::to_value(payload).expect("payload serializes");
+    claim_run(&app, &s, &run_id, NewStep::new(flows::CONTAINER, &s.container_id, flows::RUN_DISPATCH, &key, payload)).await?;
+    // Waits for the node to take the prompt, so that its refusals (a
+    // hibernated container, say) reach the client as before.
+    match flows::wait_for_step(&app, &key, DISPATCH_WAIT).await? {
+        flows::Waited::Finished(outcome) => outcome?,
+        flows::Waited::Pending => tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway"),
     }
     let body = json!({"run_id": run_id, "session_id": s.id, "state": "running"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
+
+/// How long a prompt waits for its dispatch step before answering 202
+/// regardless (the step goes on).
+const DISPATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a prompt waits for the store to record the end of a turn the
 /// node has already finished.
@@ -216,10 +217,20 @@ const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 /// `run.completed` on the stream, a little before the run follower has
 /// recorded that end in the store; the node, which ends turns, decides whether
 /// the run the store still calls running is really running.
-async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str) -> Result<(), Problem> {
+///
+/// The run and its dispatch step are written in one transaction.
+async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewStep<'_>) -> Result<(), Problem> {
     let deadline = tokio::time::Instant::now() + CATCH_UP;
     loop {
-        match app.store.insert_run(run_id, &s.id).await {
+        let inserted = app
+            .store
+            .transaction(async |tx| {
+                tx.insert_run(run_id, &s.id).await?;
+                tx.enqueue(dispatch.clone()).await?;
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        match inserted {
             Err(StoreError::RunActive { .. }) => {}
             other => return Ok(other?),
         }

@@ -7,6 +7,7 @@
 //! - [`create`]: `session.create`: build the sandbox, start the agent, open
 //!   the ACP session, record them ready (or failed, with the node's problem).
 //! - [`delete`]: `container.delete`: remove the sandbox, record it gone.
+//! - [`dispatch`]: `run.dispatch`: hand a prompt to the node.
 //!
 //! Every step orders on its container (`entity_kind` `container`), so a
 //! delete never overtakes the create before it. Each node call carries a
@@ -24,6 +25,7 @@
 
 pub mod create;
 pub mod delete;
+pub mod dispatch;
 
 use std::time::Duration;
 
@@ -43,6 +45,7 @@ pub const CONTAINER: &str = "container";
 /// Step kinds.
 pub const SESSION_CREATE: &str = "session.create";
 pub const CONTAINER_DELETE: &str = "container.delete";
+pub const RUN_DISPATCH: &str = "run.dispatch";
 
 /// The handlers of the API's steps, for a runner serving `app`.
 pub fn registry(app: &AppState) -> Registry {
@@ -51,6 +54,8 @@ pub fn registry(app: &AppState) -> Registry {
     registry.register(SESSION_CREATE, move |ctx| create::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(CONTAINER_DELETE, move |ctx| delete::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(RUN_DISPATCH, move |ctx| dispatch::run(a.clone(), ctx));
     registry
 }
 

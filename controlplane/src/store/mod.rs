@@ -290,23 +290,13 @@ impl Store {
     /// (A reused run id is a unique violation too, and reads the same; ids
     /// are fresh UUIDs.) A missing session is [`StoreError::NotFound`].
     pub async fn insert_run(&self, id: &str, session_id: &str) -> Result<(), StoreError> {
-        let sql = "INSERT INTO runs (id, session_id, state, created_at) VALUES ($1, $2, $3, $4)";
-        let inserted = with_pool!(self, |pool| sqlx::query(sql)
-            .bind(id)
-            .bind(session_id)
-            .bind(states::run::RUNNING)
-            .bind(now_ms())
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()));
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) => match insert_refused(&e) {
-                Some(ConstraintKind::Unique) => Err(StoreError::RunActive { session_id: session_id.to_string() }),
-                Some(ConstraintKind::ForeignKey) => Err(StoreError::NotFound { entity: Entity::Session, id: session_id.to_string() }),
-                None => Err(e.into()),
-            },
-        }
+        self.transaction(async |tx| tx.insert_run(id, session_id).await).await
+    }
+
+    pub async fn get_run(&self, id: &str) -> Result<RunRow, StoreError> {
+        let sql = "SELECT * FROM runs WHERE id = $1";
+        with_pool!(self, |pool| sqlx::query_as(sql).bind(id).fetch_optional(pool).await)?
+            .ok_or_else(|| StoreError::NotFound { entity: Entity::Run, id: id.to_string() })
     }
 
     /// Moves `entity` `id` to `to`, recording `error` and `extra` too when

@@ -294,6 +294,28 @@ impl Tx {
         Ok(with_tx!(self, |conn| sqlx::query_as(sql).bind(step.idempotency_key).fetch_one(conn).await)?)
     }
 
+    /// Starts a run, as [`Store::insert_run`] does. A refusal (a run already
+    /// active) aborts a PostgreSQL transaction: roll it back.
+    pub async fn insert_run(&mut self, id: &str, session_id: &str) -> Result<(), StoreError> {
+        let sql = "INSERT INTO runs (id, session_id, state, created_at) VALUES ($1, $2, $3, $4)";
+        let inserted = with_tx!(self, |conn| sqlx::query(sql)
+            .bind(id)
+            .bind(session_id)
+            .bind(states::run::RUNNING)
+            .bind(now_ms())
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected()));
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) => match insert_refused(&e) {
+                Some(ConstraintKind::Unique) => Err(StoreError::RunActive { session_id: session_id.to_string() }),
+                Some(ConstraintKind::ForeignKey) => Err(StoreError::NotFound { entity: Entity::Session, id: session_id.to_string() }),
+                None => Err(e.into()),
+            },
+        }
+    }
+
     /// Records a new container, `provisioning`.
     pub async fn insert_container(&mut self, id: &str, node_id: &str, profile_json: &str) -> Result<(), StoreError> {
         let now = now_ms();
