@@ -128,3 +128,42 @@ async fn two_deletes_at_once_one_deletes_the_other_is_refused() {
     assert!(agentd.sandbox_dirs().is_empty(), "{:?}", agentd.sandbox_dirs());
     assert_eq!(agentd.log().matches("sandbox created").count(), 1);
 }
+
+/// A node that stops answering is marked lost after the heartbeat timeout,
+/// and what ran on it fails with that reason; when it answers again, the
+/// sandbox of the failed container is reaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_lost_its_sessions_fail_and_its_leftovers_are_reaped() {
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path()).await;
+    let env = [("AGENTD_NODE_CHECK_INTERVAL_MS", "200"), ("AGENTD_NODE_HEARTBEAT_TIMEOUT_MS", "1500")];
+    let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &env).await;
+    let http = reqwest::Client::new();
+    let created = http.post(server.url("/v1/sessions")).json(&session_body(&["--delay-ms", "200"])).send().await.unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let session: Value = created.json().await.unwrap();
+    let id = session["id"].as_str().unwrap();
+    let container = session["container_id"].as_str().unwrap();
+    let words = "a b c d e f g h i j k l m n o p q r s t u v w x y z";
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": words})).send().await.unwrap();
+    assert_eq!(prompt.status(), StatusCode::ACCEPTED);
+
+    node.daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    let started = Instant::now();
+    let failed = wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the session to fail", |s| s["state"] == "failed").await;
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1000), "failed only after the timeout: {waited:?}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("lost") && error.contains("no heartbeat"), "{failed}");
+    assert_eq!(failed["runs"][0]["state"], "failed", "{failed}");
+    assert_eq!(failed["runs"][0]["error"].as_str(), Some(error));
+    let c = get(&http, &server.url(&format!("/v1/containers/{container}"))).await;
+    assert_eq!(c["state"], "failed", "{c}");
+
+    node.daemon.signal(nix::sys::signal::Signal::SIGCONT);
+    wait_for(&http, &server.url(&format!("/v1/containers/{container}")), "the leftover to be reaped", |c| c["state"] == "deleted").await;
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert!(server.daemon.log().contains("reaping a sandbox the store does not account for"), "{}", server.daemon.log());
+    server.daemon.interrupt();
+    node.daemon.interrupt();
+}

@@ -144,16 +144,21 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
 /// leased by this control plane's previous process, which died running them:
 /// they are given back first, so they resume now rather than when their
 /// leases expire. Give each control plane a stable owner name of its own.
+///
+/// Node checks ([`flows::node_check`]) are scheduled every
+/// `fleet.check_interval` on the same runner.
 pub async fn start_workflows(
     state: &AppState,
     config: workflow::RunnerConfig,
+    fleet: flows::node_check::FleetConfig,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, store::StoreError> {
     let released = state.store.release_leases_of(&config.owner).await?;
     if released > 0 {
         tracing::warn!(steps = released, owner = config.owner, "resuming steps this control plane was running when it stopped");
     }
-    let runner = workflow::Runner::new(state.store.clone(), flows::registry(state), config);
+    tokio::spawn(flows::node_check::schedule(state.clone(), fleet, shutdown.clone()));
+    let runner = workflow::Runner::new(state.store.clone(), flows::registry(state, fleet), config);
     Ok(tokio::spawn(runner.run(shutdown)))
 }
 

@@ -86,6 +86,19 @@ pub fn runner_config(state_dir: &Path) -> agentd_controlplane::workflow::RunnerC
     }
 }
 
+/// Node checks: heartbeats, lost nodes, orphan sandboxes.
+pub fn fleet_config(api: &crate::cli::ApiArgs) -> agentd_controlplane::flows::node_check::FleetConfig {
+    use std::time::Duration;
+    let interval = Duration::from_millis(api.node_check_interval_ms.max(10));
+    agentd_controlplane::flows::node_check::FleetConfig {
+        check_interval: interval,
+        heartbeat_timeout: Duration::from_millis(api.node_heartbeat_timeout_ms),
+        // A probe never outlasts the next check.
+        probe_timeout: interval.min(Duration::from_secs(2)),
+        ..Default::default()
+    }
+}
+
 /// The store the flags name: PostgreSQL when a URL is given, else the embedded
 /// SQLite file in the state dir.
 pub async fn open_store(api: &crate::cli::ApiArgs, state_dir: &Path) -> anyhow::Result<agentd_controlplane::store::Store> {

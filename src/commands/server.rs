@@ -22,7 +22,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         };
         agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
         let runner_stop = CancellationToken::new();
-        let runner = agentd_controlplane::start_workflows(&state, super::runner_config(&args.common.state_dir), runner_stop.clone())
+        let runner = agentd_controlplane::start_workflows(&state, super::runner_config(&args.common.state_dir), super::fleet_config(&args.api), runner_stop.clone())
             .await
             .context("cannot start the workflow runner")?;
         let served = agentd_controlplane::serve(state, args.api.listen, shutdown_signal()).await;

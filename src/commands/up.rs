@@ -41,7 +41,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
     let runner_stop = CancellationToken::new();
-    let runner = agentd_controlplane::start_workflows(&state, super::runner_config(state_dir), runner_stop.clone())
+    let runner = agentd_controlplane::start_workflows(&state, super::runner_config(state_dir), super::fleet_config(&args.api), runner_stop.clone())
         .await
         .context("cannot start the workflow runner")?;
 

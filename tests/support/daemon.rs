@@ -64,6 +64,12 @@ impl Daemon {
         }
     }
 
+    /// Sends `signal` (SIGSTOP makes a node that hangs, SIGCONT brings it back).
+    pub fn signal(&self, signal: Signal) {
+        let child = self.child.as_ref().expect("the process runs");
+        kill(Pid::from_raw(child.id() as i32), signal).expect("signal agentd");
+    }
+
     /// SIGKILL: no shutdown, no cleanup, as a crash.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

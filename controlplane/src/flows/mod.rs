@@ -8,6 +8,8 @@
 //!   the ACP session, record them ready (or failed, with the node's problem).
 //! - [`delete`]: `container.delete`: remove the sandbox, record it gone.
 //! - [`dispatch`]: `run.dispatch`: hand a prompt to the node.
+//! - [`node_check`]: `node.check`, periodic: heartbeats, lost nodes,
+//!   orphan sandboxes.
 //!
 //! Every step orders on its container (`entity_kind` `container`), so a
 //! delete never overtakes the create before it. Each node call carries a
@@ -26,6 +28,7 @@
 pub mod create;
 pub mod delete;
 pub mod dispatch;
+pub mod node_check;
 
 use std::time::Duration;
 
@@ -41,14 +44,17 @@ use crate::workflow::{Registry, StepContext, StepError};
 
 /// The ordering key of every API workflow step.
 pub const CONTAINER: &str = "container";
+/// The ordering key of node checks.
+pub const NODE: &str = "node";
 
 /// Step kinds.
 pub const SESSION_CREATE: &str = "session.create";
 pub const CONTAINER_DELETE: &str = "container.delete";
 pub const RUN_DISPATCH: &str = "run.dispatch";
+pub const NODE_CHECK: &str = "node.check";
 
 /// The handlers of the API's steps, for a runner serving `app`.
-pub fn registry(app: &AppState) -> Registry {
+pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
     let mut registry = Registry::new();
     let a = app.clone();
     registry.register(SESSION_CREATE, move |ctx| create::run(a.clone(), ctx));
@@ -56,6 +62,8 @@ pub fn registry(app: &AppState) -> Registry {
     registry.register(CONTAINER_DELETE, move |ctx| delete::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(RUN_DISPATCH, move |ctx| dispatch::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(NODE_CHECK, move |ctx| node_check::run(a.clone(), fleet, ctx));
     registry
 }
 

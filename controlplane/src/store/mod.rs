@@ -4,6 +4,7 @@
 //! - [`Store`]: one set of methods over two backends, the embedded SQLite
 //!   file (the default of `agentd up`) and PostgreSQL (multi-node, HA).
 //!   [`Store::open`] picks by URL scheme.
+//! - [`nodes`]: node heartbeats, lost nodes and what fails with them.
 //! - [`outbox`]: workflow steps written with the state change that needs
 //!   them, claimed under fenced leases ([`crate::workflow`] runs them).
 //! - `conformance` (tests only): one suite, run against both backends.
@@ -155,7 +156,8 @@ macro_rules! with_pool {
     };
 }
 
-// After `with_pool!`, which it uses.
+// After `with_pool!`, which they use.
+pub mod nodes;
 pub mod outbox;
 
 #[derive(Clone)]

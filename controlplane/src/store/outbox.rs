@@ -443,14 +443,14 @@ impl Tx {
 }
 
 impl Store {
-    fn now_sql(&self) -> &'static str {
+    pub(super) fn now_sql(&self) -> &'static str {
         match self.backend {
             Backend::Sqlite(_) => SQLITE_NOW,
             Backend::Postgres(_) => PG_NOW,
         }
     }
 
-    fn sql(&self, template: &str) -> AssertSqlSafe<String> {
+    pub(super) fn sql(&self, template: &str) -> AssertSqlSafe<String> {
         // Audited: the only substitution is a constant clock expression.
         AssertSqlSafe(template.replace("NOW_MS", self.now_sql()))
     }
