@@ -167,3 +167,44 @@ async fn a_silent_node_is_lost_its_sessions_fail_and_its_leftovers_are_reaped() 
     server.daemon.interrupt();
     node.daemon.interrupt();
 }
+
+/// Idle containers hibernate after `hibernate_after` and are stopped after
+/// their TTL, by the periodic node check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_containers_hibernate_then_stop_after_their_ttl() {
+    let agentd = Agentd::start_with(&[
+        ("AGENTD_NODE_CHECK_INTERVAL_MS", "100"),
+        ("AGENTD_HIBERNATE_AFTER_MS", "600"),
+        ("AGENTD_CONTAINER_TTL_MS", "3000"),
+    ])
+    .await;
+    let session = agentd.create_session(&[]).await;
+    let id = session["id"].as_str().unwrap();
+    let container = format!("/v1/containers/{}", session["container_id"].as_str().unwrap());
+    let (status, _) = agentd.prompt(id, "hello").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"][0]["state"] == "completed").await;
+    let turn_ended = Instant::now();
+
+    let c = agentd.wait_for(&container, |c| c["state"] == "hibernated").await;
+    assert!(turn_ended.elapsed() >= Duration::from_millis(500), "hibernated only once idle: {:?}", turn_ended.elapsed());
+    assert_eq!(c["usage"]["frozen"], true, "{c}");
+    let (status, body) = agentd.prompt(id, "while frozen").await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("container_hibernated")), "{body}");
+    let (status, _) = agentd.post(&format!("{container}:resume"), &json!({})).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, c) = agentd.get(&container).await;
+        if c["state"] == "deleted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not stopped after its TTL: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, s) = agentd.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(s["state"], "closed", "{s}");
+    assert!(agentd.sandbox_dirs().is_empty(), "{:?}", agentd.sandbox_dirs());
+    assert!(agentd.log().contains("idle for longer than its TTL"), "{}", agentd.log());
+}

@@ -95,6 +95,8 @@ pub fn fleet_config(api: &crate::cli::ApiArgs) -> agentd_controlplane::flows::no
         heartbeat_timeout: Duration::from_millis(api.node_heartbeat_timeout_ms),
         // A probe never outlasts the next check.
         probe_timeout: interval.min(Duration::from_secs(2)),
+        hibernate_after: (api.hibernate_after_ms > 0).then(|| Duration::from_millis(api.hibernate_after_ms)),
+        ttl: (api.container_ttl_ms > 0).then(|| Duration::from_millis(api.container_ttl_ms)),
         ..Default::default()
     }
 }

@@ -37,6 +37,19 @@ pub fn key(container_id: &str) -> String {
 /// `stopping` and gets 409 naming that state, as a later one finds it
 /// `deleted`.
 pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result<(), Problem> {
+    let key = begin(app, container_id, reason).await?;
+    match wait_for_step(app, &key, WAIT).await? {
+        Waited::Finished(outcome) => outcome,
+        Waited::Pending => Err(Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "node_unavailable",
+            format!("container {container_id} is stopping; the node has not confirmed yet (it will be retried)"),
+        )),
+    }
+}
+
+/// The transaction of [`request`], without the wait; returns the step's key.
+pub async fn begin(app: &AppState, container_id: &str, reason: &str) -> Result<String, Problem> {
     let key = key(container_id);
     let payload = serde_json::to_value(Payload { reason: reason.to_string() }).expect("payload serializes");
     app.store
@@ -52,14 +65,7 @@ pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result
             Ok(())
         })
         .await?;
-    match wait_for_step(app, &key, WAIT).await? {
-        Waited::Finished(outcome) => outcome,
-        Waited::Pending => Err(Problem::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "node_unavailable",
-            format!("container {container_id} is stopping; the node has not confirmed yet (it will be retried)"),
-        )),
-    }
+    Ok(key)
 }
 
 pub async fn run(app: AppState, ctx: StepContext) -> StepResult {

@@ -8,8 +8,9 @@
 //!   the ACP session, record them ready (or failed, with the node's problem).
 //! - [`delete`]: `container.delete`: remove the sandbox, record it gone.
 //! - [`dispatch`]: `run.dispatch`: hand a prompt to the node.
+//! - [`hibernate`]: `container.hibernate`: freeze an idle container.
 //! - [`node_check`]: `node.check`, periodic: heartbeats, lost nodes,
-//!   orphan sandboxes.
+//!   orphan sandboxes, idle containers (hibernate, stop after their TTL).
 //!
 //! Every step orders on its container (`entity_kind` `container`), so a
 //! delete never overtakes the create before it. Each node call carries a
@@ -28,6 +29,7 @@
 pub mod create;
 pub mod delete;
 pub mod dispatch;
+pub mod hibernate;
 pub mod node_check;
 
 use std::time::Duration;
@@ -52,6 +54,7 @@ pub const SESSION_CREATE: &str = "session.create";
 pub const CONTAINER_DELETE: &str = "container.delete";
 pub const RUN_DISPATCH: &str = "run.dispatch";
 pub const NODE_CHECK: &str = "node.check";
+pub const CONTAINER_HIBERNATE: &str = "container.hibernate";
 
 /// The handlers of the API's steps, for a runner serving `app`.
 pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
@@ -62,6 +65,8 @@ pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
     registry.register(CONTAINER_DELETE, move |ctx| delete::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(RUN_DISPATCH, move |ctx| dispatch::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(CONTAINER_HIBERNATE, move |ctx| hibernate::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(NODE_CHECK, move |ctx| node_check::run(a.clone(), fleet, ctx));
     registry

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use agentd_proto::node::{DeleteSandboxRequest, ListSandboxesRequest, Sandbox};
 
-use super::{NODE, NODE_CHECK, store_error};
+use super::{CONTAINER, CONTAINER_HIBERNATE, NODE, NODE_CHECK, store_error};
 use crate::AppState;
 use crate::store::nodes::node_state;
 use crate::store::outbox::NewStep;
@@ -39,6 +39,10 @@ pub struct FleetConfig {
     /// A sandbox the store has never heard of is reaped only once it is this
     /// old (another control plane may be recording it right now).
     pub orphan_grace: Duration,
+    /// A ready container with no turn for this long is hibernated.
+    pub hibernate_after: Option<Duration>,
+    /// A container with no turn for this long is stopped and deleted.
+    pub ttl: Option<Duration>,
 }
 
 impl Default for FleetConfig {
@@ -48,6 +52,8 @@ impl Default for FleetConfig {
             heartbeat_timeout: Duration::from_secs(30),
             probe_timeout: Duration::from_secs(2),
             orphan_grace: Duration::from_secs(60),
+            hibernate_after: None,
+            ttl: None,
         }
     }
 }
@@ -107,7 +113,42 @@ pub async fn run(app: AppState, config: FleetConfig, ctx: StepContext) -> StepRe
             reaped.push(sandbox.container_id.clone());
         }
     }
-    Ok(json!({"alive": true, "sandboxes": sandboxes.len(), "reaped": reaped}))
+    let (hibernating, expired) = idle(&app, node_id, &config).await.map_err(store_error)?;
+    Ok(json!({"alive": true, "sandboxes": sandboxes.len(), "reaped": reaped, "hibernating": hibernating, "expired": expired}))
+}
+
+/// Enqueues a hibernation of containers idle past `hibernate_after`, and a
+/// delete of those idle past their TTL. Returns their ids.
+async fn idle(app: &AppState, node_id: &str, config: &FleetConfig) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    let since = |d: Duration| now_ms().saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut expired = Vec::new();
+    if let Some(ttl) = config.ttl {
+        for state in [container::READY, container::HIBERNATED] {
+            for c in app.store.idle_containers(node_id, state, since(ttl)).await? {
+                let reason = format!("idle for longer than its TTL ({ttl:?})");
+                match super::delete::begin(app, &c.id, &reason).await {
+                    Ok(_) => {
+                        tracing::info!(container_id = c.id, "{reason}: stopping it");
+                        expired.push(c.id);
+                    }
+                    Err(p) => tracing::debug!(container_id = c.id, detail = p.detail, "TTL stop not started"),
+                }
+            }
+        }
+    }
+    let mut hibernating = Vec::new();
+    if let Some(after) = config.hibernate_after {
+        for c in app.store.idle_containers(node_id, container::READY, since(after)).await? {
+            if expired.contains(&c.id) {
+                continue;
+            }
+            // One hibernation per stretch of idleness: a resume moves updated_at.
+            let key = format!("{CONTAINER_HIBERNATE}:{}:{}", c.id, c.updated_at);
+            app.store.enqueue(NewStep::new(CONTAINER, &c.id, CONTAINER_HIBERNATE, &key, json!({}))).await?;
+            hibernating.push(c.id);
+        }
+    }
+    Ok((hibernating, expired))
 }
 
 /// Why the store says `sandbox` should not exist, if it does.

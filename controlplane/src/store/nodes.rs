@@ -99,6 +99,17 @@ impl Store {
         Ok(dead)
     }
 
+    /// A node's containers in `state` that have been idle since before
+    /// `idle_since` (ms since the epoch, this process's clock as the rows'):
+    /// no running run, and no run started or ended since then.
+    pub async fn idle_containers(&self, node_id: &str, state: &str, idle_since: i64) -> Result<Vec<super::ContainerRow>, StoreError> {
+        let sql = "SELECT c.* FROM containers c WHERE c.node_id = $1 AND c.state = $2 AND c.updated_at < $3 \
+                   AND NOT EXISTS (SELECT 1 FROM runs r JOIN sessions s ON r.session_id = s.id \
+                       WHERE s.container_id = c.id AND (r.state = 'running' OR r.created_at >= $3 OR r.completed_at >= $3)) \
+                   ORDER BY c.updated_at, c.id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(node_id).bind(state).bind(idle_since).fetch_all(pool).await)?)
+    }
+
     /// A node's containers in `state`, oldest first.
     pub async fn containers_of_node_in_state(&self, node_id: &str, state: &str) -> Result<Vec<super::ContainerRow>, StoreError> {
         let sql = "SELECT * FROM containers WHERE node_id = $1 AND state = $2 ORDER BY created_at, id";
