@@ -157,9 +157,16 @@ pub async fn start_workflows(
     if released > 0 {
         tracing::warn!(steps = released, owner = config.owner, "resuming steps this control plane was running when it stopped");
     }
-    tokio::spawn(flows::node_check::schedule(state.clone(), fleet, shutdown.clone()));
-    let runner = workflow::Runner::new(state.store.clone(), flows::registry(state, fleet), config);
-    Ok(tokio::spawn(runner.run(shutdown)))
+    // The runner and its handlers on a pool of their own: each running step
+    // may hold a connection, and the claim loop and janitor one each.
+    let runner_store = state.store.with_own_pool(u32::try_from(config.workers).unwrap_or(64) + 4);
+    let runner_state = AppState { store: runner_store.clone(), ..state.clone() };
+    tokio::spawn(flows::node_check::schedule(runner_state.clone(), fleet, shutdown.clone()));
+    let runner = workflow::Runner::new(runner_store.clone(), flows::registry(&runner_state, fleet), config);
+    Ok(tokio::spawn(async move {
+        runner.run(shutdown).await;
+        runner_store.close().await;
+    }))
 }
 
 /// Deletes every live container; `agentd up` does this on Ctrl-C so that

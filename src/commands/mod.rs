@@ -79,9 +79,9 @@ pub fn runner_config(state_dir: &Path) -> agentd_controlplane::workflow::RunnerC
     let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into());
     agentd_controlplane::workflow::RunnerConfig {
         owner: format!("agentd@{host}:{}", state_dir.display()),
-        // Fewer than the PostgreSQL pool's connections, so API requests
-        // always find one.
-        workers: 8,
+        // On a pool of its own (see `start_workflows`): API requests always
+        // find a connection.
+        workers: 16,
         ..Default::default()
     }
 }

@@ -268,6 +268,21 @@ impl Store {
         Ok(Self { backend: Backend::Postgres(pool) })
     }
 
+    /// The same database through a pool of its own of `max_connections`, so
+    /// that one user (the workflow runner) cannot starve another (the API)
+    /// of connections: sqlx's pool is not fair under contention. Connects
+    /// lazily. On SQLite, which has one writer anyway, the same pool.
+    pub fn with_own_pool(&self, max_connections: u32) -> Self {
+        match &self.backend {
+            Backend::Sqlite(_) => self.clone(),
+            Backend::Postgres(pool) => {
+                let options = (*pool.connect_options()).clone();
+                let pool = PgPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options);
+                Self { backend: Backend::Postgres(pool) }
+            }
+        }
+    }
+
     /// The backend's name, for logs: `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self.backend {
