@@ -208,3 +208,33 @@ async fn idle_containers_hibernate_then_stop_after_their_ttl() {
     assert!(agentd.sandbox_dirs().is_empty(), "{:?}", agentd.sandbox_dirs());
     assert!(agentd.log().contains("idle for longer than its TTL"), "{}", agentd.log());
 }
+
+/// PostgreSQL restarted under `agentd up --database-url`: while it is down
+/// the API answers 503 `store_unavailable` with Retry-After, and once it is
+/// back the same process serves the session again, runner included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_agentd_up() {
+    let mut pg = agentd_testkit::postgres::TempPostgres::start().expect("start postgres");
+    let agentd = Agentd::start_with(&[("AGENTD_DATABASE_URL", &pg.url())]).await;
+    let session = agentd.create_session(&[]).await;
+    let id = session["id"].as_str().unwrap();
+
+    pg.stop();
+    let response = agentd.http.get(agentd.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert!(retry_after.is_some_and(|v| v.parse::<u32>().is_ok()), "Retry-After in seconds");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "store_unavailable", "{body}");
+    let (status, body) = agentd.prompt(id, "while the database is down").await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("store_unavailable")), "{body}");
+
+    pg.resume().expect("resume postgres");
+    let (status, body) = agentd.prompt(id, "after the restart").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}\n{}", agentd.log());
+    let view = agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"].as_array().is_some_and(|r| r.iter().any(|r| r["state"] == "completed"))).await;
+    assert_eq!(view["runs"].as_array().unwrap().len(), 1, "the refused prompt left no run: {view}");
+    let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(agentd.sandbox_dirs().is_empty());
+}
