@@ -106,7 +106,8 @@ pub enum ServeError {
 pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
     for state_name in [container::PROVISIONING, container::STOPPING, container::READY, container::HIBERNATED] {
         for c in state.store.containers_in_state(state_name).await? {
-            if state.store.has_open_steps(flows::CONTAINER, &c.id).await? {
+            let in_flight = c.state == container::PROVISIONING || c.state == container::STOPPING;
+            if in_flight && state.store.has_open_steps(flows::CONTAINER, &c.id).await? {
                 tracing::info!(container = c.id, state = c.state, "interrupted work resumes on the runner");
                 continue;
             }

@@ -225,6 +225,7 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
         let inserted = app
             .store
             .transaction(async |tx| {
+                tx.lock(crate::store::states::Entity::Container, &s.container_id).await?;
                 tx.insert_run(run_id, &s.id).await?;
                 tx.enqueue(dispatch.clone()).await?;
                 Ok::<_, StoreError>(())

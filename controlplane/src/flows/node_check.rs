@@ -24,7 +24,7 @@ use super::{CONTAINER, CONTAINER_HIBERNATE, NODE, NODE_CHECK, store_error};
 use crate::AppState;
 use crate::store::nodes::node_state;
 use crate::store::outbox::NewStep;
-use crate::store::states::container;
+use crate::store::states::{Entity, container};
 use crate::store::{StoreError, now_ms};
 use crate::workflow::{StepContext, StepError, StepResult};
 
@@ -144,7 +144,13 @@ async fn idle(app: &AppState, node_id: &str, config: &FleetConfig) -> Result<(Ve
             }
             // One hibernation per stretch of idleness: a resume moves updated_at.
             let key = format!("{CONTAINER_HIBERNATE}:{}:{}", c.id, c.updated_at);
-            app.store.enqueue(NewStep::new(CONTAINER, &c.id, CONTAINER_HIBERNATE, &key, json!({}))).await?;
+            let step = NewStep::new(CONTAINER, &c.id, CONTAINER_HIBERNATE, &key, json!({}));
+            app.store
+                .transaction(async |tx| {
+                    tx.lock(Entity::Container, &c.id).await?;
+                    tx.enqueue(step).await
+                })
+                .await?;
             hibernating.push(c.id);
         }
     }

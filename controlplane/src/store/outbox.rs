@@ -27,7 +27,8 @@
 //! parallel. Ids follow commit order per entity as long as an entity's
 //! enqueuing transactions serialize, which they do when each first moves the
 //! entity's row ([`Tx::transition`] updates it before enqueueing; the second
-//! transaction waits on its row lock, or on SQLite's single writer).
+//! transaction waits on its row lock, or on SQLite's single writer); a
+//! transaction that enqueues without moving the row takes [`Tx::lock`] first.
 //!
 //! Each claim bumps `lease_epoch`; completion, failure, lease extension and
 //! release all say `WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'`,
@@ -314,6 +315,24 @@ impl Tx {
                 None => Err(e.into()),
             },
         }
+    }
+
+    /// Locks `entity` `id`'s row until this transaction ends (PostgreSQL:
+    /// `FOR UPDATE`; SQLite's `BEGIN IMMEDIATE` already holds the only writer
+    /// lock). A transaction that enqueues a step of an entity without moving
+    /// its row takes this first, so that the entity's step ids follow commit
+    /// order (see the module doc): a concurrent transaction that moves the
+    /// row waits for it, and the other way round.
+    pub async fn lock(&mut self, entity: Entity, id: &str) -> Result<(), StoreError> {
+        if let TxConn::Postgres(t) = &mut self.conn {
+            let sql = format!("SELECT id FROM {} WHERE id = $1 FOR UPDATE", table(entity));
+            // Audited: built from a constant table name only.
+            let found: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **t).await?;
+            if found.is_none() {
+                return Err(StoreError::NotFound { entity, id: id.to_string() });
+            }
+        }
+        Ok(())
     }
 
     /// Records a new container, `provisioning`.
