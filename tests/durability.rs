@@ -238,3 +238,50 @@ async fn postgres_restarted_under_agentd_up() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert!(agentd.sandbox_dirs().is_empty());
 }
+
+/// Two control planes on one PostgreSQL database and one node race for the
+/// same outbox: every session is built exactly once, whichever runner took
+/// its step, and either API answers for any session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_database_build_each_session_once() {
+    let pg = agentd_testkit::postgres::TempPostgres::start().expect("start postgres");
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path()).await;
+    let env = [("AGENTD_DATABASE_URL", pg.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = ServerProcess::start(&dir.path().join("cp-a"), &node.socket, &env).await;
+    let mut b = ServerProcess::start(&dir.path().join("cp-b"), &node.socket, &env).await;
+    let http = reqwest::Client::new();
+
+    const SESSIONS: usize = 6;
+    let creates = (0..SESSIONS).map(|i| {
+        let url = if i % 2 == 0 { a.url("/v1/sessions") } else { b.url("/v1/sessions") };
+        let http = http.clone();
+        async move {
+            let response = http.post(url).json(&session_body(&[])).send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    });
+    let created = futures::future::join_all(creates).await;
+    let mut ids = Vec::new();
+    for (status, body) in &created {
+        assert_eq!(*status, StatusCode::CREATED, "{body}\n{}\n{}", a.daemon.log(), b.daemon.log());
+        assert_eq!(body["state"], "ready");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(node.sandboxes_created(), SESSIONS, "one sandbox per session; node log:\n{}", node.daemon.log());
+    let ran = |log: String| log.matches("sandbox created").count();
+    assert_eq!(ran(a.daemon.log()) + ran(b.daemon.log()), 0, "the servers build nothing themselves");
+
+    // Deleted through the other API than the one that created each.
+    for (i, id) in ids.iter().enumerate() {
+        let url = if i % 2 == 0 { b.url(&format!("/v1/sessions/{id}")) } else { a.url(&format!("/v1/sessions/{id}")) };
+        let response = http.delete(url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert_eq!(node.sandboxes_created(), SESSIONS);
+    a.daemon.interrupt();
+    b.daemon.interrupt();
+    node.daemon.interrupt();
+}
