@@ -72,6 +72,22 @@ pub struct ApiArgs {
     /// SQLite file <state-dir>/agentd.db.
     #[arg(long, env = "AGENTD_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// How often the control plane checks its node (heartbeat, orphan
+    /// sandboxes), in milliseconds.
+    #[arg(long, env = "AGENTD_NODE_CHECK_INTERVAL_MS", default_value_t = 5_000)]
+    pub node_check_interval_ms: u64,
+    /// Silence after which the node is lost and what ran on it fails, in
+    /// milliseconds.
+    #[arg(long, env = "AGENTD_NODE_HEARTBEAT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub node_heartbeat_timeout_ms: u64,
+    /// Hibernate (freeze) a container after this many milliseconds without
+    /// a turn; 0: never.
+    #[arg(long, env = "AGENTD_HIBERNATE_AFTER_MS", default_value_t = 0)]
+    pub hibernate_after_ms: u64,
+    /// Stop and delete a container after this many milliseconds without a
+    /// turn; 0: never.
+    #[arg(long, env = "AGENTD_CONTAINER_TTL_MS", default_value_t = 0)]
+    pub container_ttl_ms: u64,
     /// How long an agent may take to answer `initialize`, in milliseconds.
     #[arg(long, env = "AGENTD_INITIALIZE_TIMEOUT_MS", default_value_t = 30_000)]
     pub initialize_timeout_ms: u32,

@@ -6,6 +6,7 @@ mod support;
 
 mod acp_methods;
 mod bad_input;
+mod durability;
 mod hostile;
 mod permissions;
 mod registry;

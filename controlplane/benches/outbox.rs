@@ -68,6 +68,12 @@ struct Settings {
     workers: usize,
 }
 
+/// A pool of the runner's own: a connection per worker, plus the claim loop's
+/// and the janitor's.
+fn runner_pool(store: &Store, settings: &Settings) -> Store {
+    store.with_own_pool(settings.workers as u32 + 4)
+}
+
 fn runner_config(owner: &str, workers: usize) -> RunnerConfig {
     RunnerConfig { owner: owner.to_string(), workers, ..RunnerConfig::default() }
 }
@@ -94,7 +100,7 @@ async fn latency_run(store: &Store, settings: &Settings, rate: u32, run: usize) 
         }
     });
     let shutdown = CancellationToken::new();
-    let runner = tokio::spawn(Runner::new(store.clone(), registry, runner_config("bench", settings.workers)).run(shutdown.clone()));
+    let runner = tokio::spawn(Runner::new(runner_pool(store, settings), registry, runner_config("bench", settings.workers)).run(shutdown.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let total = rate as usize * settings.seconds as usize;
@@ -148,8 +154,10 @@ async fn saturation_run(store: &Store, settings: &Settings, run: usize) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
     let mut registry = Registry::new();
+    // The runner and its handlers on their own pool, as `agentd` runs them.
+    let runner_store = runner_pool(store, settings);
     {
-        let (store, done, stopping) = (store.clone(), done.clone(), stopping.clone());
+        let (store, done, stopping) = (runner_store.clone(), done.clone(), stopping.clone());
         registry.register("flip", move |ctx: StepContext| {
             let (store, done, stopping) = (store.clone(), done.clone(), stopping.clone());
             async move {
@@ -178,7 +186,7 @@ async fn saturation_run(store: &Store, settings: &Settings, run: usize) -> f64 {
         store.enqueue(NewStep::new("container", &id, "flip", &key, json!({ "n": 0 }))).await.unwrap();
     }
     let shutdown = CancellationToken::new();
-    let runner = tokio::spawn(Runner::new(store.clone(), registry, runner_config("bench", settings.workers)).run(shutdown.clone()));
+    let runner = tokio::spawn(Runner::new(runner_store, registry, runner_config("bench", settings.workers)).run(shutdown.clone()));
     // Warm up, then count over the window.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (from, t) = (done.load(Ordering::Relaxed), Instant::now());

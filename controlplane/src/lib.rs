@@ -10,7 +10,9 @@
 //!   into the sandbox and agent plans a node executes.
 //! - [`store`]: containers, sessions and runs, behind enforced state machines.
 //! - [`runs`]: follows each live session's event log and records run ends.
-//! - [`teardown`]: deleting containers and recording it.
+//! - [`flows`]: the API's workflows (session create, container delete) as
+//!   outbox steps, and the API's wait for their outcome.
+//! - [`teardown`]: recording containers gone; direct deletion on shutdown.
 //! - [`workflow`]: the outbox runner: steps written with their state change,
 //!   claimed under fenced leases, retried with backoff.
 //!
@@ -48,11 +50,15 @@ macro_rules! backend_suite {
 pub mod agent_registry;
 pub mod agent_spec;
 pub mod api;
+pub mod flows;
 pub mod plan;
 pub mod runs;
 pub mod store;
 pub mod teardown;
 pub mod workflow;
+
+#[cfg(test)]
+mod outage_tests;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -102,11 +108,26 @@ pub enum ServeError {
 
 /// Brings the store in line with the node after a restart: containers the node
 /// no longer runs are recorded gone, and live sessions are followed again.
+/// A container with a workflow step still open (a create or delete that was
+/// running when the control plane stopped) is left to that step: the runner
+/// finishes it, its node calls answered from the node's memory where they
+/// already happened.
 pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
-    for state_name in [container::PROVISIONING, container::READY, container::HIBERNATED] {
+    for state_name in [container::PROVISIONING, container::STOPPING, container::READY, container::HIBERNATED] {
         for c in state.store.containers_in_state(state_name).await? {
+            let in_flight = c.state == container::PROVISIONING || c.state == container::STOPPING;
+            if in_flight && state.store.has_open_steps(flows::CONTAINER, &c.id).await? {
+                tracing::info!(container = c.id, state = c.state, "interrupted work resumes on the runner");
+                continue;
+            }
             let known = state.node.clone().get_sandbox(GetSandboxRequest { container_id: c.id.clone() }).await;
             match known {
+                Ok(_) if c.state == container::STOPPING => {
+                    // Its delete step failed for good: try once more now.
+                    if let Err(e) = teardown::delete_container(state, &c.id, "container deleted").await {
+                        tracing::warn!(container = c.id, error = ?e, "cannot finish deleting container");
+                    }
+                }
                 Ok(_) => {
                     for s in state.store.sessions_of_container(&c.id).await? {
                         if s.state == store::states::session::READY {
@@ -135,6 +156,36 @@ pub async fn sync_registry_at_start(state: &AppState) {
     if let Err(e) = agent_registry::sync(&state.store, &state.http, source).await {
         tracing::error!(error = %e, "registry sync failed; keeping the registry stored before");
     }
+}
+
+/// Starts the workflow runner that carries out the API's steps
+/// ([`flows`]), until `shutdown`. Steps that `config.owner` still holds were
+/// leased by this control plane's previous process, which died running them:
+/// they are given back first, so they resume now rather than when their
+/// leases expire. Give each control plane a stable owner name of its own.
+///
+/// Node checks ([`flows::node_check`]) are scheduled every
+/// `fleet.check_interval` on the same runner.
+pub async fn start_workflows(
+    state: &AppState,
+    config: workflow::RunnerConfig,
+    fleet: flows::node_check::FleetConfig,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, store::StoreError> {
+    let released = state.store.release_leases_of(&config.owner).await?;
+    if released > 0 {
+        tracing::warn!(steps = released, owner = config.owner, "resuming steps this control plane was running when it stopped");
+    }
+    // The runner and its handlers on a pool of their own: each running step
+    // may hold a connection, and the claim loop and janitor one each.
+    let runner_store = state.store.with_own_pool(u32::try_from(config.workers).unwrap_or(64) + 4);
+    let runner_state = AppState { store: runner_store.clone(), ..state.clone() };
+    tokio::spawn(flows::node_check::schedule(runner_state.clone(), fleet, shutdown.clone()));
+    let runner = workflow::Runner::new(runner_store.clone(), flows::registry(&runner_state, fleet), config);
+    Ok(tokio::spawn(async move {
+        runner.run(shutdown).await;
+        runner_store.close().await;
+    }))
 }
 
 /// Deletes every live container; `agentd up` does this on Ctrl-C so that

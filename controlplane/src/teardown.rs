@@ -1,5 +1,7 @@
-//! Deleting a container: the node kills the sandbox, then the store records
-//! the container deleted, its sessions closed and their running turns failed.
+//! Recording a container gone (its sessions closed, their running turns
+//! failed), and deleting one directly, outside the runner: `agentd up` does
+//! that on shutdown, after its runner has stopped. The API deletes through
+//! the `container.delete` workflow step (`crate::flows::delete`).
 
 use agentd_proto::node::DeleteSandboxRequest;
 
@@ -9,7 +11,7 @@ use crate::store::StoreError;
 use crate::store::states::session;
 
 pub async fn delete_container(app: &AppState, container_id: &str, reason: &str) -> Result<(), Problem> {
-    app.node.clone().delete_sandbox(DeleteSandboxRequest { container_id: container_id.to_string() }).await?;
+    app.node.clone().delete_sandbox(DeleteSandboxRequest { container_id: container_id.to_string(), fence: None }).await?;
     record_gone(app, container_id, reason).await?;
     Ok(())
 }

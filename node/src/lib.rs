@@ -9,6 +9,7 @@
 //! - [`event_log`]: each session's append-only event log (memory and a JSONL
 //!   file), from which clients resume by sequence number.
 //! - [`sessions`]: ACP sessions on this node and the turn running on each.
+//! - [`fence`]: epoch fencing and idempotency keys of workflow steps' calls.
 //! - `oom`: turns OOM kills in a sandbox's cgroup into `sandbox.oom` events.
 //! - [`service`]: the `Node` gRPC service.
 //!
@@ -16,6 +17,7 @@
 
 pub mod bundles;
 pub mod event_log;
+pub mod fence;
 mod oom;
 pub mod sandboxes;
 pub mod service;
@@ -72,6 +74,8 @@ impl NodeConfig {
 pub struct Node {
     pub sandboxes: Arc<sandboxes::Sandboxes>,
     pub sessions: Arc<sessions::Sessions>,
+    /// Exactly-once effects of the control plane's workflow steps.
+    pub fences: fence::Fences,
 }
 
 impl Node {
@@ -81,7 +85,7 @@ impl Node {
         sandboxes::become_subreaper()?;
         let sandboxes = sandboxes::Sandboxes::open(config).await?;
         let sessions = Arc::new(sessions::Sessions::default());
-        let node = Arc::new(Self { sandboxes, sessions });
+        let node = Arc::new(Self { sandboxes, sessions, fences: fence::Fences::default() });
         oom::watch(Arc::downgrade(&node));
         Ok(node)
     }

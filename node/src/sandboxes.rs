@@ -314,6 +314,8 @@ impl Sandboxes {
                     frozen: AtomicBool::new(false),
                     exited,
                 });
+                // Fault tests count these lines: one per sandbox built.
+                tracing::info!(id, pid, "sandbox created");
                 self.table.lock().unwrap().insert(id, Arc::clone(&sandbox));
                 Ok(sandbox)
             }

@@ -24,6 +24,91 @@ impl NodeService {
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
+
+    // The operations behind the fenced calls (see `fence.rs`).
+
+    async fn start_agent_unfenced(&self, r: StartAgentRequest) -> Result<AgentInstance, Status> {
+        let agent = r.agent.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "agent plan is required"))?;
+        let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .start_agent(sup::StartAgentRequest {
+                agent_instance_id: r.agent_instance_id.clone(),
+                command: agent.command,
+                args: agent.args,
+                env: agent.env,
+                cwd: agent.cwd,
+                initialize_timeout_ms: agent.initialize_timeout_ms,
+                seccomp_json: agent.seccomp_json,
+            })
+            .await?
+            .into_inner();
+        Ok(AgentInstance {
+            agent_instance_id: r.agent_instance_id,
+            state: "ready".into(),
+            pid: answer.pid,
+            protocol_version: answer.protocol_version,
+            initialize_json: answer.initialize_json,
+        })
+    }
+
+    async fn create_session_unfenced(&self, r: CreateSessionRequest) -> Result<SessionInfo, Status> {
+        if !valid_id(&r.session_id) {
+            return Err(status(Code::InvalidArgument, "invalid_request", format!("invalid session id {:?}", r.session_id)));
+        }
+        if let Ok(existing) = self.node.sessions.get(&r.session_id) {
+            return Ok(SessionInfo { session_id: r.session_id, acp_session_id: existing.acp_session_id.clone() });
+        }
+        let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .new_session(sup::NewSessionRequest {
+                agent_instance_id: r.agent_instance_id.clone(),
+                cwd: r.cwd,
+                permission_policy: r.permission_policy,
+                permission_timeout_ms: r.permission_timeout_ms,
+            })
+            .await?
+            .into_inner();
+        let log = EventLog::open(&r.session_id, &sandbox.sessions_dir().join(format!("{}.jsonl", r.session_id)));
+        let session = self.node.sessions.insert(NodeSession::new(
+            r.session_id.clone(),
+            r.container_id,
+            r.agent_instance_id,
+            answer.acp_session_id,
+            log,
+        ));
+        Ok(SessionInfo { session_id: r.session_id, acp_session_id: session.acp_session_id.clone() })
+    }
+
+    async fn prompt_unfenced(&self, r: PromptRequest) -> Result<PromptAccepted, Status> {
+        let session = self.node.sessions.get(&r.session_id)?;
+        let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        if sandbox.is_frozen() {
+            return Err(status(Code::FailedPrecondition, "container_hibernated", "the sandbox is hibernated: resume it first"));
+        }
+        session.begin_run(&r.run_id)?;
+        let log = &session.log;
+        log.append(RUN_STARTED, &r.run_id, json!({"run_id": r.run_id}).to_string());
+        let request = sup::PromptRequest {
+            agent_instance_id: session.agent_instance_id.clone(),
+            acp_session_id: session.acp_session_id.clone(),
+            prompt_json: r.prompt_json,
+        };
+        match sandbox.supervisor.clone().prompt(request).await {
+            Ok(events) => {
+                tokio::spawn(pump_turn(Arc::clone(&session), Arc::clone(&sandbox), r.run_id.clone(), events.into_inner()));
+                Ok(PromptAccepted { run_id: r.run_id })
+            }
+            Err(e) => {
+                log.append(RUN_FAILED, &r.run_id, json!({"run_id": r.run_id, "error": e.message()}).to_string());
+                session.end_run();
+                Err(e)
+            }
+        }
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<SessionEvent, Status>> + Send>>;
@@ -78,14 +163,17 @@ async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id:
 #[tonic::async_trait]
 impl node_server::Node for NodeService {
     async fn create_sandbox(&self, req: Request<CreateSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        let plan = req.into_inner().plan.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "plan is required"))?;
-        let sandbox = self.node.sandboxes.create(plan).await?;
-        Ok(Response::new(sandbox.info()))
+        let r = req.into_inner();
+        let plan = r.plan.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "plan is required"))?;
+        let id = plan.container_id.clone();
+        let info = self.node.fences.run(&id, r.fence.as_ref(), async { Ok(self.node.sandboxes.create(plan).await?.info()) }).await?;
+        Ok(Response::new(info))
     }
 
     async fn delete_sandbox(&self, req: Request<DeleteSandboxRequest>) -> Result<Response<DeleteSandboxResponse>, Status> {
-        let existed = self.node.delete_sandbox(&req.into_inner().container_id).await;
-        Ok(Response::new(DeleteSandboxResponse { existed }))
+        let r = req.into_inner();
+        let delete = async { Ok(DeleteSandboxResponse { existed: self.node.delete_sandbox(&r.container_id).await }) };
+        Ok(Response::new(self.node.fences.run(&r.container_id, r.fence.as_ref(), delete).await?))
     }
 
     async fn get_sandbox(&self, req: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
@@ -99,88 +187,26 @@ impl node_server::Node for NodeService {
 
     async fn start_agent(&self, req: Request<StartAgentRequest>) -> Result<Response<AgentInstance>, Status> {
         let r = req.into_inner();
-        let agent = r.agent.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "agent plan is required"))?;
-        let sandbox = self.node.sandboxes.get(&r.container_id)?;
-        let answer = sandbox
-            .supervisor
-            .clone()
-            .start_agent(sup::StartAgentRequest {
-                agent_instance_id: r.agent_instance_id.clone(),
-                command: agent.command,
-                args: agent.args,
-                env: agent.env,
-                cwd: agent.cwd,
-                initialize_timeout_ms: agent.initialize_timeout_ms,
-                seccomp_json: agent.seccomp_json,
-            })
-            .await?
-            .into_inner();
-        Ok(Response::new(AgentInstance {
-            agent_instance_id: r.agent_instance_id,
-            state: "ready".into(),
-            pid: answer.pid,
-            protocol_version: answer.protocol_version,
-            initialize_json: answer.initialize_json,
-        }))
+        let fence = r.fence.clone();
+        let container_id = r.container_id.clone();
+        let start = self.start_agent_unfenced(r);
+        Ok(Response::new(self.node.fences.run(&container_id, fence.as_ref(), start).await?))
     }
 
     async fn create_session(&self, req: Request<CreateSessionRequest>) -> Result<Response<SessionInfo>, Status> {
         let r = req.into_inner();
-        if !valid_id(&r.session_id) {
-            return Err(status(Code::InvalidArgument, "invalid_request", format!("invalid session id {:?}", r.session_id)));
-        }
-        if let Ok(existing) = self.node.sessions.get(&r.session_id) {
-            return Ok(Response::new(SessionInfo { session_id: r.session_id, acp_session_id: existing.acp_session_id.clone() }));
-        }
-        let sandbox = self.node.sandboxes.get(&r.container_id)?;
-        let answer = sandbox
-            .supervisor
-            .clone()
-            .new_session(sup::NewSessionRequest {
-                agent_instance_id: r.agent_instance_id.clone(),
-                cwd: r.cwd,
-                permission_policy: r.permission_policy,
-                permission_timeout_ms: r.permission_timeout_ms,
-            })
-            .await?
-            .into_inner();
-        let log = EventLog::open(&r.session_id, &sandbox.sessions_dir().join(format!("{}.jsonl", r.session_id)));
-        let session = self.node.sessions.insert(NodeSession::new(
-            r.session_id.clone(),
-            r.container_id,
-            r.agent_instance_id,
-            answer.acp_session_id,
-            log,
-        ));
-        Ok(Response::new(SessionInfo { session_id: r.session_id, acp_session_id: session.acp_session_id.clone() }))
+        let fence = r.fence.clone();
+        let container_id = r.container_id.clone();
+        let create = self.create_session_unfenced(r);
+        Ok(Response::new(self.node.fences.run(&container_id, fence.as_ref(), create).await?))
     }
 
     async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<PromptAccepted>, Status> {
         let r = req.into_inner();
-        let session = self.node.sessions.get(&r.session_id)?;
-        let sandbox = self.node.sandboxes.get(&session.container_id)?;
-        if sandbox.is_frozen() {
-            return Err(status(Code::FailedPrecondition, "container_hibernated", "the sandbox is hibernated: resume it first"));
-        }
-        session.begin_run(&r.run_id)?;
-        let log = &session.log;
-        log.append(RUN_STARTED, &r.run_id, json!({"run_id": r.run_id}).to_string());
-        let request = sup::PromptRequest {
-            agent_instance_id: session.agent_instance_id.clone(),
-            acp_session_id: session.acp_session_id.clone(),
-            prompt_json: r.prompt_json,
-        };
-        match sandbox.supervisor.clone().prompt(request).await {
-            Ok(events) => {
-                tokio::spawn(pump_turn(Arc::clone(&session), Arc::clone(&sandbox), r.run_id.clone(), events.into_inner()));
-                Ok(Response::new(PromptAccepted { run_id: r.run_id }))
-            }
-            Err(e) => {
-                log.append(RUN_FAILED, &r.run_id, json!({"run_id": r.run_id, "error": e.message()}).to_string());
-                session.end_run();
-                Err(e)
-            }
-        }
+        let fence = r.fence.clone();
+        let container_id = r.container_id.clone();
+        let prompt = self.prompt_unfenced(r);
+        Ok(Response::new(self.node.fences.run(&container_id, fence.as_ref(), prompt).await?))
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
@@ -210,15 +236,23 @@ impl node_server::Node for NodeService {
     }
 
     async fn freeze_sandbox(&self, req: Request<FreezeSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        let sandbox = self.node.sandboxes.get(&req.into_inner().container_id)?;
-        sandbox.freeze()?;
-        Ok(Response::new(sandbox.info()))
+        let r = req.into_inner();
+        let freeze = async {
+            let sandbox = self.node.sandboxes.get(&r.container_id)?;
+            sandbox.freeze()?;
+            Ok(sandbox.info())
+        };
+        Ok(Response::new(self.node.fences.run(&r.container_id, r.fence.as_ref(), freeze).await?))
     }
 
     async fn thaw_sandbox(&self, req: Request<ThawSandboxRequest>) -> Result<Response<Sandbox>, Status> {
-        let sandbox = self.node.sandboxes.get(&req.into_inner().container_id)?;
-        sandbox.thaw()?;
-        Ok(Response::new(sandbox.info()))
+        let r = req.into_inner();
+        let thaw = async {
+            let sandbox = self.node.sandboxes.get(&r.container_id)?;
+            sandbox.thaw()?;
+            Ok(sandbox.info())
+        };
+        Ok(Response::new(self.node.fences.run(&r.container_id, r.fence.as_ref(), thaw).await?))
     }
 
     async fn answer_permission(&self, req: Request<AnswerPermissionRequest>) -> Result<Response<AnswerPermissionResponse>, Status> {

@@ -71,6 +71,36 @@ pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The workflow runner's settings. Its owner name is stable across restarts
+/// of one control plane (host and state dir), so a restarted process takes
+/// back the steps its predecessor held at once (see
+/// `agentd_controlplane::start_workflows`).
+pub fn runner_config(state_dir: &Path) -> agentd_controlplane::workflow::RunnerConfig {
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into());
+    agentd_controlplane::workflow::RunnerConfig {
+        owner: format!("agentd@{host}:{}", state_dir.display()),
+        // On a pool of its own (see `start_workflows`): API requests always
+        // find a connection.
+        workers: 16,
+        ..Default::default()
+    }
+}
+
+/// Node checks: heartbeats, lost nodes, orphan sandboxes.
+pub fn fleet_config(api: &crate::cli::ApiArgs) -> agentd_controlplane::flows::node_check::FleetConfig {
+    use std::time::Duration;
+    let interval = Duration::from_millis(api.node_check_interval_ms.max(10));
+    agentd_controlplane::flows::node_check::FleetConfig {
+        check_interval: interval,
+        heartbeat_timeout: Duration::from_millis(api.node_heartbeat_timeout_ms),
+        // A probe never outlasts the next check.
+        probe_timeout: interval.min(Duration::from_secs(2)),
+        hibernate_after: (api.hibernate_after_ms > 0).then(|| Duration::from_millis(api.hibernate_after_ms)),
+        ttl: (api.container_ttl_ms > 0).then(|| Duration::from_millis(api.container_ttl_ms)),
+        ..Default::default()
+    }
+}
+
 /// The store the flags name: PostgreSQL when a URL is given, else the embedded
 /// SQLite file in the state dir.
 pub async fn open_store(api: &crate::cli::ApiArgs, state_dir: &Path) -> anyhow::Result<agentd_controlplane::store::Store> {

@@ -24,7 +24,15 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         };
         agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
         agentd_controlplane::sync_registry_at_start(&state).await;
+        let runner_stop = CancellationToken::new();
+        let runner = agentd_controlplane::start_workflows(&state, super::runner_config(&args.common.state_dir), super::fleet_config(&args.api), runner_stop.clone())
+            .await
+            .context("cannot start the workflow runner")?;
         let served = agentd_controlplane::serve(state, args.api.listen, shutdown_signal()).await;
+        runner_stop.cancel();
+        if let Err(e) = runner.await {
+            tracing::error!(error = %e, "workflow runner panicked");
+        }
         store.close().await;
         served?;
         Ok(())

@@ -43,8 +43,17 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
     agentd_controlplane::sync_registry_at_start(&state).await;
+    let runner_stop = CancellationToken::new();
+    let runner = agentd_controlplane::start_workflows(&state, super::runner_config(state_dir), super::fleet_config(&args.api), runner_stop.clone())
+        .await
+        .context("cannot start the workflow runner")?;
 
     let served = agentd_controlplane::serve(state.clone(), args.api.listen, shutdown_signal()).await;
+    // Steps still running get the drain bound, then the rest is stopped directly.
+    runner_stop.cancel();
+    if let Err(e) = runner.await {
+        tracing::error!(error = %e, "workflow runner panicked");
+    }
     agentd_controlplane::stop_all_containers(&state).await;
     node_stop.cancel();
     match node_task.await {

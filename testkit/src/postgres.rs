@@ -18,8 +18,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct TempPostgres {
     port: u16,
-    child: Child,
+    /// The server; `None` while stopped ([`TempPostgres::stop`]).
+    child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Who the server runs as (`postgres` when the tests run as root).
+    user: Option<User>,
 }
 
 /// Finds a PostgreSQL program on PATH or in Debian's versioned directories.
@@ -78,8 +81,6 @@ impl TempPostgres {
     /// Creates and starts a cluster; returns once it accepts connections.
     pub fn start() -> std::io::Result<Self> {
         let initdb = pg_bin("initdb").ok_or_else(|| std::io::Error::other("initdb not found: install postgresql"))?;
-        let postgres = pg_bin("postgres").ok_or_else(|| std::io::Error::other("postgres not found"))?;
-        let pg_isready = pg_bin("pg_isready").ok_or_else(|| std::io::Error::other("pg_isready not found"))?;
         let user = if nix::unistd::geteuid().is_root() {
             Some(User::from_name("postgres")?.ok_or_else(|| std::io::Error::other("no postgres user to run the server as"))?)
         } else {
@@ -101,12 +102,22 @@ impl TempPostgres {
             return Err(std::io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&status.stderr))));
         }
         let port = free_port()?;
+        let mut pg = Self { port, child: None, dir, user };
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// Spawns the server on the cluster and waits until it accepts connections.
+    fn start_server(&mut self) -> std::io::Result<()> {
+        let postgres = pg_bin("postgres").ok_or_else(|| std::io::Error::other("postgres not found"))?;
+        let pg_isready = pg_bin("pg_isready").ok_or_else(|| std::io::Error::other("pg_isready not found"))?;
+        let port = self.port;
         let mut cmd = Command::new(postgres);
-        run_as(&mut cmd, user.as_ref())
+        run_as(&mut cmd, self.user.as_ref())
             .arg("-D")
-            .arg(&data)
+            .arg(self.dir.path().join("data"))
             .args(["-p", &port.to_string(), "-k"])
-            .arg(dir.path())
+            .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
             .stdout(Stdio::null())
@@ -118,8 +129,7 @@ impl TempPostgres {
                 Ok(())
             });
         }
-        let child = spawn_from_lasting_thread(cmd)?;
-        let pg = Self { port, child, dir };
+        self.child = Some(spawn_from_lasting_thread(cmd)?);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let ready = Command::new(&pg_isready)
@@ -127,13 +137,40 @@ impl TempPostgres {
                 .status()?
                 .success();
             if ready {
-                return Ok(pg);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(std::io::Error::other("postgres did not become ready"));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stops the server as a restart would (fast shutdown: clients' sessions
+    /// are ended and their connections drop; committed data stays), keeping
+    /// the cluster for [`Self::resume`].
+    pub fn stop(&mut self) {
+        self.signal_and_wait(Signal::SIGINT);
+    }
+
+    fn signal_and_wait(&mut self, signal: Signal) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the stopped server again on the same cluster and port; returns
+    /// once it accepts connections.
+    pub fn resume(&mut self) -> std::io::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.start_server()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn port(&self) -> u16 {
@@ -149,16 +186,16 @@ impl TempPostgres {
         self.dir.path()
     }
 
+    /// The server's pid, 0 while stopped.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
     }
 }
 
 impl Drop for TempPostgres {
     fn drop(&mut self) {
         // SIGQUIT: immediate shutdown; the data is thrown away anyway.
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGQUIT);
-        let _ = self.child.wait();
+        self.signal_and_wait(Signal::SIGQUIT);
     }
 }
 
@@ -176,5 +213,21 @@ mod tests {
         drop(pg);
         assert!(!dir.exists(), "cluster directory removed");
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "server process gone");
+    }
+
+    #[test]
+    fn stops_and_resumes_with_its_data() {
+        let mut pg = TempPostgres::start().expect("start postgres");
+        let psql = pg_bin("psql").expect("psql");
+        let url = pg.url();
+        let sql = |q: &str| Command::new(&psql).args([&url, "-tAc", q]).output().unwrap();
+        assert!(sql("create table t (x int); insert into t values (7)").status.success());
+        let pid = pg.pid();
+        pg.stop();
+        assert!(!pg.is_running());
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "server process gone");
+        assert!(!sql("select 1").status.success(), "a stopped server refuses connections");
+        pg.resume().expect("resume");
+        assert_eq!(String::from_utf8_lossy(&sql("select x from t").stdout).trim(), "7");
     }
 }

@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 
 pub use agentd_testkit::procfs;
 
+pub mod daemon;
+
 /// Set in agentd's environment; agents must never see it.
 pub const MARKER_VAR: &str = "AGENTD_TEST_MARKER_MUST_NOT_LEAK";
 

@@ -55,7 +55,7 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
     if c.state == container::DELETED {
         return Err(Problem::conflict("illegal_state", format!("container {id} is already deleted")));
     }
-    crate::teardown::delete_container(&app, &id, "container deleted").await?;
+    crate::flows::delete::request(&app, &id, "container deleted").await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -72,14 +72,14 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>) -> 
             if c.state != container::READY {
                 return Err(Problem::conflict("illegal_state", format!("container {id} is {}; only a ready one hibernates", c.state)));
             }
-            node.freeze_sandbox(FreezeSandboxRequest { container_id: id.to_string() }).await?;
+            node.freeze_sandbox(FreezeSandboxRequest { container_id: id.to_string(), fence: None }).await?;
             app.store.container_hibernated(id).await?;
         }
         "resume" => {
             if c.state != container::HIBERNATED {
                 return Err(Problem::conflict("illegal_state", format!("container {id} is {}; only a hibernated one resumes", c.state)));
             }
-            node.thaw_sandbox(ThawSandboxRequest { container_id: id.to_string() }).await?;
+            node.thaw_sandbox(ThawSandboxRequest { container_id: id.to_string(), fence: None }).await?;
             app.store.container_resumed(id).await?;
         }
         other => return Err(Problem::not_found("unknown_action", format!("no container action {other:?} (try hibernate or resume)"))),

@@ -30,7 +30,17 @@ impl Problem {
     pub fn invalid(code: &'static str, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
     }
+
+    /// A problem read back from storage (a workflow step's outcome): `code`
+    /// must be one of the stable codes, else it becomes `internal`.
+    pub fn known(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
+        let code = NODE_CODES.iter().map(|(c, _)| *c).chain(CONTROL_PLANE_CODES.iter().copied()).find(|c| *c == code).unwrap_or("internal");
+        Self::new(status, code, detail)
+    }
 }
+
+/// Codes the control plane itself gives that a workflow step may record.
+const CONTROL_PLANE_CODES: &[&str] = &["illegal_state", "node_unavailable", "store_unavailable"];
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
@@ -84,6 +94,8 @@ const NODE_CODES: &[(&str, StatusCode)] = &[
     ("run_active", StatusCode::CONFLICT),
     ("agent_exists", StatusCode::CONFLICT),
     ("container_hibernated", StatusCode::CONFLICT),
+    // A workflow step whose lease was taken over called the node late.
+    ("stale_epoch", StatusCode::CONFLICT),
     ("invalid_request", StatusCode::UNPROCESSABLE_ENTITY),
     ("invalid_profile", StatusCode::UNPROCESSABLE_ENTITY),
     ("invalid_prompt", StatusCode::UNPROCESSABLE_ENTITY),

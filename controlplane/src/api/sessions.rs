@@ -13,11 +13,10 @@ use crate::agent_spec::{AgentSpec, this_platform};
 use crate::plan::{self, PlanError, ProfileInput, SessionOptions};
 use agentd_runtime::sandbox::profile::Profile;
 use crate::store::states::{container, session as session_state};
+use crate::store::outbox::NewStep;
 use crate::store::{NewSession, SessionRow, StoreError};
-use crate::{AppState, new_id};
-use agentd_proto::node::{
-    AnswerPermissionRequest, CancelRequest, CreateSandboxRequest, CreateSessionRequest, GetSessionRequest, PromptRequest, StartAgentRequest,
-};
+use crate::{AppState, flows, new_id};
+use agentd_proto::node::{AnswerPermissionRequest, CancelRequest, GetSessionRequest};
 
 #[derive(Debug, Deserialize)]
 pub struct CreateSessionBody {
@@ -124,80 +123,47 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     })?;
 
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
-    app.store.insert_container(&container_id, &app.node_id, &profile).await?;
+    // The rows and the step that builds them, in one transaction; a runner
+    // (this process's, or another control plane's) runs the step.
+    let step_key = format!("{}:{session_id}", flows::SESSION_CREATE);
+    let payload = serde_json::to_value(flows::create::Payload::new(&compiled, &session_id, &instance_id, permissions)).expect("payload serializes");
     app.store
-        .insert_session(NewSession {
-            id: &session_id,
-            container_id: &container_id,
-            agent_id: &agent.id,
-            agent_version: &agent.version,
-            agent_instance_id: &instance_id,
-            working_dir: &compiled.working_dir,
+        .transaction(async |tx| {
+            tx.insert_container(&container_id, &app.node_id, &profile).await?;
+            tx.insert_session(NewSession {
+                id: &session_id,
+                container_id: &container_id,
+                agent_id: &agent.id,
+                agent_version: &agent.version,
+                agent_instance_id: &instance_id,
+                working_dir: &compiled.working_dir,
+            })
+            .await?;
+            tx.enqueue(NewStep::new(flows::CONTAINER, &container_id, flows::SESSION_CREATE, &step_key, payload)).await?;
+            Ok::<_, StoreError>(())
         })
         .await?;
 
-    // Provisioning runs to its end even if the client goes away, so that
-    // nothing is left half-created.
-    let task = tokio::spawn({
-        let app = app.clone();
-        let session_id = session_id.clone();
-        async move { provision(&app, compiled, &container_id, &session_id, &instance_id, permissions).await }
-    });
-    task.await.map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
-
+    // The step runs to its end even if the client goes away, so nothing is
+    // left half-created; the request waits for it to keep the contract (201
+    // with the session, or the node's problem).
+    let wait = CREATE_WAIT + std::time::Duration::from_millis(u64::from(app.defaults.initialize_timeout_ms));
+    let waited = flows::wait_for_step(&app, &step_key, wait).await?;
     let s = app.store.get_session(&session_id).await?;
     let location = format!("/v1/sessions/{session_id}");
+    match waited {
+        flows::Waited::Finished(outcome) => outcome?,
+        // Still being built (a slow or unreachable node): the client follows the Location.
+        flows::Waited::Pending => {
+            return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(view(&app, &s).await?)).into_response());
+        }
+    }
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(view(&app, &s).await?)).into_response())
 }
 
-async fn provision(
-    app: &AppState,
-    compiled: plan::Compiled,
-    container_id: &str,
-    session_id: &str,
-    instance_id: &str,
-    (permission_policy, permission_timeout_ms): (String, u32),
-) -> Result<(), Problem> {
-    let mut node = app.node.clone();
-    let result: Result<(i32, String), tonic::Status> = async {
-        let sandbox = node.create_sandbox(CreateSandboxRequest { plan: Some(compiled.sandbox) }).await?.into_inner();
-        node.start_agent(StartAgentRequest {
-            container_id: container_id.to_string(),
-            agent_instance_id: instance_id.to_string(),
-            agent: Some(compiled.agent),
-        })
-        .await?;
-        let info = node
-            .create_session(CreateSessionRequest {
-                container_id: container_id.to_string(),
-                agent_instance_id: instance_id.to_string(),
-                session_id: session_id.to_string(),
-                cwd: compiled.working_dir.clone(),
-                permission_policy,
-                permission_timeout_ms,
-            })
-            .await?
-            .into_inner();
-        Ok((sandbox.supervisor_pid, info.acp_session_id))
-    }
-    .await;
-    match result {
-        Ok((pid, acp_session_id)) => {
-            app.store.container_ready(container_id, pid).await?;
-            app.store.session_ready(session_id, &acp_session_id).await?;
-            crate::runs::watch_session(app.clone(), session_id.to_string());
-            Ok(())
-        }
-        Err(status) => {
-            let problem = Problem::from(status);
-            let _ = node.delete_sandbox(agentd_proto::node::DeleteSandboxRequest { container_id: container_id.to_string() }).await;
-            app.store.container_failed(container_id, &problem.detail).await?;
-            app.store.container_deleted(container_id).await?;
-            app.store.session_failed(session_id, &problem.detail).await?;
-            Err(problem)
-        }
-    }
-}
+/// How long a create waits for its step besides the agent's initialize
+/// timeout: building the sandbox, and a retry or two of an unreachable node.
+const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `POST /v1/sessions/{id}:prompt` and `POST /v1/sessions/{id}:cancel`.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>, body: axum::body::Bytes) -> Result<Response, Problem> {
@@ -243,21 +209,23 @@ async fn prompt(app: AppState, id: &str, body: PromptBody) -> Result<Response, P
     let s = app.store.get_session(id).await?;
     require_ready(&s)?;
     let run_id = new_id("run");
-    claim_run(&app, &s, &run_id).await?;
-    let request = PromptRequest {
-        container_id: s.container_id.clone(),
-        session_id: s.id.clone(),
-        run_id: run_id.clone(),
-        prompt_json: blocks.to_string(),
-    };
-    if let Err(status) = app.node.clone().prompt(request).await {
-        let problem = Problem::from(status);
-        app.store.run_failed(&run_id, &problem.detail).await?;
-        return Err(problem);
+    let key = format!("{}:{run_id}", flows::RUN_DISPATCH);
+    let payload = flows::dispatch::Payload { session_id: s.id.clone(), run_id: run_id.clone(), prompt_json: blocks.to_string() };
+    let payload = serde_json::to_value(payload).expect("payload serializes");
+    claim_run(&app, &s, &run_id, NewStep::new(flows::CONTAINER, &s.container_id, flows::RUN_DISPATCH, &key, payload)).await?;
+    // Waits for the node to take the prompt, so that its refusals (a
+    // hibernated container, say) reach the client as before.
+    match flows::wait_for_step(&app, &key, DISPATCH_WAIT).await? {
+        flows::Waited::Finished(outcome) => outcome?,
+        flows::Waited::Pending => tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway"),
     }
     let body = json!({"run_id": run_id, "session_id": s.id, "state": "running"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
+
+/// How long a prompt waits for its dispatch step before answering 202
+/// regardless (the step goes on).
+const DISPATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a prompt waits for the store to record the end of a turn the
 /// node has already finished.
@@ -267,10 +235,21 @@ const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 /// `run.completed` on the stream, a little before the run follower has
 /// recorded that end in the store; the node, which ends turns, decides whether
 /// the run the store still calls running is really running.
-async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str) -> Result<(), Problem> {
+///
+/// The run and its dispatch step are written in one transaction.
+async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewStep<'_>) -> Result<(), Problem> {
     let deadline = tokio::time::Instant::now() + CATCH_UP;
     loop {
-        match app.store.insert_run(run_id, &s.id).await {
+        let inserted = app
+            .store
+            .transaction(async |tx| {
+                tx.lock(crate::store::states::Entity::Container, &s.container_id).await?;
+                tx.insert_run(run_id, &s.id).await?;
+                tx.enqueue(dispatch.clone()).await?;
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        match inserted {
             Err(StoreError::RunActive { .. }) => {}
             other => return Ok(other?),
         }
@@ -307,7 +286,7 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
     // One session per container for now: the session's sandbox goes with it.
     let c = app.store.get_container(&s.container_id).await?;
     if c.state != container::DELETED {
-        crate::teardown::delete_container(&app, &c.id, "session deleted").await?;
+        flows::delete::request(&app, &c.id, "session deleted").await?;
     } else {
         app.store.session_closed(&id).await?;
     }

@@ -4,6 +4,7 @@
 //! - [`Store`]: one set of methods over two backends, the embedded SQLite
 //!   file (the default of `agentd up`) and PostgreSQL (multi-node, HA).
 //!   [`Store::open`] picks by URL scheme.
+//! - [`nodes`]: node heartbeats, lost nodes and what fails with them.
 //! - [`outbox`]: workflow steps written with the state change that needs
 //!   them, claimed under fenced leases ([`crate::workflow`] runs them).
 //! - [`registry`]: the agent registry's entries, replaced whole by each sync.
@@ -157,6 +158,7 @@ macro_rules! with_pool {
 }
 
 // After `with_pool!`, which they use.
+pub mod nodes;
 pub mod outbox;
 pub mod registry;
 
@@ -268,6 +270,21 @@ impl Store {
         Ok(Self { backend: Backend::Postgres(pool) })
     }
 
+    /// The same database through a pool of its own of `max_connections`, so
+    /// that one user (the workflow runner) cannot starve another (the API)
+    /// of connections: sqlx's pool is not fair under contention. Connects
+    /// lazily. On SQLite, which has one writer anyway, the same pool.
+    pub fn with_own_pool(&self, max_connections: u32) -> Self {
+        match &self.backend {
+            Backend::Sqlite(_) => self.clone(),
+            Backend::Postgres(pool) => {
+                let options = (*pool.connect_options()).clone();
+                let pool = PgPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options);
+                Self { backend: Backend::Postgres(pool) }
+            }
+        }
+    }
+
     /// The backend's name, for logs: `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self.backend {
@@ -278,45 +295,12 @@ impl Store {
 
     /// Records a new container, `provisioning`.
     pub async fn insert_container(&self, id: &str, node_id: &str, profile_json: &str) -> Result<(), StoreError> {
-        let now = now_ms();
-        let sql = "INSERT INTO containers (id, node_id, state, profile_json, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)";
-        with_pool!(self, |pool| sqlx::query(sql)
-            .bind(id)
-            .bind(node_id)
-            .bind(states::container::PROVISIONING)
-            .bind(profile_json)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()))?;
-        Ok(())
+        self.transaction(async |tx| tx.insert_container(id, node_id, profile_json).await).await
     }
 
     /// Records a new session, `creating`, on an existing container.
     pub async fn insert_session(&self, s: NewSession<'_>) -> Result<(), StoreError> {
-        let now = now_ms();
-        let sql = "INSERT INTO sessions \
-                   (id, container_id, agent_id, agent_version, agent_instance_id, state, working_dir, created_at, updated_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)";
-        let inserted = with_pool!(self, |pool| sqlx::query(sql)
-            .bind(s.id)
-            .bind(s.container_id)
-            .bind(s.agent_id)
-            .bind(s.agent_version)
-            .bind(s.agent_instance_id)
-            .bind(states::session::CREATING)
-            .bind(s.working_dir)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()));
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(insert_refused(&e), Some(ConstraintKind::ForeignKey)) => {
-                Err(StoreError::NotFound { entity: Entity::Container, id: s.container_id.to_string() })
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.transaction(async |tx| tx.insert_session(s).await).await
     }
 
     /// Starts a run; refused while the session has another one running. The
@@ -325,23 +309,13 @@ impl Store {
     /// (A reused run id is a unique violation too, and reads the same; ids
     /// are fresh UUIDs.) A missing session is [`StoreError::NotFound`].
     pub async fn insert_run(&self, id: &str, session_id: &str) -> Result<(), StoreError> {
-        let sql = "INSERT INTO runs (id, session_id, state, created_at) VALUES ($1, $2, $3, $4)";
-        let inserted = with_pool!(self, |pool| sqlx::query(sql)
-            .bind(id)
-            .bind(session_id)
-            .bind(states::run::RUNNING)
-            .bind(now_ms())
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()));
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) => match insert_refused(&e) {
-                Some(ConstraintKind::Unique) => Err(StoreError::RunActive { session_id: session_id.to_string() }),
-                Some(ConstraintKind::ForeignKey) => Err(StoreError::NotFound { entity: Entity::Session, id: session_id.to_string() }),
-                None => Err(e.into()),
-            },
-        }
+        self.transaction(async |tx| tx.insert_run(id, session_id).await).await
+    }
+
+    pub async fn get_run(&self, id: &str) -> Result<RunRow, StoreError> {
+        let sql = "SELECT * FROM runs WHERE id = $1";
+        with_pool!(self, |pool| sqlx::query_as(sql).bind(id).fetch_optional(pool).await)?
+            .ok_or_else(|| StoreError::NotFound { entity: Entity::Run, id: id.to_string() })
     }
 
     /// Moves `entity` `id` to `to`, recording `error` and `extra` too when

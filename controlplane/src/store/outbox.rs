@@ -27,7 +27,8 @@
 //! parallel. Ids follow commit order per entity as long as an entity's
 //! enqueuing transactions serialize, which they do when each first moves the
 //! entity's row ([`Tx::transition`] updates it before enqueueing; the second
-//! transaction waits on its row lock, or on SQLite's single writer).
+//! transaction waits on its row lock, or on SQLite's single writer); a
+//! transaction that enqueues without moving the row takes [`Tx::lock`] first.
 //!
 //! Each claim bumps `lease_epoch`; completion, failure, lease extension and
 //! release all say `WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'`,
@@ -56,7 +57,7 @@ use sqlx::{AssertSqlSafe, FromRow, Postgres, Sqlite, Transaction};
 use tokio::sync::watch;
 
 use super::states::{self, Entity, IllegalTransition};
-use super::{Backend, Store, StoreError, now_ms, table};
+use super::{Backend, ConstraintKind, NewSession, Store, StoreError, insert_refused, now_ms, table};
 
 /// The PostgreSQL channel a committed enqueue notifies.
 pub const CHANNEL: &str = "agentd_outbox";
@@ -294,6 +295,89 @@ impl Tx {
         Ok(with_tx!(self, |conn| sqlx::query_as(sql).bind(step.idempotency_key).fetch_one(conn).await)?)
     }
 
+    /// Starts a run, as [`Store::insert_run`] does. A refusal (a run already
+    /// active) aborts a PostgreSQL transaction: roll it back.
+    pub async fn insert_run(&mut self, id: &str, session_id: &str) -> Result<(), StoreError> {
+        let sql = "INSERT INTO runs (id, session_id, state, created_at) VALUES ($1, $2, $3, $4)";
+        let inserted = with_tx!(self, |conn| sqlx::query(sql)
+            .bind(id)
+            .bind(session_id)
+            .bind(states::run::RUNNING)
+            .bind(now_ms())
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected()));
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) => match insert_refused(&e) {
+                Some(ConstraintKind::Unique) => Err(StoreError::RunActive { session_id: session_id.to_string() }),
+                Some(ConstraintKind::ForeignKey) => Err(StoreError::NotFound { entity: Entity::Session, id: session_id.to_string() }),
+                None => Err(e.into()),
+            },
+        }
+    }
+
+    /// Locks `entity` `id`'s row until this transaction ends (PostgreSQL:
+    /// `FOR UPDATE`; SQLite's `BEGIN IMMEDIATE` already holds the only writer
+    /// lock). A transaction that enqueues a step of an entity without moving
+    /// its row takes this first, so that the entity's step ids follow commit
+    /// order (see the module doc): a concurrent transaction that moves the
+    /// row waits for it, and the other way round.
+    pub async fn lock(&mut self, entity: Entity, id: &str) -> Result<(), StoreError> {
+        if let TxConn::Postgres(t) = &mut self.conn {
+            let sql = format!("SELECT id FROM {} WHERE id = $1 FOR UPDATE", table(entity));
+            // Audited: built from a constant table name only.
+            let found: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **t).await?;
+            if found.is_none() {
+                return Err(StoreError::NotFound { entity, id: id.to_string() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a new container, `provisioning`.
+    pub async fn insert_container(&mut self, id: &str, node_id: &str, profile_json: &str) -> Result<(), StoreError> {
+        let now = now_ms();
+        let sql = "INSERT INTO containers (id, node_id, state, profile_json, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)";
+        with_tx!(self, |conn| sqlx::query(sql)
+            .bind(id)
+            .bind(node_id)
+            .bind(states::container::PROVISIONING)
+            .bind(profile_json)
+            .bind(now)
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Records a new session, `creating`, on an existing container.
+    pub async fn insert_session(&mut self, s: NewSession<'_>) -> Result<(), StoreError> {
+        let now = now_ms();
+        let sql = "INSERT INTO sessions \
+                   (id, container_id, agent_id, agent_version, agent_instance_id, state, working_dir, created_at, updated_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)";
+        let inserted = with_tx!(self, |conn| sqlx::query(sql)
+            .bind(s.id)
+            .bind(s.container_id)
+            .bind(s.agent_id)
+            .bind(s.agent_version)
+            .bind(s.agent_instance_id)
+            .bind(states::session::CREATING)
+            .bind(s.working_dir)
+            .bind(now)
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected()));
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(insert_refused(&e), Some(ConstraintKind::ForeignKey)) => {
+                Err(StoreError::NotFound { entity: Entity::Container, id: s.container_id.to_string() })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Moves `entity` `id` to `to` along its state machine and records the
     /// change (with `reason`) in `transitions`. Returns the state it came
     /// from, or `None` when it already was `to` (a repeat changes and records
@@ -378,14 +462,14 @@ impl Tx {
 }
 
 impl Store {
-    fn now_sql(&self) -> &'static str {
+    pub(super) fn now_sql(&self) -> &'static str {
         match self.backend {
             Backend::Sqlite(_) => SQLITE_NOW,
             Backend::Postgres(_) => PG_NOW,
         }
     }
 
-    fn sql(&self, template: &str) -> AssertSqlSafe<String> {
+    pub(super) fn sql(&self, template: &str) -> AssertSqlSafe<String> {
         // Audited: the only substitution is a constant clock expression.
         AssertSqlSafe(template.replace("NOW_MS", self.now_sql()))
     }
@@ -593,6 +677,31 @@ impl Store {
             Some((state, available_at)) if state == step_state::PENDING => Ok(Failed::Retry { available_at }),
             Some(_) => Ok(Failed::Final),
         }
+    }
+
+    /// Gives back every step `owner` holds, at once: a control plane that
+    /// restarts under the same owner name calls this before it claims, so the
+    /// steps its previous process was running when it died need not wait for
+    /// their leases to expire. The attempt counts (it started); the next claim
+    /// bumps the epoch, so the dead process's calls are fenced. Returns how many.
+    pub async fn release_leases_of(&self, owner: &str) -> Result<u64, StoreError> {
+        let sql = self.sql(
+            "UPDATE outbox SET state = 'pending', available_at = NOW_MS, lease_expires_at = NULL, \
+             last_error = 'the runner ' || lease_owner || ' restarted while running this step' \
+             WHERE state = 'leased' AND lease_owner = $1",
+        );
+        let released = with_pool!(self, |pool| sqlx::query(sql).bind(owner).execute(pool).await.map(|done| done.rows_affected()))?;
+        if released > 0 {
+            self.wake_outbox();
+        }
+        Ok(released)
+    }
+
+    /// Whether `entity` has a step not yet finished (pending or leased).
+    pub async fn has_open_steps(&self, entity_kind: &str, entity_id: &str) -> Result<bool, StoreError> {
+        let sql = "SELECT COUNT(*) FROM outbox WHERE entity_kind = $1 AND entity_id = $2 AND state IN ('pending', 'leased')";
+        let n: i64 = with_pool!(self, |pool| sqlx::query_scalar(sql).bind(entity_kind).bind(entity_id).fetch_one(pool).await)?;
+        Ok(n > 0)
     }
 
     /// Returns steps whose lease expired to pending (failed, if that was

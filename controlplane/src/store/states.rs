@@ -20,10 +20,12 @@ impl fmt::Display for Entity {
     }
 }
 
-/// Container: provisioning -> ready <-> hibernated -> deleted, or failed on
-/// the way.
+/// Container: provisioning -> ready <-> hibernated -> stopping -> deleted,
+/// or failed on the way. `stopping` means a delete is under way (its
+/// workflow step removes the sandbox, then records it deleted).
 pub mod container {
     pub const PROVISIONING: &str = "provisioning";
+    pub const STOPPING: &str = "stopping";
     pub const READY: &str = "ready";
     /// Frozen: every process stopped, memory intact.
     pub const HIBERNATED: &str = "hibernated";
@@ -53,8 +55,11 @@ pub fn sources(entity: Entity, to: &str) -> &'static [&'static str] {
         (Entity::Container, container::READY) => &[container::PROVISIONING, container::HIBERNATED],
         (Entity::Container, container::HIBERNATED) => &[container::READY],
         (Entity::Container, container::FAILED) => &[container::PROVISIONING, container::READY, container::HIBERNATED],
-        (Entity::Container, container::DELETED) => {
+        (Entity::Container, container::STOPPING) => {
             &[container::PROVISIONING, container::READY, container::HIBERNATED, container::FAILED]
+        }
+        (Entity::Container, container::DELETED) => {
+            &[container::PROVISIONING, container::READY, container::HIBERNATED, container::FAILED, container::STOPPING]
         }
         (Entity::Session, session::READY) => &[session::CREATING],
         (Entity::Session, session::FAILED) => &[session::CREATING, session::READY],

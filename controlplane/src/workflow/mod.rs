@@ -56,6 +56,16 @@ pub struct StepContext {
     pub payload: Value,
     /// 1 on the first try.
     pub attempt: i64,
+    /// The attempt after which a failure is final.
+    pub max_attempts: i64,
+}
+
+impl StepContext {
+    /// Whether a failure of this attempt ends the step for good: a handler
+    /// that must leave its entity in a true state records the failure then.
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.max_attempts
+    }
 }
 
 /// Why a handler gave up on this attempt.

@@ -40,6 +40,7 @@ pub(crate) async fn run(shared: Arc<Shared>, row: OutboxRow) {
         kind: row.kind,
         payload: row.payload,
         attempt: row.attempts,
+        max_attempts: row.max_attempts,
     };
     let kind = ctx.kind.clone();
 

@@ -1,0 +1,152 @@
+//! `session.create`: sandbox, agent and ACP session on the node, then the
+//! container and session recorded ready. Written by `POST /v1/sessions`
+//! with the container (`provisioning`) and session (`creating`) rows.
+
+use axum::http::StatusCode;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use agentd_proto::node::{AgentPlan, CreateSandboxRequest, CreateSessionRequest, DeleteSandboxRequest, SandboxPlan, StartAgentRequest};
+
+use super::{fence, failed, node_error, ok, store_error, test_pause, transient};
+use crate::AppState;
+use crate::api::Problem;
+use crate::plan::Compiled;
+use crate::store::StoreError;
+use crate::store::states::{container, session};
+use crate::workflow::{StepContext, StepError, StepResult};
+
+/// What the step needs, fixed when the API accepted the request: the plans
+/// exactly as compiled then (protobuf, base64), so a retry runs the same plan.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Payload {
+    pub session_id: String,
+    pub agent_instance_id: String,
+    pub sandbox_plan: String,
+    pub agent_plan: String,
+    pub working_dir: String,
+    pub permission_policy: String,
+    pub permission_timeout_ms: u32,
+}
+
+impl Payload {
+    pub fn new(compiled: &Compiled, session_id: &str, agent_instance_id: &str, permissions: (String, u32)) -> Self {
+        Self {
+            session_id: session_id.to_string(),
+            agent_instance_id: agent_instance_id.to_string(),
+            sandbox_plan: B64.encode(compiled.sandbox.encode_to_vec()),
+            agent_plan: B64.encode(compiled.agent.encode_to_vec()),
+            working_dir: compiled.working_dir.clone(),
+            permission_policy: permissions.0,
+            permission_timeout_ms: permissions.1,
+        }
+    }
+
+    fn plans(&self) -> Result<(SandboxPlan, AgentPlan), String> {
+        let sandbox = B64.decode(&self.sandbox_plan).map_err(|e| e.to_string())?;
+        let agent = B64.decode(&self.agent_plan).map_err(|e| e.to_string())?;
+        let sandbox = SandboxPlan::decode(sandbox.as_slice()).map_err(|e| e.to_string())?;
+        let agent = AgentPlan::decode(agent.as_slice()).map_err(|e| e.to_string())?;
+        Ok((sandbox, agent))
+    }
+}
+
+pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
+    let payload: Payload = serde_json::from_value(ctx.payload.clone()).map_err(|e| StepError::permanent(format!("bad payload: {e}")))?;
+    let container_id = ctx.entity_id.as_str();
+    let c = app.store.get_container(container_id).await.map_err(store_error)?;
+    if c.state != container::PROVISIONING {
+        return Ok(already_settled(&app, &ctx, &payload, &c.state).await?);
+    }
+    let (sandbox_plan, agent_plan) = payload.plans().map_err(|e| StepError::permanent(format!("bad plan in payload: {e}")))?;
+
+    let mut node = app.node.clone();
+    let made: Result<(i32, String), tonic::Status> = async {
+        let sandbox = node
+            .create_sandbox(CreateSandboxRequest { plan: Some(sandbox_plan), fence: fence(&ctx, "sandbox") })
+            .await?
+            .into_inner();
+        test_pause("session.create/sandbox").await;
+        node.start_agent(StartAgentRequest {
+            container_id: container_id.to_string(),
+            agent_instance_id: payload.agent_instance_id.clone(),
+            agent: Some(agent_plan),
+            fence: fence(&ctx, "agent"),
+        })
+        .await?;
+        let info = node
+            .create_session(CreateSessionRequest {
+                container_id: container_id.to_string(),
+                agent_instance_id: payload.agent_instance_id.clone(),
+                session_id: payload.session_id.clone(),
+                cwd: payload.working_dir.clone(),
+                permission_policy: payload.permission_policy.clone(),
+                permission_timeout_ms: payload.permission_timeout_ms,
+                fence: fence(&ctx, "session"),
+            })
+            .await?
+            .into_inner();
+        Ok((sandbox.supervisor_pid, info.acp_session_id))
+    }
+    .await;
+
+    match made {
+        Ok((pid, acp_session_id)) => record_ready(&app, container_id, &payload.session_id, pid, &acp_session_id).await,
+        Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("create session", &status)),
+        Err(status) => {
+            let problem = Problem::from(status);
+            undo(&app, &ctx, container_id, &payload.session_id, &problem).await?;
+            Ok(failed(&problem))
+        }
+    }
+}
+
+async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid: i32, acp_session_id: &str) -> StepResult {
+    match app.store.container_ready(container_id, pid).await {
+        Ok(()) => {}
+        // A delete overtook the create: its step, queued behind this one,
+        // removes the sandbox and closes the session.
+        Err(StoreError::Illegal(e)) => {
+            return Ok(failed(&Problem::conflict("illegal_state", format!("{e} (deleted while being created)"))));
+        }
+        Err(e) => return Err(store_error(e)),
+    }
+    app.store.session_ready(session_id, acp_session_id).await.map_err(store_error)?;
+    crate::runs::watch_session(app.clone(), session_id.to_string());
+    Ok(ok())
+}
+
+/// The node refused: remove what was built and record the failure.
+async fn undo(app: &AppState, ctx: &StepContext, container_id: &str, session_id: &str, problem: &Problem) -> Result<(), StepError> {
+    let delete = DeleteSandboxRequest { container_id: container_id.to_string(), fence: fence(ctx, "undo") };
+    if let Err(e) = app.node.clone().delete_sandbox(delete).await {
+        tracing::warn!(container_id, error = %e, "cannot remove the sandbox of a failed create");
+    }
+    let record = async {
+        app.store.container_failed(container_id, &problem.detail).await?;
+        app.store.container_deleted(container_id).await?;
+        app.store.session_failed(session_id, &problem.detail).await
+    };
+    match record.await {
+        Ok(()) | Err(StoreError::Illegal(_)) => Ok(()),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// The container left `provisioning` before this attempt: an earlier attempt
+/// finished (its runner died before recording the step done), or a delete
+/// overtook it. Answers what the first attempt would have.
+async fn already_settled(app: &AppState, ctx: &StepContext, payload: &Payload, state: &str) -> StepResult {
+    let s = app.store.get_session(&payload.session_id).await.map_err(store_error)?;
+    if s.state == session::READY {
+        crate::runs::watch_session(app.clone(), s.id);
+        return Ok(ok());
+    }
+    let detail = s.error.unwrap_or_else(|| format!("container {} is {state}", ctx.entity_id));
+    let status = if state == container::DELETED || state == container::STOPPING { StatusCode::CONFLICT } else { StatusCode::BAD_GATEWAY };
+    let code = if status == StatusCode::CONFLICT { "illegal_state" } else { "sandbox_failed" };
+    Ok::<Value, StepError>(failed(&Problem::new(status, code, detail)))
+}

@@ -1,0 +1,83 @@
+//! `container.delete`: the node removes the sandbox, then the store records
+//! the container deleted, its sessions closed and their running turns failed.
+//! Written by `DELETE /v1/sessions/{id}` and `DELETE /v1/containers/{id}`
+//! with the container moved to `stopping`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use agentd_proto::node::DeleteSandboxRequest;
+
+use super::{CONTAINER, CONTAINER_DELETE, Waited, fence, node_error, ok, store_error, test_pause, transient, wait_for_step};
+use crate::AppState;
+use crate::api::Problem;
+use crate::store::outbox::NewStep;
+use crate::store::states::{Entity, container};
+use crate::workflow::{StepContext, StepError, StepResult};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Payload {
+    /// Why, for the runs it fails.
+    pub reason: String,
+}
+
+/// How long a DELETE waits for its step (killing a sandbox takes well under
+/// a second; the rest is a node that is slow to answer).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The idempotency key of a container's delete step: one per container.
+pub fn key(container_id: &str) -> String {
+    format!("{CONTAINER_DELETE}:{container_id}")
+}
+
+/// Moves the container to `stopping` and writes its delete step, in one
+/// transaction, then waits for the step. Only the caller whose transaction
+/// made the move succeeds; a concurrent second delete finds the container
+/// `stopping` and gets 409 naming that state, as a later one finds it
+/// `deleted`.
+pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result<(), Problem> {
+    let key = begin(app, container_id, reason).await?;
+    match wait_for_step(app, &key, WAIT).await? {
+        Waited::Finished(outcome) => outcome,
+        Waited::Pending => Err(Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "node_unavailable",
+            format!("container {container_id} is stopping; the node has not confirmed yet (it will be retried)"),
+        )),
+    }
+}
+
+/// The transaction of [`request`], without the wait; returns the step's key.
+pub async fn begin(app: &AppState, container_id: &str, reason: &str) -> Result<String, Problem> {
+    let key = key(container_id);
+    let payload = serde_json::to_value(Payload { reason: reason.to_string() }).expect("payload serializes");
+    app.store
+        .transaction(async |tx| {
+            match tx.transition(Entity::Container, container_id, container::STOPPING, None, reason).await? {
+                Some(_) => {}
+                None => {
+                    let detail = format!("container {container_id} is {}: a delete is under way", container::STOPPING);
+                    return Err(Problem::conflict("illegal_state", detail));
+                }
+            }
+            tx.enqueue(NewStep::new(CONTAINER, container_id, CONTAINER_DELETE, &key, payload)).await?;
+            Ok(())
+        })
+        .await?;
+    Ok(key)
+}
+
+pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
+    let payload: Payload = serde_json::from_value(ctx.payload.clone()).map_err(|e| StepError::permanent(format!("bad payload: {e}")))?;
+    let container_id = ctx.entity_id.as_str();
+    test_pause("container.delete/start").await;
+    let request = DeleteSandboxRequest { container_id: container_id.to_string(), fence: fence(&ctx, "sandbox") };
+    match app.node.clone().delete_sandbox(request).await {
+        Ok(_) => {}
+        Err(status) if transient(&status) => return Err(node_error("delete sandbox", &status)),
+        Err(status) => return Err(StepError::permanent(format!("delete sandbox: {}", status.message()))),
+    }
+    crate::teardown::record_gone(&app, container_id, &payload.reason).await.map_err(store_error)?;
+    Ok(ok())
+}

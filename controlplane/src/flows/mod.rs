@@ -1,0 +1,174 @@
+//! The API's workflows on the outbox runner: an API call writes the state
+//! change and the step that carries it out in one transaction, a runner
+//! (this process's or another control plane's on the same database) runs the
+//! step, and the call waits for the step's outcome so that clients see the
+//! same contract as when the API called the node itself.
+//!
+//! - [`create`]: `session.create`: build the sandbox, start the agent, open
+//!   the ACP session, record them ready (or failed, with the node's problem).
+//! - [`delete`]: `container.delete`: remove the sandbox, record it gone.
+//! - [`dispatch`]: `run.dispatch`: hand a prompt to the node.
+//! - [`hibernate`]: `container.hibernate`: freeze an idle container.
+//! - [`node_check`]: `node.check`, periodic: heartbeats, lost nodes,
+//!   orphan sandboxes, idle containers (hibernate, stop after their TTL).
+//!
+//! Every step orders on its container (`entity_kind` `container`), so a
+//! delete never overtakes the create before it. Each node call carries a
+//! [`Fence`]: the step's idempotency key (one per call), its row and lease
+//! epoch; the node answers a repeated key with its first answer and refuses
+//! a worker whose lease was taken over (see `node/src/fence.rs`). A step
+//! whose runner died mid-way therefore runs again from the top, and every
+//! call it already made is answered, not repeated.
+//!
+//! A step's outcome is its result: `{"ok": true}`, or the problem the client
+//! should see (`{"ok": false, "status", "code", "detail"}`) once the
+//! entities are in a true state. Only what may pass (the node or the store
+//! unreachable) is a retryable step error; on the last attempt it becomes a
+//! recorded failure like any other.
+
+pub mod create;
+pub mod delete;
+pub mod dispatch;
+pub mod hibernate;
+pub mod node_check;
+
+use std::time::Duration;
+
+use agentd_proto::node::Fence;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::api::Problem;
+use crate::store::StoreError;
+use crate::store::outbox::step_state;
+use crate::workflow::{Registry, StepContext, StepError};
+
+/// The ordering key of every API workflow step.
+pub const CONTAINER: &str = "container";
+/// The ordering key of node checks.
+pub const NODE: &str = "node";
+
+/// Step kinds.
+pub const SESSION_CREATE: &str = "session.create";
+pub const CONTAINER_DELETE: &str = "container.delete";
+pub const RUN_DISPATCH: &str = "run.dispatch";
+pub const NODE_CHECK: &str = "node.check";
+pub const CONTAINER_HIBERNATE: &str = "container.hibernate";
+
+/// The handlers of the API's steps, for a runner serving `app`.
+pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
+    let mut registry = Registry::new();
+    let a = app.clone();
+    registry.register(SESSION_CREATE, move |ctx| create::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(CONTAINER_DELETE, move |ctx| delete::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(RUN_DISPATCH, move |ctx| dispatch::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(CONTAINER_HIBERNATE, move |ctx| hibernate::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(NODE_CHECK, move |ctx| node_check::run(a.clone(), fleet, ctx));
+    registry
+}
+
+/// The fence of one node call made by the step `ctx`; `call` names the call
+/// within the step (each gets its own key).
+pub fn fence(ctx: &StepContext, call: &str) -> Option<Fence> {
+    Some(Fence { idempotency_key: format!("{}/{call}", ctx.idempotency_key), step: ctx.id, epoch: ctx.epoch })
+}
+
+/// A step outcome that succeeded.
+pub fn ok() -> Value {
+    json!({"ok": true})
+}
+
+/// A step outcome that failed with `problem`, after the entities were
+/// recorded in a true state.
+pub fn failed(problem: &Problem) -> Value {
+    json!({"ok": false, "status": problem.status.as_u16(), "code": problem.code, "detail": problem.detail})
+}
+
+/// Whether a node call's failure may pass on its own (the node unreachable
+/// or slow, or our lease taken over), as opposed to an answer.
+pub fn transient(status: &tonic::Status) -> bool {
+    match agentd_proto::error::code_of(status) {
+        Some(code) => code == "stale_epoch",
+        None => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+    }
+}
+
+/// A store failure inside a step: always worth retrying (the database may
+/// come back); the entity stays as it was.
+pub fn store_error(e: StoreError) -> StepError {
+    StepError::retryable(format!("store: {e}"))
+}
+
+/// A node failure that may pass, as a retryable step error.
+pub fn node_error(what: &str, status: &tonic::Status) -> StepError {
+    StepError::retryable(format!("{what}: node: {}", status.message()))
+}
+
+/// Fault tests only: a step that reaches the point `AGENTD_TEST_PAUSE_STEP`
+/// names (e.g. `session.create/sandbox`) stops there for good, so that the
+/// test can kill the control plane in the middle of the step.
+pub async fn test_pause(point: &str) {
+    if std::env::var("AGENTD_TEST_PAUSE_STEP").is_ok_and(|p| p == point) {
+        tracing::warn!(point, "step paused for a fault test (AGENTD_TEST_PAUSE_STEP)");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// How often a waiting API call looks at its step when no wake-up comes
+/// (another control plane may run it).
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// What a waiting API call learned about its step.
+pub enum Waited {
+    /// The step finished: its outcome, as a problem if it failed.
+    Finished(Result<(), Problem>),
+    /// Still running when the wait ended.
+    Pending,
+}
+
+/// Waits up to `timeout` for the step with `key` to finish.
+pub async fn wait_for_step(app: &AppState, key: &str, timeout: Duration) -> Result<Waited, Problem> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Step ends in this process bump the wake-up signal.
+    let mut wakeups = app.store.outbox_wakeups();
+    loop {
+        wakeups.borrow_and_update();
+        let Some(step) = app.store.get_step_by_key(key).await? else {
+            return Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("step {key} vanished")));
+        };
+        match step.state.as_str() {
+            step_state::DONE => return Ok(Waited::Finished(outcome(step.result.as_ref()))),
+            step_state::FAILED => {
+                let error = step.last_error.unwrap_or_default();
+                let unavailable = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "node_unavailable", error);
+                return Ok(Waited::Finished(Err(unavailable)));
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = wakeups.changed() => {}
+            _ = tokio::time::sleep(WAIT_POLL) => {}
+            _ = tokio::time::sleep_until(deadline) => return Ok(Waited::Pending),
+        }
+    }
+}
+
+/// A finished step's result as the API's answer.
+fn outcome(result: Option<&Value>) -> Result<(), Problem> {
+    let Some(result) = result else { return Ok(()) };
+    if result["ok"].as_bool() != Some(false) {
+        return Ok(());
+    }
+    let status = result["status"].as_u64().and_then(|s| StatusCode::from_u16(s as u16).ok()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = result["code"].as_str().unwrap_or("internal");
+    let detail = result["detail"].as_str().unwrap_or_default();
+    Err(Problem::known(status, code, detail))
+}

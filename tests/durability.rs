@@ -1,0 +1,287 @@
+//! Faults and races the durable control plane must survive without losing
+//! or doubling anything, counted at the node: a control plane killed in the
+//! middle of a workflow step, and concurrent API calls on one session.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::daemon::{NodeProcess, ServerProcess};
+use crate::support::{Agentd, session_body};
+
+async fn get(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls `url` until `check` accepts the body.
+async fn wait_for(http: &reqwest::Client, url: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = get(http, url).await;
+        if check(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL of the control plane after the node built the sandbox and before
+/// the step recorded anything; the restarted control plane finishes the
+/// create: the session is ready and usable, and the node built one sandbox
+/// (the repeated call was answered with its first result).
+async fn killed_mid_create_finishes_after_restart(database_url: Option<String>) {
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path()).await;
+    let cp_state = dir.path().join("cp");
+    let mut env: Vec<(&str, &str)> = Vec::new();
+    if let Some(url) = &database_url {
+        env.push(("AGENTD_DATABASE_URL", url));
+    }
+    let mut paused = env.clone();
+    paused.push(("AGENTD_TEST_PAUSE_STEP", "session.create/sandbox"));
+    let http = reqwest::Client::new();
+
+    let mut server = ServerProcess::start(&cp_state, &node.socket, &paused).await;
+    let create = tokio::spawn(http.post(server.url("/v1/sessions")).json(&session_body(&[])).send());
+    server.daemon.wait_for_line("step paused for a fault test").await;
+    node.daemon.wait_for_line("sandbox created").await;
+    assert_eq!(node.sandboxes_created(), 1, "{}\n{}", node.daemon.log(), server.daemon.log());
+    server.daemon.kill9();
+    assert!(create.await.unwrap().is_err(), "the client of the killed control plane got no answer");
+
+    let mut server = ServerProcess::start(&cp_state, &node.socket, &env).await;
+    let list = wait_for(&http, &server.url("/v1/sessions"), "the interrupted session to become ready", |l| {
+        l["sessions"][0]["state"] == "ready"
+    })
+    .await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1, "{list}");
+    let id = list["sessions"][0]["id"].as_str().unwrap().to_string();
+    assert!(server.daemon.log().contains("resuming steps this control plane was running"), "{}", server.daemon.log());
+    assert_eq!(node.sandboxes_created(), 1, "exactly one sandbox built; node log:\n{}", node.daemon.log());
+    assert!(node.daemon.count(&["repeated call answered with its first result"]) >= 1, "{}", node.daemon.log());
+    assert_eq!(node.sandbox_dirs().len(), 1);
+
+    // The session works end to end.
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": "after the crash"})).send().await.unwrap();
+    assert_eq!(prompt.status(), StatusCode::ACCEPTED);
+    wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the run to complete", |s| s["runs"][0]["state"] == "completed").await;
+    let deleted = http.delete(server.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert_eq!(node.sandboxes_created(), 1);
+    server.daemon.interrupt();
+    node.daemon.interrupt();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_killed_mid_create_on_sqlite() {
+    killed_mid_create_finishes_after_restart(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_killed_mid_create_on_postgresql() {
+    let pg = agentd_testkit::postgres::TempPostgres::start().expect("start postgres");
+    killed_mid_create_finishes_after_restart(Some(pg.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prompts_at_once_one_runs_the_other_is_refused() {
+    let agentd = Agentd::start().await;
+    let session = agentd.create_session(&["--delay-ms", "50"]).await;
+    let id = session["id"].as_str().unwrap();
+    for round in 0..3 {
+        let ((a, a_body), (b, b_body)) = tokio::join!(agentd.prompt(id, "a b c d e f"), agentd.prompt(id, "g h i j k l"));
+        let mut statuses = [a, b];
+        statuses.sort();
+        assert_eq!(statuses, [StatusCode::ACCEPTED, StatusCode::CONFLICT], "round {round}: {a_body} {b_body}");
+        let refused = if a == StatusCode::CONFLICT { &a_body } else { &b_body };
+        assert_eq!(refused["code"], "run_active", "{refused}");
+        let runs = round + 1;
+        agentd
+            .wait_for(&format!("/v1/sessions/{id}"), |s| {
+                s["runs"].as_array().is_some_and(|r| r.len() == runs && r.iter().all(|r| r["state"] == "completed"))
+            })
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deletes_at_once_one_deletes_the_other_is_refused() {
+    let agentd = Agentd::start().await;
+    let session = agentd.create_session(&[]).await;
+    let id = session["id"].as_str().unwrap();
+    let path = format!("/v1/sessions/{id}");
+    let ((a, a_body), (b, b_body)) = tokio::join!(agentd.delete(&path), agentd.delete(&path));
+    let mut statuses = [a, b];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::NO_CONTENT, StatusCode::CONFLICT], "{a_body} {b_body}");
+    let refused = if a == StatusCode::CONFLICT { &a_body } else { &b_body };
+    assert_eq!(refused["code"], "illegal_state", "{refused}");
+    let (status, body) = agentd.delete(&path).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("illegal_state")));
+    let (_, view) = agentd.get(&path).await;
+    assert_eq!(view["state"], "closed");
+    let (_, container) = agentd.get(&format!("/v1/containers/{}", session["container_id"].as_str().unwrap())).await;
+    assert_eq!(container["state"], "deleted");
+    assert!(agentd.sandbox_dirs().is_empty(), "{:?}", agentd.sandbox_dirs());
+    assert_eq!(agentd.log().matches("sandbox created").count(), 1);
+}
+
+/// A node that stops answering is marked lost after the heartbeat timeout,
+/// and what ran on it fails with that reason; when it answers again, the
+/// sandbox of the failed container is reaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_lost_its_sessions_fail_and_its_leftovers_are_reaped() {
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path()).await;
+    let env = [("AGENTD_NODE_CHECK_INTERVAL_MS", "200"), ("AGENTD_NODE_HEARTBEAT_TIMEOUT_MS", "1500")];
+    let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &env).await;
+    let http = reqwest::Client::new();
+    let created = http.post(server.url("/v1/sessions")).json(&session_body(&["--delay-ms", "200"])).send().await.unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let session: Value = created.json().await.unwrap();
+    let id = session["id"].as_str().unwrap();
+    let container = session["container_id"].as_str().unwrap();
+    let words = "a b c d e f g h i j k l m n o p q r s t u v w x y z";
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": words})).send().await.unwrap();
+    assert_eq!(prompt.status(), StatusCode::ACCEPTED);
+
+    node.daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    let started = Instant::now();
+    let failed = wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the session to fail", |s| s["state"] == "failed").await;
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1000), "failed only after the timeout: {waited:?}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("lost") && error.contains("no heartbeat"), "{failed}");
+    assert_eq!(failed["runs"][0]["state"], "failed", "{failed}");
+    assert_eq!(failed["runs"][0]["error"].as_str(), Some(error));
+    let c = get(&http, &server.url(&format!("/v1/containers/{container}"))).await;
+    assert_eq!(c["state"], "failed", "{c}");
+
+    node.daemon.signal(nix::sys::signal::Signal::SIGCONT);
+    wait_for(&http, &server.url(&format!("/v1/containers/{container}")), "the leftover to be reaped", |c| c["state"] == "deleted").await;
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert!(server.daemon.log().contains("reaping a sandbox the store does not account for"), "{}", server.daemon.log());
+    server.daemon.interrupt();
+    node.daemon.interrupt();
+}
+
+/// Idle containers hibernate after `hibernate_after` and are stopped after
+/// their TTL, by the periodic node check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_containers_hibernate_then_stop_after_their_ttl() {
+    let agentd = Agentd::start_with(&[
+        ("AGENTD_NODE_CHECK_INTERVAL_MS", "100"),
+        ("AGENTD_HIBERNATE_AFTER_MS", "600"),
+        ("AGENTD_CONTAINER_TTL_MS", "3000"),
+    ])
+    .await;
+    let session = agentd.create_session(&[]).await;
+    let id = session["id"].as_str().unwrap();
+    let container = format!("/v1/containers/{}", session["container_id"].as_str().unwrap());
+    let (status, _) = agentd.prompt(id, "hello").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"][0]["state"] == "completed").await;
+    let turn_ended = Instant::now();
+
+    let c = agentd.wait_for(&container, |c| c["state"] == "hibernated").await;
+    assert!(turn_ended.elapsed() >= Duration::from_millis(500), "hibernated only once idle: {:?}", turn_ended.elapsed());
+    assert_eq!(c["usage"]["frozen"], true, "{c}");
+    let (status, body) = agentd.prompt(id, "while frozen").await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("container_hibernated")), "{body}");
+    let (status, _) = agentd.post(&format!("{container}:resume"), &json!({})).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, c) = agentd.get(&container).await;
+        if c["state"] == "deleted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not stopped after its TTL: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, s) = agentd.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(s["state"], "closed", "{s}");
+    assert!(agentd.sandbox_dirs().is_empty(), "{:?}", agentd.sandbox_dirs());
+    assert!(agentd.log().contains("idle for longer than its TTL"), "{}", agentd.log());
+}
+
+/// PostgreSQL restarted under `agentd up --database-url`: while it is down
+/// the API answers 503 `store_unavailable` with Retry-After, and once it is
+/// back the same process serves the session again, runner included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_agentd_up() {
+    let mut pg = agentd_testkit::postgres::TempPostgres::start().expect("start postgres");
+    let agentd = Agentd::start_with(&[("AGENTD_DATABASE_URL", &pg.url())]).await;
+    let session = agentd.create_session(&[]).await;
+    let id = session["id"].as_str().unwrap();
+
+    pg.stop();
+    let response = agentd.http.get(agentd.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert!(retry_after.is_some_and(|v| v.parse::<u32>().is_ok()), "Retry-After in seconds");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "store_unavailable", "{body}");
+    let (status, body) = agentd.prompt(id, "while the database is down").await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("store_unavailable")), "{body}");
+
+    pg.resume().expect("resume postgres");
+    let (status, body) = agentd.prompt(id, "after the restart").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}\n{}", agentd.log());
+    let view = agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"].as_array().is_some_and(|r| r.iter().any(|r| r["state"] == "completed"))).await;
+    assert_eq!(view["runs"].as_array().unwrap().len(), 1, "the refused prompt left no run: {view}");
+    let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(agentd.sandbox_dirs().is_empty());
+}
+
+/// Two control planes on one PostgreSQL database and one node race for the
+/// same outbox: every session is built exactly once, whichever runner took
+/// its step, and either API answers for any session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_database_build_each_session_once() {
+    let pg = agentd_testkit::postgres::TempPostgres::start().expect("start postgres");
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path()).await;
+    let env = [("AGENTD_DATABASE_URL", pg.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = ServerProcess::start(&dir.path().join("cp-a"), &node.socket, &env).await;
+    let mut b = ServerProcess::start(&dir.path().join("cp-b"), &node.socket, &env).await;
+    let http = reqwest::Client::new();
+
+    const SESSIONS: usize = 6;
+    let creates = (0..SESSIONS).map(|i| {
+        let url = if i % 2 == 0 { a.url("/v1/sessions") } else { b.url("/v1/sessions") };
+        let http = http.clone();
+        async move {
+            let response = http.post(url).json(&session_body(&[])).send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    });
+    let created = futures::future::join_all(creates).await;
+    let mut ids = Vec::new();
+    for (status, body) in &created {
+        assert_eq!(*status, StatusCode::CREATED, "{body}\n{}\n{}", a.daemon.log(), b.daemon.log());
+        assert_eq!(body["state"], "ready");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(node.sandboxes_created(), SESSIONS, "one sandbox per session; node log:\n{}", node.daemon.log());
+    let ran = |log: String| log.matches("sandbox created").count();
+    assert_eq!(ran(a.daemon.log()) + ran(b.daemon.log()), 0, "the servers build nothing themselves");
+
+    // Deleted through the other API than the one that created each.
+    for (i, id) in ids.iter().enumerate() {
+        let url = if i % 2 == 0 { b.url(&format!("/v1/sessions/{id}")) } else { a.url(&format!("/v1/sessions/{id}")) };
+        let response = http.delete(url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert_eq!(node.sandboxes_created(), SESSIONS);
+    a.daemon.interrupt();
+    b.daemon.interrupt();
+    node.daemon.interrupt();
+}
