@@ -11,3 +11,4 @@ mod permissions;
 mod sandbox_limits;
 mod session_path;
 mod shutdown;
+mod supervision;

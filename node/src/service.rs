@@ -75,6 +75,16 @@ async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id:
     session.end_run();
 }
 
+impl NodeService {
+    /// The session's agent as its supervisor reports it.
+    async fn agent_state(&self, session: &NodeSession) -> Option<AgentState> {
+        let sandbox = self.node.sandboxes.get(&session.container_id).ok()?;
+        let answer = sandbox.supervisor.clone().status(sup::StatusRequest {}).await.ok()?.into_inner();
+        let a = answer.agents.into_iter().find(|a| a.agent_instance_id == session.agent_instance_id)?;
+        Some(AgentState { state: a.state, restarts: a.restarts, last_error: a.last_error, pid: a.pid })
+    }
+}
+
 #[tonic::async_trait]
 impl node_server::Node for NodeService {
     async fn create_sandbox(&self, req: Request<CreateSandboxRequest>) -> Result<Response<Sandbox>, Status> {
@@ -112,6 +122,13 @@ impl node_server::Node for NodeService {
                 cwd: agent.cwd,
                 initialize_timeout_ms: agent.initialize_timeout_ms,
                 seccomp_json: agent.seccomp_json,
+                policy: agent.policy.map(|p| sup::AgentPolicy {
+                    restart: p.restart,
+                    max_restarts: p.max_restarts,
+                    restart_backoff_ms: p.restart_backoff_ms,
+                    request_timeout_ms: p.request_timeout_ms,
+                    auth_method: p.auth_method,
+                }),
             })
             .await?
             .into_inner();
@@ -200,12 +217,15 @@ impl node_server::Node for NodeService {
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionState>, Status> {
-        let session = self.node.sessions.get(&req.into_inner().session_id)?;
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let agent = if r.with_agent { self.agent_state(&session).await } else { None };
         Ok(Response::new(SessionState {
             session_id: session.session_id.clone(),
             acp_session_id: session.acp_session_id.clone(),
             active_run_id: session.active_run().unwrap_or_default(),
             last_seq: session.log.last_seq(),
+            agent,
         }))
     }
 

@@ -91,6 +91,12 @@ const NODE_CODES: &[(&str, StatusCode)] = &[
     ("agent_executable_not_found", StatusCode::UNPROCESSABLE_ENTITY),
     ("mount_source_not_found", StatusCode::UNPROCESSABLE_ENTITY),
     ("unknown_option", StatusCode::UNPROCESSABLE_ENTITY),
+    ("unsupported_content", StatusCode::UNPROCESSABLE_ENTITY),
+    // The plan gives no credentials the agent accepts: fix the request's env.
+    ("agent_auth_required", StatusCode::UNPROCESSABLE_ENTITY),
+    ("agent_restarting", StatusCode::SERVICE_UNAVAILABLE),
+    // Exited or failed past its restart budget: retrying will not help.
+    ("agent_unavailable", StatusCode::CONFLICT),
     ("agent_init_failed", StatusCode::BAD_GATEWAY),
     ("agent_error", StatusCode::BAD_GATEWAY),
     ("agent_spawn_failed", StatusCode::BAD_GATEWAY),

@@ -15,7 +15,7 @@ use crate::store::states::{container, session as session_state};
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, new_id};
 use agentd_proto::node::{
-    AnswerPermissionRequest, CancelRequest, CreateSandboxRequest, CreateSessionRequest, GetSessionRequest, PromptRequest, StartAgentRequest,
+    AgentPolicy, AnswerPermissionRequest, CancelRequest, CreateSandboxRequest, CreateSessionRequest, GetSessionRequest, PromptRequest, StartAgentRequest,
 };
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +42,39 @@ pub struct PolicyBody {
     /// How long an `ask` waits for a client before denying.
     #[serde(default)]
     pub ask_timeout_ms: Option<u32>,
+    /// never | on_failure (the default) | always: when a crashed agent is
+    /// started again.
+    #[serde(default)]
+    pub restart: Option<String>,
+    /// Restarts in a row before the agent counts as failed.
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    /// The first wait before a restart, doubled for each one in a row.
+    #[serde(default)]
+    pub restart_backoff_ms: Option<u32>,
+    /// How long the agent may take over any request but a prompt.
+    #[serde(default)]
+    pub request_timeout_ms: Option<u32>,
+    /// The agent's `authMethods` id to authenticate with; by default the
+    /// supervisor picks one whose credentials the agent's env provides.
+    #[serde(default)]
+    pub auth_method: Option<String>,
+}
+
+impl PolicyBody {
+    fn agent_policy(&self) -> Result<AgentPolicy, Problem> {
+        let restart = self.restart.clone().unwrap_or_default();
+        if !["", "never", "on_failure", "always"].contains(&restart.as_str()) {
+            return Err(Problem::invalid("invalid_request", format!("policy.restart must be never, on_failure or always, got {restart:?}")));
+        }
+        Ok(AgentPolicy {
+            restart,
+            max_restarts: self.max_restarts.unwrap_or(0),
+            restart_backoff_ms: self.restart_backoff_ms.unwrap_or(0),
+            request_timeout_ms: self.request_timeout_ms.unwrap_or(0),
+            auth_method: self.auth_method.clone().unwrap_or_default(),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,14 +87,33 @@ pub struct PromptBody {
     pub prompt: Value,
 }
 
+/// The agent's live state from its supervisor, for a ready session.
+async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
+    if s.state != session_state::READY {
+        return Value::Null;
+    }
+    let request = GetSessionRequest { session_id: s.id.clone(), with_agent: true };
+    match app.node.clone().get_session(request).await.map(|r| r.into_inner().agent) {
+        Ok(Some(a)) => json!({"state": a.state, "restarts": a.restarts, "pid": a.pid,
+            "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) }}),
+        Ok(None) => Value::Null,
+        Err(e) => json!({"error": e.message()}),
+    }
+}
+
 /// A session as clients see it, with its runs.
 pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
     let runs = app.store.runs_of_session(&s.id).await?;
+    let live = agent_state(app, s).await;
+    let mut agent = json!({"id": s.agent_id, "version": s.agent_version, "instance_id": s.agent_instance_id});
+    if let Value::Object(live) = live {
+        agent.as_object_mut().expect("an object").extend(live);
+    }
     Ok(json!({
         "id": s.id,
         "container_id": s.container_id,
         "state": s.state,
-        "agent": {"id": s.agent_id, "version": s.agent_version, "instance_id": s.agent_instance_id},
+        "agent": agent,
         "acp_session_id": s.acp_session_id,
         "working_dir": s.working_dir,
         "error": s.error,
@@ -94,6 +146,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
         None => Profile::default(),
     };
     let policy = body.policy.unwrap_or_default();
+    let agent_policy = policy.agent_policy()?;
     let permission_policy = policy.permissions.unwrap_or_else(|| "ask".into());
     if !["allow", "deny", "ask"].contains(&permission_policy.as_str()) {
         return Err(Problem::invalid("invalid_request", format!("policy.permissions must be allow, deny or ask, got {permission_policy:?}")));
@@ -102,8 +155,9 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     let container_id = new_id("ctr");
     let session_id = new_id("ses");
     let instance_id = new_id("agi");
-    let compiled = plan::compile(&container_id, &agent, &body.session.unwrap_or_default(), &profile, &app.defaults)
+    let mut compiled = plan::compile(&container_id, &agent, &body.session.unwrap_or_default(), &profile, &app.defaults)
         .map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
+    compiled.agent.policy = Some(agent_policy);
 
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
     app.store.insert_container(&container_id, &app.node_id, &profile).await?;
@@ -256,7 +310,7 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str) -> Result<(), P
             Err(StoreError::RunActive { .. }) => {}
             other => return Ok(other?),
         }
-        let state = app.node.clone().get_session(GetSessionRequest { session_id: s.id.clone() }).await?.into_inner();
+        let state = app.node.clone().get_session(GetSessionRequest { session_id: s.id.clone(), with_agent: false }).await?.into_inner();
         let stale = app.store.running_runs_of_session(&s.id).await?.iter().all(|r| r.id != state.active_run_id);
         if !stale || tokio::time::Instant::now() >= deadline {
             let running = if state.active_run_id.is_empty() { "a run" } else { state.active_run_id.as_str() };

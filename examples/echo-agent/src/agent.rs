@@ -21,16 +21,17 @@ use agent_client_protocol::{
 };
 use agent_client_protocol_schema::ProtocolVersion;
 use agent_client_protocol_schema::v1::{
-    AgentCapabilities, CancelNotification, ClientCapabilities, ContentBlock, ContentChunk,
-    Implementation, InitializeRequest, InitializeResponse, NewSessionRequest, NewSessionResponse,
-    PromptRequest, PromptResponse, SessionId, SessionNotification, SessionUpdate, StopReason,
-    TextContent, ToolCallId,
+    AgentCapabilities, AuthMethod, AuthMethodAgent, AuthenticateRequest, AuthenticateResponse,
+    CancelNotification, ClientCapabilities, ContentBlock, ContentChunk, Implementation,
+    InitializeRequest, InitializeResponse, LoadSessionRequest, LoadSessionResponse,
+    NewSessionRequest, NewSessionResponse, PromptCapabilities, PromptRequest, PromptResponse,
+    SessionId, SessionNotification, SessionUpdate, StopReason, TextContent, ToolCallId,
 };
 use tokio::sync::watch;
 
 use crate::chunking::{self, Chunking};
-use crate::cli::FailInitialize;
-use crate::commands;
+use crate::cli::{FailInitialize, PromptKind};
+use crate::commands::{self, Emit};
 use crate::stdio::StdoutLines;
 use crate::tools::Tools;
 
@@ -50,6 +51,9 @@ pub const FAIL_EXIT_CODE: i32 = 3;
 /// throughput in measurements.
 const YIELD_EVERY: usize = 32;
 
+/// The variable whose value `--require-auth`'s `echo-agent-token` method checks.
+pub const TOKEN_VAR: &str = "ECHO_AGENT_TOKEN";
+
 /// How the agent behaves, as set on the command line.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -58,6 +62,10 @@ pub struct Config {
     pub repeat: usize,
     pub hog_mib: usize,
     pub fail_initialize: Option<FailInitialize>,
+    pub require_auth: bool,
+    pub load_session: bool,
+    pub hang_session_new: bool,
+    pub prompt_capabilities: Vec<PromptKind>,
 }
 
 /// Memory `--hog-mib` holds on to, so each turn grows the agent further.
@@ -101,8 +109,44 @@ pub async fn serve(
         .on_receive_request(
             {
                 let state = state.clone();
+                async move |request: AuthenticateRequest, responder, _cx| {
+                    match state.authenticate(&request.method_id.0) {
+                        Ok(()) => responder.respond(AuthenticateResponse::new()),
+                        Err(err) => responder.respond_with_error(err),
+                    }
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
                 async move |_request: NewSessionRequest, responder, _cx| {
+                    if state.config.hang_session_new {
+                        tracing::warn!("never answering session/new (--hang-session-new)");
+                        state.parked_sessions.lock().unwrap_or_else(PoisonError::into_inner).push(responder);
+                        return Ok(());
+                    }
+                    if !state.is_authenticated() {
+                        return responder.respond_with_error(Error::auth_required());
+                    }
                     responder.respond(NewSessionResponse::new(state.new_session()))
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: LoadSessionRequest, responder, _cx| {
+                    if !state.config.load_session {
+                        return responder.respond_with_error(Error::method_not_found());
+                    }
+                    if !state.is_authenticated() {
+                        return responder.respond_with_error(Error::auth_required());
+                    }
+                    state.load_session(request.session_id);
+                    responder.respond(LoadSessionResponse::new())
                 }
             },
             on_receive_request!(),
@@ -154,6 +198,10 @@ struct State {
     client_capabilities: Mutex<ClientCapabilities>,
     /// Numbers the `tool_call`s that terminal commands report.
     next_tool_call: AtomicU64,
+    /// `session/new` answers `--hang-session-new` never sends.
+    parked_sessions: Mutex<Vec<Responder<NewSessionResponse>>>,
+    /// Whether `authenticate` succeeded (always true without `--require-auth`).
+    authenticated: std::sync::atomic::AtomicBool,
 }
 
 struct RunningTurn {
@@ -164,6 +212,7 @@ struct RunningTurn {
 
 impl State {
     fn new(config: Config, stdout: StdoutLines) -> Self {
+        let config_requires_auth = config.require_auth;
         Self {
             config,
             stdout,
@@ -173,6 +222,8 @@ impl State {
             next_turn_id: AtomicU64::new(0),
             client_capabilities: Mutex::default(),
             next_tool_call: AtomicU64::new(1),
+            parked_sessions: Mutex::default(),
+            authenticated: std::sync::atomic::AtomicBool::new(!config_requires_auth),
         }
     }
 
@@ -193,11 +244,7 @@ impl State {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = request.client_capabilities;
         match self.config.fail_initialize {
-            None => responder.respond(
-                InitializeResponse::new(ProtocolVersion::V1)
-                    .agent_capabilities(AgentCapabilities::new().load_session(false))
-                    .agent_info(Implementation::new("echo-agent", env!("CARGO_PKG_VERSION"))),
-            ),
+            None => responder.respond(self.initialize_response()),
             Some(FailInitialize::Error) => responder.respond_with_error(Error::new(
                 ErrorCode::INTERNAL_ERROR,
                 "initialize failed (injected by --fail-initialize error)",
@@ -221,6 +268,55 @@ impl State {
                 Ok(())
             }
         }
+    }
+
+    fn initialize_response(&self) -> InitializeResponse {
+        let kinds = &self.config.prompt_capabilities;
+        let prompt = PromptCapabilities::new()
+            .image(kinds.contains(&PromptKind::Image))
+            .audio(kinds.contains(&PromptKind::Audio))
+            .embedded_context(kinds.contains(&PromptKind::EmbeddedContext));
+        let capabilities = AgentCapabilities::new()
+            .load_session(self.config.load_session)
+            .prompt_capabilities(prompt);
+        let mut response = InitializeResponse::new(ProtocolVersion::V1)
+            .agent_capabilities(capabilities)
+            .agent_info(Implementation::new("echo-agent", env!("CARGO_PKG_VERSION")));
+        if self.config.require_auth {
+            response = response.auth_methods(vec![
+                AuthMethod::Agent(AuthMethodAgent::new("browser-login", "Log in with a browser")),
+                AuthMethod::Agent(
+                    AuthMethodAgent::new("echo-agent-token", "Use a token").description(format!(
+                        "Requires setting the `{TOKEN_VAR}` environment variable"
+                    )),
+                ),
+            ]);
+        }
+        response
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Relaxed)
+    }
+
+    fn authenticate(&self, method_id: &str) -> Result<(), Error> {
+        match method_id {
+            "echo-agent-token" if std::env::var(TOKEN_VAR).is_ok_and(|v| !v.is_empty()) => {
+                tracing::info!("authenticated with {TOKEN_VAR}");
+                self.authenticated.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            "echo-agent-token" => Err(Error::auth_required().data(serde_json::json!({"missing": TOKEN_VAR}))),
+            "browser-login" => Err(Error::new(ErrorCode::INTERNAL_ERROR, "no browser to log in with")),
+            other => Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown auth method {other}"))),
+        }
+    }
+
+    /// `session/load`: the echo agent keeps no history, so any id is taken
+    /// as a session to go on with (nothing is replayed).
+    fn load_session(&self, id: SessionId) {
+        tracing::info!(session = %id, "session loaded");
+        self.sessions().entry(id).or_insert(None);
     }
 
     fn park(&self, responder: Responder<InitializeResponse>) {
@@ -332,9 +428,45 @@ impl State {
         cx: &ConnectionTo<Client>,
         session_id: &SessionId,
         command: commands::Command,
-        mut cancel: TurnCancel,
+        cancel: TurnCancel,
     ) -> Result<StopReason, Error> {
         tracing::info!(session = %session_id, ?command, "prompt command");
+        let said = match command {
+            commands::Command::Crash { code } => {
+                tracing::warn!(code, "crashing on request (/crash)");
+                std::process::exit(code);
+            }
+            commands::Command::Emit(what) => self.emit(what).await?,
+            command => return self.run_tool(cx, session_id, command, cancel).await,
+        };
+        cx.send_notification(SessionNotification::new(
+            session_id.clone(),
+            SessionUpdate::AgentMessageChunk(ContentChunk::new(ContentBlock::Text(TextContent::new(said)))),
+        ))?;
+        Ok(StopReason::EndTurn)
+    }
+
+    /// `/emit`: writes something that is no valid message straight to stdout.
+    async fn emit(&self, what: Emit) -> Result<String, Error> {
+        let (line, said) = match what {
+            Emit::Garbage => (GARBAGE_LINE.to_owned(), "emitted garbage".to_owned()),
+            Emit::Stray => (
+                r#"{"jsonrpc":"2.0","id":"echo-stray-1","result":{}}"#.to_owned(),
+                "emitted a stray response".to_owned(),
+            ),
+            Emit::Huge(mib) => ("x".repeat(mib << 20), format!("emitted a {mib} MiB line")),
+        };
+        self.stdout.write_line(line).await.map_err(Error::into_internal_error)?;
+        Ok(said)
+    }
+
+    async fn run_tool(
+        &self,
+        cx: &ConnectionTo<Client>,
+        session_id: &SessionId,
+        command: commands::Command,
+        mut cancel: TurnCancel,
+    ) -> Result<StopReason, Error> {
         let caps = self
             .client_capabilities
             .lock()

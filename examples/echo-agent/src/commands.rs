@@ -9,6 +9,10 @@
 //!                               terminal/create, wait_for_exit, output, release
 //! /kill CMD [ARG...]            terminal/create, kill, wait_for_exit, output, release
 //! /output TERMINAL_ID           terminal/output on any id (an unknown one, say)
+//! /ask [TITLE]                  session/request_permission
+//! /crash [CODE]                 the agent exits at once with CODE (default 70), mid-turn
+//! /emit garbage|stray|huge MIB  writes a non-JSON line, an answer to a request never
+//!                               sent, or a MIB-long line, then ends the turn normally
 //! ```
 //!
 //! Words are split on whitespace; single or double quotes keep a word
@@ -40,8 +44,24 @@ pub enum Command {
     Ask {
         title: String,
     },
+    /// Exit the whole agent process with this code, without answering.
+    Crash {
+        code: i32,
+    },
+    /// Write something that is not a valid message to stdout.
+    Emit(Emit),
     /// A known command used wrongly: the text explains how to use it.
     Usage(&'static str),
+}
+
+/// What `/emit` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emit {
+    Garbage,
+    /// A response to an id the client never used.
+    Stray,
+    /// A line of this many MiB.
+    Huge(usize),
 }
 
 /// What `/run` asks the client to run.
@@ -59,6 +79,8 @@ const WRITE_USAGE: &str = "usage: /write PATH TEXT";
 const RUN_USAGE: &str = "usage: /run [--limit N] [--cwd DIR] [--env NAME=VALUE]... CMD [ARG...]";
 const KILL_USAGE: &str = "usage: /kill CMD [ARG...]";
 const OUTPUT_USAGE: &str = "usage: /output TERMINAL_ID";
+const CRASH_USAGE: &str = "usage: /crash [CODE]";
+const EMIT_USAGE: &str = "usage: /emit garbage|stray|huge MIB";
 
 /// The command `text` spells, or `None` for a prompt to echo.
 pub fn parse(text: &str) -> Option<Command> {
@@ -76,6 +98,17 @@ pub fn parse(text: &str) -> Option<Command> {
             _ => Command::Usage(KILL_USAGE),
         },
         "ask" => Command::Ask { title: if args.trim().is_empty() { "a tool call".into() } else { args.trim().to_string() } },
+        "crash" => match words(args).as_deref() {
+            Some([]) => Command::Crash { code: 70 },
+            Some([code]) => code.parse().map_or(Command::Usage(CRASH_USAGE), |code| Command::Crash { code }),
+            _ => Command::Usage(CRASH_USAGE),
+        },
+        "emit" => match words(args).as_deref() {
+            Some([w]) if w == "garbage" => Command::Emit(Emit::Garbage),
+            Some([w]) if w == "stray" => Command::Emit(Emit::Stray),
+            Some([w, mib]) if w == "huge" => mib.parse().map_or(Command::Usage(EMIT_USAGE), |n| Command::Emit(Emit::Huge(n))),
+            _ => Command::Usage(EMIT_USAGE),
+        },
         "output" => match words(args).as_deref() {
             Some([id]) => Command::Output {
                 terminal_id: id.clone(),
@@ -288,6 +321,17 @@ mod tests {
             })
         );
         assert_eq!(parse("/output"), Some(Command::Usage(OUTPUT_USAGE)));
+    }
+
+    #[test]
+    fn crash_and_emit() {
+        assert_eq!(parse("/crash"), Some(Command::Crash { code: 70 }));
+        assert_eq!(parse("/crash 9"), Some(Command::Crash { code: 9 }));
+        assert_eq!(parse("/crash x"), Some(Command::Usage(CRASH_USAGE)));
+        assert_eq!(parse("/emit garbage"), Some(Command::Emit(Emit::Garbage)));
+        assert_eq!(parse("/emit stray"), Some(Command::Emit(Emit::Stray)));
+        assert_eq!(parse("/emit huge 17"), Some(Command::Emit(Emit::Huge(17))));
+        assert_eq!(parse("/emit huge"), Some(Command::Usage(EMIT_USAGE)));
     }
 
     #[test]
