@@ -9,7 +9,9 @@
 //!                               terminal/create, wait_for_exit, output, release
 //! /kill CMD [ARG...]            terminal/create, kill, wait_for_exit, output, release
 //! /output TERMINAL_ID           terminal/output on any id (an unknown one, say)
-//! /ask [TITLE]                  session/request_permission
+//! /ask [--cancel-after MS] [TITLE]
+//!                               session/request_permission; with --cancel-after, the
+//!                               agent sends `$/cancel_request` for it after MS ms
 //! /crash [CODE]                 the agent exits at once with CODE (default 70), mid-turn
 //! /emit garbage|stray|huge MIB  writes a non-JSON line, an answer to a request never
 //!                               sent, or a MIB-long line, then ends the turn normally
@@ -43,6 +45,8 @@ pub enum Command {
     /// allow and a reject option.
     Ask {
         title: String,
+        /// Withdraw the request (`$/cancel_request`) after this many ms.
+        cancel_after_ms: Option<u64>,
     },
     /// Exit the whole agent process with this code, without answering.
     Crash {
@@ -79,6 +83,7 @@ const WRITE_USAGE: &str = "usage: /write PATH TEXT";
 const RUN_USAGE: &str = "usage: /run [--limit N] [--cwd DIR] [--env NAME=VALUE]... CMD [ARG...]";
 const KILL_USAGE: &str = "usage: /kill CMD [ARG...]";
 const OUTPUT_USAGE: &str = "usage: /output TERMINAL_ID";
+const ASK_USAGE: &str = "usage: /ask [--cancel-after MS] [TITLE]";
 const CRASH_USAGE: &str = "usage: /crash [CODE]";
 const EMIT_USAGE: &str = "usage: /emit garbage|stray|huge MIB";
 
@@ -97,7 +102,7 @@ pub fn parse(text: &str) -> Option<Command> {
             }
             _ => Command::Usage(KILL_USAGE),
         },
-        "ask" => Command::Ask { title: if args.trim().is_empty() { "a tool call".into() } else { args.trim().to_string() } },
+        "ask" => parse_ask(args),
         "crash" => match words(args).as_deref() {
             Some([]) => Command::Crash { code: 70 },
             Some([code]) => code.parse().map_or(Command::Usage(CRASH_USAGE), |code| Command::Crash { code }),
@@ -118,6 +123,22 @@ pub fn parse(text: &str) -> Option<Command> {
         _ => return None,
     };
     Some(command)
+}
+
+fn parse_ask(args: &str) -> Command {
+    let mut args = args.trim();
+    let mut cancel_after_ms = None;
+    if let Some(rest) = args.strip_prefix("--cancel-after") {
+        let rest = rest.trim_start();
+        let (ms, title) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        match ms.parse() {
+            Ok(ms) => cancel_after_ms = Some(ms),
+            Err(_) => return Command::Usage(ASK_USAGE),
+        }
+        args = title.trim();
+    }
+    let title = if args.is_empty() { "a tool call".into() } else { args.to_string() };
+    Command::Ask { title, cancel_after_ms }
 }
 
 fn parse_read(args: &str) -> Command {
@@ -321,6 +342,14 @@ mod tests {
             })
         );
         assert_eq!(parse("/output"), Some(Command::Usage(OUTPUT_USAGE)));
+    }
+
+    #[test]
+    fn ask_takes_an_optional_cancel_delay() {
+        assert_eq!(parse("/ask rm -rf /"), Some(Command::Ask { title: "rm -rf /".into(), cancel_after_ms: None }));
+        assert_eq!(parse("/ask"), Some(Command::Ask { title: "a tool call".into(), cancel_after_ms: None }));
+        assert_eq!(parse("/ask --cancel-after 200 x y"), Some(Command::Ask { title: "x y".into(), cancel_after_ms: Some(200) }));
+        assert_eq!(parse("/ask --cancel-after soon"), Some(Command::Usage(ASK_USAGE)));
     }
 
     #[test]
