@@ -178,3 +178,34 @@ async fn content_blocks_beyond_text_need_the_agents_prompt_capabilities() {
     let got = turn(&agentd, &id, &mut events, json!([{"type": "text", "text": "both"}, image, resource]), "run.completed").await;
     assert_eq!(said(&got), "both");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_and_config_options_the_session_advertises_are_set_through_the_api() {
+    let agentd = Agentd::start().await;
+    let (id, mut events) = create(&agentd, &body(&[], &[], json!({}))).await;
+    let action = |verb: &str| format!("/v1/sessions/{id}:{verb}");
+
+    let (status, view) = agentd.post(&action("set_config_option"), &json!({"config_id": "case", "value": "upper"})).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["config_options"][0]["currentValue"], "upper", "{view}");
+    let got = turn(&agentd, &id, &mut events, json!("loud words"), "run.completed").await;
+    assert_eq!(said(&got), "LOUD WORDS");
+
+    let (status, view) = agentd.post(&action("set_mode"), &json!({"mode_id": "quiet"})).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["modes"]["currentModeId"], "quiet", "{view}");
+    let got = turn(&agentd, &id, &mut events, json!("shh"), "run.completed").await;
+    assert_eq!(said(&got), "", "quiet mode says nothing");
+
+    let (status, problem) = agentd.post(&action("set_mode"), &json!({"mode_id": "loud"})).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_mode")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains(r#"["echo", "quiet"]"#), "{problem}");
+    let (status, problem) = agentd.post(&action("set_config_option"), &json!({"config_id": "font", "value": "x"})).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_config_option")), "{problem}");
+    // The agent itself refuses a value it does not know.
+    let (status, problem) = agentd.post(&action("set_config_option"), &json!({"config_id": "case", "value": "sideways"})).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("case is as-is or upper"), "{problem}");
+    let (status, problem) = agentd.post(&action("set_mode"), &json!({})).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")), "{problem}");
+}

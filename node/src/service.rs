@@ -241,6 +241,44 @@ impl node_server::Node for NodeService {
         Ok(Response::new(sandbox.info()))
     }
 
+    async fn set_session_mode(&self, req: Request<SetSessionModeRequest>) -> Result<Response<SessionSettingResponse>, Status> {
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .set_session_mode(sup::SetSessionModeRequest {
+                agent_instance_id: session.agent_instance_id.clone(),
+                acp_session_id: session.acp_session_id.clone(),
+                mode_id: r.mode_id,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(SessionSettingResponse { answer_json: answer.answer_json, settings_json: answer.settings_json }))
+    }
+
+    async fn set_session_config_option(
+        &self,
+        req: Request<SetSessionConfigOptionRequest>,
+    ) -> Result<Response<SessionSettingResponse>, Status> {
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .set_session_config_option(sup::SetSessionConfigOptionRequest {
+                agent_instance_id: session.agent_instance_id.clone(),
+                acp_session_id: session.acp_session_id.clone(),
+                config_id: r.config_id,
+                value_json: r.value_json,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(SessionSettingResponse { answer_json: answer.answer_json, settings_json: answer.settings_json }))
+    }
+
     async fn answer_permission(&self, req: Request<AnswerPermissionRequest>) -> Result<Response<AnswerPermissionResponse>, Status> {
         let r = req.into_inner();
         let session = self.node.sessions.get(&r.session_id)?;

@@ -92,6 +92,9 @@ const NODE_CODES: &[(&str, StatusCode)] = &[
     ("mount_source_not_found", StatusCode::UNPROCESSABLE_ENTITY),
     ("unknown_option", StatusCode::UNPROCESSABLE_ENTITY),
     ("unsupported_content", StatusCode::UNPROCESSABLE_ENTITY),
+    ("unknown_mode", StatusCode::UNPROCESSABLE_ENTITY),
+    ("unknown_config_option", StatusCode::UNPROCESSABLE_ENTITY),
+    ("not_supported", StatusCode::CONFLICT),
     // The plan gives no credentials the agent accepts: fix the request's env.
     ("agent_auth_required", StatusCode::UNPROCESSABLE_ENTITY),
     ("agent_restarting", StatusCode::SERVICE_UNAVAILABLE),

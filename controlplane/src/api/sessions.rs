@@ -15,7 +15,7 @@ use crate::store::states::{container, session as session_state};
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, new_id};
 use agentd_proto::node::{
-    AgentPolicy, AnswerPermissionRequest, CancelRequest, CreateSandboxRequest, CreateSessionRequest, GetSessionRequest, PromptRequest, StartAgentRequest,
+    AgentPolicy, AnswerPermissionRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest, CancelRequest, CreateSandboxRequest, CreateSessionRequest, GetSessionRequest, PromptRequest, StartAgentRequest,
 };
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +85,20 @@ pub struct PermissionAnswer {
 #[derive(Debug, Deserialize)]
 pub struct PromptBody {
     pub prompt: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetModeBody {
+    pub mode_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetConfigOptionBody {
+    pub config_id: String,
+    /// An option id (string) or a boolean, as the option's kind wants.
+    pub value: Value,
 }
 
 /// The agent's live state from its supervisor, for a ready session.
@@ -238,7 +252,7 @@ async fn provision(
 /// `POST /v1/sessions/{id}:prompt` and `POST /v1/sessions/{id}:cancel`.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>, body: axum::body::Bytes) -> Result<Response, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a session action: {id}:prompt or {id}:cancel"));
+        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a session action: {id}:prompt, :cancel, :set_mode or :set_config_option"));
     };
     match verb {
         "prompt" => {
@@ -246,8 +260,33 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, bod
             prompt(app, id, body).await
         }
         "cancel" => cancel(app, id).await,
-        other => Err(Problem::not_found("unknown_action", format!("no session action {other:?} (try prompt or cancel)"))),
+        "set_mode" => {
+            let body: SetModeBody = parse_body(&body)?;
+            let s = app.store.get_session(id).await?;
+            require_ready(&s)?;
+            let answer = app.node.clone().set_session_mode(SetSessionModeRequest { session_id: s.id.clone(), mode_id: body.mode_id }).await?;
+            Ok(settings(&s.id, answer.into_inner()))
+        }
+        "set_config_option" => {
+            let body: SetConfigOptionBody = parse_body(&body)?;
+            let s = app.store.get_session(id).await?;
+            require_ready(&s)?;
+            let request = SetSessionConfigOptionRequest { session_id: s.id.clone(), config_id: body.config_id, value_json: body.value.to_string() };
+            let answer = app.node.clone().set_session_config_option(request).await?;
+            Ok(settings(&s.id, answer.into_inner()))
+        }
+        other => Err(Problem::not_found(
+            "unknown_action",
+            format!("no session action {other:?} (try prompt, cancel, set_mode or set_config_option)"),
+        )),
     }
+}
+
+/// The session's modes and config options after a change.
+fn settings(session_id: &str, answer: SessionSettingResponse) -> Response {
+    let mut body: Value = serde_json::from_str(&answer.settings_json).unwrap_or_else(|_| json!({}));
+    body["session_id"] = json!(session_id);
+    (StatusCode::OK, Json(body)).into_response()
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {

@@ -25,7 +25,10 @@ use agent_client_protocol_schema::v1::{
     CancelNotification, ClientCapabilities, ContentBlock, ContentChunk, Implementation,
     InitializeRequest, InitializeResponse, LoadSessionRequest, LoadSessionResponse,
     NewSessionRequest, NewSessionResponse, PromptCapabilities, PromptRequest, PromptResponse,
-    SessionId, SessionNotification, SessionUpdate, StopReason, TextContent, ToolCallId,
+    SessionConfigOption, SessionConfigOptionValue, SessionConfigSelectOption, SessionId,
+    SessionMode, SessionModeState, SessionNotification, SessionUpdate, SetSessionConfigOptionRequest,
+    SetSessionConfigOptionResponse, SetSessionModeRequest, SetSessionModeResponse, StopReason,
+    TextContent, ToolCallId,
 };
 use tokio::sync::watch;
 
@@ -130,7 +133,37 @@ pub async fn serve(
                     if !state.is_authenticated() {
                         return responder.respond_with_error(Error::auth_required());
                     }
-                    responder.respond(NewSessionResponse::new(state.new_session()))
+                    let id = state.new_session();
+                    let settings = Settings::default();
+                    responder.respond(
+                        NewSessionResponse::new(id)
+                            .modes(settings.modes())
+                            .config_options(vec![settings.case_option()]),
+                    )
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: SetSessionModeRequest, responder, _cx| {
+                    match state.set_mode(&request.session_id, &request.mode_id.0) {
+                        Ok(()) => responder.respond(SetSessionModeResponse::new()),
+                        Err(err) => responder.respond_with_error(err),
+                    }
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: SetSessionConfigOptionRequest, responder, _cx| {
+                    match state.set_config_option(&request) {
+                        Ok(options) => responder.respond(SetSessionConfigOptionResponse::new(options)),
+                        Err(err) => responder.respond_with_error(err),
+                    }
                 }
             },
             on_receive_request!(),
@@ -180,6 +213,42 @@ pub async fn serve(
         .await
 }
 
+/// A session's mode and config options.
+///
+/// Modes: `echo` (the default) and `quiet` (turns end without a word).
+/// Config option `case` (select): `as-is` (the default) or `upper`.
+#[derive(Debug, Clone, Default)]
+struct Settings {
+    quiet: bool,
+    upper: bool,
+}
+
+impl Settings {
+    fn modes(&self) -> SessionModeState {
+        let current = if self.quiet { "quiet" } else { "echo" };
+        SessionModeState::new(
+            current,
+            vec![
+                SessionMode::new("echo", "Echo"),
+                SessionMode::new("quiet", "Quiet"),
+            ],
+        )
+    }
+
+    fn case_option(&self) -> SessionConfigOption {
+        let current = if self.upper { "upper" } else { "as-is" };
+        SessionConfigOption::select(
+            "case",
+            "Case",
+            current,
+            vec![
+                SessionConfigSelectOption::new("as-is", "As is"),
+                SessionConfigSelectOption::new("upper", "Upper case"),
+            ],
+        )
+    }
+}
+
 /// Shared by all handlers and turn tasks.
 struct State {
     config: Config,
@@ -198,6 +267,8 @@ struct State {
     client_capabilities: Mutex<ClientCapabilities>,
     /// Numbers the `tool_call`s that terminal commands report.
     next_tool_call: AtomicU64,
+    /// Each session's mode and config options.
+    settings: Mutex<HashMap<SessionId, Settings>>,
     /// `session/new` answers `--hang-session-new` never sends.
     parked_sessions: Mutex<Vec<Responder<NewSessionResponse>>>,
     /// Whether `authenticate` succeeded (always true without `--require-auth`).
@@ -223,6 +294,7 @@ impl State {
             client_capabilities: Mutex::default(),
             next_tool_call: AtomicU64::new(1),
             parked_sessions: Mutex::default(),
+            settings: Mutex::default(),
             authenticated: std::sync::atomic::AtomicBool::new(!config_requires_auth),
         }
     }
@@ -317,6 +389,55 @@ impl State {
     fn load_session(&self, id: SessionId) {
         tracing::info!(session = %id, "session loaded");
         self.sessions().entry(id).or_insert(None);
+    }
+
+    fn settings(&self, session_id: &SessionId) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(session_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn update_settings(
+        &self,
+        session_id: &SessionId,
+        change: impl FnOnce(&mut Settings) -> Result<(), Error>,
+    ) -> Result<Settings, Error> {
+        if !self.sessions().contains_key(session_id) {
+            return Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown session id {session_id}")));
+        }
+        let mut all = self.settings.lock().unwrap_or_else(PoisonError::into_inner);
+        let settings = all.entry(session_id.clone()).or_default();
+        change(settings)?;
+        Ok(settings.clone())
+    }
+
+    fn set_mode(&self, session_id: &SessionId, mode: &str) -> Result<(), Error> {
+        self.update_settings(session_id, |s| {
+            s.quiet = match mode {
+                "echo" => false,
+                "quiet" => true,
+                other => return Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown mode {other}"))),
+            };
+            Ok(())
+        })?;
+        tracing::info!(session = %session_id, mode, "mode set");
+        Ok(())
+    }
+
+    fn set_config_option(&self, request: &SetSessionConfigOptionRequest) -> Result<Vec<SessionConfigOption>, Error> {
+        let settings = self.update_settings(&request.session_id, |s| {
+            s.upper = match (&*request.config_id.0, &request.value) {
+                ("case", SessionConfigOptionValue::ValueId { value }) if &*value.0 == "upper" => true,
+                ("case", SessionConfigOptionValue::ValueId { value }) if &*value.0 == "as-is" => false,
+                ("case", _) => return Err(Error::new(ErrorCode::INVALID_PARAMS, "case is as-is or upper")),
+                (other, _) => return Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown config option {other}"))),
+            };
+            Ok(())
+        })?;
+        Ok(vec![settings.case_option()])
     }
 
     fn park(&self, responder: Responder<InitializeResponse>) {
@@ -492,6 +613,17 @@ impl State {
         if self.config.hog_mib > 0 {
             hog(self.config.hog_mib);
         }
+        let settings = self.settings(session_id);
+        if settings.quiet {
+            return Ok(StopReason::EndTurn);
+        }
+        let upper;
+        let text = if settings.upper {
+            upper = text.to_uppercase();
+            upper.as_str()
+        } else {
+            text
+        };
         let chunks = chunking::split(text, self.config.chunking);
         let echoed = std::iter::repeat_n(chunks.as_slice(), self.config.repeat).flatten();
         for (i, chunk) in echoed.enumerate() {

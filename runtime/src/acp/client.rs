@@ -122,7 +122,9 @@ impl AcpClient {
         Ok(())
     }
 
-    pub async fn new_session(&self, cwd: &str, timeout: Duration) -> Result<String, AcpError> {
+    /// `session/new`: the new session's id and the whole answer (its modes
+    /// and config options, if any).
+    pub async fn new_session(&self, cwd: &str, timeout: Duration) -> Result<(String, serde_json::Value), AcpError> {
         let params = json!({"cwd": cwd, "mcpServers": []});
         let raw = self.rpc.request_within("session/new", &params, timeout).await?;
         #[derive(Deserialize)]
@@ -130,7 +132,14 @@ impl AcpClient {
         struct Answer {
             session_id: String,
         }
-        Ok(parse::<Answer>("session/new", &raw)?.session_id)
+        let id = parse::<Answer>("session/new", &raw)?.session_id;
+        Ok((id, serde_json::from_str(raw.get()).unwrap_or_default()))
+    }
+
+    /// Any other request on a session (`session/set_mode`, ...): the answer as JSON.
+    pub async fn call(&self, method: &str, params: &serde_json::Value, timeout: Duration) -> Result<serde_json::Value, AcpError> {
+        let raw = self.rpc.request_within(method, params, timeout).await?;
+        Ok(serde_json::from_str(raw.get()).unwrap_or_default())
     }
 
     /// Runs one turn and returns its stop reason. Updates arrive meanwhile

@@ -202,6 +202,9 @@ struct SessionRecord {
     /// The ACP id in the current process: the first id (the key) unless a
     /// restart had to create the session anew.
     acp_id: String,
+    /// What `session/new` answered (modes, config options), kept current by
+    /// set_mode and set_config_option.
+    opened: Value,
 }
 
 /// What the agent is doing, for Status.
@@ -269,8 +272,8 @@ impl Agent {
     }
 
     /// `session/new`, authenticating first if the agent answers
-    /// `auth_required`. Returns the new ACP session id.
-    async fn open_session(&self, process: &Process, cwd: &str) -> Result<String, Status> {
+    /// `auth_required`. Returns the new ACP session id and the whole answer.
+    async fn open_session(&self, process: &Process, cwd: &str) -> Result<(String, Value), Status> {
         let timeout = self.spec.request_timeout;
         let first = process.client.new_session(cwd, timeout).await;
         let error = match first {
@@ -303,8 +306,26 @@ impl Agent {
                 Err(e) => tracing::warn!(agent = self.id, session = first_id, %e, method, "reopening failed; creating the session anew"),
             }
         }
-        record.acp_id = self.open_session(process, &record.cwd).await?;
+        (record.acp_id, record.opened) = self.open_session(process, &record.cwd).await?;
         Ok(())
+    }
+
+    /// A request on a session; the agent's invalid-params answer is the
+    /// caller's fault (422), anything else the agent's (502).
+    async fn call(&self, process: &Process, method: &str, params: &Value) -> Result<Value, Status> {
+        match process.client.call(method, params, self.spec.request_timeout).await {
+            Ok(answer) => Ok(answer),
+            Err(AcpError::Rpc(RpcError::Remote(e))) if e.code == client_methods::INVALID_PARAMS => {
+                Err(status(Code::InvalidArgument, "invalid_request", format!("{method}: the agent refused: {}", e.message)))
+            }
+            Err(e) => Err(status(Code::FailedPrecondition, "agent_error", format!("{method} failed: {}", process.describe(e).await))),
+        }
+    }
+
+    /// The session's modes and config options as the agent last reported them.
+    pub fn session_settings(&self, session_id: &str) -> Value {
+        let opened = self.sessions.lock().unwrap().get(session_id).map(|r| r.opened.clone()).unwrap_or_default();
+        serde_json::json!({"modes": opened.get("modes"), "config_options": opened.get("configOptions")})
     }
 
     fn record_in(process: &Process, record: &SessionRecord) {
@@ -476,8 +497,8 @@ impl Agents {
     pub async fn new_session(&self, agent_id: &str, cwd: &str, policy: Policy) -> Result<String, Status> {
         let agent = self.get(agent_id)?;
         let process = agent.process()?;
-        let id = agent.open_session(&process, cwd).await?;
-        let record = SessionRecord { cwd: cwd.to_string(), policy, acp_id: id.clone() };
+        let (id, opened) = agent.open_session(&process, cwd).await?;
+        let record = SessionRecord { cwd: cwd.to_string(), policy, acp_id: id.clone(), opened };
         Agent::record_in(&process, &record);
         agent.sessions.lock().unwrap().insert(id.clone(), record);
         // A session opened after authenticating clears auth_required.
@@ -544,6 +565,52 @@ impl Agents {
                 .map_err(|e| status(Code::Unavailable, "agent_error", format!("session/cancel failed: {e}")))?;
         }
         Ok(running)
+    }
+
+    /// `session/set_mode`, when the session advertised modes and `mode_id` is one.
+    pub async fn set_mode(&self, agent_id: &str, session_id: &str, mode_id: &str) -> Result<Value, Status> {
+        let (agent, process, acp_id) = self.session_target(agent_id, session_id)?;
+        let opened = agent.sessions.lock().unwrap().get(session_id).map(|r| r.opened.clone()).unwrap_or_default();
+        let Some(modes) = opened.pointer("/modes/availableModes").and_then(Value::as_array) else {
+            return Err(status(Code::FailedPrecondition, "not_supported", "the agent advertises no modes for this session"));
+        };
+        let ids: Vec<&str> = modes.iter().filter_map(|m| m["id"].as_str()).collect();
+        if !ids.contains(&mode_id) {
+            return Err(status(Code::InvalidArgument, "unknown_mode", format!("mode {mode_id:?} is not one of the session's modes {ids:?}")));
+        }
+        let params = serde_json::json!({"sessionId": acp_id, "modeId": mode_id});
+        let answer = agent.call(&process, "session/set_mode", &params).await?;
+        if let Some(r) = agent.sessions.lock().unwrap().get_mut(session_id) {
+            r.opened["modes"]["currentModeId"] = Value::String(mode_id.to_string());
+        }
+        Ok(answer)
+    }
+
+    /// `session/set_config_option`, when the session advertised the option.
+    /// `value` is a string (an option id) or a boolean.
+    pub async fn set_config_option(&self, agent_id: &str, session_id: &str, config_id: &str, value: Value) -> Result<Value, Status> {
+        let (agent, process, acp_id) = self.session_target(agent_id, session_id)?;
+        let opened = agent.sessions.lock().unwrap().get(session_id).map(|r| r.opened.clone()).unwrap_or_default();
+        let Some(options) = opened.get("configOptions").and_then(Value::as_array) else {
+            return Err(status(Code::FailedPrecondition, "not_supported", "the agent advertises no config options for this session"));
+        };
+        let ids: Vec<&str> = options.iter().filter_map(|o| o["id"].as_str()).collect();
+        if !ids.contains(&config_id) {
+            return Err(status(Code::InvalidArgument, "unknown_config_option", format!("config option {config_id:?} is not one of {ids:?}")));
+        }
+        let mut params = serde_json::json!({"sessionId": acp_id, "configId": config_id, "value": value});
+        match value {
+            Value::Bool(_) => params["type"] = "boolean".into(),
+            Value::String(_) => {}
+            other => return Err(status(Code::InvalidArgument, "invalid_request", format!("a config value is a string or a boolean, not {other}"))),
+        }
+        let answer = agent.call(&process, "session/set_config_option", &params).await?;
+        if let Some(options) = answer.get("configOptions")
+            && let Some(r) = agent.sessions.lock().unwrap().get_mut(session_id)
+        {
+            r.opened["configOptions"] = options.clone();
+        }
+        Ok(answer)
     }
 
     pub fn answer_permission(&self, agent_id: &str, request_id: &str, option_id: &str) -> Result<(), Status> {

@@ -32,6 +32,13 @@ impl SupervisorService {
     }
 }
 
+impl SupervisorService {
+    fn settings(&self, agent_id: &str, session_id: &str, answer: serde_json::Value) -> SessionSettingResponse {
+        let settings = self.agents.get(agent_id).map(|a| a.session_settings(session_id)).unwrap_or_default();
+        SessionSettingResponse { answer_json: answer.to_string(), settings_json: settings.to_string() }
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<PromptEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -104,6 +111,23 @@ impl Supervisor for SupervisorService {
         let r = req.into_inner();
         self.agents.answer_permission(&r.agent_instance_id, &r.request_id, &r.option_id)?;
         Ok(Response::new(AnswerPermissionResponse {}))
+    }
+
+    async fn set_session_mode(&self, req: Request<SetSessionModeRequest>) -> Result<Response<SessionSettingResponse>, Status> {
+        let r = req.into_inner();
+        let answer = self.agents.set_mode(&r.agent_instance_id, &r.acp_session_id, &r.mode_id).await?;
+        Ok(Response::new(self.settings(&r.agent_instance_id, &r.acp_session_id, answer)))
+    }
+
+    async fn set_session_config_option(
+        &self,
+        req: Request<SetSessionConfigOptionRequest>,
+    ) -> Result<Response<SessionSettingResponse>, Status> {
+        let r = req.into_inner();
+        let value = serde_json::from_str(&r.value_json)
+            .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", format!("value is not JSON: {e}")))?;
+        let answer = self.agents.set_config_option(&r.agent_instance_id, &r.acp_session_id, &r.config_id, value).await?;
+        Ok(Response::new(self.settings(&r.agent_instance_id, &r.acp_session_id, answer)))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
