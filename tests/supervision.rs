@@ -7,7 +7,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Agentd, Sse, SseEvent, session_body};
+use crate::support::{Agentd, Sse, SseEvent, procfs, session_body};
 
 /// A session body for the echo agent run with `args`, its env and policy.
 fn body(args: &[&str], env: &[(&str, &str)], policy: Value) -> Value {
@@ -96,6 +96,24 @@ async fn a_crash_fails_the_turn_and_the_restarted_agent_takes_the_next_prompt() 
         let log = std::fs::read_to_string(agentd.sandboxes_dir().join(container).join("supervisor.log")).unwrap();
         let loaded = log.contains("session loaded");
         assert_eq!(loaded, reopened_by == "session/load", "{reopened_by}: {log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_agents_whole_process_group_is_killed() {
+    let agentd = Agentd::start().await;
+    let (id, mut events) = create(&agentd, &body(&[], &[], json!({"restart": "never"}))).await;
+    let (_, view) = agentd.get(&format!("/v1/sessions/{id}")).await;
+    let (_, container) = agentd.get(&format!("/v1/containers/{}", view["container_id"].as_str().unwrap())).await;
+    let supervisor = container["supervisor_pid"].as_u64().unwrap() as u32;
+    assert_eq!(procfs::children(supervisor).len(), 1, "the agent alone");
+    // The agent starts `sleep 600` in its own process group, then exits.
+    turn(&agentd, &id, &mut events, json!("/crash 70 orphan"), "run.failed").await;
+    agentd.wait_for(&format!("/v1/sessions/{id}"), |v| v["agent"]["state"] == "failed").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !procfs::children(supervisor).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "left behind: {:?}", procfs::children(supervisor));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

@@ -553,7 +553,12 @@ impl State {
     ) -> Result<StopReason, Error> {
         tracing::info!(session = %session_id, ?command, "prompt command");
         let said = match command {
-            commands::Command::Crash { code } => {
+            commands::Command::Crash { code, orphan } => {
+                if orphan {
+                    // Same process group as the agent: an npm launcher's native child.
+                    let child = std::process::Command::new("sleep").arg("600").spawn();
+                    tracing::warn!(ok = child.is_ok(), "left a child behind (/crash orphan)");
+                }
                 tracing::warn!(code, "crashing on request (/crash)");
                 std::process::exit(code);
             }

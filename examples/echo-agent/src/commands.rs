@@ -12,7 +12,10 @@
 //! /ask [--cancel-after MS] [TITLE]
 //!                               session/request_permission; with --cancel-after, the
 //!                               agent sends `$/cancel_request` for it after MS ms
-//! /crash [CODE]                 the agent exits at once with CODE (default 70), mid-turn
+//! /crash [CODE [orphan]]        the agent exits at once with CODE (default 70), mid-turn;
+//!                               with `orphan`, it first starts `sleep 600` in its
+//!                               process group, which outlives it unless the client
+//!                               kills the group
 //! /emit garbage|stray|huge MIB  writes a non-JSON line, an answer to a request never
 //!                               sent, or a MIB-long line, then ends the turn normally
 //! ```
@@ -51,6 +54,8 @@ pub enum Command {
     /// Exit the whole agent process with this code, without answering.
     Crash {
         code: i32,
+        /// Leave a child behind in the agent's process group.
+        orphan: bool,
     },
     /// Write something that is not a valid message to stdout.
     Emit(Emit),
@@ -84,7 +89,7 @@ const RUN_USAGE: &str = "usage: /run [--limit N] [--cwd DIR] [--env NAME=VALUE].
 const KILL_USAGE: &str = "usage: /kill CMD [ARG...]";
 const OUTPUT_USAGE: &str = "usage: /output TERMINAL_ID";
 const ASK_USAGE: &str = "usage: /ask [--cancel-after MS] [TITLE]";
-const CRASH_USAGE: &str = "usage: /crash [CODE]";
+const CRASH_USAGE: &str = "usage: /crash [CODE [orphan]]";
 const EMIT_USAGE: &str = "usage: /emit garbage|stray|huge MIB";
 
 /// The command `text` spells, or `None` for a prompt to echo.
@@ -104,8 +109,11 @@ pub fn parse(text: &str) -> Option<Command> {
         },
         "ask" => parse_ask(args),
         "crash" => match words(args).as_deref() {
-            Some([]) => Command::Crash { code: 70 },
-            Some([code]) => code.parse().map_or(Command::Usage(CRASH_USAGE), |code| Command::Crash { code }),
+            Some([]) => Command::Crash { code: 70, orphan: false },
+            Some([code]) => code.parse().map_or(Command::Usage(CRASH_USAGE), |code| Command::Crash { code, orphan: false }),
+            Some([code, o]) if o == "orphan" => {
+                code.parse().map_or(Command::Usage(CRASH_USAGE), |code| Command::Crash { code, orphan: true })
+            }
             _ => Command::Usage(CRASH_USAGE),
         },
         "emit" => match words(args).as_deref() {
@@ -354,8 +362,10 @@ mod tests {
 
     #[test]
     fn crash_and_emit() {
-        assert_eq!(parse("/crash"), Some(Command::Crash { code: 70 }));
-        assert_eq!(parse("/crash 9"), Some(Command::Crash { code: 9 }));
+        assert_eq!(parse("/crash"), Some(Command::Crash { code: 70, orphan: false }));
+        assert_eq!(parse("/crash 9"), Some(Command::Crash { code: 9, orphan: false }));
+        assert_eq!(parse("/crash 9 orphan"), Some(Command::Crash { code: 9, orphan: true }));
+        assert_eq!(parse("/crash 9 x"), Some(Command::Usage(CRASH_USAGE)));
         assert_eq!(parse("/crash x"), Some(Command::Usage(CRASH_USAGE)));
         assert_eq!(parse("/emit garbage"), Some(Command::Emit(Emit::Garbage)));
         assert_eq!(parse("/emit stray"), Some(Command::Emit(Emit::Stray)));
