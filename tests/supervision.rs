@@ -54,6 +54,13 @@ async fn authenticate_with_the_plans_credentials_or_report_auth_required() {
     let got = turn(&agentd, &id, &mut events, json!("hello"), "run.completed").await;
     assert_eq!(said(&got), "hello");
 
+    // The credential "expires" (the agent forgets it): the next prompt is
+    // answered auth_required, the supervisor authenticates again and resends.
+    let got = turn(&agentd, &id, &mut events, json!("/logout"), "run.completed").await;
+    assert_eq!(said(&got), "logged out");
+    let got = turn(&agentd, &id, &mut events, json!("again"), "run.completed").await;
+    assert_eq!(said(&got), "again");
+
     // No credentials: a clear problem naming every method.
     let (status, problem) = agentd.post("/v1/sessions", &body(&["--require-auth"], &[], json!({}))).await;
     assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("agent_auth_required")), "{problem}");

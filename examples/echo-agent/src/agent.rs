@@ -464,6 +464,9 @@ impl State {
         cx: ConnectionTo<Client>,
     ) -> Result<(), Error> {
         let session_id = request.session_id;
+        if !self.is_authenticated() {
+            return responder.respond_with_error(Error::auth_required());
+        }
         let (guard, cancel) = match self.clone().begin_turn(&session_id) {
             Ok(started) => started,
             Err(err) => return responder.respond_with_error(err),
@@ -563,6 +566,10 @@ impl State {
                 std::process::exit(code);
             }
             commands::Command::Emit(what) => self.emit(what).await?,
+            commands::Command::Logout => {
+                self.authenticated.store(!self.config.require_auth, Ordering::Relaxed);
+                "logged out".to_owned()
+            }
             command => return self.run_tool(cx, session_id, command, cancel).await,
         };
         cx.send_notification(SessionNotification::new(

@@ -16,6 +16,8 @@
 //!                               with `orphan`, it first starts `sleep 600` in its
 //!                               process group, which outlives it unless the client
 //!                               kills the group
+//! /logout                       forget `authenticate` (with --require-auth): the next
+//!                               prompt is answered `auth_required`
 //! /emit garbage|stray|huge MIB  writes a non-JSON line, an answer to a request never
 //!                               sent, or a MIB-long line, then ends the turn normally
 //! ```
@@ -59,6 +61,8 @@ pub enum Command {
     },
     /// Write something that is not a valid message to stdout.
     Emit(Emit),
+    /// Forget the authentication, as an expired token would.
+    Logout,
     /// A known command used wrongly: the text explains how to use it.
     Usage(&'static str),
 }
@@ -116,6 +120,7 @@ pub fn parse(text: &str) -> Option<Command> {
             }
             _ => Command::Usage(CRASH_USAGE),
         },
+        "logout" => Command::Logout,
         "emit" => match words(args).as_deref() {
             Some([w]) if w == "garbage" => Command::Emit(Emit::Garbage),
             Some([w]) if w == "stray" => Command::Emit(Emit::Stray),

@@ -535,7 +535,15 @@ impl Agents {
         }
         agent.turns.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            let result = process.client.prompt(&acp_id, &prompt).await;
+            let mut result = process.client.prompt(&acp_id, &prompt).await;
+            // A credential that expired mid-session: authenticate again and
+            // resend (the agent refused the prompt, so it did none of it).
+            if result.as_ref().is_err_and(AcpError::is_auth_required) {
+                match process.authenticate(&agent.spec).await {
+                    Ok(_) => result = process.client.prompt(&acp_id, &prompt).await,
+                    Err(e) => agent.set_state("auth_required", Some(e.to_string())),
+                }
+            }
             process.sinks.lock().unwrap().remove(&acp_id);
             agent.turns.fetch_sub(1, Ordering::Relaxed);
             let last = match result {
@@ -544,6 +552,10 @@ impl Agents {
                     let why = process.describe(e).await;
                     let next = if agent.stopping.load(Ordering::Relaxed) { "the sandbox is stopping" } else { "it is restarted per its policy" };
                     TurnEvent::Failed(format!("the agent ended during the turn: {why}; {next}"))
+                }
+                Err(e) if e.is_auth_required() => {
+                    let why = agent.status().last_error.unwrap_or_default();
+                    TurnEvent::Failed(format!("the agent requires authentication again and agentd cannot give it: {why}"))
                 }
                 Err(e) => TurnEvent::Failed(process.describe(e).await),
             };
