@@ -104,3 +104,20 @@ async fn an_unanswered_ask_times_out_to_deny_and_cancel_answers_cancelled() {
     assert_eq!(resolved(&got)["outcome"]["outcome"], "cancelled", "{got:?}");
     assert_eq!(got.last().unwrap().json()["stop_reason"], "cancelled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_the_agent_withdraws_is_answered_request_cancelled() {
+    let agentd = Agentd::start().await;
+    let (id, mut events) = session(&agentd, json!({"permissions": "ask"})).await;
+    // The agent sends $/cancel_request for its permission request after 300 ms.
+    let (status, _) = agentd.prompt(&id, "/ask --cancel-after 300 deploy").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let got = events.until_run_end().await;
+    let asked = got.iter().find(|e| e.event == "permission.requested").expect("asked").json();
+    assert_eq!(resolved(&got)["by"], "agent", "{got:?}");
+    assert_eq!(said(&got), "error -32800: request cancelled", "the supervisor answered the cancelled request");
+    assert_eq!(got.last().unwrap().json()["stop_reason"], "end_turn");
+    let url = format!("/v1/sessions/{id}/permissions/{}", asked["request_id"].as_str().unwrap());
+    let (status, problem) = agentd.post(&url, &json!({"option_id": "allow"})).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::NOT_FOUND, Some("permission_request_not_found")));
+}

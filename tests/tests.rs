@@ -14,3 +14,4 @@ mod sandbox_limits;
 mod session_path;
 mod shutdown;
 mod third_party;
+mod supervision;

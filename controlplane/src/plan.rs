@@ -186,6 +186,7 @@ pub fn compile(
         cwd: working_dir.clone(),
         initialize_timeout_ms: defaults.initialize_timeout_ms,
         seccomp_json: profile.seccomp_json.clone().unwrap_or_default(),
+        ..Default::default()
     };
     Ok(Compiled { sandbox, agent: agent_plan, working_dir })
 }

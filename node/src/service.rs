@@ -41,6 +41,13 @@ impl NodeService {
                 cwd: agent.cwd,
                 initialize_timeout_ms: agent.initialize_timeout_ms,
                 seccomp_json: agent.seccomp_json,
+                policy: agent.policy.map(|p| sup::AgentPolicy {
+                    restart: p.restart,
+                    max_restarts: p.max_restarts,
+                    restart_backoff_ms: p.restart_backoff_ms,
+                    request_timeout_ms: p.request_timeout_ms,
+                    auth_method: p.auth_method,
+                }),
             })
             .await?
             .into_inner();
@@ -160,6 +167,16 @@ async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id:
     session.end_run();
 }
 
+impl NodeService {
+    /// The session's agent as its supervisor reports it.
+    async fn agent_state(&self, session: &NodeSession) -> Option<AgentState> {
+        let sandbox = self.node.sandboxes.get(&session.container_id).ok()?;
+        let answer = sandbox.supervisor.clone().status(sup::StatusRequest {}).await.ok()?.into_inner();
+        let a = answer.agents.into_iter().find(|a| a.agent_instance_id == session.agent_instance_id)?;
+        Some(AgentState { state: a.state, restarts: a.restarts, last_error: a.last_error, pid: a.pid })
+    }
+}
+
 #[tonic::async_trait]
 impl node_server::Node for NodeService {
     async fn create_sandbox(&self, req: Request<CreateSandboxRequest>) -> Result<Response<Sandbox>, Status> {
@@ -226,12 +243,15 @@ impl node_server::Node for NodeService {
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<SessionState>, Status> {
-        let session = self.node.sessions.get(&req.into_inner().session_id)?;
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let agent = if r.with_agent { self.agent_state(&session).await } else { None };
         Ok(Response::new(SessionState {
             session_id: session.session_id.clone(),
             acp_session_id: session.acp_session_id.clone(),
             active_run_id: session.active_run().unwrap_or_default(),
             last_seq: session.log.last_seq(),
+            agent,
         }))
     }
 
@@ -253,6 +273,44 @@ impl node_server::Node for NodeService {
             Ok(sandbox.info())
         };
         Ok(Response::new(self.node.fences.run(&r.container_id, r.fence.as_ref(), thaw).await?))
+    }
+
+    async fn set_session_mode(&self, req: Request<SetSessionModeRequest>) -> Result<Response<SessionSettingResponse>, Status> {
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .set_session_mode(sup::SetSessionModeRequest {
+                agent_instance_id: session.agent_instance_id.clone(),
+                acp_session_id: session.acp_session_id.clone(),
+                mode_id: r.mode_id,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(SessionSettingResponse { answer_json: answer.answer_json, settings_json: answer.settings_json }))
+    }
+
+    async fn set_session_config_option(
+        &self,
+        req: Request<SetSessionConfigOptionRequest>,
+    ) -> Result<Response<SessionSettingResponse>, Status> {
+        let r = req.into_inner();
+        let session = self.node.sessions.get(&r.session_id)?;
+        let sandbox = self.node.sandboxes.get(&session.container_id)?;
+        let answer = sandbox
+            .supervisor
+            .clone()
+            .set_session_config_option(sup::SetSessionConfigOptionRequest {
+                agent_instance_id: session.agent_instance_id.clone(),
+                acp_session_id: session.acp_session_id.clone(),
+                config_id: r.config_id,
+                value_json: r.value_json,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(SessionSettingResponse { answer_json: answer.answer_json, settings_json: answer.settings_json }))
     }
 
     async fn answer_permission(&self, req: Request<AnswerPermissionRequest>) -> Result<Response<AnswerPermissionResponse>, Status> {

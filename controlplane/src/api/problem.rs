@@ -106,6 +106,15 @@ const NODE_CODES: &[(&str, StatusCode)] = &[
     ("bundle_checksum_mismatch", StatusCode::UNPROCESSABLE_ENTITY),
     ("bundle_invalid", StatusCode::UNPROCESSABLE_ENTITY),
     ("bundle_fetch_failed", StatusCode::BAD_GATEWAY),
+    ("unsupported_content", StatusCode::UNPROCESSABLE_ENTITY),
+    ("unknown_mode", StatusCode::UNPROCESSABLE_ENTITY),
+    ("unknown_config_option", StatusCode::UNPROCESSABLE_ENTITY),
+    ("not_supported", StatusCode::CONFLICT),
+    // The plan gives no credentials the agent accepts: fix the request's env.
+    ("agent_auth_required", StatusCode::UNPROCESSABLE_ENTITY),
+    ("agent_restarting", StatusCode::SERVICE_UNAVAILABLE),
+    // Exited or failed past its restart budget: retrying will not help.
+    ("agent_unavailable", StatusCode::CONFLICT),
     ("agent_init_failed", StatusCode::BAD_GATEWAY),
     ("agent_error", StatusCode::BAD_GATEWAY),
     ("agent_spawn_failed", StatusCode::BAD_GATEWAY),

@@ -16,7 +16,9 @@ use crate::store::states::{container, session as session_state};
 use crate::store::outbox::NewStep;
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, flows, new_id};
-use agentd_proto::node::{AnswerPermissionRequest, CancelRequest, GetSessionRequest};
+use agentd_proto::node::{
+    AgentPolicy, AnswerPermissionRequest, CancelRequest, GetSessionRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
+};
 
 #[derive(Debug, Deserialize)]
 pub struct CreateSessionBody {
@@ -43,6 +45,39 @@ pub struct PolicyBody {
     /// How long an `ask` waits for a client before denying.
     #[serde(default)]
     pub ask_timeout_ms: Option<u32>,
+    /// never | on_failure (the default) | always: when a crashed agent is
+    /// started again.
+    #[serde(default)]
+    pub restart: Option<String>,
+    /// Restarts in a row before the agent counts as failed.
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    /// The first wait before a restart, doubled for each one in a row.
+    #[serde(default)]
+    pub restart_backoff_ms: Option<u32>,
+    /// How long the agent may take over any request but a prompt.
+    #[serde(default)]
+    pub request_timeout_ms: Option<u32>,
+    /// The agent's `authMethods` id to authenticate with; by default the
+    /// supervisor picks one whose credentials the agent's env provides.
+    #[serde(default)]
+    pub auth_method: Option<String>,
+}
+
+impl PolicyBody {
+    fn agent_policy(&self) -> Result<AgentPolicy, Problem> {
+        let restart = self.restart.clone().unwrap_or_default();
+        if !["", "never", "on_failure", "always"].contains(&restart.as_str()) {
+            return Err(Problem::invalid("invalid_request", format!("policy.restart must be never, on_failure or always, got {restart:?}")));
+        }
+        Ok(AgentPolicy {
+            restart,
+            max_restarts: self.max_restarts.unwrap_or(0),
+            restart_backoff_ms: self.restart_backoff_ms.unwrap_or(0),
+            request_timeout_ms: self.request_timeout_ms.unwrap_or(0),
+            auth_method: self.auth_method.clone().unwrap_or_default(),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,14 +90,47 @@ pub struct PromptBody {
     pub prompt: Value,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetModeBody {
+    pub mode_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetConfigOptionBody {
+    pub config_id: String,
+    /// An option id (string) or a boolean, as the option's kind wants.
+    pub value: Value,
+}
+
+/// The agent's live state from its supervisor, for a ready session.
+async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
+    if s.state != session_state::READY {
+        return Value::Null;
+    }
+    let request = GetSessionRequest { session_id: s.id.clone(), with_agent: true };
+    match app.node.clone().get_session(request).await.map(|r| r.into_inner().agent) {
+        Ok(Some(a)) => json!({"state": a.state, "restarts": a.restarts, "pid": a.pid,
+            "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) }}),
+        Ok(None) => Value::Null,
+        Err(e) => json!({"error": e.message()}),
+    }
+}
+
 /// A session as clients see it, with its runs.
 pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
     let runs = app.store.runs_of_session(&s.id).await?;
+    let live = agent_state(app, s).await;
+    let mut agent = json!({"id": s.agent_id, "version": s.agent_version, "instance_id": s.agent_instance_id});
+    if let Value::Object(live) = live {
+        agent.as_object_mut().expect("an object").extend(live);
+    }
     Ok(json!({
         "id": s.id,
         "container_id": s.container_id,
         "state": s.state,
-        "agent": {"id": s.agent_id, "version": s.agent_version, "instance_id": s.agent_instance_id},
+        "agent": agent,
         "acp_session_id": s.acp_session_id,
         "working_dir": s.working_dir,
         "error": s.error,
@@ -100,6 +168,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
         None => Profile::default(),
     };
     let policy = body.policy.unwrap_or_default();
+    let agent_policy = policy.agent_policy()?;
     let permission_policy = policy.permissions.unwrap_or_else(|| "ask".into());
     if !["allow", "deny", "ask"].contains(&permission_policy.as_str()) {
         return Err(Problem::invalid("invalid_request", format!("policy.permissions must be allow, deny or ask, got {permission_policy:?}")));
@@ -109,7 +178,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     let session_id = new_id("ses");
     let instance_id = new_id("agi");
     let network_given = body.container_profile.as_ref().is_some_and(|p| p.get("network").is_some());
-    let compiled = plan::compile(
+    let mut compiled = plan::compile(
         &container_id,
         &agent,
         &this_platform(),
@@ -121,6 +190,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
         PlanError::NoDistribution(e) => Problem::invalid("no_distribution", e.to_string()),
         e => Problem::invalid("invalid_request", e.to_string()),
     })?;
+    compiled.agent.policy = Some(agent_policy);
 
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
     // The rows and the step that builds them, in one transaction; a runner
@@ -168,7 +238,7 @@ const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// `POST /v1/sessions/{id}:prompt` and `POST /v1/sessions/{id}:cancel`.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>, body: axum::body::Bytes) -> Result<Response, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a session action: {id}:prompt or {id}:cancel"));
+        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a session action: {id}:prompt, :cancel, :set_mode or :set_config_option"));
     };
     match verb {
         "prompt" => {
@@ -176,8 +246,33 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, bod
             prompt(app, id, body).await
         }
         "cancel" => cancel(app, id).await,
-        other => Err(Problem::not_found("unknown_action", format!("no session action {other:?} (try prompt or cancel)"))),
+        "set_mode" => {
+            let body: SetModeBody = parse_body(&body)?;
+            let s = app.store.get_session(id).await?;
+            require_ready(&s)?;
+            let answer = app.node.clone().set_session_mode(SetSessionModeRequest { session_id: s.id.clone(), mode_id: body.mode_id }).await?;
+            Ok(settings(&s.id, answer.into_inner()))
+        }
+        "set_config_option" => {
+            let body: SetConfigOptionBody = parse_body(&body)?;
+            let s = app.store.get_session(id).await?;
+            require_ready(&s)?;
+            let request = SetSessionConfigOptionRequest { session_id: s.id.clone(), config_id: body.config_id, value_json: body.value.to_string() };
+            let answer = app.node.clone().set_session_config_option(request).await?;
+            Ok(settings(&s.id, answer.into_inner()))
+        }
+        other => Err(Problem::not_found(
+            "unknown_action",
+            format!("no session action {other:?} (try prompt, cancel, set_mode or set_config_option)"),
+        )),
     }
+}
+
+/// The session's modes and config options after a change.
+fn settings(session_id: &str, answer: SessionSettingResponse) -> Response {
+    let mut body: Value = serde_json::from_str(&answer.settings_json).unwrap_or_else(|_| json!({}));
+    body["session_id"] = json!(session_id);
+    (StatusCode::OK, Json(body)).into_response()
 }
 
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
@@ -253,7 +348,7 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
             Err(StoreError::RunActive { .. }) => {}
             other => return Ok(other?),
         }
-        let state = app.node.clone().get_session(GetSessionRequest { session_id: s.id.clone() }).await?.into_inner();
+        let state = app.node.clone().get_session(GetSessionRequest { session_id: s.id.clone(), with_agent: false }).await?.into_inner();
         let stale = app.store.running_runs_of_session(&s.id).await?.iter().all(|r| r.id != state.active_run_id);
         if !stale || tokio::time::Instant::now() >= deadline {
             let running = if state.active_run_id.is_empty() { "a run" } else { state.active_run_id.as_str() };

@@ -21,16 +21,20 @@ use agent_client_protocol::{
 };
 use agent_client_protocol_schema::ProtocolVersion;
 use agent_client_protocol_schema::v1::{
-    AgentCapabilities, CancelNotification, ClientCapabilities, ContentBlock, ContentChunk,
-    Implementation, InitializeRequest, InitializeResponse, NewSessionRequest, NewSessionResponse,
-    PromptRequest, PromptResponse, SessionId, SessionNotification, SessionUpdate, StopReason,
+    AgentCapabilities, AuthMethod, AuthMethodAgent, AuthenticateRequest, AuthenticateResponse,
+    CancelNotification, ClientCapabilities, ContentBlock, ContentChunk, Implementation,
+    InitializeRequest, InitializeResponse, LoadSessionRequest, LoadSessionResponse,
+    NewSessionRequest, NewSessionResponse, PromptCapabilities, PromptRequest, PromptResponse,
+    SessionConfigOption, SessionConfigOptionValue, SessionConfigSelectOption, SessionId,
+    SessionMode, SessionModeState, SessionNotification, SessionUpdate, SetSessionConfigOptionRequest,
+    SetSessionConfigOptionResponse, SetSessionModeRequest, SetSessionModeResponse, StopReason,
     TextContent, ToolCallId,
 };
 use tokio::sync::watch;
 
 use crate::chunking::{self, Chunking};
-use crate::cli::FailInitialize;
-use crate::commands;
+use crate::cli::{FailInitialize, PromptKind};
+use crate::commands::{self, Emit};
 use crate::stdio::StdoutLines;
 use crate::tools::Tools;
 
@@ -50,6 +54,9 @@ pub const FAIL_EXIT_CODE: i32 = 3;
 /// throughput in measurements.
 const YIELD_EVERY: usize = 32;
 
+/// The variable whose value `--require-auth`'s `echo-agent-token` method checks.
+pub const TOKEN_VAR: &str = "ECHO_AGENT_TOKEN";
+
 /// How the agent behaves, as set on the command line.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -58,6 +65,10 @@ pub struct Config {
     pub repeat: usize,
     pub hog_mib: usize,
     pub fail_initialize: Option<FailInitialize>,
+    pub require_auth: bool,
+    pub load_session: bool,
+    pub hang_session_new: bool,
+    pub prompt_capabilities: Vec<PromptKind>,
 }
 
 /// Memory `--hog-mib` holds on to, so each turn grows the agent further.
@@ -101,8 +112,74 @@ pub async fn serve(
         .on_receive_request(
             {
                 let state = state.clone();
+                async move |request: AuthenticateRequest, responder, _cx| {
+                    match state.authenticate(&request.method_id.0) {
+                        Ok(()) => responder.respond(AuthenticateResponse::new()),
+                        Err(err) => responder.respond_with_error(err),
+                    }
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
                 async move |_request: NewSessionRequest, responder, _cx| {
-                    responder.respond(NewSessionResponse::new(state.new_session()))
+                    if state.config.hang_session_new {
+                        tracing::warn!("never answering session/new (--hang-session-new)");
+                        state.parked_sessions.lock().unwrap_or_else(PoisonError::into_inner).push(responder);
+                        return Ok(());
+                    }
+                    if !state.is_authenticated() {
+                        return responder.respond_with_error(Error::auth_required());
+                    }
+                    let id = state.new_session();
+                    let settings = Settings::default();
+                    responder.respond(
+                        NewSessionResponse::new(id)
+                            .modes(settings.modes())
+                            .config_options(vec![settings.case_option()]),
+                    )
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: SetSessionModeRequest, responder, _cx| {
+                    match state.set_mode(&request.session_id, &request.mode_id.0) {
+                        Ok(()) => responder.respond(SetSessionModeResponse::new()),
+                        Err(err) => responder.respond_with_error(err),
+                    }
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: SetSessionConfigOptionRequest, responder, _cx| {
+                    match state.set_config_option(&request) {
+                        Ok(options) => responder.respond(SetSessionConfigOptionResponse::new(options)),
+                        Err(err) => responder.respond_with_error(err),
+                    }
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: LoadSessionRequest, responder, _cx| {
+                    if !state.config.load_session {
+                        return responder.respond_with_error(Error::method_not_found());
+                    }
+                    if !state.is_authenticated() {
+                        return responder.respond_with_error(Error::auth_required());
+                    }
+                    state.load_session(request.session_id);
+                    responder.respond(LoadSessionResponse::new())
                 }
             },
             on_receive_request!(),
@@ -136,6 +213,42 @@ pub async fn serve(
         .await
 }
 
+/// A session's mode and config options.
+///
+/// Modes: `echo` (the default) and `quiet` (turns end without a word).
+/// Config option `case` (select): `as-is` (the default) or `upper`.
+#[derive(Debug, Clone, Default)]
+struct Settings {
+    quiet: bool,
+    upper: bool,
+}
+
+impl Settings {
+    fn modes(&self) -> SessionModeState {
+        let current = if self.quiet { "quiet" } else { "echo" };
+        SessionModeState::new(
+            current,
+            vec![
+                SessionMode::new("echo", "Echo"),
+                SessionMode::new("quiet", "Quiet"),
+            ],
+        )
+    }
+
+    fn case_option(&self) -> SessionConfigOption {
+        let current = if self.upper { "upper" } else { "as-is" };
+        SessionConfigOption::select(
+            "case",
+            "Case",
+            current,
+            vec![
+                SessionConfigSelectOption::new("as-is", "As is"),
+                SessionConfigSelectOption::new("upper", "Upper case"),
+            ],
+        )
+    }
+}
+
 /// Shared by all handlers and turn tasks.
 struct State {
     config: Config,
@@ -154,6 +267,12 @@ struct State {
     client_capabilities: Mutex<ClientCapabilities>,
     /// Numbers the `tool_call`s that terminal commands report.
     next_tool_call: AtomicU64,
+    /// Each session's mode and config options.
+    settings: Mutex<HashMap<SessionId, Settings>>,
+    /// `session/new` answers `--hang-session-new` never sends.
+    parked_sessions: Mutex<Vec<Responder<NewSessionResponse>>>,
+    /// Whether `authenticate` succeeded (always true without `--require-auth`).
+    authenticated: std::sync::atomic::AtomicBool,
 }
 
 struct RunningTurn {
@@ -164,6 +283,7 @@ struct RunningTurn {
 
 impl State {
     fn new(config: Config, stdout: StdoutLines) -> Self {
+        let config_requires_auth = config.require_auth;
         Self {
             config,
             stdout,
@@ -173,6 +293,9 @@ impl State {
             next_turn_id: AtomicU64::new(0),
             client_capabilities: Mutex::default(),
             next_tool_call: AtomicU64::new(1),
+            parked_sessions: Mutex::default(),
+            settings: Mutex::default(),
+            authenticated: std::sync::atomic::AtomicBool::new(!config_requires_auth),
         }
     }
 
@@ -193,11 +316,7 @@ impl State {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = request.client_capabilities;
         match self.config.fail_initialize {
-            None => responder.respond(
-                InitializeResponse::new(ProtocolVersion::V1)
-                    .agent_capabilities(AgentCapabilities::new().load_session(false))
-                    .agent_info(Implementation::new("echo-agent", env!("CARGO_PKG_VERSION"))),
-            ),
+            None => responder.respond(self.initialize_response()),
             Some(FailInitialize::Error) => responder.respond_with_error(Error::new(
                 ErrorCode::INTERNAL_ERROR,
                 "initialize failed (injected by --fail-initialize error)",
@@ -221,6 +340,104 @@ impl State {
                 Ok(())
             }
         }
+    }
+
+    fn initialize_response(&self) -> InitializeResponse {
+        let kinds = &self.config.prompt_capabilities;
+        let prompt = PromptCapabilities::new()
+            .image(kinds.contains(&PromptKind::Image))
+            .audio(kinds.contains(&PromptKind::Audio))
+            .embedded_context(kinds.contains(&PromptKind::EmbeddedContext));
+        let capabilities = AgentCapabilities::new()
+            .load_session(self.config.load_session)
+            .prompt_capabilities(prompt);
+        let mut response = InitializeResponse::new(ProtocolVersion::V1)
+            .agent_capabilities(capabilities)
+            .agent_info(Implementation::new("echo-agent", env!("CARGO_PKG_VERSION")));
+        if self.config.require_auth {
+            response = response.auth_methods(vec![
+                AuthMethod::Agent(AuthMethodAgent::new("browser-login", "Log in with a browser")),
+                AuthMethod::Agent(
+                    AuthMethodAgent::new("echo-agent-token", "Use a token").description(format!(
+                        "Requires setting the `{TOKEN_VAR}` environment variable"
+                    )),
+                ),
+            ]);
+        }
+        response
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Relaxed)
+    }
+
+    fn authenticate(&self, method_id: &str) -> Result<(), Error> {
+        match method_id {
+            "echo-agent-token" if std::env::var(TOKEN_VAR).is_ok_and(|v| !v.is_empty()) => {
+                tracing::info!("authenticated with {TOKEN_VAR}");
+                self.authenticated.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            "echo-agent-token" => Err(Error::auth_required().data(serde_json::json!({"missing": TOKEN_VAR}))),
+            "browser-login" => Err(Error::new(ErrorCode::INTERNAL_ERROR, "no browser to log in with")),
+            other => Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown auth method {other}"))),
+        }
+    }
+
+    /// `session/load`: the echo agent keeps no history, so any id is taken
+    /// as a session to go on with (nothing is replayed).
+    fn load_session(&self, id: SessionId) {
+        tracing::info!(session = %id, "session loaded");
+        self.sessions().entry(id).or_insert(None);
+    }
+
+    fn settings(&self, session_id: &SessionId) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(session_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn update_settings(
+        &self,
+        session_id: &SessionId,
+        change: impl FnOnce(&mut Settings) -> Result<(), Error>,
+    ) -> Result<Settings, Error> {
+        if !self.sessions().contains_key(session_id) {
+            return Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown session id {session_id}")));
+        }
+        let mut all = self.settings.lock().unwrap_or_else(PoisonError::into_inner);
+        let settings = all.entry(session_id.clone()).or_default();
+        change(settings)?;
+        Ok(settings.clone())
+    }
+
+    fn set_mode(&self, session_id: &SessionId, mode: &str) -> Result<(), Error> {
+        self.update_settings(session_id, |s| {
+            s.quiet = match mode {
+                "echo" => false,
+                "quiet" => true,
+                other => return Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown mode {other}"))),
+            };
+            Ok(())
+        })?;
+        tracing::info!(session = %session_id, mode, "mode set");
+        Ok(())
+    }
+
+    fn set_config_option(&self, request: &SetSessionConfigOptionRequest) -> Result<Vec<SessionConfigOption>, Error> {
+        let settings = self.update_settings(&request.session_id, |s| {
+            s.upper = match (&*request.config_id.0, &request.value) {
+                ("case", SessionConfigOptionValue::ValueId { value }) if &*value.0 == "upper" => true,
+                ("case", SessionConfigOptionValue::ValueId { value }) if &*value.0 == "as-is" => false,
+                ("case", _) => return Err(Error::new(ErrorCode::INVALID_PARAMS, "case is as-is or upper")),
+                (other, _) => return Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown config option {other}"))),
+            };
+            Ok(())
+        })?;
+        Ok(vec![settings.case_option()])
     }
 
     fn park(&self, responder: Responder<InitializeResponse>) {
@@ -247,6 +464,9 @@ impl State {
         cx: ConnectionTo<Client>,
     ) -> Result<(), Error> {
         let session_id = request.session_id;
+        if !self.is_authenticated() {
+            return responder.respond_with_error(Error::auth_required());
+        }
         let (guard, cancel) = match self.clone().begin_turn(&session_id) {
             Ok(started) => started,
             Err(err) => return responder.respond_with_error(err),
@@ -332,9 +552,54 @@ impl State {
         cx: &ConnectionTo<Client>,
         session_id: &SessionId,
         command: commands::Command,
-        mut cancel: TurnCancel,
+        cancel: TurnCancel,
     ) -> Result<StopReason, Error> {
         tracing::info!(session = %session_id, ?command, "prompt command");
+        let said = match command {
+            commands::Command::Crash { code, orphan } => {
+                if orphan {
+                    // Same process group as the agent: an npm launcher's native child.
+                    let child = std::process::Command::new("sleep").arg("600").spawn();
+                    tracing::warn!(ok = child.is_ok(), "left a child behind (/crash orphan)");
+                }
+                tracing::warn!(code, "crashing on request (/crash)");
+                std::process::exit(code);
+            }
+            commands::Command::Emit(what) => self.emit(what).await?,
+            commands::Command::Logout => {
+                self.authenticated.store(!self.config.require_auth, Ordering::Relaxed);
+                "logged out".to_owned()
+            }
+            command => return self.run_tool(cx, session_id, command, cancel).await,
+        };
+        cx.send_notification(SessionNotification::new(
+            session_id.clone(),
+            SessionUpdate::AgentMessageChunk(ContentChunk::new(ContentBlock::Text(TextContent::new(said)))),
+        ))?;
+        Ok(StopReason::EndTurn)
+    }
+
+    /// `/emit`: writes something that is no valid message straight to stdout.
+    async fn emit(&self, what: Emit) -> Result<String, Error> {
+        let (line, said) = match what {
+            Emit::Garbage => (GARBAGE_LINE.to_owned(), "emitted garbage".to_owned()),
+            Emit::Stray => (
+                r#"{"jsonrpc":"2.0","id":"echo-stray-1","result":{}}"#.to_owned(),
+                "emitted a stray response".to_owned(),
+            ),
+            Emit::Huge(mib) => ("x".repeat(mib << 20), format!("emitted a {mib} MiB line")),
+        };
+        self.stdout.write_line(line).await.map_err(Error::into_internal_error)?;
+        Ok(said)
+    }
+
+    async fn run_tool(
+        &self,
+        cx: &ConnectionTo<Client>,
+        session_id: &SessionId,
+        command: commands::Command,
+        mut cancel: TurnCancel,
+    ) -> Result<StopReason, Error> {
         let caps = self
             .client_capabilities
             .lock()
@@ -360,6 +625,17 @@ impl State {
         if self.config.hog_mib > 0 {
             hog(self.config.hog_mib);
         }
+        let settings = self.settings(session_id);
+        if settings.quiet {
+            return Ok(StopReason::EndTurn);
+        }
+        let upper;
+        let text = if settings.upper {
+            upper = text.to_uppercase();
+            upper.as_str()
+        } else {
+            text
+        };
         let chunks = chunking::split(text, self.config.chunking);
         let echoed = std::iter::repeat_n(chunks.as_slice(), self.config.repeat).flatten();
         for (i, chunk) in echoed.enumerate() {

@@ -39,6 +39,36 @@ pub struct Args {
     /// agent.
     #[arg(long, value_name = "MODE")]
     pub fail_initialize: Option<FailInitialize>,
+
+    /// Require `authenticate` before `session/new` (which answers ACP's
+    /// `auth_required` until then). Two methods are advertised: an
+    /// interactive `browser-login` that always fails here, and
+    /// `echo-agent-token`, which succeeds when the environment variable
+    /// ECHO_AGENT_TOKEN is set and not empty.
+    #[arg(long)]
+    pub require_auth: bool,
+
+    /// Advertise `loadSession` and accept `session/load` of any session id
+    /// (even one an earlier run of the agent created), as an agent that
+    /// keeps its sessions on disk would.
+    #[arg(long)]
+    pub load_session: bool,
+
+    /// Never answer `session/new`, to test a client's request timeout.
+    #[arg(long)]
+    pub hang_session_new: bool,
+
+    /// Advertise these prompt capabilities (image, audio, embedded-context).
+    #[arg(long, value_name = "KIND", value_delimiter = ',')]
+    pub prompt_capabilities: Vec<PromptKind>,
+}
+
+/// A content block kind `--prompt-capabilities` can advertise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PromptKind {
+    Image,
+    Audio,
+    EmbeddedContext,
 }
 
 /// The ways `--fail-initialize` can break the handshake.
@@ -63,6 +93,10 @@ impl Args {
             repeat: self.repeat,
             hog_mib: self.hog_mib,
             fail_initialize: self.fail_initialize,
+            require_auth: self.require_auth,
+            load_session: self.load_session,
+            hang_session_new: self.hang_session_new,
+            prompt_capabilities: self.prompt_capabilities,
         }
     }
 }

@@ -9,6 +9,17 @@
 //!                               terminal/create, wait_for_exit, output, release
 //! /kill CMD [ARG...]            terminal/create, kill, wait_for_exit, output, release
 //! /output TERMINAL_ID           terminal/output on any id (an unknown one, say)
+//! /ask [--cancel-after MS] [TITLE]
+//!                               session/request_permission; with --cancel-after, the
+//!                               agent sends `$/cancel_request` for it after MS ms
+//! /crash [CODE [orphan]]        the agent exits at once with CODE (default 70), mid-turn;
+//!                               with `orphan`, it first starts `sleep 600` in its
+//!                               process group, which outlives it unless the client
+//!                               kills the group
+//! /logout                       forget `authenticate` (with --require-auth): the next
+//!                               prompt is answered `auth_required`
+//! /emit garbage|stray|huge MIB  writes a non-JSON line, an answer to a request never
+//!                               sent, or a MIB-long line, then ends the turn normally
 //! ```
 //!
 //! Words are split on whitespace; single or double quotes keep a word
@@ -39,9 +50,31 @@ pub enum Command {
     /// allow and a reject option.
     Ask {
         title: String,
+        /// Withdraw the request (`$/cancel_request`) after this many ms.
+        cancel_after_ms: Option<u64>,
     },
+    /// Exit the whole agent process with this code, without answering.
+    Crash {
+        code: i32,
+        /// Leave a child behind in the agent's process group.
+        orphan: bool,
+    },
+    /// Write something that is not a valid message to stdout.
+    Emit(Emit),
+    /// Forget the authentication, as an expired token would.
+    Logout,
     /// A known command used wrongly: the text explains how to use it.
     Usage(&'static str),
+}
+
+/// What `/emit` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emit {
+    Garbage,
+    /// A response to an id the client never used.
+    Stray,
+    /// A line of this many MiB.
+    Huge(usize),
 }
 
 /// What `/run` asks the client to run.
@@ -59,6 +92,9 @@ const WRITE_USAGE: &str = "usage: /write PATH TEXT";
 const RUN_USAGE: &str = "usage: /run [--limit N] [--cwd DIR] [--env NAME=VALUE]... CMD [ARG...]";
 const KILL_USAGE: &str = "usage: /kill CMD [ARG...]";
 const OUTPUT_USAGE: &str = "usage: /output TERMINAL_ID";
+const ASK_USAGE: &str = "usage: /ask [--cancel-after MS] [TITLE]";
+const CRASH_USAGE: &str = "usage: /crash [CODE [orphan]]";
+const EMIT_USAGE: &str = "usage: /emit garbage|stray|huge MIB";
 
 /// The command `text` spells, or `None` for a prompt to echo.
 pub fn parse(text: &str) -> Option<Command> {
@@ -75,7 +111,22 @@ pub fn parse(text: &str) -> Option<Command> {
             }
             _ => Command::Usage(KILL_USAGE),
         },
-        "ask" => Command::Ask { title: if args.trim().is_empty() { "a tool call".into() } else { args.trim().to_string() } },
+        "ask" => parse_ask(args),
+        "crash" => match words(args).as_deref() {
+            Some([]) => Command::Crash { code: 70, orphan: false },
+            Some([code]) => code.parse().map_or(Command::Usage(CRASH_USAGE), |code| Command::Crash { code, orphan: false }),
+            Some([code, o]) if o == "orphan" => {
+                code.parse().map_or(Command::Usage(CRASH_USAGE), |code| Command::Crash { code, orphan: true })
+            }
+            _ => Command::Usage(CRASH_USAGE),
+        },
+        "logout" => Command::Logout,
+        "emit" => match words(args).as_deref() {
+            Some([w]) if w == "garbage" => Command::Emit(Emit::Garbage),
+            Some([w]) if w == "stray" => Command::Emit(Emit::Stray),
+            Some([w, mib]) if w == "huge" => mib.parse().map_or(Command::Usage(EMIT_USAGE), |n| Command::Emit(Emit::Huge(n))),
+            _ => Command::Usage(EMIT_USAGE),
+        },
         "output" => match words(args).as_deref() {
             Some([id]) => Command::Output {
                 terminal_id: id.clone(),
@@ -85,6 +136,22 @@ pub fn parse(text: &str) -> Option<Command> {
         _ => return None,
     };
     Some(command)
+}
+
+fn parse_ask(args: &str) -> Command {
+    let mut args = args.trim();
+    let mut cancel_after_ms = None;
+    if let Some(rest) = args.strip_prefix("--cancel-after") {
+        let rest = rest.trim_start();
+        let (ms, title) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        match ms.parse() {
+            Ok(ms) => cancel_after_ms = Some(ms),
+            Err(_) => return Command::Usage(ASK_USAGE),
+        }
+        args = title.trim();
+    }
+    let title = if args.is_empty() { "a tool call".into() } else { args.to_string() };
+    Command::Ask { title, cancel_after_ms }
 }
 
 fn parse_read(args: &str) -> Command {
@@ -288,6 +355,27 @@ mod tests {
             })
         );
         assert_eq!(parse("/output"), Some(Command::Usage(OUTPUT_USAGE)));
+    }
+
+    #[test]
+    fn ask_takes_an_optional_cancel_delay() {
+        assert_eq!(parse("/ask rm -rf /"), Some(Command::Ask { title: "rm -rf /".into(), cancel_after_ms: None }));
+        assert_eq!(parse("/ask"), Some(Command::Ask { title: "a tool call".into(), cancel_after_ms: None }));
+        assert_eq!(parse("/ask --cancel-after 200 x y"), Some(Command::Ask { title: "x y".into(), cancel_after_ms: Some(200) }));
+        assert_eq!(parse("/ask --cancel-after soon"), Some(Command::Usage(ASK_USAGE)));
+    }
+
+    #[test]
+    fn crash_and_emit() {
+        assert_eq!(parse("/crash"), Some(Command::Crash { code: 70, orphan: false }));
+        assert_eq!(parse("/crash 9"), Some(Command::Crash { code: 9, orphan: false }));
+        assert_eq!(parse("/crash 9 orphan"), Some(Command::Crash { code: 9, orphan: true }));
+        assert_eq!(parse("/crash 9 x"), Some(Command::Usage(CRASH_USAGE)));
+        assert_eq!(parse("/crash x"), Some(Command::Usage(CRASH_USAGE)));
+        assert_eq!(parse("/emit garbage"), Some(Command::Emit(Emit::Garbage)));
+        assert_eq!(parse("/emit stray"), Some(Command::Emit(Emit::Stray)));
+        assert_eq!(parse("/emit huge 17"), Some(Command::Emit(Emit::Huge(17))));
+        assert_eq!(parse("/emit huge"), Some(Command::Usage(EMIT_USAGE)));
     }
 
     #[test]

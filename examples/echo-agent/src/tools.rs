@@ -68,6 +68,7 @@ impl Tools<'_> {
     ) -> Result<StopReason, Error> {
         match command {
             Command::Usage(usage) => self.say(usage)?,
+            Command::Crash { .. } | Command::Emit(_) | Command::Logout => unreachable!("the agent's own commands, run by State"),
             Command::Read { path, line, limit } => self.read(path, line, limit).await?,
             Command::Write { path, content } => self.write(path, content).await?,
             Command::Run(spec) => return self.terminal(spec, false, cancel).await,
@@ -80,7 +81,7 @@ impl Tools<'_> {
                 return self.terminal(spec, true, cancel).await;
             }
             Command::Output { terminal_id } => self.output(terminal_id).await?,
-            Command::Ask { title } => return self.ask(title).await,
+            Command::Ask { title, cancel_after_ms } => return self.ask(title, cancel_after_ms).await,
         }
         Ok(StopReason::EndTurn)
     }
@@ -141,14 +142,31 @@ impl Tools<'_> {
     /// `permission: selected ID` or `permission: cancelled`. A cancelled
     /// answer means the client cancelled the turn, which then ends
     /// `cancelled`, as the spec asks of agents.
-    async fn ask(&self, title: String) -> Result<StopReason, Error> {
+    async fn ask(&self, title: String, cancel_after_ms: Option<u64>) -> Result<StopReason, Error> {
         let tool_call = ToolCallUpdate::new(self.tool_call_id.clone(), ToolCallUpdateFields::new().title(title));
         let options = vec![
             PermissionOption::new("allow", "Allow", PermissionOptionKind::AllowOnce),
             PermissionOption::new("reject", "Reject", PermissionOptionKind::RejectOnce),
         ];
         let request = RequestPermissionRequest::new(self.session_id.clone(), tool_call, options);
-        match self.cx.send_request(request).block_task().await {
+        let sent = self.cx.send_request(request);
+        let withdraw = sent.cancellation_handle();
+        let answer = sent.block_task();
+        let answer = match cancel_after_ms {
+            None => answer.await,
+            Some(ms) => {
+                tokio::pin!(answer);
+                tokio::select! {
+                    answer = &mut answer => answer,
+                    () = tokio::time::sleep(std::time::Duration::from_millis(ms)) => {
+                        // `$/cancel_request`; the client still answers (-32800).
+                        withdraw.cancel()?;
+                        answer.await
+                    }
+                }
+            }
+        };
+        match answer {
             Ok(response) => match response.outcome {
                 RequestPermissionOutcome::Selected(selected) => self.say(&format!("permission: selected {}", selected.option_id))?,
                 _ => {

@@ -20,12 +20,52 @@ pub enum AcpError {
     BadAnswer { method: &'static str, reason: String },
 }
 
+impl AcpError {
+    /// The agent answered ACP's `auth_required` (-32000).
+    pub fn is_auth_required(&self) -> bool {
+        matches!(self, AcpError::Rpc(RpcError::Remote(e)) if e.code == super::AUTH_REQUIRED)
+    }
+}
+
 /// The agent's `initialize` answer: the version, and the whole answer verbatim
 /// for clients that want its capabilities.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Initialized {
     pub protocol_version: u64,
     pub raw: String,
+}
+
+impl Initialized {
+    fn answer(&self) -> serde_json::Value {
+        serde_json::from_str(&self.raw).unwrap_or_default()
+    }
+
+    /// How a session of an earlier run of the agent can be reopened:
+    /// `session/resume` when advertised (no replay), else `session/load`.
+    pub fn reopen_method(&self) -> Option<&'static str> {
+        let caps = self.answer().get("agentCapabilities").cloned().unwrap_or_default();
+        if caps.pointer("/sessionCapabilities/resume").is_some_and(|r| !r.is_null()) {
+            Some("session/resume")
+        } else if caps.get("loadSession").and_then(serde_json::Value::as_bool) == Some(true) {
+            Some("session/load")
+        } else {
+            None
+        }
+    }
+
+    /// Whether the agent accepts prompt content blocks of `kind`: text and
+    /// resource_link always; image, audio and resource (embedded context)
+    /// only when its promptCapabilities say so.
+    pub fn accepts_block(&self, kind: &str) -> bool {
+        let flag = match kind {
+            "text" | "resource_link" => return true,
+            "image" => "image",
+            "audio" => "audio",
+            "resource" => "embeddedContext",
+            _ => return false,
+        };
+        self.answer().pointer(&format!("/agentCapabilities/promptCapabilities/{flag}")).and_then(serde_json::Value::as_bool) == Some(true)
+    }
 }
 
 #[derive(Clone)]
@@ -64,10 +104,27 @@ impl AcpClient {
         if answer.protocol_version != PROTOCOL_VERSION {
             return Err(AcpError::UnsupportedVersion(answer.protocol_version));
         }
+        // Past the handshake, bad output no longer fails what we wait for.
+        self.rpc.handshake_done();
         Ok(Initialized { protocol_version: answer.protocol_version, raw: raw.get().to_string() })
     }
 
-    pub async fn new_session(&self, cwd: &str, timeout: Duration) -> Result<String, AcpError> {
+    pub async fn authenticate(&self, method_id: &str, timeout: Duration) -> Result<(), AcpError> {
+        self.rpc.request_within("authenticate", &json!({"methodId": method_id}), timeout).await?;
+        Ok(())
+    }
+
+    /// `session/load` (replays the history as updates) or `session/resume`
+    /// (does not): reopens a session a previous run of the agent created.
+    pub async fn reopen_session(&self, method: &'static str, session_id: &str, cwd: &str, timeout: Duration) -> Result<(), AcpError> {
+        let params = json!({"sessionId": session_id, "cwd": cwd, "mcpServers": []});
+        self.rpc.request_within(method, &params, timeout).await?;
+        Ok(())
+    }
+
+    /// `session/new`: the new session's id and the whole answer (its modes
+    /// and config options, if any).
+    pub async fn new_session(&self, cwd: &str, timeout: Duration) -> Result<(String, serde_json::Value), AcpError> {
         let params = json!({"cwd": cwd, "mcpServers": []});
         let raw = self.rpc.request_within("session/new", &params, timeout).await?;
         #[derive(Deserialize)]
@@ -75,7 +132,14 @@ impl AcpClient {
         struct Answer {
             session_id: String,
         }
-        Ok(parse::<Answer>("session/new", &raw)?.session_id)
+        let id = parse::<Answer>("session/new", &raw)?.session_id;
+        Ok((id, serde_json::from_str(raw.get()).unwrap_or_default()))
+    }
+
+    /// Any other request on a session (`session/set_mode`, ...): the answer as JSON.
+    pub async fn call(&self, method: &str, params: &serde_json::Value, timeout: Duration) -> Result<serde_json::Value, AcpError> {
+        let raw = self.rpc.request_within(method, params, timeout).await?;
+        Ok(serde_json::from_str(raw.get()).unwrap_or_default())
     }
 
     /// Runs one turn and returns its stop reason. Updates arrive meanwhile

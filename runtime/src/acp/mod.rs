@@ -12,5 +12,8 @@ pub mod rpc;
 pub use client::{AcpClient, AcpError, Initialized};
 pub use rpc::{ErrorObject, InboundHandler, RpcConnection, RpcError};
 
+/// ACP's `auth_required` error code.
+pub const AUTH_REQUIRED: i64 = -32000;
+
 /// The ACP protocol version agentd speaks.
 pub const PROTOCOL_VERSION: u64 = 1;

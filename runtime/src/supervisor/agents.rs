@@ -1,10 +1,27 @@
-//! Agent processes inside the sandbox and the ACP turns running on them.
+//! Agents inside the sandbox, supervised across restarts, and the ACP turns
+//! running on them.
+//!
+//! An [`Agent`] is what the node started under one id; a [`Process`] is one
+//! run of its executable (its own process group, connection, terminals and
+//! pending permission requests). When the process ends, its running turns
+//! fail (their `session/prompt` sees the closed output) and [`supervise`]
+//! starts a new one per the [`RestartPolicy`], with backoff, then reopens
+//! every session: `session/resume` or `session/load` when the agent
+//! advertises one, else `session/new`, whose new ACP id is kept behind the
+//! session's first id, the one the node knows.
+//!
+//! States: `starting` (spawn, `initialize`, authentication), `ready`,
+//! `running` (a turn runs), `auth_required` (the agent wants credentials
+//! the plan does not give), `exited` (ended and not restarted: stopped, or
+//! exit 0 under `on_failure`), `failed` (crashed past its restart budget,
+//! or could not start again).
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentd_proto::error::status;
 use nix::sys::signal::{Signal, killpg};
@@ -16,15 +33,18 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
+use super::auth::{self, AuthError};
 use super::client_methods::{self, ClientMethods};
 use super::permissions::{AnswerError, Permissions, Policy};
 use super::reaper::{Exit, Reaper};
+use super::restart::{RestartPolicy, STABLE_AFTER};
+use crate::acp::{AcpClient, AcpError, ErrorObject, InboundHandler, Initialized, RpcConnection, RpcError};
 use crate::sandbox::harden::Hardening;
 use crate::sandbox::seccomp::compile_custom;
-use crate::acp::{AcpClient, AcpError, ErrorObject, InboundHandler, Initialized, RpcConnection, RpcError};
 
-/// How long `session/new` may take before the agent counts as hung.
-const SESSION_NEW_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `session/new`, `session/load`, `authenticate` and the like may
+/// take before the agent counts as hung, unless the plan says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Events buffered per turn before the agent is slowed down to the reader's pace.
 const TURN_BUFFER: usize = 1024;
 
@@ -46,7 +66,7 @@ type Sinks = Mutex<HashMap<String, mpsc::Sender<TurnEvent>>>;
 struct Inbound {
     sinks: Arc<Sinks>,
     permissions: Arc<Permissions>,
-    /// `fs/*` and `terminal/*`, shared with the [`Agent`] that records sessions.
+    /// `fs/*` and `terminal/*`, shared with the [`Process`] that records sessions.
     methods: Arc<ClientMethods>,
 }
 
@@ -86,8 +106,18 @@ impl InboundHandler for Inbound {
             _ => Err(ErrorObject::method_not_found(&method)),
         }
     }
+
+    /// Bad output the connection survived: every running turn hears of it,
+    /// so a client sees why something it waited for may be missing.
+    fn protocol_error(&self, reason: &str) {
+        let data = serde_json::json!({"error": reason}).to_string();
+        for sink in self.sinks.lock().unwrap().values() {
+            let _ = sink.try_send(TurnEvent::Event { kind: "agent.protocol_error", data: data.clone() });
+        }
+    }
 }
 
+#[derive(Clone)]
 pub struct StartSpec {
     pub id: String,
     pub command: String,
@@ -97,27 +127,29 @@ pub struct StartSpec {
     pub initialize_timeout: Duration,
     /// Replaces the default seccomp filter for this agent.
     pub seccomp_json: Option<String>,
+    pub restart: RestartPolicy,
+    /// For every request but `session/prompt` (turns take as long as they take).
+    pub request_timeout: Duration,
+    /// The `authMethods` id to use; `None` picks by the credentials in `env`.
+    pub auth_method: Option<String>,
 }
 
-pub struct Agent {
-    pub id: String,
+/// One run of the agent's executable.
+pub struct Process {
     /// Also the process group id: each agent leads its own group.
     pub pid: i32,
     pub initialized: Initialized,
     client: AcpClient,
     exit: watch::Receiver<Option<Exit>>,
+    started: Instant,
     sinks: Arc<Sinks>,
-    /// Where `new_session` records each session's directory.
+    /// Where sessions record their directories.
     methods: Arc<ClientMethods>,
     /// Each session's permission policy and the requests waiting on clients.
     permissions: Arc<Permissions>,
 }
 
-impl Agent {
-    pub fn state(&self) -> &'static str {
-        if self.exit.borrow().is_some() { "exited" } else { "ready" }
-    }
-
+impl Process {
     /// Why the agent stopped answering. When it closed its output, its exit
     /// status (if it ends soon) says more than the closed pipe does.
     async fn describe(&self, error: AcpError) -> String {
@@ -134,6 +166,171 @@ impl Agent {
 
     fn signal_group(&self, signal: Signal) {
         let _ = killpg(Pid::from_raw(self.pid), signal);
+    }
+
+    async fn exited(&self) -> Exit {
+        let mut exit = self.exit.clone();
+        match exit.wait_for(|e| e.is_some()).await {
+            Ok(e) => e.expect("waited for Some"),
+            // The reaper went away: the supervisor is shutting down.
+            Err(_) => Exit::Signal(libc::SIGKILL),
+        }
+    }
+
+    /// Authenticates with the first usable method the agent accepts.
+    async fn authenticate(&self, spec: &StartSpec) -> Result<String, AuthError> {
+        let methods = auth::methods(&self.initialized.raw);
+        let mut refused = Vec::new();
+        for id in auth::candidates(&methods, &spec.env, spec.auth_method.as_deref())? {
+            match self.client.authenticate(&id, spec.request_timeout).await {
+                Ok(()) => {
+                    tracing::info!(agent = spec.id, method = id, "authenticated");
+                    return Ok(id);
+                }
+                Err(e) => refused.push(format!("{id}: {}", self.describe(e).await)),
+            }
+        }
+        Err(AuthError::Refused(refused))
+    }
+}
+
+/// A session as the agent's supervision keeps it, to reopen it after a restart.
+#[derive(Clone)]
+struct SessionRecord {
+    cwd: String,
+    policy: Policy,
+    /// The ACP id in the current process: the first id (the key) unless a
+    /// restart had to create the session anew.
+    acp_id: String,
+    /// What `session/new` answered (modes, config options), kept current by
+    /// set_mode and set_config_option.
+    opened: Value,
+}
+
+/// What the agent is doing, for Status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub state: &'static str,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+}
+
+pub struct Agent {
+    pub id: String,
+    spec: StartSpec,
+    status: Mutex<AgentStatus>,
+    current: Mutex<Option<Arc<Process>>>,
+    /// By the session's first ACP id (the one the node knows).
+    sessions: Mutex<HashMap<String, SessionRecord>>,
+    /// Turns running now: `ready` shows as `running` while any does.
+    turns: AtomicUsize,
+    /// Set when the sandbox stops: an exit then is no failure.
+    stopping: AtomicBool,
+}
+
+fn agent_error(code: Code, error_code: &'static str, message: impl Into<String>) -> Status {
+    status(code, error_code, message)
+}
+
+impl Agent {
+    pub fn status(&self) -> AgentStatus {
+        let mut s = self.status.lock().unwrap().clone();
+        if s.state == "ready" && self.turns.load(Ordering::Relaxed) > 0 {
+            s.state = "running";
+        }
+        s
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.current.lock().unwrap().as_ref().map_or(0, |p| p.pid)
+    }
+
+    pub fn initialized(&self) -> Option<Initialized> {
+        self.current.lock().unwrap().as_ref().map(|p| p.initialized.clone())
+    }
+
+    fn set_state(&self, state: &'static str, error: Option<String>) {
+        let mut s = self.status.lock().unwrap();
+        s.state = state;
+        if error.is_some() {
+            s.last_error = error;
+        }
+    }
+
+    /// The current process, if the agent can take requests now.
+    fn process(&self) -> Result<Arc<Process>, Status> {
+        let s = self.status();
+        let current = self.current.lock().unwrap().clone();
+        match current {
+            Some(p) if matches!(s.state, "ready" | "running" | "auth_required") => Ok(p),
+            _ => {
+                let why = s.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                let code = if matches!(s.state, "starting") { "agent_restarting" } else { "agent_unavailable" };
+                Err(agent_error(Code::Unavailable, code, format!("agent {} is {}{why}", self.id, s.state)))
+            }
+        }
+    }
+
+    /// `session/new`, authenticating first if the agent answers
+    /// `auth_required`. Returns the new ACP session id and the whole answer.
+    async fn open_session(&self, process: &Process, cwd: &str) -> Result<(String, Value), Status> {
+        let timeout = self.spec.request_timeout;
+        let first = process.client.new_session(cwd, timeout).await;
+        let error = match first {
+            Ok(id) => return Ok(id),
+            Err(e) if e.is_auth_required() => e,
+            Err(e) => return Err(agent_error(Code::FailedPrecondition, "agent_error", format!("session/new failed: {}", process.describe(e).await))),
+        };
+        tracing::info!(agent = self.id, %error, "agent requires authentication");
+        if let Err(e) = process.authenticate(&self.spec).await {
+            self.set_state("auth_required", Some(e.to_string()));
+            return Err(agent_error(Code::FailedPrecondition, "agent_auth_required", e.to_string()));
+        }
+        match process.client.new_session(cwd, timeout).await {
+            Ok(id) => Ok(id),
+            Err(e) if e.is_auth_required() => {
+                let message = "the agent still requires authentication after authenticate succeeded".to_string();
+                self.set_state("auth_required", Some(message.clone()));
+                Err(agent_error(Code::FailedPrecondition, "agent_auth_required", message))
+            }
+            Err(e) => Err(agent_error(Code::FailedPrecondition, "agent_error", format!("session/new failed: {}", process.describe(e).await))),
+        }
+    }
+
+    /// Makes `record`'s session live in `process`, which just started.
+    async fn reopen(&self, process: &Process, first_id: &str, record: &mut SessionRecord) -> Result<(), Status> {
+        let timeout = self.spec.request_timeout;
+        if let Some(method) = process.initialized.reopen_method() {
+            match process.client.reopen_session(method, &record.acp_id, &record.cwd, timeout).await {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!(agent = self.id, session = first_id, %e, method, "reopening failed; creating the session anew"),
+            }
+        }
+        (record.acp_id, record.opened) = self.open_session(process, &record.cwd).await?;
+        Ok(())
+    }
+
+    /// A request on a session; the agent's invalid-params answer is the
+    /// caller's fault (422), anything else the agent's (502).
+    async fn call(&self, process: &Process, method: &str, params: &Value) -> Result<Value, Status> {
+        match process.client.call(method, params, self.spec.request_timeout).await {
+            Ok(answer) => Ok(answer),
+            Err(AcpError::Rpc(RpcError::Remote(e))) if e.code == client_methods::INVALID_PARAMS => {
+                Err(status(Code::InvalidArgument, "invalid_request", format!("{method}: the agent refused: {}", e.message)))
+            }
+            Err(e) => Err(status(Code::FailedPrecondition, "agent_error", format!("{method} failed: {}", process.describe(e).await))),
+        }
+    }
+
+    /// The session's modes and config options as the agent last reported them.
+    pub fn session_settings(&self, session_id: &str) -> Value {
+        let opened = self.sessions.lock().unwrap().get(session_id).map(|r| r.opened.clone()).unwrap_or_default();
+        serde_json::json!({"modes": opened.get("modes"), "config_options": opened.get("configOptions")})
+    }
+
+    fn record_in(process: &Process, record: &SessionRecord) {
+        process.methods.add_session(&record.acp_id, &record.cwd);
+        process.permissions.set_policy(&record.acp_id, record.policy);
     }
 }
 
@@ -173,16 +370,17 @@ impl Agents {
         self.table.lock().unwrap().values().cloned().collect()
     }
 
-    /// Spawns the agent and completes `initialize`; on any failure the agent's
-    /// whole process group is killed and nothing is registered.
-    pub async fn start(&self, spec: StartSpec) -> Result<Arc<Agent>, Status> {
+    /// Spawns the agent and completes `initialize` (and `authenticate`, when
+    /// the plan names a method); on any failure the agent's whole process
+    /// group is killed and nothing is registered. Once registered, the agent
+    /// is supervised: restarted per its policy when it ends.
+    pub async fn start(self: &Arc<Self>, spec: StartSpec) -> Result<Arc<Agent>, Status> {
         if self.table.lock().unwrap().contains_key(&spec.id) {
             return Err(status(Code::AlreadyExists, "agent_exists", format!("agent {} already runs", spec.id)));
         }
         if let Err(e) = std::fs::create_dir_all(&spec.cwd) {
             return Err(status(Code::InvalidArgument, "bad_working_dir", format!("cannot create {}: {e}", spec.cwd)));
         }
-        let mut command = std::process::Command::new(&spec.command);
         let hardening = match &spec.seccomp_json {
             None => Arc::clone(&self.hardening),
             Some(json) => {
@@ -191,11 +389,39 @@ impl Agents {
                 Arc::new((*self.hardening).clone().with_seccomp(Some(program)))
             }
         };
+        let process = self.launch(&spec, &hardening).await?;
+        let agent = Arc::new(Agent {
+            id: spec.id.clone(),
+            spec,
+            status: Mutex::new(AgentStatus { state: "ready", restarts: 0, last_error: None }),
+            current: Mutex::new(Some(process)),
+            sessions: Mutex::default(),
+            turns: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        {
+            let mut table = self.table.lock().unwrap();
+            if table.contains_key(&agent.id) {
+                drop(table);
+                agent.current.lock().unwrap().as_ref().expect("just set").signal_group(Signal::SIGKILL);
+                return Err(status(Code::AlreadyExists, "agent_exists", format!("agent {} already runs", agent.id)));
+            }
+            table.insert(agent.id.clone(), Arc::clone(&agent));
+        }
+        tokio::spawn(supervise(Arc::clone(self), Arc::clone(&agent), hardening));
+        Ok(agent)
+    }
+
+    /// One run of the agent: spawn, `initialize`, and `authenticate` when the
+    /// plan names a method.
+    async fn launch(&self, spec: &StartSpec, hardening: &Arc<Hardening>) -> Result<Arc<Process>, Status> {
+        let mut command = std::process::Command::new(&spec.command);
         // The agent's terminals run with its hardening and environment.
-        let methods = Arc::new(ClientMethods::new(Arc::clone(&self.reaper), Arc::clone(&hardening), spec.env.clone()));
+        let methods = Arc::new(ClientMethods::new(Arc::clone(&self.reaper), Arc::clone(hardening), spec.env.clone()));
+        let child_hardening = Arc::clone(hardening);
         // SAFETY: apply_in_child makes only async-signal-safe system calls and
         // allocates nothing (its contract), as a pre_exec hook must.
-        unsafe { command.pre_exec(move || hardening.apply_in_child()) };
+        unsafe { command.pre_exec(move || child_hardening.apply_in_child()) };
         let mut child = command
             .args(&spec.args)
             .env_clear()
@@ -239,53 +465,99 @@ impl Agents {
         let permissions: Arc<Permissions> = Arc::default();
         let inbound = Inbound { sinks: Arc::clone(&sinks), permissions: Arc::clone(&permissions), methods: Arc::clone(&methods) };
         let client = AcpClient::new(RpcConnection::start(stdout, stdin, inbound));
-        let initialized = match client.initialize(spec.initialize_timeout).await {
-            Ok(init) => init,
+        let mut process = Process {
+            pid,
+            initialized: Initialized { protocol_version: 0, raw: String::new() },
+            client,
+            exit,
+            started: Instant::now(),
+            sinks,
+            methods,
+            permissions,
+        };
+        match process.client.initialize(spec.initialize_timeout).await {
+            Ok(init) => process.initialized = init,
             Err(e) => {
-                let agent = Agent { id: spec.id, pid, initialized: Initialized { protocol_version: 0, raw: String::new() }, client, exit, sinks, methods, permissions };
-                let reason = agent.describe(e).await;
-                agent.signal_group(Signal::SIGKILL);
+                let reason = process.describe(e).await;
+                process.signal_group(Signal::SIGKILL);
                 return Err(status(Code::FailedPrecondition, "agent_init_failed", format!("initialize failed: {reason}")));
             }
-        };
-        let agent = Arc::new(Agent { id: spec.id.clone(), pid, initialized, client, exit, sinks, methods, permissions });
-        self.table.lock().unwrap().insert(spec.id, Arc::clone(&agent));
-        Ok(agent)
+        }
+        if spec.auth_method.is_some()
+            && let Err(e) = process.authenticate(spec).await
+        {
+            process.signal_group(Signal::SIGKILL);
+            return Err(status(Code::FailedPrecondition, "agent_auth_required", e.to_string()));
+        }
+        Ok(Arc::new(process))
     }
 
+    /// Opens an ACP session; its id is how the node names it from then on,
+    /// across restarts of the agent.
     pub async fn new_session(&self, agent_id: &str, cwd: &str, policy: Policy) -> Result<String, Status> {
         let agent = self.get(agent_id)?;
-        match agent.client.new_session(cwd, SESSION_NEW_TIMEOUT).await {
-            Ok(id) => {
-                agent.methods.add_session(&id, cwd);
-                agent.permissions.set_policy(&id, policy);
-                Ok(id)
-            }
-            Err(e) => Err(status(Code::FailedPrecondition, "agent_error", format!("session/new failed: {}", agent.describe(e).await))),
+        let process = agent.process()?;
+        let (id, opened) = agent.open_session(&process, cwd).await?;
+        let record = SessionRecord { cwd: cwd.to_string(), policy, acp_id: id.clone(), opened };
+        Agent::record_in(&process, &record);
+        agent.sessions.lock().unwrap().insert(id.clone(), record);
+        // A session opened after authenticating clears auth_required.
+        let mut s = agent.status.lock().unwrap();
+        if s.state == "auth_required" {
+            s.state = "ready";
         }
+        Ok(id)
+    }
+
+    /// The current process and the session's ACP id in it.
+    fn session_target(&self, agent_id: &str, session_id: &str) -> Result<(Arc<Agent>, Arc<Process>, String), Status> {
+        let agent = self.get(agent_id)?;
+        let process = agent.process()?;
+        let acp_id = agent.sessions.lock().unwrap().get(session_id).map(|r| r.acp_id.clone());
+        let acp_id = acp_id.ok_or_else(|| status(Code::NotFound, "session_not_found", format!("agent {agent_id} has no session {session_id}")))?;
+        Ok((agent, process, acp_id))
     }
 
     /// Starts a turn. Its events arrive on the returned channel, ending with
     /// exactly one `Stopped` or `Failed`.
     pub fn prompt(&self, agent_id: &str, session_id: &str, prompt_json: &str) -> Result<mpsc::Receiver<TurnEvent>, Status> {
-        let agent = self.get(agent_id)?;
+        let (agent, process, acp_id) = self.session_target(agent_id, session_id)?;
         let prompt = RawValue::from_string(prompt_json.to_string())
             .map_err(|e| status(Code::InvalidArgument, "invalid_prompt", format!("prompt is not JSON: {e}")))?;
+        check_blocks(&process.initialized, &prompt)?;
         let (tx, rx) = mpsc::channel(TURN_BUFFER);
         {
-            let mut sinks = agent.sinks.lock().unwrap();
-            if sinks.contains_key(session_id) {
+            let mut sinks = process.sinks.lock().unwrap();
+            if sinks.contains_key(&acp_id) {
                 return Err(status(Code::FailedPrecondition, "run_active", "a turn is already running on this session"));
             }
-            sinks.insert(session_id.to_string(), tx.clone());
+            sinks.insert(acp_id.clone(), tx.clone());
         }
-        let session_id = session_id.to_string();
+        agent.turns.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            let result = agent.client.prompt(&session_id, &prompt).await;
-            agent.sinks.lock().unwrap().remove(&session_id);
+            let mut result = process.client.prompt(&acp_id, &prompt).await;
+            // A credential that expired mid-session: authenticate again and
+            // resend (the agent refused the prompt, so it did none of it).
+            if result.as_ref().is_err_and(AcpError::is_auth_required) {
+                match process.authenticate(&agent.spec).await {
+                    Ok(_) => result = process.client.prompt(&acp_id, &prompt).await,
+                    Err(e) => agent.set_state("auth_required", Some(e.to_string())),
+                }
+            }
+            process.sinks.lock().unwrap().remove(&acp_id);
+            agent.turns.fetch_sub(1, Ordering::Relaxed);
             let last = match result {
                 Ok(stop_reason) => TurnEvent::Stopped(stop_reason),
-                Err(e) => TurnEvent::Failed(agent.describe(e).await),
+                Err(e @ AcpError::Rpc(RpcError::Closed)) => {
+                    let why = process.describe(e).await;
+                    let next = if agent.stopping.load(Ordering::Relaxed) { "the sandbox is stopping" } else { "it is restarted per its policy" };
+                    TurnEvent::Failed(format!("the agent ended during the turn: {why}; {next}"))
+                }
+                Err(e) if e.is_auth_required() => {
+                    let why = agent.status().last_error.unwrap_or_default();
+                    TurnEvent::Failed(format!("the agent requires authentication again and agentd cannot give it: {why}"))
+                }
+                Err(e) => TurnEvent::Failed(process.describe(e).await),
             };
             let _ = tx.send(last).await;
         });
@@ -293,23 +565,69 @@ impl Agents {
     }
 
     pub fn cancel(&self, agent_id: &str, session_id: &str) -> Result<bool, Status> {
-        let agent = self.get(agent_id)?;
-        let running = agent.sinks.lock().unwrap().contains_key(session_id);
+        let (_, process, acp_id) = self.session_target(agent_id, session_id)?;
+        let running = process.sinks.lock().unwrap().contains_key(&acp_id);
         // The spec: on cancel, every pending permission request is answered
         // `cancelled`.
-        agent.permissions.cancel_session(session_id);
+        process.permissions.cancel_session(&acp_id);
         if running {
-            agent
+            process
                 .client
-                .cancel(session_id)
+                .cancel(&acp_id)
                 .map_err(|e| status(Code::Unavailable, "agent_error", format!("session/cancel failed: {e}")))?;
         }
         Ok(running)
     }
 
+    /// `session/set_mode`, when the session advertised modes and `mode_id` is one.
+    pub async fn set_mode(&self, agent_id: &str, session_id: &str, mode_id: &str) -> Result<Value, Status> {
+        let (agent, process, acp_id) = self.session_target(agent_id, session_id)?;
+        let opened = agent.sessions.lock().unwrap().get(session_id).map(|r| r.opened.clone()).unwrap_or_default();
+        let Some(modes) = opened.pointer("/modes/availableModes").and_then(Value::as_array) else {
+            return Err(status(Code::FailedPrecondition, "not_supported", "the agent advertises no modes for this session"));
+        };
+        let ids: Vec<&str> = modes.iter().filter_map(|m| m["id"].as_str()).collect();
+        if !ids.contains(&mode_id) {
+            return Err(status(Code::InvalidArgument, "unknown_mode", format!("mode {mode_id:?} is not one of the session's modes {ids:?}")));
+        }
+        let params = serde_json::json!({"sessionId": acp_id, "modeId": mode_id});
+        let answer = agent.call(&process, "session/set_mode", &params).await?;
+        if let Some(r) = agent.sessions.lock().unwrap().get_mut(session_id) {
+            r.opened["modes"]["currentModeId"] = Value::String(mode_id.to_string());
+        }
+        Ok(answer)
+    }
+
+    /// `session/set_config_option`, when the session advertised the option.
+    /// `value` is a string (an option id) or a boolean.
+    pub async fn set_config_option(&self, agent_id: &str, session_id: &str, config_id: &str, value: Value) -> Result<Value, Status> {
+        let (agent, process, acp_id) = self.session_target(agent_id, session_id)?;
+        let opened = agent.sessions.lock().unwrap().get(session_id).map(|r| r.opened.clone()).unwrap_or_default();
+        let Some(options) = opened.get("configOptions").and_then(Value::as_array) else {
+            return Err(status(Code::FailedPrecondition, "not_supported", "the agent advertises no config options for this session"));
+        };
+        let ids: Vec<&str> = options.iter().filter_map(|o| o["id"].as_str()).collect();
+        if !ids.contains(&config_id) {
+            return Err(status(Code::InvalidArgument, "unknown_config_option", format!("config option {config_id:?} is not one of {ids:?}")));
+        }
+        let mut params = serde_json::json!({"sessionId": acp_id, "configId": config_id, "value": value});
+        match value {
+            Value::Bool(_) => params["type"] = "boolean".into(),
+            Value::String(_) => {}
+            other => return Err(status(Code::InvalidArgument, "invalid_request", format!("a config value is a string or a boolean, not {other}"))),
+        }
+        let answer = agent.call(&process, "session/set_config_option", &params).await?;
+        if let Some(options) = answer.get("configOptions")
+            && let Some(r) = agent.sessions.lock().unwrap().get_mut(session_id)
+        {
+            r.opened["configOptions"] = options.clone();
+        }
+        Ok(answer)
+    }
+
     pub fn answer_permission(&self, agent_id: &str, request_id: &str, option_id: &str) -> Result<(), Status> {
-        let agent = self.get(agent_id)?;
-        agent.permissions.answer(request_id, option_id).map_err(|e| match e {
+        let process = self.get(agent_id)?.process()?;
+        process.permissions.answer(request_id, option_id).map_err(|e| match e {
             AnswerError::Unknown(_) => status(Code::NotFound, "permission_request_not_found", e.to_string()),
             AnswerError::UnknownOption { .. } => status(Code::InvalidArgument, "unknown_option", e.to_string()),
         })
@@ -318,17 +636,118 @@ impl Agents {
     /// SIGTERM to every agent's process group, SIGKILL to what is left after `grace`.
     pub async fn stop_all(&self, grace: Duration) {
         let agents = self.list();
-        for agent in &agents {
-            agent.signal_group(Signal::SIGTERM);
+        let processes: Vec<Arc<Process>> = agents
+            .iter()
+            .filter_map(|a| {
+                a.stopping.store(true, Ordering::Relaxed);
+                a.current.lock().unwrap().clone()
+            })
+            .collect();
+        for p in &processes {
+            p.signal_group(Signal::SIGTERM);
         }
-        let all_exited = futures::future::join_all(agents.iter().map(|a| {
-            let mut exit = a.exit.clone();
-            async move { exit.wait_for(|e| e.is_some()).await.is_ok() }
-        }));
+        let all_exited = futures::future::join_all(processes.iter().map(|p| p.exited()));
         if tokio::time::timeout(grace, all_exited).await.is_err() {
-            for agent in &agents {
-                agent.signal_group(Signal::SIGKILL);
+            for p in &processes {
+                p.signal_group(Signal::SIGKILL);
             }
         }
     }
+}
+
+/// Refuses content blocks the agent did not advertise (ACP: image, audio
+/// and embedded resources need promptCapabilities), naming the first one.
+fn check_blocks(initialized: &Initialized, prompt: &RawValue) -> Result<(), Status> {
+    #[derive(Deserialize)]
+    struct Block {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    let blocks: Vec<Block> = serde_json::from_str(prompt.get())
+        .map_err(|e| status(Code::InvalidArgument, "invalid_prompt", format!("prompt must be an array of ACP content blocks: {e}")))?;
+    match blocks.iter().find(|b| !initialized.accepts_block(&b.kind)) {
+        None => Ok(()),
+        Some(b) if matches!(b.kind.as_str(), "image" | "audio" | "resource") => Err(status(
+            Code::InvalidArgument,
+            "unsupported_content",
+            format!("the agent does not accept {:?} content blocks (its promptCapabilities do not advertise them)", b.kind),
+        )),
+        Some(b) => Err(status(Code::InvalidArgument, "unsupported_content", format!("unknown content block type {:?}", b.kind))),
+    }
+}
+
+/// Watches the agent's process and starts it again when it ends, per the
+/// policy, until the sandbox stops or the restart budget is spent.
+async fn supervise(agents: Arc<Agents>, agent: Arc<Agent>, hardening: Arc<Hardening>) {
+    let policy = agent.spec.restart;
+    let mut in_a_row = 0u32;
+    loop {
+        let Some(process) = agent.current.lock().unwrap().clone() else { return };
+        let exit = process.exited().await;
+        // Whatever is left of its group (an npm launcher's native child) goes too.
+        process.signal_group(Signal::SIGKILL);
+        if agent.stopping.load(Ordering::Relaxed) {
+            agent.set_state("exited", None);
+            return;
+        }
+        let error = format!("agent exited ({exit})");
+        tracing::warn!(agent = agent.id, %exit, "agent ended");
+        if !policy.wants_restart(exit) {
+            let state = if exit == Exit::Code(0) { "exited" } else { "failed" };
+            agent.set_state(state, Some(error));
+            return;
+        }
+        if process.started.elapsed() >= STABLE_AFTER {
+            in_a_row = 0;
+        }
+        agent.set_state("starting", Some(error));
+        loop {
+            in_a_row += 1;
+            if in_a_row > policy.max_restarts {
+                let error = format!("gave up after {} restarts in a row", policy.max_restarts);
+                tracing::error!(agent = agent.id, "{error}");
+                agent.set_state("failed", Some(error));
+                return;
+            }
+            tokio::time::sleep(policy.delay(in_a_row)).await;
+            if agent.stopping.load(Ordering::Relaxed) {
+                agent.set_state("exited", None);
+                return;
+            }
+            agent.status.lock().unwrap().restarts += 1;
+            match restart(&agents, &agent, &hardening).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(agent = agent.id, error = e.message(), "restart failed");
+                    agent.set_state("starting", Some(e.message().to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Starts a new process and reopens every session in it.
+async fn restart(agents: &Agents, agent: &Arc<Agent>, hardening: &Arc<Hardening>) -> Result<(), Status> {
+    let process = agents.launch(&agent.spec, hardening).await?;
+    let sessions: Vec<(String, SessionRecord)> = agent.sessions.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut reopened = Vec::new();
+    for (first_id, mut record) in sessions {
+        if let Err(e) = agent.reopen(&process, &first_id, &mut record).await {
+            process.signal_group(Signal::SIGKILL);
+            return Err(e);
+        }
+        Agent::record_in(&process, &record);
+        reopened.push((first_id, record));
+    }
+    agent.sessions.lock().unwrap().extend(reopened);
+    tracing::info!(agent = agent.id, pid = process.pid, "agent restarted");
+    *agent.current.lock().unwrap() = Some(process);
+    if agent.stopping.load(Ordering::Relaxed) {
+        // stop_all ran while this process started: it was not signalled.
+        if let Some(p) = agent.current.lock().unwrap().as_ref() {
+            p.signal_group(Signal::SIGKILL);
+        }
+    }
+    agent.set_state("ready", None);
+    Ok(())
 }

@@ -2,8 +2,9 @@
 //!
 //! - [`reaper`]: reaps every child and orphan, and hands exit statuses to
 //!   whoever waits for a pid (PID 1 must reap, or zombies pile up).
-//! - [`agents`]: agent processes, each in its own process group, and the ACP
-//!   sessions they hold.
+//! - [`agents`]: agent processes, each in its own process group, supervised
+//!   across restarts ([`restart`]: policy and backoff), and the ACP sessions
+//!   they hold; [`auth`] picks the `authMethods` the plan's credentials allow.
 //! - [`client_methods`]: the agent-to-client methods the supervisor serves as
 //!   each agent's ACP client, gathering [`fs`] (text files, confined to the
 //!   session's directories) and [`terminals`] (commands run in the sandbox).
@@ -15,10 +16,12 @@
 //! thread keeps its memory small.
 
 pub mod agents;
+pub mod auth;
 pub mod client_methods;
 pub mod fs;
 pub mod permissions;
 pub mod reaper;
+pub mod restart;
 pub mod run_mode;
 pub mod service;
 pub mod terminals;

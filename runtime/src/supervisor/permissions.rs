@@ -11,7 +11,9 @@
 //!   `cancelled`, as the spec requires.
 //!
 //! Each outcome is also reported as a `permission.resolved` event, saying who
-//! decided (client, policy, timeout or cancel).
+//! decided (client, policy, timeout or cancel). When the agent itself drops
+//! an asked request (`$/cancel_request`; the connection answers it
+//! `-32800`), the pending entry goes and the event says `"by": "agent"`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,6 +112,25 @@ pub enum AnswerError {
     UnknownOption { option: String, options: Vec<String> },
 }
 
+/// An asked request being waited on. Dropped while waiting means the agent
+/// cancelled it (the handler's future was dropped): forget the request and
+/// tell the turn.
+struct Asked<'a> {
+    permissions: &'a Permissions,
+    request_id: &'a str,
+    sink: &'a mpsc::Sender<TurnEvent>,
+    tool_call: &'a Value,
+}
+
+impl Drop for Asked<'_> {
+    fn drop(&mut self) {
+        self.permissions.pending.lock().unwrap().remove(self.request_id);
+        let data = json!({"tool_call": self.tool_call, "by": "agent", "request_id": self.request_id,
+            "outcome": Outcome::Cancelled.describe()});
+        let _ = self.sink.try_send(TurnEvent::Event { kind: "permission.resolved", data: data.to_string() });
+    }
+}
+
 /// Pending requests and policies of one agent's sessions.
 #[derive(Default)]
 pub struct Permissions {
@@ -161,7 +182,10 @@ impl Permissions {
                 let data = json!({"request_id": request_id, "tool_call": request.tool_call, "options": options,
                     "timeout_ms": policy.ask_timeout.as_millis() as u64});
                 let _ = sink.send(TurnEvent::Event { kind: "permission.requested", data: data.to_string() }).await;
-                match tokio::time::timeout(policy.ask_timeout, rx).await {
+                let guard = Asked { permissions: self, request_id: &request_id, sink, tool_call: &request.tool_call };
+                let answered = tokio::time::timeout(policy.ask_timeout, rx).await;
+                std::mem::forget(guard);
+                match answered {
                     Ok(Ok(outcome)) => {
                         let by = if matches!(outcome, Outcome::Cancelled) { "cancel" } else { "client" };
                         (outcome, by, Some(request_id))

@@ -13,8 +13,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::agents::{Agents, StartSpec, TurnEvent};
+use super::agents::{Agents, DEFAULT_REQUEST_TIMEOUT, StartSpec, TurnEvent};
 use super::permissions::Policy;
+use super::restart::RestartPolicy;
 
 /// Used when a request leaves the initialize timeout unset.
 const DEFAULT_INITIALIZE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,6 +32,13 @@ impl SupervisorService {
     }
 }
 
+impl SupervisorService {
+    fn settings(&self, agent_id: &str, session_id: &str, answer: serde_json::Value) -> SessionSettingResponse {
+        let settings = self.agents.get(agent_id).map(|a| a.session_settings(session_id)).unwrap_or_default();
+        SessionSettingResponse { answer_json: answer.to_string(), settings_json: settings.to_string() }
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<PromptEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -41,6 +49,9 @@ impl Supervisor for SupervisorService {
             0 => DEFAULT_INITIALIZE_TIMEOUT,
             ms => Duration::from_millis(ms.into()),
         };
+        let policy = r.policy.unwrap_or_default();
+        let invalid = |e: String| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", e);
+        let restart = RestartPolicy::parse(&policy.restart, policy.max_restarts, policy.restart_backoff_ms).map_err(invalid)?;
         let spec = StartSpec {
             id: r.agent_instance_id,
             command: r.command,
@@ -49,12 +60,19 @@ impl Supervisor for SupervisorService {
             cwd: r.cwd,
             initialize_timeout: timeout,
             seccomp_json: (!r.seccomp_json.is_empty()).then_some(r.seccomp_json),
+            restart,
+            request_timeout: match policy.request_timeout_ms {
+                0 => DEFAULT_REQUEST_TIMEOUT,
+                ms => Duration::from_millis(ms.into()),
+            },
+            auth_method: (!policy.auth_method.is_empty()).then_some(policy.auth_method),
         };
         let agent = self.agents.start(spec).await?;
+        let initialized = agent.initialized().unwrap_or_default();
         Ok(Response::new(StartAgentResponse {
-            pid: agent.pid,
-            protocol_version: agent.initialized.protocol_version as u32,
-            initialize_json: agent.initialized.raw.clone(),
+            pid: agent.pid(),
+            protocol_version: initialized.protocol_version as u32,
+            initialize_json: initialized.raw,
         }))
     }
 
@@ -95,12 +113,38 @@ impl Supervisor for SupervisorService {
         Ok(Response::new(AnswerPermissionResponse {}))
     }
 
+    async fn set_session_mode(&self, req: Request<SetSessionModeRequest>) -> Result<Response<SessionSettingResponse>, Status> {
+        let r = req.into_inner();
+        let answer = self.agents.set_mode(&r.agent_instance_id, &r.acp_session_id, &r.mode_id).await?;
+        Ok(Response::new(self.settings(&r.agent_instance_id, &r.acp_session_id, answer)))
+    }
+
+    async fn set_session_config_option(
+        &self,
+        req: Request<SetSessionConfigOptionRequest>,
+    ) -> Result<Response<SessionSettingResponse>, Status> {
+        let r = req.into_inner();
+        let value = serde_json::from_str(&r.value_json)
+            .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", format!("value is not JSON: {e}")))?;
+        let answer = self.agents.set_config_option(&r.agent_instance_id, &r.acp_session_id, &r.config_id, value).await?;
+        Ok(Response::new(self.settings(&r.agent_instance_id, &r.acp_session_id, answer)))
+    }
+
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let agents = self
             .agents
             .list()
             .iter()
-            .map(|a| AgentStatus { agent_instance_id: a.id.clone(), pid: a.pid, state: a.state().to_string() })
+            .map(|a| {
+                let s = a.status();
+                AgentStatus {
+                    agent_instance_id: a.id.clone(),
+                    pid: a.pid(),
+                    state: s.state.to_string(),
+                    restarts: s.restarts,
+                    last_error: s.last_error.unwrap_or_default(),
+                }
+            })
             .collect();
         Ok(Response::new(StatusResponse { agents }))
     }

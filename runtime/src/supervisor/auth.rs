@@ -1,0 +1,211 @@
+//! `authenticate`: which of an agent's `authMethods` agentd can use without a
+//! human, given the credentials the plan put in the agent's environment.
+//!
+//! ACP v1 methods are `agent` (the agent authenticates itself when asked;
+//! the default when `type` is absent) and `terminal` (an interactive login
+//! the client runs; never usable here). Drafts add `env_var` (credentials
+//! passed as environment variables, `vars: [{name, optional}]`, earlier
+//! `varName`). Real agents describe their key-based `agent` methods in words:
+//! gemini's `gemini-api-key` "Requires setting the `GEMINI_API_KEY`
+//! environment variable", codex-acp's `codex-api-key` and `openai-api-key`
+//! name `CODEX_API_KEY` and `OPENAI_API_KEY`. So an `agent` method is usable
+//! when its id spelled as a variable (`gemini-api-key` -> `GEMINI_API_KEY`),
+//! or a variable named in its name or description, is set; any other `agent`
+//! method (a browser login, say) would wait for a human and is never tried
+//! unless the plan names it.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+pub use crate::acp::AUTH_REQUIRED;
+
+/// Variables every plan sets: naming one proves no credential.
+const BASE_VARS: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR", "TERM", "USER", "SHELL"];
+
+/// One entry of the agent's `authMethods`, as far as agentd reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthMethod {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    /// `agent`, `terminal`, `env_var` or whatever a newer agent sends.
+    pub kind: String,
+    /// For `env_var`: the variables, and whether each is optional.
+    pub vars: Vec<(String, bool)>,
+}
+
+#[derive(Deserialize)]
+struct RawVar {
+    name: String,
+    #[serde(default)]
+    optional: bool,
+}
+
+impl AuthMethod {
+    fn from_json(v: &Value) -> Option<Self> {
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let kind = text("type").unwrap_or_else(|| "agent".into());
+        let mut vars: Vec<(String, bool)> = v
+            .get("vars")
+            .and_then(|vars| serde_json::from_value::<Vec<RawVar>>(vars.clone()).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.name, r.optional))
+            .collect();
+        if let Some(name) = text("varName") {
+            vars.push((name, false));
+        }
+        Some(Self { id: text("id")?, name: text("name").unwrap_or_default(), description: text("description"), kind, vars })
+    }
+
+    /// The variables this method needs, as far as they can be told.
+    fn needs(&self) -> Vec<String> {
+        if self.kind == "env_var" {
+            return self.vars.iter().filter(|(_, optional)| !optional).map(|(n, _)| n.clone()).collect();
+        }
+        let from_id = self.id.to_uppercase().replace(['-', '.'], "_");
+        let named = self.named_vars().into_iter().filter(|v| *v != from_id);
+        std::iter::once(from_id.clone()).chain(named).collect()
+    }
+
+    /// Variables the method's name or description spells out (`GEMINI_API_KEY`).
+    fn named_vars(&self) -> Vec<String> {
+        let mut named: Vec<String> = Vec::new();
+        let words = format!("{} {}", self.name, self.description.as_deref().unwrap_or(""));
+        for word in words.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            let looks_like_var = word.len() > 2
+                && word.contains('_')
+                && word.starts_with(|c: char| c.is_ascii_uppercase())
+                && word.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            if looks_like_var && !BASE_VARS.contains(&word) && !named.iter().any(|n| n == word) {
+                named.push(word.to_string());
+            }
+        }
+        named
+    }
+
+    /// Whether the credentials this method needs are in `env`.
+    fn usable(&self, env: &HashMap<String, String>) -> bool {
+        let set = |name: &String| env.get(name).is_some_and(|v| !v.is_empty());
+        match self.kind.as_str() {
+            "env_var" => self.vars.iter().any(|(_, optional)| !optional) && self.needs().iter().all(set),
+            "agent" => self.needs().iter().any(set),
+            _ => false,
+        }
+    }
+
+    /// `id (name; needs VAR)`, for an error a human reads.
+    pub fn describe(&self) -> String {
+        let mut out = self.id.clone();
+        let mut notes = Vec::new();
+        if !self.name.is_empty() {
+            notes.push(self.name.clone());
+        }
+        match self.kind.as_str() {
+            "terminal" => notes.push("interactive login".into()),
+            "env_var" => notes.push(format!("needs {}", self.needs().join(", "))),
+            _ => {
+                // Only names the agent itself spelled out, not the id guess.
+                let named = self.named_vars();
+                if !named.is_empty() {
+                    notes.push(format!("needs {}", named.join(", ")));
+                }
+            }
+        }
+        if !notes.is_empty() {
+            out.push_str(&format!(" ({})", notes.join("; ")));
+        }
+        out
+    }
+}
+
+/// The agent's `authMethods`, from its `initialize` answer.
+pub fn methods(initialize: &str) -> Vec<AuthMethod> {
+    let answer: Value = serde_json::from_str(initialize).unwrap_or(Value::Null);
+    answer.get("authMethods").and_then(Value::as_array).map(|a| a.iter().filter_map(AuthMethod::from_json).collect()).unwrap_or_default()
+}
+
+/// Why agentd cannot authenticate the agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("the agent requires authentication but advertises no authMethods")]
+    NoMethods,
+    #[error("the agent requires authentication and the plan provides credentials for none of its methods: {}", list(.0))]
+    NoCredentials(Vec<AuthMethod>),
+    #[error("auth method {wanted:?} is not one the agent offers: {}", list(.offered))]
+    UnknownMethod { wanted: String, offered: Vec<AuthMethod> },
+    #[error("the agent refused every usable auth method: {}", .0.join("; "))]
+    Refused(Vec<String>),
+}
+
+fn list(methods: &[AuthMethod]) -> String {
+    methods.iter().map(AuthMethod::describe).collect::<Vec<_>>().join(", ")
+}
+
+/// The method ids to try, in order: the plan's choice alone when it names
+/// one, else every method whose credentials are in `env`, in the agent's order.
+pub fn candidates(methods: &[AuthMethod], env: &HashMap<String, String>, preferred: Option<&str>) -> Result<Vec<String>, AuthError> {
+    if let Some(wanted) = preferred {
+        return match methods.iter().find(|m| m.id == wanted) {
+            Some(m) => Ok(vec![m.id.clone()]),
+            None => Err(AuthError::UnknownMethod { wanted: wanted.to_string(), offered: methods.to_vec() }),
+        };
+    }
+    if methods.is_empty() {
+        return Err(AuthError::NoMethods);
+    }
+    let usable: Vec<String> = methods.iter().filter(|m| m.usable(env)).map(|m| m.id.clone()).collect();
+    if usable.is_empty() {
+        return Err(AuthError::NoCredentials(methods.to_vec()));
+    }
+    Ok(usable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> HashMap<String, String> {
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// gemini --acp and codex-acp advertise methods of this shape.
+    const REAL: &str = r#"{"protocolVersion":1,"authMethods":[
+        {"id":"oauth-personal","name":"Log in with Google","description":null},
+        {"id":"gemini-api-key","name":"Use Gemini API key","description":"Requires setting the `GEMINI_API_KEY` environment variable"},
+        {"id":"openai-api-key","name":"Use OPENAI_API_KEY","description":"Requires setting the `OPENAI_API_KEY` environment variable."},
+        {"id":"tui","name":"Terminal login","type":"terminal","args":["--login"]},
+        {"id":"env","name":"Token","type":"env_var","vars":[{"name":"X_TOKEN"},{"name":"X_REGION","optional":true}]},
+        {"id":"old-env","name":"Old draft","type":"env_var","varName":"OLD_TOKEN"}]}"#;
+
+    #[test]
+    fn methods_are_picked_by_the_credentials_in_the_environment() {
+        let m = methods(REAL);
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[0].kind, "agent");
+        let base = env(&[("PATH", "/bin"), ("HOME", "/workspace")]);
+        match candidates(&m, &base, None) {
+            Err(AuthError::NoCredentials(all)) => assert_eq!(all.len(), 6),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(candidates(&m, &env(&[("GEMINI_API_KEY", "k")]), None).unwrap(), ["gemini-api-key"]);
+        assert_eq!(candidates(&m, &env(&[("OPENAI_API_KEY", "k"), ("X_TOKEN", "t")]), None).unwrap(), ["openai-api-key", "env"]);
+        assert_eq!(candidates(&m, &env(&[("OLD_TOKEN", "t")]), None).unwrap(), ["old-env"]);
+        assert!(candidates(&m, &env(&[("GEMINI_API_KEY", "")]), None).is_err(), "an empty value is no credential");
+        assert!(candidates(&m, &env(&[("X_REGION", "eu")]), None).is_err(), "optional vars alone are not enough");
+        assert_eq!(candidates(&m, &base, Some("oauth-personal")).unwrap(), ["oauth-personal"]);
+        assert!(matches!(candidates(&m, &base, Some("nope")), Err(AuthError::UnknownMethod { .. })));
+        assert_eq!(candidates(&[], &base, None), Err(AuthError::NoMethods));
+    }
+
+    #[test]
+    fn the_error_names_each_method_and_what_it_needs() {
+        let e = candidates(&methods(REAL), &HashMap::new(), None).unwrap_err().to_string();
+        assert!(e.contains("oauth-personal (Log in with Google)"), "{e}");
+        assert!(e.contains("gemini-api-key (Use Gemini API key; needs GEMINI_API_KEY)"), "{e}");
+        assert!(e.contains("tui (Terminal login; interactive login)"), "{e}");
+        assert!(e.contains("env (Token; needs X_TOKEN)"), "{e}");
+    }
+}
