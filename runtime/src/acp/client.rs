@@ -159,3 +159,32 @@ impl AcpClient {
         Ok(self.rpc.notify("session/cancel", &json!({"sessionId": session_id}))?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init(capabilities: serde_json::Value) -> Initialized {
+        Initialized { protocol_version: 1, raw: json!({"protocolVersion": 1, "agentCapabilities": capabilities}).to_string() }
+    }
+
+    #[test]
+    fn content_blocks_follow_prompt_capabilities() {
+        let bare = init(json!({}));
+        assert!(bare.accepts_block("text") && bare.accepts_block("resource_link"));
+        assert!(!bare.accepts_block("image") && !bare.accepts_block("audio") && !bare.accepts_block("resource"));
+        assert!(!bare.accepts_block("video"), "unknown kinds never pass");
+        let rich = init(json!({"promptCapabilities": {"image": true, "audio": false, "embeddedContext": true}}));
+        assert!(rich.accepts_block("image") && rich.accepts_block("resource"));
+        assert!(!rich.accepts_block("audio"));
+    }
+
+    #[test]
+    fn sessions_reopen_by_resume_then_load() {
+        assert_eq!(init(json!({})).reopen_method(), None);
+        assert_eq!(init(json!({"loadSession": true})).reopen_method(), Some("session/load"));
+        let both = init(json!({"loadSession": true, "sessionCapabilities": {"resume": {}}}));
+        assert_eq!(both.reopen_method(), Some("session/resume"));
+        assert_eq!(init(json!({"sessionCapabilities": {"resume": null}})).reopen_method(), None);
+    }
+}
