@@ -171,7 +171,10 @@ impl NodeService {
     /// The session's agent as its supervisor reports it.
     async fn agent_state(&self, session: &NodeSession) -> Option<AgentState> {
         let sandbox = self.node.sandboxes.get(&session.container_id).ok()?;
-        let answer = sandbox.supervisor.clone().status(sup::StatusRequest {}).await.ok()?.into_inner();
+        // A frozen (hibernated) sandbox's supervisor cannot answer.
+        let mut supervisor = sandbox.supervisor.clone();
+        let status = supervisor.status(sup::StatusRequest {});
+        let answer = tokio::time::timeout(std::time::Duration::from_millis(500), status).await.ok()?.ok()?.into_inner();
         let a = answer.agents.into_iter().find(|a| a.agent_instance_id == session.agent_instance_id)?;
         Some(AgentState { state: a.state, restarts: a.restarts, last_error: a.last_error, pid: a.pid })
     }

@@ -104,13 +104,21 @@ pub struct SetConfigOptionBody {
     pub value: Value,
 }
 
+/// How long a session's view waits for its agent's live state.
+const LIVE_STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The agent's live state from its supervisor, for a ready session.
 async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
     if s.state != session_state::READY {
         return Value::Null;
     }
     let request = GetSessionRequest { session_id: s.id.clone(), with_agent: true };
-    match app.node.clone().get_session(request).await.map(|r| r.into_inner().agent) {
+    // A GET must answer even when the node is stopped or lost (the node
+    // check fails its sessions a while later), so the live part is optional.
+    let Ok(answer) = tokio::time::timeout(LIVE_STATE_WAIT, app.node.clone().get_session(request)).await else {
+        return json!({"error": format!("the node did not answer within {LIVE_STATE_WAIT:?}")});
+    };
+    match answer.map(|r| r.into_inner().agent) {
         Ok(Some(a)) => json!({"state": a.state, "restarts": a.restarts, "pid": a.pid,
             "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) }}),
         Ok(None) => Value::Null,
