@@ -8,20 +8,9 @@ use crate::support::{Agentd, Sse, SseEvent, session_body};
 async fn session(agentd: &Agentd, policy: Value) -> (String, Sse) {
     let mut body = session_body(&[]);
     body["policy"] = policy;
-    let (status, view) = agentd.post("/v1/sessions", &body).await;
-    assert_eq!(status, StatusCode::CREATED, "{view}");
-    let id = view["id"].as_str().unwrap().to_string();
-    let events = agentd.events(&id, None).await;
-    (id, events)
+    agentd.create_streaming(&body).await
 }
 
-fn said(events: &[SseEvent]) -> String {
-    events
-        .iter()
-        .filter(|e| e.event == "session.update")
-        .filter_map(|e| e.json()["update"]["content"]["text"].as_str().map(str::to_string))
-        .collect()
-}
 
 fn resolved(events: &[SseEvent]) -> Value {
     events.iter().find(|e| e.event == "permission.resolved").map(|e| e.json()).unwrap_or(Value::Null)

@@ -18,21 +18,7 @@ fn body(args: &[&str], env: &[(&str, &str)], policy: Value) -> Value {
     body
 }
 
-async fn create(agentd: &Agentd, body: &Value) -> (String, Sse) {
-    let (status, view) = agentd.post("/v1/sessions", body).await;
-    assert_eq!(status, StatusCode::CREATED, "{view}\n{}", agentd.log());
-    let id = view["id"].as_str().unwrap().to_string();
-    let events = agentd.events(&id, None).await;
-    (id, events)
-}
 
-fn said(events: &[SseEvent]) -> String {
-    events
-        .iter()
-        .filter(|e| e.event == "session.update")
-        .filter_map(|e| e.json()["update"]["content"]["text"].as_str().map(str::to_string))
-        .collect()
-}
 
 /// Prompts and returns the turn's events; the turn must end with `end`.
 async fn turn(agentd: &Agentd, id: &str, events: &mut Sse, prompt: Value, end: &str) -> Vec<SseEvent> {
@@ -48,7 +34,7 @@ async fn authenticate_with_the_plans_credentials_or_report_auth_required() {
     let agentd = Agentd::start().await;
     // The token in the plan's env: the supervisor picks echo-agent-token
     // (its description names ECHO_AGENT_TOKEN), authenticates and retries.
-    let (id, mut events) = create(&agentd, &body(&["--require-auth"], &[("ECHO_AGENT_TOKEN", "s3cret")], json!({}))).await;
+    let (id, mut events) = agentd.create_streaming(&body(&["--require-auth"], &[("ECHO_AGENT_TOKEN", "s3cret")], json!({}))).await;
     let (_, view) = agentd.get(&format!("/v1/sessions/{id}")).await;
     assert_eq!(view["agent"]["state"], "ready", "{view}");
     let got = turn(&agentd, &id, &mut events, json!("hello"), "run.completed").await;
@@ -84,7 +70,7 @@ async fn authenticate_with_the_plans_credentials_or_report_auth_required() {
 async fn a_crash_fails_the_turn_and_the_restarted_agent_takes_the_next_prompt() {
     let agentd = Agentd::start().await;
     for (args, reopened_by) in [(&[][..], "session/new"), (&["--load-session"][..], "session/load")] {
-        let (id, mut events) = create(&agentd, &body(args, &[], json!({"restart_backoff_ms": 50}))).await;
+        let (id, mut events) = agentd.create_streaming(&body(args, &[], json!({"restart_backoff_ms": 50}))).await;
         let (_, before) = agentd.get(&format!("/v1/sessions/{id}")).await;
         assert_eq!((before["agent"]["state"].as_str(), before["agent"]["restarts"].as_u64()), (Some("ready"), Some(0)), "{before}");
 
@@ -109,7 +95,7 @@ async fn a_crash_fails_the_turn_and_the_restarted_agent_takes_the_next_prompt() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_agents_whole_process_group_is_killed() {
     let agentd = Agentd::start().await;
-    let (id, mut events) = create(&agentd, &body(&[], &[], json!({"restart": "never"}))).await;
+    let (id, mut events) = agentd.create_streaming(&body(&[], &[], json!({"restart": "never"}))).await;
     let (_, view) = agentd.get(&format!("/v1/sessions/{id}")).await;
     let (_, container) = agentd.get(&format!("/v1/containers/{}", view["container_id"].as_str().unwrap())).await;
     let supervisor = container["supervisor_pid"].as_u64().unwrap() as u32;
@@ -127,7 +113,7 @@ async fn a_crashed_agents_whole_process_group_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_policies_never_and_the_restart_budget() {
     let agentd = Agentd::start().await;
-    let (id, mut events) = create(&agentd, &body(&[], &[], json!({"restart": "never"}))).await;
+    let (id, mut events) = agentd.create_streaming(&body(&[], &[], json!({"restart": "never"}))).await;
     turn(&agentd, &id, &mut events, json!("/crash 3"), "run.failed").await;
     let path = format!("/v1/sessions/{id}");
     let view = agentd.wait_for(&path, |v| v["agent"]["state"] == "failed").await;
@@ -137,7 +123,7 @@ async fn restart_policies_never_and_the_restart_budget() {
     assert!(problem["detail"].as_str().unwrap().contains("exit code 3"), "{problem}");
 
     // A budget of one restart in a row: the second crash is final.
-    let (id, mut events) = create(&agentd, &body(&[], &[], json!({"max_restarts": 1, "restart_backoff_ms": 20}))).await;
+    let (id, mut events) = agentd.create_streaming(&body(&[], &[], json!({"max_restarts": 1, "restart_backoff_ms": 20}))).await;
     let path = format!("/v1/sessions/{id}");
     turn(&agentd, &id, &mut events, json!("/crash"), "run.failed").await;
     agentd.wait_for(&path, |v| v["agent"]["state"] == "ready" && v["agent"]["restarts"] == 1).await;
@@ -152,7 +138,7 @@ async fn restart_policies_never_and_the_restart_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_output_mid_session_is_reported_and_the_session_goes_on() {
     let agentd = Agentd::start().await;
-    let (id, mut events) = create(&agentd, &body(&[], &[], json!({}))).await;
+    let (id, mut events) = agentd.create_streaming(&body(&[], &[], json!({}))).await;
     for (command, reported) in [
         ("/emit garbage", "not JSON-RPC"),
         ("/emit stray", "agent answered request id \"echo-stray-1\""),
@@ -186,7 +172,7 @@ async fn content_blocks_beyond_text_need_the_agents_prompt_capabilities() {
     let resource = json!({"type": "resource", "resource": {"uri": "file:///workspace/a.txt", "text": "hi"}});
     let link = json!({"type": "resource_link", "name": "a.txt", "uri": "file:///workspace/a.txt"});
 
-    let (id, mut events) = create(&agentd, &body(&[], &[], json!({}))).await;
+    let (id, mut events) = agentd.create_streaming(&body(&[], &[], json!({}))).await;
     let got = turn(&agentd, &id, &mut events, json!([{"type": "text", "text": "see "}, link]), "run.completed").await;
     assert_eq!(said(&got), "see ");
     for (block, kind) in [(&image, "image"), (&resource, "resource")] {
@@ -199,7 +185,7 @@ async fn content_blocks_beyond_text_need_the_agents_prompt_capabilities() {
     assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unsupported_content")), "{problem}");
     events.until_run_end().await;
 
-    let (id, mut events) = create(&agentd, &body(&["--prompt-capabilities", "image,embedded-context"], &[], json!({}))).await;
+    let (id, mut events) = agentd.create_streaming(&body(&["--prompt-capabilities", "image,embedded-context"], &[], json!({}))).await;
     let got = turn(&agentd, &id, &mut events, json!([{"type": "text", "text": "both"}, image, resource]), "run.completed").await;
     assert_eq!(said(&got), "both");
 }
@@ -207,7 +193,7 @@ async fn content_blocks_beyond_text_need_the_agents_prompt_capabilities() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modes_and_config_options_the_session_advertises_are_set_through_the_api() {
     let agentd = Agentd::start().await;
-    let (id, mut events) = create(&agentd, &body(&[], &[], json!({}))).await;
+    let (id, mut events) = agentd.create_streaming(&body(&[], &[], json!({}))).await;
     let action = |verb: &str| format!("/v1/sessions/{id}:{verb}");
 
     let (status, view) = agentd.post(&action("set_config_option"), &json!({"config_id": "case", "value": "upper"})).await;

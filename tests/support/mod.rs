@@ -39,6 +39,15 @@ pub fn echo_agent() -> PathBuf {
 }
 
 /// A session request with the manual echo agent, run with `args`.
+/// The text of every `agent_message_chunk`-like update, in order.
+pub fn said(events: &[SseEvent]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "session.update")
+        .filter_map(|e| e.json()["update"]["content"]["text"].as_str().map(str::to_string))
+        .collect()
+}
+
 pub fn session_body(args: &[&str]) -> Value {
     let exe = echo_agent().display().to_string();
     json!({
@@ -144,6 +153,15 @@ impl Agentd {
         let (status, body) = self.post("/v1/sessions", &session_body(args)).await;
         assert_eq!(status, StatusCode::CREATED, "{body}\n{}", self.log());
         body
+    }
+
+    /// Creates a session from `body` and opens its event stream.
+    pub async fn create_streaming(&self, body: &Value) -> (String, Sse) {
+        let (status, view) = self.post("/v1/sessions", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{view}\n{}", self.log());
+        let id = view["id"].as_str().unwrap().to_string();
+        let events = self.events(&id, None).await;
+        (id, events)
     }
 
     pub async fn prompt(&self, session: &str, text: &str) -> (StatusCode, Value) {
