@@ -162,7 +162,7 @@ fn main() {
     let state = tempfile::Builder::new().prefix("agentd-bench-").tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut config = NodeConfig::new(state.path().to_owned(), release_bin("agentd"));
+        let mut config = NodeConfig::new(state.path().to_owned(), release_bin("agentd-sandbox"));
         config.supervisor_log_filter = "warn".into();
         config.cgroup_subtree = format!("agentd-bench-{}", std::process::id());
         let node = Node::start(config).await.expect("node");
