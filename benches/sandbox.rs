@@ -7,8 +7,10 @@
 //!   and teardown, p50/p99 over RUNS sandboxes;
 //! - supervisor RSS of idle sandboxes;
 //! - IDLE idle sandboxes held at once, and host memory per sandbox;
-//! - `agentd sandbox run -- true` against `bwrap --unshare-all ... true`
-//!   (Debian's bubblewrap), as whole processes, in the same run.
+//! - `agentd sandbox run -- true` (and `agentd-sandbox sandbox run -- true`,
+//!   the binary it executes) against `bwrap --unshare-all ... true` (Debian's
+//!   bubblewrap, the invocation and the cheapest one that runs), as
+//!   whole processes, interleaved in the same run.
 //!
 //! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500).
 
@@ -124,32 +126,62 @@ async fn node_figures(node: &Arc<Node>, runs: usize, idle: usize) {
     println!("stopped {held} sandboxes in {:.1} s", t0.elapsed().as_secs_f64());
 }
 
+/// The bwrap invocations compared against: the (the host's /usr,
+/// merged-/usr symlinks, /proc, /dev, /tmp), and the cheapest form that runs
+/// `true` at all (plain `bwrap --unshare-all true` has an empty root and
+/// cannot find it).
+const BWRAP: &[(&str, &[&str])] = &[
+    (
+        "bwrap --unshare-all (issue's binds)",
+        &[
+            "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/true",
+        ],
+    ),
+    ("bwrap --unshare-all --ro-bind / / true", &["--unshare-all", "--ro-bind", "/", "/", "true"]),
+];
+
 fn whole_process_figures(runs: usize) {
-    let agentd = release_bin("agentd");
     let time = |cmd: &mut Command| {
         let t0 = Instant::now();
         let status = cmd.status().expect("run");
         assert!(status.success(), "{cmd:?} failed");
         t0.elapsed()
     };
-    let mut ours = Vec::new();
-    let mut bwrap = Vec::new();
     let have_bwrap = Command::new("bwrap").arg("--version").output().is_ok();
-    for _ in 0..runs {
-        ours.push(time(Command::new(&agentd).args(["sandbox", "run", "--", "true"])));
-        if have_bwrap {
-            bwrap.push(time(Command::new("bwrap").args([
-                "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-                "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "true",
-            ])));
+    // `agentd sandbox run` executes agentd-sandbox; the second row is that
+    // binary alone, so the difference is what the hop through agentd costs.
+    let mut ours: Vec<(&str, Command, Vec<Duration>)> = vec![
+        ("agentd sandbox run -- true", Command::new(release_bin("agentd")), Vec::new()),
+        ("agentd-sandbox sandbox run -- true", Command::new(release_bin("agentd-sandbox")), Vec::new()),
+    ];
+    for (_, cmd, _) in &mut ours {
+        cmd.args(["sandbox", "run", "--", "true"]);
+    }
+    let mut theirs: Vec<(&str, Command, Vec<Duration>)> = Vec::new();
+    if have_bwrap {
+        for (name, args) in BWRAP {
+            let mut cmd = Command::new("bwrap");
+            cmd.args(*args);
+            theirs.push((name, cmd, Vec::new()));
         }
     }
-    let a = report("agentd sandbox run -- true", ours);
-    if have_bwrap {
-        let b = report("bwrap --unshare-all true", bwrap);
-        println!("ratio agentd/bwrap (p50): {:.2}", a.as_secs_f64() / b.as_secs_f64());
-    } else {
-        println!("bwrap not installed (apt-get install bubblewrap) : no comparison");
+    // Interleaved, so that a noisy neighbour hurts every row alike.
+    for _ in 0..runs {
+        for (_, cmd, samples) in ours.iter_mut().chain(theirs.iter_mut()) {
+            samples.push(time(cmd));
+        }
+    }
+    let ours: Vec<_> = ours.into_iter().map(|(name, _, samples)| (name, report(name, samples))).collect();
+    if !have_bwrap {
+        println!("bwrap not installed (apt-get install bubblewrap): no comparison");
+        return;
+    }
+    let theirs: Vec<_> = theirs.into_iter().map(|(name, _, samples)| (name, report(name, samples))).collect();
+    for (a_name, a) in &ours {
+        for (b_name, b) in &theirs {
+            println!("ratio {a_name} / {b_name} (p50): {:.2}", a.as_secs_f64() / b.as_secs_f64());
+        }
     }
 }
 
