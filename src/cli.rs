@@ -21,14 +21,13 @@ pub enum Command {
     Node(NodeArgs),
     /// The control plane alone, against a node's socket.
     Server(ServerArgs),
-    /// Sandboxes for operators and tests (`agentd sandbox run --help`), run by
-    /// the agentd-sandbox binary.
+    /// Sandboxes for operators and tests (`agentd sandbox run --help`).
     #[command(disable_help_flag = true)]
     Sandbox {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Builds one sandbox from a spec on stdin (internal), in agentd-sandbox.
+    /// Builds one sandbox from a spec on stdin (internal).
     #[command(hide = true, disable_help_flag = true)]
     SandboxInit {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -1,6 +1,5 @@
-//! Finding and executing `agentd-sandbox`, the binary that builds sandboxes.
+//! Finding `agentd-sandbox`, the binary the node starts its zygote from.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 /// The binary's file name; it is installed (and built) beside `agentd`.
@@ -13,20 +12,4 @@ pub fn locate() -> std::io::Result<PathBuf> {
         return Ok(PathBuf::from(path));
     }
     Ok(std::env::current_exe()?.with_file_name(NAME))
-}
-
-/// Replaces this process with `agentd-sandbox`, passing the command line on
-/// unchanged (`agentd sandbox run ...` becomes `agentd-sandbox sandbox run
-/// ...`). Exits 125 (as `agentd sandbox run` does when agentd itself fails)
-/// if it cannot.
-pub fn exec_with_args() -> ! {
-    let error = match locate() {
-        Ok(bin) => {
-            let e = std::process::Command::new(&bin).args(std::env::args_os().skip(1)).exec();
-            format!("cannot run {}: {e} (build it with `cargo build --workspace --bins`, or set AGENTD_SANDBOX_BIN)", bin.display())
-        }
-        Err(e) => format!("cannot find {NAME}: {e}"),
-    };
-    eprintln!("agentd: {error}");
-    std::process::exit(125)
 }
