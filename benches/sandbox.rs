@@ -54,6 +54,14 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A field of /proc/PID/smaps_rollup, in KiB.
+fn rollup_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':').map(|v| v.trim().trim_end_matches(" kB").parse().unwrap_or(0))))
+        .unwrap_or(0)
+}
+
 fn mem_available_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap()
@@ -111,8 +119,18 @@ async fn node_figures(node: &Arc<Node>, runs: usize, idle: usize) {
     let elapsed = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = mem_available_kib();
-    let mut rss: Vec<u64> = node.sandboxes.list().iter().map(|s| rss_kib(s.pid)).collect();
+    let pids: Vec<i32> = node.sandboxes.list().iter().map(|s| s.pid).collect();
+    let mut rss: Vec<u64> = pids.iter().map(|&pid| rss_kib(pid)).collect();
     rss.sort();
+    // RSS counts every page mapped, the code shared by all supervisors (and
+    // the zygote) included; PSS splits shared pages among their users, and
+    // private dirty pages are what one supervisor alone holds.
+    let median = |field: &str| {
+        let mut v: Vec<u64> = pids.iter().map(|&pid| rollup_kib(pid, field)).collect();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    let (pss, private, anon) = (median("Pss"), median("Private_Dirty"), median("Anonymous"));
     println!(
         "idle sandboxes held: {held}/{idle} (created in {:.1} s); host memory per sandbox: {:.0} KiB (MemAvailable delta)",
         elapsed.as_secs_f64(),
@@ -120,6 +138,7 @@ async fn node_figures(node: &Arc<Node>, runs: usize, idle: usize) {
     );
     if !rss.is_empty() {
         println!("supervisor RSS: p50 {} KiB, max {} KiB", rss[rss.len() / 2], rss[rss.len() - 1]);
+        println!("supervisor PSS p50 {pss} KiB, private dirty p50 {private} KiB, anonymous p50 {anon} KiB");
     }
     let t0 = Instant::now();
     node.stop_all().await;
