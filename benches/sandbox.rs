@@ -12,7 +12,9 @@
 //!   bubblewrap, the invocation and the cheapest one that runs), as
 //!   whole processes, interleaved in the same run.
 //!
-//! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500).
+//! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500),
+//! BENCH_ZYGOTE (default agentd-sandbox; `agentd` to compare with the big
+//! binary as the zygote).
 
 mod common;
 
@@ -213,7 +215,11 @@ fn main() {
     let state = tempfile::Builder::new().prefix("agentd-bench-").tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut config = NodeConfig::new(state.path().to_owned(), release_bin("agentd-sandbox"));
+        // BENCH_ZYGOTE=agentd makes the big binary the zygote (as before
+        // agentd-sandbox existed), to compare the two in the same conditions.
+        let zygote = std::env::var("BENCH_ZYGOTE").unwrap_or_else(|_| "agentd-sandbox".into());
+        println!("zygote: {zygote} sandbox-init --zygote");
+        let mut config = NodeConfig::new(state.path().to_owned(), release_bin(&zygote));
         config.supervisor_log_filter = "warn".into();
         config.cgroup_subtree = format!("agentd-bench-{}", std::process::id());
         let node = Node::start(config).await.expect("node");
