@@ -170,8 +170,8 @@ fn whole_process_figures(runs: usize) {
         t0.elapsed()
     };
     let have_bwrap = Command::new("bwrap").arg("--version").output().is_ok();
-    // `agentd sandbox run` executes agentd-sandbox; the second row is that
-    // binary alone, so the difference is what the hop through agentd costs.
+    // `agentd sandbox run` runs the sandbox code in process; the second row
+    // is the same code from the small agentd-sandbox binary.
     let mut ours: Vec<(&str, Command, Vec<Duration>)> = vec![
         ("agentd sandbox run -- true", Command::new(release_bin("agentd")), Vec::new()),
         ("agentd-sandbox sandbox run -- true", Command::new(release_bin("agentd-sandbox")), Vec::new()),
