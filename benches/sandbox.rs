@@ -7,10 +7,14 @@
 //!   and teardown, p50/p99 over RUNS sandboxes;
 //! - supervisor RSS of idle sandboxes;
 //! - IDLE idle sandboxes held at once, and host memory per sandbox;
-//! - `agentd sandbox run -- true` against `bwrap --unshare-all ... true`
-//!   (Debian's bubblewrap), as whole processes, in the same run.
+//! - `agentd sandbox run -- true` (and `agentd-sandbox sandbox run -- true`,
+//!   the binary it executes) against `bwrap --unshare-all ... true` (Debian's
+//!   bubblewrap, the invocation and the cheapest one that runs), as
+//!   whole processes, interleaved in the same run.
 //!
-//! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500).
+//! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500),
+//! BENCH_ZYGOTE (default agentd-sandbox; `agentd` to compare with the big
+//! binary as the zygote).
 
 mod common;
 
@@ -49,6 +53,14 @@ fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse().unwrap_or(0))))
+        .unwrap_or(0)
+}
+
+/// A field of /proc/PID/smaps_rollup, in KiB.
+fn rollup_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':').map(|v| v.trim().trim_end_matches(" kB").parse().unwrap_or(0))))
         .unwrap_or(0)
 }
 
@@ -109,8 +121,18 @@ async fn node_figures(node: &Arc<Node>, runs: usize, idle: usize) {
     let elapsed = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = mem_available_kib();
-    let mut rss: Vec<u64> = node.sandboxes.list().iter().map(|s| rss_kib(s.pid)).collect();
+    let pids: Vec<i32> = node.sandboxes.list().iter().map(|s| s.pid).collect();
+    let mut rss: Vec<u64> = pids.iter().map(|&pid| rss_kib(pid)).collect();
     rss.sort();
+    // RSS counts every page mapped, the code shared by all supervisors (and
+    // the zygote) included; PSS splits shared pages among their users, and
+    // private dirty pages are what one supervisor alone holds.
+    let median = |field: &str| {
+        let mut v: Vec<u64> = pids.iter().map(|&pid| rollup_kib(pid, field)).collect();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    let (pss, private, anon) = (median("Pss"), median("Private_Dirty"), median("Anonymous"));
     println!(
         "idle sandboxes held: {held}/{idle} (created in {:.1} s); host memory per sandbox: {:.0} KiB (MemAvailable delta)",
         elapsed.as_secs_f64(),
@@ -118,38 +140,69 @@ async fn node_figures(node: &Arc<Node>, runs: usize, idle: usize) {
     );
     if !rss.is_empty() {
         println!("supervisor RSS: p50 {} KiB, max {} KiB", rss[rss.len() / 2], rss[rss.len() - 1]);
+        println!("supervisor PSS p50 {pss} KiB, private dirty p50 {private} KiB, anonymous p50 {anon} KiB");
     }
     let t0 = Instant::now();
     node.stop_all().await;
     println!("stopped {held} sandboxes in {:.1} s", t0.elapsed().as_secs_f64());
 }
 
+/// The bwrap invocations compared against: the (the host's /usr,
+/// merged-/usr symlinks, /proc, /dev, /tmp), and the cheapest form that runs
+/// `true` at all (plain `bwrap --unshare-all true` has an empty root and
+/// cannot find it).
+const BWRAP: &[(&str, &[&str])] = &[
+    (
+        "bwrap --unshare-all (issue's binds)",
+        &[
+            "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/true",
+        ],
+    ),
+    ("bwrap --unshare-all --ro-bind / / true", &["--unshare-all", "--ro-bind", "/", "/", "true"]),
+];
+
 fn whole_process_figures(runs: usize) {
-    let agentd = release_bin("agentd");
     let time = |cmd: &mut Command| {
         let t0 = Instant::now();
         let status = cmd.status().expect("run");
         assert!(status.success(), "{cmd:?} failed");
         t0.elapsed()
     };
-    let mut ours = Vec::new();
-    let mut bwrap = Vec::new();
     let have_bwrap = Command::new("bwrap").arg("--version").output().is_ok();
-    for _ in 0..runs {
-        ours.push(time(Command::new(&agentd).args(["sandbox", "run", "--", "true"])));
-        if have_bwrap {
-            bwrap.push(time(Command::new("bwrap").args([
-                "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-                "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "true",
-            ])));
+    // `agentd sandbox run` runs the sandbox code in process; the second row
+    // is the same code from the small agentd-sandbox binary.
+    let mut ours: Vec<(&str, Command, Vec<Duration>)> = vec![
+        ("agentd sandbox run -- true", Command::new(release_bin("agentd")), Vec::new()),
+        ("agentd-sandbox sandbox run -- true", Command::new(release_bin("agentd-sandbox")), Vec::new()),
+    ];
+    for (_, cmd, _) in &mut ours {
+        cmd.args(["sandbox", "run", "--", "true"]);
+    }
+    let mut theirs: Vec<(&str, Command, Vec<Duration>)> = Vec::new();
+    if have_bwrap {
+        for (name, args) in BWRAP {
+            let mut cmd = Command::new("bwrap");
+            cmd.args(*args);
+            theirs.push((name, cmd, Vec::new()));
         }
     }
-    let a = report("agentd sandbox run -- true", ours);
-    if have_bwrap {
-        let b = report("bwrap --unshare-all true", bwrap);
-        println!("ratio agentd/bwrap (p50): {:.2}", a.as_secs_f64() / b.as_secs_f64());
-    } else {
-        println!("bwrap not installed (apt-get install bubblewrap) : no comparison");
+    // Interleaved, so that a noisy neighbour hurts every row alike.
+    for _ in 0..runs {
+        for (_, cmd, samples) in ours.iter_mut().chain(theirs.iter_mut()) {
+            samples.push(time(cmd));
+        }
+    }
+    let ours: Vec<_> = ours.into_iter().map(|(name, _, samples)| (name, report(name, samples))).collect();
+    if !have_bwrap {
+        println!("bwrap not installed (apt-get install bubblewrap): no comparison");
+        return;
+    }
+    let theirs: Vec<_> = theirs.into_iter().map(|(name, _, samples)| (name, report(name, samples))).collect();
+    for (a_name, a) in &ours {
+        for (b_name, b) in &theirs {
+            println!("ratio {a_name} / {b_name} (p50): {:.2}", a.as_secs_f64() / b.as_secs_f64());
+        }
     }
 }
 
@@ -162,7 +215,11 @@ fn main() {
     let state = tempfile::Builder::new().prefix("agentd-bench-").tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut config = NodeConfig::new(state.path().to_owned(), release_bin("agentd"));
+        // BENCH_ZYGOTE=agentd makes the big binary the zygote (as before
+        // agentd-sandbox existed), to compare the two in the same conditions.
+        let zygote = std::env::var("BENCH_ZYGOTE").unwrap_or_else(|_| "agentd-sandbox".into());
+        println!("zygote: {zygote} sandbox-init --zygote");
+        let mut config = NodeConfig::new(state.path().to_owned(), release_bin(&zygote));
         config.supervisor_log_filter = "warn".into();
         config.cgroup_subtree = format!("agentd-bench-{}", std::process::id());
         let node = Node::start(config).await.expect("node");

@@ -21,15 +21,17 @@ pub enum Command {
     Node(NodeArgs),
     /// The control plane alone, against a node's socket.
     Server(ServerArgs),
-    /// Sandboxes for operators and tests.
-    #[command(subcommand)]
-    Sandbox(SandboxCommand),
+    /// Sandboxes for operators and tests (`agentd sandbox run --help`).
+    #[command(disable_help_flag = true)]
+    Sandbox {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Builds one sandbox from a spec on stdin (internal).
-    #[command(hide = true)]
+    #[command(hide = true, disable_help_flag = true)]
     SandboxInit {
-        /// Serve specs from stdin, one worker per sandbox, until end of file.
-        #[arg(long)]
-        zygote: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -61,6 +63,10 @@ pub struct NodeFlags {
     pub id_range_size: u32,
     #[arg(long, env = "AGENTD_MAX_SANDBOXES", default_value_t = 1_000)]
     pub max_sandboxes: u32,
+    /// The agentd-sandbox binary, run as the node's sandbox-init zygote
+    /// (default: agentd-sandbox beside this executable).
+    #[arg(long, env = "AGENTD_SANDBOX_BIN")]
+    pub sandbox_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -127,56 +133,4 @@ pub struct ServerArgs {
     /// Unix socket of the node to schedule onto.
     #[arg(long, env = "AGENTD_NODE_SOCKET")]
     pub node_socket: PathBuf,
-}
-
-
-#[derive(Debug, Subcommand)]
-pub enum SandboxCommand {
-    /// Runs one command in a sandbox built exactly as agent sandboxes are,
-    /// stdio attached; exits with its code (or 128 + signal).
-    Run(SandboxRunArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct SandboxRunArgs {
-    /// Memory limit (bytes, or with a K/M/G suffix); no swap beyond it.
-    #[arg(long)]
-    pub memory: Option<String>,
-    /// Maximum number of processes and threads.
-    #[arg(long)]
-    pub pids: Option<u64>,
-    /// CPU limit in CPUs, e.g. 0.5.
-    #[arg(long)]
-    pub cpus: Option<f64>,
-    /// none (own network namespace, loopback only) or host.
-    #[arg(long, default_value = "none")]
-    pub network: String,
-    /// A root filesystem directory to use instead of the host's system dirs.
-    #[arg(long)]
-    pub rootfs: Option<PathBuf>,
-    /// Host directory mounted read-write at /workspace (default: a fresh
-    /// temporary directory, removed afterwards).
-    #[arg(long)]
-    pub workspace: Option<PathBuf>,
-    /// Extra read-only bind mount, HOST:SANDBOX (repeatable).
-    #[arg(long = "ro-bind", value_name = "HOST:SANDBOX")]
-    pub ro_binds: Vec<String>,
-    /// NAME=VALUE for the command's environment (repeatable). The command gets
-    /// only PATH, HOME, LANG, TMPDIR and these.
-    #[arg(long = "env", value_name = "NAME=VALUE")]
-    pub env: Vec<String>,
-    /// First host uid/gid of the sandbox's id range (default: derived from
-    /// this process's pid, so concurrent runs never share ids).
-    #[arg(long)]
-    pub uid_base: Option<u32>,
-    #[arg(long, default_value_t = 65536)]
-    pub uid_count: u32,
-    #[arg(long, env = "AGENTD_LOG", default_value = "warn")]
-    pub log: String,
-    /// Fail setup at this stage on purpose (tests of the undo path).
-    #[arg(long, hide = true)]
-    pub inject_failure: Option<String>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
 }

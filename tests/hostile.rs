@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::{agentd_bin, procfs};
+use crate::support::{agentd_bin, procfs, sandbox_bin};
 
 const EPERM: i32 = 1;
 const ENOENT: i32 = 2;
@@ -183,13 +183,15 @@ fn no_daemon_descriptor_or_binary_is_reachable() {
     let run = probe("list-fds");
     // 0-2 are stdio; 3 is the directory the probe is listing.
     assert!(run.stdout.trim_end().ends_with("fds=0,1,2,3"), "{}", run.stdout);
-    let exe = agentd_bin();
-    let before = std::fs::metadata(&exe).unwrap().modified().unwrap();
+    // PID 1 is a fork of agentd-sandbox, which `agentd sandbox run` executes.
+    let exes = [agentd_bin(), sandbox_bin()];
+    let mtime = |exe: &std::path::PathBuf| std::fs::metadata(exe).unwrap().modified().unwrap();
+    let before: Vec<_> = exes.iter().map(mtime).collect();
     for target in ["/proc/1/exe", "/proc/self/exe"] {
         let run = probe_with(&[], "write-exe", Some(target));
         assert_ne!(run.code, 0, "{target} opened for writing: {}", run.stdout);
     }
-    assert_eq!(std::fs::metadata(&exe).unwrap().modified().unwrap(), before);
+    assert_eq!(exes.iter().map(mtime).collect::<Vec<_>>(), before);
 }
 
 #[test]

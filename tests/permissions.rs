@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Agentd, Sse, SseEvent, session_body};
+use crate::support::{Agentd, Sse, SseEvent, said, session_body};
 
 async fn session(agentd: &Agentd, policy: Value) -> (String, Sse) {
     let mut body = session_body(&[]);

@@ -7,7 +7,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Agentd, Sse, SseEvent, procfs, session_body};
+use crate::support::{Agentd, Sse, SseEvent, procfs, said, session_body};
 
 /// A session body for the echo agent run with `args`, its env and policy.
 fn body(args: &[&str], env: &[(&str, &str)], policy: Value) -> Value {

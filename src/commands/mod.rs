@@ -1,7 +1,6 @@
 //! One module per subcommand, plus what they share.
 
 pub mod node;
-pub mod sandbox;
 pub mod server;
 pub mod up;
 
@@ -51,8 +50,17 @@ pub fn node_socket(state_dir: &Path) -> PathBuf {
 }
 
 pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow::Result<agentd_node::NodeConfig> {
-    let exe = std::env::current_exe()?;
-    let mut config = agentd_node::NodeConfig::new(common.state_dir.join("node"), exe);
+    let sandbox_bin = match &flags.sandbox_bin {
+        Some(path) => path.clone(),
+        None => crate::sandbox_bin::locate()?,
+    };
+    anyhow::ensure!(
+        sandbox_bin.is_file(),
+        "sandbox binary {} not found: install {} beside agentd (`cargo build --workspace --bins` builds it) or set --sandbox-bin",
+        sandbox_bin.display(),
+        crate::sandbox_bin::NAME
+    );
+    let mut config = agentd_node::NodeConfig::new(common.state_dir.join("node"), sandbox_bin);
     config.supervisor_log_filter = common.log.clone();
     config.cgroup_subtree = flags.cgroup_subtree.clone();
     anyhow::ensure!(flags.id_base > 0, "--id-base must not map host root");

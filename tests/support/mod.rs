@@ -31,6 +31,14 @@ pub fn agentd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_agentd"))
 }
 
+/// agentd-sandbox, which builds sandboxes (their PID 1 is a fork of it):
+/// built into the same target directory as agentd.
+pub fn sandbox_bin() -> PathBuf {
+    let path = agentd_bin().with_file_name("agentd-sandbox");
+    assert!(path.is_file(), "{} is missing: build the workspace's binaries first (see README)", path.display());
+    path
+}
+
 /// The example agent, built into the same target directory as agentd.
 pub fn echo_agent() -> PathBuf {
     let path = agentd_bin().with_file_name("echo-agent");

@@ -15,6 +15,7 @@ pub mod launch;
 pub mod profile;
 mod rootfs;
 pub mod seccomp;
+mod seccomp_link;
 pub mod spec;
 pub mod zygote;
 

@@ -9,6 +9,10 @@
 //! why, and the tests below fail on an entry without one. The files are in
 //! seccompiler's JSON format (not Docker's or OCI's): a map from a filter name to
 //! `{mismatch_action, filter_action, filter: [{syscall, args?, comment}]}`.
+//! `build.rs` compiles the file of the target architecture to BPF at build
+//! time (with [`super::seccomp_link`], the code custom policies use at run
+//! time), so [`default_program`] is a copy of constant instructions; a test
+//! checks them against a run-time compile of the same JSON.
 //! The default policy has two filters, both falling through to allow:
 //!
 //! - `eperm` (`EPERM`): mounts, namespaces (`unshare`/`clone` with a
@@ -56,42 +60,25 @@
 //! seccompiler's `apply_filter` does the same today; it is not used so that the
 //! no-allocation promise does not rest on another crate's internals.
 
-use std::collections::BTreeMap;
 use std::io;
 
 use seccompiler::{BpfProgram, TargetArch, sock_filter};
 
-/// The kernel's limit on a classic BPF program (`BPF_MAXINSNS`).
-const MAX_INSNS: usize = 4096;
+#[cfg(test)]
+use super::seccomp_link::*;
+use super::seccomp_link::{self, LinkError, MAX_INSNS};
 
-// Classic BPF opcodes (linux/bpf_common.h), spelled out because seccompiler
-// keeps its own private.
-const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
-const BPF_JMP_JEQ_K: u16 = 0x15; // BPF_JMP (5) | BPF_JEQ (0x10) | BPF_K (0)
-const BPF_JMP_JGE_K: u16 = 0x35; // BPF_JMP (5) | BPF_JGE (0x30) | BPF_K (0)
-const BPF_JMP_JA: u16 = 0x05; // BPF_JMP (5) | BPF_JA (0)
-const BPF_RET_K: u16 = 0x06; // BPF_RET (6) | BPF_K (0)
-
-// Offsets into `struct seccomp_data`.
-const SECCOMP_DATA_NR: u32 = 0;
-const SECCOMP_DATA_ARCH: u32 = 4;
-
-// `EM_* | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE` (linux/audit.h).
-const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
-const AUDIT_ARCH_AARCH64: u32 = 183 | 0x8000_0000 | 0x4000_0000;
-
-/// `__X32_SYSCALL_BIT` (asm/unistd.h on x86_64).
-const X32_SYSCALL_BIT: u32 = 0x4000_0000;
-
-const SECCOMP_RET_ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
-const SECCOMP_RET_KILL_PROCESS: u32 = libc::SECCOMP_RET_KILL_PROCESS;
-
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(test, target_arch = "x86_64"))]
 const DEFAULT_POLICY: Option<&str> = Some(include_str!("seccomp_policy.x86_64.json"));
-#[cfg(target_arch = "aarch64")]
+#[cfg(all(test, target_arch = "aarch64"))]
 const DEFAULT_POLICY: Option<&str> = Some(include_str!("seccomp_policy.aarch64.json"));
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[cfg(all(test, not(any(target_arch = "x86_64", target_arch = "aarch64"))))]
 const DEFAULT_POLICY: Option<&str> = None;
+
+// `DEFAULT_BPF: Option<&[sock_filter]>`: the default policy of the target
+// architecture, compiled and linked by build.rs with `seccomp_link` (a policy
+// that does not compile fails the build).
+include!(concat!(env!("OUT_DIR"), "/seccomp_default.rs"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -122,12 +109,11 @@ impl SeccompProgram {
     }
 }
 
-/// Compiles the built-in policy for the architecture this binary targets.
-/// Compiling takes a JSON parse and some allocation: do it once, before any
-/// fork, and keep the result.
+/// The built-in policy for the architecture this binary targets, compiled at
+/// build time: no JSON parse at run time, only a copy of the instructions.
 pub fn default_program() -> Result<SeccompProgram, SeccompError> {
-    let policy = DEFAULT_POLICY.ok_or(SeccompError::UnsupportedArch(std::env::consts::ARCH))?;
-    compile(policy, native_arch()?)
+    let insns = DEFAULT_BPF.ok_or(SeccompError::UnsupportedArch(std::env::consts::ARCH))?;
+    Ok(SeccompProgram { insns: insns.to_vec() })
 }
 
 /// Compiles a profile's own policy, given in seccompiler's JSON format (a map
@@ -186,77 +172,12 @@ fn native_arch() -> Result<TargetArch, SeccompError> {
 }
 
 fn compile(json: &str, arch: TargetArch) -> Result<SeccompProgram, SeccompError> {
-    let filters = seccompiler::compile_from_json(json.as_bytes(), arch)?;
-    // A HashMap comes back; name order makes the linked program reproducible.
-    let ordered: BTreeMap<String, BpfProgram> = filters.into_iter().collect();
-    link(arch, ordered.into_values().collect())
-}
-
-/// Joins separately compiled filters behind the architecture guard (see the
-/// module docs).
-fn link(arch: TargetArch, filters: Vec<BpfProgram>) -> Result<SeccompProgram, SeccompError> {
-    if filters.is_empty() {
-        return Err(SeccompError::NoFilter);
+    match seccomp_link::compile(json, arch) {
+        Ok(insns) => Ok(SeccompProgram { insns }),
+        Err(LinkError::Compile(e)) => Err(SeccompError::Compile(e)),
+        Err(LinkError::NoFilter) => Err(SeccompError::NoFilter),
+        Err(LinkError::TooLarge(n)) => Err(SeccompError::TooLarge(n)),
     }
-    let mut insns = arch_guard(arch);
-    let last = filters.len() - 1;
-    for (i, mut filter) in filters.into_iter().enumerate() {
-        if i < last {
-            let len = filter.len();
-            for (at, insn) in filter.iter_mut().enumerate() {
-                if insn.code == BPF_RET_K && insn.k == SECCOMP_RET_ALLOW {
-                    // `JA k` goes to at + 1 + k: the first instruction after
-                    // this filter. Replacing one instruction with one keeps
-                    // every other jump offset in the filter valid.
-                    *insn = stmt(BPF_JMP_JA, (len - at - 1) as u32);
-                }
-            }
-        }
-        insns.extend(filter);
-    }
-    if insns.len() > MAX_INSNS {
-        return Err(SeccompError::TooLarge(insns.len()));
-    }
-    Ok(SeccompProgram { insns })
-}
-
-fn arch_guard(arch: TargetArch) -> BpfProgram {
-    let audit_arch = match arch {
-        TargetArch::x86_64 => AUDIT_ARCH_X86_64,
-        TargetArch::aarch64 => AUDIT_ARCH_AARCH64,
-        // seccompiler's own check still kills foreign syscalls; only the x32
-        // step is x86_64's business.
-        TargetArch::riscv64 => return Vec::new(),
-    };
-    let mut guard = vec![
-        stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH),
-        jump(BPF_JMP_JEQ_K, audit_arch, 1, 0),
-        stmt(BPF_RET_K, SECCOMP_RET_KILL_PROCESS),
-    ];
-    if arch == TargetArch::x86_64 {
-        guard.extend([
-            stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR),
-            // Below the x32 bit: an ordinary x86_64 number, on to the filters.
-            jump(BPF_JMP_JGE_K, X32_SYSCALL_BIT, 0, 2),
-            // -1 is no syscall at all (ENOSYS), not an x32 one.
-            jump(BPF_JMP_JEQ_K, u32::MAX, 1, 0),
-            stmt(BPF_RET_K, SECCOMP_RET_KILL_PROCESS),
-        ]);
-    }
-    guard
-}
-
-const fn stmt(code: u16, k: u32) -> sock_filter {
-    sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
-}
-
-const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
-    sock_filter { code, jt, jf, k }
 }
 
 /// Running a closure in a forked child, for the enforcement tests here and in
@@ -438,6 +359,18 @@ mod tests {
         assert_eq!(&insns[..guard.len()], &guard[..]);
         // Falling off every rule allows.
         assert_eq!(insns.last(), Some(&stmt(BPF_RET_K, SECCOMP_RET_ALLOW)));
+    }
+
+    #[test]
+    fn build_time_program_is_the_reviewed_policy_compiled() {
+        let at_run_time = compile(DEFAULT_POLICY.unwrap(), native_arch().unwrap()).unwrap();
+        assert_eq!(default_program().unwrap(), at_run_time);
+    }
+
+    #[test]
+    fn return_values_match_libc() {
+        assert_eq!(SECCOMP_RET_ALLOW, libc::SECCOMP_RET_ALLOW);
+        assert_eq!(SECCOMP_RET_KILL_PROCESS, libc::SECCOMP_RET_KILL_PROCESS);
     }
 
     #[test]

@@ -102,16 +102,18 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         anyhow::ensure!(init::FAULT_STAGES.contains(&stage.as_str()) || stage == "cgroup", "unknown stage {stage:?}");
     }
 
-    let scratch = tempfile::Builder::new().prefix(&format!("agentd-run-{}-", std::process::id())).tempdir().context("cannot create a scratch directory")?;
-    let rootfs_dir = scratch.path().join("rootfs");
-    std::fs::create_dir(&rootfs_dir)?;
-    let workspace = match &args.workspace {
-        Some(dir) => dir.canonicalize().with_context(|| format!("workspace {}", dir.display()))?,
+    // Two fresh directories at most (each costs a mkdir and an rmdir, not
+    // free on a disk-backed /tmp): the empty mount point of the new root, and
+    // the default workspace.
+    let prefix = format!("agentd-run-{}-", std::process::id());
+    let root = tempfile::Builder::new().prefix(&prefix).tempdir().context("cannot create the root's mount point")?;
+    let rootfs_dir = root.path().to_owned();
+    let (workspace, scratch_workspace) = match &args.workspace {
+        Some(dir) => (dir.canonicalize().with_context(|| format!("workspace {}", dir.display()))?, None),
         None => {
-            let dir = scratch.path().join("workspace");
-            std::fs::create_dir(&dir)?;
-            std::os::unix::fs::chown(&dir, Some(uid_base), Some(uid_base))?;
-            dir
+            let dir = tempfile::Builder::new().prefix(&prefix).suffix("-workspace").tempdir().context("cannot create a workspace")?;
+            std::os::unix::fs::chown(dir.path(), Some(uid_base), Some(uid_base))?;
+            (dir.path().to_owned(), Some(dir))
         }
     };
     mounts.insert(0, BindMount { source: workspace, target: "/workspace".into(), read_only: false });
@@ -144,9 +146,9 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     }
 
     // Building the sandbox leaves this process in a private mount namespace
-    // whose mounts sit on the scratch directory: come back to the original one
-    // before removing it, whatever happened, or the removal would walk into
-    // the bind mounts (the workspace among them).
+    // whose mounts sit on the root's mount point: come back to the original
+    // one before removing it, whatever happened, or the removal would walk
+    // into the bind mounts (the workspace among them).
     let host_mnt = std::fs::File::open("/proc/self/ns/mnt").context("cannot open own mount namespace")?;
     let created = init::create(&spec);
     let waited = created.map_err(|e| anyhow!("sandbox setup failed at {e}")).and_then(|pid| {
@@ -169,6 +171,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         eprintln!("agentd sandbox: the sandbox ran out of memory: {kills} process(es) OOM-killed (limit {limit})");
     }
     drop(cgroups);
-    drop(scratch);
+    drop(root);
+    drop(scratch_workspace);
     Ok(code)
 }

@@ -1,0 +1,80 @@
+//! Command line of `agentd-sandbox`: the sandbox subcommands of `agentd`,
+//! spelled the same way.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "agentd-sandbox", version, about = "agentd's sandboxes: the node's zygote and `sandbox run`")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sandboxes for operators and tests.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Builds one sandbox from a spec on stdin (internal).
+    #[command(hide = true)]
+    SandboxInit {
+        /// Serve specs from stdin, one worker per sandbox, until end of file.
+        #[arg(long)]
+        zygote: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Runs one command in a sandbox built exactly as agent sandboxes are,
+    /// stdio attached; exits with its code (or 128 + signal).
+    Run(SandboxRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxRunArgs {
+    /// Memory limit (bytes, or with a K/M/G suffix); no swap beyond it.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Maximum number of processes and threads.
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// CPU limit in CPUs, e.g. 0.5.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// none (own network namespace, loopback only) or host.
+    #[arg(long, default_value = "none")]
+    pub network: String,
+    /// A root filesystem directory to use instead of the host's system dirs.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// Host directory mounted read-write at /workspace (default: a fresh
+    /// temporary directory, removed afterwards).
+    #[arg(long)]
+    pub workspace: Option<PathBuf>,
+    /// Extra read-only bind mount, HOST:SANDBOX (repeatable).
+    #[arg(long = "ro-bind", value_name = "HOST:SANDBOX")]
+    pub ro_binds: Vec<String>,
+    /// NAME=VALUE for the command's environment (repeatable). The command gets
+    /// only PATH, HOME, LANG, TMPDIR and these.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// First host uid/gid of the sandbox's id range (default: derived from
+    /// this process's pid, so concurrent runs never share ids).
+    #[arg(long)]
+    pub uid_base: Option<u32>,
+    #[arg(long, default_value_t = 65536)]
+    pub uid_count: u32,
+    #[arg(long, env = "AGENTD_LOG", default_value = "warn")]
+    pub log: String,
+    /// Fail setup at this stage on purpose (tests of the undo path).
+    #[arg(long, hide = true)]
+    pub inject_failure: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}

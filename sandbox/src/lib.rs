@@ -1,0 +1,28 @@
+//! The sandbox side of agentd: `sandbox-init` (one-shot or `--zygote`) and
+//! `sandbox run`, run by the small `agentd-sandbox` binary and, in process,
+//! by `agentd sandbox ...`.
+//!
+//! - `sandbox-init --zygote`: the node's zygote, which forks a worker per
+//!   sandbox; the sandbox's PID 1 (the supervisor) is a fork of it, so the
+//!   node starts it from `agentd-sandbox`, whose size is what every sandbox
+//!   carries.
+//! - `sandbox-init`: one sandbox, one-shot (the fallback).
+//! - `sandbox run ...` ([`run`]): one command in a sandbox.
+//!
+//! [`main`] must run before any thread exists: creating a user namespace and
+//! forking need a single-threaded process.
+
+mod cli;
+mod run;
+
+use clap::Parser;
+
+/// Parses the process's command line (`<any argv0> sandbox ...` or
+/// `<any argv0> sandbox-init ...`) and runs it.
+pub fn main() -> anyhow::Result<()> {
+    match cli::Cli::parse().command {
+        cli::Command::SandboxInit { zygote: false } => agentd_runtime::sandbox::init::main(),
+        cli::Command::SandboxInit { zygote: true } => agentd_runtime::sandbox::zygote::main(),
+        cli::Command::Sandbox(cli::SandboxCommand::Run(args)) => std::process::exit(run::run(args)?),
+    }
+}
