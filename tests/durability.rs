@@ -86,6 +86,45 @@ async fn control_plane_killed_mid_create_on_postgresql() {
     killed_mid_create_finishes_after_restart(Some(pg.url())).await;
 }
 
+/// A node call that times out and then succeeds: the node builds the
+/// sandbox but holds its answer past the control plane's deadline; the
+/// step's attempt fails, the runner retries it with backoff under the same
+/// idempotency key, the node answers from memory, and the session ends
+/// ready with one sandbox built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_call_that_times_out_then_succeeds_builds_once() {
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start_with(dir.path(), &[("AGENTD_TEST_DELAY_ANSWER", "create_sandbox:4000")]).await;
+    let env = [("AGENTD_NODE_CALL_TIMEOUT_MS", "1000")];
+    let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &env).await;
+    let http = reqwest::Client::new();
+    let created = http.post(server.url("/v1/sessions")).json(&session_body(&[])).send().await.unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED, "{}", server.daemon.log());
+    let session: Value = created.json().await.unwrap();
+    assert_eq!(session["state"], "ready", "{session}");
+    let id = session["id"].as_str().unwrap();
+
+    let server_log = server.daemon.log();
+    assert!(node.daemon.log().contains("answer delayed for a fault test"), "{}", node.daemon.log());
+    assert!(
+        server_log.contains("step failed; will retry") && server_log.contains("no answer within 1000 ms"),
+        "the first attempt timed out and was retried: {server_log}"
+    );
+    assert_eq!(node.sandboxes_created(), 1, "exactly one sandbox built; node log:\n{}", node.daemon.log());
+    assert!(node.daemon.count(&["repeated call answered with its first result"]) >= 1, "{}", node.daemon.log());
+    assert_eq!(node.sandbox_dirs().len(), 1);
+
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": "after the timeout"})).send().await.unwrap();
+    assert_eq!(prompt.status(), StatusCode::ACCEPTED);
+    wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the run to complete", |s| s["runs"][0]["state"] == "completed").await;
+    let deleted = http.delete(server.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert_eq!(node.sandboxes_created(), 1);
+    server.daemon.interrupt();
+    node.daemon.interrupt();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_prompts_at_once_one_runs_the_other_is_refused() {
     let agentd = Agentd::start().await;

@@ -187,6 +187,7 @@ impl node_server::Node for NodeService {
         let plan = r.plan.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "plan is required"))?;
         let id = plan.container_id.clone();
         let info = self.node.fences.run(&id, r.fence.as_ref(), async { Ok(self.node.sandboxes.create(plan).await?.info()) }).await?;
+        crate::fence::test_delay_first_answer("create_sandbox").await;
         Ok(Response::new(info))
     }
 
@@ -210,7 +211,9 @@ impl node_server::Node for NodeService {
         let fence = r.fence.clone();
         let container_id = r.container_id.clone();
         let start = self.start_agent_unfenced(r);
-        Ok(Response::new(self.node.fences.run(&container_id, fence.as_ref(), start).await?))
+        let answer = self.node.fences.run(&container_id, fence.as_ref(), start).await?;
+        crate::fence::test_delay_first_answer("start_agent").await;
+        Ok(Response::new(answer))
     }
 
     async fn create_session(&self, req: Request<CreateSessionRequest>) -> Result<Response<SessionInfo>, Status> {
@@ -218,7 +221,9 @@ impl node_server::Node for NodeService {
         let fence = r.fence.clone();
         let container_id = r.container_id.clone();
         let create = self.create_session_unfenced(r);
-        Ok(Response::new(self.node.fences.run(&container_id, fence.as_ref(), create).await?))
+        let answer = self.node.fences.run(&container_id, fence.as_ref(), create).await?;
+        crate::fence::test_delay_first_answer("create_session").await;
+        Ok(Response::new(answer))
     }
 
     async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<PromptAccepted>, Status> {

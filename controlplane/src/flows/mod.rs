@@ -78,6 +78,32 @@ pub fn fence(ctx: &StepContext, call: &str) -> Option<Fence> {
     Some(Fence { idempotency_key: format!("{}/{call}", ctx.idempotency_key), step: ctx.id, epoch: ctx.epoch })
 }
 
+/// Bounds one node call of a step by `deadline`: a node that does not
+/// answer in time fails the attempt with `DeadlineExceeded` (transient), so
+/// the runner retries the step with backoff and the call goes out again
+/// under the same idempotency key: the node answers it with the first
+/// result if the late call did finish there.
+pub async fn within<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(answer) => answer,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {} ms", deadline.as_millis()))),
+    }
+}
+
+/// The deadline of a step's node call.
+pub fn deadline(app: &AppState) -> Duration {
+    app.node_call_timeout
+}
+
+/// The deadline of a node call that waits for the agent (its `initialize`,
+/// `session/new`): the agent's initialize timeout on top.
+pub fn agent_deadline(app: &AppState) -> Duration {
+    app.node_call_timeout + Duration::from_millis(u64::from(app.defaults.initialize_timeout_ms))
+}
+
 /// A step outcome that succeeded.
 pub fn ok() -> Value {
     json!({"ok": true})
@@ -171,4 +197,22 @@ fn outcome(result: Option<&Value>) -> Result<(), Problem> {
     let code = result["code"].as_str().unwrap_or("internal");
     let detail = result["detail"].as_str().unwrap_or_default();
     Err(Problem::known(status, code, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_fails_transiently() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(tonic::Response::new(()))
+        };
+        let status = within(Duration::from_millis(20), slow).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(transient(&status), "retried by the runner, not recorded as the node's answer");
+        let fast = async { Ok(tonic::Response::new(7)) };
+        assert_eq!(within(Duration::from_secs(5), fast).await.unwrap().into_inner(), 7);
+    }
 }
