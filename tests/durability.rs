@@ -87,10 +87,11 @@ async fn control_plane_killed_mid_create_on_postgresql() {
 }
 
 /// A node call that times out and then succeeds: the node builds the
-/// sandbox but holds its answer past the control plane's deadline; the
-/// step's attempt fails, the runner retries it with backoff under the same
-/// idempotency key, the node answers from memory, and the session ends
-/// ready with one sandbox built.
+/// sandbox but takes 4 s to finish the call, past the control plane's 1 s
+/// deadline; the step's attempts time out and are retried with backoff
+/// under the same idempotency key, the node finishes the first call anyway
+/// and answers the retry from memory: the session ends ready with one
+/// sandbox built.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_call_that_times_out_then_succeeds_builds_once() {
     let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();

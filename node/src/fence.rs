@@ -97,10 +97,11 @@ impl Fences {
 }
 
 /// Fault tests only: `AGENTD_TEST_DELAY_ANSWER=<rpc>:<ms>` (e.g.
-/// `create_sandbox:3000`) holds the first answer of `rpc` for `ms` after the
-/// operation ran and its answer was remembered, as a node that is slow to
-/// answer: the control plane's call times out and its retry must be
-/// answered from memory, not run again.
+/// `create_sandbox:3000`) makes the first `rpc` operation take `ms` longer
+/// (after its effect, before its answer), as a node that is slow to answer:
+/// the control plane's call times out, the operation must still finish (the
+/// node runs it on a task of its own), and the retry, waiting on the
+/// entity's fence, must be answered from memory, not run again.
 pub async fn test_delay_first_answer(rpc: &str) {
     static DELAYED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let Ok(spec) = std::env::var("AGENTD_TEST_DELAY_ANSWER") else { return };
