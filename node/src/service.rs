@@ -296,6 +296,7 @@ impl node_server::Node for NodeService {
         let freeze = |s: NodeService| async move {
             let sandbox = s.node.sandboxes.get(&id)?;
             sandbox.freeze()?;
+            crate::fence::test_delay_first_answer("freeze_sandbox").await;
             Ok(sandbox.info())
         };
         Ok(Response::new(self.fenced(r.container_id, r.fence, freeze).await?))
@@ -307,6 +308,7 @@ impl node_server::Node for NodeService {
         let thaw = |s: NodeService| async move {
             let sandbox = s.node.sandboxes.get(&id)?;
             sandbox.thaw()?;
+            crate::fence::test_delay_first_answer("thaw_sandbox").await;
             Ok(sandbox.info())
         };
         Ok(Response::new(self.fenced(r.container_id, r.fence, thaw).await?))

@@ -9,6 +9,8 @@
 //! - [`delete`]: `container.delete`: remove the sandbox, record it gone.
 //! - [`dispatch`]: `run.dispatch`: hand a prompt to the node.
 //! - [`hibernate`]: `container.hibernate`: freeze an idle container.
+//! - [`suspend`]: `container.freeze` / `container.thaw`: hibernate and
+//!   resume asked for through the API.
 //! - [`node_check`]: `node.check`, periodic: heartbeats, lost nodes,
 //!   orphan sandboxes, idle containers (hibernate, stop after their TTL).
 //!
@@ -31,6 +33,7 @@ pub mod delete;
 pub mod dispatch;
 pub mod hibernate;
 pub mod node_check;
+pub mod suspend;
 
 use std::time::Duration;
 
@@ -55,6 +58,8 @@ pub const CONTAINER_DELETE: &str = "container.delete";
 pub const RUN_DISPATCH: &str = "run.dispatch";
 pub const NODE_CHECK: &str = "node.check";
 pub const CONTAINER_HIBERNATE: &str = "container.hibernate";
+pub const CONTAINER_FREEZE: &str = "container.freeze";
+pub const CONTAINER_THAW: &str = "container.thaw";
 
 /// The handlers of the API's steps, for a runner serving `app`.
 pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
@@ -67,6 +72,10 @@ pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
     registry.register(RUN_DISPATCH, move |ctx| dispatch::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(CONTAINER_HIBERNATE, move |ctx| hibernate::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(CONTAINER_FREEZE, move |ctx| suspend::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(CONTAINER_THAW, move |ctx| suspend::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(NODE_CHECK, move |ctx| node_check::run(a.clone(), fleet, ctx));
     registry
