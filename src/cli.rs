@@ -97,6 +97,11 @@ pub struct ApiArgs {
     /// How long an agent may take to answer `initialize`, in milliseconds.
     #[arg(long, env = "AGENTD_INITIALIZE_TIMEOUT_MS", default_value_t = 30_000)]
     pub initialize_timeout_ms: u32,
+    /// Deadline of each node call a workflow step makes, in milliseconds
+    /// (calls that wait for the agent get the initialize timeout on top);
+    /// a call past it is retried with backoff under the same idempotency key.
+    #[arg(long, env = "AGENTD_NODE_CALL_TIMEOUT_MS", default_value_t = 30_000)]
+    pub node_call_timeout_ms: u64,
     /// Agent registry to sync at start (a file path, file://, http:// or https:// URL);
     /// `POST /v1/registry:sync` syncs it again.
     #[arg(long, env = "AGENTD_REGISTRY")]

@@ -86,6 +86,102 @@ async fn control_plane_killed_mid_create_on_postgresql() {
     killed_mid_create_finishes_after_restart(Some(pg.url())).await;
 }
 
+/// A node call that times out and then succeeds: the node builds the
+/// sandbox but takes 4 s to finish the call, past the control plane's 1 s
+/// deadline; the step's attempts time out and are retried with backoff
+/// under the same idempotency key, the node finishes the first call anyway
+/// and answers the retry from memory: the session ends ready with one
+/// sandbox built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_call_that_times_out_then_succeeds_builds_once() {
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start_with(dir.path(), &[("AGENTD_TEST_DELAY_ANSWER", "create_sandbox:4000")]).await;
+    let env = [("AGENTD_NODE_CALL_TIMEOUT_MS", "1000")];
+    let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &env).await;
+    let http = reqwest::Client::new();
+    let created = http.post(server.url("/v1/sessions")).json(&session_body(&[])).send().await.unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED, "{}", server.daemon.log());
+    let session: Value = created.json().await.unwrap();
+    assert_eq!(session["state"], "ready", "{session}");
+    let id = session["id"].as_str().unwrap();
+
+    let server_log = server.daemon.log();
+    assert!(node.daemon.log().contains("answer delayed for a fault test"), "{}", node.daemon.log());
+    assert!(
+        server_log.contains("step failed; will retry") && server_log.contains("no answer within 1000 ms"),
+        "the first attempt timed out and was retried: {server_log}"
+    );
+    assert_eq!(node.sandboxes_created(), 1, "exactly one sandbox built; node log:\n{}", node.daemon.log());
+    assert!(node.daemon.count(&["repeated call answered with its first result"]) >= 1, "{}", node.daemon.log());
+    assert_eq!(node.sandbox_dirs().len(), 1);
+
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": "after the timeout"})).send().await.unwrap();
+    assert_eq!(prompt.status(), StatusCode::ACCEPTED);
+    wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the run to complete", |s| s["runs"][0]["state"] == "completed").await;
+    let deleted = http.delete(server.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert_eq!(node.sandboxes_created(), 1);
+    server.daemon.interrupt();
+    node.daemon.interrupt();
+}
+
+/// Hibernate and resume through the API run as fenced workflow steps: a
+/// freeze whose answer comes past the deadline is retried and answered from
+/// the node's memory; illegal moves get 409 naming the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hibernate_and_resume_run_as_fenced_steps() {
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start_with(dir.path(), &[("AGENTD_TEST_DELAY_ANSWER", "freeze_sandbox:2500")]).await;
+    let env = [("AGENTD_NODE_CALL_TIMEOUT_MS", "1000")];
+    let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &env).await;
+    let http = reqwest::Client::new();
+    let created = http.post(server.url("/v1/sessions")).json(&session_body(&[])).send().await.unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let session: Value = created.json().await.unwrap();
+    let id = session["id"].as_str().unwrap();
+    let container = session["container_id"].as_str().unwrap();
+    let post = async |action: &str| {
+        let r = http.post(server.url(&format!("/v1/containers/{container}:{action}"))).send().await.unwrap();
+        let status = r.status();
+        (status, r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+
+    let (status, problem) = post("resume").await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("illegal_state")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("is ready"), "{problem}");
+
+    let (status, body) = post("hibernate").await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}\n{}", server.daemon.log());
+    let c = get(&http, &server.url(&format!("/v1/containers/{container}"))).await;
+    assert_eq!((c["state"].as_str(), c["usage"]["frozen"].as_bool()), (Some("hibernated"), Some(true)), "{c}");
+    let log = server.daemon.log();
+    assert!(log.contains("step failed; will retry") && log.contains("no answer within 1000 ms"), "{log}");
+    assert!(node.daemon.count(&["repeated call answered with its first result"]) >= 1, "{}", node.daemon.log());
+    let (status, problem) = post("hibernate").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("is hibernated"), "{problem}");
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": "frozen"})).send().await.unwrap();
+    assert_eq!(prompt.status(), StatusCode::CONFLICT);
+
+    let (status, body) = post("resume").await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let c = get(&http, &server.url(&format!("/v1/containers/{container}"))).await;
+    assert_eq!((c["state"].as_str(), c["usage"]["frozen"].as_bool()), (Some("ready"), Some(false)), "{c}");
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": "thawed"})).send().await.unwrap();
+    assert_eq!(prompt.status(), StatusCode::ACCEPTED);
+    let completed = |s: &Value| s["runs"].as_array().is_some_and(|runs| runs.iter().any(|r| r["state"] == "completed"));
+    wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the run to complete", completed).await;
+    for kind in ["container.freeze", "container.thaw"] {
+        assert!(server.daemon.count(&["step done", kind]) >= 1, "{kind} ran as a step: {}", server.daemon.log());
+    }
+    let deleted = http.delete(server.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    server.daemon.interrupt();
+    node.daemon.interrupt();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_prompts_at_once_one_runs_the_other_is_refused() {
     let agentd = Agentd::start().await;

@@ -84,6 +84,10 @@ pub struct AppState {
     /// The node this control plane schedules onto (one, until the fleet lands).
     pub node_id: String,
     pub defaults: plan::PlanDefaults,
+    /// Deadline of each node call a workflow step makes (calls that wait
+    /// for the agent get `initialize_timeout` on top): past it the attempt
+    /// fails and the runner retries it under the same idempotency key.
+    pub node_call_timeout: std::time::Duration,
     /// The registry file or URL synced at start and by `POST /v1/registry:sync`.
     pub registry_source: Option<String>,
     /// For registry syncs over http(s).

@@ -27,6 +27,7 @@ fn state(store: &Store, dir: &std::path::Path) -> AppState {
         node: NodeClient::new(agentd_runtime::uds::lazy_channel(&dir.join("no-node.sock"))),
         node_id: "local".into(),
         defaults: crate::plan::PlanDefaults { initialize_timeout_ms: 1_000 },
+        node_call_timeout: std::time::Duration::from_secs(5),
         registry_source: None,
         http: reqwest::Client::new(),
         shutdown: CancellationToken::new(),

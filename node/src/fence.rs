@@ -96,6 +96,24 @@ impl Fences {
     }
 }
 
+/// Fault tests only: `AGENTD_TEST_DELAY_ANSWER=<rpc>:<ms>` (e.g.
+/// `create_sandbox:3000`) makes the first `rpc` operation take `ms` longer
+/// (after its effect, before its answer), as a node that is slow to answer:
+/// the control plane's call times out, the operation must still finish (the
+/// node runs it on a task of its own), and the retry, waiting on the
+/// entity's fence, must be answered from memory, not run again.
+pub async fn test_delay_first_answer(rpc: &str) {
+    static DELAYED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(spec) = std::env::var("AGENTD_TEST_DELAY_ANSWER") else { return };
+    let Some((name, ms)) = spec.split_once(':') else { return };
+    let Ok(ms) = ms.parse::<u64>() else { return };
+    if name != rpc || DELAYED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    tracing::warn!(rpc, ms, "answer delayed for a fault test (AGENTD_TEST_DELAY_ANSWER)");
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

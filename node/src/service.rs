@@ -25,7 +25,25 @@ impl NodeService {
         Self { node }
     }
 
-    // The operations behind the fenced calls (see `fence.rs`).
+    /// Runs a fenced operation (see `fence.rs`) on a task of its own: a
+    /// control plane that stops waiting (its deadline passed, its process
+    /// died) does not cancel the operation half-way; it finishes, its answer
+    /// is remembered, and the retry, queued on the entity's fence meanwhile,
+    /// gets that answer.
+    async fn fenced<T, F, Fut>(&self, entity: String, fence: Option<Fence>, op: F) -> Result<T, Status>
+    where
+        T: prost::Message + Default + Send + 'static,
+        F: FnOnce(NodeService) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, Status>> + Send + 'static,
+    {
+        let node = Arc::clone(&self.node);
+        let service = NodeService { node: Arc::clone(&self.node) };
+        tokio::spawn(async move { node.fences.run(&entity, fence.as_ref(), op(service)).await })
+            .await
+            .map_err(|e| status(Code::Internal, "internal", format!("fenced call: {e}")))?
+    }
+
+    // The operations behind the fenced calls.
 
     async fn start_agent_unfenced(&self, r: StartAgentRequest) -> Result<AgentInstance, Status> {
         let agent = r.agent.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "agent plan is required"))?;
@@ -186,14 +204,20 @@ impl node_server::Node for NodeService {
         let r = req.into_inner();
         let plan = r.plan.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "plan is required"))?;
         let id = plan.container_id.clone();
-        let info = self.node.fences.run(&id, r.fence.as_ref(), async { Ok(self.node.sandboxes.create(plan).await?.info()) }).await?;
+        let create = |s: NodeService| async move {
+            let info = s.node.sandboxes.create(plan).await?.info();
+            crate::fence::test_delay_first_answer("create_sandbox").await;
+            Ok(info)
+        };
+        let info = self.fenced(id, r.fence, create).await?;
         Ok(Response::new(info))
     }
 
     async fn delete_sandbox(&self, req: Request<DeleteSandboxRequest>) -> Result<Response<DeleteSandboxResponse>, Status> {
         let r = req.into_inner();
-        let delete = async { Ok(DeleteSandboxResponse { existed: self.node.delete_sandbox(&r.container_id).await }) };
-        Ok(Response::new(self.node.fences.run(&r.container_id, r.fence.as_ref(), delete).await?))
+        let id = r.container_id.clone();
+        let delete = |s: NodeService| async move { Ok(DeleteSandboxResponse { existed: s.node.delete_sandbox(&id).await }) };
+        Ok(Response::new(self.fenced(r.container_id, r.fence, delete).await?))
     }
 
     async fn get_sandbox(&self, req: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
@@ -209,24 +233,32 @@ impl node_server::Node for NodeService {
         let r = req.into_inner();
         let fence = r.fence.clone();
         let container_id = r.container_id.clone();
-        let start = self.start_agent_unfenced(r);
-        Ok(Response::new(self.node.fences.run(&container_id, fence.as_ref(), start).await?))
+        let start = |s: NodeService| async move {
+            let answer = s.start_agent_unfenced(r).await;
+            crate::fence::test_delay_first_answer("start_agent").await;
+            answer
+        };
+        Ok(Response::new(self.fenced(container_id, fence, start).await?))
     }
 
     async fn create_session(&self, req: Request<CreateSessionRequest>) -> Result<Response<SessionInfo>, Status> {
         let r = req.into_inner();
         let fence = r.fence.clone();
         let container_id = r.container_id.clone();
-        let create = self.create_session_unfenced(r);
-        Ok(Response::new(self.node.fences.run(&container_id, fence.as_ref(), create).await?))
+        let create = |s: NodeService| async move {
+            let answer = s.create_session_unfenced(r).await;
+            crate::fence::test_delay_first_answer("create_session").await;
+            answer
+        };
+        Ok(Response::new(self.fenced(container_id, fence, create).await?))
     }
 
     async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<PromptAccepted>, Status> {
         let r = req.into_inner();
         let fence = r.fence.clone();
         let container_id = r.container_id.clone();
-        let prompt = self.prompt_unfenced(r);
-        Ok(Response::new(self.node.fences.run(&container_id, fence.as_ref(), prompt).await?))
+        let prompt = |s: NodeService| async move { s.prompt_unfenced(r).await };
+        Ok(Response::new(self.fenced(container_id, fence, prompt).await?))
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
@@ -260,22 +292,26 @@ impl node_server::Node for NodeService {
 
     async fn freeze_sandbox(&self, req: Request<FreezeSandboxRequest>) -> Result<Response<Sandbox>, Status> {
         let r = req.into_inner();
-        let freeze = async {
-            let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let id = r.container_id.clone();
+        let freeze = |s: NodeService| async move {
+            let sandbox = s.node.sandboxes.get(&id)?;
             sandbox.freeze()?;
+            crate::fence::test_delay_first_answer("freeze_sandbox").await;
             Ok(sandbox.info())
         };
-        Ok(Response::new(self.node.fences.run(&r.container_id, r.fence.as_ref(), freeze).await?))
+        Ok(Response::new(self.fenced(r.container_id, r.fence, freeze).await?))
     }
 
     async fn thaw_sandbox(&self, req: Request<ThawSandboxRequest>) -> Result<Response<Sandbox>, Status> {
         let r = req.into_inner();
-        let thaw = async {
-            let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let id = r.container_id.clone();
+        let thaw = |s: NodeService| async move {
+            let sandbox = s.node.sandboxes.get(&id)?;
             sandbox.thaw()?;
+            crate::fence::test_delay_first_answer("thaw_sandbox").await;
             Ok(sandbox.info())
         };
-        Ok(Response::new(self.node.fences.run(&r.container_id, r.fence.as_ref(), thaw).await?))
+        Ok(Response::new(self.fenced(r.container_id, r.fence, thaw).await?))
     }
 
     async fn set_session_mode(&self, req: Request<SetSessionModeRequest>) -> Result<Response<SessionSettingResponse>, Status> {

@@ -18,6 +18,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             node: NodeClient::new(agentd_runtime::uds::lazy_channel(&args.node_socket)),
             node_id: "local".into(),
             defaults: PlanDefaults { initialize_timeout_ms: args.api.initialize_timeout_ms },
+            node_call_timeout: std::time::Duration::from_millis(args.api.node_call_timeout_ms.max(1)),
             registry_source: args.api.registry.clone(),
             http: agentd_controlplane::agent_registry::http_client(),
             shutdown: CancellationToken::new(),

@@ -118,12 +118,17 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// [`Self::start`] with extra environment (fault-test hooks).
+    pub async fn start_with(dir: &Path, env: &[(&str, &str)]) -> Self {
         let state = dir.join("node-state");
         let socket = dir.join("node.sock");
         let subtree = format!("agentd-e2e-{}-{}", std::process::id(), dir.file_name().unwrap().to_string_lossy().replace('.', ""));
         let daemon = Daemon::spawn(
             &["node", "--state-dir", &state.display().to_string(), "--socket", &socket.display().to_string()],
-            &[("AGENTD_CGROUP_SUBTREE", &subtree)],
+            &[&[("AGENTD_CGROUP_SUBTREE", subtree.as_str())], env].concat(),
         );
         daemon.wait_for_line("node listening").await;
         Self { daemon, socket, state }

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use super::Problem;
 use crate::AppState;
 use crate::store::states::container;
-use agentd_proto::node::{FreezeSandboxRequest, GetSandboxRequest, ThawSandboxRequest};
+use crate::flows::suspend::Action;
+use agentd_proto::node::GetSandboxRequest;
 
 /// Live usage from the node, for containers that still run.
 async fn usage(app: &AppState, id: &str, state: &str) -> Value {
@@ -60,29 +61,21 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
 }
 
 /// `POST /v1/containers/{id}:hibernate` freezes every process of the sandbox
-/// (memory and state intact); `:resume` thaws it.
+/// (memory and state intact); `:resume` thaws it. Both run as workflow
+/// steps (`flows::suspend`): the state change and the step in one
+/// transaction, the node call fenced, ordered with the container's other
+/// steps.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>) -> Result<StatusCode, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
         return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST {id}:hibernate or {id}:resume"));
     };
-    let c = app.store.get_container(id).await?;
-    let mut node = app.node.clone();
-    match verb {
-        "hibernate" => {
-            if c.state != container::READY {
-                return Err(Problem::conflict("illegal_state", format!("container {id} is {}; only a ready one hibernates", c.state)));
-            }
-            node.freeze_sandbox(FreezeSandboxRequest { container_id: id.to_string(), fence: None }).await?;
-            app.store.container_hibernated(id).await?;
-        }
-        "resume" => {
-            if c.state != container::HIBERNATED {
-                return Err(Problem::conflict("illegal_state", format!("container {id} is {}; only a hibernated one resumes", c.state)));
-            }
-            node.thaw_sandbox(ThawSandboxRequest { container_id: id.to_string(), fence: None }).await?;
-            app.store.container_resumed(id).await?;
-        }
+    let action = match verb {
+        "hibernate" => Action::Hibernate,
+        "resume" => Action::Resume,
         other => return Err(Problem::not_found("unknown_action", format!("no container action {other:?} (try hibernate or resume)"))),
-    }
+    };
+    // 404 for an unknown container before anything else.
+    app.store.get_container(id).await?;
+    crate::flows::suspend::request(&app, id, action).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use agentd_proto::node::{AgentPlan, CreateSandboxRequest, CreateSessionRequest, DeleteSandboxRequest, SandboxPlan, StartAgentRequest};
 
-use super::{fence, failed, node_error, ok, store_error, test_pause, transient};
+use super::{agent_deadline, deadline, fence, failed, within, node_error, ok, store_error, test_pause, transient};
 use crate::AppState;
 use crate::api::Problem;
 use crate::plan::Compiled;
@@ -65,30 +65,26 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
 
     let mut node = app.node.clone();
     let made: Result<(i32, String), tonic::Status> = async {
-        let sandbox = node
-            .create_sandbox(CreateSandboxRequest { plan: Some(sandbox_plan), fence: fence(&ctx, "sandbox") })
-            .await?
-            .into_inner();
+        let create = node.create_sandbox(CreateSandboxRequest { plan: Some(sandbox_plan), fence: fence(&ctx, "sandbox") });
+        let sandbox = within(deadline(&app), create).await?.into_inner();
         test_pause("session.create/sandbox").await;
-        node.start_agent(StartAgentRequest {
+        let start = node.start_agent(StartAgentRequest {
             container_id: container_id.to_string(),
             agent_instance_id: payload.agent_instance_id.clone(),
             agent: Some(agent_plan),
             fence: fence(&ctx, "agent"),
-        })
-        .await?;
-        let info = node
-            .create_session(CreateSessionRequest {
-                container_id: container_id.to_string(),
-                agent_instance_id: payload.agent_instance_id.clone(),
-                session_id: payload.session_id.clone(),
-                cwd: payload.working_dir.clone(),
-                permission_policy: payload.permission_policy.clone(),
-                permission_timeout_ms: payload.permission_timeout_ms,
-                fence: fence(&ctx, "session"),
-            })
-            .await?
-            .into_inner();
+        });
+        within(agent_deadline(&app), start).await?;
+        let open = node.create_session(CreateSessionRequest {
+            container_id: container_id.to_string(),
+            agent_instance_id: payload.agent_instance_id.clone(),
+            session_id: payload.session_id.clone(),
+            cwd: payload.working_dir.clone(),
+            permission_policy: payload.permission_policy.clone(),
+            permission_timeout_ms: payload.permission_timeout_ms,
+            fence: fence(&ctx, "session"),
+        });
+        let info = within(agent_deadline(&app), open).await?.into_inner();
         Ok((sandbox.supervisor_pid, info.acp_session_id))
     }
     .await;
@@ -122,7 +118,7 @@ async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid:
 /// The node refused: remove what was built and record the failure.
 async fn undo(app: &AppState, ctx: &StepContext, container_id: &str, session_id: &str, problem: &Problem) -> Result<(), StepError> {
     let delete = DeleteSandboxRequest { container_id: container_id.to_string(), fence: fence(ctx, "undo") };
-    if let Err(e) = app.node.clone().delete_sandbox(delete).await {
+    if let Err(e) = within(deadline(app), app.node.clone().delete_sandbox(delete)).await {
         tracing::warn!(container_id, error = %e, "cannot remove the sandbox of a failed create");
     }
     let record = async {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use agentd_proto::node::DeleteSandboxRequest;
 
-use super::{CONTAINER, CONTAINER_DELETE, Waited, fence, node_error, ok, store_error, test_pause, transient, wait_for_step};
+use super::{CONTAINER, CONTAINER_DELETE, Waited, deadline, fence, within, node_error, ok, store_error, test_pause, transient, wait_for_step};
 use crate::AppState;
 use crate::api::Problem;
 use crate::store::outbox::NewStep;
@@ -73,7 +73,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let container_id = ctx.entity_id.as_str();
     test_pause("container.delete/start").await;
     let request = DeleteSandboxRequest { container_id: container_id.to_string(), fence: fence(&ctx, "sandbox") };
-    match app.node.clone().delete_sandbox(request).await {
+    match within(deadline(&app), app.node.clone().delete_sandbox(request)).await {
         Ok(_) => {}
         Err(status) if transient(&status) => return Err(node_error("delete sandbox", &status)),
         Err(status) => return Err(StepError::permanent(format!("delete sandbox: {}", status.message()))),

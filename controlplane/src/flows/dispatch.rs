@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use agentd_proto::node::PromptRequest;
 
-use super::{failed, fence, node_error, ok, store_error, transient};
+use super::{deadline, failed, fence, within, node_error, ok, store_error, transient};
 use crate::AppState;
 use crate::api::Problem;
 use crate::store::states::run;
@@ -36,7 +36,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         prompt_json: payload.prompt_json.clone(),
         fence: fence(&ctx, "prompt"),
     };
-    match app.node.clone().prompt(request).await {
+    match within(deadline(&app), app.node.clone().prompt(request)).await {
         Ok(_) => Ok(ok()),
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("prompt", &status)),
         Err(status) => {

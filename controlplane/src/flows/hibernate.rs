@@ -7,7 +7,7 @@ use serde_json::json;
 
 use agentd_proto::node::FreezeSandboxRequest;
 
-use super::{fence, node_error, store_error, transient};
+use super::{deadline, fence, within, node_error, store_error, transient};
 use crate::AppState;
 use crate::store::StoreError;
 use crate::store::states::container;
@@ -25,7 +25,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         }
     }
     let request = FreezeSandboxRequest { container_id: id.to_string(), fence: fence(&ctx, "freeze") };
-    match app.node.clone().freeze_sandbox(request).await {
+    match within(deadline(&app), app.node.clone().freeze_sandbox(request)).await {
         Ok(_) => {}
         Err(status) if transient(&status) => return Err(node_error("freeze", &status)),
         Err(status) => return Err(StepError::permanent(format!("freeze: {}", status.message()))),

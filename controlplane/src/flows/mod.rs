@@ -9,6 +9,8 @@
 //! - [`delete`]: `container.delete`: remove the sandbox, record it gone.
 //! - [`dispatch`]: `run.dispatch`: hand a prompt to the node.
 //! - [`hibernate`]: `container.hibernate`: freeze an idle container.
+//! - [`suspend`]: `container.freeze` / `container.thaw`: hibernate and
+//!   resume asked for through the API.
 //! - [`node_check`]: `node.check`, periodic: heartbeats, lost nodes,
 //!   orphan sandboxes, idle containers (hibernate, stop after their TTL).
 //!
@@ -31,6 +33,7 @@ pub mod delete;
 pub mod dispatch;
 pub mod hibernate;
 pub mod node_check;
+pub mod suspend;
 
 use std::time::Duration;
 
@@ -55,6 +58,8 @@ pub const CONTAINER_DELETE: &str = "container.delete";
 pub const RUN_DISPATCH: &str = "run.dispatch";
 pub const NODE_CHECK: &str = "node.check";
 pub const CONTAINER_HIBERNATE: &str = "container.hibernate";
+pub const CONTAINER_FREEZE: &str = "container.freeze";
+pub const CONTAINER_THAW: &str = "container.thaw";
 
 /// The handlers of the API's steps, for a runner serving `app`.
 pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
@@ -68,6 +73,10 @@ pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
     let a = app.clone();
     registry.register(CONTAINER_HIBERNATE, move |ctx| hibernate::run(a.clone(), ctx));
     let a = app.clone();
+    registry.register(CONTAINER_FREEZE, move |ctx| suspend::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(CONTAINER_THAW, move |ctx| suspend::run(a.clone(), ctx));
+    let a = app.clone();
     registry.register(NODE_CHECK, move |ctx| node_check::run(a.clone(), fleet, ctx));
     registry
 }
@@ -76,6 +85,32 @@ pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
 /// within the step (each gets its own key).
 pub fn fence(ctx: &StepContext, call: &str) -> Option<Fence> {
     Some(Fence { idempotency_key: format!("{}/{call}", ctx.idempotency_key), step: ctx.id, epoch: ctx.epoch })
+}
+
+/// Bounds one node call of a step by `deadline`: a node that does not
+/// answer in time fails the attempt with `DeadlineExceeded` (transient), so
+/// the runner retries the step with backoff and the call goes out again
+/// under the same idempotency key: the node answers it with the first
+/// result if the late call did finish there.
+pub async fn within<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(answer) => answer,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {} ms", deadline.as_millis()))),
+    }
+}
+
+/// The deadline of a step's node call.
+pub fn deadline(app: &AppState) -> Duration {
+    app.node_call_timeout
+}
+
+/// The deadline of a node call that waits for the agent (its `initialize`,
+/// `session/new`): the agent's initialize timeout on top.
+pub fn agent_deadline(app: &AppState) -> Duration {
+    app.node_call_timeout + Duration::from_millis(u64::from(app.defaults.initialize_timeout_ms))
 }
 
 /// A step outcome that succeeded.
@@ -171,4 +206,22 @@ fn outcome(result: Option<&Value>) -> Result<(), Problem> {
     let code = result["code"].as_str().unwrap_or("internal");
     let detail = result["detail"].as_str().unwrap_or_default();
     Err(Problem::known(status, code, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_fails_transiently() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(tonic::Response::new(()))
+        };
+        let status = within(Duration::from_millis(20), slow).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(transient(&status), "retried by the runner, not recorded as the node's answer");
+        let fast = async { Ok(tonic::Response::new(7)) };
+        assert_eq!(within(Duration::from_secs(5), fast).await.unwrap().into_inner(), 7);
+    }
 }

@@ -175,7 +175,7 @@ async fn orphan(app: &AppState, sandbox: &Sandbox, grace: Duration) -> Result<Op
 async fn reap(app: &AppState, container_id: &str, reason: &str) -> Result<(), StepError> {
     tracing::warn!(container_id, reason, "reaping a sandbox the store does not account for");
     let request = DeleteSandboxRequest { container_id: container_id.to_string(), fence: None };
-    if let Err(e) = app.node.clone().delete_sandbox(request).await {
+    if let Err(e) = super::within(super::deadline(app), app.node.clone().delete_sandbox(request)).await {
         return Err(StepError::retryable(format!("reap {container_id}: {}", e.message())));
     }
     match app.store.get_container(container_id).await {

@@ -289,6 +289,20 @@ async fn repeated_transitions_are_harmless(store: &Store) {
     store.run_failed("run_2", "node lost").await.unwrap();
     store.run_failed("run_2", "again").await.unwrap();
     assert_eq!(store.runs_of_session("ses_1").await.unwrap()[1].error.as_deref(), Some("node lost"));
+
+    // Every move is in the history once, repeats are not; failures give their reason.
+    let moves = async |kind: &str, id: &str| {
+        let history = store.transitions_of(kind, id).await.unwrap();
+        history.into_iter().map(|h| (h.from_state, h.to_state, h.reason.unwrap_or_default())).collect::<Vec<_>>()
+    };
+    let m = |from: &str, to: &str, reason: &str| (from.to_string(), to.to_string(), reason.to_string());
+    assert_eq!(
+        moves("container", "ctr_1").await,
+        [m(container::PROVISIONING, container::READY, ""), m(container::READY, container::FAILED, "first"), m(container::FAILED, container::DELETED, "")]
+    );
+    assert_eq!(moves("session", "ses_1").await, [m(session::CREATING, session::READY, ""), m(session::READY, session::CLOSED, "")]);
+    assert_eq!(moves("run", "run_1").await, [m(run::RUNNING, run::COMPLETED, "")]);
+    assert_eq!(moves("run", "run_2").await, [m(run::RUNNING, run::FAILED, "node lost")]);
 }
 
 async fn missing_rows_are_not_found(store: &Store) {

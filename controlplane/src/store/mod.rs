@@ -319,8 +319,10 @@ impl Store {
     }
 
     /// Moves `entity` `id` to `to`, recording `error` and `extra` too when
-    /// given. Repeating a transition that already happened is harmless and
-    /// changes nothing (the first write's error and extra value stay).
+    /// given, and the move in the `transitions` history (the error, if any,
+    /// as its reason). Repeating a transition that already happened is
+    /// harmless and changes nothing (the first write's error and extra value
+    /// stay, no second history row).
     async fn transition(
         &self,
         entity: Entity,
@@ -329,39 +331,8 @@ impl Store {
         error: Option<&str>,
         extra: Option<Extra<'_>>,
     ) -> Result<(), StoreError> {
-        let from = states::sources(entity, to);
-        // No source state: nothing can match, and "IN ()" is not PostgreSQL.
-        if !from.is_empty() {
-            let allowed = from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
-            let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
-            let extra_sql = extra.map(|e| format!(", {} = $5", e.column())).unwrap_or_default();
-            let sql = format!(
-                "UPDATE {} SET state = $1, error = COALESCE($2, error), {time_column} = $3{extra_sql} WHERE id = $4 AND state IN ({allowed})",
-                table(entity)
-            );
-            let now = now_ms();
-            let updated = with_pool!(self, |pool| {
-                // Audited: the SQL is built from constant table, column and state names only.
-                let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to).bind(error).bind(now).bind(id);
-                let query = match extra {
-                    None => query,
-                    Some(Extra::SupervisorPid(pid)) => query.bind(pid),
-                    Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
-                };
-                query.execute(pool).await.map(|done| done.rows_affected())
-            })?;
-            if updated == 1 {
-                return Ok(());
-            }
-        }
-        let sql = format!("SELECT state FROM {} WHERE id = $1", table(entity));
-        let current: Option<String> =
-            with_pool!(self, |pool| sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await)?;
-        match current {
-            None => Err(StoreError::NotFound { entity, id: id.to_string() }),
-            Some(current) if current == to => Ok(()),
-            Some(current) => Err(IllegalTransition { entity, id: id.to_string(), current, to: to.to_string() }.into()),
-        }
+        let reason = error.unwrap_or_default();
+        self.transaction(async |tx| tx.transition_with(entity, id, to, error, extra, reason).await.map(|_| ())).await
     }
 
     pub async fn container_hibernated(&self, id: &str) -> Result<(), StoreError> {

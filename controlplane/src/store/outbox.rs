@@ -57,7 +57,7 @@ use sqlx::{AssertSqlSafe, FromRow, Postgres, Sqlite, Transaction};
 use tokio::sync::watch;
 
 use super::states::{self, Entity, IllegalTransition};
-use super::{Backend, ConstraintKind, NewSession, Store, StoreError, insert_refused, now_ms, table};
+use super::{Backend, ConstraintKind, Extra, NewSession, Store, StoreError, insert_refused, now_ms, table};
 
 /// The PostgreSQL channel a committed enqueue notifies.
 pub const CHANNEL: &str = "agentd_outbox";
@@ -390,10 +390,24 @@ impl Tx {
         error: Option<&str>,
         reason: &str,
     ) -> Result<Option<String>, StoreError> {
+        self.transition_with(entity, id, to, error, None, reason).await
+    }
+
+    /// [`Self::transition`], also setting `extra`'s column.
+    pub(super) async fn transition_with(
+        &mut self,
+        entity: Entity,
+        id: &str,
+        to: &str,
+        error: Option<&str>,
+        extra: Option<Extra<'_>>,
+        reason: &str,
+    ) -> Result<Option<String>, StoreError> {
         let select = format!("SELECT state FROM {} WHERE id = $1", table(entity));
         let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
+        let extra_sql = extra.map(|e| format!(", {} = $6", e.column())).unwrap_or_default();
         let update = format!(
-            "UPDATE {} SET state = $1, error = COALESCE($2, error), {time_column} = $3 WHERE id = $4 AND state = $5",
+            "UPDATE {} SET state = $1, error = COALESCE($2, error), {time_column} = $3{extra_sql} WHERE id = $4 AND state = $5",
             table(entity)
         );
         loop {
@@ -411,15 +425,15 @@ impl Tx {
             // Compare-and-set on the state just read: a concurrent writer that
             // moved the row first makes this match nothing, and we read again.
             let now = now_ms();
-            let updated = with_tx!(self, |conn| sqlx::query(AssertSqlSafe(update.clone()))
-                .bind(to)
-                .bind(error)
-                .bind(now)
-                .bind(id)
-                .bind(&current)
-                .execute(conn)
-                .await
-                .map(|done| done.rows_affected()))?;
+            let updated = with_tx!(self, |conn| {
+                let query = sqlx::query(AssertSqlSafe(update.clone())).bind(to).bind(error).bind(now).bind(id).bind(&current);
+                let query = match extra {
+                    None => query,
+                    Some(Extra::SupervisorPid(pid)) => query.bind(pid),
+                    Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
+                };
+                query.execute(conn).await.map(|done| done.rows_affected())
+            })?;
             if updated == 1 {
                 let history = self.sql(
                     "INSERT INTO transitions (entity_kind, entity_id, from_state, to_state, at, reason) \
