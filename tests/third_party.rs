@@ -100,35 +100,50 @@ async fn the_python_sdk_echo_agent_runs_from_a_registry_bundle() {
     assert!(cached.is_dir(), "the bundle stays cached for the next session");
 }
 
-/// Zed's codex-acp (npm, a native binary) needs an OpenAI credential. Without
-/// one it still initializes inside the sandbox (its authMethods reach the
-/// problem), answers `session/new` with ACP's auth_required, and the create is
-/// a clean 422 that leaves no sandbox. With a key in the plan's env (a fake
-/// one: no prompt is sent) the supervisor picks the method naming it,
-/// `authenticate` succeeds and the session opens.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_acp_initializes_and_reports_auth_required_without_credentials() {
-    let Some((archive, sha)) = cached_bundle("codex-acp", "0.16.0") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let entry = |env: Value| {
-        json!({
-            "id": "codex-acp", "name": "Codex", "version": "0.16.0",
-            "description": "npm @zed-industries/codex-acp",
-            "distribution": {"binary": {platform(): {
-                "archive": format!("file://{}", archive.display()), "sha256": sha, "cmd": "./codex-acp", "env": env}}}
-        })
-    };
-    // The daemon holds a key of its own: agents never inherit it.
-    let host_key = [("OPENAI_API_KEY", "sk-host-key-must-not-leak"), ("CODEX_API_KEY", "sk-host-key-must-not-leak")];
-    let registry = registry_file(dir.path(), entry(json!({})));
-    let env = [&[("AGENTD_REGISTRY", registry.to_str().unwrap())][..], &host_key[..]].concat();
-    let agentd = Agentd::start_with(&env).await;
+/// An agent that needs credentials, as a test drives it.
+struct KeyedAgent {
+    /// Bundle name and version in the cache; also the registry id.
+    name: &'static str,
+    version: &'static str,
+    cmd: &'static str,
+    args: &'static [&'static str],
+    /// Set in agentd's own environment: the agent must never see them.
+    host_keys: &'static [&'static str],
+    /// How the problem must describe each of the agent's authMethods.
+    methods: &'static [&'static str],
+    /// A variable the plan sets to a fake key to get past authentication.
+    key: &'static str,
+    /// What the agent keeps under its HOME (the workspace) once authenticated.
+    home_state: &'static str,
+}
 
-    let (status, problem) = agentd.post("/v1/sessions", &json!({"agent_id": "codex-acp"})).await;
+/// Without credentials the agent still initializes inside the sandbox (its
+/// authMethods, from its `initialize` answer, reach the problem), answers
+/// `session/new` with ACP's auth_required, and the create is a clean 422 that
+/// leaves a failed session and no sandbox. With a (fake) key in the plan's
+/// env the supervisor picks the method naming it, `authenticate` and then
+/// `session/new` succeed, and the agent keeps its state in the writable HOME.
+/// No prompt is sent: the key is not real and sandboxes have no network.
+async fn initializes_and_reports_auth_required(agent: KeyedAgent) {
+    let Some((archive, sha)) = cached_bundle(agent.name, agent.version) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let registry = |env: Value| {
+        registry_file(dir.path(), json!({
+            "id": agent.name, "name": agent.name, "version": agent.version,
+            "distribution": {"binary": {platform(): {
+                "archive": format!("file://{}", archive.display()), "sha256": sha, "cmd": agent.cmd, "args": agent.args, "env": env}}}
+        }))
+    };
+    let host_keys: Vec<(&str, &str)> = agent.host_keys.iter().map(|k| (*k, "host-key-must-not-leak")).collect();
+    let registry_path = registry(json!({})).to_str().unwrap().to_string();
+    let env = [&[("AGENTD_REGISTRY", registry_path.as_str())][..], &host_keys[..]].concat();
+    let body = json!({"agent_id": agent.name});
+
+    let agentd = Agentd::start_with(&env).await;
+    let (status, problem) = agentd.post("/v1/sessions", &body).await;
     assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("agent_auth_required")), "{problem}\n{}", agentd.log());
     let detail = problem["detail"].as_str().unwrap();
-    // Each of codex-acp's methods, as its initialize answer named them.
-    for method in ["chatgpt (Login with ChatGPT)", "codex-api-key (Use CODEX_API_KEY; needs CODEX_API_KEY)", "openai-api-key (Use OPENAI_API_KEY; needs OPENAI_API_KEY)"] {
+    for method in agent.methods {
         assert!(detail.contains(method), "{method} missing from: {detail}");
     }
     // The session is kept, failed, with the same reason.
@@ -136,16 +151,19 @@ async fn codex_acp_initializes_and_reports_auth_required_without_credentials() {
     let failed = &sessions["sessions"][0];
     assert_eq!((failed["state"].as_str(), failed["error"].as_str()), (Some("failed"), Some(detail)), "{sessions}");
     wait_no_sandboxes(&agentd).await;
-
-    // A key in the plan's env: authenticate, then session/new, succeed.
-    std::fs::write(&registry, json!({"version": "1.0.0", "agents": [entry(json!({"OPENAI_API_KEY": "sk-fake-for-agentd-tests"}))]}).to_string()).unwrap();
     drop(agentd);
+
+    // The registry is read at start: a new agentd for the entry with a key.
+    registry(json!({agent.key: "fake-key-for-agentd-tests"}));
     let agentd = Agentd::start_with(&env).await;
-    let (status, session) = agentd.post("/v1/sessions", &json!({"agent_id": "codex-acp"})).await;
+    let (status, session) = agentd.post("/v1/sessions", &body).await;
     assert_eq!(status, StatusCode::CREATED, "{session}\n{}", agentd.log());
     let id = session["id"].as_str().unwrap().to_string();
     let (_, view) = agentd.get(&format!("/v1/sessions/{id}")).await;
     assert_eq!(view["agent"]["state"], "ready", "{view}");
+    let home = agentd.sandboxes_dir().join(session["container_id"].as_str().unwrap()).join("workspace");
+    let kept = std::fs::read_to_string(home.join(agent.home_state)).unwrap_or_else(|e| panic!("{} in the workspace: {e}", agent.home_state));
+    assert!(!kept.contains("host-key-must-not-leak"), "{kept}");
     let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["state"] == "closed").await;
@@ -160,47 +178,46 @@ async fn wait_no_sandboxes(agentd: &Agentd) {
     }
 }
 
-/// Google's Gemini CLI (npm, node on the host's /usr/bin/node) run with
-/// `--acp`: the same as codex-acp. Its `gemini-api-key` method does not name
-/// its variable; the supervisor reads it from the id (`GEMINI_API_KEY`).
+/// Zed's codex-acp (npm, a native binary): its key methods are `env_var`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_acp_initializes_and_reports_auth_required_without_credentials() {
+    initializes_and_reports_auth_required(KeyedAgent {
+        name: "codex-acp",
+        version: "0.16.0",
+        cmd: "./codex-acp",
+        args: &[],
+        host_keys: &["OPENAI_API_KEY", "CODEX_API_KEY"],
+        methods: &[
+            "chatgpt (Login with ChatGPT)",
+            "codex-api-key (Use CODEX_API_KEY; needs CODEX_API_KEY)",
+            "openai-api-key (Use OPENAI_API_KEY; needs OPENAI_API_KEY)",
+        ],
+        key: "OPENAI_API_KEY",
+        // Where codex-acp's `authenticate` stores the key it was given.
+        home_state: ".codex/auth.json",
+    })
+    .await;
+}
+
+/// Google's Gemini CLI (npm, node on the host's /usr/bin/node) with `--acp`:
+/// its `gemini-api-key` method does not name its variable; the supervisor
+/// reads it from the id (`GEMINI_API_KEY`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemini_cli_initializes_and_reports_auth_required_without_credentials() {
-    let Some((archive, sha)) = cached_bundle("gemini-cli", "0.61.0") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let entry = |env: Value| {
-        json!({
-            "id": "gemini", "name": "Gemini CLI", "version": "0.61.0",
-            "description": "npm @google/gemini-cli",
-            "distribution": {"binary": {platform(): {
-                "archive": format!("file://{}", archive.display()), "sha256": sha, "cmd": "./run", "args": ["--acp"], "env": env}}}
-        })
-    };
-    let host_key = [("GEMINI_API_KEY", "host-key-must-not-leak"), ("GOOGLE_API_KEY", "host-key-must-not-leak")];
-    let registry = registry_file(dir.path(), entry(json!({})));
-    let env = [&[("AGENTD_REGISTRY", registry.to_str().unwrap())][..], &host_key[..]].concat();
-    let agentd = Agentd::start_with(&env).await;
-
-    let (status, problem) = agentd.post("/v1/sessions", &json!({"agent_id": "gemini"})).await;
-    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("agent_auth_required")), "{problem}\n{}", agentd.log());
-    let detail = problem["detail"].as_str().unwrap();
-    for method in ["oauth-personal (Log in with Google)", "gemini-api-key (Gemini API key; needs GEMINI_API_KEY)", "vertex-ai (Vertex AI)"] {
-        assert!(detail.contains(method), "{method} missing from: {detail}");
-    }
-    let (_, sessions) = agentd.get("/v1/sessions").await;
-    let failed = &sessions["sessions"][0];
-    assert_eq!((failed["state"].as_str(), failed["error"].as_str()), (Some("failed"), Some(detail)), "{sessions}");
-    wait_no_sandboxes(&agentd).await;
-
-    std::fs::write(&registry, json!({"version": "1.0.0", "agents": [entry(json!({"GEMINI_API_KEY": "fake-for-agentd-tests"}))]}).to_string()).unwrap();
-    drop(agentd);
-    let agentd = Agentd::start_with(&env).await;
-    let (status, session) = agentd.post("/v1/sessions", &json!({"agent_id": "gemini"})).await;
-    assert_eq!(status, StatusCode::CREATED, "{session}\n{}", agentd.log());
-    let id = session["id"].as_str().unwrap().to_string();
-    let (_, view) = agentd.get(&format!("/v1/sessions/{id}")).await;
-    assert_eq!(view["agent"]["state"], "ready", "{view}");
-    let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["state"] == "closed").await;
-    wait_no_sandboxes(&agentd).await;
+    initializes_and_reports_auth_required(KeyedAgent {
+        name: "gemini-cli",
+        version: "0.61.0",
+        cmd: "./run",
+        args: &["--acp"],
+        host_keys: &["GEMINI_API_KEY", "GOOGLE_API_KEY"],
+        methods: &[
+            "oauth-personal (Log in with Google)",
+            "gemini-api-key (Gemini API key; needs GEMINI_API_KEY)",
+            "vertex-ai (Vertex AI)",
+            "gateway (AI API Gateway)",
+        ],
+        key: "GEMINI_API_KEY",
+        home_state: ".gemini/installation_id",
+    })
+    .await;
 }
