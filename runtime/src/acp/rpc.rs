@@ -56,11 +56,44 @@ impl ErrorObject {
     pub fn request_cancelled() -> Self {
         Self { code: REQUEST_CANCELLED, message: "request cancelled".into(), data: None }
     }
+
+    /// What `data` adds to `message`. Real agents put the reason there:
+    /// codex-acp answers a failed turn `-32603 "Internal error"` with
+    /// `data: {"message": "stream disconnected ..."}`. A string, or `data`'s
+    /// own `message`, is shown as is; other data as compact JSON, cut short.
+    pub fn detail(&self) -> Option<String> {
+        const MAX_CHARS: usize = 500;
+        let text = match self.data.as_ref()? {
+            Value::Null => return None,
+            Value::String(s) => s.clone(),
+            data => match data.get("message").and_then(Value::as_str) {
+                Some(m) => m.to_string(),
+                None => data.to_string(),
+            },
+        };
+        if text.is_empty() || text == self.message {
+            return None;
+        }
+        Some(match text.char_indices().nth(MAX_CHARS) {
+            Some((cut, _)) => format!("{}...", &text[..cut]),
+            None => text,
+        })
+    }
+}
+
+impl std::fmt::Display for ErrorObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)?;
+        if let Some(detail) = self.detail() {
+            write!(f, " ({detail})")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RpcError {
-    #[error("agent answered with error {}: {}", .0.code, .0.message)]
+    #[error("agent answered with error {0}")]
     Remote(ErrorObject),
     #[error("agent broke the protocol: {0}")]
     Protocol(String),
@@ -428,6 +461,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(to_agent: W, mut rx: mpsc::UnboundedR
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_agents_error_shows_the_reason_in_its_data() {
+        let e = |data: Value| RpcError::Remote(ErrorObject { code: -32603, message: "Internal error".into(), data: Some(data) }).to_string();
+        // codex-acp 0.16.0's answer to a prompt it could not send upstream.
+        let codex = json!({"message": "stream disconnected before completion: error sending request", "codex_error_info": "other"});
+        assert_eq!(e(codex), "agent answered with error -32603: Internal error (stream disconnected before completion: error sending request)");
+        assert_eq!(e(json!("disk full")), "agent answered with error -32603: Internal error (disk full)");
+        assert_eq!(e(json!({"path": "/x"})), r#"agent answered with error -32603: Internal error ({"path":"/x"})"#);
+        assert_eq!(e(json!(null)), "agent answered with error -32603: Internal error");
+        assert_eq!(e(json!("Internal error")), "agent answered with error -32603: Internal error", "no echo of the message");
+        let long = e(json!("é".repeat(600)));
+        assert!(long.ends_with(&format!("({}...)", "é".repeat(500))), "cut on a character boundary: {long}");
+    }
 
     #[derive(Default, Clone)]
     struct Recorder(Arc<Mutex<Vec<String>>>);

@@ -316,7 +316,7 @@ impl Agent {
         match process.client.call(method, params, self.spec.request_timeout).await {
             Ok(answer) => Ok(answer),
             Err(AcpError::Rpc(RpcError::Remote(e))) if e.code == client_methods::INVALID_PARAMS => {
-                Err(status(Code::InvalidArgument, "invalid_request", format!("{method}: the agent refused: {}", e.message)))
+                Err(status(Code::InvalidArgument, "invalid_request", format!("{method}: the agent refused: {}", e.detail().map_or(e.message.clone(), |d| format!("{} ({d})", e.message)))))
             }
             Err(e) => Err(status(Code::FailedPrecondition, "agent_error", format!("{method} failed: {}", process.describe(e).await))),
         }

@@ -5,14 +5,15 @@
 //! the default when `type` is absent) and `terminal` (an interactive login
 //! the client runs; never usable here). Drafts add `env_var` (credentials
 //! passed as environment variables, `vars: [{name, optional}]`, earlier
-//! `varName`). Real agents describe their key-based `agent` methods in words:
-//! gemini's `gemini-api-key` "Requires setting the `GEMINI_API_KEY`
-//! environment variable", codex-acp's `codex-api-key` and `openai-api-key`
-//! name `CODEX_API_KEY` and `OPENAI_API_KEY`. So an `agent` method is usable
-//! when its id spelled as a variable (`gemini-api-key` -> `GEMINI_API_KEY`),
-//! or a variable named in its name or description, is set; any other `agent`
-//! method (a browser login, say) would wait for a human and is never tried
-//! unless the plan names it.
+//! `varName`): codex-acp 0.16 sends its `codex-api-key` and `openai-api-key`
+//! that way. Other real agents leave key-based methods as `agent`, and say
+//! which variable in words or not at all: gemini-cli 0.61 sends
+//! `gemini-api-key` "Use an API key with Gemini Developer API" and reads
+//! `GEMINI_API_KEY` (older releases spelled the variable out). So an `agent`
+//! method is usable when its id spelled as a variable (`gemini-api-key` ->
+//! `GEMINI_API_KEY`), or a variable named in its name or description, is set;
+//! any other `agent` method (a browser login, say) would wait for a human and
+//! is never tried unless the plan names it.
 
 use std::collections::HashMap;
 
@@ -65,9 +66,20 @@ impl AuthMethod {
         if self.kind == "env_var" {
             return self.vars.iter().filter(|(_, optional)| !optional).map(|(n, _)| n.clone()).collect();
         }
-        let from_id = self.id.to_uppercase().replace(['-', '.'], "_");
+        let from_id = self.id_var();
         let named = self.named_vars().into_iter().filter(|v| *v != from_id);
         std::iter::once(from_id.clone()).chain(named).collect()
+    }
+
+    /// The method's id spelled as a variable: `gemini-api-key` -> `GEMINI_API_KEY`.
+    fn id_var(&self) -> String {
+        self.id.to_uppercase().replace(['-', '.'], "_")
+    }
+
+    /// Whether the id names a credential (`gemini-api-key`, `github-token`),
+    /// so that its variable spelling is worth telling a human.
+    fn id_names_credential(&self) -> bool {
+        self.id.to_ascii_lowercase().split(['-', '_', '.']).any(|w| matches!(w, "key" | "apikey" | "token"))
     }
 
     /// Variables the method's name or description spells out (`GEMINI_API_KEY`).
@@ -107,8 +119,12 @@ impl AuthMethod {
             "terminal" => notes.push("interactive login".into()),
             "env_var" => notes.push(format!("needs {}", self.needs().join(", "))),
             _ => {
-                // Only names the agent itself spelled out, not the id guess.
-                let named = self.named_vars();
+                // Names the agent spelled out; else the id's spelling, but
+                // only when the id names a key (not `OAUTH_PERSONAL`).
+                let mut named = self.named_vars();
+                if named.is_empty() && self.id_names_credential() {
+                    named.push(self.id_var());
+                }
                 if !named.is_empty() {
                     notes.push(format!("needs {}", named.join(", ")));
                 }
@@ -171,7 +187,8 @@ mod tests {
         vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    /// gemini --acp and codex-acp advertise methods of this shape.
+    /// Every shape agentd reads (older gemini and codex-acp releases named
+    /// their variables in the description).
     const REAL: &str = r#"{"protocolVersion":1,"authMethods":[
         {"id":"oauth-personal","name":"Log in with Google","description":null},
         {"id":"gemini-api-key","name":"Use Gemini API key","description":"Requires setting the `GEMINI_API_KEY` environment variable"},
@@ -198,6 +215,36 @@ mod tests {
         assert_eq!(candidates(&m, &base, Some("oauth-personal")).unwrap(), ["oauth-personal"]);
         assert!(matches!(candidates(&m, &base, Some("nope")), Err(AuthError::UnknownMethod { .. })));
         assert_eq!(candidates(&[], &base, None), Err(AuthError::NoMethods));
+    }
+
+    /// codex-acp 0.16.0's and gemini-cli 0.61.0's `authMethods`, verbatim
+    /// from their `initialize` answers (run by hand with an empty HOME).
+    const CODEX_ACP: &str = r#"{"protocolVersion":1,"authMethods":[
+        {"id":"chatgpt","name":"Login with ChatGPT","description":"Use your ChatGPT login with Codex CLI (requires a paid ChatGPT subscription)"},
+        {"type":"env_var","id":"codex-api-key","name":"Use CODEX_API_KEY","description":"Requires setting the `CODEX_API_KEY` environment variable.","vars":[{"name":"CODEX_API_KEY"}]},
+        {"type":"env_var","id":"openai-api-key","name":"Use OPENAI_API_KEY","description":"Requires setting the `OPENAI_API_KEY` environment variable.","vars":[{"name":"OPENAI_API_KEY"}]}]}"#;
+    const GEMINI_CLI: &str = r#"{"protocolVersion":1,"authMethods":[
+        {"id":"oauth-personal","name":"Log in with Google","description":"Log in with your Google account"},
+        {"id":"gemini-api-key","name":"Gemini API key","description":"Use an API key with Gemini Developer API","_meta":{"api-key":{"provider":"google"}}},
+        {"id":"vertex-ai","name":"Vertex AI","description":"Use an API key with Vertex AI GenAI API"},
+        {"id":"gateway","name":"AI API Gateway","description":"Use a custom AI API Gateway","_meta":{"gateway":{"protocol":"google","restartRequired":"false"}}}]}"#;
+
+    #[test]
+    fn real_agents_methods_are_picked_by_their_keys() {
+        let codex = methods(CODEX_ACP);
+        assert_eq!(codex.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>(), ["agent", "env_var", "env_var"]);
+        assert!(matches!(candidates(&codex, &env(&[("HOME", "/workspace")]), None), Err(AuthError::NoCredentials(_))));
+        assert_eq!(candidates(&codex, &env(&[("OPENAI_API_KEY", "k")]), None).unwrap(), ["openai-api-key"]);
+        assert_eq!(candidates(&codex, &env(&[("CODEX_API_KEY", "k"), ("OPENAI_API_KEY", "k")]), None).unwrap(), ["codex-api-key", "openai-api-key"]);
+        let e = candidates(&codex, &HashMap::new(), None).unwrap_err().to_string();
+        assert!(e.ends_with("chatgpt (Login with ChatGPT), codex-api-key (Use CODEX_API_KEY; needs CODEX_API_KEY), openai-api-key (Use OPENAI_API_KEY; needs OPENAI_API_KEY)"), "{e}");
+
+        let gemini = methods(GEMINI_CLI);
+        assert_eq!(candidates(&gemini, &env(&[("GEMINI_API_KEY", "k")]), None).unwrap(), ["gemini-api-key"]);
+        assert!(candidates(&gemini, &env(&[("GOOGLE_API_KEY", "k")]), None).is_err(), "vertex-ai is not guessed from GOOGLE_API_KEY");
+        let e = candidates(&gemini, &HashMap::new(), None).unwrap_err().to_string();
+        // The key's variable is told from the id; a login's id is not a variable.
+        assert!(e.ends_with("oauth-personal (Log in with Google), gemini-api-key (Gemini API key; needs GEMINI_API_KEY), vertex-ai (Vertex AI), gateway (AI API Gateway)"), "{e}");
     }
 
     #[test]
