@@ -64,15 +64,21 @@ async fn killed_mid_create_finishes_after_restart(database_url: Option<String>) 
     assert_eq!(node.sandbox_dirs().len(), 1);
 
     // The session works end to end.
-    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": "after the crash"})).send().await.unwrap();
+    prompt_then_delete(&http, &server, &node, &id, "after the crash").await;
+    server.daemon.interrupt();
+    node.daemon.interrupt();
+}
+
+/// One turn on the session, then its delete: no sandbox is left and the node
+/// still counts one sandbox built.
+async fn prompt_then_delete(http: &reqwest::Client, server: &ServerProcess, node: &NodeProcess, id: &str, text: &str) {
+    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": text})).send().await.unwrap();
     assert_eq!(prompt.status(), StatusCode::ACCEPTED);
-    wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the run to complete", |s| s["runs"][0]["state"] == "completed").await;
+    wait_for(http, &server.url(&format!("/v1/sessions/{id}")), "the run to complete", |s| s["runs"][0]["state"] == "completed").await;
     let deleted = http.delete(server.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
     assert_eq!(node.sandboxes_created(), 1);
-    server.daemon.interrupt();
-    node.daemon.interrupt();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,13 +121,7 @@ async fn a_node_call_that_times_out_then_succeeds_builds_once() {
     assert!(node.daemon.count(&["repeated call answered with its first result"]) >= 1, "{}", node.daemon.log());
     assert_eq!(node.sandbox_dirs().len(), 1);
 
-    let prompt = http.post(server.url(&format!("/v1/sessions/{id}:prompt"))).json(&json!({"prompt": "after the timeout"})).send().await.unwrap();
-    assert_eq!(prompt.status(), StatusCode::ACCEPTED);
-    wait_for(&http, &server.url(&format!("/v1/sessions/{id}")), "the run to complete", |s| s["runs"][0]["state"] == "completed").await;
-    let deleted = http.delete(server.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
-    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
-    assert_eq!(node.sandboxes_created(), 1);
+    prompt_then_delete(&http, &server, &node, id, "after the timeout").await;
     server.daemon.interrupt();
     node.daemon.interrupt();
 }

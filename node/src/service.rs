@@ -6,9 +6,11 @@ use std::sync::Arc;
 use agentd_proto::error::status;
 use agentd_proto::node::node_server;
 use agentd_proto::node::*;
+use agentd_proto::supervisor::supervisor_client::SupervisorClient;
 use agentd_proto::supervisor::{self as sup, prompt_event};
 use futures::{Stream, StreamExt};
 use serde_json::json;
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::Node;
@@ -196,6 +198,13 @@ impl NodeService {
         let a = answer.agents.into_iter().find(|a| a.agent_instance_id == session.agent_instance_id)?;
         Some(AgentState { state: a.state, restarts: a.restarts, last_error: a.last_error, pid: a.pid })
     }
+
+    /// A session and the supervisor of its sandbox, for calls about it.
+    fn session_supervisor(&self, session_id: &str) -> Result<(Arc<NodeSession>, SupervisorClient<Channel>), Status> {
+        let session = self.node.sessions.get(session_id)?;
+        let supervisor = self.node.sandboxes.get(&session.container_id)?.supervisor.clone();
+        Ok((session, supervisor))
+    }
 }
 
 #[tonic::async_trait]
@@ -316,11 +325,8 @@ impl node_server::Node for NodeService {
 
     async fn set_session_mode(&self, req: Request<SetSessionModeRequest>) -> Result<Response<SessionSettingResponse>, Status> {
         let r = req.into_inner();
-        let session = self.node.sessions.get(&r.session_id)?;
-        let sandbox = self.node.sandboxes.get(&session.container_id)?;
-        let answer = sandbox
-            .supervisor
-            .clone()
+        let (session, mut supervisor) = self.session_supervisor(&r.session_id)?;
+        let answer = supervisor
             .set_session_mode(sup::SetSessionModeRequest {
                 agent_instance_id: session.agent_instance_id.clone(),
                 acp_session_id: session.acp_session_id.clone(),
@@ -336,11 +342,8 @@ impl node_server::Node for NodeService {
         req: Request<SetSessionConfigOptionRequest>,
     ) -> Result<Response<SessionSettingResponse>, Status> {
         let r = req.into_inner();
-        let session = self.node.sessions.get(&r.session_id)?;
-        let sandbox = self.node.sandboxes.get(&session.container_id)?;
-        let answer = sandbox
-            .supervisor
-            .clone()
+        let (session, mut supervisor) = self.session_supervisor(&r.session_id)?;
+        let answer = supervisor
             .set_session_config_option(sup::SetSessionConfigOptionRequest {
                 agent_instance_id: session.agent_instance_id.clone(),
                 acp_session_id: session.acp_session_id.clone(),
