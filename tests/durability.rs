@@ -1,7 +1,10 @@
 //! Faults and races the durable control plane must survive without losing
 //! or doubling anything, counted at the node: a control plane killed in the
-//! middle of a workflow step, and concurrent API calls on one session.
+//! middle of a workflow step, PostgreSQL restarted under load, and
+//! concurrent API calls on one session.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -379,5 +382,203 @@ async fn two_servers_on_one_database_build_each_session_once() {
     assert_eq!(node.sandboxes_created(), SESSIONS);
     a.daemon.interrupt();
     b.daemon.interrupt();
+    node.daemon.interrupt();
+}
+
+/// Every answer one load client got, and what it was promised.
+#[derive(Default)]
+struct Seen {
+    /// (request, status, Retry-After, problem code) of every answer.
+    answers: Vec<(String, StatusCode, Option<String>, Option<String>)>,
+    /// Sessions answered 201 (or 202, built later).
+    created: Vec<String>,
+    /// (session, run) answered 202.
+    accepted: Vec<(String, String)>,
+}
+
+impl Seen {
+    /// Sends until the answer is not a 503, waiting Retry-After between tries.
+    async fn send(&mut self, what: &str, request: impl Fn() -> reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let response = request().send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+            let status = response.status();
+            let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let body = response.json::<Value>().await.unwrap_or(Value::Null);
+            self.answers.push((what.to_string(), status, retry_after.clone(), body["code"].as_str().map(str::to_string)));
+            if status != StatusCode::SERVICE_UNAVAILABLE {
+                return (status, body);
+            }
+            assert!(Instant::now() < deadline, "{what}: still 503 after 30 s: {body}");
+            let secs = retry_after.and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+        }
+    }
+
+    /// Polls the session (through 503s) until it is built and no run of it
+    /// is running.
+    async fn wait_settled(&mut self, http: &reqwest::Client, url: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, s) = self.send("GET session", || http.get(url)).await;
+            assert_eq!(status, StatusCode::OK, "{s}");
+            let running = s["runs"].as_array().is_some_and(|runs| runs.iter().any(|r| r["state"] == "running"));
+            if s["state"] != "creating" && !running {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "not settled after 30 s: {s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// One load client: creates sessions and prompts each a few times, one turn
+/// at a time, riding out 503s.
+async fn load_client(http: reqwest::Client, base: String, sessions: usize, prompts: usize, accepted: Arc<AtomicUsize>) -> Seen {
+    let mut seen = Seen::default();
+    for _ in 0..sessions {
+        let (status, body) = seen.send("create", || http.post(format!("{base}/v1/sessions")).json(&session_body(&["--delay-ms", "30"]))).await;
+        assert!(matches!(status, StatusCode::CREATED | StatusCode::ACCEPTED), "create: {status} {body}");
+        let id = body["id"].as_str().unwrap().to_string();
+        let url = format!("{base}/v1/sessions/{id}");
+        let s = seen.wait_settled(&http, &url).await;
+        assert_eq!(s["state"], "ready", "{s}");
+        seen.created.push(id.clone());
+        for p in 0..prompts {
+            let (status, body) =
+                seen.send("prompt", || http.post(format!("{url}:prompt")).json(&json!({"prompt": format!("turn {p} a b c")}))).await;
+            match status {
+                StatusCode::ACCEPTED => {
+                    seen.accepted.push((id.clone(), body["run_id"].as_str().unwrap().to_string()));
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                }
+                // An attempt answered 503 after its run was recorded: that run goes on.
+                StatusCode::CONFLICT if body["code"] == "run_active" => {}
+                _ => panic!("prompt: {status} {body}"),
+            }
+            seen.wait_settled(&http, &url).await;
+        }
+    }
+    seen
+}
+
+/// PostgreSQL restarted under load: four clients create sessions and prompt
+/// them against `agentd server` and `agentd node` (separate processes) while
+/// PostgreSQL goes down for 2 s. Requests in the outage get 503 with
+/// Retry-After, never a 500; every session built is built once, every run
+/// starts once at the node and ends (none stuck running); deleting
+/// everything leaves no sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_load_loses_and_doubles_nothing() {
+    const CLIENTS: usize = 4;
+    const SESSIONS: usize = 2;
+    const PROMPTS: usize = 3;
+    let mut pg = agentd_testkit::postgres::TempPostgres::start().expect("start postgres");
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start(dir.path()).await;
+    let url = pg.url();
+    let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &[("AGENTD_DATABASE_URL", &url)]).await;
+    let http = reqwest::Client::new();
+
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(load_client(http.clone(), server.base.clone(), SESSIONS, PROMPTS, Arc::clone(&accepted))))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no load before the outage:\n{}", server.daemon.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pg.stop();
+    let down = Instant::now();
+    // The clients may all be inside a create that waits out the outage; one
+    // request of our own is sure to meet it.
+    let response = http.get(server.url("/v1/sessions")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().get("retry-after").is_some_and(|v| v.to_str().is_ok_and(|v| v.parse::<u32>().is_ok())));
+    assert_eq!(response.json::<Value>().await.unwrap()["code"], "store_unavailable");
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(down.elapsed())).await;
+    pg.resume().expect("resume postgres");
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.push(client.await.unwrap_or_else(|e| panic!("a load client failed: {e}\nserver log:\n{}", server.daemon.log())));
+    }
+
+    // During the outage: 503 `store_unavailable` with Retry-After, never another 5xx.
+    let answers: Vec<_> = seen.iter().flat_map(|s| &s.answers).collect();
+    let unavailable: Vec<_> = answers.iter().filter(|a| a.1 == StatusCode::SERVICE_UNAVAILABLE).collect();
+    for (what, status, retry_after, code) in &answers {
+        assert!(!status.is_server_error() || *status == StatusCode::SERVICE_UNAVAILABLE, "{what}: {status} {code:?}\n{}", server.daemon.log());
+        if *status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(retry_after.as_deref().is_some_and(|v| v.parse::<u32>().is_ok()), "{what}: 503 without Retry-After");
+            assert_eq!(code.as_deref(), Some("store_unavailable"), "{what}");
+        }
+    }
+
+    // The store: every session (also those whose create was answered 503
+    // after its rows were written) built and ready, no run left running.
+    let list = get(&http, &server.url("/v1/sessions")).await;
+    let mut views = Vec::new();
+    for s in list["sessions"].as_array().unwrap() {
+        let id = s["id"].as_str().unwrap();
+        let view = Seen::default().wait_settled(&http, &server.url(&format!("/v1/sessions/{id}"))).await;
+        assert_eq!(view["state"], "ready", "{view}");
+        for run in view["runs"].as_array().unwrap() {
+            let ended = run["state"] == "completed" || (run["state"] == "failed" && run["error"].as_str().is_some_and(|e| !e.is_empty()));
+            assert!(ended, "a run ended completed, or failed with a reason: {run}\n{}", server.daemon.log());
+        }
+        views.push(view);
+    }
+    let run_state = |session: &str, run: &str| {
+        let view = views.iter().find(|v| v["id"] == session).unwrap_or_else(|| panic!("session {session} answered 201 is listed"));
+        let run = view["runs"].as_array().unwrap().iter().find(|r| r["id"] == run);
+        run.unwrap_or_else(|| panic!("run {run:?} answered 202 is listed: {view}"))["state"].as_str().unwrap().to_string()
+    };
+    let created: Vec<_> = seen.iter().flat_map(|s| &s.created).collect();
+    assert_eq!(created.len(), CLIENTS * SESSIONS);
+    for id in &created {
+        assert!(views.iter().any(|v| v["id"] == id.as_str()), "session {id} answered 201 is listed");
+    }
+    let accepted: Vec<_> = seen.iter().flat_map(|s| &s.accepted).collect();
+    for (session, run) in &accepted {
+        assert_eq!(run_state(session, run), "completed", "a run answered 202 completed");
+    }
+
+    // The node: one sandbox per container the store shows, one run.started per run.
+    let containers: std::collections::BTreeSet<_> = views.iter().map(|v| v["container_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(containers.len(), views.len(), "one container per session");
+    assert_eq!(node.sandboxes_created(), containers.len(), "one sandbox per container; node log:\n{}", node.daemon.log());
+    let mut started: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in node.event_log_lines().iter().filter(|l| l["kind"] == "run.started") {
+        *started.entry(line["run_id"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    assert!(started.values().all(|n| *n == 1), "each run started once at the node: {started:?}");
+    for view in &views {
+        for run in view["runs"].as_array().unwrap().iter().filter(|r| r["state"] == "completed") {
+            assert_eq!(started.get(run["id"].as_str().unwrap()), Some(&1), "{run}");
+        }
+    }
+    let completed = views.iter().flat_map(|v| v["runs"].as_array().unwrap()).filter(|r| r["state"] == "completed").count();
+    assert!(completed >= accepted.len(), "{completed} completed, {} accepted", accepted.len());
+    let failed = views.iter().flat_map(|v| v["runs"].as_array().unwrap()).filter(|r| r["state"] == "failed").count();
+    let by_request = |what: &str| unavailable.iter().filter(|a| a.0 == what).count();
+    eprintln!(
+        "load: {} sessions, {} runs accepted, {completed} completed, {failed} failed; 503s: {} (create {}, prompt {}, get {}); run_active conflicts: {}",
+        views.len(),
+        accepted.len(),
+        unavailable.len(),
+        by_request("create"),
+        by_request("prompt"),
+        by_request("GET session"),
+        answers.iter().filter(|a| a.3.as_deref() == Some("run_active")).count(),
+    );
+
+    for view in &views {
+        let response = http.delete(server.url(&format!("/v1/sessions/{}", view["id"].as_str().unwrap()))).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    assert_eq!(node.sandboxes_created(), containers.len(), "nothing built after the fact");
+    server.daemon.interrupt();
     node.daemon.interrupt();
 }

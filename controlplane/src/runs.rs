@@ -9,6 +9,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::AppState;
+use crate::store::StoreError;
 
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -48,10 +49,23 @@ async fn follow(app: &AppState, session_id: &str) {
         };
         while let Some(item) = events.next().await {
             let Ok(event) = item else { break };
-            after_seq = event.seq;
-            if let Err(e) = record(app, &event.kind, &event.data_json).await {
-                tracing::warn!(session_id, seq = event.seq, error = %e, "cannot record run end");
+            // The log is the only place a turn's end is written: an end not
+            // recorded because the store is down is retried until it is
+            // back, or the run would stay running for good.
+            loop {
+                match record(app, &event.kind, &event.data_json).await {
+                    Ok(()) => break,
+                    Err(e @ StoreError::Db(_)) => {
+                        tracing::warn!(session_id, seq = event.seq, error = %e, "cannot record run end; retrying");
+                        tokio::time::sleep(RETRY).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(session_id, seq = event.seq, error = %e, "cannot record run end");
+                        break;
+                    }
+                }
             }
+            after_seq = event.seq;
         }
         // A clean end means the log was closed: the session is over.
         if events.trailers().await.is_ok() {
@@ -61,7 +75,7 @@ async fn follow(app: &AppState, session_id: &str) {
     }
 }
 
-async fn record(app: &AppState, kind: &str, data: &str) -> Result<(), crate::store::StoreError> {
+async fn record(app: &AppState, kind: &str, data: &str) -> Result<(), StoreError> {
     if kind != "run.completed" && kind != "run.failed" {
         return Ok(());
     }

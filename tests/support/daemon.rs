@@ -139,6 +139,20 @@ impl NodeProcess {
         self.daemon.count(&["sandbox created"])
     }
 
+    /// Every line of every session's event log (JSONL) in the sandboxes
+    /// the node still has.
+    pub fn event_log_lines(&self) -> Vec<serde_json::Value> {
+        let sandboxes = self.state.join("node").join("sandboxes");
+        let mut lines = Vec::new();
+        for sandbox in std::fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
+            for log in std::fs::read_dir(sandbox.path().join("sessions")).into_iter().flatten().flatten() {
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                lines.extend(text.lines().map(|l| serde_json::from_str(l).expect("an event log line is JSON")));
+            }
+        }
+        lines
+    }
+
     pub fn sandbox_dirs(&self) -> Vec<String> {
         std::fs::read_dir(self.state.join("node").join("sandboxes"))
             .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())

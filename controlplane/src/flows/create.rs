@@ -101,7 +101,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
 }
 
 async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid: i32, acp_session_id: &str) -> StepResult {
-    match app.store.container_ready(container_id, pid).await {
+    match app.store.container_and_session_ready(container_id, pid, session_id, acp_session_id).await {
         Ok(()) => {}
         // A delete overtook the create: its step, queued behind this one,
         // removes the sandbox and closes the session.
@@ -110,7 +110,6 @@ async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid:
         }
         Err(e) => return Err(store_error(e)),
     }
-    app.store.session_ready(session_id, acp_session_id).await.map_err(store_error)?;
     crate::runs::watch_session(app.clone(), session_id.to_string());
     Ok(ok())
 }

@@ -349,6 +349,26 @@ impl Store {
         self.transition(Entity::Container, id, states::container::READY, None, Some(extra)).await
     }
 
+    /// A built container and its session recorded ready together: a store
+    /// lost between two separate writes would leave a ready container with a
+    /// session still `creating`, which a retried create cannot finish.
+    pub async fn container_and_session_ready(
+        &self,
+        container_id: &str,
+        supervisor_pid: i32,
+        session_id: &str,
+        acp_session_id: &str,
+    ) -> Result<(), StoreError> {
+        use states::{container, session};
+        self.transaction(async |tx| {
+            let pid = Extra::SupervisorPid(i64::from(supervisor_pid));
+            tx.transition_with(Entity::Container, container_id, container::READY, None, Some(pid), "").await?;
+            let acp = Extra::AcpSessionId(acp_session_id);
+            tx.transition_with(Entity::Session, session_id, session::READY, None, Some(acp), "").await.map(|_| ())
+        })
+        .await
+    }
+
     pub async fn container_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
         self.transition(Entity::Container, id, states::container::FAILED, Some(error), None).await
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::store::outbox::{Failed, OutboxError, OutboxRow};
 
 use super::registry::Registry;
@@ -87,12 +87,27 @@ async fn heartbeat<F: Future>(shared: &Shared, id: i64, epoch: i64, handler: F) 
     }
 }
 
+/// How often an outcome the store refused for being down is tried again.
+const RECORD_RETRY: Duration = Duration::from_millis(250);
+
 async fn record(shared: &Shared, id: i64, epoch: i64, kind: &str, attempt: i64, outcome: StepResult) {
-    let recorded = match outcome {
-        Ok(result) => shared.store.complete(id, epoch, &result).await.map(|()| None),
-        Err(e) => {
-            let retry_in = e.retryable.then(|| shared.backoff.delay(attempt));
-            shared.store.fail(id, epoch, &e.message, retry_in).await.map(|failed| Some((failed, e)))
+    let retry_in = outcome.as_ref().err().and_then(|e| e.retryable.then(|| shared.backoff.delay(attempt)));
+    // A store that is down briefly (a PostgreSQL restart) is waited for
+    // while the lease would still be held: leaving the outcome to the lease's
+    // expiry would redo the step, and hold up whoever waits for it, for a
+    // whole lease. The epoch keeps a late write safe.
+    let give_up = tokio::time::Instant::now() + shared.lease;
+    let recorded = loop {
+        let recorded = match &outcome {
+            Ok(result) => shared.store.complete(id, epoch, result).await.map(|()| None),
+            Err(e) => shared.store.fail(id, epoch, &e.message, retry_in).await.map(|failed| Some((failed, e))),
+        };
+        match recorded {
+            Err(OutboxError::Store(StoreError::Db(e))) if tokio::time::Instant::now() < give_up && !shared.abandon.is_cancelled() => {
+                tracing::warn!(id, epoch, kind, error = %e, "cannot record step outcome yet; retrying");
+                tokio::time::sleep(RECORD_RETRY).await;
+            }
+            recorded => break recorded,
         }
     };
     match recorded {
