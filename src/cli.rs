@@ -106,6 +106,10 @@ pub struct ApiArgs {
     /// `POST /v1/registry:sync` syncs it again.
     #[arg(long, env = "AGENTD_REGISTRY")]
     pub registry: Option<String>,
+    /// Sync the registry again this often, in milliseconds; 0: only at
+    /// start and on `POST /v1/registry:sync`.
+    #[arg(long, env = "AGENTD_REGISTRY_SYNC_INTERVAL_MS", default_value_t = 3_600_000)]
+    pub registry_sync_interval_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -197,3 +197,33 @@ async fn a_registry_that_fails_at_start_is_logged_and_agentd_still_serves() {
     assert_problem(status, &body, StatusCode::BAD_GATEWAY, "registry_unavailable");
     assert!(body["detail"].as_str().unwrap().contains("/nonexistent/registry.json"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_is_synced_again_periodically_and_a_bad_source_keeps_the_last_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("registry.json");
+    let entry = |id: &str, version: &str| json!({"id": id, "name": id, "version": version, "description": "d",
+        "distribution": {"npx": {"package": format!("@example/{id}")}}});
+    std::fs::write(&file, json!({"agents": [entry("first", "1.0.0")]}).to_string()).unwrap();
+    let source = file.display().to_string();
+    let agentd = Agentd::start_with(&[("AGENTD_REGISTRY", &source), ("AGENTD_REGISTRY_SYNC_INTERVAL_MS", "200")]).await;
+    let ids = |list: &Value| list["agents"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let (_, list) = agentd.get("/v1/registry/agents").await;
+    assert_eq!(ids(&list), ["first"]);
+
+    // A changed source is picked up without a restart or a sync call.
+    std::fs::write(&file, json!({"agents": [entry("first", "1.1.0"), entry("second", "2.0.0")]}).to_string()).unwrap();
+    let list = agentd.wait_for("/v1/registry/agents", |l| l["agents"].as_array().is_some_and(|a| a.len() == 2)).await;
+    assert_eq!(ids(&list), ["first", "second"]);
+    assert_eq!(list["agents"][0]["version"], "1.1.0");
+
+    // A source gone bad: the sync fails and says so, the registry stays.
+    std::fs::write(&file, "{ not json").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agentd.log().contains("periodic registry sync failed") {
+        assert!(std::time::Instant::now() < deadline, "no failed periodic sync logged:\n{}", agentd.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_, list) = agentd.get("/v1/registry/agents").await;
+    assert_eq!(ids(&list), ["first", "second"]);
+}

@@ -5,6 +5,7 @@
 mod support;
 
 mod acp_methods;
+mod audit;
 mod bad_input;
 mod durability;
 mod hostile;

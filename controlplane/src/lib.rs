@@ -94,6 +94,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Cancelled on shutdown: ends SSE streams and session followers.
     pub shutdown: CancellationToken,
+    /// Where the API's audit records go ([`api::audit`]).
+    pub audit: api::audit::AuditLog,
 }
 
 pub fn app(state: AppState) -> axum::Router {
@@ -169,7 +171,8 @@ pub async fn sync_registry_at_start(state: &AppState) {
 /// leases expire. Give each control plane a stable owner name of its own.
 ///
 /// Node checks ([`flows::node_check`]) are scheduled every
-/// `fleet.check_interval` on the same runner.
+/// `fleet.check_interval` on the same runner, and registry syncs
+/// ([`flows::registry_sync`]) every `fleet.registry_sync_interval`.
 pub async fn start_workflows(
     state: &AppState,
     config: workflow::RunnerConfig,
@@ -185,6 +188,9 @@ pub async fn start_workflows(
     let runner_store = state.store.with_own_pool(u32::try_from(config.workers).unwrap_or(64) + 4);
     let runner_state = AppState { store: runner_store.clone(), ..state.clone() };
     tokio::spawn(flows::node_check::schedule(runner_state.clone(), fleet, shutdown.clone()));
+    if let Some(interval) = fleet.registry_sync_interval {
+        tokio::spawn(flows::registry_sync::schedule(runner_state.clone(), interval, shutdown.clone()));
+    }
     let runner = workflow::Runner::new(runner_store.clone(), flows::registry(&runner_state, fleet), config);
     Ok(tokio::spawn(async move {
         runner.run(shutdown).await;
@@ -217,5 +223,7 @@ pub async fn serve(state: AppState, listen: SocketAddr, shutdown: impl Future<Ou
         shutdown.await;
         token.cancel();
     };
-    axum::serve(listener, app(state)).with_graceful_shutdown(graceful).await.map_err(ServeError::Http)
+    // The peer address goes into audit records.
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(graceful).await.map_err(ServeError::Http)
 }

@@ -105,6 +105,7 @@ pub fn fleet_config(api: &crate::cli::ApiArgs) -> agentd_controlplane::flows::no
         probe_timeout: interval.min(Duration::from_secs(2)),
         hibernate_after: (api.hibernate_after_ms > 0).then(|| Duration::from_millis(api.hibernate_after_ms)),
         ttl: (api.container_ttl_ms > 0).then(|| Duration::from_millis(api.container_ttl_ms)),
+        registry_sync_interval: (api.registry_sync_interval_ms > 0).then(|| Duration::from_millis(api.registry_sync_interval_ms.max(10))),
         ..Default::default()
     }
 }

@@ -22,6 +22,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             registry_source: args.api.registry.clone(),
             http: agentd_controlplane::agent_registry::http_client(),
             shutdown: CancellationToken::new(),
+            audit: agentd_controlplane::api::audit::AuditLog::start(store.clone()),
         };
         agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
         agentd_controlplane::sync_registry_at_start(&state).await;
@@ -29,7 +30,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         let runner = agentd_controlplane::start_workflows(&state, super::runner_config(&args.common.state_dir), super::fleet_config(&args.api), runner_stop.clone())
             .await
             .context("cannot start the workflow runner")?;
-        let served = agentd_controlplane::serve(state, args.api.listen, shutdown_signal()).await;
+        let served = agentd_controlplane::serve(state.clone(), args.api.listen, shutdown_signal()).await;
+        state.audit.close().await;
         runner_stop.cancel();
         if let Err(e) = runner.await {
             tracing::error!(error = %e, "workflow runner panicked");

@@ -41,6 +41,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         registry_source: args.api.registry.clone(),
         http: agentd_controlplane::agent_registry::http_client(),
         shutdown: CancellationToken::new(),
+        audit: agentd_controlplane::api::audit::AuditLog::start(store.clone()),
     };
     agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
     agentd_controlplane::sync_registry_at_start(&state).await;
@@ -50,6 +51,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .context("cannot start the workflow runner")?;
 
     let served = agentd_controlplane::serve(state.clone(), args.api.listen, shutdown_signal()).await;
+    state.audit.close().await;
     // Steps still running get the drain bound, then the rest is stopped directly.
     runner_stop.cancel();
     if let Err(e) = runner.await {

@@ -1,5 +1,6 @@
 //! The HTTP API: one module per resource, gathered by [`router`].
 
+pub mod audit;
 pub mod containers;
 pub mod events;
 pub mod problem;
@@ -26,7 +27,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/registry/agents/{id}", get(registry::get))
         .route("/v1/registry:sync", axum::routing::post(registry::sync))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
+        .route("/v1/audit", get(audit::list))
         .fallback(|| async { Problem::not_found("not_found", "no such resource") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
         .with_state(state)
 }
 

@@ -42,6 +42,10 @@ impl Problem {
 /// Codes the control plane itself gives that a workflow step may record.
 const CONTROL_PLANE_CODES: &[&str] = &["illegal_state", "node_unavailable", "store_unavailable"];
 
+/// The `code` of a problem answer, kept on the response.
+#[derive(Debug, Clone)]
+pub struct ProblemCode(pub String);
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
@@ -59,6 +63,8 @@ impl IntoResponse for Problem {
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        // For the audit record, which sees the response and not this body.
+        response.extensions_mut().insert(ProblemCode(self.code.to_string()));
         response
     }
 }

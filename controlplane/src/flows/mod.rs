@@ -13,6 +13,8 @@
 //!   resume asked for through the API.
 //! - [`node_check`]: `node.check`, periodic: heartbeats, lost nodes,
 //!   orphan sandboxes, idle containers (hibernate, stop after their TTL).
+//! - [`registry_sync`]: `registry.sync`, periodic: the configured agent
+//!   registry synced again.
 //!
 //! Every step orders on its container (`entity_kind` `container`), so a
 //! delete never overtakes the create before it. Each node call carries a
@@ -33,6 +35,7 @@ pub mod delete;
 pub mod dispatch;
 pub mod hibernate;
 pub mod node_check;
+pub mod registry_sync;
 pub mod suspend;
 
 use std::time::Duration;
@@ -40,23 +43,27 @@ use std::time::Duration;
 use agentd_proto::node::Fence;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::api::Problem;
-use crate::store::StoreError;
-use crate::store::outbox::step_state;
+use crate::store::outbox::{NewStep, step_state};
+use crate::store::{StoreError, now_ms};
 use crate::workflow::{Registry, StepContext, StepError};
 
 /// The ordering key of every API workflow step.
 pub const CONTAINER: &str = "container";
 /// The ordering key of node checks.
 pub const NODE: &str = "node";
+/// The ordering key of registry syncs.
+pub const REGISTRY: &str = "registry";
 
 /// Step kinds.
 pub const SESSION_CREATE: &str = "session.create";
 pub const CONTAINER_DELETE: &str = "container.delete";
 pub const RUN_DISPATCH: &str = "run.dispatch";
 pub const NODE_CHECK: &str = "node.check";
+pub const REGISTRY_SYNC: &str = "registry.sync";
 pub const CONTAINER_HIBERNATE: &str = "container.hibernate";
 pub const CONTAINER_FREEZE: &str = "container.freeze";
 pub const CONTAINER_THAW: &str = "container.thaw";
@@ -78,7 +85,40 @@ pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
     registry.register(CONTAINER_THAW, move |ctx| suspend::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(NODE_CHECK, move |ctx| node_check::run(a.clone(), fleet, ctx));
+    let a = app.clone();
+    registry.register(REGISTRY_SYNC, move |ctx| registry_sync::run(a.clone(), ctx));
     registry
+}
+
+/// A step enqueued every `interval`.
+pub struct Periodic {
+    pub kind: &'static str,
+    pub entity_kind: &'static str,
+    pub entity_id: String,
+    pub payload: Value,
+    pub interval: Duration,
+    /// The first is enqueued this long after start.
+    pub first_after: Duration,
+}
+
+/// Enqueues `p`'s step every interval until `shutdown`, under a key naming
+/// the interval's slot: however many control planes share the database,
+/// one runs per slot. One try each: the next slot's step is the retry.
+pub async fn schedule_periodic(app: AppState, p: Periodic, shutdown: CancellationToken) {
+    let interval_ms = i64::try_from(p.interval.as_millis()).unwrap_or(i64::MAX).max(1);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + p.first_after, p.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let key = format!("{}:{}:{}", p.kind, p.entity_id, now_ms() / interval_ms);
+        let step = NewStep::new(p.entity_kind, &p.entity_id, p.kind, &key, p.payload.clone()).max_attempts(1);
+        if let Err(e) = app.store.enqueue(step).await {
+            tracing::debug!(kind = p.kind, error = %e, "cannot schedule a periodic step");
+        }
+    }
 }
 
 /// The fence of one node call made by the step `ctx`; `call` names the call

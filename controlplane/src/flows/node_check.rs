@@ -43,6 +43,9 @@ pub struct FleetConfig {
     pub hibernate_after: Option<Duration>,
     /// A container with no turn for this long is stopped and deleted.
     pub ttl: Option<Duration>,
+    /// The configured registry is synced again this often
+    /// ([`super::registry_sync`]).
+    pub registry_sync_interval: Option<Duration>,
 }
 
 impl Default for FleetConfig {
@@ -54,6 +57,7 @@ impl Default for FleetConfig {
             orphan_grace: Duration::from_secs(60),
             hibernate_after: None,
             ttl: None,
+            registry_sync_interval: None,
         }
     }
 }
@@ -65,22 +69,16 @@ pub struct Payload {
 
 /// Enqueues a check of `app`'s node every interval until `shutdown`.
 pub async fn schedule(app: AppState, config: FleetConfig, shutdown: CancellationToken) {
-    let interval_ms = i64::try_from(config.check_interval.as_millis()).unwrap_or(i64::MAX).max(1);
-    let mut tick = tokio::time::interval(config.check_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let key = format!("{NODE_CHECK}:{}:{}", app.node_id, now_ms() / interval_ms);
-        let payload = serde_json::to_value(Payload { node_id: app.node_id.clone() }).expect("payload serializes");
-        // One try: the next slot's check is the retry.
-        let step = NewStep::new(NODE, &app.node_id, NODE_CHECK, &key, payload).max_attempts(1);
-        if let Err(e) = app.store.enqueue(step).await {
-            tracing::debug!(error = %e, "cannot schedule a node check");
-        }
-    }
+    let payload = serde_json::to_value(Payload { node_id: app.node_id.clone() }).expect("payload serializes");
+    let periodic = super::Periodic {
+        kind: NODE_CHECK,
+        entity_kind: NODE,
+        entity_id: app.node_id.clone(),
+        payload,
+        interval: config.check_interval,
+        first_after: Duration::ZERO,
+    };
+    super::schedule_periodic(app, periodic, shutdown).await;
 }
 
 pub async fn run(app: AppState, config: FleetConfig, ctx: StepContext) -> StepResult {

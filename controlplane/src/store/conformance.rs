@@ -45,6 +45,7 @@ backend_suite!(
     listings_filter_and_order,
     registry_sync_replaces_the_whole_registry,
     a_failed_registry_sync_keeps_the_old_registry,
+    audit_records_page_filter_and_prune,
 );
 
 fn new_session<'a>(id: &'a str, container_id: &'a str) -> NewSession<'a> {
@@ -524,4 +525,56 @@ async fn a_failed_registry_sync_keeps_the_old_registry(store: &Store) {
     assert!(matches!(store.replace_registry("second", &duplicate).await, Err(StoreError::Db(_))));
     let agents = store.registry_agents().await.unwrap();
     assert_eq!(agents.iter().map(|a| (a.id.as_str(), a.source.as_str())).collect::<Vec<_>>(), [("a", "first"), ("b", "first")]);
+}
+
+fn audit_record(at: i64, path: &str, entity_id: Option<&str>, code: Option<&str>) -> audit::NewAuditRecord {
+    audit::NewAuditRecord {
+        at,
+        actor: Some("ops@example".into()),
+        peer: None,
+        method: "POST".into(),
+        path: path.into(),
+        entity_kind: entity_id.map(|_| "session".into()),
+        entity_id: entity_id.map(str::to_string),
+        status: if code.is_some() { 409 } else { 200 },
+        code: code.map(str::to_string),
+        duration_us: 1234,
+    }
+}
+
+async fn audit_records_page_filter_and_prune(store: &Store) {
+    let now = now_ms();
+    // More rows than one INSERT binds, to cross a chunk boundary.
+    let mut records: Vec<_> = (0..250).map(|i| audit_record(now - 10, &format!("/v1/sessions/ses_{i}:prompt"), Some(&format!("ses_{i}")), None)).collect();
+    records.push(audit_record(now, "/v1/sessions/ses_7", Some("ses_7"), Some("illegal_state")));
+    store.insert_audit_records(&records).await.unwrap();
+
+    let newest = store.audit_records(&audit::AuditQuery { after: None, entity: None, limit: 2 }).await.unwrap();
+    assert_eq!(newest.len(), 2);
+    assert!(newest[0].id < newest[1].id, "oldest first within a page");
+    assert_eq!((newest[1].path.as_str(), newest[1].code.as_deref(), newest[1].status), ("/v1/sessions/ses_7", Some("illegal_state"), 409));
+    assert_eq!((newest[1].actor.as_deref(), newest[1].duration_us), (Some("ops@example"), 1234));
+
+    // Paging from the start with a cursor visits every record once, in order.
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.audit_records(&audit::AuditQuery { after: Some(after), entity: None, limit: 100 }).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        seen.extend(page.into_iter().map(|r| r.path));
+    }
+    assert_eq!(seen.len(), 251);
+    assert_eq!(seen[0], "/v1/sessions/ses_0:prompt");
+
+    let one = store
+        .audit_records(&audit::AuditQuery { after: None, entity: Some(("session".into(), "ses_7".into())), limit: 10 })
+        .await
+        .unwrap();
+    assert_eq!(one.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(), ["/v1/sessions/ses_7:prompt", "/v1/sessions/ses_7"]);
+
+    // Pruning by age keeps the newer record.
+    store.insert_audit_records(&[audit_record(now - 3_600_000, "/v1/registry:sync", None, None)]).await.unwrap();
+    assert_eq!(store.prune_audit(Duration::from_secs(60)).await.unwrap(), 1);
+    assert_eq!(store.audit_records(&audit::AuditQuery { after: Some(0), entity: None, limit: 1000 }).await.unwrap().len(), 251);
 }

@@ -8,6 +8,7 @@
 //! - [`outbox`]: workflow steps written with the state change that needs
 //!   them, claimed under fenced leases ([`crate::workflow`] runs them).
 //! - [`registry`]: the agent registry's entries, replaced whole by each sync.
+//! - [`audit`]: a record of every state-changing API call.
 //! - `conformance` (tests only): one suite, run against both backends.
 //!
 //! # One implementation, two drivers
@@ -160,6 +161,7 @@ macro_rules! with_pool {
 // After `with_pool!`, which they use.
 pub mod nodes;
 pub mod outbox;
+pub mod audit;
 pub mod registry;
 
 #[derive(Clone)]

@@ -1,5 +1,5 @@
 //! Keeping the outbox healthy: expired leases go back to pending, finished
-//! rows and old history are deleted.
+//! rows, old history and old audit records are deleted.
 
 use std::time::Duration;
 
@@ -17,6 +17,8 @@ pub struct JanitorConfig {
     pub retention: Duration,
     /// Transition history older than this is deleted.
     pub history_retention: Duration,
+    /// Audit records older than this are deleted.
+    pub audit_retention: Duration,
 }
 
 impl Default for JanitorConfig {
@@ -26,6 +28,7 @@ impl Default for JanitorConfig {
             prune_interval: Duration::from_secs(600),
             retention: Duration::from_secs(24 * 3600),
             history_retention: Duration::from_secs(30 * 24 * 3600),
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -44,11 +47,18 @@ pub async fn run(store: Store, config: JanitorConfig, shutdown: CancellationToke
                 Ok(n) => tracing::info!(steps = n, "expired leases reaped"),
                 Err(e) => tracing::warn!(error = %e, "cannot reap expired leases"),
             },
-            _ = prune.tick() => match store.prune_outbox(config.retention, config.history_retention).await {
-                Ok((0, 0)) => {}
-                Ok((steps, transitions)) => tracing::info!(steps, transitions, "outbox pruned"),
-                Err(e) => tracing::warn!(error = %e, "cannot prune the outbox"),
-            },
+            _ = prune.tick() => {
+                match store.prune_outbox(config.retention, config.history_retention).await {
+                    Ok((0, 0)) => {}
+                    Ok((steps, transitions)) => tracing::info!(steps, transitions, "outbox pruned"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune the outbox"),
+                }
+                match store.prune_audit(config.audit_retention).await {
+                    Ok(0) => {}
+                    Ok(records) => tracing::info!(records, "audit records pruned"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune audit records"),
+                }
+            }
             _ = shutdown.cancelled() => return,
         }
     }
