@@ -8,6 +8,7 @@ mod acp_methods;
 mod bad_input;
 mod durability;
 mod hostile;
+mod multi_session;
 mod permissions;
 mod registry;
 mod sandbox_limits;

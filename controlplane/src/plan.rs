@@ -32,6 +32,13 @@ pub const WORKSPACE: &str = "/workspace";
 pub struct SessionOptions {
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// ACP `mcpServers` for `session/new` / `session/load` (see [`crate::mcp`]).
+    #[serde(default)]
+    pub mcp_servers: Option<serde_json::Value>,
+    /// An ACP session id the agent keeps: `session/load` it (its history
+    /// replayed on the new session's stream) instead of `session/new`.
+    #[serde(default)]
+    pub load_session_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -26,6 +26,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/registry/agents/{id}", get(registry::get))
         .route("/v1/registry:sync", axum::routing::post(registry::sync))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
+        .route("/v1/containers/{id}/agents/{instance_id}/sessions", get(containers::agent_sessions))
         .fallback(|| async { Problem::not_found("not_found", "no such resource") })
         .with_state(state)
 }
