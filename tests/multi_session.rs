@@ -267,3 +267,44 @@ async fn mcp_servers_reach_the_agent_and_bad_ones_are_refused() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_bundle_is_being_fetched_shows_installing() {
+    use std::io::{Read, Write};
+    // A bundle server that sends the headers and a first few bytes, then
+    // stalls until the test has looked, then hangs up mid-body.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = [0u8; 4096];
+        let _ = conn.read(&mut request);
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nContent-Type: application/gzip\r\n\r\n\x1f\x8b").unwrap();
+        conn.flush().unwrap();
+        let _ = released.recv_timeout(Duration::from_secs(30));
+    });
+    let agentd = Agentd::start().await;
+    let body = json!({
+        "manual_agent": {"id": "slow-bundle", "version": "1.0.0", "source": "manual", "protocol": {"auth_modes": ["agent"]},
+            "distribution": {"type": "binary", "binary": {"url": format!("http://127.0.0.1:{port}/echo.tar.gz"), "executable": "bin/echo-agent"}}},
+        "session": {"working_dir": "/workspace"}
+    });
+    let create = {
+        let (http, url) = (agentd.http.clone(), agentd.url("/v1/sessions"));
+        tokio::spawn(async move {
+            let resp = http.post(url).json(&body).send().await.unwrap();
+            (resp.status(), resp.json::<Value>().await.unwrap())
+        })
+    };
+    let listed = agentd.wait_for("/v1/sessions", |v| v["sessions"].as_array().is_some_and(|s| s.len() == 1)).await;
+    let id = listed["sessions"][0]["id"].as_str().unwrap().to_string();
+    let view = agentd.wait_for(&format!("/v1/sessions/{id}"), |v| v["agent"]["state"] == "installing").await;
+    assert_eq!(view["state"], "creating", "{view}");
+    release.send(()).unwrap();
+    server.join().unwrap();
+    let (status, problem) = create.await.unwrap();
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("bundle_fetch_failed")), "{problem}");
+    let (_, view) = agentd.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!((view["state"].as_str(), &view["agent"]["state"]), (Some("failed"), &Value::Null), "{view}");
+}

@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn refuses_a_relative_working_dir() {
-        let s = SessionOptions { working_dir: Some("../etc".into()) };
+        let s = SessionOptions { working_dir: Some("../etc".into()), ..Default::default() };
         let r = compile("ctr_1", &local("/bin/x"), "linux-x86_64", &s, ProfileInput { profile: &Profile::default(), network_given: false }, &DEFAULTS);
         assert!(matches!(r, Err(PlanError::NotAbsolute { .. })));
     }

@@ -241,6 +241,8 @@ impl node_server::Node for NodeService {
         let plan = r.plan.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "plan is required"))?;
         let id = plan.container_id.clone();
         let create = |s: NodeService| async move {
+            let stage = if plan.bundles.is_empty() { crate::setup::STARTING } else { crate::setup::INSTALLING };
+            let _stage = s.node.setups.enter(&plan.container_id, stage);
             let info = s.node.sandboxes.create(plan).await?.info();
             crate::fence::test_delay_first_answer("create_sandbox").await;
             Ok(info)
@@ -270,6 +272,9 @@ impl node_server::Node for NodeService {
         let fence = r.fence.clone();
         let container_id = r.container_id.clone();
         let start = |s: NodeService| async move {
+            let installs = r.agent.as_ref().is_some_and(|a| crate::setup::installs(&a.command));
+            let stage = if installs { crate::setup::INSTALLING } else { crate::setup::STARTING };
+            let _stage = s.node.setups.enter(&r.container_id, stage);
             let answer = s.start_agent_unfenced(r).await;
             crate::fence::test_delay_first_answer("start_agent").await;
             answer
@@ -287,6 +292,11 @@ impl node_server::Node for NodeService {
             answer
         };
         Ok(Response::new(self.fenced(container_id, fence, create).await?))
+    }
+
+    async fn get_setup_stage(&self, req: Request<GetSetupStageRequest>) -> Result<Response<SetupStage>, Status> {
+        let stage = self.node.setups.get(&req.into_inner().container_id).unwrap_or_default();
+        Ok(Response::new(SetupStage { stage: stage.to_string() }))
     }
 
     async fn close_session(&self, req: Request<CloseSessionRequest>) -> Result<Response<CloseSessionResponse>, Status> {

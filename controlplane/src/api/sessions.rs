@@ -17,7 +17,7 @@ use crate::store::outbox::NewStep;
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, flows, new_id};
 use agentd_proto::node::{
-    AgentPolicy, AnswerPermissionRequest, CancelRequest, GetSessionRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
+    AgentPolicy, AnswerPermissionRequest, CancelRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
 };
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +114,9 @@ const LIVE_STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The agent's live state from its supervisor, for a ready session.
 async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
+    if s.state == session_state::CREATING {
+        return setup_stage(app, s).await;
+    }
     if s.state != session_state::READY {
         return Value::Null;
     }
@@ -129,6 +132,16 @@ async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
             "settings": serde_json::from_str::<Value>(&a.settings_json).unwrap_or(Value::Null)}),
         Ok(None) => Value::Null,
         Err(e) => json!({"error": e.message()}),
+    }
+}
+
+/// A session being created: what its container's creation or its agent's
+/// start is doing (`installing`, `starting`), as the node reports it.
+async fn setup_stage(app: &AppState, s: &SessionRow) -> Value {
+    let request = GetSetupStageRequest { container_id: s.container_id.clone() };
+    match tokio::time::timeout(LIVE_STATE_WAIT, app.node.clone().get_setup_stage(request)).await {
+        Ok(Ok(stage)) if !stage.get_ref().stage.is_empty() => json!({"state": stage.into_inner().stage}),
+        _ => Value::Null,
     }
 }
 
