@@ -308,3 +308,35 @@ async fn a_session_whose_bundle_is_being_fetched_shows_installing() {
     let (_, view) = agentd.get(&format!("/v1/sessions/{id}")).await;
     assert_eq!((view["state"].as_str(), &view["agent"]["state"]), (Some("failed"), &Value::Null), "{view}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_session_mid_turn_ends_its_turn_and_spares_the_others() {
+    let agentd = Agentd::start().await;
+    let slow = ["--delay-ms", "100", "--session-capabilities", "close"];
+    let (a, mut a_events) = agentd.create_streaming(&session_body(&slow)).await;
+    let (_, a_view) = agentd.get(&format!("/v1/sessions/{a}")).await;
+    let container = a_view["container_id"].as_str().unwrap().to_string();
+    let (b, mut b_events) = agentd.create_streaming(&in_container(&container, &slow)).await;
+    let (status, answer) = agentd.prompt(&b, "a b c d e f g h i j k l m n o p q r s t").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let run = answer["run_id"].as_str().unwrap().to_string();
+    assert_eq!(b_events.next().await.unwrap().event, "run.started");
+    assert_eq!(b_events.next().await.unwrap().event, "session.update");
+
+    let (status, body) = agentd.delete(&format!("/v1/sessions/{b}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    // The turn ended (cancelled by the close), the stream with it.
+    let rest = b_events.until_run_end().await;
+    assert_eq!(rest.last().unwrap().json()["stop_reason"], "cancelled", "{rest:?}");
+    assert!(b_events.next().await.is_none(), "the closed session's stream ends");
+    let view = agentd.wait_for(&format!("/v1/sessions/{b}"), |v| v["runs"][0]["state"] != "running").await;
+    assert_eq!(view["state"], "closed", "{view}");
+    assert_eq!(view["runs"][0]["id"], run.as_str());
+    assert!(["cancelled", "failed"].contains(&view["runs"][0]["state"].as_str().unwrap()), "{view}");
+    let (status, problem) = agentd.prompt(&b, "again").await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("illegal_state")), "{problem}");
+    let (status, problem) = agentd.delete(&format!("/v1/sessions/{b}")).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("illegal_state")), "{problem}");
+    // A goes on.
+    assert_eq!(said(&turn(&agentd, &a, &mut a_events, "fine").await), "fine");
+}

@@ -73,7 +73,11 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     }
     let record = async {
         for run in app.store.running_runs_of_session(&s.id).await? {
-            app.store.run_failed(&run.id, "session closed").await?;
+            // The run follower may record the turn's own end first.
+            match app.store.run_failed(&run.id, "session closed").await {
+                Ok(()) | Err(StoreError::Illegal(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         app.store.session_closed(&s.id).await
     };
