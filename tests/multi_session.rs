@@ -82,6 +82,12 @@ async fn sessions_share_a_container_and_its_agent_and_close_one_by_one() {
     assert_eq!(acp_ids(&listed), both, "{listed}");
     let (status, listed) = agentd.get(&format!("{path}?cwd=/elsewhere")).await;
     assert_eq!((status, acp_ids(&listed).len()), (StatusCode::OK, 0), "{listed}");
+    let (status, problem) = agentd.get(&format!("{path}?cwd=relative")).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")), "{problem}");
+    let (status, problem) = agentd.get(&format!("/v1/containers/{container}/agents/agi_nope/sessions")).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::NOT_FOUND, Some("agent_not_found")), "{problem}");
+    let (status, problem) = agentd.get(&format!("/v1/containers/ctr_nope/agents/{instance}/sessions")).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::NOT_FOUND, Some("container_not_found")), "{problem}");
 
     // Another definition: a second agent beside the first.
     let (d, mut d_events) = agentd.create_streaming(&in_container(&container, &["--chunk-chars", "2"])).await;
@@ -339,4 +345,42 @@ async fn closing_a_session_mid_turn_ends_its_turn_and_spares_the_others() {
     assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("illegal_state")), "{problem}");
     // A goes on.
     assert_eq!(said(&turn(&agentd, &a, &mut a_events, "fine").await), "fine");
+}
+
+/// `session.close` is a fenced step like the others: a `CloseSession` whose
+/// answer comes past the deadline is retried and answered from the node's
+/// memory, and the session ends closed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_close_that_times_out_is_retried_and_answered_once() {
+    use crate::support::daemon::{NodeProcess, ServerProcess};
+    let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut node = NodeProcess::start_with(dir.path(), &[("AGENTD_TEST_DELAY_ANSWER", "close_session:2500")]).await;
+    let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &[("AGENTD_NODE_CALL_TIMEOUT_MS", "1000")]).await;
+    let http = reqwest::Client::new();
+    let send = async |req: reqwest::RequestBuilder| {
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let caps = ["--session-capabilities", "close"];
+    let (status, a) = send(http.post(server.url("/v1/sessions")).json(&session_body(&caps))).await;
+    assert_eq!(status, StatusCode::CREATED, "{a}");
+    let container = a["container_id"].as_str().unwrap();
+    let (status, b) = send(http.post(server.url("/v1/sessions")).json(&in_container(container, &caps))).await;
+    assert_eq!(status, StatusCode::CREATED, "{b}");
+
+    let (status, body) = send(http.delete(server.url(&format!("/v1/sessions/{}", b["id"].as_str().unwrap())))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}\n{}", server.daemon.log());
+    let log = server.daemon.log();
+    assert!(log.contains("step failed; will retry") && log.contains("no answer within 1000 ms"), "{log}");
+    assert!(node.daemon.count(&["repeated call answered with its first result"]) >= 1, "{}", node.daemon.log());
+    let (_, b) = send(http.get(server.url(&format!("/v1/sessions/{}", b["id"].as_str().unwrap())))).await;
+    assert_eq!(b["state"], "closed", "{b}");
+    let (status, run) = send(http.post(server.url(&format!("/v1/sessions/{}:prompt", a["id"].as_str().unwrap()))).json(&json!({"prompt": "hi"}))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let (status, _) = send(http.delete(server.url(&format!("/v1/containers/{container}")))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(node.sandbox_dirs().is_empty(), "{:?}", node.sandbox_dirs());
+    server.daemon.interrupt();
+    node.daemon.interrupt();
 }

@@ -303,7 +303,11 @@ impl node_server::Node for NodeService {
         let r = req.into_inner();
         let fence = r.fence.clone();
         let container_id = r.container_id.clone();
-        let close = |s: NodeService| async move { s.close_session_unfenced(r).await };
+        let close = |s: NodeService| async move {
+            let answer = s.close_session_unfenced(r).await;
+            crate::fence::test_delay_first_answer("close_session").await;
+            answer
+        };
         Ok(Response::new(self.fenced(container_id, fence, close).await?))
     }
 
