@@ -951,3 +951,35 @@ async fn restart(agents: &Agents, agent: &Arc<Agent>, hardening: &Arc<Hardening>
     agent.set_state("ready", None);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, args: &[&str]) -> StartSpec {
+        StartSpec {
+            id: id.into(),
+            command: "/usr/bin/agent".into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: HashMap::from([("HOME".into(), "/workspace".into())]),
+            cwd: "/workspace".into(),
+            initialize_timeout: Duration::from_secs(30),
+            seccomp_json: None,
+            restart: RestartPolicy::parse("", 0, 0).unwrap(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            auth_method: None,
+        }
+    }
+
+    #[test]
+    fn agents_of_one_definition_differ_only_by_id() {
+        assert!(spec("agi_1", &["--x"]).same_definition(&spec("agi_2", &["--x"])));
+        assert!(!spec("agi_1", &["--x"]).same_definition(&spec("agi_1", &["--y"])));
+        let mut other_env = spec("agi_2", &["--x"]);
+        other_env.env.insert("TOKEN".into(), "t".into());
+        assert!(!spec("agi_1", &["--x"]).same_definition(&other_env), "credentials are part of the definition");
+        let mut other_policy = spec("agi_2", &["--x"]);
+        other_policy.restart = RestartPolicy::parse("never", 0, 0).unwrap();
+        assert!(!spec("agi_1", &["--x"]).same_definition(&other_policy));
+    }
+}
