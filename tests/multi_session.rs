@@ -384,3 +384,22 @@ async fn a_session_close_that_times_out_is_retried_and_answered_once() {
     server.daemon.interrupt();
     node.daemon.interrupt();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_last_two_sessions_at_once_removes_the_container() {
+    let agentd = Agentd::start().await;
+    let a = agentd.create_session(&[]).await;
+    let container = a["container_id"].as_str().unwrap().to_string();
+    let (status, b) = agentd.post("/v1/sessions", &in_container(&container, &[])).await;
+    assert_eq!(status, StatusCode::CREATED, "{b}");
+    let (path_a, path_b) = (format!("/v1/sessions/{}", a["id"].as_str().unwrap()), format!("/v1/sessions/{}", b["id"].as_str().unwrap()));
+    let (ra, rb) = tokio::join!(agentd.delete(&path_a), agentd.delete(&path_b));
+    assert_eq!((ra.0, rb.0), (StatusCode::NO_CONTENT, StatusCode::NO_CONTENT), "{ra:?} {rb:?}");
+    let c = agentd.wait_for(&format!("/v1/containers/{container}"), |c| c["state"] == "deleted").await;
+    assert_eq!(c["agents"].as_array().unwrap().len(), 0, "{c}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agentd.sandbox_dirs().is_empty() {
+        assert!(Instant::now() < deadline, "left: {:?}", agentd.sandbox_dirs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -449,9 +449,7 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
         app.store.session_closed(&id).await?;
         return Ok(StatusCode::NO_CONTENT);
     }
-    let open = [session_state::CREATING, session_state::READY];
-    let others = app.store.sessions_of_container(&c.id).await?.into_iter().filter(|o| o.id != s.id && open.contains(&o.state.as_str())).count();
-    if others == 0 {
+    if open_sessions_besides(&app, &c.id, &s.id).await? == 0 {
         // The container's last session: the sandbox goes with it, after the
         // agent had its session/close (a ready sandbox only: a frozen one
         // cannot answer).
@@ -465,7 +463,23 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
         return Err(Problem::conflict("illegal_state", format!("container {} is {}: resume it before closing one of its sessions", c.id, c.state)));
     }
     flows::close::request(&app, &c.id, &s.id).await?;
+    // Two deletes at once may each have seen the other's session open: the
+    // one that finds none left afterwards removes the container.
+    if open_sessions_besides(&app, &c.id, &s.id).await? == 0 {
+        match flows::delete::request(&app, &c.id, "session deleted").await {
+            Err(p) if p.code == "illegal_state" => {} // the other delete removes it
+            other => other?,
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// How many sessions of the container besides `session_id` are open
+/// (creating or ready).
+async fn open_sessions_besides(app: &AppState, container_id: &str, session_id: &str) -> Result<usize, Problem> {
+    let open = [session_state::CREATING, session_state::READY];
+    let sessions = app.store.sessions_of_container(container_id).await?;
+    Ok(sessions.iter().filter(|o| o.id != session_id && open.contains(&o.state.as_str())).count())
 }
 
 /// `POST /v1/sessions/{id}/permissions/{request_id}` with `{"option_id": ...}`:
