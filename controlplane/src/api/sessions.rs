@@ -455,6 +455,10 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
         // cannot answer).
         if c.state == container::READY && s.state == session_state::READY {
             flows::close::request(&app, &c.id, &s.id).await?;
+            // A create with this container_id that came in meanwhile keeps it.
+            if open_sessions_besides(&app, &c.id, &s.id).await? > 0 {
+                return Ok(StatusCode::NO_CONTENT);
+            }
         }
         flows::delete::request(&app, &c.id, "session deleted").await?;
         return Ok(StatusCode::NO_CONTENT);
