@@ -9,6 +9,7 @@ mod audit;
 mod bad_input;
 mod durability;
 mod hostile;
+mod multi_session;
 mod permissions;
 mod registry;
 mod sandbox_limits;

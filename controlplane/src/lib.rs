@@ -6,6 +6,7 @@
 //! - [`agent_spec`]: agent definitions in the ACP registry's shape and the
 //!   original agentd's, read into one validated `AgentSpec`.
 //! - [`agent_registry`]: registry sync from a file or URL into the store.
+//! - [`mcp`]: the ACP `mcpServers` a session create passes on, validated.
 //! - [`plan`]: compiles a session request (agent, profile, session options)
 //!   into the sandbox and agent plans a node executes.
 //! - [`store`]: containers, sessions and runs, behind enforced state machines.
@@ -51,6 +52,7 @@ pub mod agent_registry;
 pub mod agent_spec;
 pub mod api;
 pub mod flows;
+pub mod mcp;
 pub mod plan;
 pub mod runs;
 pub mod store;

@@ -32,6 +32,13 @@ pub const WORKSPACE: &str = "/workspace";
 pub struct SessionOptions {
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// ACP `mcpServers` for `session/new` / `session/load` (see [`crate::mcp`]).
+    #[serde(default)]
+    pub mcp_servers: Option<serde_json::Value>,
+    /// An ACP session id the agent keeps: `session/load` it (its history
+    /// replayed on the new session's stream) instead of `session/new`.
+    #[serde(default)]
+    pub load_session_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -280,7 +287,7 @@ mod tests {
 
     #[test]
     fn refuses_a_relative_working_dir() {
-        let s = SessionOptions { working_dir: Some("../etc".into()) };
+        let s = SessionOptions { working_dir: Some("../etc".into()), ..Default::default() };
         let r = compile("ctr_1", &local("/bin/x"), "linux-x86_64", &s, ProfileInput { profile: &Profile::default(), network_given: false }, &DEFAULTS);
         assert!(matches!(r, Err(PlanError::NotAbsolute { .. })));
     }

@@ -22,6 +22,7 @@ mod oom;
 pub mod sandboxes;
 pub mod service;
 pub mod sessions;
+pub mod setup;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,8 @@ pub struct Node {
     pub sessions: Arc<sessions::Sessions>,
     /// Exactly-once effects of the control plane's workflow steps.
     pub fences: fence::Fences,
+    /// Containers being created or starting an agent: what they are doing.
+    pub setups: setup::Setups,
 }
 
 impl Node {
@@ -86,7 +89,7 @@ impl Node {
         sandboxes::become_subreaper()?;
         let sandboxes = sandboxes::Sandboxes::open(config).await?;
         let sessions = Arc::new(sessions::Sessions::default());
-        let node = Arc::new(Self { sandboxes, sessions, fences: fence::Fences::default() });
+        let node = Arc::new(Self { sandboxes, sessions, fences: fence::Fences::default(), setups: setup::Setups::default() });
         oom::watch(Arc::downgrade(&node));
         Ok(node)
     }

@@ -68,11 +68,12 @@ impl NodeService {
                     request_timeout_ms: p.request_timeout_ms,
                     auth_method: p.auth_method,
                 }),
+                reuse: r.reuse,
             })
             .await?
             .into_inner();
         Ok(AgentInstance {
-            agent_instance_id: r.agent_instance_id,
+            agent_instance_id: if answer.agent_instance_id.is_empty() { r.agent_instance_id } else { answer.agent_instance_id },
             state: "ready".into(),
             pid: answer.pid,
             protocol_version: answer.protocol_version,
@@ -96,10 +97,16 @@ impl NodeService {
                 cwd: r.cwd,
                 permission_policy: r.permission_policy,
                 permission_timeout_ms: r.permission_timeout_ms,
+                mcp_servers_json: r.mcp_servers_json,
+                load_session_id: r.load_acp_session_id,
             })
             .await?
             .into_inner();
         let log = EventLog::open(&r.session_id, &sandbox.sessions_dir().join(format!("{}.jsonl", r.session_id)));
+        // A loaded session's history opens its stream, before any turn.
+        for update in &answer.replay_json {
+            log.append(SESSION_UPDATE, "", update.clone());
+        }
         let session = self.node.sessions.insert(NodeSession::new(
             r.session_id.clone(),
             r.container_id,
@@ -108,6 +115,25 @@ impl NodeService {
             log,
         ));
         Ok(SessionInfo { session_id: r.session_id, acp_session_id: session.acp_session_id.clone() })
+    }
+
+    async fn close_session_unfenced(&self, r: CloseSessionRequest) -> Result<CloseSessionResponse, Status> {
+        let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let session = self.node.sessions.get(&r.session_id).ok();
+        let (agent_instance_id, acp_session_id) = match &session {
+            Some(s) => (s.agent_instance_id.clone(), s.acp_session_id.clone()),
+            None if !r.agent_instance_id.is_empty() => (r.agent_instance_id.clone(), String::new()),
+            None => return Ok(CloseSessionResponse::default()),
+        };
+        let request = sup::CloseSessionRequest { agent_instance_id, acp_session_id };
+        let answer = match sandbox.supervisor.clone().close_session(request).await {
+            Ok(answer) => answer.into_inner(),
+            // Gone already (stopped with its last session): nothing to close.
+            Err(e) if agentd_proto::error::code_of(&e) == Some("agent_not_found") => sup::CloseSessionResponse::default(),
+            Err(e) => return Err(e),
+        };
+        self.node.sessions.close_one(&r.session_id).await;
+        Ok(CloseSessionResponse { closed_by_agent: answer.closed_by_agent, agent_stopped: answer.agent_stopped })
     }
 
     async fn prompt_unfenced(&self, r: PromptRequest) -> Result<PromptAccepted, Status> {
@@ -195,8 +221,9 @@ impl NodeService {
         let mut supervisor = sandbox.supervisor.clone();
         let status = supervisor.status(sup::StatusRequest {});
         let answer = tokio::time::timeout(std::time::Duration::from_millis(500), status).await.ok()?.ok()?.into_inner();
-        let a = answer.agents.into_iter().find(|a| a.agent_instance_id == session.agent_instance_id)?;
-        Some(AgentState { state: a.state, restarts: a.restarts, last_error: a.last_error, pid: a.pid })
+        let mut a = answer.agents.into_iter().find(|a| a.agent_instance_id == session.agent_instance_id)?;
+        let settings_json = a.session_settings_json.remove(&session.acp_session_id).unwrap_or_default();
+        Some(AgentState { state: a.state, restarts: a.restarts, last_error: a.last_error, pid: a.pid, settings_json })
     }
 
     /// A session and the supervisor of its sandbox, for calls about it.
@@ -214,6 +241,8 @@ impl node_server::Node for NodeService {
         let plan = r.plan.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "plan is required"))?;
         let id = plan.container_id.clone();
         let create = |s: NodeService| async move {
+            let stage = if plan.bundles.is_empty() { crate::setup::STARTING } else { crate::setup::INSTALLING };
+            let _stage = s.node.setups.enter(&plan.container_id, stage);
             let info = s.node.sandboxes.create(plan).await?.info();
             crate::fence::test_delay_first_answer("create_sandbox").await;
             Ok(info)
@@ -243,6 +272,9 @@ impl node_server::Node for NodeService {
         let fence = r.fence.clone();
         let container_id = r.container_id.clone();
         let start = |s: NodeService| async move {
+            let installs = r.agent.as_ref().is_some_and(|a| crate::setup::installs(&a.command));
+            let stage = if installs { crate::setup::INSTALLING } else { crate::setup::STARTING };
+            let _stage = s.node.setups.enter(&r.container_id, stage);
             let answer = s.start_agent_unfenced(r).await;
             crate::fence::test_delay_first_answer("start_agent").await;
             answer
@@ -260,6 +292,31 @@ impl node_server::Node for NodeService {
             answer
         };
         Ok(Response::new(self.fenced(container_id, fence, create).await?))
+    }
+
+    async fn get_setup_stage(&self, req: Request<GetSetupStageRequest>) -> Result<Response<SetupStage>, Status> {
+        let stage = self.node.setups.get(&req.into_inner().container_id).unwrap_or_default();
+        Ok(Response::new(SetupStage { stage: stage.to_string() }))
+    }
+
+    async fn close_session(&self, req: Request<CloseSessionRequest>) -> Result<Response<CloseSessionResponse>, Status> {
+        let r = req.into_inner();
+        let fence = r.fence.clone();
+        let container_id = r.container_id.clone();
+        let close = |s: NodeService| async move {
+            let answer = s.close_session_unfenced(r).await;
+            crate::fence::test_delay_first_answer("close_session").await;
+            answer
+        };
+        Ok(Response::new(self.fenced(container_id, fence, close).await?))
+    }
+
+    async fn list_agent_sessions(&self, req: Request<ListAgentSessionsRequest>) -> Result<Response<ListAgentSessionsResponse>, Status> {
+        let r = req.into_inner();
+        let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let request = sup::ListSessionsRequest { agent_instance_id: r.agent_instance_id, cwd: r.cwd, cursor: r.cursor };
+        let answer = sandbox.supervisor.clone().list_sessions(request).await?.into_inner();
+        Ok(Response::new(ListAgentSessionsResponse { answer_json: answer.answer_json }))
     }
 
     async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<PromptAccepted>, Status> {

@@ -80,6 +80,15 @@ impl Sessions {
         Arc::clone(table.entry(session.session_id.clone()).or_insert_with(|| Arc::new(session)))
     }
 
+    /// Forgets one session once its turn (cancelled by the close) has
+    /// recorded how it ended, and closes its log so that followers finish.
+    pub async fn close_one(&self, session_id: &str) {
+        let Some(session) = self.table.lock().unwrap().remove(session_id) else { return };
+        let mut active = session.active_run.subscribe();
+        let _ = tokio::time::timeout(RUN_DRAIN, active.wait_for(|r| r.is_none())).await;
+        session.log.close();
+    }
+
     /// Forgets the container's sessions once their turns have recorded how they
     /// ended, and closes their logs so that followers finish.
     pub async fn close_container(&self, container_id: &str) {

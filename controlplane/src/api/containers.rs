@@ -1,4 +1,5 @@
-//! `/v1/containers/{id}`: read and delete sandboxes.
+//! `/v1/containers/{id}`: read and delete sandboxes, list the ACP sessions
+//! an agent of one keeps (`session/list`).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -7,9 +8,11 @@ use serde_json::{Value, json};
 
 use super::Problem;
 use crate::AppState;
-use crate::store::states::container;
+use crate::store::states::{container, session};
 use crate::flows::suspend::Action;
-use agentd_proto::node::GetSandboxRequest;
+use agentd_proto::node::{GetSandboxRequest, ListAgentSessionsRequest};
+use axum::extract::Query;
+use serde::Deserialize;
 
 /// Live usage from the node, for containers that still run.
 async fn usage(app: &AppState, id: &str, state: &str) -> Value {
@@ -35,7 +38,16 @@ async fn usage(app: &AppState, id: &str, state: &str) -> Value {
 pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
     let c = app.store.get_container(&id).await?;
     let usage = usage(&app, &c.id, &c.state).await;
-    let sessions: Vec<String> = app.store.sessions_of_container(&id).await?.into_iter().map(|s| s.id).collect();
+    let rows = app.store.sessions_of_container(&id).await?;
+    let sessions: Vec<String> = rows.iter().map(|s| s.id.clone()).collect();
+    // The agents its open sessions run on, each with those sessions.
+    let mut agents: Vec<Value> = Vec::new();
+    for s in rows.iter().filter(|s| s.state == session::READY || s.state == session::CREATING) {
+        match agents.iter_mut().find(|a| a["instance_id"] == s.agent_instance_id.as_str()) {
+            Some(a) => a["sessions"].as_array_mut().expect("an array").push(json!(s.id)),
+            None => agents.push(json!({"instance_id": s.agent_instance_id, "id": s.agent_id, "version": s.agent_version, "sessions": [s.id]})),
+        }
+    }
     let profile: Value = serde_json::from_str(&c.profile_json).unwrap_or(Value::Null);
     Ok(Json(json!({
         "id": c.id,
@@ -45,6 +57,7 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
         "error": c.error,
         "container_profile": profile,
         "sessions": sessions,
+        "agents": agents,
         "usage": usage,
         "created_at": c.created_at,
         "updated_at": c.updated_at,
@@ -78,4 +91,45 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>) -> 
     app.store.get_container(id).await?;
     crate::flows::suspend::request(&app, id, action).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AgentSessionsQuery {
+    /// Only sessions with this working directory (absolute).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// The `next_cursor` of a previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/containers/{id}/agents/{instance_id}/sessions`: the agent's
+/// ACP `session/list` (the sessions it keeps, including ones no agentd
+/// session has open: `session.load_session_id` opens one), where the agent
+/// advertises it; 409 `not_supported` otherwise.
+pub async fn agent_sessions(
+    State(app): State<AppState>,
+    Path((id, instance_id)): Path<(String, String)>,
+    Query(query): Query<AgentSessionsQuery>,
+) -> Result<Json<Value>, Problem> {
+    let c = app.store.get_container(&id).await?;
+    let known = app.store.sessions_of_container(&id).await?.iter().any(|s| s.agent_instance_id == instance_id && s.state == session::READY);
+    if !known {
+        return Err(Problem::not_found("agent_not_found", format!("container {id} has no agent {instance_id} with an open session")));
+    }
+    if c.state != container::READY {
+        return Err(Problem::conflict("illegal_state", format!("container {id} is {}", c.state)));
+    }
+    let cwd = query.cwd.unwrap_or_default();
+    if !cwd.is_empty() && !cwd.starts_with('/') {
+        return Err(Problem::invalid("invalid_request", format!("cwd must be an absolute path, got {cwd:?}")));
+    }
+    let request = ListAgentSessionsRequest { container_id: id, agent_instance_id: instance_id.clone(), cwd, cursor: query.cursor.unwrap_or_default() };
+    let answer = app.node.clone().list_agent_sessions(request).await?.into_inner();
+    let answer: Value = serde_json::from_str(&answer.answer_json).unwrap_or_else(|_| json!({}));
+    Ok(Json(json!({
+        "agent_instance_id": instance_id,
+        "sessions": answer.get("sessions").cloned().unwrap_or_else(|| json!([])),
+        "next_cursor": answer.get("nextCursor").cloned().unwrap_or(Value::Null),
+    })))
 }

@@ -116,6 +116,11 @@ const NODE_CODES: &[(&str, StatusCode)] = &[
     ("unknown_mode", StatusCode::UNPROCESSABLE_ENTITY),
     ("unknown_config_option", StatusCode::UNPROCESSABLE_ENTITY),
     ("not_supported", StatusCode::CONFLICT),
+    // session/load of an ACP session the agent does not have.
+    ("acp_session_not_found", StatusCode::UNPROCESSABLE_ENTITY),
+    ("acp_session_open", StatusCode::CONFLICT),
+    ("invalid_mcp_server", StatusCode::UNPROCESSABLE_ENTITY),
+    ("mcp_unsupported", StatusCode::UNPROCESSABLE_ENTITY),
     // The plan gives no credentials the agent accepts: fix the request's env.
     ("agent_auth_required", StatusCode::UNPROCESSABLE_ENTITY),
     ("agent_restarting", StatusCode::SERVICE_UNAVAILABLE),

@@ -17,7 +17,7 @@ use crate::store::outbox::NewStep;
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, flows, new_id};
 use agentd_proto::node::{
-    AgentPolicy, AnswerPermissionRequest, CancelRequest, GetSessionRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
+    AgentPolicy, AnswerPermissionRequest, CancelRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
 };
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +33,11 @@ pub struct CreateSessionBody {
     pub session: Option<SessionOptions>,
     #[serde(default)]
     pub policy: Option<PolicyBody>,
+    /// Open the session in this container (ready) instead of a new one: on
+    /// its agent of the same definition if one runs, else on a new agent
+    /// beside the others.
+    #[serde(default)]
+    pub container_id: Option<String>,
 }
 
 /// How the session answers the agent's `session/request_permission`.
@@ -109,6 +114,9 @@ const LIVE_STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The agent's live state from its supervisor, for a ready session.
 async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
+    if s.state == session_state::CREATING {
+        return setup_stage(app, s).await;
+    }
     if s.state != session_state::READY {
         return Value::Null;
     }
@@ -120,9 +128,20 @@ async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
     };
     match answer.map(|r| r.into_inner().agent) {
         Ok(Some(a)) => json!({"state": a.state, "restarts": a.restarts, "pid": a.pid,
-            "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) }}),
+            "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) },
+            "settings": serde_json::from_str::<Value>(&a.settings_json).unwrap_or(Value::Null)}),
         Ok(None) => Value::Null,
         Err(e) => json!({"error": e.message()}),
+    }
+}
+
+/// A session being created: what its container's creation or its agent's
+/// start is doing (`installing`, `starting`), as the node reports it.
+async fn setup_stage(app: &AppState, s: &SessionRow) -> Value {
+    let request = GetSetupStageRequest { container_id: s.container_id.clone() };
+    match tokio::time::timeout(LIVE_STATE_WAIT, app.node.clone().get_setup_stage(request)).await {
+        Ok(Ok(stage)) if !stage.get_ref().stage.is_empty() => json!({"state": stage.into_inner().stage}),
+        _ => Value::Null,
     }
 }
 
@@ -131,7 +150,12 @@ pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
     let runs = app.store.runs_of_session(&s.id).await?;
     let live = agent_state(app, s).await;
     let mut agent = json!({"id": s.agent_id, "version": s.agent_version, "instance_id": s.agent_instance_id});
-    if let Value::Object(live) = live {
+    // The modes and config options the agent announced for the session.
+    let mut settings = json!({"modes": null, "config_options": null});
+    if let Value::Object(mut live) = live {
+        if let Some(Value::Object(announced)) = live.remove("settings") {
+            settings = Value::Object(announced);
+        }
         agent.as_object_mut().expect("an object").extend(live);
     }
     Ok(json!({
@@ -140,6 +164,8 @@ pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
         "state": s.state,
         "agent": agent,
         "acp_session_id": s.acp_session_id,
+        "modes": settings["modes"],
+        "config_options": settings["config_options"],
         "working_dir": s.working_dir,
         "error": s.error,
         "created_at": s.created_at,
@@ -171,9 +197,38 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
         }
         (None, None) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id")),
     };
-    let profile = match &body.container_profile {
+    // A further session in an existing container: its profile stays.
+    let existing = match &body.container_id {
+        None => None,
+        Some(_) if body.container_profile.is_some() => {
+            return Err(Problem::invalid("invalid_request", "container_profile shapes a new container; leave it out with container_id"));
+        }
+        Some(id) => {
+            let c = app.store.get_container(id).await?;
+            if c.state != container::READY {
+                return Err(Problem::conflict("illegal_state", format!("container {id} is {}; only a ready container takes new sessions", c.state)));
+            }
+            Some(c)
+        }
+    };
+    let profile_value = match &existing {
+        Some(c) => Some(serde_json::from_str::<Value>(&c.profile_json).unwrap_or_else(|_| json!({}))),
+        None => body.container_profile.clone(),
+    };
+    let profile = match &profile_value {
         Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?,
         None => Profile::default(),
+    };
+    let session_options = body.session.unwrap_or_default();
+    let open = flows::create::OpenOptions {
+        mcp_servers_json: match &session_options.mcp_servers {
+            None => String::new(),
+            Some(servers) => crate::mcp::validate(servers).map_err(|e| Problem::invalid("invalid_mcp_server", e.to_string()))?.to_string(),
+        },
+        load_acp_session_id: match session_options.load_session_id.as_deref() {
+            Some("") => return Err(Problem::invalid("invalid_request", "session.load_session_id must not be empty")),
+            other => other.unwrap_or_default().to_string(),
+        },
     };
     let policy = body.policy.unwrap_or_default();
     let agent_policy = policy.agent_policy()?;
@@ -182,15 +237,15 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
         return Err(Problem::invalid("invalid_request", format!("policy.permissions must be allow, deny or ask, got {permission_policy:?}")));
     }
     let permissions = (permission_policy, policy.ask_timeout_ms.unwrap_or(0));
-    let container_id = new_id("ctr");
+    let container_id = existing.as_ref().map_or_else(|| new_id("ctr"), |c| c.id.clone());
     let session_id = new_id("ses");
     let instance_id = new_id("agi");
-    let network_given = body.container_profile.as_ref().is_some_and(|p| p.get("network").is_some());
+    let network_given = profile_value.as_ref().is_some_and(|p| p.get("network").is_some());
     let mut compiled = plan::compile(
         &container_id,
         &agent,
         &this_platform(),
-        &body.session.unwrap_or_default(),
+        &session_options,
         ProfileInput { profile: &profile, network_given },
         &app.defaults,
     )
@@ -203,11 +258,14 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
     // The rows and the step that builds them, in one transaction; a runner
     // (this process's, or another control plane's) runs the step.
-    let step_key = format!("{}:{session_id}", flows::SESSION_CREATE);
-    let payload = serde_json::to_value(flows::create::Payload::new(&compiled, &session_id, &instance_id, permissions)).expect("payload serializes");
+    let kind = if existing.is_some() { flows::SESSION_OPEN } else { flows::SESSION_CREATE };
+    let step_key = format!("{kind}:{session_id}");
+    let payload = serde_json::to_value(flows::create::Payload::new(&compiled, &session_id, &instance_id, permissions, &open)).expect("payload serializes");
     app.store
         .transaction(async |tx| {
-            tx.insert_container(&container_id, &app.node_id, &profile).await?;
+            if existing.is_none() {
+                tx.insert_container(&container_id, &app.node_id, &profile).await?;
+            }
             tx.insert_session(NewSession {
                 id: &session_id,
                 container_id: &container_id,
@@ -217,7 +275,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
                 working_dir: &compiled.working_dir,
             })
             .await?;
-            tx.enqueue(NewStep::new(flows::CONTAINER, &container_id, flows::SESSION_CREATE, &step_key, payload)).await?;
+            tx.enqueue(NewStep::new(flows::CONTAINER, &container_id, kind, &step_key, payload)).await?;
             Ok::<_, StoreError>(())
         })
         .await?;
@@ -386,14 +444,46 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
     if s.state == session_state::CLOSED {
         return Err(Problem::conflict("illegal_state", format!("session {id} is already closed")));
     }
-    // One session per container for now: the session's sandbox goes with it.
     let c = app.store.get_container(&s.container_id).await?;
-    if c.state != container::DELETED {
-        flows::delete::request(&app, &c.id, "session deleted").await?;
-    } else {
+    if c.state == container::DELETED {
         app.store.session_closed(&id).await?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if open_sessions_besides(&app, &c.id, &s.id).await? == 0 {
+        // The container's last session: the sandbox goes with it, after the
+        // agent had its session/close (a ready sandbox only: a frozen one
+        // cannot answer).
+        if c.state == container::READY && s.state == session_state::READY {
+            flows::close::request(&app, &c.id, &s.id).await?;
+            // A create with this container_id that came in meanwhile keeps it.
+            if open_sessions_besides(&app, &c.id, &s.id).await? > 0 {
+                return Ok(StatusCode::NO_CONTENT);
+            }
+        }
+        flows::delete::request(&app, &c.id, "session deleted").await?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if c.state != container::READY {
+        return Err(Problem::conflict("illegal_state", format!("container {} is {}: resume it before closing one of its sessions", c.id, c.state)));
+    }
+    flows::close::request(&app, &c.id, &s.id).await?;
+    // Two deletes at once may each have seen the other's session open: the
+    // one that finds none left afterwards removes the container.
+    if open_sessions_besides(&app, &c.id, &s.id).await? == 0 {
+        match flows::delete::request(&app, &c.id, "session deleted").await {
+            Err(p) if p.code == "illegal_state" => {} // the other delete removes it
+            other => other?,
+        }
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// How many sessions of the container besides `session_id` are open
+/// (creating or ready).
+async fn open_sessions_besides(app: &AppState, container_id: &str, session_id: &str) -> Result<usize, Problem> {
+    let open = [session_state::CREATING, session_state::READY];
+    let sessions = app.store.sessions_of_container(container_id).await?;
+    Ok(sessions.iter().filter(|o| o.id != session_id && open.contains(&o.state.as_str())).count())
 }
 
 /// `POST /v1/sessions/{id}/permissions/{request_id}` with `{"option_id": ...}`:

@@ -19,6 +19,13 @@ use crate::store::StoreError;
 use crate::store::states::{container, session};
 use crate::workflow::{StepContext, StepError, StepResult};
 
+/// How a session opens: the parts of its create body the agent gets.
+#[derive(Debug, Default, Clone)]
+pub struct OpenOptions {
+    pub mcp_servers_json: String,
+    pub load_acp_session_id: String,
+}
+
 /// What the step needs, fixed when the API accepted the request: the plans
 /// exactly as compiled then (protobuf, base64), so a retry runs the same plan.
 #[derive(Debug, Serialize, Deserialize)]
@@ -30,11 +37,19 @@ pub struct Payload {
     pub working_dir: String,
     pub permission_policy: String,
     pub permission_timeout_ms: u32,
+    /// The validated ACP `mcpServers` (JSON array); empty for none.
+    #[serde(default)]
+    pub mcp_servers_json: String,
+    /// An ACP session to `session/load` instead of `session/new`.
+    #[serde(default)]
+    pub load_acp_session_id: String,
 }
 
 impl Payload {
-    pub fn new(compiled: &Compiled, session_id: &str, agent_instance_id: &str, permissions: (String, u32)) -> Self {
+    pub fn new(compiled: &Compiled, session_id: &str, agent_instance_id: &str, permissions: (String, u32), open: &OpenOptions) -> Self {
         Self {
+            mcp_servers_json: open.mcp_servers_json.clone(),
+            load_acp_session_id: open.load_acp_session_id.clone(),
             session_id: session_id.to_string(),
             agent_instance_id: agent_instance_id.to_string(),
             sandbox_plan: B64.encode(compiled.sandbox.encode_to_vec()),
@@ -42,6 +57,26 @@ impl Payload {
             working_dir: compiled.working_dir.clone(),
             permission_policy: permissions.0,
             permission_timeout_ms: permissions.1,
+        }
+    }
+
+    pub(super) fn agent_plan(&self) -> Result<AgentPlan, String> {
+        let agent = B64.decode(&self.agent_plan).map_err(|e| e.to_string())?;
+        AgentPlan::decode(agent.as_slice()).map_err(|e| e.to_string())
+    }
+
+    /// The `CreateSession` call of this session on `agent_instance_id`.
+    pub(super) fn create_session(&self, ctx: &StepContext, container_id: &str, agent_instance_id: &str) -> CreateSessionRequest {
+        CreateSessionRequest {
+            container_id: container_id.to_string(),
+            agent_instance_id: agent_instance_id.to_string(),
+            session_id: self.session_id.clone(),
+            cwd: self.working_dir.clone(),
+            permission_policy: self.permission_policy.clone(),
+            permission_timeout_ms: self.permission_timeout_ms,
+            mcp_servers_json: self.mcp_servers_json.clone(),
+            load_acp_session_id: self.load_acp_session_id.clone(),
+            fence: fence(ctx, "session"),
         }
     }
 
@@ -72,18 +107,11 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
             container_id: container_id.to_string(),
             agent_instance_id: payload.agent_instance_id.clone(),
             agent: Some(agent_plan),
+            reuse: false,
             fence: fence(&ctx, "agent"),
         });
         within(agent_deadline(&app), start).await?;
-        let open = node.create_session(CreateSessionRequest {
-            container_id: container_id.to_string(),
-            agent_instance_id: payload.agent_instance_id.clone(),
-            session_id: payload.session_id.clone(),
-            cwd: payload.working_dir.clone(),
-            permission_policy: payload.permission_policy.clone(),
-            permission_timeout_ms: payload.permission_timeout_ms,
-            fence: fence(&ctx, "session"),
-        });
+        let open = node.create_session(payload.create_session(&ctx, container_id, &payload.agent_instance_id));
         let info = within(agent_deadline(&app), open).await?.into_inner();
         Ok((sandbox.supervisor_pid, info.acp_session_id))
     }

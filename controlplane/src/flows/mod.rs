@@ -6,6 +6,9 @@
 //!
 //! - [`create`]: `session.create`: build the sandbox, start the agent, open
 //!   the ACP session, record them ready (or failed, with the node's problem).
+//! - [`open`]: `session.open`: a further session in a ready container, on
+//!   a running agent of the same plan or a new one beside it.
+//! - [`close`]: `session.close`: one session of a container that goes on.
 //! - [`delete`]: `container.delete`: remove the sandbox, record it gone.
 //! - [`dispatch`]: `run.dispatch`: hand a prompt to the node.
 //! - [`hibernate`]: `container.hibernate`: freeze an idle container.
@@ -30,12 +33,14 @@
 //! unreachable) is a retryable step error; on the last attempt it becomes a
 //! recorded failure like any other.
 
+pub mod close;
 pub mod create;
 pub mod delete;
 pub mod dispatch;
 pub mod hibernate;
 pub mod node_check;
 pub mod registry_sync;
+pub mod open;
 pub mod suspend;
 
 use std::time::Duration;
@@ -60,6 +65,8 @@ pub const REGISTRY: &str = "registry";
 
 /// Step kinds.
 pub const SESSION_CREATE: &str = "session.create";
+pub const SESSION_OPEN: &str = "session.open";
+pub const SESSION_CLOSE: &str = "session.close";
 pub const CONTAINER_DELETE: &str = "container.delete";
 pub const RUN_DISPATCH: &str = "run.dispatch";
 pub const NODE_CHECK: &str = "node.check";
@@ -73,6 +80,10 @@ pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
     let mut registry = Registry::new();
     let a = app.clone();
     registry.register(SESSION_CREATE, move |ctx| create::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(SESSION_OPEN, move |ctx| open::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(SESSION_CLOSE, move |ctx| close::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(CONTAINER_DELETE, move |ctx| delete::run(a.clone(), ctx));
     let a = app.clone();

@@ -384,6 +384,13 @@ impl Store {
         self.transition(Entity::Session, id, states::session::READY, None, Some(extra)).await
     }
 
+    /// The agent a session being opened ended up on (a reused one, maybe).
+    pub async fn set_session_agent_instance(&self, id: &str, agent_instance_id: &str) -> Result<(), StoreError> {
+        let sql = "UPDATE sessions SET agent_instance_id = $1 WHERE id = $2 AND state = $3";
+        with_pool!(self, |pool| sqlx::query(sql).bind(agent_instance_id).bind(id).bind(states::session::CREATING).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
     pub async fn session_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
         self.transition(Entity::Session, id, states::session::FAILED, Some(error), None).await
     }

@@ -22,7 +22,9 @@ use agent_client_protocol::{
 use agent_client_protocol_schema::ProtocolVersion;
 use agent_client_protocol_schema::v1::{
     AgentCapabilities, AuthMethod, AuthMethodAgent, AuthenticateRequest, AuthenticateResponse,
-    CancelNotification, ClientCapabilities, ContentBlock, ContentChunk, Implementation,
+    CancelNotification, CloseSessionRequest, CloseSessionResponse, ListSessionsRequest,
+    ListSessionsResponse, McpCapabilities, McpServer, SessionCapabilities,
+    SessionCloseCapabilities, SessionInfo, SessionListCapabilities, ClientCapabilities, ContentBlock, ContentChunk, Implementation,
     InitializeRequest, InitializeResponse, LoadSessionRequest, LoadSessionResponse,
     NewSessionRequest, NewSessionResponse, PromptCapabilities, PromptRequest, PromptResponse,
     SessionConfigOption, SessionConfigOptionValue, SessionConfigSelectOption, SessionId,
@@ -33,7 +35,8 @@ use agent_client_protocol_schema::v1::{
 use tokio::sync::watch;
 
 use crate::chunking::{self, Chunking};
-use crate::cli::{FailInitialize, PromptKind};
+use crate::cli::{FailInitialize, McpKind, PromptKind, SessionCap};
+use crate::history::{History, Record};
 use crate::commands::{self, Emit};
 use crate::stdio::StdoutLines;
 use crate::tools::Tools;
@@ -69,6 +72,8 @@ pub struct Config {
     pub load_session: bool,
     pub hang_session_new: bool,
     pub prompt_capabilities: Vec<PromptKind>,
+    pub session_capabilities: Vec<SessionCap>,
+    pub mcp_capabilities: Vec<McpKind>,
 }
 
 /// Memory `--hog-mib` holds on to, so each turn grows the agent further.
@@ -124,7 +129,7 @@ pub async fn serve(
         .on_receive_request(
             {
                 let state = state.clone();
-                async move |_request: NewSessionRequest, responder, _cx| {
+                async move |request: NewSessionRequest, responder, _cx| {
                     if state.config.hang_session_new {
                         tracing::warn!("never answering session/new (--hang-session-new)");
                         state.parked_sessions.lock().unwrap_or_else(PoisonError::into_inner).push(responder);
@@ -133,7 +138,7 @@ pub async fn serve(
                     if !state.is_authenticated() {
                         return responder.respond_with_error(Error::auth_required());
                     }
-                    let id = state.new_session();
+                    let id = state.new_session(&request.cwd.to_string_lossy(), &request.mcp_servers);
                     let settings = Settings::default();
                     responder.respond(
                         NewSessionResponse::new(id)
@@ -171,15 +176,48 @@ pub async fn serve(
         .on_receive_request(
             {
                 let state = state.clone();
-                async move |request: LoadSessionRequest, responder, _cx| {
+                async move |request: LoadSessionRequest, responder, cx| {
                     if !state.config.load_session {
                         return responder.respond_with_error(Error::method_not_found());
                     }
                     if !state.is_authenticated() {
                         return responder.respond_with_error(Error::auth_required());
                     }
-                    state.load_session(request.session_id);
-                    responder.respond(LoadSessionResponse::new())
+                    match state.load_session(&request, &cx) {
+                        Ok(settings) => responder.respond(
+                            LoadSessionResponse::new()
+                                .modes(settings.modes())
+                                .config_options(vec![settings.case_option()]),
+                        ),
+                        Err(err) => responder.respond_with_error(err),
+                    }
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: ListSessionsRequest, responder, _cx| {
+                    if !state.config.session_capabilities.contains(&SessionCap::List) {
+                        return responder.respond_with_error(Error::method_not_found());
+                    }
+                    responder.respond(ListSessionsResponse::new(state.list_sessions(request.cwd.as_deref())))
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: CloseSessionRequest, responder, _cx| {
+                    if !state.config.session_capabilities.contains(&SessionCap::Close) {
+                        return responder.respond_with_error(Error::method_not_found());
+                    }
+                    match state.close_session(&request.session_id) {
+                        Ok(()) => responder.respond(CloseSessionResponse::new()),
+                        Err(err) => responder.respond_with_error(err),
+                    }
                 }
             },
             on_receive_request!(),
@@ -273,6 +311,12 @@ struct State {
     parked_sessions: Mutex<Vec<Responder<NewSessionResponse>>>,
     /// Whether `authenticate` succeeded (always true without `--require-auth`).
     authenticated: std::sync::atomic::AtomicBool,
+    /// Where `--load-session` keeps sessions; `None` without it.
+    history: Option<History>,
+    /// Each open session's working directory and echoed turns.
+    records: Mutex<HashMap<SessionId, Record>>,
+    /// The MCP servers each session was given, as `name (transport)`.
+    mcp: Mutex<HashMap<SessionId, Vec<String>>>,
 }
 
 struct RunningTurn {
@@ -284,6 +328,7 @@ struct RunningTurn {
 impl State {
     fn new(config: Config, stdout: StdoutLines) -> Self {
         let config_requires_auth = config.require_auth;
+        let config_load = config.load_session;
         Self {
             config,
             stdout,
@@ -296,6 +341,9 @@ impl State {
             parked_sessions: Mutex::default(),
             settings: Mutex::default(),
             authenticated: std::sync::atomic::AtomicBool::new(!config_requires_auth),
+            history: config_load.then(History::from_env),
+            records: Mutex::default(),
+            mcp: Mutex::default(),
         }
     }
 
@@ -348,9 +396,22 @@ impl State {
             .image(kinds.contains(&PromptKind::Image))
             .audio(kinds.contains(&PromptKind::Audio))
             .embedded_context(kinds.contains(&PromptKind::EmbeddedContext));
+        let session_caps = &self.config.session_capabilities;
+        let mut sessions = SessionCapabilities::new();
+        if session_caps.contains(&SessionCap::List) {
+            sessions = sessions.list(SessionListCapabilities::new());
+        }
+        if session_caps.contains(&SessionCap::Close) {
+            sessions = sessions.close(SessionCloseCapabilities::new());
+        }
+        let mcp = McpCapabilities::new()
+            .http(self.config.mcp_capabilities.contains(&McpKind::Http))
+            .sse(self.config.mcp_capabilities.contains(&McpKind::Sse));
         let capabilities = AgentCapabilities::new()
             .load_session(self.config.load_session)
-            .prompt_capabilities(prompt);
+            .prompt_capabilities(prompt)
+            .session_capabilities(sessions)
+            .mcp_capabilities(mcp);
         let mut response = InitializeResponse::new(ProtocolVersion::V1)
             .agent_capabilities(capabilities)
             .agent_info(Implementation::new("echo-agent", env!("CARGO_PKG_VERSION")));
@@ -384,11 +445,74 @@ impl State {
         }
     }
 
-    /// `session/load`: the echo agent keeps no history, so any id is taken
-    /// as a session to go on with (nothing is replayed).
-    fn load_session(&self, id: SessionId) {
-        tracing::info!(session = %id, "session loaded");
-        self.sessions().entry(id).or_insert(None);
+    /// `session/load`: replays the session's turns (its prompts as user
+    /// message chunks, its answers as agent message chunks), then goes on
+    /// with it. An id neither open nor on disk is ACP's resource-not-found.
+    fn load_session(&self, request: &LoadSessionRequest, cx: &ConnectionTo<Client>) -> Result<Settings, Error> {
+        let id = &request.session_id;
+        let open = self.records.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned();
+        let on_disk = || self.history.as_ref().and_then(|h| h.load(&id.0));
+        let Some(record) = open.or_else(on_disk) else {
+            return Err(Error::new(ErrorCode::RESOURCE_NOT_FOUND, format!("no session {id} to load"))
+                .data(serde_json::json!({ "sessionId": id })));
+        };
+        let chunk = |text: &str| ContentChunk::new(ContentBlock::Text(TextContent::new(text)));
+        for (prompt, answer) in &record.turns {
+            cx.send_notification(SessionNotification::new(id.clone(), SessionUpdate::UserMessageChunk(chunk(prompt))))?;
+            cx.send_notification(SessionNotification::new(id.clone(), SessionUpdate::AgentMessageChunk(chunk(answer))))?;
+        }
+        tracing::info!(session = %id, turns = record.turns.len(), "session loaded");
+        self.sessions().entry(id.clone()).or_insert(None);
+        self.records.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), record);
+        self.mcp.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), mcp_names(&request.mcp_servers));
+        Ok(self.settings(id))
+    }
+
+    /// `session/list`: the open sessions and those on disk, by cwd if given.
+    fn list_sessions(&self, cwd: Option<&std::path::Path>) -> Vec<SessionInfo> {
+        let mut all: HashMap<String, String> = HashMap::new();
+        if let Some(history) = &self.history {
+            for id in history.ids() {
+                if let Some(record) = history.load(&id) {
+                    all.insert(id, record.cwd);
+                }
+            }
+        }
+        for (id, record) in self.records.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            all.insert(id.0.to_string(), record.cwd.clone());
+        }
+        let mut list: Vec<SessionInfo> = all
+            .into_iter()
+            .filter(|(_, c)| cwd.is_none_or(|want| std::path::Path::new(c) == want))
+            .map(|(id, c)| SessionInfo::new(SessionId::new(id), c))
+            .collect();
+        list.sort_by(|a, b| a.session_id.0.cmp(&b.session_id.0));
+        list
+    }
+
+    /// `session/close`: stops the session's turn, if any, and forgets it
+    /// (what is on disk stays loadable).
+    fn close_session(&self, id: &SessionId) -> Result<(), Error> {
+        let Some(running) = self.sessions().remove(id) else {
+            return Err(Error::new(ErrorCode::INVALID_PARAMS, format!("unknown session id {id}")));
+        };
+        if let Some(turn) = running {
+            turn.cancel.send_replace(true);
+        }
+        self.records.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+        self.mcp.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+        tracing::info!(session = %id, "session closed");
+        Ok(())
+    }
+
+    /// Adds an echoed turn to the session's record (and its file).
+    fn record_turn(&self, id: &SessionId, prompt: &str, answer: String) {
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(record) = records.get_mut(id) else { return };
+        record.turns.push((prompt.to_string(), answer));
+        if let Some(history) = &self.history {
+            history.save(&id.0, record);
+        }
     }
 
     fn settings(&self, session_id: &SessionId) -> Settings {
@@ -447,9 +571,15 @@ impl State {
             .push(responder);
     }
 
-    fn new_session(&self) -> SessionId {
+    fn new_session(&self, cwd: &str, mcp_servers: &[McpServer]) -> SessionId {
         let id = SessionId::new(format!("sess_{}", uuid::Uuid::new_v4().simple()));
         self.sessions().insert(id.clone(), None);
+        let record = Record { cwd: cwd.to_string(), turns: Vec::new() };
+        if let Some(history) = &self.history {
+            history.save(&id.0, &record);
+        }
+        self.records.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), record);
+        self.mcp.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), mcp_names(mcp_servers));
         tracing::info!(session = %id, "session created");
         id
     }
@@ -570,6 +700,10 @@ impl State {
                 self.authenticated.store(!self.config.require_auth, Ordering::Relaxed);
                 "logged out".to_owned()
             }
+            commands::Command::Mcp => {
+                let names = self.mcp.lock().unwrap_or_else(PoisonError::into_inner).get(session_id).cloned().unwrap_or_default();
+                if names.is_empty() { "mcp: none".to_owned() } else { format!("mcp: {}", names.join(", ")) }
+            }
             command => return self.run_tool(cx, session_id, command, cancel).await,
         };
         cx.send_notification(SessionNotification::new(
@@ -638,6 +772,7 @@ impl State {
         };
         let chunks = chunking::split(text, self.config.chunking);
         let echoed = std::iter::repeat_n(chunks.as_slice(), self.config.repeat).flatten();
+        let mut answer = String::new();
         for (i, chunk) in echoed.enumerate() {
             let pace = async {
                 if !self.config.delay.is_zero() {
@@ -655,6 +790,9 @@ impl State {
             if cancel.is_cancelled() {
                 return Ok(StopReason::Cancelled);
             }
+            if self.history.is_some() {
+                answer.push_str(chunk);
+            }
             cx.send_notification(SessionNotification::new(
                 session_id.clone(),
                 SessionUpdate::AgentMessageChunk(ContentChunk::new(ContentBlock::Text(
@@ -662,8 +800,22 @@ impl State {
                 ))),
             ))?;
         }
+        self.record_turn(session_id, text, answer);
         Ok(StopReason::EndTurn)
     }
+}
+
+/// How `/mcp` names a session's MCP servers: `name (transport)`.
+fn mcp_names(servers: &[McpServer]) -> Vec<String> {
+    servers
+        .iter()
+        .map(|server| match server {
+            McpServer::Stdio(s) => format!("{} (stdio)", s.name),
+            McpServer::Http(s) => format!("{} (http)", s.name),
+            McpServer::Sse(s) => format!("{} (sse)", s.name),
+            _ => "unknown (other)".to_owned(),
+        })
+        .collect()
 }
 
 /// Marks a session idle again when its turn ends, however it ends: normally,

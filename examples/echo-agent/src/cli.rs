@@ -48,11 +48,22 @@ pub struct Args {
     #[arg(long)]
     pub require_auth: bool,
 
-    /// Advertise `loadSession` and accept `session/load` of any session id
-    /// (even one an earlier run of the agent created), as an agent that
-    /// keeps its sessions on disk would.
+    /// Advertise `loadSession`, keep every session's history on disk
+    /// (`$HOME/.echo-agent/sessions/<id>.json`) and answer `session/load` of
+    /// one (even one an earlier run of the agent created) by replaying it;
+    /// an id it never saw is ACP's resource-not-found.
     #[arg(long)]
     pub load_session: bool,
+
+    /// Advertise these session capabilities: `list` (session/list of the
+    /// sessions it knows, on disk too) and `close` (session/close).
+    #[arg(long, value_name = "CAP", value_delimiter = ',')]
+    pub session_capabilities: Vec<SessionCap>,
+
+    /// Advertise these MCP transports besides stdio (http, sse). The
+    /// prompt `/mcp` names the MCP servers the session was given.
+    #[arg(long, value_name = "KIND", value_delimiter = ',')]
+    pub mcp_capabilities: Vec<McpKind>,
 
     /// Never answer `session/new`, to test a client's request timeout.
     #[arg(long)]
@@ -61,6 +72,20 @@ pub struct Args {
     /// Advertise these prompt capabilities (image, audio, embedded-context).
     #[arg(long, value_name = "KIND", value_delimiter = ',')]
     pub prompt_capabilities: Vec<PromptKind>,
+}
+
+/// A session capability `--session-capabilities` can advertise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SessionCap {
+    List,
+    Close,
+}
+
+/// An MCP transport `--mcp-capabilities` can advertise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum McpKind {
+    Http,
+    Sse,
 }
 
 /// A content block kind `--prompt-capabilities` can advertise.
@@ -97,6 +122,8 @@ impl Args {
             load_session: self.load_session,
             hang_session_new: self.hang_session_new,
             prompt_capabilities: self.prompt_capabilities,
+            session_capabilities: self.session_capabilities,
+            mcp_capabilities: self.mcp_capabilities,
         }
     }
 }

@@ -63,6 +63,8 @@ pub enum Command {
     Emit(Emit),
     /// Forget the authentication, as an expired token would.
     Logout,
+    /// Name the MCP servers the session was given.
+    Mcp,
     /// A known command used wrongly: the text explains how to use it.
     Usage(&'static str),
 }
@@ -121,6 +123,7 @@ pub fn parse(text: &str) -> Option<Command> {
             _ => Command::Usage(CRASH_USAGE),
         },
         "logout" => Command::Logout,
+        "mcp" => Command::Mcp,
         "emit" => match words(args).as_deref() {
             Some([w]) if w == "garbage" => Command::Emit(Emit::Garbage),
             Some([w]) if w == "stray" => Command::Emit(Emit::Stray),

@@ -7,6 +7,7 @@ mod agent;
 mod chunking;
 mod cli;
 mod commands;
+mod history;
 mod stdio;
 mod tools;
 

@@ -53,6 +53,16 @@ impl Initialized {
         }
     }
 
+    /// Whether `agentCapabilities` holds a capability at `pointer` (e.g.
+    /// `/sessionCapabilities/close`): `true`, or an object (`{}` advertises).
+    pub fn advertises(&self, pointer: &str) -> bool {
+        match self.answer().get("agentCapabilities").and_then(|c| c.pointer(pointer)) {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::Object(_)) => true,
+            _ => false,
+        }
+    }
+
     /// Whether the agent accepts prompt content blocks of `kind`: text and
     /// resource_link always; image, audio and resource (embedded context)
     /// only when its promptCapabilities say so.
@@ -116,16 +126,24 @@ impl AcpClient {
 
     /// `session/load` (replays the history as updates) or `session/resume`
     /// (does not): reopens a session a previous run of the agent created.
-    pub async fn reopen_session(&self, method: &'static str, session_id: &str, cwd: &str, timeout: Duration) -> Result<(), AcpError> {
-        let params = json!({"sessionId": session_id, "cwd": cwd, "mcpServers": []});
-        self.rpc.request_within(method, &params, timeout).await?;
-        Ok(())
+    /// Returns the answer (a load's may carry modes and config options).
+    pub async fn reopen_session(
+        &self,
+        method: &'static str,
+        session_id: &str,
+        cwd: &str,
+        mcp_servers: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, AcpError> {
+        let params = json!({"sessionId": session_id, "cwd": cwd, "mcpServers": mcp_servers});
+        let raw = self.rpc.request_within(method, &params, timeout).await?;
+        Ok(serde_json::from_str(raw.get()).unwrap_or_default())
     }
 
     /// `session/new`: the new session's id and the whole answer (its modes
     /// and config options, if any).
-    pub async fn new_session(&self, cwd: &str, timeout: Duration) -> Result<(String, serde_json::Value), AcpError> {
-        let params = json!({"cwd": cwd, "mcpServers": []});
+    pub async fn new_session(&self, cwd: &str, mcp_servers: &serde_json::Value, timeout: Duration) -> Result<(String, serde_json::Value), AcpError> {
+        let params = json!({"cwd": cwd, "mcpServers": mcp_servers});
         let raw = self.rpc.request_within("session/new", &params, timeout).await?;
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
@@ -186,5 +204,15 @@ mod tests {
         let both = init(json!({"loadSession": true, "sessionCapabilities": {"resume": {}}}));
         assert_eq!(both.reopen_method(), Some("session/resume"));
         assert_eq!(init(json!({"sessionCapabilities": {"resume": null}})).reopen_method(), None);
+    }
+
+    #[test]
+    fn capabilities_are_advertised_by_true_or_an_object() {
+        let caps = init(json!({"sessionCapabilities": {"close": {}, "list": null}, "mcpCapabilities": {"http": true, "sse": false}}));
+        assert!(caps.advertises("/sessionCapabilities/close"));
+        assert!(!caps.advertises("/sessionCapabilities/list"), "null does not advertise");
+        assert!(caps.advertises("/mcpCapabilities/http"));
+        assert!(!caps.advertises("/mcpCapabilities/sse"));
+        assert!(!caps.advertises("/loadSession"));
     }
 }

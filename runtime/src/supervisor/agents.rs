@@ -45,6 +45,8 @@ use crate::sandbox::seccomp::compile_custom;
 /// How long `session/new`, `session/load`, `authenticate` and the like may
 /// take before the agent counts as hung, unless the plan says otherwise.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an agent left without sessions gets to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 /// Events buffered per turn before the agent is slowed down to the reader's pace.
 const TURN_BUFFER: usize = 1024;
 
@@ -117,7 +119,7 @@ impl InboundHandler for Inbound {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct StartSpec {
     pub id: String,
     pub command: String,
@@ -132,6 +134,30 @@ pub struct StartSpec {
     pub request_timeout: Duration,
     /// The `authMethods` id to use; `None` picks by the credentials in `env`.
     pub auth_method: Option<String>,
+}
+
+impl StartSpec {
+    /// Started from the same definition: everything but the id.
+    pub fn same_definition(&self, other: &StartSpec) -> bool {
+        StartSpec { id: String::new(), ..self.clone() } == StartSpec { id: String::new(), ..other.clone() }
+    }
+}
+
+/// How a session is opened: `session/new`, or `session/load` of an ACP
+/// session the agent keeps.
+pub struct OpenSpec {
+    pub cwd: String,
+    pub policy: Policy,
+    /// ACP `mcpServers` (a JSON array), validated against the agent's
+    /// mcpCapabilities.
+    pub mcp_servers: Value,
+    pub load: Option<String>,
+}
+
+/// An opened session: its ACP id and, for a load, the updates replayed.
+pub struct Opened {
+    pub acp_session_id: String,
+    pub replay: Vec<String>,
 }
 
 /// One run of the agent's executable.
@@ -202,6 +228,8 @@ struct SessionRecord {
     /// The ACP id in the current process: the first id (the key) unless a
     /// restart had to create the session anew.
     acp_id: String,
+    /// Given again when the session is reopened after a restart.
+    mcp_servers: Value,
     /// What `session/new` answered (modes, config options), kept current by
     /// set_mode and set_config_option.
     opened: Value,
@@ -273,9 +301,9 @@ impl Agent {
 
     /// `session/new`, authenticating first if the agent answers
     /// `auth_required`. Returns the new ACP session id and the whole answer.
-    async fn open_session(&self, process: &Process, cwd: &str) -> Result<(String, Value), Status> {
+    async fn open_session(&self, process: &Process, cwd: &str, mcp_servers: &Value) -> Result<(String, Value), Status> {
         let timeout = self.spec.request_timeout;
-        let first = process.client.new_session(cwd, timeout).await;
+        let first = process.client.new_session(cwd, mcp_servers, timeout).await;
         let error = match first {
             Ok(id) => return Ok(id),
             Err(e) if e.is_auth_required() => e,
@@ -286,7 +314,7 @@ impl Agent {
             self.set_state("auth_required", Some(e.to_string()));
             return Err(agent_error(Code::FailedPrecondition, "agent_auth_required", e.to_string()));
         }
-        match process.client.new_session(cwd, timeout).await {
+        match process.client.new_session(cwd, mcp_servers, timeout).await {
             Ok(id) => Ok(id),
             Err(e) if e.is_auth_required() => {
                 let message = "the agent still requires authentication after authenticate succeeded".to_string();
@@ -301,12 +329,81 @@ impl Agent {
     async fn reopen(&self, process: &Process, first_id: &str, record: &mut SessionRecord) -> Result<(), Status> {
         let timeout = self.spec.request_timeout;
         if let Some(method) = process.initialized.reopen_method() {
-            match process.client.reopen_session(method, &record.acp_id, &record.cwd, timeout).await {
-                Ok(()) => return Ok(()),
+            match process.client.reopen_session(method, &record.acp_id, &record.cwd, &record.mcp_servers, timeout).await {
+                Ok(_) => return Ok(()),
                 Err(e) => tracing::warn!(agent = self.id, session = first_id, %e, method, "reopening failed; creating the session anew"),
             }
         }
-        (record.acp_id, record.opened) = self.open_session(process, &record.cwd).await?;
+        (record.acp_id, record.opened) = self.open_session(process, &record.cwd, &record.mcp_servers).await?;
+        Ok(())
+    }
+
+    /// `session/load` of `acp_id`, authenticating first if the agent answers
+    /// `auth_required`. The updates the agent replays meanwhile are
+    /// collected, in order, and returned with the answer.
+    async fn load_session(&self, process: &Process, acp_id: &str, cwd: &str, mcp_servers: &Value) -> Result<(Value, Vec<String>), Status> {
+        let (tx, mut rx) = mpsc::channel(TURN_BUFFER);
+        {
+            let mut sinks = process.sinks.lock().unwrap();
+            if sinks.contains_key(acp_id) {
+                return Err(status(Code::FailedPrecondition, "acp_session_open", format!("ACP session {acp_id} is already open on agent {}", self.id)));
+            }
+            sinks.insert(acp_id.to_string(), tx);
+        }
+        // Drained while the load runs: the connection's reader waits on a full sink.
+        let collector = tokio::spawn(async move {
+            let mut replay = Vec::new();
+            while let Some(event) = rx.recv().await {
+                if let TurnEvent::Update(json) = event {
+                    replay.push(json);
+                }
+            }
+            replay
+        });
+        let timeout = self.spec.request_timeout;
+        let mut answer = process.client.reopen_session("session/load", acp_id, cwd, mcp_servers, timeout).await;
+        if answer.as_ref().is_err_and(AcpError::is_auth_required) {
+            match process.authenticate(&self.spec).await {
+                Ok(_) => answer = process.client.reopen_session("session/load", acp_id, cwd, mcp_servers, timeout).await,
+                Err(e) => {
+                    self.set_state("auth_required", Some(e.to_string()));
+                    process.sinks.lock().unwrap().remove(acp_id);
+                    return Err(agent_error(Code::FailedPrecondition, "agent_auth_required", e.to_string()));
+                }
+            }
+        }
+        process.sinks.lock().unwrap().remove(acp_id);
+        let replay = collector.await.unwrap_or_default();
+        match answer {
+            Ok(answer) => Ok((answer, replay)),
+            Err(AcpError::Rpc(RpcError::Remote(e))) if e.code == client_methods::RESOURCE_NOT_FOUND || e.code == client_methods::INVALID_PARAMS => {
+                Err(status(Code::NotFound, "acp_session_not_found", format!("the agent has no session {acp_id} to load: {}", e.message)))
+            }
+            Err(e) => Err(agent_error(Code::FailedPrecondition, "agent_error", format!("session/load failed: {}", process.describe(e).await))),
+        }
+    }
+
+    /// Refuses `mcpServers` the agent cannot take: http and sse servers need
+    /// its mcpCapabilities (stdio every agent supports).
+    fn check_mcp_servers(&self, process: &Process, servers: &Value) -> Result<(), Status> {
+        let invalid = |m: String| status(Code::InvalidArgument, "invalid_mcp_server", m);
+        let Some(servers) = servers.as_array() else { return Err(invalid("mcpServers must be an array".into())) };
+        for server in servers {
+            let kind = server.get("type").and_then(Value::as_str).unwrap_or("stdio");
+            let advertised = match kind {
+                "stdio" => true,
+                "http" | "sse" => process.initialized.advertises(&format!("/mcpCapabilities/{kind}")),
+                other => return Err(invalid(format!("unknown MCP server type {other:?}"))),
+            };
+            if !advertised {
+                let name = server.get("name").and_then(Value::as_str).unwrap_or_default();
+                return Err(status(
+                    Code::InvalidArgument,
+                    "mcp_unsupported",
+                    format!("MCP server {name:?} is {kind}, which the agent does not support (its mcpCapabilities do not advertise {kind})"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -324,6 +421,16 @@ impl Agent {
 
     /// The session's modes and config options as the agent last reported them.
     pub fn session_settings(&self, session_id: &str) -> Value {
+        self.settings_of(session_id)
+    }
+
+    /// Every session's settings, by its first ACP id.
+    pub fn all_session_settings(&self) -> HashMap<String, String> {
+        let ids: Vec<String> = self.sessions.lock().unwrap().keys().cloned().collect();
+        ids.into_iter().map(|id| (id.clone(), self.settings_of(&id).to_string())).collect()
+    }
+
+    fn settings_of(&self, session_id: &str) -> Value {
         let opened = self.sessions.lock().unwrap().get(session_id).map(|r| r.opened.clone()).unwrap_or_default();
         serde_json::json!({"modes": opened.get("modes"), "config_options": opened.get("configOptions")})
     }
@@ -374,7 +481,11 @@ impl Agents {
     /// the plan names a method); on any failure the agent's whole process
     /// group is killed and nothing is registered. Once registered, the agent
     /// is supervised: restarted per its policy when it ends.
-    pub async fn start(self: &Arc<Self>, spec: StartSpec) -> Result<Arc<Agent>, Status> {
+    pub async fn start(self: &Arc<Self>, spec: StartSpec, reuse: bool) -> Result<Arc<Agent>, Status> {
+        if reuse && let Some(agent) = self.running_like(&spec) {
+            tracing::info!(agent = agent.id, asked = spec.id, "reusing the agent started from the same definition");
+            return Ok(agent);
+        }
         if self.table.lock().unwrap().contains_key(&spec.id) {
             return Err(status(Code::AlreadyExists, "agent_exists", format!("agent {} already runs", spec.id)));
         }
@@ -410,6 +521,19 @@ impl Agents {
         }
         tokio::spawn(supervise(Arc::clone(self), Arc::clone(&agent), hardening));
         Ok(agent)
+    }
+
+    /// An agent started from `spec`'s definition that can take sessions
+    /// (asked for under its own id, it is the same agent again).
+    fn running_like(&self, spec: &StartSpec) -> Option<Arc<Agent>> {
+        let table = self.table.lock().unwrap();
+        let usable = |a: &Arc<Agent>| !a.stopping.load(Ordering::Relaxed) && matches!(a.status().state, "ready" | "running" | "auth_required");
+        if let Some(a) = table.get(&spec.id) {
+            return (a.spec.same_definition(spec) && usable(a)).then(|| Arc::clone(a));
+        }
+        let mut like: Vec<&Arc<Agent>> = table.values().filter(|a| a.spec.same_definition(spec) && usable(a)).collect();
+        like.sort_by(|a, b| a.id.cmp(&b.id));
+        like.first().map(|a| Arc::clone(a))
     }
 
     /// One run of the agent: spawn, `initialize`, and `authenticate` when the
@@ -494,11 +618,27 @@ impl Agents {
 
     /// Opens an ACP session; its id is how the node names it from then on,
     /// across restarts of the agent.
-    pub async fn new_session(&self, agent_id: &str, cwd: &str, policy: Policy) -> Result<String, Status> {
+    pub async fn new_session(&self, agent_id: &str, open: OpenSpec) -> Result<Opened, Status> {
         let agent = self.get(agent_id)?;
         let process = agent.process()?;
-        let (id, opened) = agent.open_session(&process, cwd).await?;
-        let record = SessionRecord { cwd: cwd.to_string(), policy, acp_id: id.clone(), opened };
+        agent.check_mcp_servers(&process, &open.mcp_servers)?;
+        let (id, opened, replay) = match &open.load {
+            None => {
+                let (id, opened) = agent.open_session(&process, &open.cwd, &open.mcp_servers).await?;
+                (id, opened, Vec::new())
+            }
+            Some(id) => {
+                if !process.initialized.advertises("/loadSession") {
+                    return Err(status(Code::FailedPrecondition, "not_supported", "the agent does not advertise loadSession"));
+                }
+                if agent.sessions.lock().unwrap().values().any(|r| &r.acp_id == id) {
+                    return Err(status(Code::FailedPrecondition, "acp_session_open", format!("ACP session {id} is already open on agent {agent_id}")));
+                }
+                let (answer, replay) = agent.load_session(&process, id, &open.cwd, &open.mcp_servers).await?;
+                (id.clone(), answer, replay)
+            }
+        };
+        let record = SessionRecord { cwd: open.cwd, policy: open.policy, acp_id: id.clone(), mcp_servers: open.mcp_servers, opened };
         Agent::record_in(&process, &record);
         agent.sessions.lock().unwrap().insert(id.clone(), record);
         // A session opened after authenticating clears auth_required.
@@ -506,7 +646,67 @@ impl Agents {
         if s.state == "auth_required" {
             s.state = "ready";
         }
-        Ok(id)
+        Ok(Opened { acp_session_id: id, replay })
+    }
+
+    /// Closes a session: `session/close` when the agent advertises it (a
+    /// turn still running is cancelled first either way), then forgets it.
+    /// An agent left without sessions is stopped and forgotten too. An empty
+    /// `session_id` only does the latter. Returns (closed by the agent,
+    /// agent stopped).
+    pub async fn close_session(&self, agent_id: &str, session_id: &str) -> Result<(bool, bool), Status> {
+        let agent = self.get(agent_id)?;
+        let mut closed_by_agent = false;
+        let record = if session_id.is_empty() { None } else { agent.sessions.lock().unwrap().remove(session_id) };
+        if let (Some(record), Ok(process)) = (record, agent.process()) {
+            let acp_id = record.acp_id;
+            process.permissions.cancel_session(&acp_id);
+            if process.sinks.lock().unwrap().contains_key(&acp_id) {
+                let _ = process.client.cancel(&acp_id);
+            }
+            if process.initialized.advertises("/sessionCapabilities/close") {
+                let params = serde_json::json!({"sessionId": acp_id});
+                match process.client.call("session/close", &params, agent.spec.request_timeout).await {
+                    Ok(_) => closed_by_agent = true,
+                    Err(e) => tracing::warn!(agent = agent_id, session = acp_id, error = %e, "session/close failed; forgetting the session anyway"),
+                }
+            }
+        }
+        if !agent.sessions.lock().unwrap().is_empty() {
+            return Ok((closed_by_agent, false));
+        }
+        self.stop(&agent, STOP_GRACE).await;
+        self.table.lock().unwrap().remove(agent_id);
+        tracing::info!(agent = agent_id, "agent stopped: no session left");
+        Ok((closed_by_agent, true))
+    }
+
+    /// `session/list`, when the agent advertises it: its answer as sent.
+    pub async fn list_sessions(&self, agent_id: &str, cwd: &str, cursor: &str) -> Result<Value, Status> {
+        let agent = self.get(agent_id)?;
+        let process = agent.process()?;
+        if !process.initialized.advertises("/sessionCapabilities/list") {
+            return Err(status(Code::FailedPrecondition, "not_supported", format!("agent {agent_id} does not advertise session/list")));
+        }
+        let mut params = serde_json::json!({});
+        if !cwd.is_empty() {
+            params["cwd"] = cwd.into();
+        }
+        if !cursor.is_empty() {
+            params["cursor"] = cursor.into();
+        }
+        agent.call(&process, "session/list", &params).await
+    }
+
+    /// SIGTERM to the agent's process group, SIGKILL after `grace`; it is
+    /// not restarted.
+    async fn stop(&self, agent: &Agent, grace: Duration) {
+        agent.stopping.store(true, Ordering::Relaxed);
+        let Some(process) = agent.current.lock().unwrap().clone() else { return };
+        process.signal_group(Signal::SIGTERM);
+        if tokio::time::timeout(grace, process.exited()).await.is_err() {
+            process.signal_group(Signal::SIGKILL);
+        }
     }
 
     /// The current process and the session's ACP id in it.
@@ -750,4 +950,36 @@ async fn restart(agents: &Agents, agent: &Arc<Agent>, hardening: &Arc<Hardening>
     }
     agent.set_state("ready", None);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, args: &[&str]) -> StartSpec {
+        StartSpec {
+            id: id.into(),
+            command: "/usr/bin/agent".into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: HashMap::from([("HOME".into(), "/workspace".into())]),
+            cwd: "/workspace".into(),
+            initialize_timeout: Duration::from_secs(30),
+            seccomp_json: None,
+            restart: RestartPolicy::parse("", 0, 0).unwrap(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            auth_method: None,
+        }
+    }
+
+    #[test]
+    fn agents_of_one_definition_differ_only_by_id() {
+        assert!(spec("agi_1", &["--x"]).same_definition(&spec("agi_2", &["--x"])));
+        assert!(!spec("agi_1", &["--x"]).same_definition(&spec("agi_1", &["--y"])));
+        let mut other_env = spec("agi_2", &["--x"]);
+        other_env.env.insert("TOKEN".into(), "t".into());
+        assert!(!spec("agi_1", &["--x"]).same_definition(&other_env), "credentials are part of the definition");
+        let mut other_policy = spec("agi_2", &["--x"]);
+        other_policy.restart = RestartPolicy::parse("never", 0, 0).unwrap();
+        assert!(!spec("agi_1", &["--x"]).same_definition(&other_policy));
+    }
 }

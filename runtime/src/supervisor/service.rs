@@ -13,7 +13,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::agents::{Agents, DEFAULT_REQUEST_TIMEOUT, StartSpec, TurnEvent};
+use super::agents::{Agents, DEFAULT_REQUEST_TIMEOUT, OpenSpec, StartSpec, TurnEvent};
 use super::permissions::Policy;
 use super::restart::RestartPolicy;
 
@@ -67,12 +67,13 @@ impl Supervisor for SupervisorService {
             },
             auth_method: (!policy.auth_method.is_empty()).then_some(policy.auth_method),
         };
-        let agent = self.agents.start(spec).await?;
+        let agent = self.agents.start(spec, r.reuse).await?;
         let initialized = agent.initialized().unwrap_or_default();
         Ok(Response::new(StartAgentResponse {
             pid: agent.pid(),
             protocol_version: initialized.protocol_version as u32,
             initialize_json: initialized.raw,
+            agent_instance_id: agent.id.clone(),
         }))
     }
 
@@ -80,8 +81,27 @@ impl Supervisor for SupervisorService {
         let r = req.into_inner();
         let policy = Policy::parse(&r.permission_policy, r.permission_timeout_ms)
             .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", e))?;
-        let acp_session_id = self.agents.new_session(&r.agent_instance_id, &r.cwd, policy).await?;
-        Ok(Response::new(NewSessionResponse { acp_session_id }))
+        let mcp_servers = match r.mcp_servers_json.as_str() {
+            "" => serde_json::json!([]),
+            json => serde_json::from_str(json)
+                .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_mcp_server", format!("mcpServers is not JSON: {e}")))?,
+        };
+        let load = (!r.load_session_id.is_empty()).then_some(r.load_session_id);
+        let open = OpenSpec { cwd: r.cwd, policy, mcp_servers, load };
+        let opened = self.agents.new_session(&r.agent_instance_id, open).await?;
+        Ok(Response::new(NewSessionResponse { acp_session_id: opened.acp_session_id, replay_json: opened.replay }))
+    }
+
+    async fn close_session(&self, req: Request<CloseSessionRequest>) -> Result<Response<CloseSessionResponse>, Status> {
+        let r = req.into_inner();
+        let (closed_by_agent, agent_stopped) = self.agents.close_session(&r.agent_instance_id, &r.acp_session_id).await?;
+        Ok(Response::new(CloseSessionResponse { closed_by_agent, agent_stopped }))
+    }
+
+    async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
+        let r = req.into_inner();
+        let answer = self.agents.list_sessions(&r.agent_instance_id, &r.cwd, &r.cursor).await?;
+        Ok(Response::new(ListSessionsResponse { answer_json: answer.to_string() }))
     }
 
     type PromptStream = EventStream;
@@ -143,6 +163,7 @@ impl Supervisor for SupervisorService {
                     state: s.state.to_string(),
                     restarts: s.restarts,
                     last_error: s.last_error.unwrap_or_default(),
+                    session_settings_json: a.all_session_settings(),
                 }
             })
             .collect();

@@ -1,0 +1,104 @@
+//! `session.open`: a new session in a container that is already ready. The
+//! node starts the session's agent, or reuses one of the sandbox's agents
+//! started from the same plan, then opens the ACP session (`session/new`,
+//! or `session/load` with its replay on the stream); the store records the
+//! session ready on the agent used. Written by `POST /v1/sessions` with
+//! `container_id`, with the session row (`creating`).
+//!
+//! A node refusal fails only the session: the container and its other
+//! sessions go on, and an agent started for this session alone is stopped.
+
+use agentd_proto::node::{CloseSessionRequest, StartAgentRequest};
+
+use super::{agent_deadline, deadline, failed, fence, node_error, ok, store_error, transient, within};
+use crate::AppState;
+use crate::api::Problem;
+use crate::store::StoreError;
+use crate::store::states::{container, session};
+use crate::workflow::{StepContext, StepError, StepResult};
+
+/// The create step's payload serves here too: the same plan fields, and
+/// `agent_instance_id` is the id a newly started agent gets.
+pub type Payload = super::create::Payload;
+
+pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
+    let payload: Payload = serde_json::from_value(ctx.payload.clone()).map_err(|e| StepError::permanent(format!("bad payload: {e}")))?;
+    let container_id = ctx.entity_id.as_str();
+    let s = app.store.get_session(&payload.session_id).await.map_err(store_error)?;
+    if s.state != session::CREATING {
+        return Ok(already_settled(&app, &s));
+    }
+    let c = app.store.get_container(container_id).await.map_err(store_error)?;
+    if c.state != container::READY {
+        let problem = Problem::conflict("illegal_state", format!("container {container_id} is {}; only a ready container takes new sessions", c.state));
+        record_failed(&app, &payload.session_id, &problem).await?;
+        return Ok(failed(&problem));
+    }
+    let agent_plan = payload.agent_plan().map_err(|e| StepError::permanent(format!("bad plan in payload: {e}")))?;
+
+    let mut node = app.node.clone();
+    let mut instance_id = payload.agent_instance_id.clone();
+    let opened: Result<String, tonic::Status> = async {
+        let start = node.start_agent(StartAgentRequest {
+            container_id: container_id.to_string(),
+            agent_instance_id: payload.agent_instance_id.clone(),
+            agent: Some(agent_plan),
+            reuse: true,
+            fence: fence(&ctx, "agent"),
+        });
+        instance_id = within(agent_deadline(&app), start).await?.into_inner().agent_instance_id;
+        let open = node.create_session(payload.create_session(&ctx, container_id, &instance_id));
+        Ok(within(agent_deadline(&app), open).await?.into_inner().acp_session_id)
+    }
+    .await;
+
+    match opened {
+        Ok(acp_session_id) => {
+            let recorded = async {
+                app.store.set_session_agent_instance(&payload.session_id, &instance_id).await?;
+                app.store.session_ready(&payload.session_id, &acp_session_id).await
+            };
+            match recorded.await {
+                Ok(()) => {}
+                Err(StoreError::Illegal(e)) => return Ok(failed(&Problem::conflict("illegal_state", format!("{e} (closed while being opened)")))),
+                Err(e) => return Err(store_error(e)),
+            }
+            crate::runs::watch_session(app.clone(), payload.session_id.clone());
+            Ok(ok())
+        }
+        Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("open session", &status)),
+        Err(status) => {
+            let problem = Problem::from(status);
+            // Stops the agent if this session was to be its first.
+            let close = CloseSessionRequest {
+                container_id: container_id.to_string(),
+                session_id: payload.session_id.clone(),
+                agent_instance_id: instance_id,
+                fence: fence(&ctx, "undo"),
+            };
+            if let Err(e) = within(deadline(&app), app.node.clone().close_session(close)).await {
+                tracing::warn!(container_id, error = %e, "cannot release the agent of a failed session open");
+            }
+            record_failed(&app, &payload.session_id, &problem).await?;
+            Ok(failed(&problem))
+        }
+    }
+}
+
+async fn record_failed(app: &AppState, session_id: &str, problem: &Problem) -> Result<(), StepError> {
+    match app.store.session_failed(session_id, &problem.detail).await {
+        Ok(()) | Err(StoreError::Illegal(_)) => Ok(()),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// An earlier attempt finished (its runner died before recording the step
+/// done), or a delete overtook it: answers what the first attempt would have.
+fn already_settled(app: &AppState, s: &crate::store::SessionRow) -> serde_json::Value {
+    if s.state == session::READY {
+        crate::runs::watch_session(app.clone(), s.id.clone());
+        return ok();
+    }
+    let detail = s.error.clone().unwrap_or_else(|| format!("session {} is {}", s.id, s.state));
+    failed(&Problem::conflict("illegal_state", detail))
+}
