@@ -220,3 +220,29 @@ async fn modes_and_config_options_the_session_advertises_are_set_through_the_api
     let (status, problem) = agentd.post(&action("set_mode"), &json!({})).await;
     assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_request")), "{problem}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_states_are_stored_and_shown_when_the_node_cannot_answer() {
+    // Node checks every 100 ms refresh the stored agent instances.
+    let agentd = Agentd::start_with(&[("AGENTD_NODE_CHECK_INTERVAL_MS", "100")]).await;
+    let (id, mut events) = agentd.create_streaming(&body(&[], &[], json!({"restart_backoff_ms": 50}))).await;
+    let (_, view) = agentd.get(&format!("/v1/sessions/{id}")).await;
+    let container = view["container_id"].as_str().unwrap().to_string();
+    let instance = view["agent"]["instance_id"].as_str().unwrap().to_string();
+    // Recorded when it started.
+    let (_, c) = agentd.get(&format!("/v1/containers/{container}")).await;
+    assert_eq!((c["agents"][0]["instance_id"].as_str(), c["agents"][0]["state"].as_str()), (Some(instance.as_str()), Some("ready")), "{c}");
+
+    // A crash and a restart: the next node checks record them.
+    turn(&agentd, &id, &mut events, json!("/crash 70"), "run.failed").await;
+    let c = agentd.wait_for(&format!("/v1/containers/{container}"), |c| c["agents"][0]["restarts"] == 1 && c["agents"][0]["state"] == "ready").await;
+    assert!(c["agents"][0]["observed_at"].as_i64().is_some(), "{c}");
+
+    // Once the session is closed, GET shows the stored state: stopped with
+    // its container.
+    let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
+    assert!(status.is_success(), "{status}");
+    let (_, closed) = agentd.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!((closed["agent"]["state"].as_str(), closed["agent"]["restarts"].as_i64()), (Some("stopped"), Some(1)), "{closed}");
+    assert!(closed["agent"]["pid"].is_null(), "{closed}");
+}

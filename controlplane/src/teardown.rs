@@ -26,5 +26,6 @@ pub async fn record_gone(app: &AppState, container_id: &str, reason: &str) -> Re
             app.store.session_closed(&s.id).await?;
         }
     }
+    crate::flows::agents::container_gone(app, container_id, reason).await?;
     app.store.container_deleted(container_id).await
 }

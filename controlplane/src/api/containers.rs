@@ -48,6 +48,14 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
             None => agents.push(json!({"instance_id": s.agent_instance_id, "id": s.agent_id, "version": s.agent_version, "sessions": [s.id]})),
         }
     }
+    // Each with its state as last observed (at start, then every node check).
+    for instance in app.store.agent_instances_of_container(&id).await? {
+        if let Some(a) = agents.iter_mut().find(|a| a["instance_id"] == instance.id.as_str()) {
+            a["state"] = json!(instance.state);
+            a["restarts"] = json!(instance.restarts);
+            a["observed_at"] = json!(instance.updated_at);
+        }
+    }
     let profile: Value = serde_json::from_str(&c.profile_json).unwrap_or(Value::Null);
     Ok(Json(json!({
         "id": c.id,

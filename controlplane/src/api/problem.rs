@@ -77,6 +77,7 @@ impl From<StoreError> for Problem {
                     crate::store::states::Entity::Container => "container_not_found",
                     crate::store::states::Entity::Session => "session_not_found",
                     crate::store::states::Entity::Run => "run_not_found",
+                    crate::store::states::Entity::AgentInstance => "agent_not_found",
                 };
                 Problem::not_found(code, e.to_string())
             }

@@ -118,21 +118,35 @@ async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
         return setup_stage(app, s).await;
     }
     if s.state != session_state::READY {
-        return Value::Null;
+        return stored_agent_state(app, s, None).await;
     }
     let request = GetSessionRequest { session_id: s.id.clone(), with_agent: true };
     // A GET must answer even when the node is stopped or lost (the node
-    // check fails its sessions a while later), so the live part is optional.
+    // check fails its sessions a while later), so the live part is optional:
+    // without it, the state last observed, marked as such.
     let Ok(answer) = tokio::time::timeout(LIVE_STATE_WAIT, app.node.clone().get_session(request)).await else {
-        return json!({"error": format!("the node did not answer within {LIVE_STATE_WAIT:?}")});
+        return stored_agent_state(app, s, Some(format!("the node did not answer within {LIVE_STATE_WAIT:?}"))).await;
     };
     match answer.map(|r| r.into_inner().agent) {
         Ok(Some(a)) => json!({"state": a.state, "restarts": a.restarts, "pid": a.pid,
             "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) },
             "settings": serde_json::from_str::<Value>(&a.settings_json).unwrap_or(Value::Null)}),
-        Ok(None) => Value::Null,
-        Err(e) => json!({"error": e.message()}),
+        Ok(None) => stored_agent_state(app, s, None).await,
+        Err(e) => stored_agent_state(app, s, Some(e.message().to_string())).await,
     }
+}
+
+/// The session's agent as the store last recorded it (`observed_at`), with
+/// why the live state is missing, if it was asked for.
+async fn stored_agent_state(app: &AppState, s: &SessionRow, error: Option<String>) -> Value {
+    let mut view = match app.store.get_agent_instance(&s.agent_instance_id).await {
+        Ok(Some(a)) => json!({"state": a.state, "restarts": a.restarts, "pid": a.pid, "last_error": a.error, "observed_at": a.updated_at}),
+        _ => json!({}),
+    };
+    if let Some(error) = error {
+        view["error"] = Value::String(error);
+    }
+    if view.as_object().is_some_and(|o| o.is_empty()) { Value::Null } else { view }
 }
 
 /// A session being created: what its container's creation or its agent's

@@ -9,7 +9,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use agentd_proto::node::{AgentPlan, CreateSandboxRequest, CreateSessionRequest, DeleteSandboxRequest, SandboxPlan, StartAgentRequest};
+use agentd_proto::node::{AgentInstance, AgentPlan, CreateSandboxRequest, CreateSessionRequest, DeleteSandboxRequest, SandboxPlan, StartAgentRequest};
 
 use super::{agent_deadline, deadline, fence, failed, within, node_error, ok, store_error, test_pause, transient};
 use crate::AppState;
@@ -99,7 +99,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let (sandbox_plan, agent_plan) = payload.plans().map_err(|e| StepError::permanent(format!("bad plan in payload: {e}")))?;
 
     let mut node = app.node.clone();
-    let made: Result<(i32, String), tonic::Status> = async {
+    let made: Result<(i32, String, AgentInstance), tonic::Status> = async {
         let create = node.create_sandbox(CreateSandboxRequest { plan: Some(sandbox_plan), fence: fence(&ctx, "sandbox") });
         let sandbox = within(deadline(&app), create).await?.into_inner();
         test_pause("session.create/sandbox").await;
@@ -110,15 +110,19 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
             reuse: false,
             fence: fence(&ctx, "agent"),
         });
-        within(agent_deadline(&app), start).await?;
+        let agent = within(agent_deadline(&app), start).await?.into_inner();
         let open = node.create_session(payload.create_session(&ctx, container_id, &payload.agent_instance_id));
         let info = within(agent_deadline(&app), open).await?.into_inner();
-        Ok((sandbox.supervisor_pid, info.acp_session_id))
+        Ok((sandbox.supervisor_pid, info.acp_session_id, agent))
     }
     .await;
 
     match made {
-        Ok((pid, acp_session_id)) => record_ready(&app, container_id, &payload.session_id, pid, &acp_session_id).await,
+        Ok((pid, acp_session_id, agent)) => {
+            let s = app.store.get_session(&payload.session_id).await.map_err(store_error)?;
+            super::agents::observe_started(&app, &s, &payload.agent_instance_id, &agent).await.map_err(store_error)?;
+            record_ready(&app, container_id, &payload.session_id, pid, &acp_session_id).await
+        }
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("create session", &status)),
         Err(status) => {
             let problem = Problem::from(status);

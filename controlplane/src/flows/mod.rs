@@ -33,14 +33,15 @@
 //! unreachable) is a retryable step error; on the last attempt it becomes a
 //! recorded failure like any other.
 
+pub mod agents;
 pub mod close;
 pub mod create;
 pub mod delete;
 pub mod dispatch;
 pub mod hibernate;
 pub mod node_check;
-pub mod registry_sync;
 pub mod open;
+pub mod registry_sync;
 pub mod suspend;
 
 use std::time::Duration;

@@ -3,8 +3,9 @@
 //! a key naming the interval's slot, so however many control planes share
 //! the database, one check runs per slot. A check probes the node
 //! (`ListSandboxes`, bounded by a timeout):
-//! - answered: the heartbeat is recorded, and sandboxes the node runs but
-//!   the store does not know (or records failed or deleted) are reaped;
+//! - answered: the heartbeat is recorded, sandboxes the node runs but
+//!   the store does not know (or records failed or deleted) are reaped, and
+//!   the store's agent instances are refreshed from their supervisors;
 //! - silent: once the last heartbeat is older than the timeout the node is
 //!   marked lost, and its running runs, live sessions and containers fail
 //!   with that reason (by whichever control plane marked it).
@@ -112,7 +113,9 @@ pub async fn run(app: AppState, config: FleetConfig, ctx: StepContext) -> StepRe
         }
     }
     let (hibernating, expired) = idle(&app, node_id, &config).await.map_err(store_error)?;
-    Ok(json!({"alive": true, "sandboxes": sandboxes.len(), "reaped": reaped, "hibernating": hibernating, "expired": expired}))
+    let agents_changed = super::agents::refresh(&app, node_id, config.probe_timeout).await.map_err(store_error)?;
+    Ok(json!({"alive": true, "sandboxes": sandboxes.len(), "reaped": reaped, "hibernating": hibernating, "expired": expired,
+        "agents_changed": agents_changed}))
 }
 
 /// Enqueues a hibernation of containers idle past `hibernate_after`, and a

@@ -38,6 +38,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
 
     let mut node = app.node.clone();
     let mut instance_id = payload.agent_instance_id.clone();
+    let mut started = None;
     let opened: Result<String, tonic::Status> = async {
         let start = node.start_agent(StartAgentRequest {
             container_id: container_id.to_string(),
@@ -46,7 +47,9 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
             reuse: true,
             fence: fence(&ctx, "agent"),
         });
-        instance_id = within(agent_deadline(&app), start).await?.into_inner().agent_instance_id;
+        let agent = within(agent_deadline(&app), start).await?.into_inner();
+        instance_id = agent.agent_instance_id.clone();
+        started = Some(agent);
         let open = node.create_session(payload.create_session(&ctx, container_id, &instance_id));
         Ok(within(agent_deadline(&app), open).await?.into_inner().acp_session_id)
     }
@@ -56,6 +59,10 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         Ok(acp_session_id) => {
             let recorded = async {
                 app.store.set_session_agent_instance(&payload.session_id, &instance_id).await?;
+                if let Some(agent) = &started {
+                    let s = app.store.get_session(&payload.session_id).await?;
+                    super::agents::observe_started(&app, &s, &instance_id, agent).await?;
+                }
                 app.store.session_ready(&payload.session_id, &acp_session_id).await
             };
             match recorded.await {

@@ -46,6 +46,7 @@ backend_suite!(
     registry_sync_replaces_the_whole_registry,
     a_failed_registry_sync_keeps_the_old_registry,
     audit_records_page_filter_and_prune,
+    agent_instances_follow_their_state_machine,
 );
 
 fn new_session<'a>(id: &'a str, container_id: &'a str) -> NewSession<'a> {
@@ -577,4 +578,48 @@ async fn audit_records_page_filter_and_prune(store: &Store) {
     store.insert_audit_records(&[audit_record(now - 3_600_000, "/v1/registry:sync", None, None)]).await.unwrap();
     assert_eq!(store.prune_audit(Duration::from_secs(60)).await.unwrap(), 1);
     assert_eq!(store.audit_records(&audit::AuditQuery { after: Some(0), entity: None, limit: 1000 }).await.unwrap().len(), 251);
+}
+
+fn observation<'a>(state: &'a str, restarts: i64, pid: Option<i64>, error: Option<&'a str>) -> agents::AgentObservation<'a> {
+    agents::AgentObservation { id: "agi_1", container_id: "ctr_1", agent_id: "echo", agent_version: "1.2.3", state, restarts, pid, error }
+}
+
+async fn agent_instances_follow_their_state_machine(store: &Store) {
+    use states::agent_instance::*;
+    store.insert_container("ctr_1", "node-a", "{}").await.unwrap();
+    // First seen: inserted as reported.
+    assert!(store.observe_agent(&observation(READY, 0, Some(2), None)).await.unwrap());
+    let a = store.get_agent_instance("agi_1").await.unwrap().unwrap();
+    assert_eq!((a.state.as_str(), a.restarts, a.pid, a.container_id.as_str()), (READY, 0, Some(2), "ctr_1"));
+    // The same report again changes nothing.
+    assert!(!store.observe_agent(&observation(READY, 0, Some(2), None)).await.unwrap());
+    // A crash seen late: restarted once, a new pid, the reason kept.
+    assert!(store.observe_agent(&observation(STARTING, 1, Some(9), Some("exited with status 70"))).await.unwrap());
+    assert!(store.observe_agent(&observation(READY, 1, Some(9), None)).await.unwrap());
+    let a = store.get_agent_instance("agi_1").await.unwrap().unwrap();
+    assert_eq!((a.state.as_str(), a.restarts, a.pid, a.error.as_deref()), (READY, 1, Some(9), Some("exited with status 70")));
+    let history: Vec<(String, String)> =
+        store.transitions_of("agent_instance", "agi_1").await.unwrap().into_iter().map(|t| (t.from_state, t.to_state)).collect();
+    assert_eq!(history, [(READY.to_string(), STARTING.to_string()), (STARTING.to_string(), READY.to_string())]);
+    // An unknown state is refused and changes nothing.
+    assert!(matches!(store.observe_agent(&observation("dancing", 1, Some(9), None)).await, Err(StoreError::Illegal(_))));
+
+    // Stopped is final: later reports are illegal, a repeat is harmless, the pid goes.
+    store.agent_stopped("agi_1", "no open session left").await.unwrap();
+    store.agent_stopped("agi_1", "again").await.unwrap();
+    let a = store.get_agent_instance("agi_1").await.unwrap().unwrap();
+    assert_eq!((a.state.as_str(), a.pid), (STOPPED, None));
+    match store.observe_agent(&observation(READY, 1, Some(9), None)).await {
+        Err(StoreError::Illegal(e)) => assert_eq!(e.current, STOPPED),
+        other => panic!("expected an illegal transition, got {other:?}"),
+    }
+    // A lost node fails the live ones only.
+    store.observe_agent(&agents::AgentObservation { id: "agi_2", ..observation(RUNNING, 0, Some(3), None) }).await.unwrap();
+    assert_eq!(store.agents_of_container_failed("ctr_1", "node lost").await.unwrap(), 1);
+    let states: Vec<(String, String)> =
+        store.agent_instances_of_container("ctr_1").await.unwrap().into_iter().map(|a| (a.id, a.state)).collect();
+    assert_eq!(states, [("agi_1".to_string(), STOPPED.to_string()), ("agi_2".to_string(), FAILED.to_string())]);
+    // An instance must belong to a known container.
+    let orphan = agents::AgentObservation { id: "agi_3", container_id: "ctr_nope", ..observation(READY, 0, None, None) };
+    assert!(store.observe_agent(&orphan).await.is_err());
 }

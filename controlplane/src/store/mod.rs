@@ -8,6 +8,7 @@
 //! - [`outbox`]: workflow steps written with the state change that needs
 //!   them, claimed under fenced leases ([`crate::workflow`] runs them).
 //! - [`registry`]: the agent registry's entries, replaced whole by each sync.
+//! - [`agents`]: agent instances as their supervisors last reported them.
 //! - [`audit`]: a record of every state-changing API call.
 //! - `conformance` (tests only): one suite, run against both backends.
 //!
@@ -161,6 +162,7 @@ macro_rules! with_pool {
 // After `with_pool!`, which they use.
 pub mod nodes;
 pub mod outbox;
+pub mod agents;
 pub mod audit;
 pub mod registry;
 
@@ -175,6 +177,7 @@ fn table(entity: Entity) -> &'static str {
         Entity::Container => "containers",
         Entity::Session => "sessions",
         Entity::Run => "runs",
+        Entity::AgentInstance => "agent_instances",
     }
 }
 

@@ -89,6 +89,7 @@ impl Store {
                         }
                     }
                 }
+                self.agents_of_container_failed(&c.id, reason).await?;
                 match self.container_failed(&c.id, reason).await {
                     Ok(()) => dead.containers += 1,
                     Err(StoreError::Illegal(_)) => {}

@@ -8,6 +8,7 @@ pub enum Entity {
     Container,
     Session,
     Run,
+    AgentInstance,
 }
 
 impl fmt::Display for Entity {
@@ -16,6 +17,7 @@ impl fmt::Display for Entity {
             Entity::Container => "container",
             Entity::Session => "session",
             Entity::Run => "run",
+            Entity::AgentInstance => "agent_instance",
         })
     }
 }
@@ -49,6 +51,26 @@ pub mod run {
     pub const FAILED: &str = "failed";
 }
 
+/// Agent instance, as its supervisor reports it (observed by the control
+/// plane when the agent starts and at each node check, so a short state
+/// may be missed): installing -> starting -> ready <-> running, with
+/// auth_required on the way; a crash is exited, and a restart starting
+/// again; failed (the restart budget spent) and stopped (its container or
+/// last session gone) are final.
+pub mod agent_instance {
+    pub const INSTALLING: &str = "installing";
+    pub const STARTING: &str = "starting";
+    pub const READY: &str = "ready";
+    pub const RUNNING: &str = "running";
+    pub const AUTH_REQUIRED: &str = "auth_required";
+    pub const EXITED: &str = "exited";
+    pub const FAILED: &str = "failed";
+    pub const STOPPED: &str = "stopped";
+
+    /// Every state an instance can be observed in.
+    pub const ALL: &[&str] = &[INSTALLING, STARTING, READY, RUNNING, AUTH_REQUIRED, EXITED, FAILED, STOPPED];
+}
+
 /// The states each target state may be entered from.
 pub fn sources(entity: Entity, to: &str) -> &'static [&'static str] {
     match (entity, to) {
@@ -65,6 +87,22 @@ pub fn sources(entity: Entity, to: &str) -> &'static [&'static str] {
         (Entity::Session, session::FAILED) => &[session::CREATING, session::READY],
         (Entity::Session, session::CLOSED) => &[session::CREATING, session::READY, session::FAILED],
         (Entity::Run, run::COMPLETED | run::CANCELLED | run::FAILED) => &[run::RUNNING],
+        (Entity::AgentInstance, to) => agent_instance_sources(to),
+        _ => &[],
+    }
+}
+
+fn agent_instance_sources(to: &str) -> &'static [&'static str] {
+    use agent_instance::*;
+    match to {
+        STARTING => &[INSTALLING, READY, RUNNING, AUTH_REQUIRED, EXITED],
+        // From starting or installing when the observation missed a step.
+        READY => &[INSTALLING, STARTING, RUNNING, AUTH_REQUIRED],
+        RUNNING => &[INSTALLING, STARTING, READY, AUTH_REQUIRED],
+        AUTH_REQUIRED => &[INSTALLING, STARTING, READY, RUNNING],
+        EXITED => &[INSTALLING, STARTING, READY, RUNNING, AUTH_REQUIRED],
+        FAILED => &[INSTALLING, STARTING, READY, RUNNING, AUTH_REQUIRED, EXITED],
+        STOPPED => &[INSTALLING, STARTING, READY, RUNNING, AUTH_REQUIRED, EXITED],
         _ => &[],
     }
 }
@@ -93,6 +131,11 @@ mod tests {
             }
         }
         assert!(sources(Entity::Session, session::READY).iter().all(|s| *s == session::CREATING));
+        for to in agent_instance::ALL {
+            for from in [agent_instance::FAILED, agent_instance::STOPPED] {
+                assert!(!sources(Entity::AgentInstance, to).contains(&from), "{from} -> {to}");
+            }
+        }
     }
 
     #[test]
