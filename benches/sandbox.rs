@@ -1,6 +1,7 @@
 //! Sandbox benchmark: prints figures, asserts nothing.
 //!
-//! `cargo build --release --workspace --bins && cargo bench --bench sandbox`
+//! `./scripts/build-release && cargo bench --bench sandbox` (the script
+//! builds agentd-sandbox in the dense `sandbox` profile, as shipped)
 //!
 //! - create -> supervisor ready (CreateSandbox answered and a Status call
 //!   answered), create -> first exec (an ACP agent started and initialized),
@@ -13,12 +14,13 @@
 //!   whole processes, interleaved in the same run.
 //!
 //! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500),
-//! BENCH_ZYGOTE (default agentd-sandbox; `agentd` to compare with the big
-//! binary as the zygote).
+//! BENCH_ZYGOTE (default: the `sandbox` profile's agentd-sandbox; a name,
+//! `agentd` or `agentd-sandbox`, takes the release profile's binary instead,
+//! to compare in the same conditions).
 
 mod common;
 
-use common::{env_usize, release_bin};
+use common::{env_usize, release_bin, sandbox_bin};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,7 +176,7 @@ fn whole_process_figures(runs: usize) {
     // is the same code from the small agentd-sandbox binary.
     let mut ours: Vec<(&str, Command, Vec<Duration>)> = vec![
         ("agentd sandbox run -- true", Command::new(release_bin("agentd")), Vec::new()),
-        ("agentd-sandbox sandbox run -- true", Command::new(release_bin("agentd-sandbox")), Vec::new()),
+        ("agentd-sandbox sandbox run -- true", Command::new(sandbox_bin()), Vec::new()),
     ];
     for (_, cmd, _) in &mut ours {
         cmd.args(["sandbox", "run", "--", "true"]);
@@ -217,9 +219,13 @@ fn main() {
     rt.block_on(async {
         // BENCH_ZYGOTE=agentd makes the big binary the zygote (as before
         // agentd-sandbox existed), to compare the two in the same conditions.
-        let zygote = std::env::var("BENCH_ZYGOTE").unwrap_or_else(|_| "agentd-sandbox".into());
-        println!("zygote: {zygote} sandbox-init --zygote");
-        let mut config = NodeConfig::new(state.path().to_owned(), release_bin(&zygote));
+        let zygote = match std::env::var("BENCH_ZYGOTE") {
+            Ok(name) => release_bin(&name),
+            Err(_) => sandbox_bin(),
+        };
+        let size = std::fs::metadata(&zygote).map(|m| m.len()).unwrap_or(0);
+        println!("zygote: {} sandbox-init --zygote ({:.1} MB file)", zygote.display(), size as f64 / 1e6);
+        let mut config = NodeConfig::new(state.path().to_owned(), zygote);
         config.supervisor_log_filter = "warn".into();
         config.cgroup_subtree = format!("agentd-bench-{}", std::process::id());
         let node = Node::start(config).await.expect("node");

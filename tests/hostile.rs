@@ -247,13 +247,11 @@ fn run_leftovers(pid: u32) -> Vec<String> {
     let tag = format!("agentd-run-{pid}");
     let mut left: Vec<String> =
         std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(&tag)).map(str::to_string).collect();
-    left.extend(
-        std::fs::read_dir(std::env::temp_dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&tag)),
-    );
+    // Scratch directories go to /dev/shm when it is a tmpfs, else to /tmp.
+    for dir in [std::env::temp_dir(), PathBuf::from("/dev/shm")] {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        left.extend(entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&tag)));
+    }
     let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {

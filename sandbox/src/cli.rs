@@ -53,7 +53,8 @@ pub struct SandboxRunArgs {
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
     /// Host directory mounted read-write at /workspace (default: a fresh
-    /// temporary directory, removed afterwards).
+    /// temporary directory, removed afterwards; on /dev/shm, in memory, when
+    /// that is a tmpfs).
     #[arg(long)]
     pub workspace: Option<PathBuf>,
     /// Extra read-only bind mount, HOST:SANDBOX (repeatable).

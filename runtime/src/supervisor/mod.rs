@@ -10,7 +10,8 @@
 //!   session's directories) and [`terminals`] (commands run in the sandbox).
 //! - [`permissions`]: `session/request_permission` by the session's policy.
 //! - [`service`]: the `Supervisor` gRPC service on the inherited unix socket.
-//! - [`run_mode`]: PID 1 of `agentd sandbox run`: one command, stdio attached.
+//! - [`run_mode`]: PID 1 of `agentd sandbox run`: one command, stdio attached,
+//!   started by [`spawn`] (a `CLONE_VM | CLONE_VFORK` child, as posix_spawn).
 //!
 //! It runs on a current-thread runtime: one sandbox's work is small, and one
 //! thread keeps its memory small.
@@ -24,6 +25,7 @@ pub mod reaper;
 pub mod restart;
 pub mod run_mode;
 pub mod service;
+pub mod spawn;
 pub mod terminals;
 
 use std::os::fd::FromRawFd;

@@ -3,9 +3,9 @@
 //! termination signals to it, reaps every orphan, and exits with the command's
 //! status (its code, or 128 + the signal that killed it).
 //!
-//! No async runtime: one blocking `waitpid(-1)` loop is all PID 1 needs here.
+//! No async runtime: one blocking `waitpid(-1)` loop is all PID 1 needs here,
+//! and the command starts as `posix_spawn` starts one ([`super::spawn`]).
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -62,19 +62,15 @@ pub fn run(
         eprintln!("agentd sandbox: cannot forward signals: {e}");
         return 125;
     }
-    let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v))).current_dir(cwd);
-    // SAFETY: the hook only makes async-signal-safe calls (its contract).
-    unsafe { cmd.pre_exec(harden) };
-    let child = match cmd.spawn() {
+    let child = match super::spawn::spawn(argv, env, cwd, &harden) {
         Ok(child) => child,
         Err(e) => {
             eprintln!("agentd sandbox: cannot run {}: {e}", argv[0]);
             // The shell's codes: 127 not found, 126 found but not runnable.
-            return if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            return if e.error.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
         }
     };
-    let child_pid = child.id() as i32;
+    let child_pid = child.as_raw();
     CHILD.store(child_pid, Ordering::Relaxed);
     loop {
         match waitpid(Pid::from_raw(-1), None) {
