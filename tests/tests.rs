@@ -5,6 +5,7 @@
 mod support;
 
 mod acp_methods;
+mod archive;
 mod audit;
 mod bad_input;
 mod durability;

@@ -55,6 +55,8 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let c = app.store.get_container(container_id).await.map_err(store_error)?;
     // A sandbox that is gone or not built has nothing of the session left.
     if c.state == container::READY {
+        // The node forgets the session's log when it closes it.
+        super::archive::archive_or_warn(&app, &s.id).await;
         let close = CloseSessionRequest {
             container_id: container_id.to_string(),
             session_id: s.id.clone(),

@@ -72,6 +72,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let payload: Payload = serde_json::from_value(ctx.payload.clone()).map_err(|e| StepError::permanent(format!("bad payload: {e}")))?;
     let container_id = ctx.entity_id.as_str();
     test_pause("container.delete/start").await;
+    super::archive::archive_container(&app, container_id).await;
     let request = DeleteSandboxRequest { container_id: container_id.to_string(), fence: fence(&ctx, "sandbox") };
     match within(deadline(&app), app.node.clone().delete_sandbox(request)).await {
         Ok(_) => {}

@@ -34,6 +34,7 @@
 //! recorded failure like any other.
 
 pub mod agents;
+pub mod archive;
 pub mod close;
 pub mod create;
 pub mod delete;

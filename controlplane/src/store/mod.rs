@@ -9,6 +9,7 @@
 //!   them, claimed under fenced leases ([`crate::workflow`] runs them).
 //! - [`registry`]: the agent registry's entries, replaced whole by each sync.
 //! - [`agents`]: agent instances as their supervisors last reported them.
+//! - [`archives`]: closed sessions' event logs.
 //! - [`audit`]: a record of every state-changing API call.
 //! - `conformance` (tests only): one suite, run against both backends.
 //!
@@ -163,6 +164,7 @@ macro_rules! with_pool {
 pub mod nodes;
 pub mod outbox;
 pub mod agents;
+pub mod archives;
 pub mod audit;
 pub mod registry;
 
