@@ -13,6 +13,7 @@ mod permissions;
 mod registry;
 mod sandbox_limits;
 mod session_path;
+mod session_scope;
 mod shutdown;
 mod third_party;
 mod supervision;
