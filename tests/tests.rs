@@ -9,6 +9,7 @@ mod bad_input;
 mod durability;
 mod hostile;
 mod multi_session;
+mod npx_agent;
 mod permissions;
 mod registry;
 mod sandbox_limits;

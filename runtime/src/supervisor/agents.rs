@@ -29,7 +29,6 @@ use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
@@ -38,6 +37,7 @@ use super::client_methods::{self, ClientMethods};
 use super::permissions::{AnswerError, Permissions, Policy};
 use super::reaper::{Exit, Reaper};
 use super::restart::{RestartPolicy, STABLE_AFTER};
+use super::stderr::StderrTail;
 use crate::acp::client::SessionSetup;
 use crate::acp::{AcpClient, AcpError, ErrorObject, InboundHandler, Initialized, RpcConnection, RpcError};
 use crate::sandbox::harden::Hardening;
@@ -209,20 +209,25 @@ pub struct Process {
     methods: Arc<ClientMethods>,
     /// Each session's permission policy and the requests waiting on clients.
     permissions: Arc<Permissions>,
+    stderr: Arc<StderrTail>,
 }
 
 impl Process {
     /// Why the agent stopped answering. When it closed its output, its exit
-    /// status (if it ends soon) says more than the closed pipe does.
+    /// status (if it ends soon) and its last stderr lines say more than the
+    /// closed pipe does.
     async fn describe(&self, error: AcpError) -> String {
         if !matches!(error, AcpError::Rpc(RpcError::Closed)) {
             return error.to_string();
         }
         let mut exit = self.exit.clone();
-        let ended = tokio::time::timeout(Duration::from_millis(500), exit.wait_for(|e| e.is_some())).await;
-        match ended {
-            Ok(Ok(e)) => format!("agent exited ({})", e.expect("waited for Some")),
-            _ => error.to_string(),
+        let ended = match tokio::time::timeout(Duration::from_millis(500), exit.wait_for(|e| e.is_some())).await {
+            Ok(Ok(e)) => e.expect("waited for Some").to_string(),
+            _ => return error.to_string(),
+        };
+        match self.stderr.last_words(Duration::from_millis(200)).await {
+            words if words.is_empty() => format!("agent exited ({ended})"),
+            words => format!("agent exited ({ended}); its stderr ended with: {words}"),
         }
     }
 
@@ -502,16 +507,6 @@ pub struct Agents {
     table: Mutex<HashMap<String, Arc<Agent>>>,
 }
 
-fn log_stderr(id: String, stderr: std::process::ChildStderr) {
-    let Ok(stderr) = tokio::process::ChildStderr::from_std(stderr) else { return };
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::info!(agent = id, "{}", line.chars().take(2000).collect::<String>());
-        }
-    });
-}
-
 impl Agents {
     pub fn new(reaper: Arc<Reaper>, hardening: Hardening) -> Self {
         Self { reaper, hardening: Arc::new(hardening), table: Mutex::default() }
@@ -630,7 +625,7 @@ impl Agents {
         });
         let io = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let (Some(stdin), Some(stdout), Some(stderr)) = io else { unreachable!("all three are piped") };
-        log_stderr(spec.id.clone(), stderr);
+        let stderr = StderrTail::follow(spec.id.clone(), stderr);
         let (stdin, stdout) = match (tokio::process::ChildStdin::from_std(stdin), tokio::process::ChildStdout::from_std(stdout)) {
             (Ok(i), Ok(o)) => (i, o),
             _ => {
@@ -651,6 +646,7 @@ impl Agents {
             sinks,
             methods,
             permissions,
+            stderr,
         };
         match process.client.initialize(spec.initialize_timeout).await {
             Ok(init) => process.initialized = init,

@@ -24,6 +24,7 @@ pub mod reaper;
 pub mod restart;
 pub mod run_mode;
 pub mod service;
+pub mod stderr;
 pub mod terminals;
 
 use std::os::fd::FromRawFd;
