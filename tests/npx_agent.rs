@@ -138,7 +138,7 @@ async fn an_npx_agent_installs_in_the_sandbox_and_answers() {
     let registry = scratch.path().join("registry.json");
     let entry = json!({"id": "echo-agent-js", "name": "echo-agent-js", "version": "1.0.0", "description": "ACP echo agent in JavaScript",
         "distribution": {"npx": {"package": format!("{base}/{TARBALL}"), "args": [],
-            "env": {"npm_config_registry": format!("{base}/registry/"), "npm_config_fetch_retries": "0", "npm_config_audit": "false"}}}});
+            "env": {"npm_config_registry": format!("{base}/registry/"), "npm_config_fetch_retries": "0"}}}});
     std::fs::write(&registry, json!({"agents": [entry]}).to_string()).unwrap();
 
     let agentd = Agentd::start().await;

@@ -179,6 +179,10 @@ fn launch(agent: &AgentSpec, platform: &str) -> Result<Launched, PlanError> {
             let mut env = vec![
                 ("npm_config_cache".to_string(), format!("{WORKSPACE}/.npm")),
                 ("npm_config_update_notifier".to_string(), "false".to_string()),
+                // npx -y would post the package's tree to the registry's
+                // audit endpoint at every start: time, and no one reads it.
+                ("npm_config_audit".to_string(), "false".to_string()),
+                ("npm_config_fund".to_string(), "false".to_string()),
                 ("NO_UPDATE_NOTIFIER".to_string(), "1".to_string()),
             ];
             env.extend(own_env(&p.env));
@@ -317,6 +321,7 @@ mod tests {
         assert_eq!(c.agent.args, ["-y", "@google/gemini-cli@1.0.0", "--experimental-acp"]);
         assert_eq!(c.agent.env["HOME"], "/workspace");
         assert_eq!(c.agent.env["npm_config_cache"], "/workspace/.npm");
+        assert_eq!(c.agent.env["npm_config_audit"], "false");
         assert_eq!(c.agent.env["GEMINI_API_KEY"], "k");
         assert_eq!(c.sandbox.network, "host", "npx downloads its package");
         assert!(c.sandbox.mounts.is_empty() && c.sandbox.bundles.is_empty());

@@ -202,6 +202,16 @@ mod tests {
     }
 
     #[test]
+    fn additional_directories_go_out_only_when_given() {
+        let servers = json!([]);
+        let bare = SessionSetup { cwd: "/workspace", mcp_servers: &servers, additional_directories: &[] };
+        assert_eq!(bare.params(), json!({"cwd": "/workspace", "mcpServers": []}));
+        let dirs = ["/tmp/a".to_string()];
+        let with = SessionSetup { additional_directories: &dirs, ..bare };
+        assert_eq!(with.params(), json!({"cwd": "/workspace", "mcpServers": [], "additionalDirectories": ["/tmp/a"]}));
+    }
+
+    #[test]
     fn content_blocks_follow_prompt_capabilities() {
         let bare = init(json!({}));
         assert!(bare.accepts_block("text") && bare.accepts_block("resource_link"));
