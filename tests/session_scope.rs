@@ -1,7 +1,8 @@
 //! What a session reaches and how it reopens, over HTTP with the echo
 //! agent in a real sandbox: `session.additional_directories` widen the
 //! confinement of the supervisor's `fs/*` (and reach an agent that
-//! advertises `sessionCapabilities.additionalDirectories`), and
+//! advertises `sessionCapabilities.additionalDirectories`, across a restart
+//! of the agent too), and
 //! `session.resume_session_id` opens an ACP session the agent keeps with
 //! `session/resume` (no replay), with the bad requests around both.
 
@@ -54,7 +55,8 @@ async fn additional_directories_widen_the_sessions_files() {
     let body = with_dirs(&["--session-capabilities", "additional-directories"], json!(["/tmp/shared/", "/workspace/../workspace-notes"]));
     let (status, problem) = agentd.post("/v1/sessions", &body).await;
     assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_additional_directory")), "{problem}");
-    let body = with_dirs(&["--session-capabilities", "additional-directories"], json!(["/tmp/shared/", "/tmp/more"]));
+    let mut body = with_dirs(&["--session-capabilities", "additional-directories"], json!(["/tmp/shared/", "/tmp/more"]));
+    body["policy"] = json!({"restart_backoff_ms": 50});
     let (id, mut events) = agentd.create_streaming(&body).await;
     assert_eq!(says(&agentd, &id, &mut events, "/dirs").await, "dirs: /tmp/shared, /tmp/more");
     assert_eq!(says(&agentd, &id, &mut events, "/write /tmp/shared/a.txt hello").await, "wrote 5 bytes to /tmp/shared/a.txt");
@@ -67,6 +69,17 @@ async fn additional_directories_widen_the_sessions_files() {
         assert!(text.starts_with("error -32602: "), "{prompt}: {text}");
         assert!(text.contains("is outside this session's directories (/workspace, /tmp/shared, /tmp/more)"), "{prompt}: {text}");
     }
+
+    // A restarted agent's session keeps them (the restart opens it anew,
+    // with the same directories, and the confinement follows).
+    let (status, answer) = agentd.prompt(&id, "/crash 70").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(events.until_run_end().await.last().unwrap().event, "run.failed");
+    agentd.wait_for(&format!("/v1/sessions/{id}"), |v| v["agent"]["state"] == "ready" && v["agent"]["restarts"] == 1).await;
+    assert_eq!(says(&agentd, &id, &mut events, "/dirs").await, "dirs: /tmp/shared, /tmp/more");
+    assert_eq!(says(&agentd, &id, &mut events, "/read /tmp/shared/a.txt").await, "hello");
+    let text = says(&agentd, &id, &mut events, "/read /etc/hostname").await;
+    assert!(text.contains("is outside this session's directories (/workspace, /tmp/shared, /tmp/more)"), "{text}");
 
     // An agent that does not advertise them is not told (the schema's
     // rule), but its files are confined to the same roots.
