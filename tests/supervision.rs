@@ -69,7 +69,8 @@ async fn authenticate_with_the_plans_credentials_or_report_auth_required() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_fails_the_turn_and_the_restarted_agent_takes_the_next_prompt() {
     let agentd = Agentd::start().await;
-    for (args, reopened_by) in [(&[][..], "session/new"), (&["--load-session"][..], "session/load")] {
+    let resumes = ["--load-session", "--session-capabilities", "resume"];
+    for (args, reopened_by) in [(&[][..], "session/new"), (&["--load-session"][..], "session/load"), (&resumes[..], "session/resume")] {
         let (id, mut events) = agentd.create_streaming(&body(args, &[], json!({"restart_backoff_ms": 50}))).await;
         let (_, before) = agentd.get(&format!("/v1/sessions/{id}")).await;
         assert_eq!((before["agent"]["state"].as_str(), before["agent"]["restarts"].as_u64()), (Some("ready"), Some(0)), "{before}");
@@ -87,8 +88,8 @@ async fn a_crash_fails_the_turn_and_the_restarted_agent_takes_the_next_prompt() 
         assert_eq!(said(&got), "still here", "{reopened_by}");
         let container = after["container_id"].as_str().unwrap();
         let log = std::fs::read_to_string(agentd.sandboxes_dir().join(container).join("supervisor.log")).unwrap();
-        let loaded = log.contains("session loaded");
-        assert_eq!(loaded, reopened_by == "session/load", "{reopened_by}: {log}");
+        let reopened = (log.contains("session loaded"), log.contains("session resumed"));
+        assert_eq!(reopened, (reopened_by == "session/load", reopened_by == "session/resume"), "{reopened_by}: {log}");
     }
 }
 

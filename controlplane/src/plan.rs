@@ -39,6 +39,59 @@ pub struct SessionOptions {
     /// replayed on the new session's stream) instead of `session/new`.
     #[serde(default)]
     pub load_session_id: Option<String>,
+    /// An ACP session id the agent keeps: `session/resume` it (no replay).
+    #[serde(default)]
+    pub resume_session_id: Option<String>,
+    /// Further roots of the session's files besides the working directory
+    /// (see [`additional_directories`]).
+    #[serde(default)]
+    pub additional_directories: Option<Vec<String>>,
+}
+
+/// Most additional directories a session takes.
+pub const MAX_ADDITIONAL_DIRECTORIES: usize = 32;
+
+/// Kernel interfaces an agent's files must never reach through the
+/// supervisor: `/proc/self` there is the supervisor itself.
+const NOT_FILES: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// Checks `session.additional_directories`: absolute sandbox paths without
+/// `.` or `..`, not `/` (it would lift the confinement), nothing under
+/// `/proc`, `/sys` or `/dev`, no repeats, at most
+/// [`MAX_ADDITIONAL_DIRECTORIES`]. Whether each exists is the sandbox's
+/// business: the supervisor creates missing ones (so they must lie where
+/// the sandbox can write, e.g. under `/workspace` or `/tmp`, unless they
+/// exist) and a failure there fails the session. Returns them normalized
+/// (no trailing or doubled `/`).
+pub fn additional_directories(session: &SessionOptions) -> Result<Vec<String>, String> {
+    let Some(dirs) = &session.additional_directories else { return Ok(Vec::new()) };
+    if dirs.len() > MAX_ADDITIONAL_DIRECTORIES {
+        return Err(format!("session.additional_directories has {} entries; at most {MAX_ADDITIONAL_DIRECTORIES}", dirs.len()));
+    }
+    let mut normalized: Vec<String> = Vec::with_capacity(dirs.len());
+    for (i, dir) in dirs.iter().enumerate() {
+        let bad = |why: &str| format!("session.additional_directories[{i}] {dir:?} {why}");
+        let path = Path::new(dir);
+        if !path.is_absolute() {
+            return Err(bad("is not an absolute path"));
+        }
+        if dir.split('/').any(|c| c == "." || c == "..") {
+            return Err(bad("has a `.` or `..` component"));
+        }
+        let clean: std::path::PathBuf = path.components().collect();
+        if clean == Path::new("/") {
+            return Err(bad("is the sandbox's root: that would lift the confinement of the session's files"));
+        }
+        if NOT_FILES.iter().any(|k| clean.starts_with(k)) {
+            return Err(bad("is under /proc, /sys or /dev: not a directory of files"));
+        }
+        let clean = clean.display().to_string();
+        if normalized.contains(&clean) {
+            return Err(bad("is given twice"));
+        }
+        normalized.push(clean);
+    }
+    Ok(normalized)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -126,6 +179,10 @@ fn launch(agent: &AgentSpec, platform: &str) -> Result<Launched, PlanError> {
             let mut env = vec![
                 ("npm_config_cache".to_string(), format!("{WORKSPACE}/.npm")),
                 ("npm_config_update_notifier".to_string(), "false".to_string()),
+                // npx -y would post the package's tree to the registry's
+                // audit endpoint at every start: time, and no one reads it.
+                ("npm_config_audit".to_string(), "false".to_string()),
+                ("npm_config_fund".to_string(), "false".to_string()),
                 ("NO_UPDATE_NOTIFIER".to_string(), "1".to_string()),
             ];
             env.extend(own_env(&p.env));
@@ -264,6 +321,7 @@ mod tests {
         assert_eq!(c.agent.args, ["-y", "@google/gemini-cli@1.0.0", "--experimental-acp"]);
         assert_eq!(c.agent.env["HOME"], "/workspace");
         assert_eq!(c.agent.env["npm_config_cache"], "/workspace/.npm");
+        assert_eq!(c.agent.env["npm_config_audit"], "false");
         assert_eq!(c.agent.env["GEMINI_API_KEY"], "k");
         assert_eq!(c.sandbox.network, "host", "npx downloads its package");
         assert!(c.sandbox.mounts.is_empty() && c.sandbox.bundles.is_empty());
@@ -283,6 +341,30 @@ mod tests {
     fn an_agent_without_a_distribution_for_the_platform_is_refused() {
         let agent = spec(json!({"id": "mac-only", "version": "1", "distribution": {"binary": {"darwin-aarch64": {"archive": "https://x/a.tar.gz", "cmd": "a"}}}}));
         assert!(matches!(build(&agent, &Profile::default(), false), Err(PlanError::NoDistribution(SpecError::NoDistributionForPlatform { .. }))));
+    }
+
+    #[test]
+    fn checks_additional_directories() {
+        let dirs = |list: &[&str]| {
+            let s = SessionOptions { additional_directories: Some(list.iter().map(|d| d.to_string()).collect()), ..Default::default() };
+            additional_directories(&s)
+        };
+        assert_eq!(dirs(&["/workspace/shared/", "//tmp//notes"]).unwrap(), ["/workspace/shared", "/tmp/notes"]);
+        assert_eq!(additional_directories(&SessionOptions::default()).unwrap(), Vec::<String>::new());
+        for (bad, why) in [
+            (vec!["shared"], "absolute"),
+            (vec!["/workspace/../etc"], ".."),
+            (vec!["/workspace/./x"], ".."),
+            (vec!["/"], "root"),
+            (vec!["/proc/1"], "/proc"),
+            (vec!["/dev"], "/proc"),
+            (vec!["/tmp/a", "/tmp/a/"], "twice"),
+        ] {
+            let e = dirs(&bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_ADDITIONAL_DIRECTORIES).map(|i| format!("/tmp/{i}")).collect();
+        assert!(dirs(&many.iter().map(String::as_str).collect::<Vec<_>>()).unwrap_err().contains("at most"));
     }
 
     #[test]

@@ -99,6 +99,8 @@ impl NodeService {
                 permission_timeout_ms: r.permission_timeout_ms,
                 mcp_servers_json: r.mcp_servers_json,
                 load_session_id: r.load_acp_session_id,
+                additional_directories: r.additional_directories,
+                resume_session_id: r.resume_acp_session_id,
             })
             .await?
             .into_inner();

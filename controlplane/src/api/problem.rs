@@ -122,6 +122,8 @@ const NODE_CODES: &[(&str, StatusCode)] = &[
     ("acp_session_open", StatusCode::CONFLICT),
     ("invalid_mcp_server", StatusCode::UNPROCESSABLE_ENTITY),
     ("mcp_unsupported", StatusCode::UNPROCESSABLE_ENTITY),
+    // One the supervisor could not create in the sandbox.
+    ("invalid_additional_directory", StatusCode::UNPROCESSABLE_ENTITY),
     // The plan gives no credentials the agent accepts: fix the request's env.
     ("agent_auth_required", StatusCode::UNPROCESSABLE_ENTITY),
     ("agent_restarting", StatusCode::SERVICE_UNAVAILABLE),

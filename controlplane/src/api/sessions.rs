@@ -243,6 +243,14 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
             Some("") => return Err(Problem::invalid("invalid_request", "session.load_session_id must not be empty")),
             other => other.unwrap_or_default().to_string(),
         },
+        resume_acp_session_id: match session_options.resume_session_id.as_deref() {
+            Some("") => return Err(Problem::invalid("invalid_request", "session.resume_session_id must not be empty")),
+            Some(_) if session_options.load_session_id.is_some() => {
+                return Err(Problem::invalid("invalid_request", "give session.load_session_id or session.resume_session_id, not both"));
+            }
+            other => other.unwrap_or_default().to_string(),
+        },
+        additional_directories: plan::additional_directories(&session_options).map_err(|e| Problem::invalid("invalid_additional_directory", e))?,
     };
     let policy = body.policy.unwrap_or_default();
     let agent_policy = policy.agent_policy()?;

@@ -24,6 +24,8 @@ use crate::workflow::{StepContext, StepError, StepResult};
 pub struct OpenOptions {
     pub mcp_servers_json: String,
     pub load_acp_session_id: String,
+    pub resume_acp_session_id: String,
+    pub additional_directories: Vec<String>,
 }
 
 /// What the step needs, fixed when the API accepted the request: the plans
@@ -43,6 +45,12 @@ pub struct Payload {
     /// An ACP session to `session/load` instead of `session/new`.
     #[serde(default)]
     pub load_acp_session_id: String,
+    /// An ACP session to `session/resume` instead of `session/new`.
+    #[serde(default)]
+    pub resume_acp_session_id: String,
+    /// The session's further file roots (validated).
+    #[serde(default)]
+    pub additional_directories: Vec<String>,
 }
 
 impl Payload {
@@ -50,6 +58,8 @@ impl Payload {
         Self {
             mcp_servers_json: open.mcp_servers_json.clone(),
             load_acp_session_id: open.load_acp_session_id.clone(),
+            resume_acp_session_id: open.resume_acp_session_id.clone(),
+            additional_directories: open.additional_directories.clone(),
             session_id: session_id.to_string(),
             agent_instance_id: agent_instance_id.to_string(),
             sandbox_plan: B64.encode(compiled.sandbox.encode_to_vec()),
@@ -76,6 +86,8 @@ impl Payload {
             permission_timeout_ms: self.permission_timeout_ms,
             mcp_servers_json: self.mcp_servers_json.clone(),
             load_acp_session_id: self.load_acp_session_id.clone(),
+            resume_acp_session_id: self.resume_acp_session_id.clone(),
+            additional_directories: self.additional_directories.clone(),
             fence: fence(ctx, "session"),
         }
     }

@@ -23,7 +23,8 @@ use agent_client_protocol_schema::ProtocolVersion;
 use agent_client_protocol_schema::v1::{
     AgentCapabilities, AuthMethod, AuthMethodAgent, AuthenticateRequest, AuthenticateResponse,
     CancelNotification, CloseSessionRequest, CloseSessionResponse, ListSessionsRequest,
-    ListSessionsResponse, McpCapabilities, McpServer, SessionCapabilities,
+    ListSessionsResponse, McpCapabilities, McpServer, ResumeSessionRequest, ResumeSessionResponse,
+    SessionAdditionalDirectoriesCapabilities, SessionCapabilities, SessionResumeCapabilities,
     SessionCloseCapabilities, SessionInfo, SessionListCapabilities, ClientCapabilities, ContentBlock, ContentChunk, Implementation,
     InitializeRequest, InitializeResponse, LoadSessionRequest, LoadSessionResponse,
     NewSessionRequest, NewSessionResponse, PromptCapabilities, PromptRequest, PromptResponse,
@@ -139,6 +140,7 @@ pub async fn serve(
                         return responder.respond_with_error(Error::auth_required());
                     }
                     let id = state.new_session(&request.cwd.to_string_lossy(), &request.mcp_servers);
+                    state.set_dirs(&id, &request.additional_directories);
                     let settings = Settings::default();
                     responder.respond(
                         NewSessionResponse::new(id)
@@ -183,9 +185,31 @@ pub async fn serve(
                     if !state.is_authenticated() {
                         return responder.respond_with_error(Error::auth_required());
                     }
-                    match state.load_session(&request, &cx) {
+                    match state.reopen(&request.session_id, &request.mcp_servers, &request.additional_directories, Some(&cx)) {
                         Ok(settings) => responder.respond(
                             LoadSessionResponse::new()
+                                .modes(settings.modes())
+                                .config_options(vec![settings.case_option()]),
+                        ),
+                        Err(err) => responder.respond_with_error(err),
+                    }
+                }
+            },
+            on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |request: ResumeSessionRequest, responder, _cx| {
+                    if !state.config.session_capabilities.contains(&SessionCap::Resume) {
+                        return responder.respond_with_error(Error::method_not_found());
+                    }
+                    if !state.is_authenticated() {
+                        return responder.respond_with_error(Error::auth_required());
+                    }
+                    match state.reopen(&request.session_id, &request.mcp_servers, &request.additional_directories, None) {
+                        Ok(settings) => responder.respond(
+                            ResumeSessionResponse::new()
                                 .modes(settings.modes())
                                 .config_options(vec![settings.case_option()]),
                         ),
@@ -317,6 +341,8 @@ struct State {
     records: Mutex<HashMap<SessionId, Record>>,
     /// The MCP servers each session was given, as `name (transport)`.
     mcp: Mutex<HashMap<SessionId, Vec<String>>>,
+    /// The `additionalDirectories` each session was given.
+    dirs: Mutex<HashMap<SessionId, Vec<String>>>,
 }
 
 struct RunningTurn {
@@ -344,6 +370,7 @@ impl State {
             history: config_load.then(History::from_env),
             records: Mutex::default(),
             mcp: Mutex::default(),
+            dirs: Mutex::default(),
         }
     }
 
@@ -404,6 +431,12 @@ impl State {
         if session_caps.contains(&SessionCap::Close) {
             sessions = sessions.close(SessionCloseCapabilities::new());
         }
+        if session_caps.contains(&SessionCap::Resume) {
+            sessions = sessions.resume(SessionResumeCapabilities::new());
+        }
+        if session_caps.contains(&SessionCap::AdditionalDirectories) {
+            sessions = sessions.additional_directories(SessionAdditionalDirectoriesCapabilities::new());
+        }
         let mcp = McpCapabilities::new()
             .http(self.config.mcp_capabilities.contains(&McpKind::Http))
             .sse(self.config.mcp_capabilities.contains(&McpKind::Sse));
@@ -445,11 +478,17 @@ impl State {
         }
     }
 
-    /// `session/load`: replays the session's turns (its prompts as user
-    /// message chunks, its answers as agent message chunks), then goes on
-    /// with it. An id neither open nor on disk is ACP's resource-not-found.
-    fn load_session(&self, request: &LoadSessionRequest, cx: &ConnectionTo<Client>) -> Result<Settings, Error> {
-        let id = &request.session_id;
+    /// `session/load` (with `replay`: replays the session's turns, its
+    /// prompts as user message chunks, its answers as agent message chunks)
+    /// or `session/resume` (without), then goes on with the session. An id
+    /// neither open nor on disk is ACP's resource-not-found.
+    fn reopen(
+        &self,
+        id: &SessionId,
+        mcp_servers: &[McpServer],
+        dirs: &[std::path::PathBuf],
+        replay: Option<&ConnectionTo<Client>>,
+    ) -> Result<Settings, Error> {
         let open = self.records.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned();
         let on_disk = || self.history.as_ref().and_then(|h| h.load(&id.0));
         let Some(record) = open.or_else(on_disk) else {
@@ -457,15 +496,26 @@ impl State {
                 .data(serde_json::json!({ "sessionId": id })));
         };
         let chunk = |text: &str| ContentChunk::new(ContentBlock::Text(TextContent::new(text)));
-        for (prompt, answer) in &record.turns {
+        for (prompt, answer) in replay.map_or(&[][..], |_| &record.turns[..]) {
+            let cx = replay.expect("replaying");
             cx.send_notification(SessionNotification::new(id.clone(), SessionUpdate::UserMessageChunk(chunk(prompt))))?;
             cx.send_notification(SessionNotification::new(id.clone(), SessionUpdate::AgentMessageChunk(chunk(answer))))?;
         }
-        tracing::info!(session = %id, turns = record.turns.len(), "session loaded");
+        if replay.is_some() {
+            tracing::info!(session = %id, turns = record.turns.len(), "session loaded");
+        } else {
+            tracing::info!(session = %id, turns = record.turns.len(), "session resumed");
+        }
         self.sessions().entry(id.clone()).or_insert(None);
         self.records.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), record);
-        self.mcp.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), mcp_names(&request.mcp_servers));
+        self.mcp.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), mcp_names(mcp_servers));
+        self.set_dirs(id, dirs);
         Ok(self.settings(id))
+    }
+
+    fn set_dirs(&self, id: &SessionId, dirs: &[std::path::PathBuf]) {
+        let dirs = dirs.iter().map(|d| d.display().to_string()).collect();
+        self.dirs.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), dirs);
     }
 
     /// `session/list`: the open sessions and those on disk, by cwd if given.
@@ -699,6 +749,10 @@ impl State {
             commands::Command::Logout => {
                 self.authenticated.store(!self.config.require_auth, Ordering::Relaxed);
                 "logged out".to_owned()
+            }
+            commands::Command::Dirs => {
+                let dirs = self.dirs.lock().unwrap_or_else(PoisonError::into_inner).get(session_id).cloned().unwrap_or_default();
+                if dirs.is_empty() { "dirs: none".to_owned() } else { format!("dirs: {}", dirs.join(", ")) }
             }
             commands::Command::Mcp => {
                 let names = self.mcp.lock().unwrap_or_else(PoisonError::into_inner).get(session_id).cloned().unwrap_or_default();

@@ -56,7 +56,10 @@ pub struct Args {
     pub load_session: bool,
 
     /// Advertise these session capabilities: `list` (session/list of the
-    /// sessions it knows, on disk too) and `close` (session/close).
+    /// sessions it knows, on disk too), `close` (session/close), `resume`
+    /// (session/resume: `--load-session`'s reopening without the replay)
+    /// and `additional-directories` (taken by session/new, load and resume;
+    /// the prompt `/dirs` names them).
     #[arg(long, value_name = "CAP", value_delimiter = ',')]
     pub session_capabilities: Vec<SessionCap>,
 
@@ -79,6 +82,8 @@ pub struct Args {
 pub enum SessionCap {
     List,
     Close,
+    Resume,
+    AdditionalDirectories,
 }
 
 /// An MCP transport `--mcp-capabilities` can advertise.

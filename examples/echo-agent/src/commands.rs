@@ -16,6 +16,7 @@
 //!                               with `orphan`, it first starts `sleep 600` in its
 //!                               process group, which outlives it unless the client
 //!                               kills the group
+//! /dirs                         names the session's additionalDirectories ("dirs: none")
 //! /logout                       forget `authenticate` (with --require-auth): the next
 //!                               prompt is answered `auth_required`
 //! /emit garbage|stray|huge MIB  writes a non-JSON line, an answer to a request never
@@ -65,6 +66,8 @@ pub enum Command {
     Logout,
     /// Name the MCP servers the session was given.
     Mcp,
+    /// Name the `additionalDirectories` the session was given.
+    Dirs,
     /// A known command used wrongly: the text explains how to use it.
     Usage(&'static str),
 }
@@ -124,6 +127,7 @@ pub fn parse(text: &str) -> Option<Command> {
         },
         "logout" => Command::Logout,
         "mcp" => Command::Mcp,
+        "dirs" => Command::Dirs,
         "emit" => match words(args).as_deref() {
             Some([w]) if w == "garbage" => Command::Emit(Emit::Garbage),
             Some([w]) if w == "stray" => Command::Emit(Emit::Stray),

@@ -68,7 +68,7 @@ impl Tools<'_> {
     ) -> Result<StopReason, Error> {
         match command {
             Command::Usage(usage) => self.say(usage)?,
-            Command::Crash { .. } | Command::Emit(_) | Command::Logout | Command::Mcp => unreachable!("the agent's own commands, run by State"),
+            Command::Crash { .. } | Command::Emit(_) | Command::Logout | Command::Mcp | Command::Dirs => unreachable!("the agent's own commands, run by State"),
             Command::Read { path, line, limit } => self.read(path, line, limit).await?,
             Command::Write { path, content } => self.write(path, content).await?,
             Command::Run(spec) => return self.terminal(spec, false, cancel).await,

@@ -78,6 +78,27 @@ impl Initialized {
     }
 }
 
+/// What `session/new`, `session/load` and `session/resume` carry besides
+/// the session id.
+pub struct SessionSetup<'a> {
+    pub cwd: &'a str,
+    /// ACP `mcpServers`, a JSON array.
+    pub mcp_servers: &'a serde_json::Value,
+    /// Sent as `additionalDirectories` when not empty: give it only to an
+    /// agent that advertises `sessionCapabilities.additionalDirectories`.
+    pub additional_directories: &'a [String],
+}
+
+impl SessionSetup<'_> {
+    fn params(&self) -> serde_json::Value {
+        let mut params = json!({"cwd": self.cwd, "mcpServers": self.mcp_servers});
+        if !self.additional_directories.is_empty() {
+            params["additionalDirectories"] = json!(self.additional_directories);
+        }
+        params
+    }
+}
+
 #[derive(Clone)]
 pub struct AcpClient {
     rpc: RpcConnection,
@@ -125,26 +146,20 @@ impl AcpClient {
     }
 
     /// `session/load` (replays the history as updates) or `session/resume`
-    /// (does not): reopens a session a previous run of the agent created.
-    /// Returns the answer (a load's may carry modes and config options).
-    pub async fn reopen_session(
-        &self,
-        method: &'static str,
-        session_id: &str,
-        cwd: &str,
-        mcp_servers: &serde_json::Value,
-        timeout: Duration,
-    ) -> Result<serde_json::Value, AcpError> {
-        let params = json!({"sessionId": session_id, "cwd": cwd, "mcpServers": mcp_servers});
+    /// (does not): reopens a session a previous run of the agent created, or
+    /// one the agent keeps. Returns the answer (a load's may carry modes and
+    /// config options).
+    pub async fn reopen_session(&self, method: &'static str, session_id: &str, setup: &SessionSetup<'_>, timeout: Duration) -> Result<serde_json::Value, AcpError> {
+        let mut params = setup.params();
+        params["sessionId"] = session_id.into();
         let raw = self.rpc.request_within(method, &params, timeout).await?;
         Ok(serde_json::from_str(raw.get()).unwrap_or_default())
     }
 
     /// `session/new`: the new session's id and the whole answer (its modes
     /// and config options, if any).
-    pub async fn new_session(&self, cwd: &str, mcp_servers: &serde_json::Value, timeout: Duration) -> Result<(String, serde_json::Value), AcpError> {
-        let params = json!({"cwd": cwd, "mcpServers": mcp_servers});
-        let raw = self.rpc.request_within("session/new", &params, timeout).await?;
+    pub async fn new_session(&self, setup: &SessionSetup<'_>, timeout: Duration) -> Result<(String, serde_json::Value), AcpError> {
+        let raw = self.rpc.request_within("session/new", &setup.params(), timeout).await?;
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Answer {
@@ -184,6 +199,16 @@ mod tests {
 
     fn init(capabilities: serde_json::Value) -> Initialized {
         Initialized { protocol_version: 1, raw: json!({"protocolVersion": 1, "agentCapabilities": capabilities}).to_string() }
+    }
+
+    #[test]
+    fn additional_directories_go_out_only_when_given() {
+        let servers = json!([]);
+        let bare = SessionSetup { cwd: "/workspace", mcp_servers: &servers, additional_directories: &[] };
+        assert_eq!(bare.params(), json!({"cwd": "/workspace", "mcpServers": []}));
+        let dirs = ["/tmp/a".to_string()];
+        let with = SessionSetup { additional_directories: &dirs, ..bare };
+        assert_eq!(with.params(), json!({"cwd": "/workspace", "mcpServers": [], "additionalDirectories": ["/tmp/a"]}));
     }
 
     #[test]

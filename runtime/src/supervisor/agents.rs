@@ -29,7 +29,6 @@ use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
@@ -38,6 +37,8 @@ use super::client_methods::{self, ClientMethods};
 use super::permissions::{AnswerError, Permissions, Policy};
 use super::reaper::{Exit, Reaper};
 use super::restart::{RestartPolicy, STABLE_AFTER};
+use super::stderr::StderrTail;
+use crate::acp::client::SessionSetup;
 use crate::acp::{AcpClient, AcpError, ErrorObject, InboundHandler, Initialized, RpcConnection, RpcError};
 use crate::sandbox::harden::Hardening;
 use crate::sandbox::seccomp::compile_custom;
@@ -143,15 +144,50 @@ impl StartSpec {
     }
 }
 
-/// How a session is opened: `session/new`, or `session/load` of an ACP
-/// session the agent keeps.
+/// How a session is opened: `session/new`, or `session/load` /
+/// `session/resume` of an ACP session the agent keeps.
 pub struct OpenSpec {
     pub cwd: String,
     pub policy: Policy,
     /// ACP `mcpServers` (a JSON array), validated against the agent's
     /// mcpCapabilities.
     pub mcp_servers: Value,
-    pub load: Option<String>,
+    /// Further roots of the session's files besides `cwd`: the supervisor's
+    /// `fs/*` serve them, and the agent is told of them when it advertises
+    /// `sessionCapabilities.additionalDirectories`.
+    pub additional_directories: Vec<String>,
+    pub existing: Option<Existing>,
+}
+
+/// An ACP session the agent keeps, to open instead of a new one.
+pub enum Existing {
+    /// `session/load`: the agent replays its history.
+    Load(String),
+    /// `session/resume`: no replay.
+    Resume(String),
+}
+
+impl Existing {
+    fn method(&self) -> &'static str {
+        match self {
+            Self::Load(_) => "session/load",
+            Self::Resume(_) => "session/resume",
+        }
+    }
+
+    /// The capability the agent must advertise, as an `agentCapabilities` pointer.
+    fn capability(&self) -> &'static str {
+        match self {
+            Self::Load(_) => "/loadSession",
+            Self::Resume(_) => "/sessionCapabilities/resume",
+        }
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Self::Load(id) | Self::Resume(id) => id,
+        }
+    }
 }
 
 /// An opened session: its ACP id and, for a load, the updates replayed.
@@ -173,20 +209,25 @@ pub struct Process {
     methods: Arc<ClientMethods>,
     /// Each session's permission policy and the requests waiting on clients.
     permissions: Arc<Permissions>,
+    stderr: Arc<StderrTail>,
 }
 
 impl Process {
     /// Why the agent stopped answering. When it closed its output, its exit
-    /// status (if it ends soon) says more than the closed pipe does.
+    /// status (if it ends soon) and its last stderr lines say more than the
+    /// closed pipe does.
     async fn describe(&self, error: AcpError) -> String {
         if !matches!(error, AcpError::Rpc(RpcError::Closed)) {
             return error.to_string();
         }
         let mut exit = self.exit.clone();
-        let ended = tokio::time::timeout(Duration::from_millis(500), exit.wait_for(|e| e.is_some())).await;
-        match ended {
-            Ok(Ok(e)) => format!("agent exited ({})", e.expect("waited for Some")),
-            _ => error.to_string(),
+        let ended = match tokio::time::timeout(Duration::from_millis(500), exit.wait_for(|e| e.is_some())).await {
+            Ok(Ok(e)) => e.expect("waited for Some").to_string(),
+            _ => return error.to_string(),
+        };
+        match self.stderr.last_words(Duration::from_millis(200)).await {
+            words if words.is_empty() => format!("agent exited ({ended})"),
+            words => format!("agent exited ({ended}); its stderr ended with: {words}"),
         }
     }
 
@@ -230,9 +271,24 @@ struct SessionRecord {
     acp_id: String,
     /// Given again when the session is reopened after a restart.
     mcp_servers: Value,
+    additional_directories: Vec<String>,
     /// What `session/new` answered (modes, config options), kept current by
     /// set_mode and set_config_option.
     opened: Value,
+}
+
+impl SessionRecord {
+    /// What `session/new`, `/load` and `/resume` carry: the additional
+    /// directories only to an agent that advertises them (the schema's rule);
+    /// the supervisor's own confinement of `fs/*` includes them either way.
+    fn setup<'a>(&'a self, process: &Process) -> SessionSetup<'a> {
+        let advertised = process.initialized.advertises("/sessionCapabilities/additionalDirectories");
+        SessionSetup {
+            cwd: &self.cwd,
+            mcp_servers: &self.mcp_servers,
+            additional_directories: if advertised { &self.additional_directories } else { &[] },
+        }
+    }
 }
 
 /// What the agent is doing, for Status.
@@ -301,9 +357,9 @@ impl Agent {
 
     /// `session/new`, authenticating first if the agent answers
     /// `auth_required`. Returns the new ACP session id and the whole answer.
-    async fn open_session(&self, process: &Process, cwd: &str, mcp_servers: &Value) -> Result<(String, Value), Status> {
+    async fn open_session(&self, process: &Process, setup: &SessionSetup<'_>) -> Result<(String, Value), Status> {
         let timeout = self.spec.request_timeout;
-        let first = process.client.new_session(cwd, mcp_servers, timeout).await;
+        let first = process.client.new_session(setup, timeout).await;
         let error = match first {
             Ok(id) => return Ok(id),
             Err(e) if e.is_auth_required() => e,
@@ -314,7 +370,7 @@ impl Agent {
             self.set_state("auth_required", Some(e.to_string()));
             return Err(agent_error(Code::FailedPrecondition, "agent_auth_required", e.to_string()));
         }
-        match process.client.new_session(cwd, mcp_servers, timeout).await {
+        match process.client.new_session(setup, timeout).await {
             Ok(id) => Ok(id),
             Err(e) if e.is_auth_required() => {
                 let message = "the agent still requires authentication after authenticate succeeded".to_string();
@@ -329,19 +385,21 @@ impl Agent {
     async fn reopen(&self, process: &Process, first_id: &str, record: &mut SessionRecord) -> Result<(), Status> {
         let timeout = self.spec.request_timeout;
         if let Some(method) = process.initialized.reopen_method() {
-            match process.client.reopen_session(method, &record.acp_id, &record.cwd, &record.mcp_servers, timeout).await {
+            match process.client.reopen_session(method, &record.acp_id, &record.setup(process), timeout).await {
                 Ok(_) => return Ok(()),
                 Err(e) => tracing::warn!(agent = self.id, session = first_id, %e, method, "reopening failed; creating the session anew"),
             }
         }
-        (record.acp_id, record.opened) = self.open_session(process, &record.cwd, &record.mcp_servers).await?;
+        (record.acp_id, record.opened) = self.open_session(process, &record.setup(process)).await?;
         Ok(())
     }
 
-    /// `session/load` of `acp_id`, authenticating first if the agent answers
-    /// `auth_required`. The updates the agent replays meanwhile are
-    /// collected, in order, and returned with the answer.
-    async fn load_session(&self, process: &Process, acp_id: &str, cwd: &str, mcp_servers: &Value) -> Result<(Value, Vec<String>), Status> {
+    /// `session/load` or `session/resume` of an ACP session the agent keeps,
+    /// authenticating first if the agent answers `auth_required`. The
+    /// updates the agent replays meanwhile (a load's) are collected, in
+    /// order, and returned with the answer.
+    async fn open_existing(&self, process: &Process, existing: &Existing, setup: &SessionSetup<'_>) -> Result<(Value, Vec<String>), Status> {
+        let (method, acp_id) = (existing.method(), existing.id());
         let (tx, mut rx) = mpsc::channel(TURN_BUFFER);
         {
             let mut sinks = process.sinks.lock().unwrap();
@@ -361,10 +419,10 @@ impl Agent {
             replay
         });
         let timeout = self.spec.request_timeout;
-        let mut answer = process.client.reopen_session("session/load", acp_id, cwd, mcp_servers, timeout).await;
+        let mut answer = process.client.reopen_session(method, acp_id, setup, timeout).await;
         if answer.as_ref().is_err_and(AcpError::is_auth_required) {
             match process.authenticate(&self.spec).await {
-                Ok(_) => answer = process.client.reopen_session("session/load", acp_id, cwd, mcp_servers, timeout).await,
+                Ok(_) => answer = process.client.reopen_session(method, acp_id, setup, timeout).await,
                 Err(e) => {
                     self.set_state("auth_required", Some(e.to_string()));
                     process.sinks.lock().unwrap().remove(acp_id);
@@ -377,9 +435,9 @@ impl Agent {
         match answer {
             Ok(answer) => Ok((answer, replay)),
             Err(AcpError::Rpc(RpcError::Remote(e))) if e.code == client_methods::RESOURCE_NOT_FOUND || e.code == client_methods::INVALID_PARAMS => {
-                Err(status(Code::NotFound, "acp_session_not_found", format!("the agent has no session {acp_id} to load: {}", e.message)))
+                Err(status(Code::NotFound, "acp_session_not_found", format!("the agent has no session {acp_id} to open with {method}: {}", e.message)))
             }
-            Err(e) => Err(agent_error(Code::FailedPrecondition, "agent_error", format!("session/load failed: {}", process.describe(e).await))),
+            Err(e) => Err(agent_error(Code::FailedPrecondition, "agent_error", format!("{method} failed: {}", process.describe(e).await))),
         }
     }
 
@@ -436,7 +494,7 @@ impl Agent {
     }
 
     fn record_in(process: &Process, record: &SessionRecord) {
-        process.methods.add_session(&record.acp_id, &record.cwd);
+        process.methods.add_session(&record.acp_id, &record.cwd, &record.additional_directories);
         process.permissions.set_policy(&record.acp_id, record.policy);
     }
 }
@@ -447,16 +505,6 @@ pub struct Agents {
     /// no_new_privs, rlimits, a raised OOM score, the seccomp filter.
     hardening: Arc<Hardening>,
     table: Mutex<HashMap<String, Arc<Agent>>>,
-}
-
-fn log_stderr(id: String, stderr: std::process::ChildStderr) {
-    let Ok(stderr) = tokio::process::ChildStderr::from_std(stderr) else { return };
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::info!(agent = id, "{}", line.chars().take(2000).collect::<String>());
-        }
-    });
 }
 
 impl Agents {
@@ -577,7 +625,7 @@ impl Agents {
         });
         let io = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let (Some(stdin), Some(stdout), Some(stderr)) = io else { unreachable!("all three are piped") };
-        log_stderr(spec.id.clone(), stderr);
+        let stderr = StderrTail::follow(spec.id.clone(), stderr);
         let (stdin, stdout) = match (tokio::process::ChildStdin::from_std(stdin), tokio::process::ChildStdout::from_std(stdout)) {
             (Ok(i), Ok(o)) => (i, o),
             _ => {
@@ -598,6 +646,7 @@ impl Agents {
             sinks,
             methods,
             permissions,
+            stderr,
         };
         match process.client.initialize(spec.initialize_timeout).await {
             Ok(init) => process.initialized = init,
@@ -622,23 +671,42 @@ impl Agents {
         let agent = self.get(agent_id)?;
         let process = agent.process()?;
         agent.check_mcp_servers(&process, &open.mcp_servers)?;
-        let (id, opened, replay) = match &open.load {
+        if let Some(existing) = &open.existing {
+            // Before any directory is made: a refusal leaves nothing behind.
+            if !process.initialized.advertises(existing.capability()) {
+                let capability = existing.capability().trim_start_matches('/').replace('/', ".");
+                return Err(status(Code::FailedPrecondition, "not_supported", format!("the agent does not advertise {capability}: no {}", existing.method())));
+            }
+            let id = existing.id();
+            if agent.sessions.lock().unwrap().values().any(|r| r.acp_id == id) {
+                return Err(status(Code::FailedPrecondition, "acp_session_open", format!("ACP session {id} is already open on agent {agent_id}")));
+            }
+        }
+        for dir in &open.additional_directories {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                status(Code::InvalidArgument, "invalid_additional_directory", format!("cannot create additional directory {dir} in the sandbox: {e}"))
+            })?;
+        }
+        let record = SessionRecord {
+            cwd: open.cwd,
+            policy: open.policy,
+            acp_id: String::new(),
+            mcp_servers: open.mcp_servers,
+            additional_directories: open.additional_directories,
+            opened: Value::Null,
+        };
+        let setup = record.setup(&process);
+        let (id, opened, replay) = match &open.existing {
             None => {
-                let (id, opened) = agent.open_session(&process, &open.cwd, &open.mcp_servers).await?;
+                let (id, opened) = agent.open_session(&process, &setup).await?;
                 (id, opened, Vec::new())
             }
-            Some(id) => {
-                if !process.initialized.advertises("/loadSession") {
-                    return Err(status(Code::FailedPrecondition, "not_supported", "the agent does not advertise loadSession"));
-                }
-                if agent.sessions.lock().unwrap().values().any(|r| &r.acp_id == id) {
-                    return Err(status(Code::FailedPrecondition, "acp_session_open", format!("ACP session {id} is already open on agent {agent_id}")));
-                }
-                let (answer, replay) = agent.load_session(&process, id, &open.cwd, &open.mcp_servers).await?;
-                (id.clone(), answer, replay)
+            Some(existing) => {
+                let (answer, replay) = agent.open_existing(&process, existing, &setup).await?;
+                (existing.id().to_string(), answer, replay)
             }
         };
-        let record = SessionRecord { cwd: open.cwd, policy: open.policy, acp_id: id.clone(), mcp_servers: open.mcp_servers, opened };
+        let record = SessionRecord { acp_id: id.clone(), opened, ..record };
         Agent::record_in(&process, &record);
         agent.sessions.lock().unwrap().insert(id.clone(), record);
         // A session opened after authenticating clears auth_required.

@@ -113,9 +113,11 @@ impl ClientMethods {
         Self { sessions: Mutex::default(), terminals: Terminals::new(reaper, hardening, env) }
     }
 
-    /// Records a session `session/new` opened in `cwd`.
-    pub fn add_session(&self, session_id: &str, cwd: &str) {
-        self.sessions.lock().unwrap().insert(session_id.to_string(), Roots::new(cwd, []));
+    /// Records a session opened in `cwd`, its files confined to `cwd` and
+    /// `additional` directories.
+    pub fn add_session(&self, session_id: &str, cwd: &str, additional: &[String]) {
+        let roots = Roots::new(cwd, additional.iter().map(std::path::PathBuf::from));
+        self.sessions.lock().unwrap().insert(session_id.to_string(), roots);
     }
 
     /// Kills every terminal: the agent has exited.
@@ -202,7 +204,7 @@ mod tests {
     async fn file_errors_carry_their_codes() {
         let dir = tempfile::tempdir().unwrap();
         let m = methods();
-        m.add_session("s", dir.path().to_str().unwrap());
+        m.add_session("s", dir.path().to_str().unwrap(), &[]);
         let call = |path: String| {
             let params = raw(json!({"sessionId": "s", "path": path}));
             let m = &m;
@@ -223,7 +225,7 @@ mod tests {
     async fn unknown_terminals_are_not_found() {
         let dir = tempfile::tempdir().unwrap();
         let m = methods();
-        m.add_session("s", dir.path().to_str().unwrap());
+        m.add_session("s", dir.path().to_str().unwrap(), &[]);
         for method in ["terminal/output", "terminal/wait_for_exit", "terminal/kill", "terminal/release"] {
             let e = m.serve(method, Some(&raw(json!({"sessionId": "s", "terminalId": "term_9"})))).await.unwrap_err();
             assert_eq!(e.code, RESOURCE_NOT_FOUND, "{method}");

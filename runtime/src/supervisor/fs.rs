@@ -38,8 +38,7 @@ const NEW_FILE_MODE: u32 = 0o644;
 const NEW_DIR_MODE: u32 = 0o755;
 
 /// The directories a session's file methods may touch: its working directory
-/// first, then any additional directories (none yet: `session/new` passes only
-/// the cwd).
+/// first, then its additional directories (`session.additional_directories`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Roots {
     dirs: Vec<PathBuf>,

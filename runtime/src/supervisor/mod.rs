@@ -26,6 +26,7 @@ pub mod restart;
 pub mod run_mode;
 pub mod service;
 pub mod spawn;
+pub mod stderr;
 pub mod terminals;
 
 use std::os::fd::FromRawFd;

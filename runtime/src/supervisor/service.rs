@@ -13,7 +13,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::agents::{Agents, DEFAULT_REQUEST_TIMEOUT, OpenSpec, StartSpec, TurnEvent};
+use super::agents::{Agents, DEFAULT_REQUEST_TIMEOUT, Existing, OpenSpec, StartSpec, TurnEvent};
 use super::permissions::Policy;
 use super::restart::RestartPolicy;
 
@@ -86,8 +86,15 @@ impl Supervisor for SupervisorService {
             json => serde_json::from_str(json)
                 .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_mcp_server", format!("mcpServers is not JSON: {e}")))?,
         };
-        let load = (!r.load_session_id.is_empty()).then_some(r.load_session_id);
-        let open = OpenSpec { cwd: r.cwd, policy, mcp_servers, load };
+        let existing = match (r.load_session_id.is_empty(), r.resume_session_id.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some(Existing::Load(r.load_session_id)),
+            (true, false) => Some(Existing::Resume(r.resume_session_id)),
+            (false, false) => {
+                return Err(agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", "load a session or resume it, not both"));
+            }
+        };
+        let open = OpenSpec { cwd: r.cwd, policy, mcp_servers, additional_directories: r.additional_directories, existing };
         let opened = self.agents.new_session(&r.agent_instance_id, open).await?;
         Ok(Response::new(NewSessionResponse { acp_session_id: opened.acp_session_id, replay_json: opened.replay }))
     }
