@@ -2,7 +2,7 @@
 -- the instance), as the control plane last observed it: when it started,
 -- and at each node check. Sessions name theirs (sessions.agent_instance_id).
 -- States: see store/states.rs (agent_instance). Kept column for column
--- equal to migrations/sqlite/0008_agent_instances.sql.
+-- equal to migrations/sqlite/0007_agent_instances.sql.
 
 CREATE TABLE agent_instances (
     id            TEXT PRIMARY KEY,

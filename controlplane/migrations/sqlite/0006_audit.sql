@@ -2,20 +2,20 @@
 -- and HEAD), whatever its outcome: who asked (the caller's declared actor and
 -- its address), what (method, path, the entity the path names), when, and
 -- how it ended (status, problem code). Pruned by age. Kept column for column
--- equal to migrations/sqlite/0007_audit.sql.
+-- equal to migrations/postgres/0006_audit.sql.
 
 CREATE TABLE audit_records (
-    id          BIGSERIAL PRIMARY KEY,
-    at          BIGINT NOT NULL,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          INTEGER NOT NULL,
     actor       TEXT,
     peer        TEXT,
     method      TEXT NOT NULL,
     path        TEXT NOT NULL,
     entity_kind TEXT,
     entity_id   TEXT,
-    status      BIGINT NOT NULL,
+    status      INTEGER NOT NULL,
     code        TEXT,
-    duration_us BIGINT NOT NULL
+    duration_us INTEGER NOT NULL
 );
 CREATE INDEX audit_records_by_age ON audit_records(at);
 CREATE INDEX audit_records_by_entity ON audit_records(entity_kind, entity_id, id);
