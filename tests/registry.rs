@@ -148,6 +148,18 @@ async fn registry_agents_run_from_bundles_and_bad_input_leaves_nothing() {
         ids.push(session["id"].as_str().unwrap().to_string());
     }
     assert_eq!(cache(), vec![sha.clone()]);
+    // The store's account: the archive given with and without its digest,
+    // one sandbox each; the refused creates count nothing.
+    let (_, listed) = agentd.get("/v1/bundles").await;
+    let mut rows: Vec<(String, u64, String)> = listed["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["sha256"].as_str().unwrap().to_string(), b["uses"].as_u64().unwrap(), b["node_id"].as_str().unwrap().to_string()))
+        .collect();
+    rows.sort();
+    assert_eq!(rows, [(String::new(), 1, "local".to_string()), (sha.clone(), 1, "local".to_string())], "{listed}");
+    assert!(listed["bundles"].as_array().unwrap().iter().all(|b| b["archive_url"].as_str().unwrap().ends_with(".tar.gz")), "{listed}");
     let mut events = agentd.events(&ids[0], None).await;
     let (status, _) = agentd.prompt(&ids[0], "from a bundle").await;
     assert_eq!(status, StatusCode::ACCEPTED);

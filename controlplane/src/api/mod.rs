@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/registry:sync", axum::routing::post(registry::sync))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
         .route("/v1/audit", get(audit::list))
+        .route("/v1/bundles", get(registry::bundles))
         .route("/v1/containers/{id}/agents/{instance_id}/sessions", get(containers::agent_sessions))
         .fallback(|| async { Problem::not_found("not_found", "no such resource") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))

@@ -83,3 +83,10 @@ pub async fn sync(State(app): State<AppState>, body: axum::body::Bytes) -> Resul
     let report = agent_registry::sync(&app.store, &app.http, &source).await?;
     Ok(Json(json!(report)))
 }
+
+/// `GET /v1/bundles`: the agent bundles each node was given, most recently
+/// used first.
+pub async fn bundles(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
+    let bundles = app.store.bundles().await?;
+    Ok(Json(json!({"bundles": bundles})))
+}

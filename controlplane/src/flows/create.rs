@@ -109,6 +109,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         return Ok(already_settled(&app, &ctx, &payload, &c.state).await?);
     }
     let (sandbox_plan, agent_plan) = payload.plans().map_err(|e| StepError::permanent(format!("bad plan in payload: {e}")))?;
+    let bundles: Vec<(String, String)> = sandbox_plan.bundles.iter().map(|b| (b.archive_url.clone(), b.sha256.clone())).collect();
 
     let mut node = app.node.clone();
     let made: Result<(i32, String, AgentInstance), tonic::Status> = async {
@@ -133,6 +134,9 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         Ok((pid, acp_session_id, agent)) => {
             let s = app.store.get_session(&payload.session_id).await.map_err(store_error)?;
             super::agents::observe_started(&app, &s, &payload.agent_instance_id, &agent).await.map_err(store_error)?;
+            for (url, sha256) in &bundles {
+                app.store.bundle_used(&c.node_id, url, sha256).await.map_err(store_error)?;
+            }
             record_ready(&app, container_id, &payload.session_id, pid, &acp_session_id).await
         }
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("create session", &status)),

@@ -47,6 +47,7 @@ backend_suite!(
     a_failed_registry_sync_keeps_the_old_registry,
     audit_records_page_filter_and_prune,
     agent_instances_follow_their_state_machine,
+    bundles_count_their_uses_per_node,
 );
 
 fn new_session<'a>(id: &'a str, container_id: &'a str) -> NewSession<'a> {
@@ -622,4 +623,20 @@ async fn agent_instances_follow_their_state_machine(store: &Store) {
     // An instance must belong to a known container.
     let orphan = agents::AgentObservation { id: "agi_3", container_id: "ctr_nope", ..observation(READY, 0, None, None) };
     assert!(store.observe_agent(&orphan).await.is_err());
+}
+
+async fn bundles_count_their_uses_per_node(store: &Store) {
+    assert!(store.bundles().await.unwrap().is_empty());
+    store.bundle_used("node-a", "https://x/a.tar.gz", "ab12").await.unwrap();
+    store.bundle_used("node-a", "https://x/a.tar.gz", "ab12").await.unwrap();
+    store.bundle_used("node-a", "https://x/a.tar.gz", "").await.unwrap();
+    store.bundle_used("node-b", "https://x/a.tar.gz", "ab12").await.unwrap();
+    let mut rows: Vec<(String, String, i64)> = store.bundles().await.unwrap().into_iter().map(|b| (b.node_id, b.sha256, b.uses)).collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [("node-a".into(), String::new(), 1), ("node-a".into(), "ab12".into(), 2), ("node-b".into(), "ab12".into(), 1)]
+    );
+    let newest = &store.bundles().await.unwrap()[0];
+    assert!(newest.last_used_at >= newest.first_used_at);
 }

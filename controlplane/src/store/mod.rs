@@ -11,6 +11,7 @@
 //! - [`agents`]: agent instances as their supervisors last reported them.
 //! - [`archives`]: closed sessions' event logs.
 //! - [`audit`]: a record of every state-changing API call.
+//! - [`bundles`]: the agent bundles each node was given.
 //! - `conformance` (tests only): one suite, run against both backends.
 //!
 //! # One implementation, two drivers
@@ -166,6 +167,7 @@ pub mod outbox;
 pub mod agents;
 pub mod archives;
 pub mod audit;
+pub mod bundles;
 pub mod registry;
 
 #[derive(Clone)]
