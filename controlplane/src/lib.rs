@@ -94,6 +94,9 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Cancelled on shutdown: ends SSE streams and session followers.
     pub shutdown: CancellationToken,
+    /// How a step the API runs itself is leased (a prompt's dispatch): under
+    /// this control plane's runner's owner name.
+    pub steps: workflow::InlineConfig,
 }
 
 pub fn app(state: AppState) -> axum::Router {

@@ -31,6 +31,7 @@ fn state(store: &Store, dir: &std::path::Path) -> AppState {
         registry_source: None,
         http: reqwest::Client::new(),
         shutdown: CancellationToken::new(),
+        steps: crate::workflow::InlineConfig::default(),
     }
 }
 

@@ -22,6 +22,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             registry_source: args.api.registry.clone(),
             http: agentd_controlplane::agent_registry::http_client(),
             shutdown: CancellationToken::new(),
+            steps: agentd_controlplane::workflow::InlineConfig::of(&super::runner_config(&args.common.state_dir)),
         };
         agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
         agentd_controlplane::sync_registry_at_start(&state).await;

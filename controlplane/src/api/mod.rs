@@ -2,6 +2,7 @@
 
 pub mod containers;
 pub mod events;
+pub mod idempotency;
 pub mod problem;
 pub mod registry;
 pub mod sessions;

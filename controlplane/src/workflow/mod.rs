@@ -14,6 +14,8 @@
 //! - [`registry`]: step kind -> async handler.
 //! - [`runner`]: the claim loop, bounded concurrency, graceful shutdown.
 //! - [`step`]: one claimed step: heartbeat, handler, complete or fail.
+//! - [`inline`]: a step run by the caller that enqueued it (claimed in the
+//!   enqueuing transaction), for an API call that waits for its outcome.
 //! - [`backoff`]: exponential backoff with jitter between attempts.
 //! - [`wake`]: PostgreSQL LISTEN/NOTIFY as wake-up hints between control planes.
 //! - [`janitor`]: the lease reaper and pruning of finished rows.
@@ -26,6 +28,7 @@
 //! (the node rejects stale epochs).
 
 pub mod backoff;
+pub mod inline;
 pub mod janitor;
 pub mod registry;
 pub mod runner;
@@ -36,6 +39,7 @@ pub mod wake;
 mod tests;
 
 pub use backoff::Backoff;
+pub use inline::InlineConfig;
 pub use registry::Registry;
 pub use runner::{Runner, RunnerConfig};
 
