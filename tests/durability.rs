@@ -206,6 +206,76 @@ async fn two_prompts_at_once_one_runs_the_other_is_refused() {
     }
 }
 
+/// `Idempotency-Key`: a create or prompt sent again with its key answers the
+/// first request (the same session or run, no second one), also when the
+/// repeats race the first; the key with another request is 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_repeated_with_an_idempotency_key_run_once() {
+    let agentd = Agentd::start().await;
+    let keyed = |path: &str, key: &str, body: &Value| agentd.http.post(agentd.url(path)).header("Idempotency-Key", key).json(body);
+    let replayed = |r: &reqwest::Response| r.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+
+    // Create: three at once with one key, then once more: one session.
+    let body = session_body(&["--delay-ms", "20"]);
+    let (a, b, c) = tokio::join!(
+        keyed("/v1/sessions", "create-1", &body).send(),
+        keyed("/v1/sessions", "create-1", &body).send(),
+        keyed("/v1/sessions", "create-1", &body).send()
+    );
+    let mut ids = Vec::new();
+    let mut replays = 0;
+    for r in [a, b, c] {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        replays += usize::from(replayed(&r));
+        ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    ids.dedup();
+    assert_eq!((ids.len(), replays), (1, 2), "one session, two answers replayed: {ids:?}");
+    let id = ids.remove(0);
+    let r = keyed("/v1/sessions", "create-1", &body).send().await.unwrap();
+    assert!(replayed(&r));
+    assert_eq!((r.status(), r.json::<Value>().await.unwrap()["state"].clone()), (StatusCode::CREATED, json!("ready")));
+    assert_eq!(agentd.sandbox_dirs().len(), 1, "one sandbox built");
+    let (_, list) = agentd.get("/v1/sessions").await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1, "{list}");
+    // The key with another body: refused, nothing made.
+    let (status, _, problem) = agentd.send(keyed("/v1/sessions", "create-1", &session_body(&[]))).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")), "{problem}");
+    let (status, _, problem) = agentd.send(keyed("/v1/sessions", "bad key", &body)).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_idempotency_key")), "{problem}");
+
+    // Prompt: repeated (also racing the first), one run; a string prompt and
+    // its one text block are the same request.
+    let path = format!("/v1/sessions/{id}:prompt");
+    let text = json!({"prompt": "one two"});
+    let blocks = json!({"prompt": [{"type": "text", "text": "one two"}]});
+    let (a, b) = tokio::join!(keyed(&path, "p-1", &text).send(), keyed(&path, "p-1", &blocks).send());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.status(), b.status()), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    assert_eq!(usize::from(replayed(&a)) + usize::from(replayed(&b)), 1);
+    let (a, b) = (a.json::<Value>().await.unwrap(), b.json::<Value>().await.unwrap());
+    assert_eq!(a, b, "the same answer");
+    let run = a["run_id"].as_str().unwrap().to_string();
+    let view = agentd
+        .wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"].as_array().is_some_and(|r| r.iter().all(|r| r["state"] == "completed")))
+        .await;
+    let r = keyed(&path, "p-1", &text).send().await.unwrap();
+    assert!(replayed(&r));
+    assert_eq!((r.status(), r.json::<Value>().await.unwrap()["run_id"].as_str()), (StatusCode::ACCEPTED, Some(run.as_str())));
+    let (status, _, problem) = agentd.send(keyed(&path, "p-1", &json!({"prompt": "three"}))).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")), "{problem}");
+    // A new key is a new prompt.
+    let (status, _, second) = agentd.send(keyed(&path, "p-2", &text)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{second}");
+    assert_ne!(second["run_id"].as_str(), Some(run.as_str()));
+    let runs = agentd
+        .wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"].as_array().is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "completed")))
+        .await;
+    assert_eq!(view["runs"].as_array().unwrap().len(), 1, "{view}");
+    assert_eq!(runs["runs"][0]["id"].as_str(), Some(run.as_str()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_deletes_at_once_one_deletes_the_other_is_refused() {
     let agentd = Agentd::start().await;
