@@ -503,11 +503,17 @@ impl Seen {
 }
 
 /// One load client: creates sessions and prompts each a few times, one turn
-/// at a time, riding out 503s.
-async fn load_client(http: reqwest::Client, base: String, sessions: usize, prompts: usize, accepted: Arc<AtomicUsize>) -> Seen {
+/// at a time, riding out 503s. With `keyed` (a name) every request carries
+/// an `Idempotency-Key`, the same on each retry of it.
+async fn load_client(http: reqwest::Client, base: String, sessions: usize, prompts: usize, accepted: Arc<AtomicUsize>, keyed: Option<String>) -> Seen {
     let mut seen = Seen::default();
-    for _ in 0..sessions {
-        let (status, body) = seen.send("create", || http.post(format!("{base}/v1/sessions")).json(&session_body(&["--delay-ms", "30"]))).await;
+    let with_key = |request: reqwest::RequestBuilder, key: String| match &keyed {
+        Some(client) => request.header("Idempotency-Key", format!("{client}/{key}")),
+        None => request,
+    };
+    for n in 0..sessions {
+        let create = || with_key(http.post(format!("{base}/v1/sessions")).json(&session_body(&["--delay-ms", "30"])), format!("create-{n}"));
+        let (status, body) = seen.send("create", create).await;
         assert!(matches!(status, StatusCode::CREATED | StatusCode::ACCEPTED), "create: {status} {body}");
         let id = body["id"].as_str().unwrap().to_string();
         let url = format!("{base}/v1/sessions/{id}");
@@ -515,15 +521,16 @@ async fn load_client(http: reqwest::Client, base: String, sessions: usize, promp
         assert_eq!(s["state"], "ready", "{s}");
         seen.created.push(id.clone());
         for p in 0..prompts {
-            let (status, body) =
-                seen.send("prompt", || http.post(format!("{url}:prompt")).json(&json!({"prompt": format!("turn {p} a b c")}))).await;
+            let prompt = || with_key(http.post(format!("{url}:prompt")).json(&json!({"prompt": format!("turn {p} a b c")})), format!("{id}/{p}"));
+            let (status, body) = seen.send("prompt", prompt).await;
             match status {
                 StatusCode::ACCEPTED => {
                     seen.accepted.push((id.clone(), body["run_id"].as_str().unwrap().to_string()));
                     accepted.fetch_add(1, Ordering::SeqCst);
                 }
-                // An attempt answered 503 after its run was recorded: that run goes on.
-                StatusCode::CONFLICT if body["code"] == "run_active" => {}
+                // An attempt answered 503 after its run was recorded: that
+                // run goes on. With a key the retry answers that run instead.
+                StatusCode::CONFLICT if body["code"] == "run_active" && keyed.is_none() => {}
                 _ => panic!("prompt: {status} {body}"),
             }
             seen.wait_settled(&http, &url).await;
@@ -537,7 +544,9 @@ async fn load_client(http: reqwest::Client, base: String, sessions: usize, promp
 /// PostgreSQL goes down for 2 s. Requests in the outage get 503 with
 /// Retry-After, never a 500; every session built is built once, every run
 /// starts once at the node and ends (none stuck running); deleting
-/// everything leaves no sandbox.
+/// everything leaves no sandbox. Half the clients send `Idempotency-Key`s:
+/// their retries after a 503 make no second session or run, so they end
+/// with exactly the sessions and runs they asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_under_load_loses_and_doubles_nothing() {
     const CLIENTS: usize = 4;
@@ -552,7 +561,10 @@ async fn postgres_restarted_under_load_loses_and_doubles_nothing() {
 
     let accepted = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| tokio::spawn(load_client(http.clone(), server.base.clone(), SESSIONS, PROMPTS, Arc::clone(&accepted))))
+        .map(|c| {
+            let keyed = (c % 2 == 0).then(|| format!("client-{c}"));
+            tokio::spawn(load_client(http.clone(), server.base.clone(), SESSIONS, PROMPTS, Arc::clone(&accepted), keyed))
+        })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     while accepted.load(Ordering::SeqCst) < 2 {
@@ -613,6 +625,16 @@ async fn postgres_restarted_under_load_loses_and_doubles_nothing() {
     for (session, run) in &accepted {
         assert_eq!(run_state(session, run), "completed", "a run answered 202 completed");
     }
+    // The keyed clients: exactly what they asked for, however many retries.
+    for keyed in seen.iter().step_by(2) {
+        for id in &keyed.created {
+            let view = views.iter().find(|v| v["id"] == id.as_str()).unwrap();
+            assert_eq!(view["runs"].as_array().unwrap().len(), PROMPTS, "one run per keyed prompt: {view}");
+        }
+        assert_eq!(keyed.accepted.len(), SESSIONS * PROMPTS);
+    }
+    let keyed_retries = seen.iter().step_by(2).flat_map(|s| &s.answers).filter(|a| a.1 == StatusCode::SERVICE_UNAVAILABLE).count();
+    eprintln!("keyed clients rode out {keyed_retries} 503s; all clients {}", unavailable.len());
 
     // The node: one sandbox per container the store shows, one run.started per run.
     let containers: std::collections::BTreeSet<_> = views.iter().map(|v| v["container_id"].as_str().unwrap().to_string()).collect();
