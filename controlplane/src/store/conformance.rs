@@ -46,6 +46,7 @@ backend_suite!(
     registry_sync_replaces_the_whole_registry,
     a_failed_registry_sync_keeps_the_old_registry,
     idempotency_keys_are_stored_with_runs_and_sessions,
+    racing_transitions_move_and_record_once,
 );
 
 fn new_session<'a>(id: &'a str, container_id: &'a str) -> NewSession<'a> {
@@ -342,6 +343,43 @@ async fn one_running_run_per_session(store: &Store) {
     assert!(matches!(store.run_failed("run_1", "late").await, Err(StoreError::Illegal(_))));
     let running: Vec<String> = store.running_runs_of_session("ses_1").await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(running, ["run_2"]);
+}
+
+/// Twenty writers move one container to the same state at once, then to
+/// two different states at once: one move each time, one history row per
+/// move, the losers told it is done already or illegal now.
+async fn racing_transitions_move_and_record_once(store: &Store) {
+    store.insert_container("ctr_1", "local", "{}").await.unwrap();
+    store.container_ready("ctr_1", 1).await.unwrap();
+    let race = async |targets: &[&'static str]| {
+        let barrier = Arc::new(tokio::sync::Barrier::new(20));
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let (store, barrier, to) = (store.clone(), barrier.clone(), targets[i % targets.len()]);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.transaction(async |tx| tx.transition(Entity::Container, "ctr_1", to, None, "race").await).await
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        results
+    };
+    let results = race(&[container::HIBERNATED]).await;
+    assert_eq!(results.iter().filter(|r| matches!(r, Ok(Some(_)))).count(), 1, "{results:?}");
+    assert!(results.iter().all(|r| matches!(r, Ok(_))), "{results:?}");
+    // hibernated -> ready or -> failed: whichever wins, the other is refused or repeats.
+    let results = race(&[container::READY, container::STOPPING]).await;
+    let moved = results.iter().filter(|r| matches!(r, Ok(Some(_)))).count();
+    assert!((1..=2).contains(&moved), "ready then stopping may both move: {results:?}");
+    let history = store.transitions_of("container", "ctr_1").await.unwrap();
+    assert_eq!(history.len(), 2 + moved, "{history:?}");
+    for pair in history.windows(2) {
+        assert_eq!(pair[0].to_state, pair[1].from_state, "history chains: {history:?}");
+    }
 }
 
 /// Keys of prompts are per session, keys of creates global; a key is

@@ -79,6 +79,10 @@ pub enum StoreError {
     Illegal(#[from] IllegalTransition),
     #[error("session {session_id} already has a running turn")]
     RunActive { session_id: String },
+    /// A step's lease was taken over: what the transaction recorded for it
+    /// must be rolled back.
+    #[error("outbox row {id}: lease epoch {epoch} is no longer held")]
+    StaleLease { id: i64, epoch: i64 },
     /// An idempotency key already stored with another request's result.
     #[error("idempotency key {key:?} is already in use")]
     KeyTaken { key: String },

@@ -62,6 +62,13 @@ use super::{Backend, ConstraintKind, Extra, NewSession, Store, StoreError, inser
 /// The PostgreSQL channel a committed enqueue notifies.
 pub const CHANNEL: &str = "agentd_outbox";
 
+/// This process's name in the payload of its notifications, so that its
+/// listener can skip them: its runners were woken in process already.
+pub fn notifier_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| crate::new_id("cp"))
+}
+
 /// How many finished rows one pruning statement deletes at most, so that a
 /// large backlog is removed in short statements.
 const PRUNE_BATCH: i64 = 5_000;
@@ -220,6 +227,8 @@ pub struct Tx {
     signals: Arc<Signals>,
     /// SQLite: this process's writer turn, until the transaction ends.
     _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Steps this transaction recorded done: their handlers' flags, set on commit.
+    completes: Vec<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Evaluates `$body` with `$conn` bound to the transaction's connection, as
@@ -346,6 +355,31 @@ impl Tx {
             self.enqueued = self.enqueued.saturating_sub(1);
         }
         Ok(leased)
+    }
+
+    /// Records the step `ctx` is running done with `result`, in this
+    /// transaction: a handler whose work is writes to the store commits them
+    /// and the step's end together (one commit and no completion statement
+    /// of the runner's), exactly once in effect. Fenced like a completion:
+    /// a lease taken over is [`StoreError::StaleLease`], and the transaction
+    /// must be rolled back (its writes were the stale worker's).
+    pub async fn complete_step(&mut self, ctx: &crate::workflow::StepContext, result: &Value) -> Result<(), StoreError> {
+        let sql = self.sql(
+            "UPDATE outbox SET state = 'done', result = $3, completed_at = NOW_MS, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
+        );
+        let updated = with_tx!(self, |conn| sqlx::query(sql)
+            .bind(ctx.id)
+            .bind(ctx.epoch)
+            .bind(result)
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected()))?;
+        if updated != 1 {
+            return Err(StoreError::StaleLease { id: ctx.id, epoch: ctx.epoch });
+        }
+        self.completes.push(ctx.recorded.clone());
+        Ok(())
     }
 
     /// Starts a run, as [`Store::insert_run`] does. A refusal (a run already
@@ -476,6 +510,9 @@ impl Tx {
         extra: Option<Extra<'_>>,
         reason: &str,
     ) -> Result<Option<String>, StoreError> {
+        if let TxConn::Postgres(_) = self.conn {
+            return self.transition_in_one_statement(entity, id, to, error, extra, reason).await;
+        }
         let select = format!("SELECT state FROM {} WHERE id = $1", table(entity));
         let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
         let extra_sql = extra.map(|e| format!(", {} = $6", e.column())).unwrap_or_default();
@@ -526,11 +563,73 @@ impl Tx {
         }
     }
 
+    /// [`Self::transition_with`] on PostgreSQL: the read, the compare-and-set
+    /// and the history row in one statement (one round trip instead of three).
+    /// `prev` reads the state in the statement's snapshot; the `UPDATE` moves
+    /// the row only if it is still in that state (a concurrent writer's
+    /// commit makes READ COMMITTED re-check `t.state = prev.state` against
+    /// the new row, which then fails, and we go again); the history row is
+    /// written from what the `UPDATE` returned, so only for a real move.
+    async fn transition_in_one_statement(
+        &mut self,
+        entity: Entity,
+        id: &str,
+        to: &str,
+        error: Option<&str>,
+        extra: Option<Extra<'_>>,
+        reason: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let table = table(entity);
+        let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
+        let extra_sql = extra.map(|e| format!(", {} = $8", e.column())).unwrap_or_default();
+        let sources: Vec<String> = states::sources(entity, to).iter().map(|s| s.to_string()).collect();
+        let sql = self.sql(&format!(
+            "WITH prev AS (SELECT state FROM {table} WHERE id = $4), \
+             moved AS (UPDATE {table} t SET state = $1, error = COALESCE($2, t.error), {time_column} = $3{extra_sql} \
+                 FROM prev WHERE t.id = $4 AND t.state = prev.state AND prev.state = ANY($5) AND prev.state <> $1 \
+                 RETURNING prev.state AS from_state), \
+             history AS (INSERT INTO transitions (entity_kind, entity_id, from_state, to_state, at, reason) \
+                 SELECT $6, $4, from_state, $1, NOW_MS, $7 FROM moved) \
+             SELECT (SELECT state FROM prev), (SELECT from_state FROM moved)"
+        ));
+        let TxConn::Postgres(t) = &mut self.conn else { unreachable!("PostgreSQL only") };
+        loop {
+            let now = now_ms();
+            let query = sqlx::query_as::<_, (Option<String>, Option<String>)>(AssertSqlSafe(sql.0.clone()))
+                .bind(to)
+                .bind(error)
+                .bind(now)
+                .bind(id)
+                .bind(&sources)
+                .bind(entity.to_string())
+                .bind(reason);
+            let query = match extra {
+                None => query,
+                Some(Extra::SupervisorPid(pid)) => query.bind(pid),
+                Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
+            };
+            let (current, moved_from) = query.fetch_one(&mut **t).await?;
+            match (current, moved_from) {
+                (None, _) => return Err(StoreError::NotFound { entity, id: id.to_string() }),
+                (Some(_), Some(from)) => return Ok(Some(from)),
+                (Some(current), None) if current == to => return Ok(None),
+                (Some(current), None) if !states::sources(entity, to).contains(&current.as_str()) => {
+                    return Err(IllegalTransition { entity, id: id.to_string(), current, to: to.to_string() }.into());
+                }
+                // Moved by a concurrent writer between the read and the update: read again.
+                (Some(_), None) => {}
+            }
+        }
+    }
+
     /// Commits; if a step was enqueued, wakes runners (see the module doc).
     pub async fn commit(self) -> Result<(), StoreError> {
         match self.conn {
             TxConn::Sqlite(t) => t.commit().await?,
             TxConn::Postgres(t) => t.commit().await?,
+        }
+        for recorded in &self.completes {
+            recorded.store(true, std::sync::atomic::Ordering::Release);
         }
         if self.enqueued > 0 {
             bump(&self.signals.claimable);
@@ -610,7 +709,7 @@ impl Store {
     /// of its own). Does nothing on SQLite.
     pub async fn notify_outbox(&self) -> Result<(), StoreError> {
         if let Backend::Postgres(pool) = &self.backend {
-            sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(pool).await?;
+            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(notifier_id()).execute(pool).await?;
         }
         Ok(())
     }
@@ -634,7 +733,7 @@ impl Store {
             }
             Backend::Postgres(pool) => (TxConn::Postgres(pool.begin().await?), None),
         };
-        Ok(Tx { conn, enqueued: 0, signals: self.signals(), _writer: writer })
+        Ok(Tx { conn, enqueued: 0, signals: self.signals(), _writer: writer, completes: Vec::new() })
     }
 
     /// Runs `f` in a transaction: committed if it returns `Ok`, rolled back

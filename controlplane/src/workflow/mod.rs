@@ -43,6 +43,9 @@ pub use inline::InlineConfig;
 pub use registry::Registry;
 pub use runner::{Runner, RunnerConfig};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::Value;
 
 /// What a handler gets: the claimed step.
@@ -62,6 +65,10 @@ pub struct StepContext {
     pub attempt: i64,
     /// The attempt after which a failure is final.
     pub max_attempts: i64,
+    /// Set once a transaction of the handler's recorded the step done
+    /// ([`Tx::complete_step`](crate::store::outbox::Tx::complete_step)) and
+    /// committed: the runner then records nothing more.
+    pub(crate) recorded: Arc<AtomicBool>,
 }
 
 impl StepContext {
@@ -69,6 +76,11 @@ impl StepContext {
     /// that must leave its entity in a true state records the failure then.
     pub fn is_last_attempt(&self) -> bool {
         self.attempt >= self.max_attempts
+    }
+
+    /// Whether a transaction of the handler's already recorded the step done.
+    pub fn recorded(&self) -> bool {
+        self.recorded.load(Ordering::Acquire)
     }
 }
 

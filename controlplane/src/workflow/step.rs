@@ -50,8 +50,10 @@ pub(crate) async fn execute(shared: &Shared, row: OutboxRow, handler: Option<Han
         payload: row.payload,
         attempt: row.attempts,
         max_attempts: row.max_attempts,
+        recorded: Default::default(),
     };
     let kind = ctx.kind.clone();
+    let recorded = ctx.recorded.clone();
 
     let outcome = match handler {
         None => Err(StepError::retryable(format!("no handler for step kind {kind:?} in this runner"))),
@@ -71,7 +73,12 @@ pub(crate) async fn execute(shared: &Shared, row: OutboxRow, handler: Option<Han
         }
     };
     seen(&outcome);
-    record(shared, id, epoch, &kind, row.attempts, outcome).await;
+    if recorded.load(std::sync::atomic::Ordering::Acquire) {
+        // Its handler's transaction recorded it done, with its state change.
+        tracing::debug!(id, epoch, kind, "step done");
+    } else {
+        record(shared, id, epoch, &kind, row.attempts, outcome).await;
+    }
     // The entity's next step, held back behind this one, may be claimable now.
     shared.store.wake_outbox();
 }
