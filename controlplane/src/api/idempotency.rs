@@ -43,9 +43,44 @@ pub fn from_headers(headers: &HeaderMap, request: &serde_json::Value) -> Result<
             format!("Idempotency-Key must be 1 to {MAX_LEN} visible ASCII characters"),
         ));
     };
-    // serde_json's maps are ordered by key, so equal values print alike.
-    let digest = hex::encode(Sha256::digest(request.to_string().as_bytes()));
+    let mut canonical = String::new();
+    write_canonical(request, &mut canonical);
+    let digest = hex::encode(Sha256::digest(canonical.as_bytes()));
     Ok(Some(Keyed { key: key.to_string(), digest }))
+}
+
+/// `value` as JSON with every object's keys sorted, so that equal values
+/// print alike (serde_json keeps insertion order when a crate of the build
+/// enables its `preserve_order` feature).
+fn write_canonical(value: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(value, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
 }
 
 /// The answer to a key already used: the first request's, unless this
@@ -83,6 +118,9 @@ mod tests {
         let b = from_headers(&headers("k-1"), &serde_json::from_str(r#"{"a":[1,2],"b":1}"#).unwrap()).unwrap().unwrap();
         assert_eq!((a.key.as_str(), a.digest.len()), ("k-1", 64));
         assert_eq!(a.digest, b.digest, "key order does not matter");
+        let nested = from_headers(&headers("k"), &json!({"x": {"b": 1, "a": 2}})).unwrap().unwrap();
+        let reordered = from_headers(&headers("k"), &serde_json::from_str(r#"{"x":{"a":2,"b":1}}"#).unwrap()).unwrap().unwrap();
+        assert_eq!(nested.digest, reordered.digest, "nor in nested objects");
         check_same(&a, Some(&b.digest), "prompt").unwrap();
         let other = from_headers(&headers("k-1"), &json!({"a": [2, 1], "b": 1})).unwrap().unwrap();
         assert_eq!(check_same(&other, Some(&a.digest), "prompt").unwrap_err().code, "idempotency_key_reused");
