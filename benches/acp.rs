@@ -70,7 +70,7 @@ fn main() {
     let mut agentd = Command::new(release_bin("agentd"))
         .args(["up", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state.path())
-        .env("AGENTD_LOG", "warn,agentd_controlplane=info")
+        .env("AGENTD_LOG", std::env::var("AGENTD_LOG").unwrap_or_else(|_| "warn,agentd_controlplane=info".into()))
         .env("AGENTD_CGROUP_SUBTREE", format!("agentd-bench-acp-{}", std::process::id()))
         .stderr(Stdio::piped())
         .spawn()
@@ -83,7 +83,16 @@ fn main() {
             break addr.trim().to_string();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    // BENCH_AGENTD_LOG=FILE keeps agentd's log (set AGENTD_LOG to choose what it says).
+    let mut keep = std::env::var_os("BENCH_AGENTD_LOG").map(|path| std::fs::File::create(path).expect("BENCH_AGENTD_LOG"));
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Some(file) = keep.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(file, "{line}");
+            }
+        }
+    });
     let base = format!("http://{addr}");
 
     let rt = tokio::runtime::Runtime::new().unwrap();

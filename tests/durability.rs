@@ -206,6 +206,76 @@ async fn two_prompts_at_once_one_runs_the_other_is_refused() {
     }
 }
 
+/// `Idempotency-Key`: a create or prompt sent again with its key answers the
+/// first request (the same session or run, no second one), also when the
+/// repeats race the first; the key with another request is 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_repeated_with_an_idempotency_key_run_once() {
+    let agentd = Agentd::start().await;
+    let keyed = |path: &str, key: &str, body: &Value| agentd.http.post(agentd.url(path)).header("Idempotency-Key", key).json(body);
+    let replayed = |r: &reqwest::Response| r.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+
+    // Create: three at once with one key, then once more: one session.
+    let body = session_body(&["--delay-ms", "20"]);
+    let (a, b, c) = tokio::join!(
+        keyed("/v1/sessions", "create-1", &body).send(),
+        keyed("/v1/sessions", "create-1", &body).send(),
+        keyed("/v1/sessions", "create-1", &body).send()
+    );
+    let mut ids = Vec::new();
+    let mut replays = 0;
+    for r in [a, b, c] {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        replays += usize::from(replayed(&r));
+        ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    ids.dedup();
+    assert_eq!((ids.len(), replays), (1, 2), "one session, two answers replayed: {ids:?}");
+    let id = ids.remove(0);
+    let r = keyed("/v1/sessions", "create-1", &body).send().await.unwrap();
+    assert!(replayed(&r));
+    assert_eq!((r.status(), r.json::<Value>().await.unwrap()["state"].clone()), (StatusCode::CREATED, json!("ready")));
+    assert_eq!(agentd.sandbox_dirs().len(), 1, "one sandbox built");
+    let (_, list) = agentd.get("/v1/sessions").await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1, "{list}");
+    // The key with another body: refused, nothing made.
+    let (status, _, problem) = agentd.send(keyed("/v1/sessions", "create-1", &session_body(&[]))).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")), "{problem}");
+    let (status, _, problem) = agentd.send(keyed("/v1/sessions", "bad key", &body)).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_idempotency_key")), "{problem}");
+
+    // Prompt: repeated (also racing the first), one run; a string prompt and
+    // its one text block are the same request.
+    let path = format!("/v1/sessions/{id}:prompt");
+    let text = json!({"prompt": "one two"});
+    let blocks = json!({"prompt": [{"type": "text", "text": "one two"}]});
+    let (a, b) = tokio::join!(keyed(&path, "p-1", &text).send(), keyed(&path, "p-1", &blocks).send());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.status(), b.status()), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    assert_eq!(usize::from(replayed(&a)) + usize::from(replayed(&b)), 1);
+    let (a, b) = (a.json::<Value>().await.unwrap(), b.json::<Value>().await.unwrap());
+    assert_eq!(a, b, "the same answer");
+    let run = a["run_id"].as_str().unwrap().to_string();
+    let view = agentd
+        .wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"].as_array().is_some_and(|r| r.iter().all(|r| r["state"] == "completed")))
+        .await;
+    let r = keyed(&path, "p-1", &text).send().await.unwrap();
+    assert!(replayed(&r));
+    assert_eq!((r.status(), r.json::<Value>().await.unwrap()["run_id"].as_str()), (StatusCode::ACCEPTED, Some(run.as_str())));
+    let (status, _, problem) = agentd.send(keyed(&path, "p-1", &json!({"prompt": "three"}))).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused")), "{problem}");
+    // A new key is a new prompt.
+    let (status, _, second) = agentd.send(keyed(&path, "p-2", &text)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{second}");
+    assert_ne!(second["run_id"].as_str(), Some(run.as_str()));
+    let runs = agentd
+        .wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"].as_array().is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["state"] == "completed")))
+        .await;
+    assert_eq!(view["runs"].as_array().unwrap().len(), 1, "{view}");
+    assert_eq!(runs["runs"][0]["id"].as_str(), Some(run.as_str()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_deletes_at_once_one_deletes_the_other_is_refused() {
     let agentd = Agentd::start().await;
@@ -433,11 +503,17 @@ impl Seen {
 }
 
 /// One load client: creates sessions and prompts each a few times, one turn
-/// at a time, riding out 503s.
-async fn load_client(http: reqwest::Client, base: String, sessions: usize, prompts: usize, accepted: Arc<AtomicUsize>) -> Seen {
+/// at a time, riding out 503s. With `keyed` (a name) every request carries
+/// an `Idempotency-Key`, the same on each retry of it.
+async fn load_client(http: reqwest::Client, base: String, sessions: usize, prompts: usize, accepted: Arc<AtomicUsize>, keyed: Option<String>) -> Seen {
     let mut seen = Seen::default();
-    for _ in 0..sessions {
-        let (status, body) = seen.send("create", || http.post(format!("{base}/v1/sessions")).json(&session_body(&["--delay-ms", "30"]))).await;
+    let with_key = |request: reqwest::RequestBuilder, key: String| match &keyed {
+        Some(client) => request.header("Idempotency-Key", format!("{client}/{key}")),
+        None => request,
+    };
+    for n in 0..sessions {
+        let create = || with_key(http.post(format!("{base}/v1/sessions")).json(&session_body(&["--delay-ms", "30"])), format!("create-{n}"));
+        let (status, body) = seen.send("create", create).await;
         assert!(matches!(status, StatusCode::CREATED | StatusCode::ACCEPTED), "create: {status} {body}");
         let id = body["id"].as_str().unwrap().to_string();
         let url = format!("{base}/v1/sessions/{id}");
@@ -445,15 +521,16 @@ async fn load_client(http: reqwest::Client, base: String, sessions: usize, promp
         assert_eq!(s["state"], "ready", "{s}");
         seen.created.push(id.clone());
         for p in 0..prompts {
-            let (status, body) =
-                seen.send("prompt", || http.post(format!("{url}:prompt")).json(&json!({"prompt": format!("turn {p} a b c")}))).await;
+            let prompt = || with_key(http.post(format!("{url}:prompt")).json(&json!({"prompt": format!("turn {p} a b c")})), format!("{id}/{p}"));
+            let (status, body) = seen.send("prompt", prompt).await;
             match status {
                 StatusCode::ACCEPTED => {
                     seen.accepted.push((id.clone(), body["run_id"].as_str().unwrap().to_string()));
                     accepted.fetch_add(1, Ordering::SeqCst);
                 }
-                // An attempt answered 503 after its run was recorded: that run goes on.
-                StatusCode::CONFLICT if body["code"] == "run_active" => {}
+                // An attempt answered 503 after its run was recorded: that
+                // run goes on. With a key the retry answers that run instead.
+                StatusCode::CONFLICT if body["code"] == "run_active" && keyed.is_none() => {}
                 _ => panic!("prompt: {status} {body}"),
             }
             seen.wait_settled(&http, &url).await;
@@ -467,7 +544,9 @@ async fn load_client(http: reqwest::Client, base: String, sessions: usize, promp
 /// PostgreSQL goes down for 2 s. Requests in the outage get 503 with
 /// Retry-After, never a 500; every session built is built once, every run
 /// starts once at the node and ends (none stuck running); deleting
-/// everything leaves no sandbox.
+/// everything leaves no sandbox. Half the clients send `Idempotency-Key`s:
+/// their retries after a 503 make no second session or run, so they end
+/// with exactly the sessions and runs they asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_under_load_loses_and_doubles_nothing() {
     const CLIENTS: usize = 4;
@@ -482,7 +561,10 @@ async fn postgres_restarted_under_load_loses_and_doubles_nothing() {
 
     let accepted = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| tokio::spawn(load_client(http.clone(), server.base.clone(), SESSIONS, PROMPTS, Arc::clone(&accepted))))
+        .map(|c| {
+            let keyed = (c % 2 == 0).then(|| format!("client-{c}"));
+            tokio::spawn(load_client(http.clone(), server.base.clone(), SESSIONS, PROMPTS, Arc::clone(&accepted), keyed))
+        })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     while accepted.load(Ordering::SeqCst) < 2 {
@@ -543,6 +625,16 @@ async fn postgres_restarted_under_load_loses_and_doubles_nothing() {
     for (session, run) in &accepted {
         assert_eq!(run_state(session, run), "completed", "a run answered 202 completed");
     }
+    // The keyed clients: exactly what they asked for, however many retries.
+    for keyed in seen.iter().step_by(2) {
+        for id in &keyed.created {
+            let view = views.iter().find(|v| v["id"] == id.as_str()).unwrap();
+            assert_eq!(view["runs"].as_array().unwrap().len(), PROMPTS, "one run per keyed prompt: {view}");
+        }
+        assert_eq!(keyed.accepted.len(), SESSIONS * PROMPTS);
+    }
+    let keyed_retries = seen.iter().step_by(2).flat_map(|s| &s.answers).filter(|a| a.1 == StatusCode::SERVICE_UNAVAILABLE).count();
+    eprintln!("keyed clients rode out {keyed_retries} 503s; all clients {}", unavailable.len());
 
     // The node: one sandbox per container the store shows, one run.started per run.
     let containers: std::collections::BTreeSet<_> = views.iter().map(|v| v["container_id"].as_str().unwrap().to_string()).collect();

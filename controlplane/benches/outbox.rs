@@ -10,8 +10,9 @@
 //!   runner's handler starts on it.
 //! - saturation throughput: chains of steps whose handler moves a container
 //!   along its state machine and enqueues the chain's next step in the same
-//!   transaction (ready <-> hibernated), as many chains as it takes to keep
-//!   every worker busy; transitions per second over a window.
+//!   transaction (ready <-> hibernated), which also records the step done
+//!   (`Tx::complete_step`), as many chains as it takes to keep every worker
+//!   busy; transitions per second over a window.
 //!
 //! Each figure is the median over BENCH_REPEATS runs (default 3) of
 //! BENCH_SECONDS (default 5) each. BENCH_BACKENDS=postgres,sqlite picks
@@ -170,7 +171,7 @@ async fn saturation_run(store: &Store, settings: &Settings, run: usize) -> f64 {
                             let key = format!("{id}/{}", n + 1);
                             tx.enqueue(NewStep::new("container", &id, "flip", &key, json!({ "n": n + 1 }))).await?;
                         }
-                        Ok(())
+                        tx.complete_step(&ctx, &json!(null)).await
                     })
                     .await;
                 result.map_err(|e| StepError::retryable(e.to_string()))?;

@@ -98,6 +98,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Where the API's audit records go ([`api::audit`]).
     pub audit: api::audit::AuditLog,
+    /// How a step the API runs itself is leased (a prompt's dispatch): under
+    /// this control plane's runner's owner name.
+    pub steps: workflow::InlineConfig,
 }
 
 pub fn app(state: AppState) -> axum::Router {

@@ -32,6 +32,7 @@ fn state(store: &Store, dir: &std::path::Path) -> AppState {
         http: reqwest::Client::new(),
         shutdown: CancellationToken::new(),
         audit: crate::api::audit::AuditLog::start(store.clone()),
+        steps: crate::workflow::InlineConfig::default(),
     }
 }
 

@@ -42,6 +42,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         http: agentd_controlplane::agent_registry::http_client(),
         shutdown: CancellationToken::new(),
         audit: agentd_controlplane::api::audit::AuditLog::start(store.clone()),
+        steps: agentd_controlplane::workflow::InlineConfig::of(&super::runner_config(state_dir)),
     };
     agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
     agentd_controlplane::sync_registry_at_start(&state).await;

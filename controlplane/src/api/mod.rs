@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod containers;
 pub mod events;
+pub mod idempotency;
 pub mod problem;
 pub mod registry;
 pub mod sessions;

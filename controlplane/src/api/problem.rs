@@ -83,6 +83,9 @@ impl From<StoreError> for Problem {
             }
             StoreError::Illegal(_) => Problem::conflict("illegal_state", e.to_string()),
             StoreError::RunActive { .. } => Problem::conflict("run_active", e.to_string()),
+            // A request with the same key committed first: a retry answers it.
+            StoreError::StaleLease { .. } => Problem::conflict("stale_lease", e.to_string()),
+            StoreError::KeyTaken { .. } => Problem::conflict("idempotency_key_in_use", e.to_string()),
             StoreError::Db(_) | StoreError::Migrate(_) => {
                 tracing::error!(error = %e, "store error");
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the store is unavailable; retry later")

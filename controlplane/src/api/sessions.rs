@@ -3,19 +3,20 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::idempotency::{self, Keyed};
 use super::{ApiJson, Problem};
 use crate::agent_spec::{AgentSpec, this_platform};
 use crate::plan::{self, PlanError, ProfileInput, SessionOptions};
 use agentd_runtime::sandbox::profile::Profile;
 use crate::store::states::{container, session as session_state};
-use crate::store::outbox::NewStep;
+use crate::store::outbox::{NewStep, OutboxRow};
 use crate::store::{NewSession, SessionRow, StoreError};
-use crate::{AppState, flows, new_id};
+use crate::{AppState, flows, new_id, workflow};
 use agentd_proto::node::{
     AgentPolicy, AnswerPermissionRequest, CancelRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
 };
@@ -198,7 +199,14 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
     Ok(Json(view(&app, &s).await?))
 }
 
-pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSessionBody>) -> Result<Response, Problem> {
+pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw): ApiJson<Value>) -> Result<Response, Problem> {
+    let keyed = idempotency::from_headers(&headers, &raw)?;
+    if let Some(k) = &keyed
+        && let Some(first) = app.store.session_by_idempotency_key(&k.key).await?
+    {
+        return replay_create(&app, k, first).await;
+    }
+    let body: CreateSessionBody = serde_json::from_value(raw).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
     let agent = match (body.manual_agent, body.agent_id) {
         (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id, not both")),
         (Some(value), None) => AgentSpec::from_json(&value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?,
@@ -283,7 +291,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     let kind = if existing.is_some() { flows::SESSION_OPEN } else { flows::SESSION_CREATE };
     let step_key = format!("{kind}:{session_id}");
     let payload = serde_json::to_value(flows::create::Payload::new(&compiled, &session_id, &instance_id, permissions, &open)).expect("payload serializes");
-    app.store
+    let written = app.store
         .transaction(async |tx| {
             if existing.is_none() {
                 tx.insert_container(&container_id, &app.node_id, &profile).await?;
@@ -297,10 +305,20 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
                 working_dir: &compiled.working_dir,
             })
             .await?;
+            if let Some(k) = &keyed {
+                tx.set_session_idempotency_key(&session_id, &k.key, &k.digest).await?;
+            }
             tx.enqueue(NewStep::new(flows::CONTAINER, &container_id, kind, &step_key, payload)).await?;
             Ok::<_, StoreError>(())
         })
-        .await?;
+        .await;
+    if let (Err(StoreError::KeyTaken { .. }), Some(k)) = (&written, &keyed)
+        && let Some(first) = app.store.session_by_idempotency_key(&k.key).await?
+    {
+        // A create with the same key committed first: answer as it does.
+        return replay_create(&app, k, first).await;
+    }
+    written?;
 
     // The step runs to its end even if the client goes away, so nothing is
     // left half-created; the request waits for it to keep the contract (201
@@ -319,19 +337,47 @@ pub async fn create(State(app): State<AppState>, ApiJson(body): ApiJson<CreateSe
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(view(&app, &s).await?)).into_response())
 }
 
+/// A create repeated with its idempotency key: the first create's session,
+/// answered as the first was once its step ends (201, or its problem; 202
+/// while it is still being built), with the session as it is now.
+async fn replay_create(app: &AppState, keyed: &Keyed, (session_id, digest): (String, Option<String>)) -> Result<Response, Problem> {
+    idempotency::check_same(keyed, digest.as_deref(), "session create")?;
+    let mut status = StatusCode::CREATED;
+    // A new container's create, or an open in an existing one. The step
+    // may be pruned long after: the session then says how it went.
+    let mut step_key = None;
+    for kind in [flows::SESSION_CREATE, flows::SESSION_OPEN] {
+        let key = format!("{kind}:{session_id}");
+        if app.store.get_step_by_key(&key).await?.is_some() {
+            step_key = Some(key);
+            break;
+        }
+    }
+    if let Some(step_key) = step_key {
+        let wait = CREATE_WAIT + std::time::Duration::from_millis(u64::from(app.defaults.initialize_timeout_ms));
+        match flows::wait_for_step(app, &step_key, wait).await? {
+            flows::Waited::Finished(outcome) => outcome?,
+            flows::Waited::Pending => status = StatusCode::ACCEPTED,
+        }
+    }
+    let s = app.store.get_session(&session_id).await?;
+    let location = format!("/v1/sessions/{session_id}");
+    Ok((status, [(header::LOCATION, location)], [idempotency::replayed()], Json(view(app, &s).await?)).into_response())
+}
+
 /// How long a create waits for its step besides the agent's initialize
 /// timeout: building the sandbox, and a retry or two of an unreachable node.
 const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `POST /v1/sessions/{id}:prompt` and `POST /v1/sessions/{id}:cancel`.
-pub async fn action(State(app): State<AppState>, Path(target): Path<String>, body: axum::body::Bytes) -> Result<Response, Problem> {
+pub async fn action(State(app): State<AppState>, Path(target): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
         return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a session action: {id}:prompt, :cancel, :set_mode or :set_config_option"));
     };
     match verb {
         "prompt" => {
             let body: PromptBody = parse_body(&body)?;
-            prompt(app, id, body).await
+            prompt(app, id, &headers, body).await
         }
         "cancel" => cancel(app, id).await,
         "set_mode" => {
@@ -387,23 +433,72 @@ fn require_ready(s: &SessionRow) -> Result<(), Problem> {
     Ok(())
 }
 
-async fn prompt(app: AppState, id: &str, body: PromptBody) -> Result<Response, Problem> {
+async fn prompt(app: AppState, id: &str, headers: &HeaderMap, body: PromptBody) -> Result<Response, Problem> {
     let blocks = content_blocks(body.prompt)?;
+    let keyed = idempotency::from_headers(headers, &blocks)?;
     let s = app.store.get_session(id).await?;
+    if let Some(k) = &keyed
+        && let Some(first) = app.store.run_by_idempotency_key(&s.id, &k.key).await?
+    {
+        return replay_prompt(&app, &s, k, first).await;
+    }
     require_ready(&s)?;
     let run_id = new_id("run");
     let key = format!("{}:{run_id}", flows::RUN_DISPATCH);
     let payload = flows::dispatch::Payload { session_id: s.id.clone(), run_id: run_id.clone(), prompt_json: blocks.to_string() };
     let payload = serde_json::to_value(payload).expect("payload serializes");
-    claim_run(&app, &s, &run_id, NewStep::new(flows::CONTAINER, &s.container_id, flows::RUN_DISPATCH, &key, payload)).await?;
+    let dispatch = NewStep::new(flows::CONTAINER, &s.container_id, flows::RUN_DISPATCH, &key, payload);
+    let claimed = match claim_run(&app, &s, &run_id, dispatch, keyed.as_ref()).await {
+        Ok(claimed) => claimed,
+        Err(problem) => {
+            // A prompt with the same key that committed first (its run is
+            // the running one) is the answer.
+            if let Some(k) = &keyed
+                && let Some(first) = app.store.run_by_idempotency_key(&s.id, &k.key).await?
+            {
+                return replay_prompt(&app, &s, k, first).await;
+            }
+            return Err(problem);
+        }
+    };
     // Waits for the node to take the prompt, so that its refusals (a
-    // hibernated container, say) reach the client as before.
-    match flows::wait_for_step(&app, &key, DISPATCH_WAIT).await? {
-        flows::Waited::Finished(outcome) => outcome?,
-        flows::Waited::Pending => tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway"),
+    // hibernated container, say) reach the client as before. The step runs
+    // here when it could be leased with the run, else on a runner.
+    let ran = match claimed {
+        Some(step) => {
+            let a = app.clone();
+            workflow::inline::run(&app.store, &app.steps, step, move |ctx| flows::dispatch::run(a.clone(), ctx)).await
+        }
+        None => None,
+    };
+    match ran {
+        Some(Ok(result)) => flows::outcome(Some(&result))?,
+        // A failure that may pass is retried by the runners: wait for them.
+        _ => match flows::wait_for_step(&app, &key, DISPATCH_WAIT).await? {
+            flows::Waited::Finished(outcome) => outcome?,
+            flows::Waited::Pending => tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway"),
+        },
     }
-    let body = json!({"run_id": run_id, "session_id": s.id, "state": "running"});
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    Ok((StatusCode::ACCEPTED, Json(prompt_answer(&run_id, &s.id))).into_response())
+}
+
+fn prompt_answer(run_id: &str, session_id: &str) -> Value {
+    json!({"run_id": run_id, "session_id": session_id, "state": "running"})
+}
+
+/// A prompt repeated with its idempotency key: the first prompt's run,
+/// answered as the first was (202 once the node took it, or its problem).
+async fn replay_prompt(app: &AppState, s: &SessionRow, keyed: &Keyed, (run_id, digest): (String, Option<String>)) -> Result<Response, Problem> {
+    idempotency::check_same(keyed, digest.as_deref(), "prompt")?;
+    let key = format!("{}:{run_id}", flows::RUN_DISPATCH);
+    // The step may be pruned long after: the node took the prompt then.
+    if app.store.get_step_by_key(&key).await?.is_some() {
+        match flows::wait_for_step(app, &key, DISPATCH_WAIT).await? {
+            flows::Waited::Finished(outcome) => outcome?,
+            flows::Waited::Pending => tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway"),
+        }
+    }
+    Ok((StatusCode::ACCEPTED, [idempotency::replayed()], Json(prompt_answer(&run_id, &s.id))).into_response())
 }
 
 /// How long a prompt waits for its dispatch step before answering 202
@@ -414,22 +509,35 @@ const DISPATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// node has already finished.
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The longest wait between two looks at a turn the store still records
+/// running after the node ended it; the run follower's recording of its end
+/// (in this process, usually within a millisecond) cuts it short.
+const CATCH_UP_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Records a new running run. A client may prompt again the moment it sees
 /// `run.completed` on the stream, a little before the run follower has
 /// recorded that end in the store; the node, which ends turns, decides whether
 /// the run the store still calls running is really running.
 ///
-/// The run and its dispatch step are written in one transaction.
-async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewStep<'_>) -> Result<(), Problem> {
+/// The run and its dispatch step are written in one transaction, which also
+/// leases the step to this control plane when nothing older of its container
+/// is open: the prompt then runs it itself. Returns the leased step. The
+/// prompt's idempotency key, if any, is stored with the run.
+async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewStep<'_>, keyed: Option<&Keyed>) -> Result<Option<OutboxRow>, Problem> {
     let deadline = tokio::time::Instant::now() + CATCH_UP;
+    let mut runs_ended = app.store.runs_ended();
     loop {
+        runs_ended.borrow_and_update();
         let inserted = app
             .store
             .transaction(async |tx| {
                 tx.lock(crate::store::states::Entity::Container, &s.container_id).await?;
                 tx.insert_run(run_id, &s.id).await?;
-                tx.enqueue(dispatch.clone()).await?;
-                Ok::<_, StoreError>(())
+                if let Some(k) = keyed {
+                    tx.set_run_idempotency_key(run_id, &k.key, &k.digest).await?;
+                }
+                let step = tx.enqueue(dispatch.clone()).await?;
+                tx.claim_enqueued(&step, &app.steps.owner, app.steps.lease).await
             })
             .await;
         match inserted {
@@ -442,7 +550,10 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
             let running = if state.active_run_id.is_empty() { "a run" } else { state.active_run_id.as_str() };
             return Err(Problem::conflict("run_active", format!("{running} is still running on session {}", s.id)));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tokio::select! {
+            _ = runs_ended.changed() => {}
+            _ = tokio::time::sleep(CATCH_UP_PAUSE) => {}
+        }
     }
 }
 

@@ -250,7 +250,7 @@ pub async fn wait_for_step(app: &AppState, key: &str, timeout: Duration) -> Resu
 }
 
 /// A finished step's result as the API's answer.
-fn outcome(result: Option<&Value>) -> Result<(), Problem> {
+pub fn outcome(result: Option<&Value>) -> Result<(), Problem> {
     let Some(result) = result else { return Ok(()) };
     if result["ok"].as_bool() != Some(false) {
         return Ok(());

@@ -48,6 +48,8 @@ backend_suite!(
     audit_records_page_filter_and_prune,
     agent_instances_follow_their_state_machine,
     bundles_count_their_uses_per_node,
+    idempotency_keys_are_stored_with_runs_and_sessions,
+    racing_transitions_move_and_record_once,
 );
 
 fn new_session<'a>(id: &'a str, container_id: &'a str) -> NewSession<'a> {
@@ -344,6 +346,84 @@ async fn one_running_run_per_session(store: &Store) {
     assert!(matches!(store.run_failed("run_1", "late").await, Err(StoreError::Illegal(_))));
     let running: Vec<String> = store.running_runs_of_session("ses_1").await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(running, ["run_2"]);
+}
+
+/// Twenty writers move one container to the same state at once, then to
+/// two different states at once: one move each time, one history row per
+/// move, the losers told it is done already or illegal now.
+async fn racing_transitions_move_and_record_once(store: &Store) {
+    store.insert_container("ctr_1", "local", "{}").await.unwrap();
+    store.container_ready("ctr_1", 1).await.unwrap();
+    let race = async |targets: &[&'static str]| {
+        let barrier = Arc::new(tokio::sync::Barrier::new(20));
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let (store, barrier, to) = (store.clone(), barrier.clone(), targets[i % targets.len()]);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.transaction(async |tx| tx.transition(Entity::Container, "ctr_1", to, None, "race").await).await
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        results
+    };
+    let results = race(&[container::HIBERNATED]).await;
+    assert_eq!(results.iter().filter(|r| matches!(r, Ok(Some(_)))).count(), 1, "{results:?}");
+    assert!(results.iter().all(|r| matches!(r, Ok(_))), "{results:?}");
+    // hibernated -> ready or -> failed: whichever wins, the other is refused or repeats.
+    let results = race(&[container::READY, container::STOPPING]).await;
+    let moved = results.iter().filter(|r| matches!(r, Ok(Some(_)))).count();
+    assert!((1..=2).contains(&moved), "ready then stopping may both move: {results:?}");
+    let history = store.transitions_of("container", "ctr_1").await.unwrap();
+    assert_eq!(history.len(), 2 + moved, "{history:?}");
+    for pair in history.windows(2) {
+        assert_eq!(pair[0].to_state, pair[1].from_state, "history chains: {history:?}");
+    }
+}
+
+/// Keys of prompts are per session, keys of creates global; a key is
+/// stored once, and a second holder is refused without writing anything.
+async fn idempotency_keys_are_stored_with_runs_and_sessions(store: &Store) {
+    seed(store, "ctr_1", "ses_1").await;
+    store.insert_session(new_session("ses_2", "ctr_1")).await.unwrap();
+    assert_eq!(store.run_by_idempotency_key("ses_1", "k").await.unwrap(), None);
+    let start = async |run: &str, session: &str, key: &str, digest: &str| {
+        store
+            .transaction(async |tx| {
+                tx.insert_run(run, session).await?;
+                tx.set_run_idempotency_key(run, key, digest).await
+            })
+            .await
+    };
+    start("run_1", "ses_1", "k", "d1").await.unwrap();
+    assert_eq!(store.run_by_idempotency_key("ses_1", "k").await.unwrap(), Some(("run_1".into(), Some("d1".into()))));
+    // The same key on another session is another prompt.
+    start("run_2", "ses_2", "k", "d2").await.unwrap();
+    assert_eq!(store.run_by_idempotency_key("ses_2", "k").await.unwrap(), Some(("run_2".into(), Some("d2".into()))));
+    // Reused on its session once the first run ended: refused, and the
+    // transaction's run with it.
+    store.run_completed("run_1", "end_turn").await.unwrap();
+    match start("run_3", "ses_1", "k", "d3").await {
+        Err(StoreError::KeyTaken { key }) => assert_eq!(key, "k"),
+        other => panic!("expected KeyTaken, got {other:?}"),
+    }
+    assert_not_found(store.get_run("run_3").await, Entity::Run, "run_3");
+    assert_eq!(store.run_by_idempotency_key("ses_1", "k").await.unwrap(), Some(("run_1".into(), Some("d1".into()))));
+    // Runs without a key never collide.
+    store.insert_run("run_4", "ses_1").await.unwrap();
+    store.run_completed("run_4", "end_turn").await.unwrap();
+    store.insert_run("run_5", "ses_1").await.unwrap();
+
+    let keyed = async |session: &str, key: &str| store.transaction(async |tx| tx.set_session_idempotency_key(session, key, "dc").await).await;
+    keyed("ses_1", "create-1").await.unwrap();
+    assert_eq!(store.session_by_idempotency_key("create-1").await.unwrap(), Some(("ses_1".into(), Some("dc".into()))));
+    assert!(matches!(keyed("ses_2", "create-1").await, Err(StoreError::KeyTaken { .. })), "create keys are global");
+    assert_eq!(store.session_by_idempotency_key("create-2").await.unwrap(), None);
+    assert_not_found(keyed("ses_9", "create-3").await, Entity::Session, "ses_9");
 }
 
 /// Twenty callers start a turn of the same session at once, three times over:

@@ -83,6 +83,13 @@ pub enum StoreError {
     Illegal(#[from] IllegalTransition),
     #[error("session {session_id} already has a running turn")]
     RunActive { session_id: String },
+    /// A step's lease was taken over: what the transaction recorded for it
+    /// must be rolled back.
+    #[error("outbox row {id}: lease epoch {epoch} is no longer held")]
+    StaleLease { id: i64, epoch: i64 },
+    /// An idempotency key already stored with another request's result.
+    #[error("idempotency key {key:?} is already in use")]
+    KeyTaken { key: String },
     /// Anything the database or the connection to it did wrong, including an
     /// unreachable server (`PoolTimedOut`) and an unusable store URL
     /// (`Configuration`).
@@ -410,11 +417,15 @@ impl Store {
     /// says so, `completed` otherwise; the stop reason is kept either way.
     pub async fn run_completed(&self, id: &str, stop_reason: &str) -> Result<(), StoreError> {
         let to = if stop_reason == "cancelled" { states::run::CANCELLED } else { states::run::COMPLETED };
-        self.transition(Entity::Run, id, to, None, Some(Extra::StopReason(stop_reason))).await
+        self.transition(Entity::Run, id, to, None, Some(Extra::StopReason(stop_reason))).await?;
+        self.run_ended();
+        Ok(())
     }
 
     pub async fn run_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
-        self.transition(Entity::Run, id, states::run::FAILED, Some(error), None).await
+        self.transition(Entity::Run, id, states::run::FAILED, Some(error), None).await?;
+        self.run_ended();
+        Ok(())
     }
 
     pub async fn get_container(&self, id: &str) -> Result<ContainerRow, StoreError> {
@@ -463,6 +474,19 @@ impl Store {
     pub async fn running_runs_of_session(&self, session_id: &str) -> Result<Vec<RunRow>, StoreError> {
         let sql = "SELECT * FROM runs WHERE session_id = $1 AND state = $2 ORDER BY created_at, id";
         Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(session_id).bind(states::run::RUNNING).fetch_all(pool).await)?)
+    }
+
+    /// The run a prompt with idempotency `key` made on `session_id`, and that
+    /// prompt's digest.
+    pub async fn run_by_idempotency_key(&self, session_id: &str, key: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+        let sql = "SELECT id, request_digest FROM runs WHERE session_id = $1 AND idempotency_key = $2";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(session_id).bind(key).fetch_optional(pool).await)?)
+    }
+
+    /// The session a create with idempotency `key` made, and that create's digest.
+    pub async fn session_by_idempotency_key(&self, key: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+        let sql = "SELECT id, request_digest FROM sessions WHERE idempotency_key = $1";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(key).fetch_optional(pool).await)?)
     }
 
     /// Closes the pool, waiting for connections in use to come back.

@@ -62,6 +62,13 @@ use super::{Backend, ConstraintKind, Extra, NewSession, Store, StoreError, inser
 /// The PostgreSQL channel a committed enqueue notifies.
 pub const CHANNEL: &str = "agentd_outbox";
 
+/// This process's name in the payload of its notifications, so that its
+/// listener can skip them: its runners were woken in process already.
+pub fn notifier_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| crate::new_id("cp"))
+}
+
 /// How many finished rows one pruning statement deletes at most, so that a
 /// large backlog is removed in short statements.
 const PRUNE_BATCH: i64 = 5_000;
@@ -193,6 +200,16 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
+/// The outcome of storing an idempotency key on `entity` `id`.
+fn key_set(updated: Result<u64, sqlx::Error>, entity: Entity, id: &str, key: &str) -> Result<(), StoreError> {
+    match updated {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(StoreError::NotFound { entity, id: id.to_string() }),
+        Err(e) if matches!(insert_refused(&e), Some(ConstraintKind::Unique)) => Err(StoreError::KeyTaken { key: key.to_string() }),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The open transaction of one backend.
 enum TxConn {
     Sqlite(Transaction<'static, Sqlite>),
@@ -203,10 +220,15 @@ enum TxConn {
 /// rolls back. Never hold one across a network call.
 pub struct Tx {
     conn: TxConn,
-    /// Set when a step was inserted: the commit wakes runners.
-    enqueued: bool,
+    /// Steps inserted and left to the runners (not leased by
+    /// [`Tx::claim_enqueued`]): the commit wakes runners when there are any.
+    enqueued: usize,
     /// This database's in-process wake-up signals.
     signals: Arc<Signals>,
+    /// SQLite: this process's writer turn, until the transaction ends.
+    _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Steps this transaction recorded done: their handlers' flags, set on commit.
+    completes: Vec<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Evaluates `$body` with `$conn` bound to the transaction's connection, as
@@ -234,6 +256,15 @@ struct Signals {
     claimable: watch::Sender<u64>,
     /// Steps were enqueued here: wakes the NOTIFY forwarder.
     enqueued: watch::Sender<u64>,
+    /// A run's end was recorded here: wakes a prompt waiting for the end
+    /// of the turn before it.
+    runs_ended: watch::Sender<u64>,
+    /// SQLite: held by whoever writes, so that this process's writers queue
+    /// here and are woken the moment the writer before them is done. Left to
+    /// SQLite alone, a writer that finds the database locked sleeps in its
+    /// busy handler (1, 2, 5, 10 ms ...), which cost prompts milliseconds.
+    /// Other processes on the file still meet the busy handler.
+    sqlite_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The signals of each database this process opened (keyed by file, or by
@@ -244,7 +275,9 @@ fn signals_for(key: String) -> Arc<Signals> {
     let mut signals = SIGNALS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     signals
         .entry(key)
-        .or_insert_with(|| Arc::new(Signals { claimable: watch::Sender::new(0), enqueued: watch::Sender::new(0) }))
+        .or_insert_with(|| Arc::new(Signals { claimable: watch::Sender::new(0), enqueued: watch::Sender::new(0), runs_ended: watch::Sender::new(0),
+            sqlite_writer: Default::default(),
+        }))
         .clone()
 }
 
@@ -286,13 +319,67 @@ impl Tx {
             .fetch_optional(conn)
             .await)?;
         if let Some(row) = inserted {
-            self.enqueued = true;
+            self.enqueued += 1;
             return Ok(row);
         }
         // The key exists: committed before (on PostgreSQL the insert waited
         // for a concurrent holder to commit), so this statement sees it.
         let sql = "SELECT * FROM outbox WHERE idempotency_key = $1";
         Ok(with_tx!(self, |conn| sqlx::query_as(sql).bind(step.idempotency_key).fetch_one(conn).await)?)
+    }
+
+    /// Leases `step`, just enqueued by this transaction, to `owner` for
+    /// `lease`, as a claim would (epoch and attempts up by one), so that the
+    /// caller runs it itself ([`crate::workflow::inline`]). `None`, leaving
+    /// it to the runners, when it is not pending and due or an older step of
+    /// its entity is still open (the claim's ordering rule: within this
+    /// transaction the entity's steps are as the lock on its row left them).
+    pub async fn claim_enqueued(&mut self, step: &OutboxRow, owner: &str, lease: Duration) -> Result<Option<OutboxRow>, StoreError> {
+        if step.state != step_state::PENDING {
+            return Ok(None);
+        }
+        let sql = self.sql(
+            "UPDATE outbox SET state = 'leased', lease_owner = $2, lease_epoch = lease_epoch + 1, \
+             attempts = attempts + 1, lease_expires_at = NOW_MS + $3 \
+             WHERE id = $1 AND state = 'pending' AND available_at <= NOW_MS \
+             AND NOT EXISTS (SELECT 1 FROM outbox p \
+                 WHERE p.entity_kind = outbox.entity_kind AND p.entity_id = outbox.entity_id \
+                 AND p.id < outbox.id AND p.state IN ('pending', 'leased')) \
+             RETURNING *",
+        );
+        let leased: Option<OutboxRow> =
+            with_tx!(self, |conn| sqlx::query_as(sql).bind(step.id).bind(owner).bind(millis(lease)).fetch_optional(conn).await)?;
+        if leased.is_some() {
+            // No runner need look for it (a claim that finds nothing is a
+            // write transaction on SQLite).
+            self.enqueued = self.enqueued.saturating_sub(1);
+        }
+        Ok(leased)
+    }
+
+    /// Records the step `ctx` is running done with `result`, in this
+    /// transaction: a handler whose work is writes to the store commits them
+    /// and the step's end together (one commit and no completion statement
+    /// of the runner's), exactly once in effect. Fenced like a completion:
+    /// a lease taken over is [`StoreError::StaleLease`], and the transaction
+    /// must be rolled back (its writes were the stale worker's).
+    pub async fn complete_step(&mut self, ctx: &crate::workflow::StepContext, result: &Value) -> Result<(), StoreError> {
+        let sql = self.sql(
+            "UPDATE outbox SET state = 'done', result = $3, completed_at = NOW_MS, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
+        );
+        let updated = with_tx!(self, |conn| sqlx::query(sql)
+            .bind(ctx.id)
+            .bind(ctx.epoch)
+            .bind(result)
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected()))?;
+        if updated != 1 {
+            return Err(StoreError::StaleLease { id: ctx.id, epoch: ctx.epoch });
+        }
+        self.completes.push(ctx.recorded.clone());
+        Ok(())
     }
 
     /// Starts a run, as [`Store::insert_run`] does. A refusal (a run already
@@ -315,6 +402,26 @@ impl Tx {
                 None => Err(e.into()),
             },
         }
+    }
+
+    /// Remembers on run `run_id` the idempotency key its prompt came with,
+    /// and the request's digest ([`crate::api::idempotency`]). A key another
+    /// run of the session holds is [`StoreError::KeyTaken`] (which aborts a
+    /// PostgreSQL transaction: roll it back).
+    pub async fn set_run_idempotency_key(&mut self, run_id: &str, key: &str, digest: &str) -> Result<(), StoreError> {
+        let sql = "UPDATE runs SET idempotency_key = $2, request_digest = $3 WHERE id = $1";
+        let updated = with_tx!(self, |conn| sqlx::query(sql).bind(run_id).bind(key).bind(digest).execute(conn).await.map(|d| d.rows_affected()));
+        key_set(updated, Entity::Run, run_id, key)
+    }
+
+    /// Remembers on session `session_id` the idempotency key its create came
+    /// with, as [`Self::set_run_idempotency_key`] does for a run (keys of
+    /// creates are global).
+    pub async fn set_session_idempotency_key(&mut self, session_id: &str, key: &str, digest: &str) -> Result<(), StoreError> {
+        let sql = "UPDATE sessions SET idempotency_key = $2, request_digest = $3 WHERE id = $1";
+        let updated =
+            with_tx!(self, |conn| sqlx::query(sql).bind(session_id).bind(key).bind(digest).execute(conn).await.map(|d| d.rows_affected()));
+        key_set(updated, Entity::Session, session_id, key)
     }
 
     /// Locks `entity` `id`'s row until this transaction ends (PostgreSQL:
@@ -403,6 +510,9 @@ impl Tx {
         extra: Option<Extra<'_>>,
         reason: &str,
     ) -> Result<Option<String>, StoreError> {
+        if let TxConn::Postgres(_) = self.conn {
+            return self.transition_in_one_statement(entity, id, to, error, extra, reason).await;
+        }
         let select = format!("SELECT state FROM {} WHERE id = $1", table(entity));
         let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
         let extra_sql = extra.map(|e| format!(", {} = $6", e.column())).unwrap_or_default();
@@ -453,13 +563,75 @@ impl Tx {
         }
     }
 
+    /// [`Self::transition_with`] on PostgreSQL: the read, the compare-and-set
+    /// and the history row in one statement (one round trip instead of three).
+    /// `prev` reads the state in the statement's snapshot; the `UPDATE` moves
+    /// the row only if it is still in that state (a concurrent writer's
+    /// commit makes READ COMMITTED re-check `t.state = prev.state` against
+    /// the new row, which then fails, and we go again); the history row is
+    /// written from what the `UPDATE` returned, so only for a real move.
+    async fn transition_in_one_statement(
+        &mut self,
+        entity: Entity,
+        id: &str,
+        to: &str,
+        error: Option<&str>,
+        extra: Option<Extra<'_>>,
+        reason: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let table = table(entity);
+        let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
+        let extra_sql = extra.map(|e| format!(", {} = $8", e.column())).unwrap_or_default();
+        let sources: Vec<String> = states::sources(entity, to).iter().map(|s| s.to_string()).collect();
+        let sql = self.sql(&format!(
+            "WITH prev AS (SELECT state FROM {table} WHERE id = $4), \
+             moved AS (UPDATE {table} t SET state = $1, error = COALESCE($2, t.error), {time_column} = $3{extra_sql} \
+                 FROM prev WHERE t.id = $4 AND t.state = prev.state AND prev.state = ANY($5) AND prev.state <> $1 \
+                 RETURNING prev.state AS from_state), \
+             history AS (INSERT INTO transitions (entity_kind, entity_id, from_state, to_state, at, reason) \
+                 SELECT $6, $4, from_state, $1, NOW_MS, $7 FROM moved) \
+             SELECT (SELECT state FROM prev), (SELECT from_state FROM moved)"
+        ));
+        let TxConn::Postgres(t) = &mut self.conn else { unreachable!("PostgreSQL only") };
+        loop {
+            let now = now_ms();
+            let query = sqlx::query_as::<_, (Option<String>, Option<String>)>(AssertSqlSafe(sql.0.clone()))
+                .bind(to)
+                .bind(error)
+                .bind(now)
+                .bind(id)
+                .bind(&sources)
+                .bind(entity.to_string())
+                .bind(reason);
+            let query = match extra {
+                None => query,
+                Some(Extra::SupervisorPid(pid)) => query.bind(pid),
+                Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
+            };
+            let (current, moved_from) = query.fetch_one(&mut **t).await?;
+            match (current, moved_from) {
+                (None, _) => return Err(StoreError::NotFound { entity, id: id.to_string() }),
+                (Some(_), Some(from)) => return Ok(Some(from)),
+                (Some(current), None) if current == to => return Ok(None),
+                (Some(current), None) if !states::sources(entity, to).contains(&current.as_str()) => {
+                    return Err(IllegalTransition { entity, id: id.to_string(), current, to: to.to_string() }.into());
+                }
+                // Moved by a concurrent writer between the read and the update: read again.
+                (Some(_), None) => {}
+            }
+        }
+    }
+
     /// Commits; if a step was enqueued, wakes runners (see the module doc).
     pub async fn commit(self) -> Result<(), StoreError> {
         match self.conn {
             TxConn::Sqlite(t) => t.commit().await?,
             TxConn::Postgres(t) => t.commit().await?,
         }
-        if self.enqueued {
+        for recorded in &self.completes {
+            recorded.store(true, std::sync::atomic::Ordering::Release);
+        }
+        if self.enqueued > 0 {
             bump(&self.signals.claimable);
             bump(&self.signals.enqueued);
         }
@@ -518,6 +690,15 @@ impl Store {
         self.signals().enqueued.subscribe()
     }
 
+    /// Changes whenever this process records the end of a run.
+    pub fn runs_ended(&self) -> watch::Receiver<u64> {
+        self.signals().runs_ended.subscribe()
+    }
+
+    pub(super) fn run_ended(&self) {
+        bump(&self.signals().runs_ended);
+    }
+
     /// Wakes this process's runners on this database.
     pub fn wake_outbox(&self) {
         bump(&self.signals().claimable);
@@ -528,18 +709,31 @@ impl Store {
     /// of its own). Does nothing on SQLite.
     pub async fn notify_outbox(&self) -> Result<(), StoreError> {
         if let Backend::Postgres(pool) = &self.backend {
-            sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(pool).await?;
+            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(notifier_id()).execute(pool).await?;
         }
         Ok(())
     }
 
+    /// SQLite: waits for this process's writer turn (see `Signals`); a
+    /// statement that writes holds it until it is done. Never take it while
+    /// holding a [`Tx`], which has it already.
+    pub(super) async fn writer(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Some(self.signals().sqlite_writer.clone().lock_owned().await),
+            Backend::Postgres(_) => None,
+        }
+    }
+
     /// Opens a transaction (see the module doc).
     pub async fn begin(&self) -> Result<Tx, StoreError> {
-        let conn = match &self.backend {
-            Backend::Sqlite(pool) => TxConn::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
-            Backend::Postgres(pool) => TxConn::Postgres(pool.begin().await?),
+        let (conn, writer) = match &self.backend {
+            Backend::Sqlite(pool) => {
+                let writer = self.writer().await;
+                (TxConn::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?), writer)
+            }
+            Backend::Postgres(pool) => (TxConn::Postgres(pool.begin().await?), None),
         };
-        Ok(Tx { conn, enqueued: false, signals: self.signals() })
+        Ok(Tx { conn, enqueued: 0, signals: self.signals(), _writer: writer, completes: Vec::new() })
     }
 
     /// Runs `f` in a transaction: committed if it returns `Ok`, rolled back
@@ -624,6 +818,7 @@ impl Store {
             "UPDATE outbox SET state = 'done', result = $3, completed_at = NOW_MS, lease_expires_at = NULL \
              WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
         );
+        let _writer = self.writer().await;
         let updated = with_pool!(self, |pool| sqlx::query(sql)
             .bind(id)
             .bind(epoch)
@@ -639,6 +834,7 @@ impl Store {
         let sql = self.sql(
             "UPDATE outbox SET lease_expires_at = NOW_MS + $3 WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
         );
+        let _writer = self.writer().await;
         let updated = with_pool!(self, |pool| sqlx::query(sql)
             .bind(id)
             .bind(epoch)
@@ -657,6 +853,7 @@ impl Store {
              lease_expires_at = NULL, last_error = $3 \
              WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
         );
+        let _writer = self.writer().await;
         let updated = with_pool!(self, |pool| sqlx::query(sql)
             .bind(id)
             .bind(epoch)
@@ -684,6 +881,7 @@ impl Store {
              RETURNING state, available_at"
         ));
         let retry_ms = retry_in.map(millis).unwrap_or(-1);
+        let _writer = self.writer().await;
         let row: Option<(String, i64)> =
             with_pool!(self, |pool| sqlx::query_as(sql).bind(id).bind(epoch).bind(retry_ms).bind(error).fetch_optional(pool).await)?;
         match row {
@@ -704,6 +902,7 @@ impl Store {
              last_error = 'the runner ' || lease_owner || ' restarted while running this step' \
              WHERE state = 'leased' AND lease_owner = $1",
         );
+        let _writer = self.writer().await;
         let released = with_pool!(self, |pool| sqlx::query(sql).bind(owner).execute(pool).await.map(|done| done.rows_affected()))?;
         if released > 0 {
             self.wake_outbox();
@@ -731,6 +930,7 @@ impl Store {
              last_error = 'lease of ' || COALESCE(lease_owner, '?') || ' expired' \
              WHERE state = 'leased' AND lease_expires_at < NOW_MS"
         ));
+        let _writer = self.writer().await;
         let reaped = with_pool!(self, |pool| sqlx::query(sql).execute(pool).await.map(|done| done.rows_affected()))?;
         if reaped > 0 {
             self.wake_outbox();

@@ -14,6 +14,8 @@
 //! - [`registry`]: step kind -> async handler.
 //! - [`runner`]: the claim loop, bounded concurrency, graceful shutdown.
 //! - [`step`]: one claimed step: heartbeat, handler, complete or fail.
+//! - [`inline`]: a step run by the caller that enqueued it (claimed in the
+//!   enqueuing transaction), for an API call that waits for its outcome.
 //! - [`backoff`]: exponential backoff with jitter between attempts.
 //! - [`wake`]: PostgreSQL LISTEN/NOTIFY as wake-up hints between control planes.
 //! - [`janitor`]: the lease reaper and pruning of finished rows.
@@ -26,6 +28,7 @@
 //! (the node rejects stale epochs).
 
 pub mod backoff;
+pub mod inline;
 pub mod janitor;
 pub mod registry;
 pub mod runner;
@@ -36,8 +39,12 @@ pub mod wake;
 mod tests;
 
 pub use backoff::Backoff;
+pub use inline::InlineConfig;
 pub use registry::Registry;
 pub use runner::{Runner, RunnerConfig};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
 
@@ -58,6 +65,10 @@ pub struct StepContext {
     pub attempt: i64,
     /// The attempt after which a failure is final.
     pub max_attempts: i64,
+    /// Set once a transaction of the handler's recorded the step done
+    /// ([`Tx::complete_step`](crate::store::outbox::Tx::complete_step)) and
+    /// committed: the runner then records nothing more.
+    pub(crate) recorded: Arc<AtomicBool>,
 }
 
 impl StepContext {
@@ -65,6 +76,11 @@ impl StepContext {
     /// that must leave its entity in a true state records the failure then.
     pub fn is_last_attempt(&self) -> bool {
         self.attempt >= self.max_attempts
+    }
+
+    /// Whether a transaction of the handler's already recorded the step done.
+    pub fn recorded(&self) -> bool {
+        self.recorded.load(Ordering::Acquire)
     }
 }
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{Store, StoreError};
 use crate::store::outbox::{Failed, OutboxError, OutboxRow};
 
-use super::registry::Registry;
+use super::registry::{Handler, Registry};
 use super::{Backoff, StepContext, StepError, StepResult};
 
 /// What a step task needs besides its row; shared by all of a runner's steps.
@@ -30,6 +30,15 @@ pub(crate) struct Shared {
 /// outcome cannot be recorded keeps its lease until it expires, and the
 /// reaper makes it claimable again.
 pub(crate) async fn run(shared: Arc<Shared>, row: OutboxRow) {
+    let handler = shared.registry.get(&row.kind).cloned();
+    execute(&shared, row, handler, |_| {}).await;
+}
+
+/// [`run`] with the handler given: `seen` gets the handler's outcome as soon
+/// as it is known, before it is recorded (a caller waiting for the step may
+/// answer from it: a step whose outcome is lost with its process runs again,
+/// and its node calls are answered from the node's memory).
+pub(crate) async fn execute(shared: &Shared, row: OutboxRow, handler: Option<Handler>, seen: impl FnOnce(&StepResult)) {
     let (id, epoch) = (row.id, row.lease_epoch);
     let ctx = StepContext {
         id,
@@ -41,14 +50,16 @@ pub(crate) async fn run(shared: Arc<Shared>, row: OutboxRow) {
         payload: row.payload,
         attempt: row.attempts,
         max_attempts: row.max_attempts,
+        recorded: Default::default(),
     };
     let kind = ctx.kind.clone();
+    let recorded = ctx.recorded.clone();
 
-    let outcome = match shared.registry.get(&kind) {
+    let outcome = match handler {
         None => Err(StepError::retryable(format!("no handler for step kind {kind:?} in this runner"))),
         Some(handler) => {
             let handler = AssertUnwindSafe(handler(ctx)).catch_unwind();
-            match heartbeat(&shared, id, epoch, handler).await {
+            match heartbeat(shared, id, epoch, handler).await {
                 Some(Ok(outcome)) => outcome,
                 Some(Err(_panic)) => Err(StepError::retryable("step handler panicked")),
                 None => {
@@ -61,7 +72,13 @@ pub(crate) async fn run(shared: Arc<Shared>, row: OutboxRow) {
             }
         }
     };
-    record(&shared, id, epoch, &kind, row.attempts, outcome).await;
+    seen(&outcome);
+    if recorded.load(std::sync::atomic::Ordering::Acquire) {
+        // Its handler's transaction recorded it done, with its state change.
+        tracing::debug!(id, epoch, kind, "step done");
+    } else {
+        record(shared, id, epoch, &kind, row.attempts, outcome).await;
+    }
     // The entity's next step, held back behind this one, may be claimable now.
     shared.store.wake_outbox();
 }

@@ -12,10 +12,16 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
-use crate::store::outbox::CHANNEL;
+use crate::store::outbox::{CHANNEL, notifier_id};
 
 /// Wait between attempts to (re)connect the listener.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// How long the notifier lets commits gather before one NOTIFY tells other
+/// control planes of them all (each NOTIFY is a statement, and its commit
+/// takes a global lock); they poll as well, so this only bounds how soon
+/// they hear.
+const COALESCE: Duration = Duration::from_millis(1);
 
 /// Forwards notifications on the outbox channel into the store's in-process
 /// wake-up signal until `shutdown`. Returns at once on SQLite.
@@ -42,6 +48,8 @@ pub async fn listen(store: Store, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 received = listener.recv() => match received {
+                    // Our own: this process's runners were woken already.
+                    Ok(n) if n.payload() == notifier_id() => {}
                     Ok(_) => store.wake_outbox(),
                     Err(e) => {
                         tracing::warn!(error = %e, "outbox listener lost; reconnecting");
@@ -66,6 +74,10 @@ pub async fn forward(store: Store, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             changed = enqueued.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(COALESCE) => {}
             _ = shutdown.cancelled() => return,
         }
         enqueued.borrow_and_update();
