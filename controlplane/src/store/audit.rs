@@ -11,6 +11,14 @@ use super::{Backend, Store, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
 pub struct AuditRecord {
     pub id: i64,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub record: NewAuditRecord,
+}
+
+/// What one call did (the store assigns the record's id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
+pub struct NewAuditRecord {
     /// When the call arrived, ms since the Unix epoch.
     pub at: i64,
     /// Who the caller said it was (`X-Agentd-Actor`); not authenticated.
@@ -24,21 +32,6 @@ pub struct AuditRecord {
     pub entity_id: Option<String>,
     pub status: i64,
     /// The problem's `code` when the call failed.
-    pub code: Option<String>,
-    pub duration_us: i64,
-}
-
-/// A record about to be written (the store assigns the id).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewAuditRecord {
-    pub at: i64,
-    pub actor: Option<String>,
-    pub peer: Option<String>,
-    pub method: String,
-    pub path: String,
-    pub entity_kind: Option<String>,
-    pub entity_id: Option<String>,
-    pub status: i64,
     pub code: Option<String>,
     pub duration_us: i64,
 }

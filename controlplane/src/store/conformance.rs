@@ -634,8 +634,9 @@ async fn audit_records_page_filter_and_prune(store: &Store) {
     let newest = store.audit_records(&audit::AuditQuery { after: None, entity: None, limit: 2 }).await.unwrap();
     assert_eq!(newest.len(), 2);
     assert!(newest[0].id < newest[1].id, "oldest first within a page");
-    assert_eq!((newest[1].path.as_str(), newest[1].code.as_deref(), newest[1].status), ("/v1/sessions/ses_7", Some("illegal_state"), 409));
-    assert_eq!((newest[1].actor.as_deref(), newest[1].duration_us), (Some("ops@example"), 1234));
+    let last = &newest[1].record;
+    assert_eq!((last.path.as_str(), last.code.as_deref(), last.status), ("/v1/sessions/ses_7", Some("illegal_state"), 409));
+    assert_eq!((last.actor.as_deref(), last.duration_us), (Some("ops@example"), 1234));
 
     // Paging from the start with a cursor visits every record once, in order.
     let mut seen = Vec::new();
@@ -644,7 +645,7 @@ async fn audit_records_page_filter_and_prune(store: &Store) {
         let page = store.audit_records(&audit::AuditQuery { after: Some(after), entity: None, limit: 100 }).await.unwrap();
         let Some(last) = page.last() else { break };
         after = last.id;
-        seen.extend(page.into_iter().map(|r| r.path));
+        seen.extend(page.into_iter().map(|r| r.record.path));
     }
     assert_eq!(seen.len(), 251);
     assert_eq!(seen[0], "/v1/sessions/ses_0:prompt");
@@ -653,7 +654,7 @@ async fn audit_records_page_filter_and_prune(store: &Store) {
         .audit_records(&audit::AuditQuery { after: None, entity: Some(("session".into(), "ses_7".into())), limit: 10 })
         .await
         .unwrap();
-    assert_eq!(one.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(), ["/v1/sessions/ses_7:prompt", "/v1/sessions/ses_7"]);
+    assert_eq!(one.iter().map(|r| r.record.path.as_str()).collect::<Vec<_>>(), ["/v1/sessions/ses_7:prompt", "/v1/sessions/ses_7"]);
 
     // Pruning by age keeps the newer record.
     store.insert_audit_records(&[audit_record(now - 3_600_000, "/v1/registry:sync", None, None)]).await.unwrap();
