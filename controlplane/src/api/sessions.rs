@@ -483,8 +483,7 @@ async fn prompt(app: AppState, id: &str, headers: &HeaderMap, body: PromptBody) 
 }
 
 fn prompt_answer(run_id: &str, session_id: &str) -> Value {
-    // The node took it: its events flow (the store records it a moment later).
-    json!({"run_id": run_id, "session_id": session_id, "state": "streaming"})
+    json!({"run_id": run_id, "session_id": session_id, "state": "running"})
 }
 
 /// A prompt repeated with its idempotency key: the first prompt's run,
@@ -538,11 +537,7 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
                     tx.set_run_idempotency_key(run_id, &k.key, &k.digest).await?;
                 }
                 let step = tx.enqueue(dispatch.clone()).await?;
-                let claimed = tx.claim_enqueued(&step, &app.steps.owner, app.steps.lease).await?;
-                if claimed.is_none() {
-                    tx.set_run_queued(run_id).await?;
-                }
-                Ok(claimed)
+                tx.claim_enqueued(&step, &app.steps.owner, app.steps.lease).await
             })
             .await;
         match inserted {
