@@ -3,16 +3,7 @@
 //! (the container.delete step) both copy its event log into the store, and
 //! its event stream replays it, from any event id, then ends.
 
-use reqwest::StatusCode;
-use serde_json::json;
-
-use crate::support::{Agentd, Sse, SseEvent, said, session_body};
-
-async fn a_turn(agentd: &Agentd, id: &str, events: &mut Sse, text: &str) -> Vec<SseEvent> {
-    let (status, answer) = agentd.prompt(id, text).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    events.until_run_end().await
-}
+use crate::support::{Agentd, SseEvent, in_container, said, session_body, turn};
 
 /// Everything the closed session's stream replays, until it ends.
 async fn replayed(agentd: &Agentd, id: &str, last_event_id: Option<u64>) -> Vec<(u64, String, String)> {
@@ -30,15 +21,12 @@ async fn closed_sessions_replay_their_archived_history() {
     let (first, mut first_events) = agentd.create_streaming(&session_body(&[])).await;
     let (_, view) = agentd.get(&format!("/v1/sessions/{first}")).await;
     let container = view["container_id"].as_str().unwrap().to_string();
-    let mut second_body = session_body(&[]);
-    second_body["container_id"] = json!(container);
-    second_body.as_object_mut().unwrap().remove("container_profile");
-    let (second, mut second_events) = agentd.create_streaming(&second_body).await;
+    let (second, mut second_events) = agentd.create_streaming(&in_container(&container, &[])).await;
 
-    let mut live = a_turn(&agentd, &first, &mut first_events, "remember this").await;
-    live.extend(a_turn(&agentd, &first, &mut first_events, "and this").await);
+    let mut live = turn(&agentd, &first, &mut first_events, "remember this").await;
+    live.extend(turn(&agentd, &first, &mut first_events, "and this").await);
     let live: Vec<(u64, String, String)> = live.into_iter().map(|e| (e.id.unwrap(), e.event, e.data)).collect();
-    let said_second = a_turn(&agentd, &second, &mut second_events, "second session").await;
+    let said_second = turn(&agentd, &second, &mut second_events, "second session").await;
     assert_eq!(said(&said_second), "second session");
 
     // Closing one session of two: archived by its close step.

@@ -11,15 +11,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Agentd, Sse, SseEvent, said, session_body};
-
-async fn turn(agentd: &Agentd, id: &str, events: &mut Sse, prompt: &str) -> Vec<SseEvent> {
-    let (status, answer) = agentd.prompt(id, prompt).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    let got = events.until_run_end().await;
-    assert_eq!(got.last().unwrap().event, "run.completed", "{got:?}");
-    got
-}
+use crate::support::{Agentd, Sse, in_container, said, session_body, turn};
 
 async fn says(agentd: &Agentd, id: &str, events: &mut Sse, prompt: &str) -> String {
     said(&turn(agentd, id, events, prompt).await)
@@ -28,14 +20,6 @@ async fn says(agentd: &Agentd, id: &str, events: &mut Sse, prompt: &str) -> Stri
 fn with_dirs(args: &[&str], dirs: Value) -> Value {
     let mut body = session_body(args);
     body["session"]["additional_directories"] = dirs;
-    body
-}
-
-/// A body for one more session in `container_id`, the echo agent run with `args`.
-fn in_container(container_id: &str, args: &[&str]) -> Value {
-    let mut body = session_body(args);
-    body.as_object_mut().unwrap().remove("container_profile");
-    body["container_id"] = json!(container_id);
     body
 }
 

@@ -56,6 +56,23 @@ pub fn said(events: &[SseEvent]) -> String {
         .collect()
 }
 
+/// A body for one more session in `container_id`, the echo agent run with `args`.
+pub fn in_container(container_id: &str, args: &[&str]) -> Value {
+    let mut body = session_body(args);
+    body.as_object_mut().unwrap().remove("container_profile");
+    body["container_id"] = json!(container_id);
+    body
+}
+
+/// Prompts and returns the turn's events; the turn must complete.
+pub async fn turn(agentd: &Agentd, id: &str, events: &mut Sse, prompt: &str) -> Vec<SseEvent> {
+    let (status, answer) = agentd.prompt(id, prompt).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let got = events.until_run_end().await;
+    assert_eq!(got.last().unwrap().event, "run.completed", "{got:?}");
+    got
+}
+
 pub fn session_body(args: &[&str]) -> Value {
     let exe = echo_agent().display().to_string();
     json!({
