@@ -9,7 +9,7 @@ use agentd_proto::node::{AgentInstance, GetSessionRequest};
 
 use crate::AppState;
 use crate::store::agents::AgentObservation;
-use crate::store::states::{container, session};
+use crate::store::states::{agent_instance, container, session};
 use crate::store::{SessionRow, StoreError};
 
 /// Records the agent a session was just opened on, as `StartAgent` answered.
@@ -68,7 +68,8 @@ pub async fn refresh(app: &AppState, node_id: &str, timeout: Duration) -> Result
             }
         }
         for instance in app.store.agent_instances_of_container(&c.id).await? {
-            if !open.contains_key(instance.id.as_str()) {
+            let ended = instance.state == agent_instance::FAILED || instance.state == agent_instance::STOPPED;
+            if !ended && !open.contains_key(instance.id.as_str()) {
                 app.store.agent_stopped(&instance.id, "no open session left").await?;
             }
         }
