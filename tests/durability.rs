@@ -492,7 +492,7 @@ impl Seen {
         loop {
             let (status, s) = self.send("GET session", || http.get(url)).await;
             assert_eq!(status, StatusCode::OK, "{s}");
-            let running = s["runs"].as_array().is_some_and(|runs| runs.iter().any(|r| r["state"] == "running"));
+            let running = s["runs"].as_array().is_some_and(|runs| runs.iter().any(|r| ["queued", "dispatching", "streaming"].contains(&r["state"].as_str().unwrap_or(""))));
             if s["state"] != "creating" && !running {
                 return s;
             }

@@ -319,7 +319,7 @@ async fn closing_a_session_mid_turn_ends_its_turn_and_spares_the_others() {
     let rest = b_events.until_run_end().await;
     assert_eq!(rest.last().unwrap().json()["stop_reason"], "cancelled", "{rest:?}");
     assert!(b_events.next().await.is_none(), "the closed session's stream ends");
-    let view = agentd.wait_for(&format!("/v1/sessions/{b}"), |v| v["runs"][0]["state"] != "running").await;
+    let view = agentd.wait_for(&format!("/v1/sessions/{b}"), |v| ["completed", "cancelled", "failed"].contains(&v["runs"][0]["state"].as_str().unwrap_or(""))).await;
     assert_eq!(view["state"], "closed", "{view}");
     assert_eq!(view["runs"][0]["id"], run.as_str());
     assert!(["cancelled", "failed"].contains(&view["runs"][0]["state"].as_str().unwrap()), "{view}");

@@ -159,3 +159,32 @@ async fn a_prompt_sent_the_moment_a_run_completes_is_accepted() {
     let view = agentd.wait_for(&format!("/v1/sessions/{id}"), |s| s["runs"][19]["state"] == "completed").await;
     assert!(view["runs"].as_array().unwrap().iter().all(|r| r["state"] == "completed"), "{view}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_shows_its_workflow_states() {
+    let agentd = Agentd::start().await;
+    let mut body = crate::support::session_body(&[]);
+    body["policy"] = serde_json::json!({"permissions": "ask"});
+    let (id, mut events) = agentd.create_streaming(&body).await;
+    // A turn held open by a permission ask.
+    let (status, accepted) = agentd.prompt(&id, "/ask deploy").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["state"], "streaming", "the node took it: {accepted}");
+    let asked = loop {
+        let e = events.next().await.expect("stream open");
+        if e.event == "permission.requested" {
+            break e.json();
+        }
+    };
+    let path = format!("/v1/sessions/{id}");
+    // Recorded dispatching with the prompt, streaming once the node started it.
+    agentd.wait_for(&path, |v| v["runs"][0]["state"] == "streaming").await;
+    let (status, problem) = agentd.prompt(&id, "meanwhile").await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("run_active")), "{problem}");
+    let answer = format!("/v1/sessions/{id}/permissions/{}", asked["request_id"].as_str().unwrap());
+    let (status, _) = agentd.post(&answer, &serde_json::json!({"option_id": "allow"})).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    events.until_run_end().await;
+    let view = agentd.wait_for(&path, |v| v["runs"][0]["state"] == "completed").await;
+    assert_eq!(view["runs"][0]["id"], accepted["run_id"]);
+}

@@ -483,7 +483,8 @@ async fn prompt(app: AppState, id: &str, headers: &HeaderMap, body: PromptBody) 
 }
 
 fn prompt_answer(run_id: &str, session_id: &str) -> Value {
-    json!({"run_id": run_id, "session_id": session_id, "state": "running"})
+    // The node took it: its events flow (the store records it a moment later).
+    json!({"run_id": run_id, "session_id": session_id, "state": "streaming"})
 }
 
 /// A prompt repeated with its idempotency key: the first prompt's run,
@@ -537,7 +538,11 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
                     tx.set_run_idempotency_key(run_id, &k.key, &k.digest).await?;
                 }
                 let step = tx.enqueue(dispatch.clone()).await?;
-                tx.claim_enqueued(&step, &app.steps.owner, app.steps.lease).await
+                let claimed = tx.claim_enqueued(&step, &app.steps.owner, app.steps.lease).await?;
+                if claimed.is_none() {
+                    tx.set_run_queued(run_id).await?;
+                }
+                Ok(claimed)
             })
             .await;
         match inserted {

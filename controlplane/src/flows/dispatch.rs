@@ -10,6 +10,7 @@ use agentd_proto::node::PromptRequest;
 use super::{deadline, failed, fence, within, node_error, ok, store_error, transient};
 use crate::AppState;
 use crate::api::Problem;
+use crate::store::StoreError;
 use crate::store::states::run;
 use crate::workflow::{StepContext, StepError, StepResult};
 
@@ -24,7 +25,14 @@ pub struct Payload {
 pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let payload: Payload = serde_json::from_value(ctx.payload.clone()).map_err(|e| StepError::permanent(format!("bad payload: {e}")))?;
     let r = app.store.get_run(&payload.run_id).await.map_err(store_error)?;
-    if r.state != run::RUNNING {
+    if r.state == run::QUEUED {
+        match app.store.run_dispatching(&r.id).await {
+            Ok(()) | Err(StoreError::Illegal(_)) => {}
+            Err(e) => return Err(store_error(e)),
+        }
+    }
+    let r = app.store.get_run(&payload.run_id).await.map_err(store_error)?;
+    if r.state != run::DISPATCHING && r.state != run::STREAMING {
         // Ended before it was handed over (its container was deleted, say).
         let detail = format!("run {} is {}", r.id, r.state);
         return Ok(failed(&Problem::conflict("illegal_state", detail)));

@@ -119,7 +119,7 @@ async fn inserts_and_reads(store: &Store) {
     let runs = store.runs_of_session("ses_1").await.unwrap();
     assert_eq!(runs.len(), 1);
     let r = &runs[0];
-    assert_eq!((r.id.as_str(), r.session_id.as_str(), r.state.as_str()), ("run_1", "ses_1", run::RUNNING));
+    assert_eq!((r.id.as_str(), r.session_id.as_str(), r.state.as_str()), ("run_1", "ses_1", run::DISPATCHING));
     assert_eq!((r.stop_reason.as_deref(), r.error.as_deref(), r.completed_at), (None, None, None));
     assert!(r.created_at >= before);
 }
@@ -217,7 +217,8 @@ async fn session_transitions(store: &Store) {
 async fn run_transitions(store: &Store) {
     async fn to(store: &Store, id: &str, state: &str) -> Result<(), StoreError> {
         match state {
-            run::RUNNING => Ok(()),
+            run::DISPATCHING => Ok(()),
+            run::STREAMING => store.run_streaming(id).await,
             run::COMPLETED => store.run_completed(id, "end_turn").await,
             run::CANCELLED => store.run_completed(id, "cancelled").await,
             run::FAILED => store.run_failed(id, "boom").await,
@@ -225,7 +226,7 @@ async fn run_transitions(store: &Store) {
         }
     }
     store.insert_container("ctr_1", "local", "{}").await.unwrap();
-    let all = [run::RUNNING, run::COMPLETED, run::CANCELLED, run::FAILED];
+    let all = [run::DISPATCHING, run::STREAMING, run::COMPLETED, run::CANCELLED, run::FAILED];
     for from in all {
         for target in &all[1..] {
             // A session per case: each keeps its run running until driven on.
@@ -235,8 +236,8 @@ async fn run_transitions(store: &Store) {
             to(store, &id, from).await.unwrap();
             let result = to(store, &id, target).await;
             let state = store.runs_of_session(&session_id).await.unwrap().remove(0).state;
-            // Only running has a way out.
-            if from == run::RUNNING || from == *target {
+            // Only an active run has a way out, and only forward.
+            if run::ACTIVE.contains(&from) || from == *target {
                 result.unwrap_or_else(|e| panic!("{from} -> {target}: {e}"));
                 assert_eq!(state, *target);
             } else {
@@ -306,8 +307,8 @@ async fn repeated_transitions_are_harmless(store: &Store) {
         [m(container::PROVISIONING, container::READY, ""), m(container::READY, container::FAILED, "first"), m(container::FAILED, container::DELETED, "")]
     );
     assert_eq!(moves("session", "ses_1").await, [m(session::CREATING, session::READY, ""), m(session::READY, session::CLOSED, "")]);
-    assert_eq!(moves("run", "run_1").await, [m(run::RUNNING, run::COMPLETED, "")]);
-    assert_eq!(moves("run", "run_2").await, [m(run::RUNNING, run::FAILED, "node lost")]);
+    assert_eq!(moves("run", "run_1").await, [m(run::DISPATCHING, run::COMPLETED, "")]);
+    assert_eq!(moves("run", "run_2").await, [m(run::DISPATCHING, run::FAILED, "node lost")]);
 }
 
 async fn missing_rows_are_not_found(store: &Store) {

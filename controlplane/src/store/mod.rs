@@ -472,8 +472,18 @@ impl Store {
 
     /// The session's running run, if any (at most one, by `runs_one_active`).
     pub async fn running_runs_of_session(&self, session_id: &str) -> Result<Vec<RunRow>, StoreError> {
-        let sql = "SELECT * FROM runs WHERE session_id = $1 AND state = $2 ORDER BY created_at, id";
-        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(session_id).bind(states::run::RUNNING).fetch_all(pool).await)?)
+        let sql = "SELECT * FROM runs WHERE session_id = $1 AND state IN ('queued', 'dispatching', 'streaming') ORDER BY created_at, id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(session_id).fetch_all(pool).await)?)
+    }
+
+    /// The node started the run: its events flow.
+    pub async fn run_streaming(&self, id: &str) -> Result<(), StoreError> {
+        self.transition(Entity::Run, id, states::run::STREAMING, None, None).await
+    }
+
+    /// A runner took a queued run's dispatch.
+    pub async fn run_dispatching(&self, id: &str) -> Result<(), StoreError> {
+        self.transition(Entity::Run, id, states::run::DISPATCHING, None, None).await
     }
 
     /// The run a prompt with idempotency `key` made on `session_id`, and that

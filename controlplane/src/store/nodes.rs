@@ -106,7 +106,7 @@ impl Store {
     pub async fn idle_containers(&self, node_id: &str, state: &str, idle_since: i64) -> Result<Vec<super::ContainerRow>, StoreError> {
         let sql = "SELECT c.* FROM containers c WHERE c.node_id = $1 AND c.state = $2 AND c.updated_at < $3 \
                    AND NOT EXISTS (SELECT 1 FROM runs r JOIN sessions s ON r.session_id = s.id \
-                       WHERE s.container_id = c.id AND (r.state = 'running' OR r.created_at >= $3 OR r.completed_at >= $3)) \
+                       WHERE s.container_id = c.id AND (r.state IN ('queued', 'dispatching', 'streaming') OR r.created_at >= $3 OR r.completed_at >= $3)) \
                    ORDER BY c.updated_at, c.id";
         Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(node_id).bind(state).bind(idle_since).fetch_all(pool).await)?)
     }

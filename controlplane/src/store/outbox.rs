@@ -382,14 +382,28 @@ impl Tx {
         Ok(())
     }
 
-    /// Starts a run, as [`Store::insert_run`] does. A refusal (a run already
+    /// Marks a run just inserted in this transaction as waiting for a runner
+    /// (its dispatch step could not be leased with it).
+    pub async fn set_run_queued(&mut self, id: &str) -> Result<(), StoreError> {
+        let sql = "UPDATE runs SET state = $1 WHERE id = $2 AND state = $3";
+        with_tx!(self, |conn| sqlx::query(sql)
+            .bind(states::run::QUEUED)
+            .bind(id)
+            .bind(states::run::DISPATCHING)
+            .execute(conn)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Starts a run (dispatching), as [`Store::insert_run`] does. A refusal (a run already
     /// active) aborts a PostgreSQL transaction: roll it back.
     pub async fn insert_run(&mut self, id: &str, session_id: &str) -> Result<(), StoreError> {
         let sql = "INSERT INTO runs (id, session_id, state, created_at) VALUES ($1, $2, $3, $4)";
         let inserted = with_tx!(self, |conn| sqlx::query(sql)
             .bind(id)
             .bind(session_id)
-            .bind(states::run::RUNNING)
+            .bind(states::run::DISPATCHING)
             .bind(now_ms())
             .execute(conn)
             .await

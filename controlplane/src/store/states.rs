@@ -43,9 +43,16 @@ pub mod session {
     pub const CLOSED: &str = "closed";
 }
 
-/// Run: running -> completed | cancelled | failed.
+/// Run: queued (its dispatch waits for a runner) -> dispatching (handed to
+/// the node) -> streaming (the node started it: events flow) -> completed |
+/// cancelled | failed. A prompt whose dispatch the API runs itself starts
+/// at dispatching.
 pub mod run {
-    pub const RUNNING: &str = "running";
+    pub const QUEUED: &str = "queued";
+    pub const DISPATCHING: &str = "dispatching";
+    pub const STREAMING: &str = "streaming";
+    /// Not ended: at most one per session.
+    pub const ACTIVE: &[&str] = &[QUEUED, DISPATCHING, STREAMING];
     pub const COMPLETED: &str = "completed";
     pub const CANCELLED: &str = "cancelled";
     pub const FAILED: &str = "failed";
@@ -86,7 +93,9 @@ pub fn sources(entity: Entity, to: &str) -> &'static [&'static str] {
         (Entity::Session, session::READY) => &[session::CREATING],
         (Entity::Session, session::FAILED) => &[session::CREATING, session::READY],
         (Entity::Session, session::CLOSED) => &[session::CREATING, session::READY, session::FAILED],
-        (Entity::Run, run::COMPLETED | run::CANCELLED | run::FAILED) => &[run::RUNNING],
+        (Entity::Run, run::DISPATCHING) => &[run::QUEUED],
+        (Entity::Run, run::STREAMING) => &[run::QUEUED, run::DISPATCHING],
+        (Entity::Run, run::COMPLETED | run::CANCELLED | run::FAILED) => run::ACTIVE,
         (Entity::AgentInstance, to) => agent_instance_sources(to),
         _ => &[],
     }
@@ -141,6 +150,6 @@ mod tests {
     #[test]
     fn unknown_targets_are_unreachable() {
         assert!(sources(Entity::Run, "exploded").is_empty());
-        assert!(sources(Entity::Container, run::RUNNING).is_empty());
+        assert!(sources(Entity::Container, run::STREAMING).is_empty());
     }
 }
