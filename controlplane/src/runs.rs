@@ -1,5 +1,5 @@
-//! Follows each live session's event log on its node and records when each
-//! run starts streaming and how it ends. The run's state in the store is derived from the log, which is the
+//! Follows each live session's event log on its node and records how each run
+//! ends. The run's end in the store is derived from the log, which is the
 //! one place a turn's end is written.
 
 use std::time::Duration;
@@ -36,7 +36,7 @@ pub fn watch_session(app: AppState, session_id: String) {
 async fn follow(app: &AppState, session_id: &str) {
     let mut after_seq = 0;
     loop {
-        let kinds = vec!["run.started".to_string(), "run.completed".to_string(), "run.failed".to_string()];
+        let kinds = vec!["run.completed".to_string(), "run.failed".to_string()];
         let request = StreamEventsRequest { session_id: session_id.to_string(), after_seq, kinds };
         let mut events = match app.node.clone().stream_events(request).await {
             Ok(events) => events.into_inner(),
@@ -53,7 +53,7 @@ async fn follow(app: &AppState, session_id: &str) {
             // recorded because the store is down is retried until it is
             // back, or the run would stay running for good.
             loop {
-                match record(app, &event.kind, &event.run_id, &event.data_json).await {
+                match record(app, &event.kind, &event.data_json).await {
                     Ok(()) => break,
                     Err(e @ StoreError::Db(_)) => {
                         tracing::warn!(session_id, seq = event.seq, error = %e, "cannot record run end; retrying");
@@ -75,14 +75,7 @@ async fn follow(app: &AppState, session_id: &str) {
     }
 }
 
-async fn record(app: &AppState, kind: &str, run_id: &str, data: &str) -> Result<(), StoreError> {
-    if kind == "run.started" {
-        return match app.store.run_streaming(run_id).await {
-            // Ended already, or an older run's start replayed after a restart.
-            Ok(()) | Err(StoreError::Illegal(_) | StoreError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e),
-        };
-    }
+async fn record(app: &AppState, kind: &str, data: &str) -> Result<(), StoreError> {
     if kind != "run.completed" && kind != "run.failed" {
         return Ok(());
     }

@@ -1,5 +1,7 @@
 //! `run.dispatch`: hands a turn to the node. Written by
-//! `POST /v1/sessions/{id}:prompt` with the run row (`running`); the run's
+//! `POST /v1/sessions/{id}:prompt` with the run row: `dispatching` when the
+//! API runs the step itself, else `queued` until a runner takes it. The node
+//! taking the turn moves the run to `streaming` (with the step's end); its
 //! end is recorded later by the run follower (`crate::runs`) from the
 //! session's event log.
 
@@ -11,7 +13,8 @@ use super::{deadline, failed, fence, within, node_error, ok, store_error, transi
 use crate::AppState;
 use crate::api::Problem;
 use crate::store::StoreError;
-use crate::store::states::run;
+use crate::store::outbox::Tx;
+use crate::store::states::{Entity, run};
 use crate::workflow::{StepContext, StepError, StepResult};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -25,15 +28,21 @@ pub struct Payload {
 pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let payload: Payload = serde_json::from_value(ctx.payload.clone()).map_err(|e| StepError::permanent(format!("bad payload: {e}")))?;
     let r = app.store.get_run(&payload.run_id).await.map_err(store_error)?;
-    if r.state == run::QUEUED {
-        match app.store.run_dispatching(&r.id).await {
-            Ok(()) | Err(StoreError::Illegal(_)) => {}
+    let handed_over = match r.state.as_str() {
+        // A runner took the dispatch the API could not run itself.
+        run::QUEUED => match app.store.run_dispatching(&r.id).await {
+            Ok(()) => true,
+            Err(StoreError::Illegal(_)) => false,
             Err(e) => return Err(store_error(e)),
-        }
-    }
-    let r = app.store.get_run(&payload.run_id).await.map_err(store_error)?;
-    if r.state != run::DISPATCHING && r.state != run::STREAMING {
+        },
+        // Dispatching: the API's own try, or a retry; streaming: a retry
+        // whose first try reached the node (its fence answers it).
+        run::DISPATCHING | run::STREAMING => true,
+        _ => false,
+    };
+    if !handed_over {
         // Ended before it was handed over (its container was deleted, say).
+        let r = app.store.get_run(&payload.run_id).await.map_err(store_error)?;
         let detail = format!("run {} is {}", r.id, r.state);
         return Ok(failed(&Problem::conflict("illegal_state", detail)));
     }
@@ -45,12 +54,30 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         fence: fence(&ctx, "prompt"),
     };
     match within(deadline(&app), app.node.clone().prompt(request)).await {
-        Ok(_) => Ok(ok()),
+        Ok(_) => {
+            // The node took the turn: its events flow. Recorded with the
+            // step's end, after the caller has its answer.
+            let run_id = payload.run_id.clone();
+            ctx.complete_with(move |tx| {
+                let run_id = run_id.clone();
+                Box::pin(async move { streaming(tx, &run_id).await })
+            });
+            Ok(ok())
+        }
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("prompt", &status)),
         Err(status) => {
             let problem = Problem::from(status);
             app.store.run_failed(&payload.run_id, &problem.detail).await.map_err(store_error)?;
             Ok(failed(&problem))
         }
+    }
+}
+
+/// Moves a dispatched run to streaming, unless the run follower recorded
+/// its end first (a short turn).
+async fn streaming(tx: &mut Tx, run_id: &str) -> Result<(), StoreError> {
+    match tx.transition(Entity::Run, run_id, run::STREAMING, None, "").await {
+        Ok(_) | Err(StoreError::Illegal(_)) => Ok(()),
+        Err(e) => Err(e),
     }
 }

@@ -135,7 +135,11 @@ pub struct RunRow {
     pub stop_reason: Option<String>,
     pub error: Option<String>,
     pub created_at: i64,
+    /// When the node took it (streaming).
+    pub started_at: Option<i64>,
     pub completed_at: Option<i64>,
+    /// Its last state change.
+    pub updated_at: Option<i64>,
 }
 
 /// A new session's fixed facts.
@@ -189,6 +193,15 @@ fn table(entity: Entity) -> &'static str {
         Entity::Session => "sessions",
         Entity::Run => "runs",
         Entity::AgentInstance => "agent_instances",
+    }
+}
+
+/// The time columns a transition to `to` sets to its time (`$3`).
+fn time_columns(entity: Entity, to: &str) -> &'static str {
+    match (entity, to) {
+        (Entity::Run, states::run::STREAMING) => "updated_at = $3, started_at = $3",
+        (Entity::Run, states::run::COMPLETED | states::run::CANCELLED | states::run::FAILED) => "updated_at = $3, completed_at = $3",
+        _ => "updated_at = $3",
     }
 }
 

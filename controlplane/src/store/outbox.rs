@@ -57,7 +57,8 @@ use sqlx::{AssertSqlSafe, FromRow, Postgres, Sqlite, Transaction};
 use tokio::sync::watch;
 
 use super::states::{self, Entity, IllegalTransition};
-use super::{Backend, ConstraintKind, Extra, NewSession, Store, StoreError, insert_refused, now_ms, table};
+use super::{Backend, ConstraintKind, Extra, NewSession, Store, StoreError, insert_refused, now_ms, table, time_columns};
+use crate::workflow::CompletionWriteFn;
 
 /// The PostgreSQL channel a committed enqueue notifies.
 pub const CHANNEL: &str = "agentd_outbox";
@@ -364,26 +365,26 @@ impl Tx {
     /// a lease taken over is [`StoreError::StaleLease`], and the transaction
     /// must be rolled back (its writes were the stale worker's).
     pub async fn complete_step(&mut self, ctx: &crate::workflow::StepContext, result: &Value) -> Result<(), StoreError> {
-        let sql = self.sql(
-            "UPDATE outbox SET state = 'done', result = $3, completed_at = NOW_MS, lease_expires_at = NULL \
-             WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
-        );
-        let updated = with_tx!(self, |conn| sqlx::query(sql)
-            .bind(ctx.id)
-            .bind(ctx.epoch)
-            .bind(result)
-            .execute(conn)
-            .await
-            .map(|done| done.rows_affected()))?;
-        if updated != 1 {
+        if self.mark_done(ctx.id, ctx.epoch, result).await? != 1 {
             return Err(StoreError::StaleLease { id: ctx.id, epoch: ctx.epoch });
         }
         self.completes.push(ctx.recorded.clone());
         Ok(())
     }
 
+    /// The completion statement: how many rows it marked done (0 if the
+    /// lease at `epoch` is no longer held).
+    async fn mark_done(&mut self, id: i64, epoch: i64, result: &Value) -> Result<u64, StoreError> {
+        let sql = self.sql(
+            "UPDATE outbox SET state = 'done', result = $3, completed_at = NOW_MS, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND state = 'leased'",
+        );
+        Ok(with_tx!(self, |conn| sqlx::query(sql).bind(id).bind(epoch).bind(result).execute(conn).await.map(|done| done.rows_affected()))?)
+    }
+
     /// Marks a run just inserted in this transaction as waiting for a runner
-    /// (its dispatch step could not be leased with it).
+    /// (its dispatch step could not be leased with it). Not a transition:
+    /// the run is not visible yet, and this is the state it is born in.
     pub async fn set_run_queued(&mut self, id: &str) -> Result<(), StoreError> {
         let sql = "UPDATE runs SET state = $1 WHERE id = $2 AND state = $3";
         with_tx!(self, |conn| sqlx::query(sql)
@@ -396,10 +397,11 @@ impl Tx {
         Ok(())
     }
 
-    /// Starts a run (dispatching), as [`Store::insert_run`] does. A refusal (a run already
-    /// active) aborts a PostgreSQL transaction: roll it back.
+    /// Starts a run, `dispatching` (its caller hands it to the node), as
+    /// [`Store::insert_run`] does. A refusal (a run already active) aborts a
+    /// PostgreSQL transaction: roll it back.
     pub async fn insert_run(&mut self, id: &str, session_id: &str) -> Result<(), StoreError> {
-        let sql = "INSERT INTO runs (id, session_id, state, created_at) VALUES ($1, $2, $3, $4)";
+        let sql = "INSERT INTO runs (id, session_id, state, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)";
         let inserted = with_tx!(self, |conn| sqlx::query(sql)
             .bind(id)
             .bind(session_id)
@@ -528,10 +530,10 @@ impl Tx {
             return self.transition_in_one_statement(entity, id, to, error, extra, reason).await;
         }
         let select = format!("SELECT state FROM {} WHERE id = $1", table(entity));
-        let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
+        let times = time_columns(entity, to);
         let extra_sql = extra.map(|e| format!(", {} = $6", e.column())).unwrap_or_default();
         let update = format!(
-            "UPDATE {} SET state = $1, error = COALESCE($2, error), {time_column} = $3{extra_sql} WHERE id = $4 AND state = $5",
+            "UPDATE {} SET state = $1, error = COALESCE($2, error), {times}{extra_sql} WHERE id = $4 AND state = $5",
             table(entity)
         );
         loop {
@@ -594,12 +596,12 @@ impl Tx {
         reason: &str,
     ) -> Result<Option<String>, StoreError> {
         let table = table(entity);
-        let time_column = if entity == Entity::Run { "completed_at" } else { "updated_at" };
+        let times = time_columns(entity, to);
         let extra_sql = extra.map(|e| format!(", {} = $8", e.column())).unwrap_or_default();
         let sources: Vec<String> = states::sources(entity, to).iter().map(|s| s.to_string()).collect();
         let sql = self.sql(&format!(
             "WITH prev AS (SELECT state FROM {table} WHERE id = $4), \
-             moved AS (UPDATE {table} t SET state = $1, error = COALESCE($2, t.error), {time_column} = $3{extra_sql} \
+             moved AS (UPDATE {table} t SET state = $1, error = COALESCE($2, t.error), {times}{extra_sql} \
                  FROM prev WHERE t.id = $4 AND t.state = prev.state AND prev.state = ANY($5) AND prev.state <> $1 \
                  RETURNING prev.state AS from_state), \
              history AS (INSERT INTO transitions (entity_kind, entity_id, from_state, to_state, at, reason) \
@@ -841,6 +843,17 @@ impl Store {
             .await
             .map(|done| done.rows_affected()))?;
         fenced(updated, id, epoch)
+    }
+
+    /// [`Self::complete`] in one transaction with `writes` (see
+    /// [`StepContext::complete_with`](crate::workflow::StepContext::complete_with)):
+    /// a lease taken over rolls them back.
+    pub async fn complete_with(&self, id: i64, epoch: i64, result: &Value, writes: &CompletionWriteFn) -> Result<(), OutboxError> {
+        let mut tx = self.begin().await?;
+        writes(&mut tx).await?;
+        let updated = tx.mark_done(id, epoch, result).await?;
+        fenced(updated, id, epoch)?;
+        Ok(tx.commit().await?)
     }
 
     /// Keeps a leased step's lease for `lease` from now (a heartbeat).

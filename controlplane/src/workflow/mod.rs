@@ -43,10 +43,14 @@ pub use inline::InlineConfig;
 pub use registry::Registry;
 pub use runner::{Runner, RunnerConfig};
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
 use serde_json::Value;
+
+use crate::store::StoreError;
+use crate::store::outbox::Tx;
 
 /// What a handler gets: the claimed step.
 #[derive(Debug, Clone)]
@@ -69,6 +73,8 @@ pub struct StepContext {
     /// ([`Tx::complete_step`](crate::store::outbox::Tx::complete_step)) and
     /// committed: the runner then records nothing more.
     pub(crate) recorded: Arc<AtomicBool>,
+    /// Writes to commit with the step's completion ([`Self::complete_with`]).
+    pub(crate) completion_writes: CompletionWrites,
 }
 
 impl StepContext {
@@ -81,6 +87,37 @@ impl StepContext {
     /// Whether a transaction of the handler's already recorded the step done.
     pub fn recorded(&self) -> bool {
         self.recorded.load(Ordering::Acquire)
+    }
+
+    /// Has `writes` committed in the transaction that records this step
+    /// done, should the handler succeed: a state change that follows from
+    /// the step's success then costs no transaction of its own, and its
+    /// caller (who answers from the outcome, before the recording) does not
+    /// wait for it. The writes may run more than once (the recording is
+    /// retried while the store is down) and not at all (the lease was lost,
+    /// the process died): they must be idempotent, and nothing may depend on
+    /// them but what the step's own retry would redo.
+    pub fn complete_with(&self, writes: impl for<'t> Fn(&'t mut Tx) -> BoxFuture<'t, Result<(), StoreError>> + Send + Sync + 'static) {
+        *self.completion_writes.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(writes));
+    }
+}
+
+/// Store writes a handler left to its step's completion.
+pub type CompletionWriteFn = Arc<dyn for<'t> Fn(&'t mut Tx) -> BoxFuture<'t, Result<(), StoreError>> + Send + Sync>;
+
+#[derive(Clone, Default)]
+pub(crate) struct CompletionWrites(Arc<Mutex<Option<CompletionWriteFn>>>);
+
+impl CompletionWrites {
+    pub(crate) fn take(&self) -> Option<CompletionWriteFn> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for CompletionWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.lock().map(|w| w.is_some()).unwrap_or(false);
+        f.debug_tuple("CompletionWrites").field(&if set { "set" } else { "none" }).finish()
     }
 }
 

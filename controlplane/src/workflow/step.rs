@@ -12,7 +12,7 @@ use crate::store::{Store, StoreError};
 use crate::store::outbox::{Failed, OutboxError, OutboxRow};
 
 use super::registry::{Handler, Registry};
-use super::{Backoff, StepContext, StepError, StepResult};
+use super::{Backoff, CompletionWriteFn, StepContext, StepError, StepResult};
 
 /// What a step task needs besides its row; shared by all of a runner's steps.
 pub(crate) struct Shared {
@@ -51,9 +51,11 @@ pub(crate) async fn execute(shared: &Shared, row: OutboxRow, handler: Option<Han
         attempt: row.attempts,
         max_attempts: row.max_attempts,
         recorded: Default::default(),
+        completion_writes: Default::default(),
     };
     let kind = ctx.kind.clone();
     let recorded = ctx.recorded.clone();
+    let completion_writes = ctx.completion_writes.clone();
 
     let outcome = match handler {
         None => Err(StepError::retryable(format!("no handler for step kind {kind:?} in this runner"))),
@@ -77,7 +79,8 @@ pub(crate) async fn execute(shared: &Shared, row: OutboxRow, handler: Option<Han
         // Its handler's transaction recorded it done, with its state change.
         tracing::debug!(id, epoch, kind, "step done");
     } else {
-        record(shared, id, epoch, &kind, row.attempts, outcome).await;
+        let writes = if outcome.is_ok() { completion_writes.take() } else { None };
+        record(shared, id, epoch, &kind, row.attempts, outcome, writes).await;
     }
     // The entity's next step, held back behind this one, may be claimable now.
     shared.store.wake_outbox();
@@ -107,7 +110,7 @@ async fn heartbeat<F: Future>(shared: &Shared, id: i64, epoch: i64, handler: F) 
 /// How often an outcome the store refused for being down is tried again.
 const RECORD_RETRY: Duration = Duration::from_millis(250);
 
-async fn record(shared: &Shared, id: i64, epoch: i64, kind: &str, attempt: i64, outcome: StepResult) {
+async fn record(shared: &Shared, id: i64, epoch: i64, kind: &str, attempt: i64, outcome: StepResult, writes: Option<CompletionWriteFn>) {
     let retry_in = outcome.as_ref().err().and_then(|e| e.retryable.then(|| shared.backoff.delay(attempt)));
     // A store that is down briefly (a PostgreSQL restart) is waited for
     // while the lease would still be held: leaving the outcome to the lease's
@@ -116,7 +119,11 @@ async fn record(shared: &Shared, id: i64, epoch: i64, kind: &str, attempt: i64, 
     let give_up = tokio::time::Instant::now() + shared.lease;
     let recorded = loop {
         let recorded = match &outcome {
-            Ok(result) => shared.store.complete(id, epoch, result).await.map(|()| None),
+            Ok(result) => match &writes {
+                None => shared.store.complete(id, epoch, result).await,
+                Some(writes) => shared.store.complete_with(id, epoch, result, writes).await,
+            }
+            .map(|()| None),
             Err(e) => shared.store.fail(id, epoch, &e.message, retry_in).await.map(|failed| Some((failed, e))),
         };
         match recorded {

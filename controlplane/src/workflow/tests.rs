@@ -35,6 +35,7 @@ backend_suite!(
     runner_survives_panics_and_unknown_kinds,
     inline_steps_are_leased_in_order_and_recorded,
     handler_transactions_record_their_step_done,
+    completion_writes_commit_with_the_step_end,
 );
 
 const LONG: Duration = Duration::from_secs(60);
@@ -727,6 +728,7 @@ fn context_of(row: &OutboxRow) -> StepContext {
         attempt: row.attempts,
         max_attempts: row.max_attempts,
         recorded: Default::default(),
+        completion_writes: Default::default(),
     }
 }
 
@@ -797,5 +799,47 @@ async fn handler_transactions_record_their_step_done(store: &Store) {
     stop(runner).await;
     let k2 = step_row(store, "k2").await;
     assert_eq!((k2.result, k2.attempts), (Some(json!({"moved": true})), 1));
+    assert_eq!(store.get_container("c1").await.unwrap().state, container::READY);
+}
+
+/// Writes a handler leaves to its step's completion commit with it: after a
+/// success only, and never under a lease taken over.
+async fn completion_writes_commit_with_the_step_end(store: &Store) {
+    fn hibernate(ctx: &StepContext) {
+        ctx.complete_with(|tx| Box::pin(async move { tx.transition(Entity::Container, "c1", container::HIBERNATED, None, "idle").await.map(|_| ()) }));
+    }
+    store.insert_container("c1", "n", "{}").await.unwrap();
+    store.container_ready("c1", 7).await.unwrap();
+    let mut registry = Registry::new();
+    registry.register("fail", |ctx: StepContext| async move {
+        hibernate(&ctx);
+        Err(StepError::permanent("refused"))
+    });
+    registry.register("succeed", |ctx: StepContext| async move {
+        hibernate(&ctx);
+        Ok(json!("moved"))
+    });
+    store.enqueue(step("c1", "fail", "k1").max_attempts(1)).await.unwrap();
+    store.enqueue(step("c1", "succeed", "k2")).await.unwrap();
+    let runner = spawn_runner(store, registry, config("w"));
+    wait_for("k2 done", Duration::from_secs(10), async || step_row(store, "k2").await.state == step_state::DONE).await;
+    stop(runner).await;
+    assert_eq!(step_row(store, "k1").await.state, step_state::FAILED);
+    assert_eq!(step_row(store, "k2").await.result, Some(json!("moved")));
+    let moves = store.transitions_of("container", "c1").await.unwrap();
+    assert_eq!(moves.iter().filter(|t| t.to_state == container::HIBERNATED).count(), 1, "{moves:?}");
+    assert_eq!(store.get_container("c1").await.unwrap().state, container::HIBERNATED);
+
+    // A stale worker's writes roll back with its refused completion.
+    store.container_resumed("c1").await.unwrap();
+    store.enqueue(step("c1", "s", "k3")).await.unwrap();
+    let row = store.claim("w1", 1, Duration::from_millis(50)).await.unwrap().remove(0);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(store.reap_expired_leases().await.unwrap(), 1);
+    store.claim("w2", 1, LONG).await.unwrap().remove(0);
+    let stale = context_of(&row);
+    hibernate(&stale);
+    let writes = stale.completion_writes.take().expect("writes left");
+    assert_stale(store.complete_with(row.id, row.lease_epoch, &json!("stale"), &writes).await, row.id, row.lease_epoch);
     assert_eq!(store.get_container("c1").await.unwrap().state, container::READY);
 }
