@@ -387,3 +387,39 @@ async fn deleting_the_last_two_sessions_at_once_removes_the_container() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A prompt that meets an older step of its container still open (another
+/// session's close, held 2 s at the node) is stored `queued` until a runner
+/// takes its dispatch, and then goes on to streaming and completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_behind_an_open_step_is_queued_until_a_runner_takes_it() {
+    let agentd = Agentd::start_with(&[("AGENTD_TEST_DELAY_ANSWER", "close_session:2000")]).await;
+    let (a, mut a_events) = agentd.create_streaming(&session_body(&[])).await;
+    let path_a = format!("/v1/sessions/{a}");
+    let (_, view) = agentd.get(&path_a).await;
+    let container = view["container_id"].as_str().unwrap().to_string();
+    let (status, b) = agentd.post("/v1/sessions", &in_container(&container, &[])).await;
+    assert_eq!(status, StatusCode::CREATED, "{b}");
+
+    let path_b = format!("/v1/sessions/{}", b["id"].as_str().unwrap());
+    let close_b = agentd.delete(&path_b);
+    let prompt_a = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agentd.log().contains("answer delayed for a fault test") {
+            assert!(Instant::now() < deadline, "the close never reached the node:\n{}", agentd.log());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        agentd.prompt(&a, "after the close").await
+    };
+    let seen_queued = agentd.wait_for(&path_a, |v| v["runs"][0]["state"] == "queued");
+    let ((closed, _), (status, accepted), queued) = tokio::join!(close_b, prompt_a, seen_queued);
+    assert_eq!(closed, StatusCode::NO_CONTENT);
+    assert_eq!((status, accepted["state"].as_str()), (StatusCode::ACCEPTED, Some("streaming")), "{accepted}");
+    assert_eq!(queued["runs"][0]["started_at"], Value::Null, "{queued}");
+
+    assert_eq!(said(&a_events.until_run_end().await), "after the close");
+    let done = agentd.wait_for(&path_a, |v| v["runs"][0]["state"] == "completed").await;
+    let run = &done["runs"][0];
+    assert_eq!(run["id"], accepted["run_id"]);
+    assert!(run["started_at"].as_i64().is_some_and(|s| s <= run["completed_at"].as_i64().unwrap()), "{done}");
+}

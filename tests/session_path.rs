@@ -177,8 +177,10 @@ async fn a_run_shows_its_workflow_states() {
         }
     };
     let path = format!("/v1/sessions/{id}");
-    // Recorded dispatching with the prompt, streaming once the node started it.
-    agentd.wait_for(&path, |v| v["runs"][0]["state"] == "streaming").await;
+    // Recorded dispatching with the prompt, streaming once the node took it.
+    let streaming = agentd.wait_for(&path, |v| v["runs"][0]["state"] == "streaming").await;
+    let run = &streaming["runs"][0];
+    assert!(run["started_at"].is_i64() && run["completed_at"].is_null(), "{streaming}");
     let (status, problem) = agentd.prompt(&id, "meanwhile").await;
     assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("run_active")), "{problem}");
     let answer = format!("/v1/sessions/{id}/permissions/{}", asked["request_id"].as_str().unwrap());

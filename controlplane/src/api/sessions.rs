@@ -13,7 +13,7 @@ use super::{ApiJson, Problem};
 use crate::agent_spec::{AgentSpec, this_platform};
 use crate::plan::{self, PlanError, ProfileInput, SessionOptions};
 use agentd_runtime::sandbox::profile::Profile;
-use crate::store::states::{container, session as session_state};
+use crate::store::states::{container, run as run_state, session as session_state};
 use crate::store::outbox::{NewStep, OutboxRow};
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, flows, new_id, workflow};
@@ -471,20 +471,32 @@ async fn prompt(app: AppState, id: &str, headers: &HeaderMap, body: PromptBody) 
         }
         None => None,
     };
-    match ran {
-        Some(Ok(result)) => flows::outcome(Some(&result))?,
+    let state = match ran {
+        Some(Ok(result)) => flows::outcome(Some(&result)).map(|()| TAKEN.to_string())?,
         // A failure that may pass is retried by the runners: wait for them.
-        _ => match flows::wait_for_step(&app, &key, DISPATCH_WAIT).await? {
-            flows::Waited::Finished(outcome) => outcome?,
-            flows::Waited::Pending => tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway"),
-        },
-    }
-    Ok((StatusCode::ACCEPTED, Json(prompt_answer(&run_id, &s.id))).into_response())
+        _ => wait_for_dispatch(&app, &key, &run_id).await?,
+    };
+    Ok((StatusCode::ACCEPTED, Json(prompt_answer(&run_id, &s.id, &state))).into_response())
 }
 
-fn prompt_answer(run_id: &str, session_id: &str) -> Value {
-    // The node took it: its events flow (the store records it a moment later).
-    json!({"run_id": run_id, "session_id": session_id, "state": "streaming"})
+/// The state a prompt answers with once the node took its turn: its events
+/// flow (the store records it with the dispatch step's end, a moment later).
+const TAKEN: &str = run_state::STREAMING;
+
+/// Waits for a prompt's dispatch step on the runners; the run's state to
+/// answer with.
+async fn wait_for_dispatch(app: &AppState, key: &str, run_id: &str) -> Result<String, Problem> {
+    match flows::wait_for_step(app, key, DISPATCH_WAIT).await? {
+        flows::Waited::Finished(outcome) => outcome.map(|()| TAKEN.to_string()),
+        flows::Waited::Pending => {
+            tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway");
+            Ok(app.store.get_run(run_id).await?.state)
+        }
+    }
+}
+
+fn prompt_answer(run_id: &str, session_id: &str, state: &str) -> Value {
+    json!({"run_id": run_id, "session_id": session_id, "state": state})
 }
 
 /// A prompt repeated with its idempotency key: the first prompt's run,
@@ -493,13 +505,11 @@ async fn replay_prompt(app: &AppState, s: &SessionRow, keyed: &Keyed, (run_id, d
     idempotency::check_same(keyed, digest.as_deref(), "prompt")?;
     let key = format!("{}:{run_id}", flows::RUN_DISPATCH);
     // The step may be pruned long after: the node took the prompt then.
-    if app.store.get_step_by_key(&key).await?.is_some() {
-        match flows::wait_for_step(app, &key, DISPATCH_WAIT).await? {
-            flows::Waited::Finished(outcome) => outcome?,
-            flows::Waited::Pending => tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway"),
-        }
-    }
-    Ok((StatusCode::ACCEPTED, [idempotency::replayed()], Json(prompt_answer(&run_id, &s.id))).into_response())
+    let state = match app.store.get_step_by_key(&key).await? {
+        Some(_) => wait_for_dispatch(app, &key, &run_id).await?,
+        None => app.store.get_run(&run_id).await?.state,
+    };
+    Ok((StatusCode::ACCEPTED, [idempotency::replayed()], Json(prompt_answer(&run_id, &s.id, &state))).into_response())
 }
 
 /// How long a prompt waits for its dispatch step before answering 202

@@ -36,6 +36,7 @@ backend_suite!(
     container_transitions,
     session_transitions,
     run_transitions,
+    a_queued_run_goes_through_every_state_with_its_times,
     illegal_transition_names_the_current_state,
     repeated_transitions_are_harmless,
     missing_rows_are_not_found,
@@ -212,6 +213,41 @@ async fn session_transitions(store: &Store) {
             }
         }
     }
+}
+
+/// A run born queued (its dispatch not leased with it), then dispatching,
+/// streaming (`started_at`) and completed (`completed_at`), each move in the
+/// history; no way back.
+async fn a_queued_run_goes_through_every_state_with_its_times(store: &Store) {
+    store.insert_container("ctr_1", "local", "{}").await.unwrap();
+    store.insert_session(new_session("ses_1", "ctr_1")).await.unwrap();
+    store
+        .transaction(async |tx| {
+            tx.insert_run("run_1", "ses_1").await?;
+            tx.set_run_queued("run_1").await
+        })
+        .await
+        .unwrap();
+    let run_1 = async || store.get_run("run_1").await.unwrap();
+    let queued = run_1().await;
+    assert_eq!((queued.state.as_str(), queued.started_at, queued.completed_at), (run::QUEUED, None, None));
+    assert_eq!(queued.updated_at, Some(queued.created_at));
+    // Still the session's one active run.
+    assert!(matches!(store.insert_run("run_2", "ses_1").await, Err(StoreError::RunActive { .. })));
+    store.run_dispatching("run_1").await.unwrap();
+    assert_eq!(run_1().await.started_at, None);
+    store.run_streaming("run_1").await.unwrap();
+    let streaming = run_1().await;
+    assert_eq!((streaming.state.as_str(), streaming.completed_at), (run::STREAMING, None));
+    let started = streaming.started_at.expect("started_at set by streaming");
+    assert_illegal(store.run_dispatching("run_1").await, "run_1", run::STREAMING, run::DISPATCHING);
+    store.run_completed("run_1", "end_turn").await.unwrap();
+    let done = run_1().await;
+    assert_eq!((done.state.as_str(), done.started_at), (run::COMPLETED, Some(started)));
+    assert!(done.completed_at.is_some_and(|at| at >= started) && done.updated_at == done.completed_at, "{done:?}");
+    let moves: Vec<_> = store.transitions_of("run", "run_1").await.unwrap().into_iter().map(|t| (t.from_state, t.to_state)).collect();
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(moves, [pair(run::QUEUED, run::DISPATCHING), pair(run::DISPATCHING, run::STREAMING), pair(run::STREAMING, run::COMPLETED)]);
 }
 
 async fn run_transitions(store: &Store) {
