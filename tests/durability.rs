@@ -360,6 +360,8 @@ async fn idle_containers_hibernate_then_stop_after_their_ttl() {
     assert_eq!(c["usage"]["frozen"], true, "{c}");
     let (status, body) = agentd.prompt(id, "while frozen").await;
     assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("container_hibernated")), "{body}");
+    let (_, s) = agentd.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(s["runs"].as_array().unwrap().len(), 1, "a refused prompt records no run: {s}");
     let (status, _) = agentd.post(&format!("{container}:resume"), &json!({})).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 

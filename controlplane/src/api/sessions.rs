@@ -542,7 +542,10 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
         let inserted = app
             .store
             .transaction(async |tx| {
-                tx.lock(crate::store::states::Entity::Container, &s.container_id).await?;
+                let container_state = tx.lock_container_state(&s.container_id).await?;
+                if container_state != container::READY {
+                    return Ok(Err(container_not_ready(&s.container_id, &container_state)));
+                }
                 tx.insert_run(run_id, &s.id).await?;
                 if let Some(k) = keyed {
                     tx.set_run_idempotency_key(run_id, &k.key, &k.digest).await?;
@@ -552,12 +555,12 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
                 if claimed.is_none() {
                     tx.set_run_queued(run_id).await?;
                 }
-                Ok(claimed)
+                Ok(Ok(claimed))
             })
             .await;
         match inserted {
             Err(StoreError::RunActive { .. }) => {}
-            other => return Ok(other?),
+            other => return other?,
         }
         let state = app.node.clone().get_session(GetSessionRequest { session_id: s.id.clone(), with_agent: false }).await?.into_inner();
         let stale = app.store.running_runs_of_session(&s.id).await?.iter().all(|r| r.id != state.active_run_id);
@@ -570,6 +573,15 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
             _ = tokio::time::sleep(CATCH_UP_PAUSE) => {}
         }
     }
+}
+
+/// Why a turn cannot start in a container that is not ready; no run is
+/// recorded for it.
+fn container_not_ready(id: &str, state: &str) -> Problem {
+    if state == container::HIBERNATED {
+        return Problem::conflict("container_hibernated", format!("container {id} is hibernated: resume it first"));
+    }
+    Problem::conflict("illegal_state", format!("container {id} is {state}"))
 }
 
 async fn cancel(app: AppState, id: &str) -> Result<Response, Problem> {

@@ -458,6 +458,17 @@ impl Tx {
         Ok(())
     }
 
+    /// Locks container `id` as [`Self::lock`] does and reads its state: a
+    /// decision on it holds until this transaction ends.
+    pub async fn lock_container_state(&mut self, id: &str) -> Result<String, StoreError> {
+        let sql = match self.conn {
+            TxConn::Postgres(_) => "SELECT state FROM containers WHERE id = $1 FOR UPDATE",
+            TxConn::Sqlite(_) => "SELECT state FROM containers WHERE id = $1",
+        };
+        let state: Option<String> = with_tx!(self, |conn| sqlx::query_scalar(sql).bind(id).fetch_optional(conn).await)?;
+        state.ok_or_else(|| StoreError::NotFound { entity: Entity::Container, id: id.to_string() })
+    }
+
     /// Records a new container, `provisioning`.
     pub async fn insert_container(&mut self, id: &str, node_id: &str, profile_json: &str) -> Result<(), StoreError> {
         let now = now_ms();
