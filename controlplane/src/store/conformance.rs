@@ -560,6 +560,36 @@ async fn listings_filter_and_order(store: &Store) {
 
 // Backend-specific behaviour.
 
+/// Commits never checkpoint the SQLite WAL (that took milliseconds inside
+/// whichever commit crossed 1000 pages); the store's own checkpoints keep
+/// it from growing without bound.
+#[tokio::test]
+async fn sqlite_checkpoints_keep_the_wal_short_off_the_commit_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agentd.db");
+    let store = Store::open_sqlite(&path).await.unwrap();
+    let wal = dir.path().join("agentd.db-wal");
+    let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let super::Backend::Sqlite(pool) = &store.backend else { unreachable!("a SQLite store") };
+    let autocheckpoint: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint").fetch_one(pool).await.unwrap();
+    assert_eq!(autocheckpoint, 0, "commits do not checkpoint");
+    // Rounds of writes with pauses longer than the checkpoint interval: the
+    // WAL is started over after each round's checkpoint.
+    let mut longest = Vec::new();
+    for round in 0..4 {
+        for i in 0..300 {
+            store.insert_container(&format!("ctr_{round}_{i}"), "local", &"x".repeat(2000)).await.unwrap();
+        }
+        longest.push(wal_len());
+        tokio::time::sleep(super::checkpoint::EVERY * 3).await;
+    }
+    let first = longest[0];
+    assert!(first > 0, "the WAL is in use");
+    assert!(longest.iter().all(|&len| len <= first * 3 / 2), "the WAL grows round after round: {longest:?}");
+    assert_eq!(store.containers_in_state(container::PROVISIONING).await.unwrap().len(), 1200);
+    store.close().await;
+}
+
 #[tokio::test]
 async fn open_picks_the_backend_by_location() {
     let dir = tempfile::tempdir().unwrap();

@@ -179,6 +179,7 @@ pub mod agents;
 pub mod archives;
 pub mod audit;
 pub mod bundles;
+mod checkpoint;
 pub mod registry;
 
 #[derive(Clone)]
@@ -273,13 +274,16 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // Checkpoints run on a task of their own (`checkpoint`).
+            .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        checkpoint::spawn(pool.clone());
         Ok(Self { backend: Backend::Sqlite(pool) })
     }
 
