@@ -418,7 +418,9 @@ async fn a_prompt_behind_an_open_step_is_queued_until_a_runner_takes_it() {
     assert_eq!(queued["runs"][0]["started_at"], Value::Null, "{queued}");
 
     assert_eq!(said(&a_events.until_run_end().await), "after the close");
-    let done = agentd.wait_for(&path_a, |v| v["runs"][0]["state"] == "completed").await;
+    // The node's taking of the turn is recorded with its dispatch step's
+    // end, which may come after the run's.
+    let done = agentd.wait_for(&path_a, |v| v["runs"][0]["state"] == "completed" && v["runs"][0]["started_at"].is_i64()).await;
     let run = &done["runs"][0];
     assert_eq!(run["id"], accepted["run_id"]);
     assert!(run["started_at"].as_i64().is_some_and(|s| s <= run["completed_at"].as_i64().unwrap()), "{done}");

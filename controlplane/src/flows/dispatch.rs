@@ -12,8 +12,8 @@ use agentd_proto::node::PromptRequest;
 use super::{deadline, failed, fence, within, node_error, ok, store_error, transient};
 use crate::AppState;
 use crate::api::Problem;
-use crate::store::StoreError;
 use crate::store::outbox::Tx;
+use crate::store::{StoreError, now_ms};
 use crate::store::states::{Entity, run};
 use crate::workflow::{StepContext, StepError, StepResult};
 
@@ -57,10 +57,10 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         Ok(_) => {
             // The node took the turn: its events flow. Recorded with the
             // step's end, after the caller has its answer.
-            let run_id = payload.run_id.clone();
+            let (run_id, taken_at) = (payload.run_id.clone(), now_ms());
             ctx.complete_with(move |tx| {
                 let run_id = run_id.clone();
-                Box::pin(async move { streaming(tx, &run_id).await })
+                Box::pin(async move { streaming(tx, &run_id, taken_at).await })
             });
             Ok(ok())
         }
@@ -74,10 +74,12 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
 }
 
 /// Moves a dispatched run to streaming, unless the run follower recorded
-/// its end first (a short turn).
-async fn streaming(tx: &mut Tx, run_id: &str) -> Result<(), StoreError> {
+/// its end first (a short turn), and records when the node took it
+/// (`taken_at`) either way.
+async fn streaming(tx: &mut Tx, run_id: &str, taken_at: i64) -> Result<(), StoreError> {
     match tx.transition(Entity::Run, run_id, run::STREAMING, None, "").await {
-        Ok(_) | Err(StoreError::Illegal(_)) => Ok(()),
-        Err(e) => Err(e),
+        Ok(_) | Err(StoreError::Illegal(_)) => {}
+        Err(e) => return Err(e),
     }
+    tx.set_run_started_at(run_id, taken_at).await
 }

@@ -397,6 +397,14 @@ impl Tx {
         Ok(())
     }
 
+    /// Sets when the node took run `id`: the `streaming` move records when
+    /// the store learned it, and a turn whose end came first has none.
+    pub async fn set_run_started_at(&mut self, id: &str, at: i64) -> Result<(), StoreError> {
+        let sql = "UPDATE runs SET started_at = $2 WHERE id = $1";
+        with_tx!(self, |conn| sqlx::query(sql).bind(id).bind(at).execute(conn).await.map(|_| ()))?;
+        Ok(())
+    }
+
     /// Starts a run, `dispatching` (its caller hands it to the node), as
     /// [`Store::insert_run`] does. A refusal (a run already active) aborts a
     /// PostgreSQL transaction: roll it back.
