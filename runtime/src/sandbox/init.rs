@@ -26,7 +26,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 
@@ -163,10 +163,20 @@ pub(crate) fn injected(spec: &SandboxSpec, stage: &'static str) -> Result<(), In
     }
 }
 
+/// Whether `dir` is on a cgroup v2 file system.
+fn is_cgroup2(dir: &std::path::Path) -> bool {
+    nix::sys::statfs::statfs(dir).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
 /// Moves `pid` (a process of ours, or ourselves) into the sandbox's cgroups.
 fn join_cgroups(spec: &SandboxSpec, pid: Pid) -> Result<(), InitError> {
+    join_cgroups_but(spec, pid, None)
+}
+
+/// As [`join_cgroups`], but for the `skip`th cgroup, which `pid` is in.
+fn join_cgroups_but(spec: &SandboxSpec, pid: Pid, skip: Option<usize>) -> Result<(), InitError> {
     let pid = pid.to_string();
-    for procs in &spec.cgroup_procs {
+    for (_, procs) in spec.cgroup_procs.iter().enumerate().filter(|(i, _)| Some(*i) != skip) {
         std::fs::write(procs, &pid).map_err(|e| InitError::new("join cgroup", format!("{}: {e}", procs.display())))?;
     }
     Ok(())
@@ -240,11 +250,24 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
     let (go_rx, go_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
     // C -> P: "stage\0message" on failure; end of file once C is set up.
     let (err_rx, err_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
+    // C starts in the sandbox's cgroup v2 directory if it has one; only
+    // the v1 ones (or all, on kernels without clone3) take a move.
+    let v2_dir = spec.cgroup_procs.iter().position(|procs| procs.parent().is_some_and(is_cgroup2));
+    let v2_fd = match v2_dir {
+        Some(i) => {
+            let dir = spec.cgroup_procs[i].parent().expect("checked above");
+            let fd = nix::fcntl::open(dir, nix::fcntl::OFlag::O_DIRECTORY | cloexec, nix::sys::stat::Mode::empty())
+                .map_err(|e| InitError::new("join cgroup", format!("{}: {e}", dir.display())))?;
+            Some(fd)
+        }
+        None => None,
+    };
     injected(spec, "clone")?;
     let flags = CloneFlags::CLONE_NEWUSER | namespace_flags(spec);
     // SAFETY: this process is single-threaded (sandbox-init, a zygote's
     // worker and sandbox run start no threads), and `addrs` is this thread's.
-    let pid = match unsafe { super::nsfork::fork_into(flags, addrs) }.map_err(fail_io("clone"))? {
+    let (forked, in_v2) = unsafe { super::nsfork::fork_into(flags, v2_fd.as_ref().map(|fd| fd.as_fd()), addrs) }.map_err(fail_io("clone"))?;
+    let pid = match forked {
         nix::unistd::ForkResult::Child => {
             drop(go_tx);
             drop(err_rx);
@@ -260,7 +283,9 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
     };
     drop(go_rx);
     drop(err_tx);
-    let released = join_cgroups(spec, pid)
+    drop(v2_fd);
+    let skip = if in_v2 { v2_dir } else { None };
+    let released = join_cgroups_but(spec, pid, skip)
         .and_then(|()| injected(spec, "join-cgroup"))
         .and_then(|()| write_id_maps(pid, spec))
         .and_then(|()| injected(spec, "id-map"))

@@ -14,8 +14,15 @@
 //! `get_robust_list` returns. What plain `fork` adds on top (atfork handlers,
 //! resetting locks other threads might hold) is moot in a single-threaded
 //! process with no atfork handlers of ours.
+//!
+//! Given a cgroup v2 directory, the child starts in it (`clone3` with
+//! `CLONE_INTO_CGROUP`) instead of being moved there afterwards: a move
+//! takes the kernel's global cgroup threadgroup lock for writing, which
+//! waits for an RCU grace period whenever no move happened for a while
+//! (milliseconds, sometimes tens: the p99 of a create; see HACKING.md).
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use nix::sched::CloneFlags;
 use nix::unistd::{ForkResult, Pid};
@@ -59,21 +66,66 @@ pub(crate) fn tid_is_right() -> bool {
     ThreadAddrs::current().is_some()
 }
 
+/// `struct clone_args` of `clone3(2)`, up to `cgroup` (its second version).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+/// The same number on x86_64 and aarch64.
+const SYS_CLONE3: libc::c_long = 435;
+
 /// `fork`, with the child in the new namespaces `flags` asks for (and, with
-/// `CLONE_NEWPID`, PID 1 of the new pid namespace).
+/// `CLONE_NEWPID`, PID 1 of the new pid namespace), and in the cgroup v2
+/// directory `cgroup` refers to if given. Returns whether the child started
+/// in that cgroup: not where the kernel lacks `clone3` (before 5.7).
 ///
 /// # Safety
 /// As `fork`: the calling process must be single-threaded (the child may then
 /// run any code), and `addrs` must come from [`ThreadAddrs::current`] in this
 /// thread.
-pub(crate) unsafe fn fork_into(flags: CloneFlags, addrs: ThreadAddrs) -> io::Result<ForkResult> {
-    let flags = (flags.bits() | libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as libc::c_ulong;
-    // A null stack: the child goes on with a copy of ours, as after fork.
-    // SAFETY: the caller's contract; the child's id lands in glibc's field.
+pub(crate) unsafe fn fork_into(flags: CloneFlags, cgroup: Option<BorrowedFd<'_>>, addrs: ThreadAddrs) -> io::Result<(ForkResult, bool)> {
+    let flags = (flags.bits() | libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64;
+    if let Some(cgroup) = cgroup {
+        let args = CloneArgs {
+            flags: flags | CLONE_INTO_CGROUP,
+            child_tid: addrs.tid as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: cgroup.as_raw_fd() as u64,
+            ..Default::default()
+        };
+        // A null stack (and size): the child goes on with a copy of ours, as
+        // after fork.
+        // SAFETY: the caller's contract; the child's id lands in glibc's field.
+        let rc = unsafe { libc::syscall(SYS_CLONE3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        match rc {
+            -1 if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) => {}
+            rc => return forked(rc, addrs).map(|r| (r, true)),
+        }
+    }
+    let flags = (flags | libc::SIGCHLD as u64) as libc::c_ulong;
+    // SAFETY: as above.
     #[cfg(target_arch = "x86_64")]
     let rc = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, addrs.tid, 0usize) };
     #[cfg(target_arch = "aarch64")]
     let rc = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, addrs.tid) };
+    forked(rc, addrs).map(|r| (r, false))
+}
+
+/// The end of a fork-like clone on either side.
+fn forked(rc: libc::c_long, addrs: ThreadAddrs) -> io::Result<ForkResult> {
     match rc {
         0 => {
             // SAFETY: the head is glibc's, in our copy of its memory; the
