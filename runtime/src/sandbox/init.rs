@@ -45,8 +45,33 @@ use super::spec::{Network, Payload, SandboxSpec};
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InitReport {
-    Ready { pid: i32 },
+    Ready {
+        pid: i32,
+        /// How long each step of the creation took ([`steps`]).
+        #[serde(default)]
+        steps: Vec<Step>,
+    },
     Failed { stage: String, message: String },
+}
+
+/// One step of a creation and its duration in microseconds, for the node's
+/// debug log: a slow create shows which step it spent its time in.
+pub type Step = (String, u32);
+
+/// The steps of the creation under way in this (single-threaded) process.
+static STEPS: std::sync::Mutex<Vec<(&'static str, std::time::Instant)>> = std::sync::Mutex::new(Vec::new());
+
+fn step(name: &'static str) {
+    if let Ok(mut steps) = STEPS.lock() {
+        steps.push((name, std::time::Instant::now()));
+    }
+}
+
+/// The steps of the last creation of this process, each with the time since
+/// the one before (the first since the creation began).
+pub fn steps() -> Vec<Step> {
+    let Ok(steps) = STEPS.lock() else { return Vec::new() };
+    steps.windows(2).map(|w| (w[1].0.to_string(), w[1].1.duration_since(w[0].1).as_micros().min(u32::MAX as u128) as u32)).collect()
 }
 
 #[derive(Debug)]
@@ -78,7 +103,7 @@ fn fail_io(stage: &'static str) -> impl FnOnce(std::io::Error) -> InitError {
 /// Entry point of `agentd sandbox-init`. Must run before any thread is started.
 pub fn main() -> ! {
     let report = match read_spec().and_then(|spec| create(&spec)) {
-        Ok(pid) => InitReport::Ready { pid: pid.as_raw() },
+        Ok(pid) => InitReport::Ready { pid: pid.as_raw(), steps: steps() },
         Err(e) => InitReport::Failed { stage: e.stage.to_string(), message: e.message },
     };
     let ok = matches!(report, InitReport::Ready { .. });
@@ -122,6 +147,10 @@ pub fn create(spec: &SandboxSpec) -> Result<Pid, InitError> {
 /// As [`create`], with the agents' hardening already built (by a zygote,
 /// once for every sandbox it makes).
 pub fn create_with(spec: &SandboxSpec, hardening: Hardening) -> Result<Pid, InitError> {
+    if let Ok(mut steps) = STEPS.lock() {
+        steps.clear();
+        steps.push(("start", std::time::Instant::now()));
+    }
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(InitError::new("subreaper", std::io::Error::last_os_error().to_string()));
@@ -207,7 +236,9 @@ fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
     // Nothing mounted from here on may propagate back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(fail("make mounts private"))?;
+    step("mount namespace");
     rootfs::prepare(spec)?;
+    step("root filesystem");
     // The sandbox resolves paths as an unprivileged host uid and may not
     // traverse the (0700) state directory: it inherits the root's parent as
     // working directory instead and only uses paths relative to it.
@@ -281,19 +312,23 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
         }
         nix::unistd::ForkResult::Parent { child } => child,
     };
+    step("clone");
     drop(go_rx);
     drop(err_tx);
     drop(v2_fd);
     let skip = if in_v2 { v2_dir } else { None };
     let released = join_cgroups_but(spec, pid, skip)
+        .inspect(|_| step("move to cgroups"))
         .and_then(|()| injected(spec, "join-cgroup"))
         .and_then(|()| write_id_maps(pid, spec))
         .and_then(|()| injected(spec, "id-map"))
         .and_then(|()| File::from(go_tx).write_all(b"1").map_err(fail_io("release child")));
+    step("id maps");
     if let Err(e) = released.and_then(|()| read_error(err_rx)) {
         kill_and_reap(pid);
         return Err(e);
     }
+    step("pid 1 setup");
     Ok(pid)
 }
 
