@@ -338,6 +338,7 @@ fn pid1(spec: &SandboxSpec, handover: &Handover, go_rx: OwnedFd) -> Result<std::
     let mut go = [0u8; 1];
     if !matches!(File::from(go_rx).read(&mut go), Ok(1)) {
         // The creator failed (it kills us) or died before releasing us.
+        // SAFETY: _exit skips destructors that belong to the creator.
         unsafe { libc::_exit(1) }
     }
     if !super::nsfork::tid_is_right() {
