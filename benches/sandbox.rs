@@ -9,9 +9,12 @@
 //! - supervisor RSS of idle sandboxes;
 //! - IDLE idle sandboxes held at once, and host memory per sandbox;
 //! - `agentd sandbox run -- true` (and `agentd-sandbox sandbox run -- true`,
-//!   the binary it executes) against `bwrap --unshare-all ... true` (Debian's
+//!   the same code in the small binary) against `bwrap --unshare-all ... true` (Debian's
 //!   bubblewrap, the invocation and the cheapest one that runs), as
 //!   whole processes, interleaved in the same run.
+//!
+//! The p99 of create -> ready depends on the kernel (a cgroup migration may
+//! wait for an RCU grace period): the settings that matter are printed first.
 //!
 //! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500),
 //! BENCH_ZYGOTE (default: the `sandbox` profile's agentd-sandbox; a name,
@@ -208,10 +211,23 @@ fn whole_process_figures(runs: usize) {
     }
 }
 
+/// What sets the p99 of create -> ready on a host: the one cgroup migration
+/// of a create waits for an RCU grace period whenever no migration happened
+/// for a while, unless a cgroup hierarchy is mounted with `favordynmods` or
+/// grace periods are expedited (see HACKING.md).
+fn kernel_settings() -> String {
+    let favordynmods = std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.contains(" cgroup") && l.split_whitespace().nth(3).is_some_and(|o| o.split(',').any(|o| o == "favordynmods"))))
+        .unwrap_or(false);
+    let expedited = std::fs::read_to_string("/sys/kernel/rcu_expedited").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into());
+    format!("cgroup favordynmods: {}, rcu_expedited: {expedited}", if favordynmods { "on" } else { "off" })
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    println!("{}", kernel_settings());
     let runs = env_usize("BENCH_RUNS", 200);
     let idle = env_usize("BENCH_IDLE", 500);
     let state = tempfile::Builder::new().prefix("agentd-bench-").tempdir().unwrap();

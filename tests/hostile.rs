@@ -266,11 +266,22 @@ fn run_leftovers(pid: u32) -> Vec<String> {
     left
 }
 
+/// `sandbox run`, on the one-clone path, or (`two_forks`) on the path of
+/// hosts where it is not available.
+fn sandbox_run(two_forks: bool) -> Command {
+    let mut cmd = Command::new(agentd_bin());
+    cmd.args(["sandbox", "run"]);
+    if two_forks {
+        cmd.env("AGENTD_SANDBOX_TWO_FORKS", "1");
+    }
+    cmd
+}
+
 #[test]
 fn a_failure_midway_undoes_everything_created_so_far() {
-    for stage in ["cgroup", "join-cgroup", "mount", "clone", "id-map", "pivot-root"] {
-        let child = Command::new(agentd_bin())
-            .args(["sandbox", "run", "--memory", "64M", "--pids", "32", "--inject-failure", stage, "--", "true"])
+    for (stage, two_forks) in ["cgroup", "join-cgroup", "mount", "clone", "id-map", "pivot-root"].iter().flat_map(|s| [(*s, false), (*s, true)]) {
+        let child = sandbox_run(two_forks)
+            .args(["--memory", "64M", "--pids", "32", "--inject-failure", stage, "--", "true"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -278,19 +289,39 @@ fn a_failure_midway_undoes_everything_created_so_far() {
         let pid = child.id();
         let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(125), "{stage}: {stderr}");
-        assert!(stderr.contains(stage) && stderr.contains("injected failure"), "{stage}: {stderr}");
-        assert_eq!(run_leftovers(pid), Vec::<String>::new(), "{stage} left things behind");
+        assert_eq!(out.status.code(), Some(125), "{stage} (two forks: {two_forks}): {stderr}");
+        assert!(stderr.contains(stage) && stderr.contains("injected failure"), "{stage} (two forks: {two_forks}): {stderr}");
+        assert_eq!(run_leftovers(pid), Vec::<String>::new(), "{stage} (two forks: {two_forks}) left things behind");
     }
 }
 
 #[test]
 fn a_successful_run_leaves_nothing_either() {
-    let child = Command::new(agentd_bin())
-        .args(["sandbox", "run", "--memory", "64M", "--pids", "32", "--cpus", "0.5", "--", "true"])
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    assert!(child.wait_with_output().unwrap().status.success());
-    assert_eq!(run_leftovers(pid), Vec::<String>::new());
+    for two_forks in [false, true] {
+        let child = sandbox_run(two_forks).args(["--memory", "64M", "--pids", "32", "--cpus", "0.5", "--", "true"]).spawn().unwrap();
+        let pid = child.id();
+        assert!(child.wait_with_output().unwrap().status.success(), "two forks: {two_forks}");
+        assert_eq!(run_leftovers(pid), Vec::<String>::new(), "two forks: {two_forks}");
+    }
+}
+
+/// Both ways of making PID 1 give the same sandbox: PID 1 of its pid
+/// namespace, root of its user namespace, in its own cgroup namespace
+/// rooted at its cgroups (PID 1 itself checks that glibc holds its thread id).
+#[test]
+fn pid1_is_made_alike_with_one_clone_or_two_forks() {
+    let script = "echo $$ $PPID; id -u; cat /proc/self/cgroup | grep -c ':/$'; wc -l < /proc/self/cgroup";
+    let outputs: Vec<String> = [false, true]
+        .into_iter()
+        .map(|two_forks| {
+            let out = sandbox_run(two_forks).args(["--memory", "64M", "--", "sh", "-c", script]).output().unwrap();
+            assert!(out.status.success(), "two forks: {two_forks}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect();
+    let lines: Vec<&str> = outputs[0].lines().collect();
+    assert_eq!(lines[0], "2 1", "the command is PID 2, a child of PID 1");
+    assert_eq!(lines[1], "0");
+    assert_eq!(lines[2], lines[3], "every cgroup line is the namespace's root");
+    assert_eq!(outputs[0], outputs[1]);
 }

@@ -401,10 +401,19 @@ impl Sandboxes {
             mounts,
             supervisor_log_filter: cfg.supervisor_log_filter.clone(),
         };
+        let started = std::time::Instant::now();
         let launched = self.launcher.launch(&spec).await.map_err(|e| match e {
             LaunchError::Spec(e) => status(Code::InvalidArgument, "invalid_profile", e.to_string()),
             e => status(Code::Internal, "sandbox_failed", e.to_string()),
         })?;
+        // Where a slow create spent its time (microseconds): the kernel work
+        // of sandbox-init step by step, within the whole launch.
+        tracing::debug!(
+            id = plan.container_id,
+            launch_us = started.elapsed().as_micros() as u64,
+            steps = ?launched.steps,
+            "sandbox create steps"
+        );
         let pid = launched.pid;
         let kill_on_error = |e: Status| {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -7,24 +7,26 @@
 //!    compile the agents' hardening (seccomp), before any namespace exists.
 //! 2. `unshare(CLONE_NEWNS)` and prepare the new root ([`super::rootfs`]) as
 //!    host root (P).
-//! 3. `fork` P1, which joins the sandbox's cgroups and `unshare`s a user
-//!    namespace; P (host root) writes its uid and gid maps; P1 becomes its
-//!    root and `unshare`s mount, pid, uts, ipc, net and cgroup namespaces,
-//!    owned by the new user namespace, then `fork`s C, PID 1 of the new pid
-//!    namespace, and exits. C comes back to P, a child subreaper.
+//! 3. One `clone` makes C, PID 1 of a new pid namespace, in a new user
+//!    namespace and new mount, uts, ipc and net namespaces owned by it
+//!    ([`super::nsfork`]: a fork as glibc's, so glibc's view of C stays
+//!    right for threads, signals and the rest). P (host root) moves C into
+//!    the sandbox's cgroups and writes its uid and gid maps; C becomes root
+//!    and `unshare`s its cgroup namespace (rooted at the cgroups it is in).
+//!    Where the kernel cannot tell glibc's thread id address, P `fork`s P1
+//!    instead, which joins the cgroups, makes the user namespace, then the
+//!    others, and `fork`s C (two forks; C comes back to P, a subreaper).
 //! 4. C mounts `/proc` and `/dev/pts`, masks `/proc`, `pivot_root`s, raises
 //!    loopback, closes every descriptor but stdio and the listener, makes
 //!    itself non-dumpable and runs the supervisor (or run mode) in place: no
-//!    exec, so no second load of the agentd binary. Plain `fork` (not a raw
-//!    `clone`) keeps glibc's view of the process right for threads, signals
-//!    and the rest.
+//!    exec, so no second load of the agentd binary.
 //!
-//! Errors in P1 and C travel back on a pipe: end of file with no data means
+//! Errors in C (and P1) travel back on a pipe: end of file with no data means
 //! C got through setup (it closes its end just before running the payload).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 
@@ -43,8 +45,33 @@ use super::spec::{Network, Payload, SandboxSpec};
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InitReport {
-    Ready { pid: i32 },
+    Ready {
+        pid: i32,
+        /// How long each step of the creation took ([`steps`]).
+        #[serde(default)]
+        steps: Vec<Step>,
+    },
     Failed { stage: String, message: String },
+}
+
+/// One step of a creation and its duration in microseconds, for the node's
+/// debug log: a slow create shows which step it spent its time in.
+pub type Step = (String, u32);
+
+/// The steps of the creation under way in this (single-threaded) process.
+static STEPS: std::sync::Mutex<Vec<(&'static str, std::time::Instant)>> = std::sync::Mutex::new(Vec::new());
+
+fn step(name: &'static str) {
+    if let Ok(mut steps) = STEPS.lock() {
+        steps.push((name, std::time::Instant::now()));
+    }
+}
+
+/// The steps of the last creation of this process, each with the time since
+/// the one before (the first since the creation began).
+pub fn steps() -> Vec<Step> {
+    let Ok(steps) = STEPS.lock() else { return Vec::new() };
+    steps.windows(2).map(|w| (w[1].0.to_string(), w[1].1.duration_since(w[0].1).as_micros().min(u32::MAX as u128) as u32)).collect()
 }
 
 #[derive(Debug)]
@@ -76,7 +103,7 @@ fn fail_io(stage: &'static str) -> impl FnOnce(std::io::Error) -> InitError {
 /// Entry point of `agentd sandbox-init`. Must run before any thread is started.
 pub fn main() -> ! {
     let report = match read_spec().and_then(|spec| create(&spec)) {
-        Ok(pid) => InitReport::Ready { pid: pid.as_raw() },
+        Ok(pid) => InitReport::Ready { pid: pid.as_raw(), steps: steps() },
         Err(e) => InitReport::Failed { stage: e.stage.to_string(), message: e.message },
     };
     let ok = matches!(report, InitReport::Ready { .. });
@@ -120,6 +147,10 @@ pub fn create(spec: &SandboxSpec) -> Result<Pid, InitError> {
 /// As [`create`], with the agents' hardening already built (by a zygote,
 /// once for every sandbox it makes).
 pub fn create_with(spec: &SandboxSpec, hardening: Hardening) -> Result<Pid, InitError> {
+    if let Ok(mut steps) = STEPS.lock() {
+        steps.clear();
+        steps.push(("start", std::time::Instant::now()));
+    }
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(InitError::new("subreaper", std::io::Error::last_os_error().to_string()));
@@ -161,10 +192,21 @@ pub(crate) fn injected(spec: &SandboxSpec, stage: &'static str) -> Result<(), In
     }
 }
 
-fn join_cgroups(spec: &SandboxSpec) -> Result<(), InitError> {
-    let me = std::process::id().to_string();
-    for procs in &spec.cgroup_procs {
-        std::fs::write(procs, &me).map_err(|e| InitError::new("join cgroup", format!("{}: {e}", procs.display())))?;
+/// Whether `dir` is on a cgroup v2 file system.
+fn is_cgroup2(dir: &std::path::Path) -> bool {
+    nix::sys::statfs::statfs(dir).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// Moves `pid` (a process of ours, or ourselves) into the sandbox's cgroups.
+fn join_cgroups(spec: &SandboxSpec, pid: Pid) -> Result<(), InitError> {
+    join_cgroups_but(spec, pid, None)
+}
+
+/// As [`join_cgroups`], but for the `skip`th cgroup, which `pid` is in.
+fn join_cgroups_but(spec: &SandboxSpec, pid: Pid, skip: Option<usize>) -> Result<(), InitError> {
+    let pid = pid.to_string();
+    for (_, procs) in spec.cgroup_procs.iter().enumerate().filter(|(i, _)| Some(*i) != skip) {
+        std::fs::write(procs, &pid).map_err(|e| InitError::new("join cgroup", format!("{}: {e}", procs.display())))?;
     }
     Ok(())
 }
@@ -188,21 +230,138 @@ fn read_error(err_rx: OwnedFd) -> Result<(), InitError> {
 }
 
 /// The creating process (P): host root, in a private mount namespace where it
-/// prepares the root; then forks P1, which makes the user namespace (P writes
-/// its id maps) and the other namespaces, and forks C, PID 1 of the sandbox.
-/// P1 exits at once; C comes back to P, a subreaper.
+/// prepares the root; then makes C, PID 1 of the sandbox, in its namespaces.
 fn build(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(fail("unshare mount namespace"))?;
     // Nothing mounted from here on may propagate back to the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(fail("make mounts private"))?;
+    step("mount namespace");
     rootfs::prepare(spec)?;
+    step("root filesystem");
     // The sandbox resolves paths as an unprivileged host uid and may not
     // traverse the (0700) state directory: it inherits the root's parent as
     // working directory instead and only uses paths relative to it.
     let parent = spec.rootfs_dir.parent().ok_or_else(|| InitError::new("chdir", "rootfs_dir has no parent"))?;
     chdir(parent).map_err(fail("chdir to sandbox dir"))?;
 
+    let addrs = match std::env::var_os(TWO_FORKS_ENV) {
+        Some(_) => None,
+        None => super::nsfork::ThreadAddrs::current(),
+    };
+    match addrs {
+        Some(addrs) => clone_pid1(spec, handover, addrs),
+        None => fork_twice(spec, handover),
+    }
+}
+
+/// Set (to anything) in the environment of `sandbox run` or a one-shot
+/// `sandbox-init`, takes the two-fork path of hosts whose kernel cannot tell
+/// glibc's thread id address, so that tests keep it working.
+pub const TWO_FORKS_ENV: &str = "AGENTD_SANDBOX_TWO_FORKS";
+
+/// The namespaces PID 1 lives in, but the cgroup one: that one takes the
+/// cgroup of the process that makes it as its root, so PID 1 makes it once
+/// it is in the sandbox's cgroups.
+fn namespace_flags(spec: &SandboxSpec) -> CloneFlags {
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+    if spec.network == Network::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    flags
+}
+
+/// One clone makes C, PID 1, in a new user namespace and the namespaces it
+/// owns (as bubblewrap does); P moves it into the sandbox's cgroups and writes
+/// its id maps, then releases it. C becomes root, makes its cgroup namespace
+/// and goes on in [`enter`].
+fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::ThreadAddrs) -> Result<Pid, InitError> {
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    // P -> C: one byte once C is in its cgroups and its id maps are written.
+    let (go_rx, go_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
+    // C -> P: "stage\0message" on failure; end of file once C is set up.
+    let (err_rx, err_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
+    // C starts in the sandbox's cgroup v2 directory if it has one; only
+    // the v1 ones (or all, on kernels without clone3) take a move.
+    let v2_dir = spec.cgroup_procs.iter().position(|procs| procs.parent().is_some_and(is_cgroup2));
+    let v2_fd = match v2_dir {
+        Some(i) => {
+            let dir = spec.cgroup_procs[i].parent().expect("checked above");
+            let fd = nix::fcntl::open(dir, nix::fcntl::OFlag::O_DIRECTORY | cloexec, nix::sys::stat::Mode::empty())
+                .map_err(|e| InitError::new("join cgroup", format!("{}: {e}", dir.display())))?;
+            Some(fd)
+        }
+        None => None,
+    };
+    injected(spec, "clone")?;
+    let flags = CloneFlags::CLONE_NEWUSER | namespace_flags(spec);
+    // SAFETY: this process is single-threaded (sandbox-init, a zygote's
+    // worker and sandbox run start no threads), and `addrs` is this thread's.
+    let (forked, in_v2) = unsafe { super::nsfork::fork_into(flags, v2_fd.as_ref().map(|fd| fd.as_fd()), addrs) }.map_err(fail_io("clone"))?;
+    let pid = match forked {
+        nix::unistd::ForkResult::Child => {
+            drop(go_tx);
+            drop(err_rx);
+            // Never unwind into the creator's frames from a forked copy.
+            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pid1(spec, handover, go_rx))) {
+                Ok(Ok(never)) => match never {},
+                Ok(Err(e)) => e,
+                Err(_) => InitError::new("sandbox init", "panic"),
+            };
+            report_and_exit(err_tx, e)
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    step("clone");
+    drop(go_rx);
+    drop(err_tx);
+    drop(v2_fd);
+    let skip = if in_v2 { v2_dir } else { None };
+    let released = join_cgroups_but(spec, pid, skip)
+        .inspect(|_| step("move to cgroups"))
+        .and_then(|()| injected(spec, "join-cgroup"))
+        .and_then(|()| write_id_maps(pid, spec))
+        .and_then(|()| injected(spec, "id-map"))
+        .and_then(|()| File::from(go_tx).write_all(b"1").map_err(fail_io("release child")));
+    step("id maps");
+    if let Err(e) = released.and_then(|()| read_error(err_rx)) {
+        kill_and_reap(pid);
+        return Err(e);
+    }
+    step("pid 1 setup");
+    Ok(pid)
+}
+
+/// C, made by [`clone_pid1`]: waits to be released, becomes root of its user
+/// namespace and makes its cgroup namespace, rooted at the sandbox's cgroups.
+fn pid1(spec: &SandboxSpec, handover: &Handover, go_rx: OwnedFd) -> Result<std::convert::Infallible, InitError> {
+    let mut go = [0u8; 1];
+    if !matches!(File::from(go_rx).read(&mut go), Ok(1)) {
+        // The creator failed (it kills us) or died before releasing us.
+        // SAFETY: _exit skips destructors that belong to the creator.
+        unsafe { libc::_exit(1) }
+    }
+    if !super::nsfork::tid_is_right() {
+        return Err(InitError::new("clone", "glibc's thread id in PID 1 is not PID 1's"));
+    }
+    become_root()?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(fail("clone"))?;
+    enter(spec, handover)
+}
+
+/// Root of the user namespace we are in, whose maps are written.
+fn become_root() -> Result<(), InitError> {
+    // Without these, creating files fails with EOVERFLOW: our ids are unmapped
+    // until we switch to the mapped root.
+    setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).map_err(fail("setresgid"))?;
+    setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(fail("setresuid"))?;
+    setgroups(&[]).map_err(fail("setgroups"))
+}
+
+/// Where the kernel cannot tell glibc's thread id address ([`super::nsfork`]):
+/// `fork` P1, which joins the cgroups, makes the user namespace (P writes its
+/// maps), then the other namespaces, and `fork`s C.
+fn fork_twice(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError> {
     let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
     // P1 -> P: one byte once the user namespace exists, then C's host pid.
     let (up_rx, up_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
@@ -296,7 +455,7 @@ fn namespaces(
     go_rx: OwnedFd,
     err_tx: &OwnedFd,
 ) -> Result<std::convert::Infallible, InitError> {
-    join_cgroups(spec)?;
+    join_cgroups(spec, nix::unistd::getpid())?;
     injected(spec, "join-cgroup")?;
     injected(spec, "clone")?;
     nix::sched::unshare(CloneFlags::CLONE_NEWUSER).map_err(fail("clone"))?;
@@ -307,20 +466,8 @@ fn namespaces(
         // The parent died or failed before releasing us.
         unsafe { libc::_exit(1) }
     }
-    // Without these, creating files fails with EOVERFLOW: our ids are unmapped
-    // until we switch to the mapped root.
-    setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).map_err(fail("setresgid"))?;
-    setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(fail("setresuid"))?;
-    setgroups(&[]).map_err(fail("setgroups"))?;
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWCGROUP;
-    if spec.network == Network::None {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
-    nix::sched::unshare(flags).map_err(fail("clone"))?;
+    become_root()?;
+    nix::sched::unshare(namespace_flags(spec) | CloneFlags::CLONE_NEWCGROUP).map_err(fail("clone"))?;
     // SAFETY: single-threaded (a fork child of a single-threaded process).
     match unsafe { nix::unistd::fork() }.map_err(fail("clone"))? {
         nix::unistd::ForkResult::Child => {

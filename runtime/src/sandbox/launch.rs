@@ -16,10 +16,12 @@ use super::spec::{SandboxSpec, SpecError};
 /// takes a few milliseconds; a stuck mount is the only thing that takes longer.
 const INIT_TIMEOUT: Duration = Duration::from_secs(20);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Launched {
     /// Host pid of the supervisor, PID 1 inside the sandbox.
     pub pid: i32,
+    /// How long each step of the creation took, microseconds.
+    pub steps: Vec<super::init::Step>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +64,7 @@ pub async fn launch(exe: &Path, spec: &SandboxSpec) -> Result<Launched, LaunchEr
     let stdout = String::from_utf8_lossy(&output.stdout);
     let report = stdout.lines().rev().find_map(|l| serde_json::from_str::<InitReport>(l).ok());
     match report {
-        Some(InitReport::Ready { pid }) => Ok(Launched { pid }),
+        Some(InitReport::Ready { pid, steps }) => Ok(Launched { pid, steps }),
         Some(InitReport::Failed { stage, message }) => Err(LaunchError::Failed { stage, message }),
         None => Err(LaunchError::NoReport {
             status: output.status.to_string(),
@@ -173,7 +175,7 @@ impl Launcher {
             }
         };
         match report {
-            InitReport::Ready { pid } => Ok(Launched { pid }),
+            InitReport::Ready { pid, steps } => Ok(Launched { pid, steps }),
             InitReport::Failed { stage, message } => Err(LaunchError::Failed { stage, message }),
         }
     }

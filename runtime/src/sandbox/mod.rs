@@ -13,6 +13,7 @@ pub mod harden;
 pub mod init;
 pub mod launch;
 pub mod profile;
+mod nsfork;
 mod rootfs;
 pub mod seccomp;
 mod seccomp_link;

@@ -118,7 +118,7 @@ fn worker(input: &[u8], hardening: &Hardening) -> InitReport {
         return failed("validate spec", e.to_string());
     }
     match init::create_with(&spec, hardening.clone()) {
-        Ok(pid) => InitReport::Ready { pid: pid.as_raw() },
+        Ok(pid) => InitReport::Ready { pid: pid.as_raw(), steps: init::steps() },
         Err(e) => failed(e.stage, e.message),
     }
 }
