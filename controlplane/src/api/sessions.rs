@@ -546,14 +546,14 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
                 if container_state != container::READY {
                     return Ok(Err(container_not_ready(&s.container_id, &container_state)));
                 }
-                tx.insert_run(run_id, &s.id).await?;
-                if let Some(k) = keyed {
-                    tx.set_run_idempotency_key(run_id, &k.key, &k.digest).await?;
-                }
+                // The step is leased here unless an older step of the
+                // container holds it back: the run then waits for a runner.
                 let step = tx.enqueue(dispatch.clone()).await?;
                 let claimed = tx.claim_enqueued(&step, &app.steps.owner, app.steps.lease).await?;
-                if claimed.is_none() {
-                    tx.set_run_queued(run_id).await?;
+                let first = if claimed.is_some() { run_state::DISPATCHING } else { run_state::QUEUED };
+                tx.insert_run(run_id, &s.id, first).await?;
+                if let Some(k) = keyed {
+                    tx.set_run_idempotency_key(run_id, &k.key, &k.digest).await?;
                 }
                 Ok(Ok(claimed))
             })

@@ -28,22 +28,21 @@ pub struct Payload {
 pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let payload: Payload = serde_json::from_value(ctx.payload.clone()).map_err(|e| StepError::permanent(format!("bad payload: {e}")))?;
     let r = app.store.get_run(&payload.run_id).await.map_err(store_error)?;
-    let handed_over = match r.state.as_str() {
+    let ended = match r.state.as_str() {
         // A runner took the dispatch the API could not run itself.
         run::QUEUED => match app.store.run_dispatching(&r.id).await {
-            Ok(()) => true,
-            Err(StoreError::Illegal(_)) => false,
+            Ok(()) => None,
+            Err(StoreError::Illegal(e)) => Some(e.current),
             Err(e) => return Err(store_error(e)),
         },
         // Dispatching: the API's own try, or a retry; streaming: a retry
         // whose first try reached the node (its fence answers it).
-        run::DISPATCHING | run::STREAMING => true,
-        _ => false,
+        run::DISPATCHING | run::STREAMING => None,
+        _ => Some(r.state),
     };
-    if !handed_over {
+    if let Some(state) = ended {
         // Ended before it was handed over (its container was deleted, say).
-        let r = app.store.get_run(&payload.run_id).await.map_err(store_error)?;
-        let detail = format!("run {} is {}", r.id, r.state);
+        let detail = format!("run {} is {state}", payload.run_id);
         return Ok(failed(&Problem::conflict("illegal_state", detail)));
     }
     let request = PromptRequest {

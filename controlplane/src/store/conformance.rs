@@ -222,10 +222,7 @@ async fn a_queued_run_goes_through_every_state_with_its_times(store: &Store) {
     store.insert_container("ctr_1", "local", "{}").await.unwrap();
     store.insert_session(new_session("ses_1", "ctr_1")).await.unwrap();
     store
-        .transaction(async |tx| {
-            tx.insert_run("run_1", "ses_1").await?;
-            tx.set_run_queued("run_1").await
-        })
+        .transaction(async |tx| tx.insert_run("run_1", "ses_1", run::QUEUED).await)
         .await
         .unwrap();
     let run_1 = async || store.get_run("run_1").await.unwrap();
@@ -431,7 +428,7 @@ async fn idempotency_keys_are_stored_with_runs_and_sessions(store: &Store) {
     let start = async |run: &str, session: &str, key: &str, digest: &str| {
         store
             .transaction(async |tx| {
-                tx.insert_run(run, session).await?;
+                tx.insert_run(run, session, run::DISPATCHING).await?;
                 tx.set_run_idempotency_key(run, key, digest).await
             })
             .await

@@ -200,7 +200,6 @@ fn table(entity: Entity) -> &'static str {
 /// The time columns a transition to `to` sets to its time (`$3`).
 fn time_columns(entity: Entity, to: &str) -> &'static str {
     match (entity, to) {
-        (Entity::Run, states::run::STREAMING) => "updated_at = $3, started_at = $3",
         (Entity::Run, states::run::COMPLETED | states::run::CANCELLED | states::run::FAILED) => "updated_at = $3, completed_at = $3",
         _ => "updated_at = $3",
     }
@@ -342,7 +341,7 @@ impl Store {
     /// (A reused run id is a unique violation too, and reads the same; ids
     /// are fresh UUIDs.) A missing session is [`StoreError::NotFound`].
     pub async fn insert_run(&self, id: &str, session_id: &str) -> Result<(), StoreError> {
-        self.transaction(async |tx| tx.insert_run(id, session_id).await).await
+        self.transaction(async |tx| tx.insert_run(id, session_id, states::run::DISPATCHING).await).await
     }
 
     pub async fn get_run(&self, id: &str) -> Result<RunRow, StoreError> {
@@ -493,9 +492,13 @@ impl Store {
         Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(session_id).fetch_all(pool).await)?)
     }
 
-    /// The node started the run: its events flow.
+    /// The node took the run (now): its events flow.
     pub async fn run_streaming(&self, id: &str) -> Result<(), StoreError> {
-        self.transition(Entity::Run, id, states::run::STREAMING, None, None).await
+        self.transaction(async |tx| {
+            tx.transition(Entity::Run, id, states::run::STREAMING, None, "").await?;
+            tx.set_run_started_at(id, now_ms()).await
+        })
+        .await
     }
 
     /// A runner took a queued run's dispatch.

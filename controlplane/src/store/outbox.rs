@@ -382,38 +382,25 @@ impl Tx {
         Ok(with_tx!(self, |conn| sqlx::query(sql).bind(id).bind(epoch).bind(result).execute(conn).await.map(|done| done.rows_affected()))?)
     }
 
-    /// Marks a run just inserted in this transaction as waiting for a runner
-    /// (its dispatch step could not be leased with it). Not a transition:
-    /// the run is not visible yet, and this is the state it is born in.
-    pub async fn set_run_queued(&mut self, id: &str) -> Result<(), StoreError> {
-        let sql = "UPDATE runs SET state = $1 WHERE id = $2 AND state = $3";
-        with_tx!(self, |conn| sqlx::query(sql)
-            .bind(states::run::QUEUED)
-            .bind(id)
-            .bind(states::run::DISPATCHING)
-            .execute(conn)
-            .await
-            .map(|_| ()))?;
-        Ok(())
-    }
-
-    /// Sets when the node took run `id`: the `streaming` move records when
-    /// the store learned it, and a turn whose end came first has none.
+    /// Sets when the node took run `id`, with its move to `streaming` (or
+    /// without: a turn whose end was recorded first).
     pub async fn set_run_started_at(&mut self, id: &str, at: i64) -> Result<(), StoreError> {
         let sql = "UPDATE runs SET started_at = $2 WHERE id = $1";
         with_tx!(self, |conn| sqlx::query(sql).bind(id).bind(at).execute(conn).await.map(|_| ()))?;
         Ok(())
     }
 
-    /// Starts a run, `dispatching` (its caller hands it to the node), as
-    /// [`Store::insert_run`] does. A refusal (a run already active) aborts a
-    /// PostgreSQL transaction: roll it back.
-    pub async fn insert_run(&mut self, id: &str, session_id: &str) -> Result<(), StoreError> {
+    /// Starts a run in `state` (`dispatching` when its caller hands it to the
+    /// node, `queued` when a runner will), as [`Store::insert_run`] does. A
+    /// refusal (a run already active) aborts a PostgreSQL transaction: roll
+    /// it back.
+    pub async fn insert_run(&mut self, id: &str, session_id: &str, state: &str) -> Result<(), StoreError> {
+        debug_assert!(states::run::ACTIVE.contains(&state), "a run starts active, not {state}");
         let sql = "INSERT INTO runs (id, session_id, state, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)";
         let inserted = with_tx!(self, |conn| sqlx::query(sql)
             .bind(id)
             .bind(session_id)
-            .bind(states::run::DISPATCHING)
+            .bind(state)
             .bind(now_ms())
             .execute(conn)
             .await

@@ -283,16 +283,14 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
     let (err_rx, err_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
     // C starts in the sandbox's cgroup v2 directory if it has one; only
     // the v1 ones (or all, on kernels without clone3) take a move.
-    let v2_dir = spec.cgroup_procs.iter().position(|procs| procs.parent().is_some_and(is_cgroup2));
-    let v2_fd = match v2_dir {
-        Some(i) => {
-            let dir = spec.cgroup_procs[i].parent().expect("checked above");
-            let fd = nix::fcntl::open(dir, nix::fcntl::OFlag::O_DIRECTORY | cloexec, nix::sys::stat::Mode::empty())
-                .map_err(|e| InitError::new("join cgroup", format!("{}: {e}", dir.display())))?;
-            Some(fd)
-        }
-        None => None,
-    };
+    let v2 = spec.cgroup_procs.iter().enumerate().find_map(|(i, procs)| procs.parent().filter(|dir| is_cgroup2(dir)).map(|dir| (i, dir)));
+    let v2_dir = v2.map(|(i, _)| i);
+    let v2_fd = v2
+        .map(|(_, dir)| {
+            nix::fcntl::open(dir, nix::fcntl::OFlag::O_DIRECTORY | cloexec, nix::sys::stat::Mode::empty())
+                .map_err(|e| InitError::new("join cgroup", format!("{}: {e}", dir.display())))
+        })
+        .transpose()?;
     injected(spec, "clone")?;
     let flags = CloneFlags::CLONE_NEWUSER | namespace_flags(spec);
     // SAFETY: this process is single-threaded (sandbox-init, a zygote's
