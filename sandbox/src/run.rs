@@ -165,22 +165,29 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     // Building the sandbox leaves this process in a private mount namespace
     // whose mounts sit on the root's mount point: come back to the original
     // one before removing it, whatever happened, or the removal would walk
-    // into the bind mounts (the workspace among them).
+    // into the bind mounts (the workspace among them). PID 1 has a copy of
+    // its own, so this one goes as soon as the sandbox is built, while the
+    // command runs: tearing down its mounts takes a few hundred microseconds
+    // that would otherwise follow the command's exit.
     let host_mnt = std::fs::File::open("/proc/self/ns/mnt").context("cannot open own mount namespace")?;
     let created = init::create(&spec);
-    let waited = created.map_err(|e| anyhow!("sandbox setup failed at {e}")).and_then(|pid| {
-        run_mode::forward_signals_to(pid.as_raw()).context("cannot forward signals")?;
-        loop {
-            match waitpid(pid, None) {
-                Ok(WaitStatus::Exited(_, code)) => break Ok(code),
-                Ok(WaitStatus::Signaled(_, signal, _)) => break Ok(128 + signal as i32),
-                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => break Err(anyhow!("waitpid: {e}")),
-            }
+    if let Err(e) = nix::sched::setns(host_mnt.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS) {
+        // Still in the private namespace: removing the root's mount point
+        // here would walk into its bind mounts. Leave the empty directory.
+        let _ = root.keep();
+        return Err(e).context("cannot return to the host mount namespace");
+    }
+    let pid = created.map_err(|e| anyhow!("sandbox setup failed at {e}"))?;
+    run_mode::forward_signals_to(pid.as_raw()).context("cannot forward signals")?;
+    drop(root);
+    let code = loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, signal, _)) => break 128 + signal as i32,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => bail!("waitpid: {e}"),
         }
-    });
-    nix::sched::setns(host_mnt.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS).context("cannot return to the host mount namespace")?;
-    let code = waited?;
+    };
     if let Some(Ok(Some(kills))) = cgroups.as_ref().map(|cg| cg.sandbox.oom_kills())
         && kills > 0
     {
@@ -188,7 +195,6 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         eprintln!("agentd sandbox: the sandbox ran out of memory: {kills} process(es) OOM-killed (limit {limit})");
     }
     drop(cgroups);
-    drop(root);
     drop(scratch_workspace);
     Ok(code)
 }
