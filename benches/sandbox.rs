@@ -1,29 +1,29 @@
 //! Sandbox benchmark: prints figures, asserts nothing.
 //!
 //! `./scripts/build-release && cargo bench --bench sandbox` (the script
-//! builds agentd-sandbox in the dense `sandbox` profile, as shipped)
+//! builds `agentd` as shipped: the dense `sandbox` profile, linked statically)
 //!
 //! - create -> supervisor ready (CreateSandbox answered and a Status call
 //!   answered), create -> first exec (an ACP agent started and initialized),
 //!   and teardown, p50/p99 over RUNS sandboxes;
 //! - supervisor RSS of idle sandboxes;
 //! - IDLE idle sandboxes held at once, and host memory per sandbox;
-//! - `agentd sandbox run -- true` (and `agentd-sandbox sandbox run -- true`,
-//!   the same code in the small binary) against `bwrap --unshare-all ... true` (Debian's
-//!   bubblewrap, the invocation and the cheapest one that runs), as
-//!   whole processes, interleaved in the same run.
+//! - `agentd sandbox run -- true` against `bwrap --unshare-all ... true`
+//!   (Debian's bubblewrap: the invocation, which fails for want of a
+//!   root to find `true` in, the cheapest one that runs, and one with the
+//!   mounts a sandbox has), as whole processes, interleaved in the same run.
 //!
 //! The p99 of create -> ready depends on the kernel (a cgroup migration may
 //! wait for an RCU grace period): the settings that matter are printed first.
 //!
 //! Environment: BENCH_RUNS (default 200), BENCH_IDLE (default 500),
-//! BENCH_ZYGOTE (default: the `sandbox` profile's agentd-sandbox; a name,
-//! `agentd` or `agentd-sandbox`, takes the release profile's binary instead,
-//! to compare in the same conditions).
+//! BENCH_ZYGOTE (default: `agentd`; another binary's name under
+//! target/release, e.g. `agentd-daemon`, which runs the same code, makes it
+//! the zygote, to compare in the same conditions).
 
 mod common;
 
-use common::{env_usize, release_bin, sandbox_bin};
+use common::{agentd_bin, env_usize, release_bin};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,58 +152,64 @@ async fn node_figures(node: &Arc<Node>, runs: usize, idle: usize) {
     println!("stopped {held} sandboxes in {:.1} s", t0.elapsed().as_secs_f64());
 }
 
-/// The bwrap invocations compared against: the (the host's /usr,
-/// merged-/usr symlinks, /proc, /dev, /tmp), and the cheapest form that runs
-/// `true` at all (plain `bwrap --unshare-all true` has an empty root and
-/// cannot find it).
-const BWRAP: &[(&str, &[&str])] = &[
+/// The bwrap invocations compared against, each with whether it succeeds:
+/// the (which cannot find `true`: its root is empty, so it fails
+/// after building the sandbox), the cheapest one that runs `true`, and one
+/// with the mounts a sandbox has (the host's /usr with merged-/usr symlinks,
+/// /proc, /dev, /tmp).
+const BWRAP: &[(&str, bool, &[&str])] = &[
+    ("bwrap --unshare-all true (fails)", false, &["--unshare-all", "true"]),
+    ("bwrap --unshare-all --ro-bind / / true", true, &["--unshare-all", "--ro-bind", "/", "/", "true"]),
     (
-        "bwrap --unshare-all (issue's binds)",
+        "bwrap --unshare-all (/usr /proc /dev /tmp)",
+        true,
         &[
             "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
             "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/true",
         ],
     ),
-    ("bwrap --unshare-all --ro-bind / / true", &["--unshare-all", "--ro-bind", "/", "/", "true"]),
 ];
 
 fn whole_process_figures(runs: usize) {
-    let time = |cmd: &mut Command| {
+    let time = |cmd: &mut Command, succeeds: bool| {
         let t0 = Instant::now();
-        let status = cmd.status().expect("run");
-        assert!(status.success(), "{cmd:?} failed");
+        let status = cmd.stderr(std::process::Stdio::null()).status().expect("run");
+        assert_eq!(status.success(), succeeds, "{cmd:?}: {status}");
         t0.elapsed()
     };
     let have_bwrap = Command::new("bwrap").arg("--version").output().is_ok();
-    // `agentd sandbox run` runs the sandbox code in process; the second row
-    // is the same code from the small agentd-sandbox binary.
-    let mut ours: Vec<(&str, Command, Vec<Duration>)> = vec![
-        ("agentd sandbox run -- true", Command::new(release_bin("agentd")), Vec::new()),
-        ("agentd-sandbox sandbox run -- true", Command::new(sandbox_bin()), Vec::new()),
-    ];
-    for (_, cmd, _) in &mut ours {
-        cmd.args(["sandbox", "run", "--", "true"]);
+    // The second row adds the cgroups that limits need (an agent sandbox
+    // always has them): their mkdir in every hierarchy, the move and rmdir.
+    let agentd = agentd_bin();
+    let mut ours: Vec<(&str, bool, Command, Vec<Duration>)> = Vec::new();
+    for (name, flags) in [
+        ("agentd sandbox run -- true", &[][..]),
+        ("agentd sandbox run --memory 256M --pids 64 -- true", &["--memory", "256M", "--pids", "64"][..]),
+    ] {
+        let mut cmd = Command::new(&agentd);
+        cmd.args(["sandbox", "run"]).args(flags).args(["--", "true"]);
+        ours.push((name, true, cmd, Vec::new()));
     }
-    let mut theirs: Vec<(&str, Command, Vec<Duration>)> = Vec::new();
+    let mut theirs: Vec<(&str, bool, Command, Vec<Duration>)> = Vec::new();
     if have_bwrap {
-        for (name, args) in BWRAP {
+        for (name, succeeds, args) in BWRAP {
             let mut cmd = Command::new("bwrap");
             cmd.args(*args);
-            theirs.push((name, cmd, Vec::new()));
+            theirs.push((name, *succeeds, cmd, Vec::new()));
         }
     }
     // Interleaved, so that a noisy neighbour hurts every row alike.
     for _ in 0..runs {
-        for (_, cmd, samples) in ours.iter_mut().chain(theirs.iter_mut()) {
-            samples.push(time(cmd));
+        for (_, succeeds, cmd, samples) in ours.iter_mut().chain(theirs.iter_mut()) {
+            samples.push(time(cmd, *succeeds));
         }
     }
-    let ours: Vec<_> = ours.into_iter().map(|(name, _, samples)| (name, report(name, samples))).collect();
+    let ours: Vec<_> = ours.into_iter().map(|(name, _, _, samples)| (name, report(name, samples))).collect();
     if !have_bwrap {
         println!("bwrap not installed (apt-get install bubblewrap): no comparison");
         return;
     }
-    let theirs: Vec<_> = theirs.into_iter().map(|(name, _, samples)| (name, report(name, samples))).collect();
+    let theirs: Vec<_> = theirs.into_iter().map(|(name, _, _, samples)| (name, report(name, samples))).collect();
     for (a_name, a) in &ours {
         for (b_name, b) in &theirs {
             println!("ratio {a_name} / {b_name} (p50): {:.2}", a.as_secs_f64() / b.as_secs_f64());
@@ -233,11 +239,11 @@ fn main() {
     let state = tempfile::Builder::new().prefix("agentd-bench-").tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        // BENCH_ZYGOTE=agentd makes the big binary the zygote (as before
-        // agentd-sandbox existed), to compare the two in the same conditions.
+        // BENCH_ZYGOTE=agentd-daemon makes the big binary the zygote, to
+        // compare the two in the same conditions.
         let zygote = match std::env::var("BENCH_ZYGOTE") {
             Ok(name) => release_bin(&name),
-            Err(_) => sandbox_bin(),
+            Err(_) => agentd_bin(),
         };
         let size = std::fs::metadata(&zygote).map(|m| m.len()).unwrap_or(0);
         println!("zygote: {} sandbox-init --zygote ({:.1} MB file)", zygote.display(), size as f64 / 1e6);

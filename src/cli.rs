@@ -63,8 +63,8 @@ pub struct NodeFlags {
     pub id_range_size: u32,
     #[arg(long, env = "AGENTD_MAX_SANDBOXES", default_value_t = 1_000)]
     pub max_sandboxes: u32,
-    /// The agentd-sandbox binary, run as the node's sandbox-init zygote
-    /// (default: agentd-sandbox beside this executable).
+    /// The small `agentd` binary, run as the node's sandbox-init zygote
+    /// (default: agentd beside agentd-daemon).
     #[arg(long, env = "AGENTD_SANDBOX_BIN")]
     pub sandbox_bin: Option<PathBuf>,
 }

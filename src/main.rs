@@ -1,12 +1,14 @@
-//! `agentd`: the entry point for every role.
+//! `agentd-daemon`: the control plane and the node, run through `agentd`.
 //!
-//! `main` only parses the command line and dispatches to `commands/<verb>.rs`.
-//! `sandbox ...` and `sandbox-init` run in process ([`agentd_sandbox::main`])
-//! before anything else, as they do in the small `agentd-sandbox` binary; the
-//! node starts its zygote from that one ([`sandbox_bin`]), since every
-//! sandbox's PID 1 is a fork of the zygote and what it links is paid per
-//! sandbox. (Executing agentd-sandbox from here would cost a second exec and
-//! agentd's own start, about 1.5 ms, more than running the same code here.)
+//! `agentd` (the agentd-sandbox package's binary) runs the sandbox
+//! subcommands itself and executes this binary, installed beside it, for
+//! every other one, so that `agentd sandbox run` and every sandbox's PID 1
+//! load only the runtime, not this binary's control plane, store and HTTP
+//! stack (its start alone took ~0.6 ms more). `main` only parses the command
+//! line and dispatches to `commands/<verb>.rs`. The sandbox subcommands are
+//! listed here too, for `agentd --help`, and run in process if this binary
+//! is called with them ([`agentd_sandbox::main`]); the node starts its
+//! zygote from `agentd` ([`sandbox_bin`]).
 
 mod cli;
 mod commands;

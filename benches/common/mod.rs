@@ -15,16 +15,18 @@ pub fn release_bin(name: &str) -> PathBuf {
     path
 }
 
-/// `agentd-sandbox` as it is shipped: the `sandbox` profile's build
-/// (`scripts/build-release`), else the release profile's, with a warning.
+/// `agentd`, the binary that builds sandboxes, with a note when it is not
+/// the build that is shipped (`scripts/build-release`: dense and static)
+/// but a plain release build, which starts slower.
 #[allow(dead_code)] // not every bench starts sandboxes
-pub fn sandbox_bin() -> PathBuf {
-    let dense = target_dir().join("sandbox").join("agentd-sandbox");
-    if dense.is_file() {
-        return dense;
+pub fn agentd_bin() -> PathBuf {
+    let path = release_bin("agentd");
+    // A dynamically linked executable names its loader near its start
+    // (PT_INTERP); a static one has none.
+    let head = std::fs::read(&path).map(|b| b[..b.len().min(4096)].to_vec()).unwrap_or_default();
+    if head.windows(8).any(|w| w == b"ld-linux") {
+        println!("note: {} is linked dynamically: scripts/build-release builds it as shipped (dense, static)", path.display());
     }
-    let path = release_bin("agentd-sandbox");
-    println!("note: {} missing (scripts/build-release builds it); using {}", dense.display(), path.display());
     path
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Layout:
 //! - [`sandboxes`]: the sandbox table: id ranges, state directories, launching
-//!   through `agentd-sandbox sandbox-init`, watching each PID 1 through a pidfd,
+//!   through `agentd sandbox-init`, watching each PID 1 through a pidfd,
 //!   teardown, and cleanup of what a crashed node left behind.
 //! - [`bundles`]: the content-addressed cache of agent bundles (archives
 //!   fetched, checked and unpacked once, bound read-only into sandboxes).
@@ -38,7 +38,7 @@ pub struct NodeConfig {
     /// workspace, supervisor socket and log, session event logs) and
     /// bundles/<sha256>/ (unpacked agent bundles).
     pub state_dir: PathBuf,
-    /// The agentd-sandbox binary, run once as the `sandbox-init --zygote`
+    /// The small `agentd` binary, run once as the `sandbox-init --zygote`
     /// that forks every sandbox (and one-shot as `sandbox-init`).
     pub exe: PathBuf,
     /// First host uid/gid handed to sandboxes; sandbox `n` gets

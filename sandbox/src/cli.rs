@@ -1,12 +1,12 @@
-//! Command line of `agentd-sandbox`: the sandbox subcommands of `agentd`,
-//! spelled the same way.
+//! The sandbox subcommands of `agentd`'s command line (`agentd-daemon`
+//! lists them too, for its help, and hands them back here).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentd-sandbox", version, about = "agentd's sandboxes: the node's zygote and `sandbox run`")]
+#[command(name = "agentd", version, about = "agentd's sandboxes: the node's zygote and `sandbox run`")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

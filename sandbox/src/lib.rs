@@ -1,11 +1,9 @@
-//! The sandbox side of agentd: `sandbox-init` (one-shot or `--zygote`) and
-//! `sandbox run`, run by the small `agentd-sandbox` binary and, in process,
-//! by `agentd sandbox ...`.
+//! The `agentd` binary: the sandbox side of agentd, and the hand-over of
+//! every other subcommand to `agentd-daemon` ([`daemon`]).
 //!
 //! - `sandbox-init --zygote`: the node's zygote, which forks a worker per
 //!   sandbox; the sandbox's PID 1 (the supervisor) is a fork of it, so the
-//!   node starts it from `agentd-sandbox`, whose size is what every sandbox
-//!   carries.
+//!   size of this binary is what every sandbox carries.
 //! - `sandbox-init`: one sandbox, one-shot (the fallback).
 //! - `sandbox run ...` ([`run`]): one command in a sandbox.
 //!
@@ -13,6 +11,7 @@
 //! forking need a single-threaded process.
 
 mod cli;
+pub mod daemon;
 mod run;
 
 use clap::Parser;

@@ -56,7 +56,7 @@ pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow
     };
     anyhow::ensure!(
         sandbox_bin.is_file(),
-        "sandbox binary {} not found: install {} beside agentd (`cargo build --workspace --bins` builds it) or set --sandbox-bin",
+        "sandbox binary {} not found: install {} beside agentd-daemon (`cargo build --workspace --bins` builds it) or set --sandbox-bin",
         sandbox_bin.display(),
         crate::sandbox_bin::NAME
     );

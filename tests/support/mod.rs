@@ -27,14 +27,12 @@ pub struct Agentd {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// `agentd`, the binary users run: it builds sandboxes (their PID 1 is a
+/// fork of it) and executes agentd-daemon, this package's binary, for the
+/// daemon's subcommands. Built by the agentd-sandbox package into the same
+/// target directory.
 pub fn agentd_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_agentd"))
-}
-
-/// agentd-sandbox, which builds sandboxes (their PID 1 is a fork of it):
-/// built into the same target directory as agentd.
-pub fn sandbox_bin() -> PathBuf {
-    let path = agentd_bin().with_file_name("agentd-sandbox");
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_agentd-daemon")).with_file_name("agentd");
     assert!(path.is_file(), "{} is missing: build the workspace's binaries first (see README)", path.display());
     path
 }
