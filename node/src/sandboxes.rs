@@ -462,10 +462,12 @@ impl Sandboxes {
         true
     }
 
-    /// Waits for pending cgroup removals and removes this node's subtree.
+    /// Waits for pending cgroup removals, ends the zygote and removes this
+    /// node's subtree.
     pub async fn finish_removals(&self) {
         let mut removals = self.removals.lock().await;
         while removals.join_next().await.is_some() {}
+        self.launcher.stop().await;
         if let Err(e) = self.cgroups.remove_subtree() {
             tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
         }

@@ -59,7 +59,7 @@ pub enum CgroupError {
     /// the start cgroup still holds processes other than the daemon ("no
     /// internal processes" rule).
     #[error(
-        "cannot enable controllers in {}: it still holds processes {pids:?}; run agentd in a cgroup of its own (systemd: Delegate=yes)",
+        "cannot enable controllers in {}: it still holds processes {pids:?}; run agentd in a cgroup of its own (a service with Delegate=yes, or `systemd-run --scope -p Delegate=yes agentd ...`)",
         path.display()
     )]
     StartCgroupBusy { path: PathBuf, pids: Vec<u32> },

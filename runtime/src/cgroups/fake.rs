@@ -111,6 +111,16 @@ impl CgroupFs for FakeCgroupFs {
         forget_pid(&self.root, pid);
         Ok(())
     }
+
+    fn attach(&self, procs: &Path, pid: u32) -> io::Result<()> {
+        if !procs.exists() {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        forget_pid(&self.root, pid);
+        let mut text = std::fs::read_to_string(procs)?;
+        text.push_str(&format!("{pid}\n"));
+        std::fs::write(procs, text)
+    }
 }
 
 /// Takes `pid` out of every `cgroup.procs` under `dir`, as its death would.

@@ -23,6 +23,9 @@ pub trait CgroupFs: fmt::Debug + Send + Sync {
     fn rmdir(&self, path: &Path) -> io::Result<()>;
     /// Sends SIGKILL to one process.
     fn kill(&self, pid: u32) -> io::Result<()>;
+    /// Moves process `pid` into the cgroup whose `cgroup.procs` is `procs`
+    /// (out of the one it was in: a move, which a plain file cannot show).
+    fn attach(&self, procs: &Path, pid: u32) -> io::Result<()>;
 }
 
 /// The kernel.
@@ -45,6 +48,10 @@ impl CgroupFs for RealCgroupFs {
             nix::sys::signal::Signal::SIGKILL,
         )
         .map_err(io::Error::from)
+    }
+
+    fn attach(&self, procs: &Path, pid: u32) -> io::Result<()> {
+        write_io(procs, pid.to_string().as_bytes())
     }
 }
 

@@ -336,7 +336,8 @@ fn unified_moves_the_daemon_to_a_leaf_and_enables_controllers() {
             s.join("agentd-t")
         )]
     );
-    assert_eq!(get(s.join("agentd-t/daemon/cgroup.procs")), "777");
+    assert_eq!(get(s.join("agentd-t/daemon/cgroup.procs")), "777\n");
+    assert_eq!(get(s.join("cgroup.procs")), "", "moved, not copied");
     assert_eq!(get(s.join("cgroup.subtree_control")), "+cpu +memory +pids");
     assert_eq!(
         get(s.join("agentd-t/cgroup.subtree_control")),
@@ -395,6 +396,44 @@ fn unified_moves_the_daemon_to_a_leaf_and_enables_controllers() {
     let again = CgroupTree::discover_with(host.cfs(), r, &text, SUBTREE, 777).unwrap();
     assert_eq!(paths(again.dirs()), paths(tree.dirs()));
     assert!(!s.join("agentd-t/daemon/agentd-t").exists());
+}
+
+#[test]
+fn unified_removal_puts_the_start_cgroup_back_as_it_was() {
+    let start = "/user.slice/session-1.scope";
+    let host = FakeHost::unified(start, 777);
+    let s = host.root().join(start.trim_start_matches('/'));
+    // One controller already enabled by someone else stays enabled.
+    put(s.join("cgroup.subtree_control"), "pids\n");
+    let (tree, _) = discover(&host, 777);
+    // (The fake's writes do not truncate, as the kernel's files read back.)
+    assert_eq!(get(s.join("cgroup.subtree_control")), "+cpu +memory", "only the missing ones are added");
+    let sb = tree.create("sandbox", &limits()).unwrap();
+    sb.remove().unwrap();
+
+    tree.remove_subtree().unwrap();
+    // Deepest first: the subtree hands nothing on any more, then the start
+    // cgroup takes back only what we enabled, then the daemon comes home.
+    assert_eq!(get(s.join("cgroup.subtree_control")), "-cpu -memory");
+    assert_eq!(get(s.join("cgroup.procs")), "777\n");
+    assert!(!s.join("agentd-t").exists());
+}
+
+#[test]
+fn unified_refusal_moves_the_daemon_back_and_leaves_nothing() {
+    let start = "/user.slice/session-1.scope";
+    let host = FakeHost::unified(start, 777);
+    let s = host.root().join(start.trim_start_matches('/'));
+    // A start cgroup the kernel refuses to hand controllers from (a shell's
+    // scope, with the shell in it): a file that reads but refuses writes,
+    // even root's, fails the write as surely.
+    std::fs::remove_file(s.join("cgroup.subtree_control")).unwrap();
+    std::os::unix::fs::symlink("/proc/version", s.join("cgroup.subtree_control")).unwrap();
+    let cfs = host.cfs();
+    let err = CgroupTree::discover_with(cfs, host.root(), &host.self_cgroup, SUBTREE, 777);
+    assert!(err.is_err());
+    assert_eq!(get(s.join("cgroup.procs")), "777\n", "the daemon is back where it started");
+    assert!(!s.join("agentd-t").exists(), "the subtree and the leaf are gone");
 }
 
 #[test]
@@ -473,6 +512,9 @@ impl CgroupFs for BrokenPidsFs {
     }
     fn kill(&self, pid: u32) -> std::io::Result<()> {
         self.0.kill(pid)
+    }
+    fn attach(&self, procs: &Path, pid: u32) -> std::io::Result<()> {
+        self.0.attach(procs, pid)
     }
 }
 

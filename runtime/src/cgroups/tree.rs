@@ -25,6 +25,11 @@ pub struct CgroupTree {
     dirs: Vec<CgroupDir>,
     /// The kernel, or a fake in tests.
     cfs: Arc<dyn CgroupFs>,
+    /// On pure v2, where the daemon moved itself into its leaf: how to move
+    /// it back when the subtree goes ([`Self::remove_subtree`]).
+    moved: Option<v2::MovedOut>,
+    /// The daemon's pid, which [`Self::remove_subtree`] moves back.
+    self_pid: u32,
 }
 
 /// What [`CgroupTree::clean_leftovers`] did.
@@ -76,6 +81,7 @@ impl CgroupTree {
         let lines = layout::parse_self_cgroup(self_cgroup)?;
         let mode = layout::detect_mode(root, &lines)?;
         let mut dirs = Vec::new();
+        let mut moved = None;
         if mode != Mode::Unified {
             dirs.extend(v1_subtrees(&*cfs, root, &lines, subtree)?);
         }
@@ -96,12 +102,13 @@ impl CgroupTree {
                     let start = v2_start(&line.path, subtree);
                     let start_dir = start_dir(root, &start)?;
                     let at_root = start_dir == root;
-                    let (path, controllers) =
+                    let prepared =
                         v2::prepare_subtree(&*cfs, &start_dir, at_root, subtree, self_pid)?;
+                    moved = prepared.moved;
                     dirs.push(CgroupDir {
                         version: Version::V2,
-                        controllers,
-                        path,
+                        controllers: prepared.controllers,
+                        path: prepared.tree,
                     });
                 }
             }
@@ -119,6 +126,8 @@ impl CgroupTree {
             subtree: subtree.to_owned(),
             dirs,
             cfs,
+            moved,
+            self_pid,
         })
     }
 
@@ -227,10 +236,20 @@ impl CgroupTree {
         report
     }
 
-    /// Removes our (empty) subtree from every hierarchy, for tests and
-    /// uninstalls. Fails with `Busy` while a process is inside, the daemon
-    /// itself in its v2 leaf included.
+    /// Removes our subtree, whose sandboxes must be gone, from every
+    /// hierarchy: at the daemon's clean stop and at the end of a `sandbox
+    /// run`. On pure v2, where the daemon moved itself into its leaf, it
+    /// first puts the start cgroup back as it found it and moves the daemon
+    /// back there ([`v2::MovedOut::restore`]); when another subtree in the
+    /// start cgroup still needs its controllers, the daemon stays in its
+    /// leaf, which stays too. Fails with `Busy` while another process is
+    /// inside.
     pub fn remove_subtree(&self) -> Result<(), CgroupError> {
+        if let Some(moved) = &self.moved
+            && let Some(v2) = self.dirs.iter().find(|d| d.version == Version::V2)
+        {
+            moved.restore(&*self.cfs, &v2.path, &v2.controllers, self.self_pid)?;
+        }
         let now = Instant::now();
         for d in &self.dirs {
             fs::remove_tree(&*self.cfs, &d.path, now, now)?;

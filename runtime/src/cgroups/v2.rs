@@ -183,14 +183,18 @@ fn controller_set(text: &str) -> BTreeSet<String> {
 /// At a hierarchy's root (`start` is `/`) we write nothing there: whatever
 /// the root already enables is what we get, and the daemon stays put.
 /// Writing the start cgroup's `cgroup.subtree_control` is the one write into
-/// a cgroup we did not make: the delegated cgroup is ours to manage.
+/// a cgroup we did not make: the delegated cgroup is ours to manage, and
+/// [`leave`] puts it back as it was. A failure after the move (the start
+/// cgroup holds other processes) moves the daemon back and removes what was
+/// made, so a refused `agentd sandbox run --memory ...` from a shell leaves
+/// the shell's cgroup as it found it.
 pub(crate) fn prepare_subtree(
     cfs: &dyn CgroupFs,
     start_dir: &Path,
     start_is_root: bool,
     subtree: &str,
     self_pid: u32,
-) -> Result<(PathBuf, Vec<String>), CgroupError> {
+) -> Result<Prepared, CgroupError> {
     let available = controller_set(&fs::read(&start_dir.join("cgroup.controllers"))?);
     let wanted: Vec<&str> = V2_CONTROLLERS
         .iter()
@@ -208,6 +212,7 @@ pub(crate) fn prepare_subtree(
     let tree = start_dir.join(subtree);
     fs::mkdir_existing_ok(cfs, &tree)?;
 
+    let mut moved = None;
     let usable: Vec<&str> = if missing.is_empty() {
         wanted
     } else if start_is_root {
@@ -223,18 +228,28 @@ pub(crate) fn prepare_subtree(
     } else {
         let leaf = tree.join(DAEMON_LEAF);
         fs::mkdir_existing_ok(cfs, &leaf)?;
-        fs::write(&leaf.join("cgroup.procs"), &self_pid.to_string())?;
+        let procs = leaf.join("cgroup.procs");
+        cfs.attach(&procs, self_pid).map_err(|e| CgroupError::io("move the daemon into", procs, e))?;
+        let out = MovedOut { start_dir: start_dir.to_owned(), enabled: missing.iter().map(|c| (*c).to_owned()).collect() };
         if let Err(e) = fs::write(&start_control, &plus(&missing)) {
-            if let CgroupError::Io { source, .. } = &e
-                && source.raw_os_error() == Some(libc::EBUSY)
-            {
-                return Err(CgroupError::StartCgroupBusy {
+            let e = match &e {
+                CgroupError::Io { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => CgroupError::StartCgroupBusy {
                     path: start_dir.to_owned(),
                     pids: fs::procs(start_dir).unwrap_or_default(),
-                });
+                },
+                _ => e,
+            };
+            // Nothing was enabled: only the move and the directories to undo.
+            let undo = MovedOut { enabled: Vec::new(), ..out };
+            if let Err(undo_error) = undo.restore(cfs, &tree, &[], self_pid) {
+                tracing::warn!(error = %undo_error, "cannot move back to the start cgroup");
+            } else {
+                let now = std::time::Instant::now();
+                let _ = fs::remove_tree(cfs, &tree, now, now);
             }
             return Err(e);
         }
+        moved = Some(out);
         wanted
     };
 
@@ -248,5 +263,47 @@ pub(crate) fn prepare_subtree(
     if !tree_missing.is_empty() {
         fs::write(&tree_control, &plus(&tree_missing))?;
     }
-    Ok((tree, usable.into_iter().map(str::to_owned).collect()))
+    Ok(Prepared { tree, controllers: usable.into_iter().map(str::to_owned).collect(), moved })
+}
+
+/// What [`prepare_subtree`] made ready.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// `<start>/<subtree>`.
+    pub tree: PathBuf,
+    /// The controllers the subtree's children get.
+    pub controllers: Vec<String>,
+    /// Set when the daemon moved itself out of the start cgroup.
+    pub moved: Option<MovedOut>,
+}
+
+/// How to put the start cgroup back as the daemon found it.
+#[derive(Debug, Clone)]
+pub(crate) struct MovedOut {
+    /// The cgroup the daemon started in.
+    pub start_dir: PathBuf,
+    /// The controllers the daemon enabled in its `cgroup.subtree_control`
+    /// (those it found enabled stay).
+    pub enabled: Vec<String>,
+}
+
+impl MovedOut {
+    /// Undoes [`prepare_subtree`]'s writes, but for removing the subtree:
+    /// the controllers handed to the subtree's children (`tree_enabled`) and
+    /// those enabled at the start cgroup are disabled, deepest first (the
+    /// kernel refuses to take a controller from a cgroup whose child still
+    /// hands it on), then `pid` moves back into the start cgroup (which may
+    /// hold processes again once it hands on no controller). Fails with the
+    /// start cgroup untouched when another subtree there still uses one.
+    pub fn restore(&self, cfs: &dyn CgroupFs, tree: &Path, tree_enabled: &[String], pid: u32) -> Result<(), CgroupError> {
+        let minus = |controllers: &[String]| controllers.iter().map(|c| format!("-{c}")).collect::<Vec<_>>().join(" ");
+        if !tree_enabled.is_empty() {
+            fs::write(&tree.join("cgroup.subtree_control"), &minus(tree_enabled))?;
+        }
+        if !self.enabled.is_empty() {
+            fs::write(&self.start_dir.join("cgroup.subtree_control"), &minus(&self.enabled))?;
+        }
+        let procs = self.start_dir.join("cgroup.procs");
+        cfs.attach(&procs, pid).map_err(|e| CgroupError::io("move the daemon back into", procs, e))
+    }
 }

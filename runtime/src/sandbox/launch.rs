@@ -93,7 +93,7 @@ struct ZygoteState {
 }
 
 struct Zygote {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
 }
@@ -110,7 +110,7 @@ impl Zygote {
             .spawn()?;
         let stdin = child.stdin.take().expect("stdin is piped");
         let stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
-        Ok(Self { _child: child, stdin, stdout })
+        Ok(Self { child, stdin, stdout })
     }
 
     async fn request(&mut self, input: &[u8]) -> Result<InitReport, LaunchError> {
@@ -132,6 +132,17 @@ impl Zygote {
 impl Launcher {
     pub fn new(exe: PathBuf) -> Self {
         Self { exe, zygote: tokio::sync::Mutex::new(ZygoteState::default()) }
+    }
+
+    /// Ends the zygote, if one runs, and waits for it: at the node's stop,
+    /// before its cgroup subtree goes (on pure v2 the zygote sits in the
+    /// daemon's leaf, which cannot be removed while it lives). A later
+    /// launch starts another.
+    pub async fn stop(&self) {
+        let zygote = self.zygote.lock().await.zygote.take();
+        if let Some(mut z) = zygote {
+            let _ = z.child.kill().await;
+        }
     }
 
     /// Builds the sandbox `spec` describes.
