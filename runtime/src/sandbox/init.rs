@@ -12,12 +12,14 @@
 //!    ([`super::nsfork`]: a fork as glibc's, so glibc's view of C stays
 //!    right for threads, signals and the rest). P (host root) moves C into
 //!    the sandbox's cgroups and writes its uid and gid maps; C becomes root
-//!    and `unshare`s its cgroup namespace (rooted at the cgroups it is in).
+//!    and `unshare`s its cgroup namespace (rooted at the cgroups it is in),
+//!    while P raises C's loopback from outside.
 //!    Where the kernel cannot tell glibc's thread id address, P `fork`s P1
 //!    instead, which joins the cgroups, makes the user namespace, then the
 //!    others, and `fork`s C (two forks; C comes back to P, a subreaper).
-//! 4. C mounts `/proc` and `/dev/pts`, masks `/proc`, `pivot_root`s, raises
-//!    loopback, closes every descriptor but stdio and the listener, makes
+//! 4. C mounts `/proc` and `/dev/pts`, masks `/proc`, `pivot_root`s, waits
+//!    for its loopback (the two-fork path raises it here), closes every
+//!    descriptor but stdio and the listener, makes
 //!    itself non-dumpable and runs the supervisor (or run mode) in place: no
 //!    exec, so no second load of the agentd binary.
 //!
@@ -274,10 +276,13 @@ fn namespace_flags(spec: &SandboxSpec) -> CloneFlags {
 /// One clone makes C, PID 1, in a new user namespace and the namespaces it
 /// owns (as bubblewrap does); P moves it into the sandbox's cgroups and writes
 /// its id maps, then releases it. C becomes root, makes its cgroup namespace
-/// and goes on in [`enter`].
+/// and goes on in [`enter`]. Meanwhile P raises C's loopback (host root may
+/// enter the network namespace of a user namespace it made), which takes a
+/// few hundred microseconds that C spends on its mounts, then tells C so.
 fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::ThreadAddrs) -> Result<Pid, InitError> {
     let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
-    // P -> C: one byte once C is in its cgroups and its id maps are written.
+    // P -> C: one byte once C is in its cgroups and its id maps are written,
+    // a second once its network is ready.
     let (go_rx, go_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
     // C -> P: "stage\0message" on failure; end of file once C is set up.
     let (err_rx, err_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
@@ -315,14 +320,31 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
     drop(err_tx);
     drop(v2_fd);
     let skip = if in_v2 { v2_dir } else { None };
+    let mut go = File::from(go_tx);
     let released = join_cgroups_but(spec, pid, skip)
         .inspect(|_| step("move to cgroups"))
         .and_then(|()| injected(spec, "join-cgroup"))
         .and_then(|()| write_id_maps(pid, spec))
         .and_then(|()| injected(spec, "id-map"))
-        .and_then(|()| File::from(go_tx).write_all(b"1").map_err(fail_io("release child")));
-    step("id maps");
-    if let Err(e) = released.and_then(|()| read_error(err_rx)) {
+        .and_then(|()| go.write_all(b"1").map_err(fail_io("release child")))
+        .inspect(|_| step("id maps"))
+        .and_then(|()| match spec.network {
+            Network::None => loopback_up_in(pid).map_err(fail_io("bring up loopback")),
+            Network::Host => Ok(()),
+        })
+        .and_then(|()| go.write_all(b"1").map_err(fail_io("release child")));
+    step("network");
+    // C, waiting on the go pipe after a failure of ours, sees it close and
+    // exits. Once released, C may fail on its own (and close its end, or
+    // take its network namespace with it): its reason, if it gave one, says
+    // more than ours.
+    drop(go);
+    let failed = match (released, read_error(err_rx)) {
+        (_, Err(theirs)) => Some(theirs),
+        (Err(ours), Ok(())) => Some(ours),
+        (Ok(()), Ok(())) => None,
+    };
+    if let Some(e) = failed {
         kill_and_reap(pid);
         return Err(e);
     }
@@ -333,18 +355,34 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
 /// C, made by [`clone_pid1`]: waits to be released, becomes root of its user
 /// namespace and makes its cgroup namespace, rooted at the sandbox's cgroups.
 fn pid1(spec: &SandboxSpec, handover: &Handover, go_rx: OwnedFd) -> Result<std::convert::Infallible, InitError> {
-    let mut go = [0u8; 1];
-    if !matches!(File::from(go_rx).read(&mut go), Ok(1)) {
-        // The creator failed (it kills us) or died before releasing us.
-        // SAFETY: _exit skips destructors that belong to the creator.
-        unsafe { libc::_exit(1) }
-    }
+    wait_for_creator(&go_rx);
     if !super::nsfork::tid_is_right() {
         return Err(InitError::new("clone", "glibc's thread id in PID 1 is not PID 1's"));
     }
     become_root()?;
     nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(fail("clone"))?;
-    enter(spec, handover)
+    enter(spec, handover, Some(go_rx))
+}
+
+/// Reads the creator's next go-ahead byte; exits if it failed (it kills us)
+/// or died before sending it.
+fn wait_for_creator(go_rx: &OwnedFd) {
+    let mut go = [0u8; 1];
+    if !matches!(nix::unistd::read(go_rx, &mut go), Ok(1)) {
+        // SAFETY: _exit skips destructors that belong to the creator.
+        unsafe { libc::_exit(1) }
+    }
+}
+
+/// Raises the loopback of `pid`'s network namespace from this process (host
+/// root, in the host's), coming back to its own.
+fn loopback_up_in(pid: Pid) -> std::io::Result<()> {
+    let own = File::open("/proc/self/ns/net")?;
+    let theirs = File::open(format!("/proc/{pid}/ns/net"))?;
+    nix::sched::setns(theirs.as_fd(), CloneFlags::CLONE_NEWNET)?;
+    let raised = loopback_up();
+    nix::sched::setns(own.as_fd(), CloneFlags::CLONE_NEWNET)?;
+    raised
 }
 
 /// Root of the user namespace we are in, whose maps are written.
@@ -470,7 +508,7 @@ fn namespaces(
     match unsafe { nix::unistd::fork() }.map_err(fail("clone"))? {
         nix::unistd::ForkResult::Child => {
             drop(up);
-            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enter(spec, handover))) {
+            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enter(spec, handover, None))) {
                 Ok(Ok(never)) => match never {},
                 Ok(Err(e)) => e,
                 // After setup the error pipe is closed and nobody reads this.
@@ -490,7 +528,9 @@ fn namespaces(
 
 /// C, the sandbox's PID 1: finishes the root, pivots into it, drops what the
 /// creator held and runs the payload. Returns only on a setup failure.
-fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infallible, InitError> {
+/// `network_from_creator`: the pipe on which the creator says it raised our
+/// loopback; without it (the two-fork path) we raise it ourselves.
+fn enter(spec: &SandboxSpec, handover: &Handover, network_from_creator: Option<OwnedFd>) -> Result<std::convert::Infallible, InitError> {
     sethostname(&spec.hostname).map_err(fail("sethostname"))?;
 
     // Mounts copied into a less privileged namespace are locked, and
@@ -520,8 +560,10 @@ fn enter(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infall
     umount2(".", MntFlags::MNT_DETACH).map_err(fail("detach old root"))?;
     chdir("/").map_err(fail("chdir /"))?;
 
-    if spec.network == Network::None {
-        loopback_up().map_err(fail_io("bring up loopback"))?;
+    match network_from_creator {
+        Some(go_rx) => wait_for_creator(&go_rx),
+        None if spec.network == Network::None => loopback_up().map_err(fail_io("bring up loopback"))?,
+        None => {}
     }
     if let Some((log, _)) = &handover.service {
         redirect_stdio(log).map_err(fail_io("redirect stdio"))?;
@@ -648,11 +690,15 @@ fn run_payload(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::
     // The last fallible step: closing the error pipe (with the rest) tells
     // the creator that setup succeeded.
     scrub(listen_fd)?;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&spec.supervisor_log_filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+    // Run mode reports on the caller's stderr itself; only the supervisor
+    // logs (to its log file).
+    if let Payload::Supervisor { .. } = spec.payload {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(&spec.supervisor_log_filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .try_init();
+    }
     let hardening = handover.hardening.clone();
     // Past this point a panic must end PID 1, never unwind into the
     // creator's frames (the error pipe is gone).
