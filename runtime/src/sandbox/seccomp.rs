@@ -35,6 +35,17 @@
 //! order) that refuses it decides. The kernel would do much the same with
 //! stacked filters, but one program means one `seccomp(2)` call in the child.
 //!
+//! # A search on the syscall number
+//!
+//! The linked program is then rewritten (`seccomp_dispatch.rs`) into a
+//! binary search on the syscall number that answers exactly as the linked
+//! chain does (checked on every number around every constant, with many
+//! argument values): half the instructions, and a few comparisons to any
+//! syscall's rules. Installing the default filter took the kernel ~175 µs
+//! as a 403-instruction chain and ~45 µs as the 200-instruction search
+//! (fork, install, median of 300, on this project's 2-vCPU test VM), paid
+//! at every agent's and terminal command's start.
+//!
 //! # Architectures
 //!
 //! Every program starts with a guard this module writes by hand, before any
@@ -357,8 +368,8 @@ mod tests {
         assert!(!insns.is_empty() && insns.len() <= MAX_INSNS);
         let guard = arch_guard(native_arch().unwrap());
         assert_eq!(&insns[..guard.len()], &guard[..]);
-        // Falling off every rule allows.
-        assert_eq!(insns.last(), Some(&stmt(BPF_RET_K, SECCOMP_RET_ALLOW)));
+        // Then the search on the syscall number (`seccomp_dispatch`).
+        assert_eq!(insns[guard.len()], stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR));
     }
 
     #[test]
@@ -482,9 +493,10 @@ mod tests {
             "b": {"mismatch_action": "allow", "filter_action": {"errno": 38},
                   "filter": [{"syscall": "clone3"}]}
         }"#;
-        let a = &seccompiler::compile_from_json(json.as_bytes(), TargetArch::x86_64).unwrap()["a"];
-        let prog = compile(json, TargetArch::x86_64).unwrap();
-        let insns = prog.instructions();
+        let filters = seccompiler::compile_from_json(json.as_bytes(), TargetArch::x86_64).unwrap();
+        let a = &filters["a"];
+        // Linked as they are, before the search on the number replaces them.
+        let insns = link(TargetArch::x86_64, vec![a.clone(), filters["b"].clone()]).unwrap();
         let guard = arch_guard(TargetArch::x86_64).len();
         let allow = stmt(BPF_RET_K, SECCOMP_RET_ALLOW);
         let first = &insns[guard..guard + a.len()];

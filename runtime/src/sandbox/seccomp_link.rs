@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 
 use seccompiler::{BpfProgram, TargetArch, sock_filter};
 
+#[path = "seccomp_dispatch.rs"]
+mod dispatch;
+
 /// The kernel's limit on a classic BPF program (`BPF_MAXINSNS`).
 pub const MAX_INSNS: usize = 4096;
 
@@ -45,13 +48,36 @@ pub enum LinkError {
     TooLarge(usize),
 }
 
-/// Compiles `json` for `arch` and links its filters, in name order, behind
-/// the guard.
+/// Compiles `json` for `arch`, links its filters, in name order, behind the
+/// guard, and turns the result into a search on the syscall number.
 pub fn compile(json: &str, arch: TargetArch) -> Result<Vec<sock_filter>, LinkError> {
     let filters = seccompiler::compile_from_json(json.as_bytes(), arch).map_err(LinkError::Compile)?;
     // A HashMap comes back; name order makes the linked program reproducible.
     let ordered: BTreeMap<String, BpfProgram> = filters.into_iter().collect();
-    link(arch, ordered.into_values().collect())
+    Ok(search_by_number(arch, link(arch, ordered.into_values().collect())?))
+}
+
+/// `linked` (from [`link`]) with everything after the guard rewritten by
+/// [`dispatch::dispatch`] into a search on the syscall number, which answers
+/// alike for every syscall and costs the kernel less to install; `linked`
+/// itself where the rewrite does not apply.
+pub fn search_by_number(arch: TargetArch, linked: Vec<sock_filter>) -> Vec<sock_filter> {
+    let guard = arch_guard(arch);
+    let Some(audit_arch) = audit_arch(arch) else { return linked };
+    match dispatch::dispatch(&linked[guard.len()..], audit_arch) {
+        Some(body) if guard.len() + body.len() <= MAX_INSNS => guard.into_iter().chain(body).collect(),
+        _ => linked,
+    }
+}
+
+/// The audit architecture the guard lets through, for architectures that
+/// have a guard.
+fn audit_arch(arch: TargetArch) -> Option<u32> {
+    match arch {
+        TargetArch::x86_64 => Some(AUDIT_ARCH_X86_64),
+        TargetArch::aarch64 => Some(AUDIT_ARCH_AARCH64),
+        TargetArch::riscv64 => None,
+    }
 }
 
 /// Joins separately compiled filters behind the architecture guard.
@@ -82,13 +108,9 @@ pub fn link(arch: TargetArch, filters: Vec<BpfProgram>) -> Result<Vec<sock_filte
 }
 
 pub fn arch_guard(arch: TargetArch) -> BpfProgram {
-    let audit_arch = match arch {
-        TargetArch::x86_64 => AUDIT_ARCH_X86_64,
-        TargetArch::aarch64 => AUDIT_ARCH_AARCH64,
-        // seccompiler's own check still kills foreign syscalls; only the x32
-        // step is x86_64's business.
-        TargetArch::riscv64 => return Vec::new(),
-    };
+    // seccompiler's own check still kills foreign syscalls on an
+    // architecture without a guard; only the x32 step is x86_64's business.
+    let Some(audit_arch) = audit_arch(arch) else { return Vec::new() };
     let mut guard = vec![
         stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH),
         jump(BPF_JMP_JEQ_K, audit_arch, 1, 0),
