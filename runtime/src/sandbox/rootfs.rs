@@ -5,7 +5,7 @@
 //! a copy whose mounts it cannot unlock.
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MsFlags, mount};
@@ -13,7 +13,7 @@ use nix::mount::{MsFlags, mount};
 use super::init::InitError;
 use super::spec::SandboxSpec;
 
-/// Device nodes bound from the host into the sandbox's minimal `/dev`.
+/// The host's device nodes the sandbox's minimal `/dev` gets a node of.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 const DEV_LINKS: &[(&str, &str)] = &[
@@ -129,13 +129,22 @@ fn prepare_dev(root: &Path, owner: u32) -> Result<(), InitError> {
     let dev = inside(root, Path::new("/dev"));
     mkdir_p(&dev)?;
     mount_tmpfs(&dev, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
+    // Made here, as host root, on a /dev the host's user namespace mounted
+    // (so they work inside), rather than bound from the host: a node is one
+    // syscall, a bind is a mount more to make, copy into the sandbox's
+    // namespace and tear down twice. The sandbox's root cannot remove or
+    // change them: they and /dev belong to an id outside its range.
     for name in DEVICES {
         let host = Path::new("/dev").join(name);
-        if host.exists() {
-            let target = dev.join(name);
-            touch(&target)?;
-            bind(&host, &target, false)?;
+        let Ok(meta) = fs::metadata(&host) else { continue };
+        if !meta.file_type().is_char_device() {
+            continue;
         }
+        let target = dev.join(name);
+        let mode = nix::sys::stat::Mode::from_bits_truncate(0o666);
+        nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, mode, meta.rdev()).map_err(|e| err("mknod", &target, e))?;
+        // mknod honours the umask; the nodes are for everyone.
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o666)).map_err(|e| err("chmod", &target, e))?;
     }
     for (name, dest) in DEV_LINKS {
         symlink(dest, dev.join(name)).map_err(|e| err("symlink", &dev.join(name), e))?;
