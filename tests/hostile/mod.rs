@@ -673,7 +673,7 @@ fn a_memory_bomb_is_killed_inside_reported_and_the_host_is_unaffected() {
     for pid in runs.into_inner() {
         let memcg = format!("/{}/sandbox,", host::run_tag(pid));
         assert!(
-            kills.iter().any(|k| k.contains("constraint=CONSTRAINT_MEMCG") && k.contains(&format!("oom_memcg=")) && k.contains(&memcg)),
+            kills.iter().any(|k| k.contains("constraint=CONSTRAINT_MEMCG") && k.contains("oom_memcg=") && k.contains(&memcg)),
             "no OOM kill in {memcg}: {kills:?}"
         );
     }

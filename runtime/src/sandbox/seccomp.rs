@@ -1160,7 +1160,9 @@ mod tests {
                 // SAFETY: valid C string.
                 let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
                 assert!(fd >= 0);
-                allowed(libc::SYS_ioctl, [fd as u64, libc::FIOCLEX as u64, 0, 0, 0, 0]);
+                #[allow(clippy::unnecessary_cast, reason = "an Ioctl is u64 on glibc, i32 on musl")]
+                let fioclex = libc::FIOCLEX as u64;
+                allowed(libc::SYS_ioctl, [fd as u64, fioclex, 0, 0, 0, 0]);
                 // SAFETY: our own descriptor.
                 unsafe { libc::close(fd) };
             }

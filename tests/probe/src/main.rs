@@ -267,7 +267,7 @@ fn run(case: &str, args: &[String]) -> (i32, String) {
         "acct" => (check(unsafe { libc::acct(c("/nonexistent/agentd-probe").as_ptr()) } as i64), none),
         // Q_SYNC of every filesystem needs no privilege: only a filter refuses it.
         "quotactl" => {
-            let cmd = ((libc::Q_SYNC as i32) << 8) | libc::USRQUOTA;
+            let cmd = (libc::Q_SYNC << 8) | libc::USRQUOTA;
             (check(unsafe { libc::quotactl(cmd, std::ptr::null(), 0, std::ptr::null_mut()) } as i64), none)
         }
         "name-to-handle-at" => {
