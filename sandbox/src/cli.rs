@@ -38,13 +38,15 @@ pub enum SandboxCommand {
 #[derive(Debug, Args)]
 pub struct SandboxRunArgs {
     /// Memory limit (bytes, or with a K/M/G suffix); no swap beyond it.
-    #[arg(long)]
+    // A negative value reaches the limit checks, which say what is wrong
+    // with it, rather than the parser, which would take it for a flag.
+    #[arg(long, allow_hyphen_values = true)]
     pub memory: Option<String>,
     /// Maximum number of processes and threads.
     #[arg(long)]
     pub pids: Option<u64>,
     /// CPU limit in CPUs, e.g. 0.5.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub cpus: Option<f64>,
     /// none (own network namespace, loopback only) or host.
     #[arg(long, default_value = "none")]
@@ -64,14 +66,19 @@ pub struct SandboxRunArgs {
     /// only PATH, HOME, LANG, TMPDIR and these.
     #[arg(long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<String>,
-    /// First host uid/gid of the sandbox's id range (default: derived from
-    /// this process's pid, so concurrent runs never share ids).
+    /// First host uid/gid of the sandbox's id range. Default: a free range
+    /// from 1000000000 up, held for the run's life, so concurrent runs never
+    /// share ids; a range given here is the caller's to keep apart.
     #[arg(long)]
     pub uid_base: Option<u32>,
     #[arg(long, default_value_t = 65536)]
     pub uid_count: u32,
     #[arg(long, env = "AGENTD_LOG", default_value = "warn")]
     pub log: String,
+    /// Seccomp policy for the command, in seccompiler's JSON format (as a
+    /// container profile's `seccomp`), replacing the default one.
+    #[arg(long, value_name = "FILE")]
+    pub seccomp: Option<PathBuf>,
     /// Fail setup at this stage on purpose (tests of the undo path).
     #[arg(long, hide = true)]
     pub inject_failure: Option<String>,

@@ -5,13 +5,15 @@
 //!   sandbox; the sandbox's PID 1 (the supervisor) is a fork of it, so the
 //!   size of this binary is what every sandbox carries.
 //! - `sandbox-init`: one sandbox, one-shot (the fallback).
-//! - `sandbox run ...` ([`run`]): one command in a sandbox.
+//! - `sandbox run ...` ([`run`]): one command in a sandbox, under a host id
+//!   range it holds while it runs ([`ids`]).
 //!
 //! [`main`] must run before any thread exists: creating a user namespace and
 //! forking need a single-threaded process.
 
 mod cli;
 pub mod daemon;
+mod ids;
 mod run;
 
 use clap::Parser;

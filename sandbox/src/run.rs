@@ -1,8 +1,8 @@
 //! `agentd sandbox run`: one command in a sandbox built by the same code as
 //! agent sandboxes, for operators trying a profile and for the hostile-workload
 //! tests. This process is single-threaded throughout: it builds the sandbox
-//! itself (as `sandbox-init` does), waits for it, reports an OOM kill, and
-//! removes everything it made.
+//! itself (as `sandbox-init` does), waits for it, reports an OOM kill or a
+//! fork refused at the pids limit, and removes everything it made.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -10,14 +10,18 @@ use std::path::{Path, PathBuf};
 use agentd_runtime::cgroups::limits::{HostCapacity, Limits};
 use agentd_runtime::cgroups::sandbox::SandboxCgroup;
 use agentd_runtime::cgroups::tree::CgroupTree;
+use agentd_runtime::sandbox::harden::Hardening;
 use agentd_runtime::sandbox::profile::parse_size;
+use agentd_runtime::sandbox::seccomp::compile_custom;
 use agentd_runtime::sandbox::spec::DEFAULT_SYSTEM_BINDS;
 use agentd_runtime::sandbox::{BindMount, IdRange, Network, Payload, SandboxSpec, init};
 use agentd_runtime::supervisor::run_mode;
 use anyhow::{Context, anyhow, bail};
+use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitStatus, waitpid};
 
 use crate::cli::SandboxRunArgs;
+use crate::ids::IdLease;
 
 /// Exit code when agentd itself fails, as `env` and container runtimes use.
 const SETUP_FAILED: i32 = 125;
@@ -47,6 +51,12 @@ fn scratch_dir() -> PathBuf {
 
 /// Runs the sandbox and returns the exit code to leave with.
 pub fn run(args: SandboxRunArgs) -> anyhow::Result<i32> {
+    // The signals forwarded to the command wait, blocked, until the sandbox's
+    // PID 1 can take them: arriving during setup they would kill this process
+    // before it undoes what it made. PID 1 inherits the mask and unblocks
+    // them once its command runs (`run_mode`), so none is lost on the way.
+    let forwarded = forwarded_signals();
+    forwarded.thread_block().context("cannot block signals")?;
     match run_sandbox(args) {
         Ok(code) => Ok(code),
         Err(e) => {
@@ -54,6 +64,14 @@ pub fn run(args: SandboxRunArgs) -> anyhow::Result<i32> {
             Ok(SETUP_FAILED)
         }
     }
+}
+
+fn forwarded_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for &signal in run_mode::FORWARDED {
+        set.add(Signal::try_from(signal).expect("a forwarded signal is a signal"));
+    }
+    set
 }
 
 /// The cgroups a `sandbox run` makes: its own subtree, one sandbox in it.
@@ -64,14 +82,11 @@ struct RunCgroups {
 }
 
 impl RunCgroups {
-    fn create(args: &SandboxRunArgs) -> anyhow::Result<Self> {
-        let host = HostCapacity::detect(Path::new("/proc"))?;
-        let memory = args.memory.as_deref().map(parse_size).transpose()?;
-        let limits = Limits::new(memory, args.pids, args.cpus, &host)?;
+    fn create(limits: &Limits) -> anyhow::Result<Self> {
         let self_cgroup = std::fs::read_to_string("/proc/self/cgroup")?;
         let subtree = format!("agentd-run-{}", std::process::id());
         let tree = CgroupTree::discover(Path::new("/sys/fs/cgroup"), &self_cgroup, &subtree)?;
-        let sandbox = match tree.create("sandbox", &limits) {
+        let sandbox = match tree.create("sandbox", limits) {
             Ok(sandbox) => sandbox,
             Err(e) => {
                 let _ = tree.remove_subtree();
@@ -94,9 +109,30 @@ impl Drop for RunCgroups {
     }
 }
 
+/// The limits asked for, checked against this host; `None` without any.
+fn limits(args: &SandboxRunArgs) -> anyhow::Result<Option<Limits>> {
+    if args.memory.is_none() && args.pids.is_none() && args.cpus.is_none() {
+        return Ok(None);
+    }
+    let host = HostCapacity::detect(Path::new("/proc"))?;
+    let memory = args.memory.as_deref().map(|m| parse_size(m).with_context(|| format!("--memory {m}"))).transpose()?;
+    Ok(Some(Limits::new(memory, args.pids, args.cpus, &host)?))
+}
+
+/// The agents' hardening, with the policy of `--seccomp` instead of the
+/// default one when given.
+fn hardening(args: &SandboxRunArgs) -> anyhow::Result<Hardening> {
+    let hardening = Hardening::default_for_agents()?;
+    let Some(file) = &args.seccomp else { return Ok(hardening) };
+    let json = std::fs::read_to_string(file).with_context(|| format!("--seccomp {}", file.display()))?;
+    let program = compile_custom(&json).with_context(|| format!("--seccomp {}", file.display()))?;
+    Ok(hardening.with_seccomp(Some(program)))
+}
+
 fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
+    // Everything the request says is checked before anything exists: a
+    // refused run creates no directory, cgroup or mount.
     let network: Network = args.network.parse().map_err(|e: String| anyhow!(e))?;
-    let uid_base = args.uid_base.unwrap_or(1_000_000_000 + (std::process::id() % 40_000) * 65_536);
     let mut mounts: Vec<BindMount> = args.ro_binds.iter().map(|b| parse_bind(b)).collect::<Result<_, _>>()?;
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
@@ -112,32 +148,25 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     if let Some(stage) = &args.inject_failure {
         anyhow::ensure!(init::FAULT_STAGES.contains(&stage.as_str()) || stage == "cgroup", "unknown stage {stage:?}");
     }
-
-    // Two fresh directories at most: the empty mount point of the new root,
-    // and the default workspace, in memory where the host has a tmpfs for it
-    // (an rmdir on this machine's ext4 /tmp takes ~4 ms, which would be most
-    // of a run).
-    let prefix = format!("agentd-run-{}-", std::process::id());
-    let scratch = scratch_dir();
-    let root = tempfile::Builder::new().prefix(&prefix).tempdir_in(&scratch).context("cannot create the root's mount point")?;
-    let rootfs_dir = root.path().to_owned();
-    let (workspace, scratch_workspace) = match &args.workspace {
-        Some(dir) => (dir.canonicalize().with_context(|| format!("workspace {}", dir.display()))?, None),
-        None => {
-            let dir = tempfile::Builder::new()
-                .prefix(&prefix)
-                .suffix("-workspace")
-                .tempdir_in(&scratch)
-                .context("cannot create a workspace")?;
-            std::os::unix::fs::chown(dir.path(), Some(uid_base), Some(uid_base))?;
-            (dir.path().to_owned(), Some(dir))
-        }
+    let limits = limits(&args)?;
+    let hardening = hardening(&args)?;
+    if let Some(dir) = &args.workspace {
+        let dir = dir.canonicalize().with_context(|| format!("--workspace {}", dir.display()))?;
+        anyhow::ensure!(dir.is_dir(), "--workspace {} is not a directory", dir.display());
+        mounts.insert(0, BindMount { source: dir, target: "/workspace".into(), read_only: false });
+    }
+    // Held until this process exits: the sandbox dies with it.
+    let lease = match args.uid_base {
+        Some(_) => None,
+        None => Some(IdLease::claim("agentd-run-ids-", std::process::id(), args.uid_count).context("cannot claim a host id range")?),
     };
-    mounts.insert(0, BindMount { source: workspace, target: "/workspace".into(), read_only: false });
-
+    let uid_base = args.uid_base.or(lease.as_ref().map(IdLease::base)).expect("a base given or claimed");
+    let scratch = scratch_dir();
     let mut spec = SandboxSpec {
         id: format!("run-{}", std::process::id()),
-        rootfs_dir,
+        // Where the root's mount point will be made, once the spec is known
+        // to be good; only its being absolute is checked.
+        rootfs_dir: scratch.clone(),
         rootfs: args.rootfs.clone(),
         hostname: "sandbox".into(),
         ids: IdRange { host_base: uid_base, size: args.uid_count },
@@ -150,11 +179,31 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         inject_failure: args.inject_failure.clone(),
     };
     spec.validate()?;
+
+    // Two fresh directories at most: the empty mount point of the new root,
+    // and the default workspace, in memory where the host has a tmpfs for it
+    // (an rmdir on this machine's ext4 /tmp takes ~4 ms, which would be most
+    // of a run).
+    let prefix = format!("agentd-run-{}-", std::process::id());
+    let root = tempfile::Builder::new().prefix(&prefix).tempdir_in(&scratch).context("cannot create the root's mount point")?;
+    spec.rootfs_dir = root.path().to_owned();
+    let scratch_workspace = match &args.workspace {
+        Some(_) => None,
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix(&prefix)
+                .suffix("-workspace")
+                .tempdir_in(&scratch)
+                .context("cannot create a workspace")?;
+            std::os::unix::fs::chown(dir.path(), Some(uid_base), Some(uid_base))?;
+            spec.mounts.insert(0, BindMount { source: dir.path().to_owned(), target: "/workspace".into(), read_only: false });
+            Some(dir)
+        }
+    };
     // cgroups carry the limits and the OOM count; without limits the pid
     // namespace alone holds the tree together (it dies with PID 1), and
     // skipping the cgroups saves their mkdir and rmdir in every hierarchy.
-    let wants_cgroups = args.memory.is_some() || args.pids.is_some() || args.cpus.is_some();
-    let cgroups = if wants_cgroups { Some(RunCgroups::create(&args)?) } else { None };
+    let cgroups = limits.as_ref().map(RunCgroups::create).transpose()?;
     if args.inject_failure.as_deref() == Some("cgroup") {
         bail!("sandbox setup failed at cgroup: injected failure");
     }
@@ -170,7 +219,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     // command runs: tearing down its mounts takes a few hundred microseconds
     // that would otherwise follow the command's exit.
     let host_mnt = std::fs::File::open("/proc/self/ns/mnt").context("cannot open own mount namespace")?;
-    let created = init::create(&spec);
+    let created = init::create_with(&spec, hardening);
     if let Err(e) = nix::sched::setns(host_mnt.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS) {
         // Still in the private namespace: removing the root's mount point
         // here would walk into its bind mounts. Leave the empty directory.
@@ -178,6 +227,8 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         return Err(e).context("cannot return to the host mount namespace");
     }
     let pid = created.map_err(|e| anyhow!("sandbox setup failed at {e}"))?;
+    // Unblocks the signals held since the start: one that came meanwhile is
+    // forwarded now.
     run_mode::forward_signals_to(pid.as_raw()).context("cannot forward signals")?;
     drop(root);
     let code = loop {
@@ -188,13 +239,25 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
             Err(e) => bail!("waitpid: {e}"),
         }
     };
-    if let Some(Ok(Some(kills))) = cgroups.as_ref().map(|cg| cg.sandbox.oom_kills())
-        && kills > 0
-    {
-        let limit = args.memory.as_deref().unwrap_or("?");
-        eprintln!("agentd sandbox: the sandbox ran out of memory: {kills} process(es) OOM-killed (limit {limit})");
+    // PID 1 is gone and its pid may be reused: forward nothing more, and let
+    // no signal cut the cleanup short.
+    let _ = forwarded_signals().thread_block();
+    if let Some(cg) = &cgroups {
+        if let Ok(Some(kills)) = cg.sandbox.oom_kills()
+            && kills > 0
+        {
+            let limit = args.memory.as_deref().unwrap_or("?");
+            eprintln!("agentd sandbox: the sandbox ran out of memory: {kills} process(es) OOM-killed (limit {limit})");
+        }
+        if let Ok(Some(hits)) = cg.sandbox.pids_limit_hits()
+            && hits > 0
+        {
+            let limit = args.pids.map_or("?".to_string(), |p| p.to_string());
+            eprintln!("agentd sandbox: the sandbox hit its process limit ({limit}): {hits} fork(s) refused");
+        }
     }
     drop(cgroups);
     drop(scratch_workspace);
+    drop(lease);
     Ok(code)
 }

@@ -324,6 +324,17 @@ impl SandboxCgroup {
         }
     }
 
+    /// How many forks and clones in the sandbox failed at its pids limit
+    /// (`max` of `pids.events`, alike in v1 and v2): the proof a fork bomb
+    /// met the limit rather than something else. `None` without the pids
+    /// controller.
+    pub fn pids_limit_hits(&self) -> Result<Option<u64>, CgroupError> {
+        match self.dir_of("pids") {
+            Some(dir) => fs::read_keyed(&dir.join("pids.events"), "max", "pids limit events"),
+            None => Ok(None),
+        }
+    }
+
     /// How long [`Self::remove`] waits for the processes of a killed
     /// sandbox to be gone.
     pub const REMOVE_WAIT: Duration = Duration::from_secs(2);

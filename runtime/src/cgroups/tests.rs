@@ -187,6 +187,8 @@ fn hybrid_stats_read_v1_files() {
         }
     );
     assert_eq!(sb.oom_kills().unwrap(), Some(2));
+    put(r.join("pids/agentd-t/sb1/pids.events"), "max 5\n");
+    assert_eq!(sb.pids_limit_hits().unwrap(), Some(5));
     put(r.join("pids/agentd-t/sb1/pids.max"), "max\n");
     assert_eq!(sb.stats().unwrap().pids_max, None);
 }
@@ -383,6 +385,8 @@ fn unified_moves_the_daemon_to_a_leaf_and_enables_controllers() {
         }
     );
     assert_eq!(sb.oom_kills().unwrap(), Some(1));
+    put(d.join("pids.events"), "max 0\n");
+    assert_eq!(sb.pids_limit_hits().unwrap(), Some(0));
 
     // The daemon's leaf is not a sandbox, and the id is reserved.
     assert_eq!(tree.sandbox_ids().unwrap(), ["sb1"]);

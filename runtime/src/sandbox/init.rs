@@ -573,10 +573,13 @@ fn enter(spec: &SandboxSpec, handover: &Handover, network_from_creator: Option<O
 
 /// /proc paths that leak host information or expose kernel knobs, hidden as
 /// runc hides them: files under /dev/null, directories under an empty
-/// read-only tmpfs.
+/// read-only tmpfs. `interrupts` as Docker 28 masks it: its per-CPU thermal
+/// event counts are a side channel on what other tenants compute
+/// (GHSA-6fw5-f8r9-fgfm), and no agent needs the host's interrupt table.
 const MASKED_PROC: &[&str] = &[
     "proc/asound",
     "proc/acpi",
+    "proc/interrupts",
     "proc/kcore",
     "proc/keys",
     "proc/latency_stats",

@@ -16,8 +16,11 @@
 //! The default policy has two filters, both falling through to allow:
 //!
 //! - `eperm` (`EPERM`): mounts, namespaces (`unshare`/`clone` with a
-//!   `CLONE_NEW*` flag, `setns`), keyrings, bpf, perf, modules and kexec, clocks,
-//!   the ptrace family, file handles, odd personas, `TIOCSTI`/`TIOCLINUX`.
+//!   `CLONE_NEW*` flag, `setns`), hostnames, keyrings, bpf, perf, fanotify,
+//!   NUMA policy, modules and kexec, clocks, the ptrace family, file handles,
+//!   odd personas, `TIOCSTI`/`TIOCLINUX`, `AF_VSOCK` sockets: what Docker's
+//!   default profile refuses a container without capabilities (and ptrace,
+//!   `name_to_handle_at` and io_uring, which it allows).
 //! - `enosys` (`ENOSYS`): `clone3`, whose flags a filter cannot read, so libc
 //!   falls back to `clone`; and io_uring, which a kernel without it also answers
 //!   with ENOSYS.
@@ -286,11 +289,20 @@ mod tests {
         "unshare",
         "clone",
         "setns",
+        "sethostname",
+        "setdomainname",
         "keyctl",
         "add_key",
         "request_key",
         "bpf",
         "perf_event_open",
+        "fanotify_init",
+        "get_mempolicy",
+        "set_mempolicy",
+        "set_mempolicy_home_node",
+        "mbind",
+        "move_pages",
+        "migrate_pages",
         "kexec_load",
         "kexec_file_load",
         "init_module",
@@ -317,13 +329,19 @@ mod tests {
         "process_vm_readv",
         "process_vm_writev",
         "kcmp",
+        "pidfd_getfd",
+        "process_madvise",
         "nfsservctl",
         "iopl",
         "ioperm",
         "create_module",
         "get_kernel_syms",
         "query_module",
+        "sysfs",
+        "ustat",
+        "_sysctl",
         "ioctl",
+        "socket",
     ];
     const ENOSYS: &[&str] = &[
         "clone3",
@@ -341,6 +359,9 @@ mod tests {
         "get_kernel_syms",
         "query_module",
         "uselib",
+        "sysfs",
+        "ustat",
+        "_sysctl",
     ];
 
     /// filter name -> (errno of its action, syscall names).
@@ -894,6 +915,269 @@ mod tests {
         fn i386_syscalls_kill() {
             assert_eq!(without_filter(i386_getpid), Outcome::Allowed);
             assert_eq!(under_filter(i386_getpid), Outcome::Killed(libc::SIGSYS));
+        }
+
+        /// Every rule of the default policy, checked in the kernel, as
+        /// firecracker checks its own: the policy is compiled with each
+        /// filter's errno replaced by a sentinel, and each rule's syscall is
+        /// made under it with arguments that meet the rule's conditions. Many
+        /// of these calls fail with EPERM anyway for want of a capability, so
+        /// only the sentinel shows that the filter, and which filter, refused
+        /// them.
+        mod every_rule {
+            use std::collections::BTreeMap;
+
+            use serde_json::{Value, json};
+
+            use super::super::super::*;
+            use super::{INSTALL_FAILED, Outcome};
+            use crate::sandbox::seccomp::child::{self, End, errno};
+
+            /// Filter `i` of the policy (in name order) answers `SENTINEL + i`:
+            /// no kernel path returns such an errno (the largest, EHWPOISON,
+            /// is 133), and it still fits an exit code.
+            const SENTINEL: i32 = 200;
+
+            /// Exit code for "could not make the user namespace".
+            const USERNS_FAILED: i32 = 252;
+
+            /// `SECCOMP_RET_ERRNO` (linux/seccomp.h) and the mask of the action.
+            const RET_ERRNO: u32 = 0x0005_0000;
+            const RET_ACTION: u32 = 0xffff_0000;
+
+            /// The policy's syscall names on this architecture, with libc's
+            /// numbers (seccompiler keeps its table private). A rule naming a
+            /// syscall missing here fails the test, naming it.
+            fn number(name: &str) -> Option<libc::c_long> {
+                let common = [
+                    ("mount", libc::SYS_mount),
+                    ("umount2", libc::SYS_umount2),
+                    ("pivot_root", libc::SYS_pivot_root),
+                    ("move_mount", libc::SYS_move_mount),
+                    ("open_tree", libc::SYS_open_tree),
+                    ("fsopen", libc::SYS_fsopen),
+                    ("fsconfig", libc::SYS_fsconfig),
+                    ("fsmount", libc::SYS_fsmount),
+                    ("fspick", libc::SYS_fspick),
+                    ("mount_setattr", libc::SYS_mount_setattr),
+                    ("unshare", libc::SYS_unshare),
+                    ("clone", libc::SYS_clone),
+                    ("clone3", libc::SYS_clone3),
+                    ("setns", libc::SYS_setns),
+                    ("sethostname", libc::SYS_sethostname),
+                    ("setdomainname", libc::SYS_setdomainname),
+                    ("keyctl", libc::SYS_keyctl),
+                    ("add_key", libc::SYS_add_key),
+                    ("request_key", libc::SYS_request_key),
+                    ("bpf", libc::SYS_bpf),
+                    ("perf_event_open", libc::SYS_perf_event_open),
+                    ("fanotify_init", libc::SYS_fanotify_init),
+                    ("userfaultfd", libc::SYS_userfaultfd),
+                    ("get_mempolicy", libc::SYS_get_mempolicy),
+                    ("set_mempolicy", libc::SYS_set_mempolicy),
+                    ("set_mempolicy_home_node", libc::SYS_set_mempolicy_home_node),
+                    ("mbind", libc::SYS_mbind),
+                    ("move_pages", libc::SYS_move_pages),
+                    ("migrate_pages", libc::SYS_migrate_pages),
+                    ("kexec_load", libc::SYS_kexec_load),
+                    ("kexec_file_load", libc::SYS_kexec_file_load),
+                    ("init_module", libc::SYS_init_module),
+                    ("finit_module", libc::SYS_finit_module),
+                    ("delete_module", libc::SYS_delete_module),
+                    ("reboot", libc::SYS_reboot),
+                    ("swapon", libc::SYS_swapon),
+                    ("swapoff", libc::SYS_swapoff),
+                    ("acct", libc::SYS_acct),
+                    ("quotactl", libc::SYS_quotactl),
+                    ("quotactl_fd", libc::SYS_quotactl_fd),
+                    ("lookup_dcookie", libc::SYS_lookup_dcookie),
+                    ("vhangup", libc::SYS_vhangup),
+                    ("syslog", libc::SYS_syslog),
+                    ("nfsservctl", libc::SYS_nfsservctl),
+                    ("clock_settime", libc::SYS_clock_settime),
+                    ("clock_adjtime", libc::SYS_clock_adjtime),
+                    ("settimeofday", libc::SYS_settimeofday),
+                    ("adjtimex", libc::SYS_adjtimex),
+                    ("ptrace", libc::SYS_ptrace),
+                    ("process_vm_readv", libc::SYS_process_vm_readv),
+                    ("process_vm_writev", libc::SYS_process_vm_writev),
+                    ("process_madvise", libc::SYS_process_madvise),
+                    ("kcmp", libc::SYS_kcmp),
+                    ("pidfd_getfd", libc::SYS_pidfd_getfd),
+                    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+                    ("name_to_handle_at", libc::SYS_name_to_handle_at),
+                    ("personality", libc::SYS_personality),
+                    ("ioctl", libc::SYS_ioctl),
+                    ("socket", libc::SYS_socket),
+                    ("io_uring_setup", libc::SYS_io_uring_setup),
+                    ("io_uring_enter", libc::SYS_io_uring_enter),
+                    ("io_uring_register", libc::SYS_io_uring_register),
+                ];
+                #[cfg(target_arch = "x86_64")]
+                let arch = [
+                    ("iopl", libc::SYS_iopl),
+                    ("ioperm", libc::SYS_ioperm),
+                    ("uselib", libc::SYS_uselib),
+                    ("sysfs", libc::SYS_sysfs),
+                    ("ustat", libc::SYS_ustat),
+                    ("_sysctl", libc::SYS__sysctl),
+                    // Gone from libc with the syscalls (Linux 2.6); the
+                    // numbers stay reserved in arch/x86/entry/syscalls.
+                    ("create_module", 174),
+                    ("get_kernel_syms", 177),
+                    ("query_module", 178),
+                ];
+                #[cfg(not(target_arch = "x86_64"))]
+                let arch: [(&str, libc::c_long); 0] = [];
+                common.into_iter().chain(arch).find(|(n, _)| *n == name).map(|(_, nr)| nr)
+            }
+
+            /// The default policy with each filter's errno replaced by its
+            /// sentinel, and the sentinel of each filter.
+            fn sentinel_policy() -> (Value, BTreeMap<String, i32>) {
+                let mut doc: Value = serde_json::from_str(DEFAULT_POLICY.unwrap()).unwrap();
+                let mut names: Vec<String> = doc.as_object().unwrap().keys().cloned().collect();
+                names.sort();
+                let mut sentinels = BTreeMap::new();
+                for (i, name) in names.iter().enumerate() {
+                    let sentinel = SENTINEL + i as i32;
+                    doc[name]["filter_action"] = json!({ "errno": sentinel });
+                    sentinels.insert(name.clone(), sentinel);
+                }
+                (doc, sentinels)
+            }
+
+            fn sentinel_program() -> SeccompProgram {
+                let (doc, _) = sentinel_policy();
+                compile(&doc.to_string(), native_arch().unwrap()).unwrap()
+            }
+
+            /// Arguments that meet every condition of `rule`. The rest are all
+            /// ones (-1: a bad pointer, descriptor, command or size), so that a
+            /// call the filter let through would fail at once.
+            fn arguments_for(rule: &Value) -> [u64; 6] {
+                let mut args = [u64::MAX; 6];
+                let mut avoid: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+                for cond in rule.get("args").and_then(Value::as_array).into_iter().flatten() {
+                    let index = cond["index"].as_u64().unwrap() as usize;
+                    let val = cond["val"].as_u64().unwrap();
+                    let dword = cond["type"] == "dword";
+                    let low = |v: u64| if dword { v & 0xffff_ffff } else { v };
+                    match &cond["op"] {
+                        Value::String(op) if op == "eq" => args[index] = val,
+                        Value::String(op) if op == "ne" => avoid.entry(index).or_default().push(low(val)),
+                        Value::Object(op) if op.contains_key("masked_eq") => {
+                            let mask = op["masked_eq"].as_u64().unwrap();
+                            assert_eq!(val & !mask, 0, "{rule}: a value outside its mask never matches");
+                            args[index] = val;
+                        }
+                        op => panic!("{rule}: teach this test the operator {op}"),
+                    }
+                }
+                for (index, values) in avoid {
+                    // Small values: a persona nobody uses, harmless if set.
+                    args[index] = (1..).find(|v| !values.contains(v)).unwrap();
+                }
+                args
+            }
+
+            /// Makes syscall `nr` with `args` in a child under `prog`.
+            fn outcome(prog: &SeccompProgram, nr: libc::c_long, args: [u64; 6]) -> Outcome {
+                let end = child::run(|| {
+                    child::no_core_dumps();
+                    // Should the filter fail to match, the call runs: in a user
+                    // namespace of its own the child holds no capability over
+                    // the host (no clock, reboot, swap or module change).
+                    // SAFETY: affects only this single-threaded child.
+                    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+                        return USERNS_FAILED;
+                    }
+                    if install(prog).is_err() {
+                        return INSTALL_FAILED;
+                    }
+                    let a = args.map(|a| a as libc::c_long);
+                    // SAFETY: every argument is either what the rule names or
+                    // -1, which the kernel refuses before touching memory.
+                    let rc = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
+                    if rc < 0 { errno() } else { 0 }
+                });
+                match end {
+                    End::Exited(0) => Outcome::Allowed,
+                    End::Exited(USERNS_FAILED) => panic!("cannot make a user namespace"),
+                    End::Exited(INSTALL_FAILED) => panic!("seccomp filter did not install"),
+                    End::Exited(child::PANICKED) => panic!("child panicked"),
+                    End::Exited(code) => Outcome::Errno(code),
+                    End::Signaled(sig) => Outcome::Killed(sig),
+                }
+            }
+
+            /// What runs under test is what ships: the sentinel program is
+            /// the built-in one instruction for instruction, but for the
+            /// errno its refusals carry.
+            #[test]
+            fn the_sentinel_program_differs_from_the_default_in_errnos_only() {
+                let default = default_program().unwrap();
+                let sentinel = sentinel_program();
+                let (default, sentinel) = (default.instructions(), sentinel.instructions());
+                assert_eq!(default.len(), sentinel.len());
+                let mut swapped = 0;
+                for (d, s) in default.iter().zip(sentinel) {
+                    if d != s {
+                        assert_eq!((d.code, s.code), (BPF_RET_K, BPF_RET_K), "{d:?} vs {s:?}");
+                        assert_eq!((d.k & RET_ACTION, s.k & RET_ACTION), (RET_ERRNO, RET_ERRNO));
+                        assert!((SENTINEL as u32..SENTINEL as u32 + 8).contains(&(s.k & !RET_ACTION)));
+                        swapped += 1;
+                    }
+                }
+                assert!(swapped >= 2, "each filter refuses somewhere");
+            }
+
+            #[test]
+            fn every_rule_refuses_its_call_with_its_filters_errno() {
+                let (doc, sentinels) = sentinel_policy();
+                let prog = sentinel_program();
+                let mut wrong = Vec::new();
+                let mut checked = 0;
+                for (filter, sentinel) in &sentinels {
+                    for rule in doc[filter]["filter"].as_array().unwrap() {
+                        let name = rule["syscall"].as_str().unwrap();
+                        let nr = number(name).unwrap_or_else(|| panic!("add {name} to the number table"));
+                        let args = arguments_for(rule);
+                        let got = outcome(&prog, nr, args);
+                        if got != Outcome::Errno(*sentinel) {
+                            wrong.push(format!("{name}{args:x?}: {got:?}, want Errno({sentinel})"));
+                        }
+                        checked += 1;
+                    }
+                }
+                assert!(wrong.is_empty(), "rules that did not refuse their call:\n{}", wrong.join("\n"));
+                assert!(checked > 70, "only {checked} rules");
+            }
+
+            /// Calls next to the refused ones, which the filter lets through.
+            #[test]
+            fn near_misses_are_allowed() {
+                let prog = sentinel_program();
+                let none = [0u64; 6];
+                let allowed = |nr, args| assert_eq!(outcome(&prog, nr, args), Outcome::Allowed, "{nr} {args:x?}");
+                allowed(libc::SYS_getpid, none);
+                // unshare without a namespace flag.
+                allowed(libc::SYS_unshare, [libc::CLONE_FILES as u64, 0, 0, 0, 0, 0]);
+                // The persona query, and the default persona.
+                allowed(libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0]);
+                allowed(libc::SYS_personality, none);
+                // A unix socket; only AF_VSOCK is refused.
+                allowed(libc::SYS_socket, [libc::AF_UNIX as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0]);
+                // An ioctl other than TIOCSTI and TIOCLINUX.
+                // SAFETY: valid C string.
+                let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+                assert!(fd >= 0);
+                #[allow(clippy::unnecessary_cast, reason = "an Ioctl is u64 on glibc, i32 on musl")]
+                let fioclex = libc::FIOCLEX as u64;
+                allowed(libc::SYS_ioctl, [fd as u64, fioclex, 0, 0, 0, 0]);
+                // SAFETY: our own descriptor.
+                unsafe { libc::close(fd) };
+            }
         }
     }
 }

@@ -111,6 +111,8 @@ pub enum SpecError {
     ReservedTarget(PathBuf),
     #[error("rootfs {0:?} is not a directory")]
     MissingRootfs(PathBuf),
+    #[error("rootfs {path:?} (mode {mode:o}) cannot be entered by the sandbox's users: make it world-searchable (0755) or owned by the id range's first uid")]
+    RootfsNotSearchable { path: PathBuf, mode: u32 },
     #[error("command is empty")]
     EmptyCommand,
 }
@@ -146,8 +148,13 @@ impl SandboxSpec {
         }
         if let Some(rootfs) = &self.rootfs {
             check_abs("rootfs", rootfs)?;
-            if !rootfs.is_dir() {
-                return Err(SpecError::MissingRootfs(rootfs.clone()));
+            let meta = std::fs::metadata(rootfs).ok().filter(|m| m.is_dir()).ok_or_else(|| SpecError::MissingRootfs(rootfs.clone()))?;
+            // The sandbox sees the directory's own owner and mode at its root
+            // (the bind is made as host root, so the parents do not matter);
+            // refused here, it would fail later as a bare EACCES in PID 1.
+            use std::os::unix::fs::MetadataExt;
+            if meta.mode() & 0o001 == 0 && meta.uid() != self.ids.host_base {
+                return Err(SpecError::RootfsNotSearchable { path: rootfs.clone(), mode: meta.mode() & 0o7777 });
             }
         }
         for p in &self.cgroup_procs {
@@ -244,6 +251,18 @@ mod tests {
         assert_eq!(s.validate(), Err(SpecError::EmptyCommand));
         assert_eq!("host".parse::<Network>(), Ok(Network::Host));
         assert!("bridge".parse::<Network>().unwrap_err().contains("unknown network mode"));
+    }
+
+    #[test]
+    fn refuses_a_rootfs_the_sandbox_cannot_enter() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut s = spec();
+        s.rootfs = Some(dir.path().to_owned());
+        assert_eq!(s.validate(), Err(SpecError::RootfsNotSearchable { path: dir.path().to_owned(), mode: 0o700 }));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

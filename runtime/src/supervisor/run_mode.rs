@@ -15,7 +15,8 @@ use nix::unistd::Pid;
 /// The command's pid, for the signal handler.
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
-const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+/// What PID 1 forwards to its command, and `agentd sandbox run` to PID 1.
+pub const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
 
 extern "C" fn forward(signal: libc::c_int) {
     let child = CHILD.load(Ordering::Relaxed);
@@ -26,11 +27,30 @@ extern "C" fn forward(signal: libc::c_int) {
 }
 
 /// Forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 received by
-/// this process to `pid`. Used by PID 1 for its command, and by
-/// `agentd sandbox run` for the sandbox's PID 1.
+/// this process to `pid`, and unblocks them: `agentd sandbox run` blocks
+/// them until the sandbox's PID 1 exists, so one sent meanwhile is forwarded
+/// now rather than lost.
 pub fn forward_signals_to(pid: i32) -> std::io::Result<()> {
     CHILD.store(pid, Ordering::Relaxed);
-    install_forwarding()
+    install_forwarding()?;
+    unblock_forwarded()
+}
+
+/// A no-op unless the process was made with these signals blocked (the
+/// sandbox of `agentd sandbox run` inherits its creator's mask).
+fn unblock_forwarded() -> std::io::Result<()> {
+    // SAFETY: plain signal-set calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &signal in FORWARDED {
+            libc::sigaddset(&mut set, signal);
+        }
+        if libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn install_forwarding() -> std::io::Result<()> {
@@ -72,6 +92,10 @@ pub fn run(
     };
     let child_pid = child.as_raw();
     CHILD.store(child_pid, Ordering::Relaxed);
+    // Signals held since `agentd sandbox run` began reach the command now.
+    if let Err(e) = unblock_forwarded() {
+        eprintln!("agentd sandbox: cannot unblock signals: {e}");
+    }
     loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child_pid => return code,

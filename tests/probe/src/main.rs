@@ -1,9 +1,17 @@
-//! `agentd-probe CASE [ARG]`: tries one thing a hostile workload would try and
-//! exits with the errno it got (0 when the call succeeded), after printing one
-//! line `CASE errno=N detail`. Calls are raw libc, with no retries or
+//! `agentd-probe CASE [ARG...]`: tries one thing a hostile workload would try
+//! and exits with the errno it got (0 when the call succeeded), after printing
+//! one line `CASE errno=N detail`. Calls are raw libc, with no retries or
 //! fallbacks, so that the exit code is exactly the kernel's answer, as in
 //! bubblewrap's seccomp tests. A case that is killed (seccomp KILL, OOM) shows
 //! up as the signal in the caller's exit status.
+//!
+//! First of all it prints `uid_map=BASE COUNT`: the host ids the sandbox runs
+//! as, by which the tests look for anything of it left on the host.
+//!
+//! Calls that would change the host if a sandbox let them through are made
+//! so that they would change nothing (the clock set to what it reads, a read
+//! of the time adjustment, a module that does not exist), except where the
+//! test needs to see the change to tell (a sysctl), and restores it.
 
 use std::ffi::CString;
 
@@ -91,12 +99,64 @@ fn memory_bomb(limit_mib: usize) -> (i32, String) {
     (0, format!("allocated={limit_mib}MiB"))
 }
 
-fn run(case: &str, arg: Option<&str>) -> (i32, String) {
+/// Checks `m:PATH` (masked: a file that is /dev/null, or an empty read-only
+/// directory) and `r:PATH` (on a read-only mount) for each argument; absent
+/// paths pass (the kernel has no such file). Exit 0 when all hold, 200 when
+/// one does not.
+fn proc_view(args: &[String]) -> (i32, String) {
+    let mut report = Vec::new();
+    let mut bad = false;
+    for arg in args {
+        let (kind, path) = arg.split_once(':').unwrap_or(("?", arg));
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::lstat(c(path).as_ptr(), &mut st) } != 0 {
+            report.push(format!("{path}:absent"));
+            continue;
+        }
+        let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+        let read_only = unsafe { libc::statvfs(c(path).as_ptr(), &mut vfs) } == 0 && vfs.f_flag & libc::ST_RDONLY != 0;
+        let fine = match kind {
+            "m" if st.st_mode & libc::S_IFMT == libc::S_IFDIR => read_only && list_dir(path).is_empty(),
+            "m" => st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3),
+            "r" => read_only,
+            _ => false,
+        };
+        bad |= !fine;
+        report.push(format!("{path}:{}", if fine { "ok" } else { "EXPOSED" }));
+    }
+    (if bad { 200 } else { 0 }, report.join(" "))
+}
+
+/// What the sandbox shows of itself: hostname, /sys, the host's home
+/// directories, /dev/pts and its device.
+fn sandbox_view() -> (i32, String) {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let exists = |p: &str| std::path::Path::new(p).symlink_metadata().is_ok();
+    let mut pts = list_dir("/dev/pts");
+    pts.sort();
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::stat(c("/dev/pts").as_ptr(), &mut st) };
+    let detail = format!(
+        "hostname={} sys={} home={} root={} pts={} pts_dev={}:{}",
+        hostname.trim(),
+        exists("/sys"),
+        exists("/home"),
+        exists("/root"),
+        pts.join(","),
+        libc::major(st.st_dev),
+        libc::minor(st.st_dev)
+    );
+    (0, detail)
+}
+
+fn run(case: &str, args: &[String]) -> (i32, String) {
+    let arg = args.first().map(String::as_str);
     let none = String::new();
     // SAFETY (for every unsafe block below): each is one raw system call with
     // constant or checked arguments; failing is the expected outcome.
     match case {
-        "getpid" => (check(unsafe { libc::getpid() } as i64), none),
+        // Raw: glibc's getpid takes no error, and would return -errno as a pid.
+        "getpid" => (check(unsafe { libc::syscall(libc::SYS_getpid) }), none),
         "mount" => {
             let _ = std::fs::create_dir_all("/tmp/probe-mnt");
             let rc = unsafe {
@@ -140,13 +200,20 @@ fn run(case: &str, arg: Option<&str>) -> (i32, String) {
                 (if n == 0 { 0 } else { 200 }, format!("bytes={n}"))
             }
         },
-        "write-proc-sys" => (write_file("/proc/sys/kernel/domainname", "probe"), none),
+        "write-sysctl" => {
+            // A host-wide knob (no namespace has its own), harmless to move:
+            // the test reads the host's value around the run and puts it
+            // back should the write get through.
+            let path = "/proc/sys/vm/overcommit_ratio";
+            let now: u32 = std::fs::read_to_string(path).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(50);
+            (write_file(path, &format!("{}", now + 1)), format!("was={now}"))
+        }
         "write-sysrq" => (write_file("/proc/sysrq-trigger", "h"), none),
         "write-cgroupfs" => (open("/sys/fs/cgroup/cgroup.procs", libc::O_WRONLY), none),
         "keyctl" => (check(unsafe { libc::syscall(libc::SYS_keyctl, 1 /* JOIN_SESSION_KEYRING */, 0usize) }), none),
         "add-key" => {
             let rc = unsafe {
-                libc::syscall(libc::SYS_add_key, c("user").as_ptr(), c("probe").as_ptr(), c("x").as_ptr(), 1usize, -3i64 /* session keyring */)
+                libc::syscall(libc::SYS_add_key, c("user").as_ptr(), c("agentd-probe").as_ptr(), c("x").as_ptr(), 1usize, -3i64 /* session keyring */)
             };
             (check(rc), none)
         }
@@ -163,8 +230,81 @@ fn run(case: &str, arg: Option<&str>) -> (i32, String) {
         "reboot" => (check(unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_CAD_OFF) } as i64), none),
         "swapoff" => (check(unsafe { libc::swapoff(c("/tmp/none").as_ptr()) } as i64), none),
         "settimeofday" => {
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+            let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+            unsafe { libc::gettimeofday(&mut tv, std::ptr::null_mut()) };
             (check(unsafe { libc::settimeofday(&tv, std::ptr::null()) } as i64), none)
+        }
+        "clock-settime" => {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+            (check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } as i64), none)
+        }
+        // modes 0: a read of the clock's state, which the kernel grants anyone.
+        "adjtimex" => {
+            let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+            (check(unsafe { libc::adjtimex(&mut tx) } as i64), none)
+        }
+        "clock-adjtime" => {
+            let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+            (check(unsafe { libc::clock_adjtime(libc::CLOCK_REALTIME, &mut tx) } as i64), none)
+        }
+        "kexec-load" => (check(unsafe { libc::syscall(libc::SYS_kexec_load, 0usize, 0usize, std::ptr::null::<u8>(), 0usize) }), none),
+        "kexec-file-load" => {
+            (check(unsafe { libc::syscall(libc::SYS_kexec_file_load, -1, -1, 0usize, std::ptr::null::<u8>(), 0usize) }), none)
+        }
+        "delete-module" => {
+            (check(unsafe { libc::syscall(libc::SYS_delete_module, c("agentd_probe_none").as_ptr(), libc::O_NONBLOCK) }), none)
+        }
+        "swapon" => (check(unsafe { libc::swapon(c("/tmp/none").as_ptr(), 0) } as i64), none),
+        "request-key" => {
+            let rc = unsafe {
+                libc::syscall(libc::SYS_request_key, c("user").as_ptr(), c("agentd-probe").as_ptr(), std::ptr::null::<u8>(), 0usize)
+            };
+            (check(rc), none)
+        }
+        // A path that does not exist: were accounting granted, it would fail
+        // there rather than turn the host's accounting on or off.
+        "acct" => (check(unsafe { libc::acct(c("/nonexistent/agentd-probe").as_ptr()) } as i64), none),
+        // Q_SYNC of every filesystem needs no privilege: only a filter refuses it.
+        "quotactl" => {
+            let cmd = (libc::Q_SYNC << 8) | libc::USRQUOTA;
+            (check(unsafe { libc::quotactl(cmd, std::ptr::null(), 0, std::ptr::null_mut()) } as i64), none)
+        }
+        "name-to-handle-at" => {
+            // struct file_handle with room for any filesystem's handle.
+            let mut handle = [0u32; 34];
+            handle[0] = 128;
+            let mut mount_id = 0i32;
+            let rc = unsafe {
+                libc::syscall(libc::SYS_name_to_handle_at, libc::AT_FDCWD, c("/workspace").as_ptr(), handle.as_mut_ptr(), &mut mount_id, 0)
+            };
+            (check(rc), none)
+        }
+        "open-by-handle-at" => {
+            // A made-up handle: were the call granted, no file would match.
+            let handle: [u32; 4] = [8, 1, 0, 0];
+            let root = unsafe { libc::open(c("/").as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+            (check(unsafe { libc::syscall(libc::SYS_open_by_handle_at, root, handle.as_ptr(), libc::O_RDONLY) }), none)
+        }
+        "get-mempolicy" => {
+            let mut mode = 0i32;
+            let rc = unsafe { libc::syscall(libc::SYS_get_mempolicy, &mut mode, std::ptr::null_mut::<u64>(), 0usize, 0usize, 0usize) };
+            (check(rc), none)
+        }
+        // The number of filesystem types the kernel knows.
+        "sysfs" => (check(unsafe { libc::syscall(libc::SYS_sysfs, 3) }), none),
+        "fanotify-init" => (check(unsafe { libc::fanotify_init(libc::FAN_CLASS_NOTIF | libc::FAN_REPORT_FID, libc::O_RDONLY as u32) } as i64), none),
+        "process-madvise" => {
+            (check(unsafe { libc::syscall(libc::SYS_process_madvise, -1, std::ptr::null::<u8>(), 0usize, libc::MADV_COLD, 0usize) }), none)
+        }
+        "vsock" => (check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) } as i64), none),
+        "sethostname" => {
+            let name = "agentd-probe";
+            (check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } as i64), none)
+        }
+        "setdomainname" => {
+            let name = "agentd-probe";
+            (check(unsafe { libc::setdomainname(name.as_ptr().cast(), name.len()) } as i64), none)
         }
         "userfaultfd" => (check(unsafe { libc::syscall(libc::SYS_userfaultfd, 0) }), none),
         "fork-bomb" => fork_bomb(),
@@ -194,6 +334,43 @@ fn run(case: &str, arg: Option<&str>) -> (i32, String) {
                 Ok(_) => (0, format!("port={port}")),
                 Err(e) => (e.raw_os_error().unwrap_or(0), format!("port={port}")),
             }
+        }
+        "connect" => {
+            let addr: std::net::SocketAddr = arg.and_then(|a| a.parse().ok()).unwrap_or(([1, 1, 1, 1], 443).into());
+            match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
+                Ok(_) => (0, format!("addr={addr}")),
+                Err(e) => (e.raw_os_error().unwrap_or(0), format!("addr={addr}")),
+            }
+        }
+        "udp-send" => {
+            let addr: std::net::SocketAddr = arg.and_then(|a| a.parse().ok()).unwrap_or(([1, 1, 1, 1], 53).into());
+            let sent = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"agentd-probe", addr));
+            match sent {
+                Ok(_) => (0, format!("addr={addr}")),
+                Err(e) => (e.raw_os_error().unwrap_or(0), format!("addr={addr}")),
+            }
+        }
+        "proc-view" => proc_view(args),
+        "sandbox-view" => sandbox_view(),
+        "write-tmp" => (open(&format!("/tmp/{}", arg.unwrap_or("probe")), libc::O_WRONLY | libc::O_CREAT), none),
+        "read-tmp" => (open(&format!("/tmp/{}", arg.unwrap_or("probe")), libc::O_RDONLY), none),
+        "limits" => {
+            let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+            let pick = |name: &str| {
+                limits.lines().find(|l| l.starts_with(name)).map(|l| l[name.len()..].split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            };
+            let oom = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap_or_default();
+            let core = pick("Max core file size").unwrap_or_default();
+            let nofile = pick("Max open files").unwrap_or_default();
+            (0, format!("core={core} nofile={nofile} oom_score_adj={}", oom.trim()))
+        }
+        "caps-wait" => {
+            // Stays alive, for the test to look at from the host, until its
+            // stdin closes.
+            println!("ready");
+            let mut buf = [0u8; 1];
+            while unsafe { libc::read(0, buf.as_mut_ptr().cast(), 1) } > 0 {}
+            (0, none)
         }
         "chown" => {
             let path = arg.unwrap_or("/usr/bin/env");
@@ -244,7 +421,11 @@ fn run(case: &str, arg: Option<&str>) -> (i32, String) {
             (0, format!("int80 returned {eax}"))
         }
         "x32" => (check(unsafe { libc::syscall(0x4000_0000 | libc::SYS_getpid) }), none),
-        "personality" => (check(unsafe { libc::personality(0x0040000 /* ADDR_NO_RANDOMIZE */) } as i64), none),
+        "personality" => {
+            // ADDR_NO_RANDOMIZE unless told (in hex, as personality.h writes them).
+            let persona = arg.and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()).unwrap_or(0x0040000);
+            (check(unsafe { libc::personality(persona as libc::c_ulong) } as i64), format!("persona={persona:#x}"))
+        }
         "caps" => {
             let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
             let caps: Vec<&str> = status.lines().filter(|l| l.starts_with("Cap") || l.starts_with("NoNewPrivs") || l.starts_with("Seccomp:")).collect();
@@ -260,10 +441,15 @@ fn run(case: &str, arg: Option<&str>) -> (i32, String) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(case) = args.get(1) else {
-        eprintln!("usage: agentd-probe CASE [ARG]");
+        eprintln!("usage: agentd-probe CASE [ARG...]");
         std::process::exit(255);
     };
-    let (code, detail) = run(case, args.get(2).map(String::as_str));
+    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let ids: Vec<&str> = uid_map.split_whitespace().collect();
+    if let [_, base, count] = ids[..] {
+        println!("uid_map={base} {count}");
+    }
+    let (code, detail) = run(case, &args[2..]);
     println!("{case} errno={code} {detail}");
     std::process::exit(code);
 }
