@@ -54,6 +54,9 @@ pub struct NodeConfig {
     /// Name of this node's cgroup subtree under the cgroup it started in.
     /// Two nodes started in one cgroup need different names.
     pub cgroup_subtree: String,
+    /// How long agents get between SIGTERM and SIGKILL when their sandbox is
+    /// deleted or the node stops; zero kills them at once.
+    pub stop_grace: std::time::Duration,
 }
 
 impl NodeConfig {
@@ -68,6 +71,7 @@ impl NodeConfig {
             cgroup_root: "/sys/fs/cgroup".into(),
             proc_root: "/proc".into(),
             cgroup_subtree: "agentd".into(),
+            stop_grace: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -95,11 +99,10 @@ impl Node {
     }
 
     /// Stops every sandbox and removes this node's cgroup subtree; used on
-    /// shutdown.
+    /// shutdown. All at once: each may spend its agents' grace period.
     pub async fn stop_all(&self) {
-        for id in self.sandboxes.ids() {
-            self.delete_sandbox(&id).await;
-        }
+        let ids = self.sandboxes.ids();
+        futures::future::join_all(ids.iter().map(|id| self.delete_sandbox(id))).await;
         self.sandboxes.finish_removals().await;
     }
 
