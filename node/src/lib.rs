@@ -1,9 +1,10 @@
 //! The node daemon: owns the sandboxes of one machine.
 //!
 //! Layout:
-//! - [`sandboxes`]: the sandbox table: id ranges, state directories, launching
-//!   through `agentd sandbox-init`, watching each PID 1 through a pidfd,
-//!   teardown, and cleanup of what a crashed node left behind.
+//! - [`sandboxes`]: the sandbox table: plans checked before anything is made,
+//!   id ranges, state directories, launching through `agentd sandbox-init`,
+//!   watching each PID 1 through a pidfd, teardown (the agents stopped with a
+//!   grace period first), and cleanup of what a crashed node left behind.
 //! - [`bundles`]: the content-addressed cache of agent bundles (archives
 //!   fetched, checked and unpacked once, bound read-only into sandboxes).
 //! - [`event_log`]: each session's append-only event log (memory and a JSONL

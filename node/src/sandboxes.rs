@@ -5,6 +5,13 @@
 //! sessions' event logs and `sandbox.json`, the record a restarted node uses to
 //! find what it left behind. PID 1 of each sandbox is re-parented to the node
 //! (a subreaper) and watched through a pidfd.
+//!
+//! A create checks its plan ([`Sandboxes::check`]) before it makes anything
+//! (slot, cgroups, directories); a failure after that undoes what was made.
+//! A delete asks the supervisor to stop the agents (SIGTERM, the node's
+//! grace, SIGKILL of their groups), bounded, before it kills the whole tree;
+//! the slot's host ids are given again only once PID 1 has exited and the
+//! cgroups are removed.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{FromRawFd, OwnedFd};
