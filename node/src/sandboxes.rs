@@ -274,34 +274,54 @@ impl Sandboxes {
             launcher,
             bundles,
         });
-        this.clean_leftovers(&root).await;
+        let leftovers = this.clean_leftovers(&root).await;
         let report = this.cgroups.clean_leftovers();
         if !report.removed.is_empty() || !report.failed.is_empty() {
             tracing::warn!(removed = ?report.removed, failed = ?report.failed, "cleaned cgroups an earlier node left");
+        }
+        // A range some leftover process may still run under is not given to
+        // a new sandbox.
+        for (record, gone) in leftovers {
+            if gone && !report.failed.iter().any(|(id, _)| *id == record.id) {
+                continue;
+            }
+            let cfg = &this.config;
+            let held = slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, record.ids);
+            tracing::error!(id = record.id, pid = record.pid, ?held, "a leftover sandbox may still run: its id range stays reserved");
+            let mut free = this.free_slots.lock().unwrap();
+            for slot in held {
+                free.remove(&slot);
+            }
         }
         Ok(this)
     }
 
     /// Kills sandboxes an earlier node process left running and removes their
-    /// directories. (Re-adopting them instead is planned; see HACKING.md.)
-    async fn clean_leftovers(&self, root: &Path) {
-        let Ok(entries) = std::fs::read_dir(root) else { return };
+    /// directories; returns their records, each with whether its PID 1 is
+    /// gone. (Re-adopting them instead is planned; see HACKING.md.)
+    async fn clean_leftovers(&self, root: &Path) -> Vec<(Record, bool)> {
+        let mut leftovers = Vec::new();
+        let Ok(entries) = std::fs::read_dir(root) else { return leftovers };
         for entry in entries.flatten() {
             let dir = entry.path();
             let record = std::fs::read(dir.join("sandbox.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
             if let Some(record) = record {
+                let mut gone = true;
                 if is_sandbox_init(record.pid) {
                     tracing::warn!(id = record.id, pid = record.pid, "killing sandbox left by an earlier node");
                     let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
-                    if let Ok(mut exited) = watch_exit(record.pid) {
-                        let _ = tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await;
-                    }
+                    gone = match watch_exit(record.pid) {
+                        Ok(mut exited) => tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_ok(),
+                        Err(_) => !is_sandbox_init(record.pid),
+                    };
                 }
+                leftovers.push((record, gone));
             }
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot remove leftover sandbox directory");
             }
         }
+        leftovers
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, Status> {
@@ -631,6 +651,20 @@ impl Sandboxes {
     }
 }
 
+/// The slots (of `max` ranges of `size` ids from `base`) that share an id
+/// with `ids`: a record of an earlier node, whose base and size may have
+/// been other than ours.
+fn slots_overlapping(base: u32, size: u32, max: u32, ids: IdRange) -> Vec<u32> {
+    let (base, size) = (u64::from(base), u64::from(size));
+    let (start, end) = (u64::from(ids.host_base), u64::from(ids.host_base) + u64::from(ids.size));
+    (0..max)
+        .filter(|slot| {
+            let from = base + u64::from(*slot) * size;
+            from < end && start < from + size
+        })
+        .collect()
+}
+
 /// Whether `pid` still runs agentd as a sandbox's PID 1 (forked, not exec'd,
 /// from `agentd sandbox-init`, whose command line it keeps, and named
 /// [`PID1_NAME`]), so that a stale record never makes us kill an unrelated
@@ -655,6 +689,17 @@ mod tests {
         for bad in ["", "../x", "a/b", ".", "a b", &"x".repeat(65)] {
             assert!(!valid_id(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_leftover_holds_the_slots_its_ids_overlap() {
+        let ids = |host_base, size| IdRange { host_base, size };
+        assert_eq!(slots_overlapping(1000, 100, 10, ids(1100, 100)), [1]);
+        // Recorded under another base or size: every slot it touches.
+        assert_eq!(slots_overlapping(1000, 100, 10, ids(1150, 100)), [1, 2]);
+        assert_eq!(slots_overlapping(1000, 100, 10, ids(1000, 1000)), (0..10).collect::<Vec<_>>());
+        assert!(slots_overlapping(1000, 100, 10, ids(500, 500)).is_empty());
+        assert!(slots_overlapping(1000, 100, 10, ids(2000, 100)).is_empty());
     }
 
     #[test]
