@@ -63,6 +63,10 @@ pub struct NodeFlags {
     pub id_range_size: u32,
     #[arg(long, env = "AGENTD_MAX_SANDBOXES", default_value_t = 1_000)]
     pub max_sandboxes: u32,
+    /// How long agents get between SIGTERM and SIGKILL when their sandbox is
+    /// deleted or the node stops, in milliseconds; 0 kills them at once.
+    #[arg(long, env = "AGENTD_STOP_GRACE_MS", default_value_t = 2_000)]
+    pub stop_grace_ms: u32,
     /// The small `agentd` binary, run as the node's sandbox-init zygote
     /// (default: agentd beside agentd-daemon).
     #[arg(long, env = "AGENTD_SANDBOX_BIN")]

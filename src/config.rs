@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 const DEFAULT_PATH: &str = "/etc/agentd/agentd.toml";
 
 /// Keys the file may set; anything else is refused so typos do not go unseen.
-const KEYS: &[&str] = &["listen", "state_dir", "log", "log_json", "initialize_timeout_ms", "node_call_timeout_ms", "node_socket", "database_url", "node_check_interval_ms", "node_heartbeat_timeout_ms", "hibernate_after_ms", "container_ttl_ms", "cgroup_subtree", "id_base", "id_range_size", "max_sandboxes", "registry", "registry_sync_interval_ms", "sandbox_bin"];
+const KEYS: &[&str] = &["listen", "state_dir", "log", "log_json", "initialize_timeout_ms", "node_call_timeout_ms", "node_socket", "database_url", "node_check_interval_ms", "node_heartbeat_timeout_ms", "hibernate_after_ms", "container_ttl_ms", "cgroup_subtree", "id_base", "id_range_size", "max_sandboxes", "stop_grace_ms", "registry", "registry_sync_interval_ms", "sandbox_bin"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

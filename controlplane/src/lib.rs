@@ -210,11 +210,13 @@ pub async fn stop_all_containers(state: &AppState) {
     for s in [container::READY, container::HIBERNATED] {
         live.extend(state.store.containers_in_state(s).await.unwrap_or_default());
     }
-    for c in live {
+    // All at once: each delete may spend its agents' grace period on the node.
+    let deletes = live.iter().map(|c| async move {
         if let Err(e) = teardown::delete_container(state, &c.id, "agentd stopped").await {
             tracing::warn!(container = c.id, error = ?e, "cannot stop container on shutdown");
         }
-    }
+    });
+    futures::future::join_all(deletes).await;
 }
 
 /// Serves the API on `listen` until `shutdown` resolves.

@@ -1,9 +1,10 @@
 //! The node daemon: owns the sandboxes of one machine.
 //!
 //! Layout:
-//! - [`sandboxes`]: the sandbox table: id ranges, state directories, launching
-//!   through `agentd sandbox-init`, watching each PID 1 through a pidfd,
-//!   teardown, and cleanup of what a crashed node left behind.
+//! - [`sandboxes`]: the sandbox table: plans checked before anything is made,
+//!   id ranges, state directories, launching through `agentd sandbox-init`,
+//!   watching each PID 1 through a pidfd, teardown (the agents stopped with a
+//!   grace period first), and cleanup of what a crashed node left behind.
 //! - [`bundles`]: the content-addressed cache of agent bundles (archives
 //!   fetched, checked and unpacked once, bound read-only into sandboxes).
 //! - [`event_log`]: each session's append-only event log (memory and a JSONL
@@ -54,6 +55,9 @@ pub struct NodeConfig {
     /// Name of this node's cgroup subtree under the cgroup it started in.
     /// Two nodes started in one cgroup need different names.
     pub cgroup_subtree: String,
+    /// How long agents get between SIGTERM and SIGKILL when their sandbox is
+    /// deleted or the node stops; zero kills them at once.
+    pub stop_grace: std::time::Duration,
 }
 
 impl NodeConfig {
@@ -68,6 +72,7 @@ impl NodeConfig {
             cgroup_root: "/sys/fs/cgroup".into(),
             proc_root: "/proc".into(),
             cgroup_subtree: "agentd".into(),
+            stop_grace: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -95,11 +100,10 @@ impl Node {
     }
 
     /// Stops every sandbox and removes this node's cgroup subtree; used on
-    /// shutdown.
+    /// shutdown. All at once: each may spend its agents' grace period.
     pub async fn stop_all(&self) {
-        for id in self.sandboxes.ids() {
-            self.delete_sandbox(&id).await;
-        }
+        let ids = self.sandboxes.ids();
+        futures::future::join_all(ids.iter().map(|id| self.delete_sandbox(id))).await;
         self.sandboxes.finish_removals().await;
     }
 

@@ -5,6 +5,13 @@
 //! sessions' event logs and `sandbox.json`, the record a restarted node uses to
 //! find what it left behind. PID 1 of each sandbox is re-parented to the node
 //! (a subreaper) and watched through a pidfd.
+//!
+//! A create checks its plan ([`Sandboxes::check`]) before it makes anything
+//! (slot, cgroups, directories); a failure after that undoes what was made.
+//! A delete asks the supervisor to stop the agents (SIGTERM, the node's
+//! grace, SIGKILL of their groups), bounded, before it kills the whole tree;
+//! the slot's host ids are given again only once PID 1 has exited and the
+//! cgroups are removed.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -15,12 +22,13 @@ use std::time::Duration;
 
 use agentd_proto::error::status;
 use agentd_proto::node::{Sandbox as SandboxInfo, SandboxPlan, SandboxUsage};
+use agentd_proto::supervisor::ShutdownRequest;
+use agentd_proto::supervisor::supervisor_client::SupervisorClient;
 use agentd_runtime::cgroups::limits::{HostCapacity, Limits};
 use agentd_runtime::cgroups::sandbox::SandboxCgroup;
 use agentd_runtime::cgroups::tree::CgroupTree;
-use agentd_proto::supervisor::supervisor_client::SupervisorClient;
-use agentd_runtime::sandbox::init::PID1_NAME;
-use agentd_runtime::sandbox::spec::DEFAULT_SYSTEM_BINDS;
+use agentd_runtime::sandbox::init::{FAULT_STAGES, PID1_NAME};
+use agentd_runtime::sandbox::spec::{self, DEFAULT_SYSTEM_BINDS};
 use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, Launcher, Network, Payload, SandboxSpec};
 use agentd_runtime::uds;
 use nix::sys::signal::{Signal, kill};
@@ -39,6 +47,55 @@ use crate::event_log::now_ms;
 /// How long a killed sandbox may take to disappear before teardown gives up
 /// waiting (the kernel kills the whole pid namespace with its PID 1).
 const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// What a supervisor gets on top of the agents' grace to stop them and
+/// answer, before the node kills the sandbox anyway.
+const STOP_MARGIN: Duration = Duration::from_secs(1);
+
+/// Node-side stages where `AGENTD_TEST_FAIL_CREATE` can fail a create:
+/// `prepare` once the cgroups and the state directory exist, before
+/// sandbox-init runs; `connect` once PID 1 runs, before the node connects to
+/// its supervisor. The other stages are sandbox-init's ([`FAULT_STAGES`]).
+pub const NODE_FAULT_STAGES: &[&str] = &["prepare", "connect"];
+
+/// Fault tests only: `AGENTD_TEST_FAIL_CREATE=<stage>,<stage>,...` makes the
+/// node's n-th sandbox build (creates answered from an existing sandbox do
+/// not count) fail at the n-th stage listed, a node stage
+/// ([`NODE_FAULT_STAGES`]) or one of sandbox-init's ([`FAULT_STAGES`], run in
+/// the zygote's worker); an empty entry, or a build past the list, is not
+/// failed. Tests check that each failure leaves nothing behind.
+fn test_failure() -> Result<Option<String>, Status> {
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Ok(list) = std::env::var("AGENTD_TEST_FAIL_CREATE") else { return Ok(None) };
+    let n = BUILDS.fetch_add(1, Ordering::SeqCst);
+    let Some(stage) = list.split(',').nth(n).map(str::trim).filter(|s| !s.is_empty()) else { return Ok(None) };
+    if !NODE_FAULT_STAGES.contains(&stage) && !FAULT_STAGES.contains(&stage) {
+        let known = [NODE_FAULT_STAGES, FAULT_STAGES].concat().join(", ");
+        return Err(internal(format!("AGENTD_TEST_FAIL_CREATE names unknown stage {stage:?} (known: {known})")));
+    }
+    tracing::warn!(stage, "sandbox create to fail for a fault test (AGENTD_TEST_FAIL_CREATE)");
+    Ok(Some(stage.to_string()))
+}
+
+fn injected(failure: &Option<String>, stage: &str) -> Result<(), Status> {
+    match failure {
+        Some(s) if s == stage => Err(status(Code::Internal, "sandbox_failed", format!("sandbox setup failed at {stage}: injected failure"))),
+        _ => Ok(()),
+    }
+}
+
+/// A plan checked against this node before anything is created for it: a
+/// `Checked` that exists describes a sandbox this host can build (bundles
+/// aside, which are fetched afterwards).
+pub struct Checked {
+    limits: Limits,
+    network: Network,
+    rootfs: Option<PathBuf>,
+    hostname: String,
+    workspace_path: PathBuf,
+    /// The plan's binds, sources present on this node.
+    mounts: Vec<BindMount>,
+}
 
 /// What `sandbox.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,7 +194,10 @@ pub struct Sandboxes {
     /// cgroup removals run after teardown answers; shutdown waits for them.
     removals: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
     table: Mutex<HashMap<String, Arc<Sandbox>>>,
-    free_slots: Mutex<BTreeSet<u32>>,
+    /// Slots whose host id range no process holds. A deleted sandbox's slot
+    /// comes back only once its PID 1 has exited and its cgroups are
+    /// removed (so no process of it is left under those ids).
+    free_slots: Arc<Mutex<BTreeSet<u32>>>,
     /// Serializes creation per id so that a repeated create is answered with the
     /// first one's sandbox.
     creating: tokio::sync::Mutex<()>,
@@ -209,39 +269,59 @@ impl Sandboxes {
             host,
             removals: Default::default(),
             table: Mutex::default(),
-            free_slots: Mutex::new(free_slots),
+            free_slots: Arc::new(Mutex::new(free_slots)),
             creating: Default::default(),
             launcher,
             bundles,
         });
-        this.clean_leftovers(&root).await;
+        let leftovers = this.clean_leftovers(&root).await;
         let report = this.cgroups.clean_leftovers();
         if !report.removed.is_empty() || !report.failed.is_empty() {
             tracing::warn!(removed = ?report.removed, failed = ?report.failed, "cleaned cgroups an earlier node left");
+        }
+        // A range some leftover process may still run under is not given to
+        // a new sandbox.
+        for (record, gone) in leftovers {
+            if gone && !report.failed.iter().any(|(id, _)| *id == record.id) {
+                continue;
+            }
+            let cfg = &this.config;
+            let held = slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, record.ids);
+            tracing::error!(id = record.id, pid = record.pid, ?held, "a leftover sandbox may still run: its id range stays reserved");
+            let mut free = this.free_slots.lock().unwrap();
+            for slot in held {
+                free.remove(&slot);
+            }
         }
         Ok(this)
     }
 
     /// Kills sandboxes an earlier node process left running and removes their
-    /// directories. (Re-adopting them instead is planned; see HACKING.md.)
-    async fn clean_leftovers(&self, root: &Path) {
-        let Ok(entries) = std::fs::read_dir(root) else { return };
+    /// directories; returns their records, each with whether its PID 1 is
+    /// gone. (Re-adopting them instead is planned; see HACKING.md.)
+    async fn clean_leftovers(&self, root: &Path) -> Vec<(Record, bool)> {
+        let mut leftovers = Vec::new();
+        let Ok(entries) = std::fs::read_dir(root) else { return leftovers };
         for entry in entries.flatten() {
             let dir = entry.path();
             let record = std::fs::read(dir.join("sandbox.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
             if let Some(record) = record {
+                let mut gone = true;
                 if is_sandbox_init(record.pid) {
                     tracing::warn!(id = record.id, pid = record.pid, "killing sandbox left by an earlier node");
                     let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
-                    if let Ok(mut exited) = watch_exit(record.pid) {
-                        let _ = tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await;
-                    }
+                    gone = match watch_exit(record.pid) {
+                        Ok(mut exited) => tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_ok(),
+                        Err(_) => !is_sandbox_init(record.pid),
+                    };
                 }
+                leftovers.push((record, gone));
             }
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot remove leftover sandbox directory");
             }
         }
+        leftovers
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, Status> {
@@ -261,23 +341,15 @@ impl Sandboxes {
         self.table.lock().unwrap().values().cloned().collect()
     }
 
-    /// Builds the sandbox a plan describes. Creating an id that exists answers
-    /// with the existing sandbox; a failure leaves nothing behind.
-    pub async fn create(&self, plan: SandboxPlan) -> Result<Arc<Sandbox>, Status> {
-        let id = plan.container_id.clone();
-        if !valid_id(&id) {
+    /// Checks everything about `plan` that can be checked without creating
+    /// anything: limits against this host, the network mode, the rootfs, the
+    /// paths and the mount sources.
+    pub fn check(&self, plan: &SandboxPlan) -> Result<Checked, Status> {
+        let id = &plan.container_id;
+        if !valid_id(id) {
             return Err(status(Code::InvalidArgument, "invalid_request", format!("invalid container id {id:?}")));
         }
-        // Before the creation lock: a slow download must not hold up other sandboxes.
-        let bundle_mounts = self.bundle_mounts(&plan).await?;
-        let _guard = self.creating.lock().await;
-        if let Ok(existing) = self.get(&id) {
-            return Ok(existing);
-        }
-        let slot = self.free_slots.lock().unwrap().pop_first().ok_or_else(|| {
-            status(Code::ResourceExhausted, "node_full", format!("node holds its maximum of {} sandboxes", self.config.max_sandboxes))
-        })?;
-        let dir = self.config.state_dir.join("sandboxes").join(&id);
+        let invalid_profile = |e: String| status(Code::InvalidArgument, "invalid_profile", e);
         let resources = plan.resources.unwrap_or_default();
         let nonzero = |v: u64| (v > 0).then_some(v);
         let limits = Limits::new(
@@ -286,20 +358,66 @@ impl Sandboxes {
             (resources.cpus != 0.0).then_some(resources.cpus),
             &self.host,
         )
-        .map_err(|e| status(Code::InvalidArgument, "invalid_profile", e.to_string()));
-        let cgroup = match limits.and_then(|l| {
-            let cg = self.cgroups.create(&id, &l).map_err(|e| status(Code::Internal, "sandbox_failed", format!("cgroup: {e}")))?;
-            Ok((cg, l))
-        }) {
+        .map_err(|e| invalid_profile(e.to_string()))?;
+        let network: Network = match plan.network.as_str() {
+            "" => Network::None,
+            other => other.parse().map_err(invalid_profile)?,
+        };
+        let rootfs = (!plan.rootfs.is_empty()).then(|| PathBuf::from(&plan.rootfs));
+        if let Some(rootfs) = &rootfs {
+            spec::check_rootfs(rootfs, None).map_err(|e| invalid_profile(e.to_string()))?;
+        }
+        let hostname = if plan.hostname.is_empty() { "sandbox".to_string() } else { plan.hostname.clone() };
+        spec::check_hostname(&hostname).map_err(|e| status(Code::InvalidArgument, "invalid_request", e.to_string()))?;
+        let workspace_path = PathBuf::from(if plan.workspace_path.is_empty() { "/workspace" } else { plan.workspace_path.as_str() });
+        spec::check_mount_target(&workspace_path).map_err(|e| status(Code::InvalidArgument, "invalid_request", format!("workspace: {e}")))?;
+        let mut mounts = Vec::new();
+        for m in &plan.mounts {
+            spec::check_mount_target(Path::new(&m.target)).map_err(|e| status(Code::InvalidArgument, "invalid_request", e.to_string()))?;
+            if !Path::new(&m.source).is_absolute() || std::fs::symlink_metadata(&m.source).is_err() {
+                let (code, what) = match m.role.as_str() {
+                    "agent" => ("agent_executable_not_found", "agent executable"),
+                    _ => ("mount_source_not_found", "mount source"),
+                };
+                return Err(status(Code::FailedPrecondition, code, format!("{what} {} does not exist on node", m.source)));
+            }
+            mounts.push(BindMount { source: m.source.clone().into(), target: m.target.clone().into(), read_only: m.read_only });
+        }
+        for b in &plan.bundles {
+            spec::check_mount_target(Path::new(&b.target))
+                .map_err(|e| status(Code::InvalidArgument, "invalid_request", format!("bundle target {:?}: {e}", b.target)))?;
+        }
+        Ok(Checked { limits, network, rootfs, hostname, workspace_path, mounts })
+    }
+
+    /// Builds the sandbox a plan describes. Creating an id that exists answers
+    /// with the existing sandbox. The plan is checked before anything is
+    /// made; a failure after that undoes everything made so far.
+    pub async fn create(&self, plan: SandboxPlan) -> Result<Arc<Sandbox>, Status> {
+        let id = plan.container_id.clone();
+        let checked = self.check(&plan)?;
+        // Before the creation lock: a slow download must not hold up other sandboxes.
+        let bundle_mounts = self.bundle_mounts(&plan).await?;
+        let _guard = self.creating.lock().await;
+        if let Ok(existing) = self.get(&id) {
+            return Ok(existing);
+        }
+        let failure = test_failure()?;
+        let slot = self.free_slots.lock().unwrap().pop_first().ok_or_else(|| {
+            status(Code::ResourceExhausted, "node_full", format!("node holds its maximum of {} sandboxes", self.config.max_sandboxes))
+        })?;
+        let dir = self.config.state_dir.join("sandboxes").join(&id);
+        let limits = checked.limits;
+        let cgroup = match self.cgroups.create(&id, &limits) {
             Ok(cg) => cg,
             Err(e) => {
+                // Nothing was made (a partial create removes its own directories).
                 self.free_slots.lock().unwrap().insert(slot);
-                return Err(e);
+                return Err(status(Code::Internal, "sandbox_failed", format!("cgroup: {e}")));
             }
         };
-        match self.build(&plan, bundle_mounts, slot, &dir, &cgroup.0).await {
+        match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, &failure).await {
             Ok((pid, ids, created_at_ms, supervisor, exited)) => {
-                let (cgroup, limits) = cgroup;
                 let sandbox = Arc::new(Sandbox {
                     id: id.clone(),
                     pid,
@@ -320,40 +438,49 @@ impl Sandboxes {
                 Ok(sandbox)
             }
             Err(e) => {
-                let _ = cgroup.0.kill();
-                let _ = std::fs::remove_dir_all(&dir);
-                if let Err(e) = cgroup.0.remove() {
-                    tracing::warn!(error = %e, "cannot remove cgroup of a failed sandbox");
+                tracing::warn!(id, error = e.message(), "sandbox create failed; undoing it");
+                let _ = cgroup.kill();
+                if let Err(e) = std::fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(id, error = %e, "cannot remove the directory of a failed sandbox");
                 }
-                self.free_slots.lock().unwrap().insert(slot);
+                // PID 1, if there was one, is dead and reaped (sandbox-init or
+                // `build` saw to it): once the cgroups are gone too, no
+                // process holds the slot's ids.
+                match cgroup.remove() {
+                    Ok(()) => {
+                        self.free_slots.lock().unwrap().insert(slot);
+                    }
+                    Err(e) => tracing::error!(id, slot, error = %e, "cannot remove the cgroups of a failed sandbox; its id range stays reserved"),
+                }
                 Err(e)
             }
         }
     }
 
     /// The plan's bundles, fetched and unpacked if the cache lacks them, as
-    /// read-only binds.
+    /// read-only binds (their targets were checked with the plan).
     async fn bundle_mounts(&self, plan: &SandboxPlan) -> Result<Vec<BindMount>, Status> {
         let mut mounts = Vec::new();
         for b in &plan.bundles {
-            let target = Path::new(&b.target);
-            if !target.is_absolute() || target.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                return Err(status(Code::InvalidArgument, "invalid_request", format!("bundle target {:?} must be an absolute path", b.target)));
-            }
             let digest = (!b.sha256.is_empty()).then_some(b.sha256.as_str());
             let source = self.bundles.ensure(&b.archive_url, digest).await.map_err(|e| e.status())?;
-            mounts.push(BindMount { source, target: target.to_owned(), read_only: true });
+            mounts.push(BindMount { source, target: PathBuf::from(&b.target), read_only: true });
         }
         Ok(mounts)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn build(
         &self,
         plan: &SandboxPlan,
+        checked: Checked,
         bundle_mounts: Vec<BindMount>,
         slot: u32,
         dir: &Path,
         cgroup: &SandboxCgroup,
+        failure: &Option<String>,
     ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>), Status> {
         let cfg = &self.config;
         let ids = IdRange { host_base: cfg.id_base + slot * cfg.id_range_size, size: cfg.id_range_size };
@@ -363,39 +490,21 @@ impl Sandboxes {
         }
         // Root inside the sandbox owns its workspace.
         std::os::unix::fs::chown(&workspace, Some(ids.host_base), Some(ids.host_base)).map_err(internal)?;
+        injected(failure, "prepare")?;
 
-        for m in &plan.mounts {
-            if std::fs::symlink_metadata(&m.source).is_err() {
-                let (code, what) = match m.role.as_str() {
-                    "agent" => ("agent_executable_not_found", "agent executable"),
-                    _ => ("mount_source_not_found", "mount source"),
-                };
-                return Err(status(Code::FailedPrecondition, code, format!("{what} {} does not exist on node", m.source)));
-            }
-        }
-        let workspace_path = if plan.workspace_path.is_empty() { "/workspace" } else { plan.workspace_path.as_str() };
-        let mut mounts = vec![BindMount { source: workspace, target: workspace_path.into(), read_only: false }];
-        mounts.extend(plan.mounts.iter().map(|m| BindMount {
-            source: m.source.clone().into(),
-            target: m.target.clone().into(),
-            read_only: m.read_only,
-        }));
+        let mut mounts = vec![BindMount { source: workspace, target: checked.workspace_path, read_only: false }];
+        mounts.extend(checked.mounts);
         mounts.extend(bundle_mounts);
-        let network: Network = match plan.network.as_str() {
-            "" => Network::None,
-            other => other.parse().map_err(|e: String| status(Code::InvalidArgument, "invalid_profile", e))?,
-        };
-        let rootfs = (!plan.rootfs.is_empty()).then(|| PathBuf::from(&plan.rootfs));
         let socket_path = dir.join("supervisor.sock");
         let spec = SandboxSpec {
             id: plan.container_id.clone(),
             rootfs_dir: dir.join("rootfs"),
-            rootfs,
-            network,
+            rootfs: checked.rootfs,
+            network: checked.network,
             cgroup_procs: cgroup.procs_files(),
-            inject_failure: None,
+            inject_failure: failure.clone().filter(|s| FAULT_STAGES.contains(&s.as_str())),
             payload: Payload::Supervisor { socket_path: socket_path.clone(), log_path: dir.join("supervisor.log") },
-            hostname: if plan.hostname.is_empty() { "sandbox".into() } else { plan.hostname.clone() },
+            hostname: checked.hostname,
             ids,
             system_binds: DEFAULT_SYSTEM_BINDS.iter().map(PathBuf::from).collect(),
             mounts,
@@ -415,11 +524,15 @@ impl Sandboxes {
             "sandbox create steps"
         );
         let pid = launched.pid;
+        // PID 1 is our child by now (sandbox-init, or the zygote's worker,
+        // exited before its report reached us): killed and reaped here, it
+        // leaves no zombie.
         let kill_on_error = |e: Status| {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = waitpid(Pid::from_raw(pid), None);
             e
         };
+        injected(failure, "connect").map_err(kill_on_error)?;
         let exited = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
         let channel = uds::connect(&socket_path)
             .await
@@ -430,10 +543,14 @@ impl Sandboxes {
         Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited))
     }
 
-    /// Kills the sandbox's whole tree (its pid namespace dies with PID 1),
-    /// waits for it, and removes its directory. Returns whether it existed.
+    /// Stops the sandbox: its agents first, given the grace period (see
+    /// [`Self::stop_agents`]), then its whole tree at once (its pid namespace
+    /// dies with PID 1); waits for PID 1 and removes the directory. Its
+    /// cgroups are removed, and its slot freed, after the answer. Returns
+    /// whether it existed.
     pub async fn delete(&self, id: &str) -> bool {
         let Some(sandbox) = self.table.lock().unwrap().remove(id) else { return false };
+        self.stop_agents(&sandbox).await;
         // The whole tree at once (cgroup.kill where there is one), thawed
         // first so a hibernated sandbox can die.
         if let Err(e) = sandbox.cgroup.kill() {
@@ -450,16 +567,78 @@ impl Sandboxes {
         if let Err(e) = std::fs::remove_dir_all(&sandbox.dir) {
             tracing::warn!(id, error = %e, "cannot remove sandbox directory");
         }
-        self.free_slots.lock().unwrap().insert(sandbox.slot);
         // rmdir of a cgroup can wait on the kernel for milliseconds: after the answer.
         let cgroup = sandbox.cgroup.clone();
+        let (slot, pid) = (sandbox.slot, sandbox.pid);
+        let free_slots = Arc::clone(&self.free_slots);
         let id = id.to_string();
-        self.removals.lock().await.spawn_blocking(move || {
-            if let Err(e) = cgroup.remove() {
-                tracing::warn!(id, error = %e, "cannot remove sandbox cgroup");
+        let mut removals = self.removals.lock().await;
+        while removals.try_join_next().is_some() {}
+        removals.spawn(async move {
+            let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+            let removed = match removed {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(id, error = %e, "cannot remove sandbox cgroup");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "cgroup removal panicked");
+                    false
+                }
+            };
+            // A process of the sandbox that outlived the kill would share
+            // its host ids with the next sandbox given the slot.
+            if removed && *exited.borrow() {
+                free_slots.lock().unwrap().insert(slot);
+            } else {
+                tracing::error!(id, slot, pid, "sandbox processes may be left: its id range stays reserved until the node restarts");
             }
         });
         true
+    }
+
+    /// Asks the supervisor to stop the agents (SIGTERM to each process group,
+    /// the grace period, SIGKILL to the groups left) and logs how each ended.
+    /// Bounded by the grace plus [`STOP_MARGIN`]: a supervisor that does not
+    /// answer (stuck, or frozen and not thawed) is killed with the rest
+    /// afterwards. A hibernated sandbox is thawed first, so its agents get
+    /// their grace too.
+    async fn stop_agents(&self, sandbox: &Sandbox) {
+        let (id, grace) = (sandbox.id.as_str(), self.config.stop_grace);
+        if grace.is_zero() || !sandbox.is_running() {
+            return;
+        }
+        if sandbox.is_frozen()
+            && let Err(e) = sandbox.thaw()
+        {
+            tracing::warn!(id, error = e.message(), "cannot thaw the hibernated sandbox: its agents get no grace period");
+            return;
+        }
+        let request = ShutdownRequest { grace_ms: grace.as_millis().min(u32::MAX as u128) as u32 };
+        let mut supervisor = sandbox.supervisor.clone();
+        match tokio::time::timeout(grace + STOP_MARGIN, supervisor.shutdown(request)).await {
+            Ok(Ok(answer)) => {
+                for a in answer.into_inner().agents {
+                    tracing::info!(
+                        id,
+                        agent = a.agent_instance_id,
+                        pid = a.pid,
+                        exit = a.exit,
+                        after_ms = a.after_ms,
+                        killed = a.killed,
+                        stderr = a.stderr_tail,
+                        "agent stopped"
+                    );
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(id, error = %e, "the supervisor could not stop its agents; killing the sandbox"),
+            Err(_) => tracing::warn!(
+                id,
+                waited_ms = (grace + STOP_MARGIN).as_millis() as u64,
+                "the supervisor did not stop its agents in time; killing the sandbox"
+            ),
+        }
     }
 
     /// Waits for pending cgroup removals, ends the zygote and removes this
@@ -472,6 +651,20 @@ impl Sandboxes {
             tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
         }
     }
+}
+
+/// The slots (of `max` ranges of `size` ids from `base`) that share an id
+/// with `ids`: a record of an earlier node, whose base and size may have
+/// been other than ours.
+fn slots_overlapping(base: u32, size: u32, max: u32, ids: IdRange) -> Vec<u32> {
+    let (base, size) = (u64::from(base), u64::from(size));
+    let (start, end) = (u64::from(ids.host_base), u64::from(ids.host_base) + u64::from(ids.size));
+    (0..max)
+        .filter(|slot| {
+            let from = base + u64::from(*slot) * size;
+            from < end && start < from + size
+        })
+        .collect()
 }
 
 /// Whether `pid` still runs agentd as a sandbox's PID 1 (forked, not exec'd,
@@ -498,6 +691,17 @@ mod tests {
         for bad in ["", "../x", "a/b", ".", "a b", &"x".repeat(65)] {
             assert!(!valid_id(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_leftover_holds_the_slots_its_ids_overlap() {
+        let ids = |host_base, size| IdRange { host_base, size };
+        assert_eq!(slots_overlapping(1000, 100, 10, ids(1100, 100)), [1]);
+        // Recorded under another base or size: every slot it touches.
+        assert_eq!(slots_overlapping(1000, 100, 10, ids(1150, 100)), [1, 2]);
+        assert_eq!(slots_overlapping(1000, 100, 10, ids(1000, 1000)), (0..10).collect::<Vec<_>>());
+        assert!(slots_overlapping(1000, 100, 10, ids(500, 500)).is_empty());
+        assert!(slots_overlapping(1000, 100, 10, ids(2000, 100)).is_empty());
     }
 
     #[test]

@@ -253,6 +253,12 @@ impl node_server::Node for NodeService {
         Ok(Response::new(info))
     }
 
+    async fn check_sandbox_plan(&self, req: Request<CheckSandboxPlanRequest>) -> Result<Response<CheckSandboxPlanResponse>, Status> {
+        let plan = req.into_inner().plan.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "plan is required"))?;
+        self.node.sandboxes.check(&plan)?;
+        Ok(Response::new(CheckSandboxPlanResponse {}))
+    }
+
     async fn delete_sandbox(&self, req: Request<DeleteSandboxRequest>) -> Result<Response<DeleteSandboxResponse>, Status> {
         let r = req.into_inner();
         let id = r.container_id.clone();

@@ -70,6 +70,7 @@ pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow
     config.id_base = flags.id_base;
     config.id_range_size = flags.id_range_size;
     config.max_sandboxes = flags.max_sandboxes;
+    config.stop_grace = std::time::Duration::from_millis(flags.stop_grace_ms.into());
     Ok(config)
 }
 

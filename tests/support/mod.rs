@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 pub use agentd_testkit::procfs;
 
 pub mod daemon;
+pub mod host;
 
 /// Set in agentd's environment; agents must never see it.
 pub const MARKER_VAR: &str = "AGENTD_TEST_MARKER_MUST_NOT_LEAK";
@@ -22,6 +23,8 @@ pub const MARKER_VAR: &str = "AGENTD_TEST_MARKER_MUST_NOT_LEAK";
 pub struct Agentd {
     child: Option<Child>,
     state: tempfile::TempDir,
+    /// The node's cgroup subtree name (`AGENTD_CGROUP_SUBTREE`).
+    pub subtree: String,
     pub base: String,
     pub http: reqwest::Client,
     log: Arc<Mutex<Vec<String>>>,
@@ -89,13 +92,20 @@ impl Agentd {
     }
 
     pub async fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_full(&[], env).await
+    }
+
+    /// `agentd up` with extra command-line flags and environment.
+    pub async fn start_full(args: &[&str], env: &[(&str, &str)]) -> Self {
         let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+        let subtree = format!("agentd-e2e-{}-{}", std::process::id(), state.path().file_name().unwrap().to_string_lossy().replace('.', ""));
         let mut child = Command::new(agentd_bin())
             .args(["up", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(state.path())
+            .args(args)
             .env("AGENTD_LOG", "info,agentd_controlplane=debug")
             .env(MARKER_VAR, "1")
-            .env("AGENTD_CGROUP_SUBTREE", format!("agentd-e2e-{}-{}", std::process::id(), state.path().file_name().unwrap().to_string_lossy().replace('.', "")))
+            .env("AGENTD_CGROUP_SUBTREE", &subtree)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -121,7 +131,12 @@ impl Agentd {
         let addr = addr_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
             panic!("agentd did not start; its log:\n{}", log.lock().unwrap().join("\n"));
         });
-        Self { child: Some(child), state, base: format!("http://{addr}"), http: reqwest::Client::new(), log }
+        Self { child: Some(child), state, subtree, base: format!("http://{addr}"), http: reqwest::Client::new(), log }
+    }
+
+    /// The `agentd up` process (agentd-daemon after agentd's exec).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agentd runs").id()
     }
 
     pub fn state_dir(&self) -> &Path {

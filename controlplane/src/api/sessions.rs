@@ -18,7 +18,7 @@ use crate::store::outbox::{NewStep, OutboxRow};
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, flows, new_id, workflow};
 use agentd_proto::node::{
-    AgentPolicy, AnswerPermissionRequest, CancelRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
+    AgentPolicy, AnswerPermissionRequest, CancelRequest, CheckSandboxPlanRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
 };
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +284,9 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         e => Problem::invalid("invalid_request", e.to_string()),
     })?;
     compiled.agent.policy = Some(agent_policy);
+    if existing.is_none() {
+        check_on_node(&app, &compiled).await?;
+    }
 
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
     // The rows and the step that builds them, in one transaction; a runner
@@ -335,6 +338,29 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         }
     }
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(view(&app, &s).await?)).into_response())
+}
+
+/// How long a create waits for the node's check of its plan.
+const PLAN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asks the node whether it can build the plan (limits against its memory
+/// and CPUs, the rootfs, mount sources), so that a plan it would refuse is
+/// refused before any row or step is written. A node that does not answer
+/// in time is no refusal: the step runs the same check when it reaches it.
+async fn check_on_node(app: &AppState, compiled: &plan::Compiled) -> Result<(), Problem> {
+    let request = CheckSandboxPlanRequest { plan: Some(compiled.sandbox.clone()) };
+    match tokio::time::timeout(PLAN_CHECK_WAIT, app.node.clone().check_sandbox_plan(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) if !flows::transient(&status) => Err(Problem::from(status)),
+        Ok(Err(status)) => {
+            tracing::debug!(error = %status, "the node could not check the plan; the create step will");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::debug!("the node did not check the plan in time; the create step will");
+            Ok(())
+        }
+    }
 }
 
 /// A create repeated with its idempotency key: the first create's session,

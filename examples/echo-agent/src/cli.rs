@@ -75,6 +75,21 @@ pub struct Args {
     /// Advertise these prompt capabilities (image, audio, embedded-context).
     #[arg(long, value_name = "KIND", value_delimiter = ',')]
     pub prompt_capabilities: Vec<PromptKind>,
+
+    /// Trap SIGTERM: say so on stderr (the client's account of the stop can
+    /// quote it), then exit 0 (`exit`) or carry on (`ignore`), to test how a
+    /// client stops its agents (a grace period, then SIGKILL).
+    #[arg(long, value_name = "MODE")]
+    pub on_sigterm: Option<OnSigterm>,
+}
+
+/// What `--on-sigterm` does after reporting the signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnSigterm {
+    /// Exit with status 0, as an agent that saves its state and leaves.
+    Exit,
+    /// Keep running, as an agent that hangs in its shutdown.
+    Ignore,
 }
 
 /// A session capability `--session-capabilities` can advertise.

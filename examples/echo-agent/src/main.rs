@@ -31,7 +31,13 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let (stdout, writer) = stdio::stdout();
     let transport = stdio::transport(stdout.clone());
-    let served = runtime.block_on(agent::serve(args.into_config(), stdout, transport));
+    let on_sigterm = args.on_sigterm;
+    let served: anyhow::Result<()> = runtime.block_on(async move {
+        if let Some(mode) = on_sigterm {
+            trap_sigterm(mode)?;
+        }
+        Ok(agent::serve(args.into_config(), stdout, transport).await?)
+    });
     // If the connection failed while stdin was still open, a read is parked on
     // a blocking thread that nothing can interrupt; don't wait for it.
     runtime.shutdown_background();
@@ -41,5 +47,25 @@ fn main() -> anyhow::Result<()> {
     served?;
     written?;
     tracing::info!("stdin closed, exiting");
+    Ok(())
+}
+
+/// `--on-sigterm`: the handler is installed before the agent answers
+/// anything, so a client that stops it after `initialize` always finds it.
+fn trap_sigterm(mode: cli::OnSigterm) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        while term.recv().await.is_some() {
+            // Straight to stderr: the log filter must not hide it.
+            match mode {
+                cli::OnSigterm::Exit => {
+                    eprintln!("echo-agent: SIGTERM received (pid {}); exiting", std::process::id());
+                    std::process::exit(0);
+                }
+                cli::OnSigterm::Ignore => eprintln!("echo-agent: SIGTERM received (pid {}); ignoring it", std::process::id()),
+            }
+        }
+    });
     Ok(())
 }

@@ -10,6 +10,11 @@
 //!   a few; 4194304 is the kernel's `PID_MAX_LIMIT` on 64-bit.
 //! - cpus: at least [`MIN_CPUS`] (0.01: a quota of 1 ms per 100 ms period, the
 //!   kernel's minimum quota), at most the CPUs this host offers; finite.
+//!
+//! The bounds that hold on any host ([`check_bounds`]: the minimums,
+//! [`MAX_MEMORY_BYTES`], [`MAX_PIDS`], [`MAX_CPUS`]) are what a control
+//! plane can judge without asking the node; the host's memory and CPUs only
+//! the node knows.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +28,13 @@ pub const MIN_PIDS: u64 = 4;
 pub const MAX_PIDS: u64 = 4_194_304;
 /// The smallest CPU share we accept (1 ms of quota per 100 ms period).
 pub const MIN_CPUS: f64 = 0.01;
+/// The largest memory limit any host could honour: 64 TiB, all that 46
+/// physical address bits (x86-64 with 4-level paging) reach. Anything above
+/// is a unit mistake.
+pub const MAX_MEMORY_BYTES: u64 = 1 << 46;
+/// The most CPUs a kernel can be built for (`CONFIG_NR_CPUS` with x86-64's
+/// MAXSMP). Anything above is a unit mistake (millicores, say).
+pub const MAX_CPUS: f64 = 8192.0;
 /// The CFS period we use, in microseconds (the kernel's default).
 pub const CPU_PERIOD_US: u64 = 100_000;
 
@@ -73,16 +85,61 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
 pub enum LimitsError {
     #[error("memory limit {bytes} bytes is below the minimum of {min} bytes (4 MiB)")]
     MemoryTooSmall { bytes: u64, min: u64 },
+    #[error("memory limit {bytes} bytes is above {max} bytes (64 TiB), more than any host has")]
+    MemoryAbsurd { bytes: u64, max: u64 },
     #[error("memory limit {bytes} bytes exceeds the host's {host} bytes of memory")]
     MemoryTooLarge { bytes: u64, host: u64 },
     #[error("pids limit {value} is outside {min}..={max}")]
     PidsOutOfRange { value: u64, min: u64, max: u64 },
     #[error("cpus {value} is not a finite number")]
     CpusNotFinite { value: f64 },
+    #[error("cpus {value} is outside {min}..={max}, the most CPUs any host has")]
+    CpusAbsurd { value: f64, min: f64, max: f64 },
     #[error("cpus {value} is outside {min}..={max} (the host offers {max})")]
     CpusOutOfRange { value: f64, min: f64, max: f64 },
     #[error("cannot read host capacity from {}: {reason}", path.display())]
     Host { path: PathBuf, reason: String },
+}
+
+/// The bounds every host shares (see the module doc): what can be refused
+/// without knowing the host.
+pub fn check_bounds(memory_bytes: Option<u64>, pids_max: Option<u64>, cpus: Option<f64>) -> Result<(), LimitsError> {
+    if let Some(bytes) = memory_bytes {
+        if bytes < MIN_MEMORY_BYTES {
+            return Err(LimitsError::MemoryTooSmall {
+                bytes,
+                min: MIN_MEMORY_BYTES,
+            });
+        }
+        if bytes > MAX_MEMORY_BYTES {
+            return Err(LimitsError::MemoryAbsurd {
+                bytes,
+                max: MAX_MEMORY_BYTES,
+            });
+        }
+    }
+    if let Some(value) = pids_max
+        && !(MIN_PIDS..=MAX_PIDS).contains(&value)
+    {
+        return Err(LimitsError::PidsOutOfRange {
+            value,
+            min: MIN_PIDS,
+            max: MAX_PIDS,
+        });
+    }
+    if let Some(value) = cpus {
+        if !value.is_finite() {
+            return Err(LimitsError::CpusNotFinite { value });
+        }
+        if !(MIN_CPUS..=MAX_CPUS).contains(&value) {
+            return Err(LimitsError::CpusAbsurd {
+                value,
+                min: MIN_CPUS,
+                max: MAX_CPUS,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Resource limits of one sandbox; `None` means no limit of that kind.
@@ -109,40 +166,23 @@ impl Limits {
         cpus: Option<f64>,
         host: &HostCapacity,
     ) -> Result<Limits, LimitsError> {
-        if let Some(bytes) = memory_bytes {
-            if bytes < MIN_MEMORY_BYTES {
-                return Err(LimitsError::MemoryTooSmall {
-                    bytes,
-                    min: MIN_MEMORY_BYTES,
-                });
-            }
-            if bytes > host.memory_bytes {
-                return Err(LimitsError::MemoryTooLarge {
-                    bytes,
-                    host: host.memory_bytes,
-                });
-            }
-        }
-        if let Some(value) = pids_max
-            && !(MIN_PIDS..=MAX_PIDS).contains(&value)
+        check_bounds(memory_bytes, pids_max, cpus)?;
+        if let Some(bytes) = memory_bytes
+            && bytes > host.memory_bytes
         {
-            return Err(LimitsError::PidsOutOfRange {
-                value,
-                min: MIN_PIDS,
-                max: MAX_PIDS,
+            return Err(LimitsError::MemoryTooLarge {
+                bytes,
+                host: host.memory_bytes,
             });
         }
-        if let Some(value) = cpus {
-            if !value.is_finite() {
-                return Err(LimitsError::CpusNotFinite { value });
-            }
-            if value < MIN_CPUS || value > host.cpus {
-                return Err(LimitsError::CpusOutOfRange {
-                    value,
-                    min: MIN_CPUS,
-                    max: host.cpus,
-                });
-            }
+        if let Some(value) = cpus
+            && value > host.cpus
+        {
+            return Err(LimitsError::CpusOutOfRange {
+                value,
+                min: MIN_CPUS,
+                max: host.cpus,
+            });
         }
         Ok(Limits {
             memory_bytes,
@@ -252,6 +292,15 @@ mod tests {
             })
         );
         assert!(Limits::new(Some(u64::MAX), None, None, &HOST).is_err());
+        assert!(check_bounds(Some(8 << 40), None, None).is_ok());
+        assert!(matches!(
+            check_bounds(Some(MAX_MEMORY_BYTES + 1), None, None),
+            Err(LimitsError::MemoryAbsurd { .. })
+        ));
+        assert!(matches!(
+            check_bounds(Some(1 << 20), None, None),
+            Err(LimitsError::MemoryTooSmall { .. })
+        ));
     }
 
     #[test]
@@ -271,15 +320,22 @@ mod tests {
 
     #[test]
     fn refuses_out_of_range_cpus() {
-        for bad in [0.0, -1.0, 0.009, 2.01, 1e9] {
+        for bad in [0.0, -1.0, 0.009, 8192.5, 1e9] {
             assert!(
                 matches!(
                     Limits::new(None, None, Some(bad), &HOST),
-                    Err(LimitsError::CpusOutOfRange { .. })
+                    Err(LimitsError::CpusAbsurd { .. })
                 ),
                 "{bad}"
             );
+            assert!(check_bounds(None, None, Some(bad)).is_err(), "{bad}");
         }
+        // Sane anywhere, too many for this host: only the node can tell.
+        assert!(check_bounds(None, None, Some(2.01)).is_ok());
+        assert!(matches!(
+            Limits::new(None, None, Some(2.01), &HOST),
+            Err(LimitsError::CpusOutOfRange { .. })
+        ));
         for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             assert!(matches!(
                 Limits::new(None, None, Some(bad), &HOST),

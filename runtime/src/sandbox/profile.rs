@@ -1,26 +1,33 @@
 //! The container profile as clients write it (`container_profile` of a
 //! session request, or `agentd sandbox run`'s flags), parsed without touching
-//! the host. Limits are checked against the host's capacity where the sandbox
-//! is built, by `cgroups::Limits::new`.
+//! the host. Limits are checked here against the bounds every host shares
+//! (`cgroups::limits::check_bounds`), so absurd values are refused before
+//! anything is written anywhere; against the host's capacity (and the rootfs
+//! against the node's disk) where the sandbox is built, by
+//! `cgroups::Limits::new`.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::spec::Network;
+use crate::cgroups::limits::{LimitsError, check_bounds};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ProfileError {
-    #[error("invalid memory size {0:?}: use bytes or a number with K, M or G (e.g. 256M)")]
+    #[error("memory {0:?} is not a size: use bytes or a number with K, M or G (e.g. 256M)")]
     BadSize(String),
+    #[error("{field} must be {what}, got {value}")]
+    BadNumber { field: &'static str, what: &'static str, value: String },
     #[error("{0}")]
     BadNetwork(String),
     #[error("rootfs must be an absolute path, got {0:?}")]
     RelativeRootfs(String),
     #[error("container_profile is not valid: {0}")]
     Shape(String),
-    #[error("{0} must be positive (leave it out for no limit)")]
-    NotPositive(&'static str),
+    #[error("{0}")]
+    Limit(#[from] LimitsError),
     #[error("seccomp policy does not compile: {0}")]
     Seccomp(String),
 }
@@ -39,28 +46,43 @@ pub fn parse_size(text: &str) -> Result<u64, ProfileError> {
     n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Size {
-    Bytes(u64),
-    Text(String),
-}
-
+/// Limits are taken as any JSON value, so that a negative or fractional
+/// number is refused naming its field (serde's own error would not).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Input {
     #[serde(default)]
-    memory: Option<Size>,
+    memory: Option<Value>,
     #[serde(default)]
-    pids: Option<u64>,
+    pids: Option<Value>,
     #[serde(default)]
-    cpus: Option<f64>,
+    cpus: Option<Value>,
     #[serde(default)]
     network: Option<String>,
     #[serde(default)]
     rootfs: Option<String>,
     #[serde(default)]
-    seccomp: Option<serde_json::Value>,
+    seccomp: Option<Value>,
+}
+
+fn memory(value: &Value) -> Result<u64, ProfileError> {
+    match value {
+        Value::String(t) => parse_size(t),
+        Value::Number(n) => n.as_u64().ok_or_else(|| ProfileError::BadNumber {
+            field: "memory",
+            what: "a whole number of bytes or a size such as \"256M\"",
+            value: n.to_string(),
+        }),
+        other => Err(ProfileError::BadNumber { field: "memory", what: "a whole number of bytes or a size such as \"256M\"", value: other.to_string() }),
+    }
+}
+
+fn pids(value: &Value) -> Result<u64, ProfileError> {
+    value.as_u64().ok_or_else(|| ProfileError::BadNumber { field: "pids", what: "a whole number", value: value.to_string() })
+}
+
+fn cpus(value: &Value) -> Result<f64, ProfileError> {
+    value.as_f64().ok_or_else(|| ProfileError::BadNumber { field: "cpus", what: "a number of CPUs such as 0.5", value: value.to_string() })
 }
 
 /// A parsed profile. Limits are `None` when unset.
@@ -79,11 +101,11 @@ pub struct Profile {
 impl Profile {
     pub fn from_json(value: &serde_json::Value) -> Result<Profile, ProfileError> {
         let input: Input = serde_json::from_value(value.clone()).map_err(|e| ProfileError::Shape(e.to_string()))?;
-        let memory_bytes = match input.memory {
-            None => None,
-            Some(Size::Bytes(n)) => Some(n),
-            Some(Size::Text(t)) => Some(parse_size(&t)?),
-        };
+        let memory_bytes = input.memory.as_ref().map(memory).transpose()?;
+        let pids_max = input.pids.as_ref().map(pids).transpose()?;
+        let cpus = input.cpus.as_ref().map(cpus).transpose()?;
+        // Zero travels as "unlimited" to the node: it is below every minimum.
+        check_bounds(memory_bytes, pids_max, cpus)?;
         let network = match input.network {
             None => Network::default(),
             Some(n) => n.parse().map_err(ProfileError::BadNetwork)?,
@@ -93,16 +115,6 @@ impl Profile {
             Some(r) if r.starts_with('/') && !r.split('/').any(|c| c == "..") => Some(PathBuf::from(r)),
             Some(r) => return Err(ProfileError::RelativeRootfs(r)),
         };
-        // Zero travels as "unlimited" to the node, so it must not be asked for.
-        if memory_bytes == Some(0) {
-            return Err(ProfileError::NotPositive("memory"));
-        }
-        if input.pids == Some(0) {
-            return Err(ProfileError::NotPositive("pids"));
-        }
-        if input.cpus.is_some_and(|c| c.is_nan() || c <= 0.0) {
-            return Err(ProfileError::NotPositive("cpus"));
-        }
         let seccomp_json = match input.seccomp {
             None => None,
             Some(policy) => {
@@ -111,7 +123,7 @@ impl Profile {
                 Some(json)
             }
         };
-        Ok(Profile { memory_bytes, pids_max: input.pids, cpus: input.cpus, network, rootfs, seccomp_json })
+        Ok(Profile { memory_bytes, pids_max, cpus, network, rootfs, seccomp_json })
     }
 }
 
@@ -141,9 +153,36 @@ mod tests {
         assert!(matches!(Profile::from_json(&json!({"memroy": "1G"})), Err(ProfileError::Shape(_))));
         assert!(matches!(Profile::from_json(&json!({"network": "bridge"})), Err(ProfileError::BadNetwork(_))));
         assert!(matches!(Profile::from_json(&json!({"rootfs": "srv"})), Err(ProfileError::RelativeRootfs(_))));
-        assert!(matches!(Profile::from_json(&json!({"pids": -1})), Err(ProfileError::Shape(_))));
-        assert_eq!(Profile::from_json(&json!({"pids": 0})), Err(ProfileError::NotPositive("pids")));
-        assert_eq!(Profile::from_json(&json!({"cpus": 0})), Err(ProfileError::NotPositive("cpus")));
-        assert_eq!(Profile::from_json(&json!({"memory": "0M"})), Err(ProfileError::NotPositive("memory")));
+    }
+
+    /// Every refusal names its field, so a client knows what to fix.
+    #[test]
+    fn absurd_limits_are_refused_naming_the_field() {
+        for (profile, field) in [
+            (json!({"pids": -1}), "pids"),
+            (json!({"pids": 1.5}), "pids"),
+            (json!({"pids": 0}), "pids"),
+            (json!({"pids": 4_194_305}), "pids"),
+            (json!({"pids": "many"}), "pids"),
+            (json!({"memory": -1}), "memory"),
+            (json!({"memory": 0}), "memory"),
+            (json!({"memory": "0M"}), "memory"),
+            (json!({"memory": "1K"}), "memory"),
+            (json!({"memory": 1.5e9}), "memory"),
+            (json!({"memory": "100000G"}), "memory"),
+            (json!({"memory": true}), "memory"),
+            (json!({"cpus": 0}), "cpus"),
+            (json!({"cpus": -0.5}), "cpus"),
+            (json!({"cpus": 0.001}), "cpus"),
+            (json!({"cpus": 1e6}), "cpus"),
+            (json!({"cpus": "2"}), "cpus"),
+        ] {
+            let e = Profile::from_json(&profile).unwrap_err();
+            assert!(e.to_string().starts_with(field), "{profile}: {e}");
+        }
+        // Sane on some host: left to the node, which knows its own.
+        let big = Profile::from_json(&json!({"memory": "4096G", "cpus": 512, "pids": 4_194_304})).unwrap();
+        assert_eq!((big.memory_bytes, big.cpus, big.pids_max), (Some(4096 << 30), Some(512.0), Some(4_194_304)));
+        assert!(matches!(Profile::from_json(&json!({"memory": "1K"})), Err(ProfileError::Limit(LimitsError::MemoryTooSmall { .. }))));
     }
 }

@@ -109,7 +109,7 @@ pub enum SpecError {
     BadHostname(String),
     #[error("mount target {0:?} is reserved by the sandbox")]
     ReservedTarget(PathBuf),
-    #[error("rootfs {0:?} is not a directory")]
+    #[error("rootfs {0:?} does not exist on this node or is not a directory")]
     MissingRootfs(PathBuf),
     #[error("rootfs {path:?} (mode {mode:o}) cannot be entered by the sandbox's users: make it world-searchable (0755) or owned by the id range's first uid")]
     RootfsNotSearchable { path: PathBuf, mode: u32 },
@@ -126,6 +126,39 @@ fn check_abs(field: &'static str, path: &Path) -> Result<(), SpecError> {
     }
     if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(SpecError::DotDot { field, path: path.to_owned() });
+    }
+    Ok(())
+}
+
+/// A bind mount's target: absolute, without `..`, and not one the sandbox
+/// builds itself. For callers that check a plan before a spec exists.
+pub fn check_mount_target(target: &Path) -> Result<(), SpecError> {
+    check_abs("mount target", target)?;
+    if RESERVED_TARGETS.iter().any(|r| Path::new(r) == target) {
+        return Err(SpecError::ReservedTarget(target.to_owned()));
+    }
+    Ok(())
+}
+
+/// A hostname the kernel takes and that names nothing else: letters,
+/// digits, `-` and `.`, at most 64 bytes.
+pub fn check_hostname(hostname: &str) -> Result<(), SpecError> {
+    let ok = !hostname.is_empty() && hostname.len() <= 64 && hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok { Ok(()) } else { Err(SpecError::BadHostname(hostname.to_string())) }
+}
+
+/// A root filesystem to use: an absolute path, without `..`, of a directory
+/// the sandbox's users can enter: world-searchable, or owned by `owner` (the
+/// id range's first uid, where it is known).
+pub fn check_rootfs(rootfs: &Path, owner: Option<u32>) -> Result<(), SpecError> {
+    check_abs("rootfs", rootfs)?;
+    let meta = std::fs::metadata(rootfs).ok().filter(|m| m.is_dir()).ok_or_else(|| SpecError::MissingRootfs(rootfs.to_owned()))?;
+    // The sandbox sees the directory's own owner and mode at its root (the
+    // bind is made as host root, so the parents do not matter); refused
+    // here, it would fail later as a bare EACCES in PID 1.
+    use std::os::unix::fs::MetadataExt;
+    if meta.mode() & 0o001 == 0 && Some(meta.uid()) != owner {
+        return Err(SpecError::RootfsNotSearchable { path: rootfs.to_owned(), mode: meta.mode() & 0o7777 });
     }
     Ok(())
 }
@@ -147,15 +180,7 @@ impl SandboxSpec {
             }
         }
         if let Some(rootfs) = &self.rootfs {
-            check_abs("rootfs", rootfs)?;
-            let meta = std::fs::metadata(rootfs).ok().filter(|m| m.is_dir()).ok_or_else(|| SpecError::MissingRootfs(rootfs.clone()))?;
-            // The sandbox sees the directory's own owner and mode at its root
-            // (the bind is made as host root, so the parents do not matter);
-            // refused here, it would fail later as a bare EACCES in PID 1.
-            use std::os::unix::fs::MetadataExt;
-            if meta.mode() & 0o001 == 0 && meta.uid() != self.ids.host_base {
-                return Err(SpecError::RootfsNotSearchable { path: rootfs.clone(), mode: meta.mode() & 0o7777 });
-            }
+            check_rootfs(rootfs, Some(self.ids.host_base))?;
         }
         for p in &self.cgroup_procs {
             check_abs("cgroup_procs", p)?;
@@ -163,21 +188,13 @@ impl SandboxSpec {
         if self.ids.host_base == 0 || self.ids.size == 0 || self.ids.host_base.checked_add(self.ids.size).is_none() {
             return Err(SpecError::BadIdRange { base: self.ids.host_base, size: self.ids.size });
         }
-        let hostname_ok = !self.hostname.is_empty()
-            && self.hostname.len() <= 64
-            && self.hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        if !hostname_ok {
-            return Err(SpecError::BadHostname(self.hostname.clone()));
-        }
+        check_hostname(&self.hostname)?;
         for p in &self.system_binds {
             check_abs("system_binds", p)?;
         }
         for m in &self.mounts {
             check_abs("mount source", &m.source)?;
-            check_abs("mount target", &m.target)?;
-            if RESERVED_TARGETS.iter().any(|r| Path::new(r) == m.target) {
-                return Err(SpecError::ReservedTarget(m.target.clone()));
-            }
+            check_mount_target(&m.target)?;
             if std::fs::symlink_metadata(&m.source).is_err() {
                 return Err(SpecError::MissingSource(m.source.clone()));
             }

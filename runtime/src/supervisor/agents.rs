@@ -901,26 +901,68 @@ impl Agents {
         })
     }
 
-    /// SIGTERM to every agent's process group, SIGKILL to what is left after `grace`.
-    pub async fn stop_all(&self, grace: Duration) {
+    /// SIGTERM to every agent's process group, SIGKILL to the groups still
+    /// there after `grace`. Returns how each agent ended; agents whose
+    /// process had already ended are left out.
+    pub async fn stop_all(&self, grace: Duration) -> Vec<Stopped> {
         let agents = self.list();
-        let processes: Vec<Arc<Process>> = agents
+        let processes: Vec<(String, Arc<Process>)> = agents
             .iter()
             .filter_map(|a| {
                 a.stopping.store(true, Ordering::Relaxed);
-                a.current.lock().unwrap().clone()
+                let process = a.current.lock().unwrap().clone()?;
+                // Signalling a group whose leader was reaped could hit a
+                // later group that reused the id.
+                let running = process.exit.borrow().is_none();
+                running.then(|| (a.id.clone(), process))
             })
             .collect();
-        for p in &processes {
+        let started = tokio::time::Instant::now();
+        for (_, p) in &processes {
             p.signal_group(Signal::SIGTERM);
         }
-        let all_exited = futures::future::join_all(processes.iter().map(|p| p.exited()));
-        if tokio::time::timeout(grace, all_exited).await.is_err() {
-            for p in &processes {
-                p.signal_group(Signal::SIGKILL);
-            }
-        }
+        let stops = processes.into_iter().map(|(id, p)| async move {
+            let in_grace = tokio::time::timeout_at(started + grace, p.exited()).await.ok();
+            let killed = in_grace.is_none();
+            let exit = match in_grace {
+                Some(exit) => Some(exit),
+                None => {
+                    p.signal_group(Signal::SIGKILL);
+                    tokio::time::timeout(KILL_WAIT, p.exited()).await.ok()
+                }
+            };
+            let stopped = Stopped {
+                agent_id: id,
+                pid: p.pid,
+                exit,
+                after: started.elapsed(),
+                killed,
+                stderr_tail: p.stderr.last_words(Duration::from_millis(200)).await,
+            };
+            tracing::info!(agent = stopped.agent_id, pid = stopped.pid, exit = ?stopped.exit, after_ms = stopped.after.as_millis() as u64, killed, "agent stopped with the sandbox");
+            stopped
+        });
+        futures::future::join_all(stops).await
     }
+}
+
+/// How long an agent's group gets to disappear after SIGKILL before a stop
+/// reports it as not ended (only a process stuck in the kernel takes longer).
+const KILL_WAIT: Duration = Duration::from_secs(1);
+
+/// How one agent ended when the sandbox stopped ([`Agents::stop_all`]).
+#[derive(Debug, Clone)]
+pub struct Stopped {
+    pub agent_id: String,
+    pub pid: i32,
+    /// `None`: still there after SIGKILL and [`KILL_WAIT`].
+    pub exit: Option<Exit>,
+    /// From SIGTERM to the exit (or to giving up on it).
+    pub after: Duration,
+    /// The grace ran out and the group was SIGKILLed.
+    pub killed: bool,
+    /// The agent's last stderr lines: its own account of the stop.
+    pub stderr_tail: String,
 }
 
 /// Refuses content blocks the agent did not advertise (ACP: image, audio

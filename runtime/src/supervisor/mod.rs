@@ -77,13 +77,24 @@ async fn serve(listen_fd: i32, hardening: crate::sandbox::harden::Hardening) -> 
     });
 
     tracing::info!("supervisor ready");
-    let shutdown = async move {
-        let _ = stop_rx.wait_for(|v| v.is_some()).await;
+    // The agents stop before the server drains: a graceful drain waits for
+    // the running turns' streams, which end only when their agents do.
+    let shutdown = {
+        let agents = Arc::clone(&agents);
+        async move {
+            let grace = match stop_rx.wait_for(|v| v.is_some()).await {
+                Ok(grace) => grace.unwrap_or(DEFAULT_GRACE),
+                Err(_) => DEFAULT_GRACE,
+            };
+            agents.stop_all(grace).await;
+        }
     };
     let served = tonic::transport::Server::builder()
         .add_service(agentd_proto::supervisor::supervisor_server::SupervisorServer::new(svc))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
+    // Also when serving failed before any stop was asked for; agents
+    // already stopped are skipped.
     let grace = stop_tx.borrow().unwrap_or(DEFAULT_GRACE);
     agents.stop_all(grace).await;
     tracing::info!("supervisor stopped");

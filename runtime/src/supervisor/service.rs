@@ -177,9 +177,24 @@ impl Supervisor for SupervisorService {
         Ok(Response::new(StatusResponse { agents }))
     }
 
+    /// Stops the agents before answering, so that the caller learns how they
+    /// ended and may kill the sandbox as soon as it has the answer; the
+    /// supervisor then exits.
     async fn shutdown(&self, req: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {
         let grace = Duration::from_millis(req.into_inner().grace_ms.into());
+        let stopped = self.agents.stop_all(grace).await;
         let _ = self.stop.send(Some(grace));
-        Ok(Response::new(ShutdownResponse {}))
+        let agents = stopped
+            .into_iter()
+            .map(|s| AgentStopped {
+                agent_instance_id: s.agent_id,
+                pid: s.pid,
+                exit: s.exit.map(|e| e.to_string()).unwrap_or_default(),
+                after_ms: s.after.as_millis().min(u32::MAX as u128) as u32,
+                killed: s.killed,
+                stderr_tail: s.stderr_tail,
+            })
+            .collect();
+        Ok(Response::new(ShutdownResponse { agents }))
     }
 }
