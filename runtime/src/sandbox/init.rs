@@ -576,17 +576,20 @@ fn enter(spec: &SandboxSpec, handover: &Handover, network_from_creator: Option<O
 /// read-only tmpfs. `interrupts` as Docker 28 masks it: its per-CPU thermal
 /// event counts are a side channel on what other tenants compute
 /// (GHSA-6fw5-f8r9-fgfm), and no agent needs the host's interrupt table.
-const MASKED_PROC: &[&str] = &[
-    "proc/asound",
-    "proc/acpi",
-    "proc/interrupts",
-    "proc/kcore",
-    "proc/keys",
-    "proc/latency_stats",
-    "proc/timer_list",
-    "proc/timer_stats",
-    "proc/sched_debug",
-    "proc/scsi",
+/// Each with whether it is a directory, as it is on the kernels we know (a
+/// mount that finds the other kind is tried again as that kind), which saves
+/// a stat per path; a path this kernel does not have is skipped.
+const MASKED_PROC: &[(&str, bool)] = &[
+    ("proc/asound", true),
+    ("proc/acpi", true),
+    ("proc/interrupts", false),
+    ("proc/kcore", false),
+    ("proc/keys", false),
+    ("proc/latency_stats", false),
+    ("proc/timer_list", false),
+    ("proc/timer_stats", false),
+    ("proc/sched_debug", false),
+    ("proc/scsi", true),
 ];
 
 /// /proc paths left visible but read-only, as runc leaves them.
@@ -595,21 +598,26 @@ const READONLY_PROC: &[&str] = &["proc/bus", "proc/fs", "proc/irq", "proc/sys", 
 /// Runs inside the new namespaces, relative to the new root (our cwd).
 fn mask_proc() -> Result<(), String> {
     let locked = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    for path in MASKED_PROC {
-        let Ok(meta) = std::fs::symlink_metadata(path) else { continue };
-        let done = if meta.is_dir() {
-            mount(Some("tmpfs"), *path, Some("tmpfs"), locked | MsFlags::MS_RDONLY, Some("size=0,mode=0555"))
+    let mask = |path: &str, dir: bool| {
+        if dir {
+            mount(Some("tmpfs"), path, Some("tmpfs"), locked | MsFlags::MS_RDONLY, Some("size=0,mode=0555"))
         } else {
-            mount(Some("dev/null"), *path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        };
-        done.map_err(|e| format!("{path}: {e}"))?;
+            mount(Some("dev/null"), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        }
+    };
+    for &(path, dir) in MASKED_PROC {
+        match mask(path, dir) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(nix::errno::Errno::ENOTDIR) => mask(path, !dir).map_err(|e| format!("{path}: {e}"))?,
+            Err(e) => return Err(format!("{path}: {e}")),
+        }
     }
     for path in READONLY_PROC {
-        if std::fs::symlink_metadata(path).is_err() {
-            continue;
+        match mount(Some(*path), *path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(e) => return Err(format!("{path}: {e}")),
         }
-        mount(Some(*path), *path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(|e| format!("{path}: {e}"))?;
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | locked;
         mount(None::<&str>, *path, None::<&str>, flags, None::<&str>).map_err(|e| format!("{path}: {e}"))?;
     }
