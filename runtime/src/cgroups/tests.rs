@@ -407,18 +407,20 @@ fn unified_removal_puts_the_start_cgroup_back_as_it_was() {
     let start = "/user.slice/session-1.scope";
     let host = FakeHost::unified(start, 777);
     let s = host.root().join(start.trim_start_matches('/'));
-    // One controller already enabled by someone else stays enabled.
-    put(s.join("cgroup.subtree_control"), "pids\n");
     let (tree, _) = discover(&host, 777);
-    // (The fake's writes do not truncate, as the kernel's files read back.)
-    assert_eq!(get(s.join("cgroup.subtree_control")), "+cpu +memory", "only the missing ones are added");
+    assert_eq!(get(s.join("cgroup.subtree_control")), "+cpu +memory +pids");
     let sb = tree.create("sandbox", &limits()).unwrap();
+    // A sandbox left in the subtree keeps its limits: nothing is undone.
+    assert!(matches!(tree.remove_subtree(), Err(CgroupError::Busy { .. })));
+    assert_eq!(get(s.join("agentd-t/cgroup.subtree_control")), "+cpu +memory +pids");
+    assert_eq!(get(s.join("agentd-t/daemon/cgroup.procs")), "777\n");
     sb.remove().unwrap();
 
     tree.remove_subtree().unwrap();
-    // Deepest first: the subtree hands nothing on any more, then the start
-    // cgroup takes back only what we enabled, then the daemon comes home.
-    assert_eq!(get(s.join("cgroup.subtree_control")), "-cpu -memory");
+    // The subtree and the start cgroup hand nothing on any more, and the
+    // daemon is home. (The fake's writes do not truncate: each file reads
+    // back the last write.)
+    assert_eq!(get(s.join("cgroup.subtree_control")), "-cpu -memory -pids");
     assert_eq!(get(s.join("cgroup.procs")), "777\n");
     assert!(!s.join("agentd-t").exists());
 }
@@ -438,6 +440,24 @@ fn unified_refusal_moves_the_daemon_back_and_leaves_nothing() {
     assert!(err.is_err());
     assert_eq!(get(s.join("cgroup.procs")), "777\n", "the daemon is back where it started");
     assert!(!s.join("agentd-t").exists(), "the subtree and the leaf are gone");
+}
+
+#[test]
+fn unified_failure_after_enabling_moves_the_daemon_back_and_leaves_nothing() {
+    let start = "/user.slice/session-1.scope";
+    let host = FakeHost::unified(start, 777);
+    let s = host.root().join(start.trim_start_matches('/'));
+    // The start cgroup takes the controllers, our subtree refuses to hand
+    // them on (a file that reads but refuses writes).
+    let tree = s.join("agentd-t");
+    host.cfs().mkdir(&tree).unwrap();
+    std::fs::remove_file(tree.join("cgroup.subtree_control")).unwrap();
+    std::os::unix::fs::symlink("/proc/version", tree.join("cgroup.subtree_control")).unwrap();
+    let err = CgroupTree::discover_with(host.cfs(), host.root(), &host.self_cgroup, SUBTREE, 777);
+    assert!(err.is_err());
+    assert_eq!(get(s.join("cgroup.subtree_control")), "-cpu -memory -pids", "what was enabled is disabled again");
+    assert_eq!(get(s.join("cgroup.procs")), "777\n", "the daemon is back where it started");
+    assert!(!tree.join("daemon").exists(), "the leaf is gone");
 }
 
 #[test]

@@ -243,11 +243,16 @@ impl CgroupTree {
     /// back there ([`v2::MovedOut::restore`]); when another subtree in the
     /// start cgroup still needs its controllers, the daemon stays in its
     /// leaf, which stays too. Fails with `Busy` while another process is
-    /// inside.
+    /// inside, or (on v2, untouched) while a sandbox cgroup is left.
     pub fn remove_subtree(&self) -> Result<(), CgroupError> {
         if let Some(moved) = &self.moved
             && let Some(v2) = self.dirs.iter().find(|d| d.version == Version::V2)
         {
+            // A sandbox cgroup left (its removal failed) would lose its
+            // limits with the controllers: leave everything as it is.
+            if let Some(left) = self.sandbox_ids()?.first() {
+                return Err(CgroupError::Busy { path: v2.path.join(left), waited_ms: 0 });
+            }
             moved.restore(&*self.cfs, &v2.path, &v2.controllers, self.self_pid)?;
         }
         let now = Instant::now();

@@ -240,30 +240,43 @@ pub(crate) fn prepare_subtree(
                 _ => e,
             };
             // Nothing was enabled: only the move and the directories to undo.
-            let undo = MovedOut { enabled: Vec::new(), ..out };
-            if let Err(undo_error) = undo.restore(cfs, &tree, &[], self_pid) {
-                tracing::warn!(error = %undo_error, "cannot move back to the start cgroup");
-            } else {
-                let now = std::time::Instant::now();
-                let _ = fs::remove_tree(cfs, &tree, now, now);
-            }
+            abandon(cfs, &MovedOut { enabled: Vec::new(), ..out }, &tree, self_pid);
             return Err(e);
         }
         moved = Some(out);
         wanted
     };
 
-    let tree_control = tree.join("cgroup.subtree_control");
-    let tree_enabled = controller_set(&fs::read(&tree_control)?);
-    let tree_missing: Vec<&str> = usable
-        .iter()
-        .copied()
-        .filter(|c| !tree_enabled.contains(*c))
-        .collect();
-    if !tree_missing.is_empty() {
-        fs::write(&tree_control, &plus(&tree_missing))?;
+    let hand_on = || {
+        let tree_control = tree.join("cgroup.subtree_control");
+        let tree_enabled = controller_set(&fs::read(&tree_control)?);
+        let tree_missing: Vec<&str> = usable.iter().copied().filter(|c| !tree_enabled.contains(*c)).collect();
+        if !tree_missing.is_empty() {
+            fs::write(&tree_control, &plus(&tree_missing))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = hand_on() {
+        if let Some(out) = &moved {
+            abandon(cfs, out, &tree, self_pid);
+        }
+        return Err(e);
     }
     Ok(Prepared { tree, controllers: usable.into_iter().map(str::to_owned).collect(), moved })
+}
+
+/// Undoes a [`prepare_subtree`] that failed after moving the daemon: puts
+/// the start cgroup back and removes what was made, as far as it can.
+fn abandon(cfs: &dyn CgroupFs, out: &MovedOut, tree: &Path, self_pid: u32) {
+    // A controller handed on to the subtree's children can only have been
+    // written in part; disabling all is harmless where none is enabled.
+    let handed_on: Vec<String> = V2_CONTROLLERS.iter().map(|c| (*c).to_owned()).collect();
+    if let Err(e) = out.restore(cfs, tree, &handed_on, self_pid).or_else(|_| out.restore(cfs, tree, &[], self_pid)) {
+        tracing::warn!(error = %e, "cannot move back to the start cgroup");
+        return;
+    }
+    let now = std::time::Instant::now();
+    let _ = fs::remove_tree(cfs, tree, now, now);
 }
 
 /// What [`prepare_subtree`] made ready.

@@ -355,6 +355,17 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
 /// C, made by [`clone_pid1`]: waits to be released, becomes root of its user
 /// namespace and makes its cgroup namespace, rooted at the sandbox's cgroups.
 fn pid1(spec: &SandboxSpec, handover: &Handover, go_rx: OwnedFd) -> Result<std::convert::Infallible, InitError> {
+    if let Payload::Command { .. } = spec.payload {
+        // A `sandbox run` sandbox lives no longer than the process that
+        // waits for it (and holds its id range): were that killed, PID 1
+        // would take the whole sandbox with it. Set before the go-ahead, so
+        // a creator already dead shows as the go pipe's end of file. (A
+        // supervisor outlives its creator, a zygote's worker, by design.)
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+            return Err(InitError::new("clone", std::io::Error::last_os_error().to_string()));
+        }
+    }
     wait_for_creator(&go_rx);
     if !super::nsfork::tid_is_right() {
         return Err(InitError::new("clone", "glibc's thread id in PID 1 is not PID 1's"));

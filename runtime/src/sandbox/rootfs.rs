@@ -136,10 +136,15 @@ fn prepare_dev(root: &Path, owner: u32) -> Result<(), InitError> {
     // change them: they and /dev belong to an id outside its range.
     for name in DEVICES {
         let host = Path::new("/dev").join(name);
-        let Ok(meta) = fs::metadata(&host) else { continue };
-        if !meta.file_type().is_char_device() {
+        let meta = fs::metadata(&host).ok().filter(|m| m.file_type().is_char_device());
+        let Some(meta) = meta else {
+            // /proc's masks are binds of /dev/null: without it they would
+            // find no source and be skipped as absent.
+            if *name == "null" {
+                return Err(err("mknod", &host, "the host has no /dev/null character device"));
+            }
             continue;
-        }
+        };
         let target = dev.join(name);
         let mode = nix::sys::stat::Mode::from_bits_truncate(0o666);
         nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, mode, meta.rdev()).map_err(|e| err("mknod", &target, e))?;
