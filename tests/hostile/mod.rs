@@ -906,6 +906,41 @@ fn termination_signals_reach_the_command_and_its_status_comes_back() {
     }
 }
 
+/// `sandbox run` killed outright (no chance to clean up): its sandbox goes
+/// with it (PID 1 has `PR_SET_PDEATHSIG`), so the id range it held is free
+/// only once no process runs under it. The scratch workspace of a killed
+/// run stays; the test removes it.
+#[test]
+fn a_killed_run_takes_its_sandbox_with_it() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut child = sandbox_run(false)
+        .args(["--", "sh", "-c", "echo ready; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    read_until(&mut child, "ready");
+    let pid = child.id();
+    let inside = descendants(pid);
+    assert!(inside.len() >= 2, "PID 1 and the command: {inside:?}");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inside.iter().any(|p| procfs::is_alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let alive: Vec<_> = inside.iter().filter(|p| procfs::is_alive(**p)).collect();
+    for p in &alive {
+        let _ = kill(Pid::from_raw(**p as i32), Signal::SIGKILL);
+    }
+    for left in run_leftovers(pid) {
+        let _ = std::fs::remove_dir(Path::new("/dev/shm").join(&left)).or_else(|_| std::fs::remove_dir(std::env::temp_dir().join(&left)));
+    }
+    assert!(alive.is_empty(), "sandbox processes outlived their killed run: {alive:?}");
+    assert!(run_leftovers(pid).is_empty(), "{:?}", run_leftovers(pid));
+}
+
 #[test]
 fn concurrent_runs_hold_disjoint_id_ranges() {
     let mut children: Vec<Child> = (0..3)

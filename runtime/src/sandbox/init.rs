@@ -338,15 +338,26 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
     // exits. Once released, C may fail on its own (and close its end, or
     // take its network namespace with it): its reason, if it gave one, says
     // more than ours.
-    drop(go);
+    let go = if released.is_ok() {
+        Some(go)
+    } else {
+        drop(go);
+        None
+    };
     let failed = match (released, read_error(err_rx)) {
         (_, Err(theirs)) => Some(theirs),
         (Err(ours), Ok(())) => Some(ours),
         (Ok(()), Ok(())) => None,
     };
     if let Some(e) = failed {
+        drop(go);
         kill_and_reap(pid);
         return Err(e);
+    }
+    if let (Payload::Command { .. }, Some(go)) = (&spec.payload, go) {
+        // Open until this process exits: PID 1's proof, once it has armed
+        // its parent-death signal, that its creator was still there.
+        std::mem::forget(go);
     }
     step("pid 1 setup");
     Ok(pid)
@@ -355,22 +366,23 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: super::nsfork::Thr
 /// C, made by [`clone_pid1`]: waits to be released, becomes root of its user
 /// namespace and makes its cgroup namespace, rooted at the sandbox's cgroups.
 fn pid1(spec: &SandboxSpec, handover: &Handover, go_rx: OwnedFd) -> Result<std::convert::Infallible, InitError> {
-    if let Payload::Command { .. } = spec.payload {
-        // A `sandbox run` sandbox lives no longer than the process that
-        // waits for it (and holds its id range): were that killed, PID 1
-        // would take the whole sandbox with it. Set before the go-ahead, so
-        // a creator already dead shows as the go pipe's end of file. (A
-        // supervisor outlives its creator, a zygote's worker, by design.)
-        // SAFETY: prctl with integer arguments only.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
-            return Err(InitError::new("clone", std::io::Error::last_os_error().to_string()));
-        }
-    }
     wait_for_creator(&go_rx);
     if !super::nsfork::tid_is_right() {
         return Err(InitError::new("clone", "glibc's thread id in PID 1 is not PID 1's"));
     }
     become_root()?;
+    if let Payload::Command { .. } = spec.payload {
+        // A `sandbox run` sandbox lives no longer than the process that
+        // waits for it (and holds its id range): were that killed, PID 1
+        // takes the whole sandbox with it. Armed after the change of
+        // credentials, which disarms it; [`enter`] then checks the creator
+        // was still there. (A supervisor outlives its creator, a zygote's
+        // worker, by design.)
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+            return Err(InitError::new("clone", std::io::Error::last_os_error().to_string()));
+        }
+    }
     nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(fail("clone"))?;
     enter(spec, handover, Some(go_rx))
 }
@@ -380,6 +392,20 @@ fn pid1(spec: &SandboxSpec, handover: &Handover, go_rx: OwnedFd) -> Result<std::
 fn wait_for_creator(go_rx: &OwnedFd) {
     let mut go = [0u8; 1];
     if !matches!(nix::unistd::read(go_rx, &mut go), Ok(1)) {
+        // SAFETY: _exit skips destructors that belong to the creator.
+        unsafe { libc::_exit(1) }
+    }
+}
+
+/// Exits unless the creator still holds its end of the go pipe (it does
+/// until it exits, in run mode): a creator that died before PID 1 armed its
+/// parent-death signal would otherwise leave the sandbox running.
+fn creator_lives(go_rx: &OwnedFd) {
+    let nonblocking = nix::fcntl::OFlag::O_NONBLOCK;
+    let mut byte = [0u8; 1];
+    let ended = nix::fcntl::fcntl(go_rx, nix::fcntl::FcntlArg::F_SETFL(nonblocking)).is_err()
+        || !matches!(nix::unistd::read(go_rx, &mut byte), Err(nix::errno::Errno::EAGAIN));
+    if ended {
         // SAFETY: _exit skips destructors that belong to the creator.
         unsafe { libc::_exit(1) }
     }
@@ -572,7 +598,12 @@ fn enter(spec: &SandboxSpec, handover: &Handover, network_from_creator: Option<O
     chdir("/").map_err(fail("chdir /"))?;
 
     match network_from_creator {
-        Some(go_rx) => wait_for_creator(&go_rx),
+        Some(go_rx) => {
+            wait_for_creator(&go_rx);
+            if let Payload::Command { .. } = spec.payload {
+                creator_lives(&go_rx);
+            }
+        }
         None if spec.network == Network::None => loopback_up().map_err(fail_io("bring up loopback"))?,
         None => {}
     }
