@@ -49,8 +49,9 @@ use crate::event_log::now_ms;
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// What a supervisor gets on top of the agents' grace to stop them and
-/// answer, before the node kills the sandbox anyway.
-const STOP_MARGIN: Duration = Duration::from_secs(1);
+/// answer, before the node kills the sandbox anyway: its own wait for a
+/// killed group (1 s) and for an agent's last words (0.2 s), with room.
+const STOP_MARGIN: Duration = Duration::from_secs(2);
 
 /// Node-side stages where `AGENTD_TEST_FAIL_CREATE` can fail a create:
 /// `prepare` once the cgroups and the state directory exist, before

@@ -73,8 +73,6 @@ pub struct SandboxRunArgs {
     pub uid_base: Option<u32>,
     #[arg(long, default_value_t = 65536)]
     pub uid_count: u32,
-    #[arg(long, env = "AGENTD_LOG", default_value = "warn")]
-    pub log: String,
     /// Seccomp policy for the command, in seccompiler's JSON format (as a
     /// container profile's `seccomp`), replacing the default one.
     #[arg(long, value_name = "FILE")]
@@ -82,6 +80,10 @@ pub struct SandboxRunArgs {
     /// Fail setup at this stage on purpose (tests of the undo path).
     #[arg(long, hide = true)]
     pub inject_failure: Option<String>,
+    /// Where the search for a free id range starts (default: this
+    /// process's pid), so that tests can make runs want the same range.
+    #[arg(long, hide = true)]
+    pub id_hint: Option<u32>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

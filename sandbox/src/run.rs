@@ -158,7 +158,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     // Held until this process exits: the sandbox dies with it.
     let lease = match args.uid_base {
         Some(_) => None,
-        None => Some(IdLease::claim("agentd-run-ids-", std::process::id(), args.uid_count).context("cannot claim a host id range")?),
+        None => Some(IdLease::claim("agentd-run-ids-", args.id_hint.unwrap_or(std::process::id()), args.uid_count).context("cannot claim a host id range")?),
     };
     let uid_base = args.uid_base.or(lease.as_ref().map(IdLease::base)).expect("a base given or claimed");
     let scratch = scratch_dir();
@@ -175,7 +175,8 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         network,
         cgroup_procs: Vec::new(),
         payload: Payload::Command { argv: args.command.clone(), env, cwd: "/workspace".into() },
-        supervisor_log_filter: args.log.clone(),
+        // Run mode sets up no logging: it reports on stderr itself.
+        supervisor_log_filter: String::new(),
         inject_failure: args.inject_failure.clone(),
     };
     spec.validate()?;

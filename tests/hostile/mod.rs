@@ -943,10 +943,13 @@ fn a_killed_run_takes_its_sandbox_with_it() {
 
 #[test]
 fn concurrent_runs_hold_disjoint_id_ranges() {
+    // All start their search at the same range (their pids would spread
+    // them anyway): each must still get one of its own.
+    let hint = std::process::id().to_string();
     let mut children: Vec<Child> = (0..3)
         .map(|_| {
             sandbox_run(false)
-                .args(["--", "sh", "-c", "cat /proc/self/uid_map; echo ready; read line"])
+                .args(["--id-hint", &hint, "--", "sh", "-c", "cat /proc/self/uid_map; echo ready; read line"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()

@@ -80,10 +80,12 @@ pub fn zombie_children(pid: u32) -> Vec<u32> {
     procfs::children(pid).into_iter().filter(|c| procfs::status_field(*c, "State").is_some_and(|s| s.starts_with('Z'))).collect()
 }
 
-/// A host uid base no other test's sandboxes use (the default is 1000000):
-/// picked by this test process's pid, so checks by uid see only this test.
+/// A host uid base no other test's sandboxes use: above the node's default
+/// ranges (from 1000000), below the hostile suite's (from 900000000) and
+/// `sandbox run`'s (from 1000000000); picked by this test process's pid, so
+/// checks by uid see only this test's few sandboxes.
 pub fn unique_id_base() -> u32 {
-    100_000_000 + (std::process::id() % 3000) * 1_000_000
+    100_000_000 + (std::process::id() % 750) * 1_000_000
 }
 
 /// The text of a cgroup control file of `pid`'s cgroup in the hierarchy

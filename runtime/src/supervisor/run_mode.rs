@@ -46,8 +46,10 @@ fn unblock_forwarded() -> std::io::Result<()> {
         for &signal in FORWARDED {
             libc::sigaddset(&mut set, signal);
         }
-        if libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
+        // It returns the error number rather than setting errno.
+        let rc = libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
         }
     }
     Ok(())
