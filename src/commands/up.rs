@@ -18,6 +18,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
+    // A delete waits for the agents' grace (and up to 2 s more) before it
+    // answers: a deadline shorter than that would fail every delete and
+    // retry it while the first still stops the sandbox.
+    anyhow::ensure!(
+        u64::from(args.node.stop_grace_ms) + 5_000 <= args.api.node_call_timeout_ms,
+        "--stop-grace-ms {} needs --node-call-timeout-ms of at least {} (the grace and 5 s)",
+        args.node.stop_grace_ms,
+        u64::from(args.node.stop_grace_ms) + 5_000
+    );
     let state_dir = &args.common.state_dir;
     prepare_state_dir(state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
     let socket = node_socket(state_dir);
