@@ -121,6 +121,13 @@ impl CgroupFs for FakeCgroupFs {
         text.push_str(&format!("{pid}\n"));
         std::fs::write(procs, text)
     }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if to.exists() {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        std::fs::rename(from, to)
+    }
 }
 
 /// Takes `pid` out of every `cgroup.procs` under `dir`, as its death would.

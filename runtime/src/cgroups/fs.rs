@@ -26,6 +26,9 @@ pub trait CgroupFs: fmt::Debug + Send + Sync {
     /// Moves process `pid` into the cgroup whose `cgroup.procs` is `procs`
     /// (out of the one it was in: a move, which a plain file cannot show).
     fn attach(&self, procs: &Path, pid: u32) -> io::Result<()>;
+    /// Renames a cgroup within its parent (v1 hierarchies allow it), with
+    /// the processes in it.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
 }
 
 /// The kernel.
@@ -52,6 +55,10 @@ impl CgroupFs for RealCgroupFs {
 
     fn attach(&self, procs: &Path, pid: u32) -> io::Result<()> {
         write_io(procs, pid.to_string().as_bytes())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
     }
 }
 

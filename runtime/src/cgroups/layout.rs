@@ -37,6 +37,11 @@ pub const V2_CONTROLLERS: &[&str] = &["cpu", "memory", "pids"];
 /// [`super::tree`]). No sandbox may be called this.
 pub const DAEMON_LEAF: &str = "daemon";
 
+/// The cgroup a node makes ahead of its next sandbox, on hierarchies where
+/// putting a process into a cgroup is slow (v1): a worker waits there, and
+/// the next sandbox's cgroups are this one renamed ([`super::tree::CgroupTree::spare`]).
+pub const SPARE_LEAF: &str = "spare";
+
 /// Where the hybrid layout mounts its v2 hierarchy, relative to the root.
 pub const HYBRID_UNIFIED_DIR: &str = "unified";
 
@@ -162,13 +167,13 @@ pub fn check_name(name: &str) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// Like [`check_name`], and not the daemon's leaf.
+/// Like [`check_name`], and not the daemon's leaf or the spare.
 pub fn check_sandbox_id(id: &str) -> Result<(), CgroupError> {
     check_name(id)?;
-    if id == DAEMON_LEAF {
+    if id == DAEMON_LEAF || id == SPARE_LEAF {
         return Err(CgroupError::InvalidName {
             name: id.to_owned(),
-            reason: "reserved for the daemon's own cgroup",
+            reason: "reserved for the daemon's own cgroups",
         });
     }
     Ok(())

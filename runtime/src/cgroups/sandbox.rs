@@ -133,17 +133,31 @@ impl SandboxCgroup {
     /// Makes the directories and applies `limits`. On failure whatever was
     /// made is removed again.
     pub(crate) fn make(&self, limits: &Limits) -> Result<(), CgroupError> {
+        self.make_from(None, limits)
+    }
+
+    /// Makes the directories, taking each that `spare` has in the same
+    /// hierarchy by renaming it (with the processes in it) instead of making
+    /// it, and applies `limits`. A failure puts back what it renamed and
+    /// removes what it made.
+    pub(crate) fn make_from(&self, spare: Option<&SandboxCgroup>, limits: &Limits) -> Result<(), CgroupError> {
         let mut made = Vec::new();
+        let mut renamed: Vec<(&Path, &Path)> = Vec::new();
         let result = (|| {
             for d in &self.dirs {
-                match self.cfs.mkdir(&d.path) {
-                    Ok(()) => made.push(d.path.clone()),
+                let from = spare.and_then(|s| s.dirs.iter().find(|o| o.path.parent() == d.path.parent()));
+                let done = match from {
+                    Some(from) => self.cfs.rename(&from.path, &d.path).map(|()| renamed.push((&from.path, &d.path))),
+                    None => self.cfs.mkdir(&d.path).map(|()| made.push(d.path.clone())),
+                };
+                match done {
+                    Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                         return Err(CgroupError::AlreadyExists {
                             path: d.path.clone(),
                         });
                     }
-                    Err(e) => return Err(CgroupError::io("mkdir", &d.path, e)),
+                    Err(e) => return Err(CgroupError::io(if from.is_some() { "rename" } else { "mkdir" }, &d.path, e)),
                 }
             }
             for d in &self.dirs {
@@ -160,6 +174,9 @@ impl SandboxCgroup {
             let now = Instant::now();
             for p in made.iter().rev() {
                 let _ = fs::remove_tree(&*self.cfs, p, now, now);
+            }
+            for (from, to) in renamed {
+                let _ = self.cfs.rename(to, from);
             }
         }
         result

@@ -118,6 +118,50 @@ fn hybrid_create_writes_v1_limits_and_lists_every_procs_file() {
 }
 
 #[test]
+fn hybrid_sandbox_cgroups_can_be_the_spare_renamed_with_its_process() {
+    let host = FakeHost::hybrid();
+    let r = host.root();
+    let (tree, _) = discover(&host, 7);
+    let spare = tree.spare().unwrap().expect("v1 hierarchies have a spare");
+    // Only v1: a v2 directory is made for the sandbox itself.
+    assert_eq!(spare.dirs().len(), 5);
+    assert!(spare.dirs().iter().all(|d| d.version == Version::V1));
+    // (The fake's `attach` knows one hierarchy: the files are written as
+    // each hierarchy's move would leave them.)
+    for f in spare.procs_files() {
+        put(&f, "4242\n");
+    }
+    assert!(tree.sandbox_ids().unwrap().is_empty(), "the spare is no sandbox");
+
+    let sb = tree.create_from(&spare, "sb1", &limits()).unwrap();
+    let mem = r.join("memory/process_api/abc/agentd-t");
+    assert!(!mem.join("spare").exists());
+    assert_eq!(get(mem.join("sb1/memory.limit_in_bytes")), "67108864");
+    assert_eq!(get(r.join("pids/agentd-t/sb1/pids.max")), "32");
+    // The waiting process came along in every v1 hierarchy.
+    for d in sb.dirs().iter().filter(|d| d.version == Version::V1) {
+        assert_eq!(get(d.path.join("cgroup.procs")), "4242\n", "{}", d.path.display());
+    }
+    assert!(r.join("unified/agentd-t/sb1").is_dir());
+    assert_eq!(tree.sandbox_ids().unwrap(), ["sb1"]);
+
+    // A failure renames back and removes what it made: the spare is whole.
+    let spare = tree.spare().unwrap().unwrap();
+    assert!(matches!(tree.create_from(&spare, "sb1", &limits()), Err(CgroupError::AlreadyExists { .. })));
+    for d in spare.dirs() {
+        assert!(d.path.is_dir(), "{}", d.path.display());
+    }
+    assert!(r.join("unified/agentd-t/sb1").is_dir(), "the other sandbox's own directory stays");
+}
+
+#[test]
+fn unified_hosts_need_no_spare() {
+    let host = FakeHost::unified("/system.slice/agentd.service", 777);
+    let (tree, _) = discover(&host, 777);
+    assert!(tree.spare().unwrap().is_none());
+}
+
+#[test]
 fn hybrid_freezes_and_kills_through_the_v2_tree() {
     let host = FakeHost::hybrid();
     let r = host.root();
@@ -539,6 +583,9 @@ impl CgroupFs for BrokenPidsFs {
     }
     fn attach(&self, procs: &Path, pid: u32) -> std::io::Result<()> {
         self.0.attach(procs, pid)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.0.rename(from, to)
     }
 }
 

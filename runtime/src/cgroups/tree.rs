@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::error::CgroupError;
 use super::fs::{self, CgroupFs, RealCgroupFs};
-use super::layout::{self, DAEMON_LEAF, HYBRID_UNIFIED_DIR, Mode, SelfCgroup, V1_CONTROLLERS};
+use super::layout::{self, DAEMON_LEAF, HYBRID_UNIFIED_DIR, Mode, SPARE_LEAF, SelfCgroup, V1_CONTROLLERS};
 use super::limits::Limits;
 use super::sandbox::{CgroupDir, SandboxCgroup, Version};
 use super::v2;
@@ -148,7 +148,15 @@ impl CgroupTree {
     /// `limits`. Refuses a limit whose controller this host does not give
     /// us, and an id that already has cgroups.
     pub fn create(&self, id: &str, limits: &Limits) -> Result<SandboxCgroup, CgroupError> {
-        layout::check_sandbox_id(id)?;
+        self.check_controllers(limits)?;
+        let sb = self.open(id)?;
+        sb.make(limits)?;
+        tracing::debug!(id, "sandbox cgroup created");
+        Ok(sb)
+    }
+
+    /// Refuses a limit whose controller this host does not give us.
+    fn check_controllers(&self, limits: &Limits) -> Result<(), CgroupError> {
         let needs = [
             ("memory", "memory", limits.memory_bytes().is_some()),
             ("pids", "pids", limits.pids_max().is_some()),
@@ -163,9 +171,43 @@ impl CgroupTree {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Makes the spare ([`SPARE_LEAF`]) in every v1 hierarchy, for a worker
+    /// to wait in until [`Self::create_from`] renames it into the next
+    /// sandbox's: putting a process into a v1 cgroup takes the kernel's
+    /// cgroup lock for writing, which waits for an RCU grace period (up to
+    /// ~20 ms on a busy VM) when no move happened for a while; a process
+    /// born in a cgroup (or renamed with it) waits for nothing. `None` where
+    /// there is no v1 hierarchy: on v2 a sandbox's PID 1 starts in its
+    /// cgroup (`CLONE_INTO_CGROUP`). An old spare is replaced.
+    pub fn spare(&self) -> Result<Option<SandboxCgroup>, CgroupError> {
+        let dirs: Vec<CgroupDir> = self
+            .dirs
+            .iter()
+            .filter(|d| d.version == Version::V1)
+            .map(|d| CgroupDir { version: d.version, controllers: d.controllers.clone(), path: d.path.join(SPARE_LEAF) })
+            .collect();
+        if dirs.is_empty() {
+            return Ok(None);
+        }
+        let spare = SandboxCgroup::new(SPARE_LEAF.to_owned(), self.mode, dirs, self.cfs.clone());
+        // An old one (a crashed daemon's, or one whose worker went away):
+        // nothing of it is needed.
+        let _ = spare.kill();
+        spare.remove()?;
+        spare.make(&Limits::unlimited())?;
+        Ok(Some(spare))
+    }
+
+    /// As [`Self::create`], with the v1 directories taken from `spare`
+    /// (renamed, with the worker waiting in them) rather than made.
+    pub fn create_from(&self, spare: &SandboxCgroup, id: &str, limits: &Limits) -> Result<SandboxCgroup, CgroupError> {
+        self.check_controllers(limits)?;
         let sb = self.open(id)?;
-        sb.make(limits)?;
-        tracing::debug!(id, "sandbox cgroup created");
+        sb.make_from(Some(spare), limits)?;
+        tracing::debug!(id, "sandbox cgroup created from the spare");
         Ok(sb)
     }
 
@@ -191,13 +233,14 @@ impl CgroupTree {
     }
 
     /// The ids that have a cgroup directory under our subtree, in any
-    /// hierarchy (the daemon's own leaf excluded).
+    /// hierarchy (the daemon's own leaf and the spare excluded).
     pub fn sandbox_ids(&self) -> Result<Vec<String>, CgroupError> {
         let mut ids = BTreeSet::new();
         for d in &self.dirs {
             for child in fs::subdirs(&d.path)? {
                 if let Some(name) = child.file_name().and_then(|n| n.to_str())
                     && name != DAEMON_LEAF
+                    && name != SPARE_LEAF
                 {
                     ids.insert(name.to_owned());
                 }
