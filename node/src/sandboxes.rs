@@ -29,6 +29,8 @@ use agentd_runtime::cgroups::sandbox::SandboxCgroup;
 use agentd_runtime::cgroups::tree::CgroupTree;
 use agentd_runtime::sandbox::init::{FAULT_STAGES, PID1_NAME};
 use agentd_runtime::sandbox::spec::{self, DEFAULT_SYSTEM_BINDS};
+use agentd_runtime::cgroups::sandbox::Version;
+use agentd_runtime::sandbox::zygote::NO_PARKED_WORKER;
 use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, Launcher, Network, Payload, SandboxSpec};
 use agentd_runtime::uds;
 use nix::sys::signal::{Signal, kill};
@@ -204,6 +206,13 @@ pub struct Sandboxes {
     creating: tokio::sync::Mutex<()>,
     /// Runs sandbox-init (a zygote kept for the node's life).
     launcher: Launcher,
+    /// On v1 hierarchies: the spare cgroups, with a worker of the zygote
+    /// parked in them, that the next sandbox's are renamed from, so that no
+    /// process has to be moved into a cgroup while a create waits (a move
+    /// may wait ~20 ms for the kernel: the create's p99). Refilled after
+    /// each create; `None` meanwhile, on pure v2 hosts, and where parking
+    /// failed.
+    spare: tokio::sync::Mutex<Option<SandboxCgroup>>,
     /// Agent bundles the plans name, unpacked once and shared read-only.
     bundles: BundleCache,
 }
@@ -273,6 +282,7 @@ impl Sandboxes {
             free_slots: Arc::new(Mutex::new(free_slots)),
             creating: Default::default(),
             launcher,
+            spare: Default::default(),
             bundles,
         });
         let leftovers = this.clean_leftovers(&root).await;
@@ -294,7 +304,37 @@ impl Sandboxes {
                 free.remove(&slot);
             }
         }
+        this.refill_spare().await;
         Ok(this)
+    }
+
+    /// Makes the spare cgroups and parks a worker in them, unless there is
+    /// a spare already. Best effort: without one, creates move PID 1 into
+    /// its cgroups as before.
+    async fn refill_spare(&self) {
+        let mut slot = self.spare.lock().await;
+        if slot.is_some() {
+            return;
+        }
+        let spare = match self.cgroups.spare() {
+            Ok(Some(spare)) => spare,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "no spare cgroups");
+                return;
+            }
+        };
+        match self.launcher.park(spare.procs_files()).await {
+            Ok(pid) => {
+                tracing::debug!(pid, "a worker waits in the spare cgroups");
+                *slot = Some(spare);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no worker parked in the spare cgroups");
+                let _ = spare.kill();
+                let _ = spare.remove();
+            }
+        }
     }
 
     /// Kills sandboxes an earlier node process left running and removes their
@@ -394,7 +434,17 @@ impl Sandboxes {
     /// Builds the sandbox a plan describes. Creating an id that exists answers
     /// with the existing sandbox. The plan is checked before anything is
     /// made; a failure after that undoes everything made so far.
-    pub async fn create(&self, plan: SandboxPlan) -> Result<Arc<Sandbox>, Status> {
+    pub async fn create(self: &Arc<Self>, plan: SandboxPlan) -> Result<Arc<Sandbox>, Status> {
+        let created = self.create_locked(plan).await;
+        // Off the path of this answer and of the next create's, as far as
+        // creates leave room: the worker's move into the spare is what may
+        // wait on the kernel.
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.refill_spare().await });
+        created
+    }
+
+    async fn create_locked(&self, plan: SandboxPlan) -> Result<Arc<Sandbox>, Status> {
         let id = plan.container_id.clone();
         let checked = self.check(&plan)?;
         // Before the creation lock: a slow download must not hold up other sandboxes.
@@ -409,7 +459,21 @@ impl Sandboxes {
         })?;
         let dir = self.config.state_dir.join("sandboxes").join(&id);
         let limits = checked.limits;
-        let cgroup = match self.cgroups.create(&id, &limits) {
+        // Held until the spare is renamed: a refill meanwhile would find the
+        // spare's directories still there and take them for an old spare.
+        let mut spare_slot = self.spare.lock().await;
+        let adopted = spare_slot.take().and_then(|spare| match self.cgroups.create_from(&spare, &id, &limits) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                tracing::warn!(id, error = %e, "cannot rename the spare cgroups; making the sandbox's");
+                let _ = spare.kill();
+                let _ = spare.remove();
+                None
+            }
+        });
+        drop(spare_slot);
+        let parked = adopted.is_some();
+        let cgroup = match adopted.map_or_else(|| self.cgroups.create(&id, &limits), Ok) {
             Ok(cg) => cg,
             Err(e) => {
                 // Nothing was made (a partial create removes its own directories).
@@ -417,7 +481,7 @@ impl Sandboxes {
                 return Err(status(Code::Internal, "sandbox_failed", format!("cgroup: {e}")));
             }
         };
-        match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, &failure).await {
+        match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, parked, &failure).await {
             Ok((pid, ids, created_at_ms, supervisor, exited)) => {
                 let sandbox = Arc::new(Sandbox {
                     id: id.clone(),
@@ -481,6 +545,7 @@ impl Sandboxes {
         slot: u32,
         dir: &Path,
         cgroup: &SandboxCgroup,
+        parked: bool,
         failure: &Option<String>,
     ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>), Status> {
         let cfg = &self.config;
@@ -512,7 +577,23 @@ impl Sandboxes {
             supervisor_log_filter: cfg.supervisor_log_filter.clone(),
         };
         let started = std::time::Instant::now();
-        let launched = self.launcher.launch(&spec).await.map_err(|e| match e {
+        let launched = if parked {
+            // The parked worker is in the v1 cgroups (renamed from the
+            // spare): PID 1, forked by it, is born there; only the v2
+            // directory is left to join (at the clone).
+            let v1 = cgroup.dirs().iter().filter(|d| d.version == Version::V1).map(|d| d.path.join("cgroup.procs")).collect::<Vec<_>>();
+            let parked_spec = SandboxSpec { cgroup_procs: spec.cgroup_procs.iter().filter(|p| !v1.contains(p)).cloned().collect(), ..spec.clone() };
+            match self.launcher.launch_parked(&parked_spec).await {
+                Err(LaunchError::Failed { stage, message }) if stage == NO_PARKED_WORKER => {
+                    tracing::warn!(id = plan.container_id, message, "no parked worker; moving PID 1 into its cgroups");
+                    self.launcher.launch(&spec).await
+                }
+                other => other,
+            }
+        } else {
+            self.launcher.launch(&spec).await
+        };
+        let launched = launched.map_err(|e| match e {
             LaunchError::Spec(e) => status(Code::InvalidArgument, "invalid_profile", e.to_string()),
             e => status(Code::Internal, "sandbox_failed", e.to_string()),
         })?;
@@ -642,12 +723,18 @@ impl Sandboxes {
         }
     }
 
-    /// Waits for pending cgroup removals, ends the zygote and removes this
-    /// node's subtree.
+    /// Waits for pending cgroup removals, ends the zygote (and the worker
+    /// parked in the spare) and removes the spare and this node's subtree.
     pub async fn finish_removals(&self) {
         let mut removals = self.removals.lock().await;
         while removals.join_next().await.is_some() {}
         self.launcher.stop().await;
+        if let Some(spare) = self.spare.lock().await.take() {
+            let _ = spare.kill();
+            if let Err(e) = spare.remove() {
+                tracing::warn!(error = %e, "cannot remove the spare cgroups");
+            }
+        }
         if let Err(e) = self.cgroups.remove_subtree() {
             tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
         }

@@ -28,11 +28,12 @@ pub fn cgroup_dirs(needle: &str) -> Vec<PathBuf> {
 }
 
 /// Sandbox cgroups a node made: the directories below its subtree (named
-/// `subtree`) in any hierarchy, but the daemon's own leaf on pure v2 hosts.
+/// `subtree`) in any hierarchy, but the daemon's own leaf on pure v2 hosts
+/// and the spare the next sandbox's are made from on v1 ones.
 pub fn sandbox_cgroups(subtree: &str) -> Vec<PathBuf> {
     cgroup_dirs(subtree)
         .into_iter()
-        .filter(|p| p.file_name().is_some_and(|n| n != subtree && n != "daemon"))
+        .filter(|p| p.file_name().is_some_and(|n| n != subtree && n != "daemon" && n != "spare"))
         .collect()
 }
 

@@ -259,20 +259,43 @@ impl SandboxCgroup {
         if let Some(dir) = self.v2_dir()
             && v2::kill(dir)?
         {
+            // On hybrid hosts a process may be in the v1 cgroups only: a
+            // node's worker parked in the spare these were renamed from,
+            // when the create failed before using it.
+            if self.dirs.iter().any(|d| d.version == Version::V1) {
+                for pid in self.pids()? {
+                    if let Err(e) = self.cfs.kill(pid)
+                        && e.raw_os_error() != Some(libc::ESRCH)
+                    {
+                        return Err(CgroupError::io("kill", format!("/proc/{pid}"), e));
+                    }
+                }
+            }
             return Ok(());
         }
         let frozen = match self.freeze() {
             Ok(()) => true,
             Err(CgroupError::FreezerUnavailable { .. }) => false,
             Err(e) => {
+                // Half frozen (a task in an uninterruptible wait, say) is the
+                // worst of both: a v1 freezer keeps a frozen task from dying
+                // of SIGKILL. Thawed, the rounds of kills reach everyone.
                 tracing::warn!(id = %self.id, error = %e, "freeze before kill failed; killing in rounds");
+                let _ = self.thaw();
                 false
             }
         };
         let rounds = if frozen { 1 } else { 20 };
         let mut result = Ok(());
         for _ in 0..rounds {
-            let pids = self.pids()?;
+            // Thawed below whatever happens here: frozen, nothing dies.
+            let pids = match self.pids() {
+                Ok(pids) => pids,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
             if pids.is_empty() {
                 break;
             }

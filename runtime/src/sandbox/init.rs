@@ -54,6 +54,9 @@ pub enum InitReport {
         steps: Vec<Step>,
     },
     Failed { stage: String, message: String },
+    /// A zygote's worker waits in the cgroups it was given
+    /// ([`super::zygote::Request::Park`]).
+    Parked { pid: i32 },
 }
 
 /// One step of a creation and its duration in microseconds, for the node's

@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::init::InitReport;
+use super::zygote::{NO_PARKED_WORKER, Request};
 use super::spec::{SandboxSpec, SpecError};
 
 /// How long the kernel work may take before the node gives up. It normally
@@ -64,12 +65,22 @@ pub async fn launch(exe: &Path, spec: &SandboxSpec) -> Result<Launched, LaunchEr
     let stdout = String::from_utf8_lossy(&output.stdout);
     let report = stdout.lines().rev().find_map(|l| serde_json::from_str::<InitReport>(l).ok());
     match report {
-        Some(InitReport::Ready { pid, steps }) => Ok(Launched { pid, steps }),
-        Some(InitReport::Failed { stage, message }) => Err(LaunchError::Failed { stage, message }),
+        Some(report) => launched(report),
         None => Err(LaunchError::NoReport {
             status: output.status.to_string(),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         }),
+    }
+}
+
+/// A build's report as its result.
+fn launched(report: InitReport) -> Result<Launched, LaunchError> {
+    match report {
+        InitReport::Ready { pid, steps } => Ok(Launched { pid, steps }),
+        InitReport::Failed { stage, message } => Err(LaunchError::Failed { stage, message }),
+        InitReport::Parked { pid } => {
+            Err(LaunchError::NoReport { status: format!("a worker {pid} parked"), stderr: "not a build's report".into() })
+        }
     }
 }
 
@@ -113,11 +124,12 @@ impl Zygote {
         Ok(Self { child, stdin, stdout })
     }
 
-    async fn request(&mut self, input: &[u8]) -> Result<InitReport, LaunchError> {
+    async fn request(&mut self, request: &Request) -> Result<InitReport, LaunchError> {
+        let input = serde_json::to_vec(request).expect("request serializes");
         use tokio::io::AsyncBufReadExt;
         let len = u32::try_from(input.len()).map_err(|_| LaunchError::Spawn(std::io::ErrorKind::InvalidInput.into()))?;
         let mut frame = len.to_le_bytes().to_vec();
-        frame.extend_from_slice(input);
+        frame.extend_from_slice(&input);
         self.stdin.write_all(&frame).await.map_err(LaunchError::Spawn)?;
         self.stdin.flush().await.map_err(LaunchError::Spawn)?;
         let mut line = String::new();
@@ -148,6 +160,41 @@ impl Launcher {
     /// Builds the sandbox `spec` describes.
     pub async fn launch(&self, spec: &SandboxSpec) -> Result<Launched, LaunchError> {
         spec.validate()?;
+        match self.ask(&Request::Create(spec.clone())).await? {
+            Some(report) => launched(report),
+            None => launch(&self.exe, spec).await,
+        }
+    }
+
+    /// Builds the sandbox `spec` describes with the worker parked in its
+    /// cgroups ([`Self::park`]); `spec.cgroup_procs` lists only those the
+    /// sandbox must still join. Fails at stage [`NO_PARKED_WORKER`] having
+    /// done nothing when there is no such worker.
+    pub async fn launch_parked(&self, spec: &SandboxSpec) -> Result<Launched, LaunchError> {
+        spec.validate()?;
+        match self.ask(&Request::CreateParked(spec.clone())).await? {
+            Some(report) => launched(report),
+            None => Err(LaunchError::Failed { stage: NO_PARKED_WORKER.into(), message: "no zygote".into() }),
+        }
+    }
+
+    /// Has the zygote fork a worker that moves itself into these cgroups
+    /// (`cgroup.procs` files) and waits there for [`Self::launch_parked`];
+    /// returns its pid.
+    pub async fn park(&self, cgroup_procs: Vec<std::path::PathBuf>) -> Result<i32, LaunchError> {
+        match self.ask(&Request::Park { cgroup_procs }).await? {
+            Some(InitReport::Parked { pid }) => Ok(pid),
+            Some(InitReport::Failed { stage, message }) => Err(LaunchError::Failed { stage, message }),
+            Some(InitReport::Ready { pid, .. }) => {
+                Err(LaunchError::NoReport { status: format!("a sandbox {pid} built"), stderr: "not a park's answer".into() })
+            }
+            None => Err(LaunchError::Failed { stage: NO_PARKED_WORKER.into(), message: "no zygote".into() }),
+        }
+    }
+
+    /// Sends `request` to the zygote, started if need be; `None` when there
+    /// is no zygote to ask (it cannot be started, or never answered).
+    async fn ask(&self, request: &Request) -> Result<Option<InitReport>, LaunchError> {
         let mut state = self.zygote.lock().await;
         if state.zygote.is_none() && !state.disabled {
             match Zygote::spawn(&self.exe) {
@@ -158,36 +205,26 @@ impl Launcher {
                 }
             }
         }
-        let Some(z) = state.zygote.as_mut() else {
-            drop(state);
-            return launch(&self.exe, spec).await;
-        };
-        let input = serde_json::to_vec(spec).expect("spec serializes");
-        let answer = tokio::time::timeout(INIT_TIMEOUT, z.request(&input)).await;
-        let report = match answer {
+        let Some(z) = state.zygote.as_mut() else { return Ok(None) };
+        match tokio::time::timeout(INIT_TIMEOUT, z.request(request)).await {
             Ok(Ok(report)) => {
                 state.answered = true;
-                report
+                Ok(Some(report))
             }
             Ok(Err(e)) => {
-                // Killed on drop; its worker dies with it.
+                // Killed on drop; its workers die with it.
                 state.zygote = None;
                 if !state.answered {
                     tracing::warn!(error = %e, "the sandbox-init zygote never answered; executing sandbox-init per sandbox");
                     state.disabled = true;
-                    drop(state);
-                    return launch(&self.exe, spec).await;
+                    return Ok(None);
                 }
-                return Err(e);
+                Err(e)
             }
             Err(_) => {
                 state.zygote = None;
-                return Err(LaunchError::Timeout(INIT_TIMEOUT));
+                Err(LaunchError::Timeout(INIT_TIMEOUT))
             }
-        };
-        match report {
-            InitReport::Ready { pid, steps } => Ok(Launched { pid, steps }),
-            InitReport::Failed { stage, message } => Err(LaunchError::Failed { stage, message }),
         }
     }
 }
