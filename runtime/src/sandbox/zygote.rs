@@ -179,8 +179,21 @@ fn serve_one(spec: &SandboxSpec, hardening: &Result<Hardening, String>) -> InitR
 fn park(cgroup_procs: &[PathBuf], hardening: &Result<Hardening, String>) -> Result<Parked, InitReport> {
     let hardening = hardening.as_ref().map_err(|e| failed("hardening", e.clone()))?;
     let (spec_rx, spec_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed("pipe", e.to_string()))?;
-    let join = || {
-        crate::cgroups::fs::join(cgroup_procs, std::process::id()).map_err(|e| failed("join cgroup", e.to_string()))
+    // Opened here, before the answer: the node may rename the cgroups while
+    // the worker is still on its way in, and an open file follows the
+    // cgroup, where its path would not.
+    let procs = cgroup_procs
+        .iter()
+        .map(|p| std::fs::OpenOptions::new().write(true).open(p).map_err(|e| failed("join cgroup", format!("{}: {e}", p.display()))))
+        .collect::<Result<Vec<File>, _>>()?;
+    let join = move || {
+        let pid = std::process::id().to_string();
+        for mut file in procs {
+            // A worker that could not get in is no worker to use: the node
+            // then makes the sandbox with a new one.
+            file.write_all(pid.as_bytes()).map_err(|e| failed(NO_PARKED_WORKER, format!("the parked worker could not join its cgroup: {e}")))?;
+        }
+        Ok(())
     };
     // The spec, or nothing: the zygote ended the worker.
     let next = move || {
