@@ -193,3 +193,62 @@ async fn every_sandbox_gets_its_own_host_id_range() {
     let (_, c) = agentd.get(&format!("/v1/containers/{}", session["container_id"].as_str().unwrap())).await;
     assert_eq!(uids(c["supervisor_pid"].as_u64().unwrap() as u32)[0], id_base);
 }
+
+/// The zygote's worker waiting in the spare cgroups, if there is one (v1
+/// hierarchies only): a child of the zygote, which is agentd's child.
+async fn parked_worker(agentd: &Agentd) -> Option<u32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let zygotes: Vec<u32> = procfs::children(agentd.pid())
+            .into_iter()
+            .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.windows(8).any(|w| w == b"--zygote")))
+            .collect();
+        if let Some(worker) = zygotes.iter().flat_map(|z| procfs::children(*z)).next() {
+            return Some(worker);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// On v1 hierarchies a sandbox's cgroups are the spare renamed, with a
+/// worker of the zygote waiting in them (its PID 1 is then born there, and
+/// no create waits for the kernel's cgroup move). With that worker gone, a
+/// create still builds the sandbox, moving PID 1 in, limits and all; the next
+/// one has a worker again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_without_its_parked_worker_still_gets_its_cgroups() {
+    let agentd = Agentd::start().await;
+    let Some(worker) = parked_worker(&agentd).await else {
+        assert!(!std::path::Path::new("/sys/fs/cgroup/memory").exists(), "v1 hierarchies but no parked worker");
+        eprintln!("SKIPPED: no v1 hierarchy, no spare (pure cgroup v2 host)");
+        return;
+    };
+    nix::sys::signal::kill(Pid::from_raw(worker as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    for round in ["without the parked worker", "with a new one"] {
+        let mut body = session_body(&[]);
+        body["container_profile"] = serde_json::json!({"memory": "48M", "pids": 32});
+        let (status, session) = agentd.post("/v1/sessions", &body).await;
+        assert_eq!(status, StatusCode::CREATED, "{round}: {session}");
+        let container_id = session["container_id"].as_str().unwrap();
+        let (_, container) = agentd.get(&format!("/v1/containers/{container_id}")).await;
+        let supervisor = container["supervisor_pid"].as_u64().unwrap() as u32;
+        let cgroups = std::fs::read_to_string(format!("/proc/{supervisor}/cgroup")).unwrap();
+        for controller in ["memory", "pids", "freezer"] {
+            assert!(
+                cgroups.lines().any(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == controller)) && l.ends_with(container_id)),
+                "{round}: PID 1 not in its {controller} cgroup: {cgroups}"
+            );
+        }
+        let limit = crate::support::host::cgroup_file(supervisor, "memory", "memory.limit_in_bytes").unwrap();
+        assert_eq!(limit.trim(), (48u64 << 20).to_string(), "{round}");
+        let pids = crate::support::host::cgroup_file(supervisor, "pids", "pids.max").unwrap();
+        assert_eq!(pids.trim(), "32", "{round}");
+        if round == "without the parked worker" {
+            assert!(agentd.log().contains("no parked worker; moving PID 1 into its cgroups"), "{}", agentd.log());
+            assert!(parked_worker(&agentd).await.is_some(), "a worker is parked again after the create");
+        }
+    }
+}
