@@ -25,11 +25,10 @@ use agentd_proto::node::{Sandbox as SandboxInfo, SandboxPlan, SandboxUsage};
 use agentd_proto::supervisor::ShutdownRequest;
 use agentd_proto::supervisor::supervisor_client::SupervisorClient;
 use agentd_runtime::cgroups::limits::{HostCapacity, Limits};
-use agentd_runtime::cgroups::sandbox::SandboxCgroup;
+use agentd_runtime::cgroups::sandbox::{SandboxCgroup, Version};
 use agentd_runtime::cgroups::tree::CgroupTree;
 use agentd_runtime::sandbox::init::{FAULT_STAGES, PID1_NAME};
 use agentd_runtime::sandbox::spec::{self, DEFAULT_SYSTEM_BINDS};
-use agentd_runtime::cgroups::sandbox::Version;
 use agentd_runtime::sandbox::zygote::NO_PARKED_WORKER;
 use agentd_runtime::sandbox::{BindMount, IdRange, LaunchError, Launcher, Network, Payload, SandboxSpec};
 use agentd_runtime::uds;
@@ -98,6 +97,15 @@ pub struct Checked {
     workspace_path: PathBuf,
     /// The plan's binds, sources present on this node.
     mounts: Vec<BindMount>,
+}
+
+/// The spare cgroups with their parked worker, and whether the node is
+/// stopping (no more spares then: a refill after the zygote's end would
+/// start another zygote).
+#[derive(Default)]
+struct Spare {
+    cgroup: Option<SandboxCgroup>,
+    closed: bool,
 }
 
 /// What `sandbox.json` records.
@@ -212,7 +220,7 @@ pub struct Sandboxes {
     /// may wait ~20 ms for the kernel: the create's p99). Refilled after
     /// each create; `None` meanwhile, on pure v2 hosts, and where parking
     /// failed.
-    spare: tokio::sync::Mutex<Option<SandboxCgroup>>,
+    spare: tokio::sync::Mutex<Spare>,
     /// Agent bundles the plans name, unpacked once and shared read-only.
     bundles: BundleCache,
 }
@@ -313,7 +321,7 @@ impl Sandboxes {
     /// its cgroups as before.
     async fn refill_spare(&self) {
         let mut slot = self.spare.lock().await;
-        if slot.is_some() {
+        if slot.cgroup.is_some() || slot.closed {
             return;
         }
         let spare = match self.cgroups.spare() {
@@ -327,7 +335,7 @@ impl Sandboxes {
         match self.launcher.park(spare.procs_files()).await {
             Ok(pid) => {
                 tracing::debug!(pid, "a worker waits in the spare cgroups");
-                *slot = Some(spare);
+                slot.cgroup = Some(spare);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "no worker parked in the spare cgroups");
@@ -462,7 +470,7 @@ impl Sandboxes {
         // Held until the spare is renamed: a refill meanwhile would find the
         // spare's directories still there and take them for an old spare.
         let mut spare_slot = self.spare.lock().await;
-        let adopted = spare_slot.take().and_then(|spare| match self.cgroups.create_from(&spare, &id, &limits) {
+        let adopted = spare_slot.cgroup.take().and_then(|spare| match self.cgroups.create_from(&spare, &id, &limits) {
             Ok(cg) => Some(cg),
             Err(e) => {
                 tracing::warn!(id, error = %e, "cannot rename the spare cgroups; making the sandbox's");
@@ -728,8 +736,13 @@ impl Sandboxes {
     pub async fn finish_removals(&self) {
         let mut removals = self.removals.lock().await;
         while removals.join_next().await.is_some() {}
+        let spare = {
+            let mut slot = self.spare.lock().await;
+            slot.closed = true;
+            slot.cgroup.take()
+        };
         self.launcher.stop().await;
-        if let Some(spare) = self.spare.lock().await.take() {
+        if let Some(spare) = spare {
             let _ = spare.kill();
             if let Err(e) = spare.remove() {
                 tracing::warn!(error = %e, "cannot remove the spare cgroups");
