@@ -125,8 +125,8 @@ impl Zygote {
     }
 
     async fn request(&mut self, request: &Request) -> Result<InitReport, LaunchError> {
-        let input = serde_json::to_vec(request).expect("request serializes");
         use tokio::io::AsyncBufReadExt;
+        let input = serde_json::to_vec(request).expect("request serializes");
         let len = u32::try_from(input.len()).map_err(|_| LaunchError::Spawn(std::io::ErrorKind::InvalidInput.into()))?;
         let mut frame = len.to_le_bytes().to_vec();
         frame.extend_from_slice(&input);
