@@ -5,6 +5,7 @@
 mod support;
 
 mod acp_methods;
+mod architecture;
 mod archive;
 mod audit;
 mod bad_input;

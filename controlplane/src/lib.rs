@@ -73,10 +73,7 @@ use tonic::transport::Channel;
 use store::Store;
 use store::states::container;
 
-/// A new id: a kind prefix and a time-ordered UUID (v7), so ids sort by birth.
-pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
-}
+pub use agentd_plan::new_id;
 
 /// What every request handler shares.
 #[derive(Clone)]

@@ -24,7 +24,7 @@ fn state(store: &Store, dir: &std::path::Path) -> AppState {
     AppState {
         store: store.clone(),
         // No node answers here: these requests never reach one.
-        node: NodeClient::new(agentd_runtime::uds::lazy_channel(&dir.join("no-node.sock"))),
+        node: NodeClient::new(agentd_proto::unix::lazy_channel(&dir.join("no-node.sock"))),
         node_id: "local".into(),
         defaults: crate::plan::PlanDefaults { initialize_timeout_ms: 1_000 },
         node_call_timeout: std::time::Duration::from_secs(5),

@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::path::{Component, Path};
 
 use agentd_proto::node::{AgentPlan, BundleMount, Mount, Resources, SandboxPlan};
-use agentd_runtime::sandbox::Network;
-use agentd_runtime::sandbox::profile::Profile;
+use agentd_plan::Network;
+use agentd_plan::Profile;
 use serde::Deserialize;
 
 use crate::agent_spec::{AgentSpec, Launch, SpecError};
@@ -249,7 +249,7 @@ pub fn compile(
         env,
         cwd: working_dir.clone(),
         initialize_timeout_ms: defaults.initialize_timeout_ms,
-        seccomp_json: profile.seccomp_json.clone().unwrap_or_default(),
+        seccomp_json: profile.seccomp.as_ref().map(agentd_plan::SeccompPolicy::to_json).unwrap_or_default(),
         ..Default::default()
     };
     Ok(Compiled { sandbox, agent: agent_plan, working_dir })

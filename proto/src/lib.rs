@@ -6,6 +6,11 @@
 //!   their ACP sessions), served on a unix socket per sandbox.
 //!
 //! Both are generated at build time from `proto/*.proto` by `protox` and tonic.
+//!
+//! - [`unix`]: tonic channels over unix sockets (node -> supervisor, and the
+//!   control plane -> its node in `agentd up`).
+
+pub mod unix;
 
 pub mod node {
     tonic::include_proto!("agentd.node.v1");

@@ -16,14 +16,22 @@ pub mod daemon;
 mod ids;
 mod run;
 
+use agentd_builder::Pid1;
+use agentd_harden::Hardening;
 use clap::Parser;
+
+/// What every sandbox's PID 1 runs: the supervisor, or `sandbox run`'s command.
+const PID1: Pid1 = Pid1 {
+    supervisor: agentd_supervisor::run,
+    command: |argv, env, cwd, hardening: Hardening| agentd_supervisor::run_mode::run(argv, env, cwd, move || hardening.apply_in_child()),
+};
 
 /// Parses the process's command line (`<any argv0> sandbox ...` or
 /// `<any argv0> sandbox-init ...`) and runs it.
 pub fn main() -> anyhow::Result<()> {
     match cli::Cli::parse().command {
-        cli::Command::SandboxInit { zygote: false } => agentd_runtime::sandbox::init::main(),
-        cli::Command::SandboxInit { zygote: true } => agentd_runtime::sandbox::zygote::main(),
+        cli::Command::SandboxInit { zygote: false } => agentd_builder::init::main(PID1),
+        cli::Command::SandboxInit { zygote: true } => agentd_builder::zygote::main(PID1),
         cli::Command::Sandbox(cli::SandboxCommand::Run(args)) => std::process::exit(run::run(args)?),
     }
 }

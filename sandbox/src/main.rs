@@ -1,7 +1,7 @@
 //! `agentd`: the command operators, tests and the node run.
 //!
 //! `sandbox ...` and `sandbox-init` run here, in process (see the library's
-//! docs): this binary links only the runtime crate, so a `sandbox run` and
+//! docs): this binary links only the sandbox builder, the supervisor and what they need, so a `sandbox run` and
 //! every sandbox's PID 1 carry no control plane, store or HTTP stack. Every
 //! other subcommand (`up`, `node`, `server`, `--help`, ...) is
 //! `agentd-daemon`'s, installed beside this binary, which is executed in

@@ -7,15 +7,14 @@
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use agentd_runtime::cgroups::limits::{HostCapacity, Limits};
-use agentd_runtime::cgroups::sandbox::SandboxCgroup;
-use agentd_runtime::cgroups::tree::CgroupTree;
-use agentd_runtime::sandbox::harden::Hardening;
-use agentd_runtime::sandbox::profile::parse_size;
-use agentd_runtime::sandbox::seccomp::compile_custom;
-use agentd_runtime::sandbox::spec::DEFAULT_SYSTEM_BINDS;
-use agentd_runtime::sandbox::{BindMount, IdRange, Network, Payload, SandboxSpec, init};
-use agentd_runtime::supervisor::run_mode;
+use agentd_builder::spec::DEFAULT_SYSTEM_BINDS;
+use agentd_builder::{BindMount, IdRange, Network, Payload, SandboxSpec, init};
+use agentd_cgroups::limits::{HostCapacity, Limits};
+use agentd_cgroups::sandbox::SandboxCgroup;
+use agentd_cgroups::tree::CgroupTree;
+use agentd_harden::{Hardening, compile_custom};
+use agentd_plan::parse_size;
+use agentd_supervisor::run_mode;
 use anyhow::{Context, anyhow, bail};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -220,7 +219,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     // command runs: tearing down its mounts takes a few hundred microseconds
     // that would otherwise follow the command's exit.
     let host_mnt = std::fs::File::open("/proc/self/ns/mnt").context("cannot open own mount namespace")?;
-    let created = init::create_with(&spec, hardening);
+    let created = init::create_with(&spec, hardening, crate::PID1);
     if let Err(e) = nix::sched::setns(host_mnt.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS) {
         // Still in the private namespace: removing the root's mount point
         // here would walk into its bind mounts. Leave the empty directory.

@@ -43,7 +43,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let store = super::open_store(&args.api, state_dir).await?;
     let state = AppState {
         store: store.clone(),
-        node: NodeClient::new(agentd_runtime::uds::lazy_channel(&socket)),
+        node: NodeClient::new(agentd_proto::unix::lazy_channel(&socket)),
         node_id: "local".into(),
         defaults: PlanDefaults { initialize_timeout_ms: args.api.initialize_timeout_ms },
         node_call_timeout: std::time::Duration::from_millis(args.api.node_call_timeout_ms.max(1)),

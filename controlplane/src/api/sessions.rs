@@ -12,7 +12,7 @@ use super::idempotency::{self, Keyed};
 use super::{ApiJson, Problem};
 use crate::agent_spec::{AgentSpec, this_platform};
 use crate::plan::{self, PlanError, ProfileInput, SessionOptions};
-use agentd_runtime::sandbox::profile::Profile;
+use agentd_plan::Profile;
 use crate::store::states::{container, run as run_state, session as session_state};
 use crate::store::outbox::{NewStep, OutboxRow};
 use crate::store::{NewSession, SessionRow, StoreError};
