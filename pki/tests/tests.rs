@@ -1,0 +1,3 @@
+mod join_flow;
+mod tls_handshakes;
+mod verifiers;
