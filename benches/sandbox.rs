@@ -87,7 +87,7 @@ async fn node_figures(node: &Arc<Node>, runs: usize, idle: usize) {
             source: echo.display().to_string(),
             target: "/opt/echo-agent".into(),
             read_only: true,
-            role: "agent".into(),
+            role: agentd_proto::node::mount::Role::Agent.into(),
         });
         let t0 = Instant::now();
         let sandbox = node.sandboxes.create(p).await.expect("create");

@@ -23,6 +23,8 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     // PID 1 inside the sandbox: no namespace or cgroup code, no daemon.
     ("agentd-supervisor", &["agentd-builder", "agentd-cgroups", "agentd-node", "agentd-controlplane", "agentd-sandbox"]),
     ("agentd-acp", &["agentd-proto", "agentd-builder", "agentd-cgroups", "agentd-harden", "agentd-supervisor", "agentd-node", "agentd-controlplane"]),
+    // Certificates and tokens: no kernel code, no daemon.
+    ("agentd-pki", &["agentd-builder", "agentd-cgroups", "agentd-harden", "agentd-supervisor", "agentd-acp", "agentd-node", "agentd-controlplane", "agentd-sandbox"]),
     // The small binary every sandbox is forked from: no daemon in it.
     ("agentd-sandbox", &["agentd-node", "agentd-controlplane"]),
 ];

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path};
 
-use agentd_proto::node::{AgentPlan, BundleMount, Mount, Resources, SandboxPlan};
+use agentd_proto::node::{AgentPlan, BundleMount, Mount, Resources, SandboxPlan, mount};
 use agentd_plan::Network;
 use agentd_plan::Profile;
 use serde::Deserialize;
@@ -165,7 +165,7 @@ fn launch(agent: &AgentSpec, platform: &str) -> Result<Launched, PlanError> {
             let file_name = Path::new(&l.executable).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             let command = format!("{mount_root}/{file_name}");
             Launched {
-                mounts: vec![Mount { source: l.executable.clone(), target: command.clone(), read_only: true, role: "agent".into() }],
+                mounts: vec![Mount { source: l.executable.clone(), target: command.clone(), read_only: true, role: mount::Role::Agent.into() }],
                 command,
                 args: l.args.clone(),
                 env: own_env(&l.env),
@@ -234,12 +234,10 @@ pub fn compile(
             pids_max: profile.pids_max.unwrap_or(0),
             cpus: profile.cpus.unwrap_or(0.0),
         }),
-        network: match network {
-            Network::None => "none".into(),
-            Network::Host => "host".into(),
-        },
+        network: agentd_proto::convert::network_mode(network).into(),
         rootfs: profile.rootfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         bundles: launched.bundles,
+        seccomp: profile.seccomp.as_ref().map(agentd_proto::convert::seccomp_message),
     };
     let agent_plan = AgentPlan {
         agent_id: agent.id.clone(),
@@ -249,7 +247,6 @@ pub fn compile(
         env,
         cwd: working_dir.clone(),
         initialize_timeout_ms: defaults.initialize_timeout_ms,
-        seccomp_json: profile.seccomp.as_ref().map(agentd_plan::SeccompPolicy::to_json).unwrap_or_default(),
         ..Default::default()
     };
     Ok(Compiled { sandbox, agent: agent_plan, working_dir })
@@ -257,6 +254,7 @@ pub fn compile(
 
 #[cfg(test)]
 mod tests {
+    use agentd_proto::node::NetworkMode;
     use serde_json::{Value, json};
 
     use super::*;
@@ -288,7 +286,7 @@ mod tests {
         assert_eq!(c.sandbox.mounts[0].source, "/opt/bin/echo-agent");
         assert!(c.sandbox.mounts[0].read_only);
         assert!(c.sandbox.bundles.is_empty());
-        assert_eq!(c.sandbox.network, "none");
+        assert_eq!(c.sandbox.network(), NetworkMode::None);
         assert_eq!(c.agent.cwd, "/workspace");
         assert_eq!(c.agent.env["ECHO_MODE"], "fast");
         assert_eq!(c.agent.env["PATH"], "/usr/local/bin:/usr/bin:/bin");
@@ -309,7 +307,7 @@ mod tests {
         assert_eq!(c.agent.args, ["--acp"]);
         assert_eq!(c.agent.env["RUST_LOG"], "warn");
         assert!(c.sandbox.mounts.is_empty());
-        assert_eq!(c.sandbox.network, "none", "a bundle needs no network");
+        assert_eq!(c.sandbox.network(), NetworkMode::None, "a bundle needs no network");
     }
 
     #[test]
@@ -323,18 +321,18 @@ mod tests {
         assert_eq!(c.agent.env["npm_config_cache"], "/workspace/.npm");
         assert_eq!(c.agent.env["npm_config_audit"], "false");
         assert_eq!(c.agent.env["GEMINI_API_KEY"], "k");
-        assert_eq!(c.sandbox.network, "host", "npx downloads its package");
+        assert_eq!(c.sandbox.network(), NetworkMode::Host, "npx downloads its package");
         assert!(c.sandbox.mounts.is_empty() && c.sandbox.bundles.is_empty());
 
         // A profile that names its network keeps it (an offline, warmed cache).
         let offline = Profile::from_json(&json!({"network": "none"})).unwrap();
-        assert_eq!(build(&npx, &offline, true).unwrap().sandbox.network, "none");
+        assert_eq!(build(&npx, &offline, true).unwrap().sandbox.network(), NetworkMode::None);
 
         let uvx = spec(json!({"id": "fast-agent", "version": "1", "distribution": {"type": "uvx", "uvx": {"package": "fast-agent-acp==0.2", "args": ["serve"]}}}));
         let c = build(&uvx, &Profile::default(), false).unwrap();
         assert_eq!((c.agent.command.as_str(), c.agent.args.as_slice()), ("uvx", &["fast-agent-acp==0.2".to_string(), "serve".to_string()][..]));
         assert_eq!(c.agent.env["UV_CACHE_DIR"], "/workspace/.cache/uv");
-        assert_eq!(c.sandbox.network, "host");
+        assert_eq!(c.sandbox.network(), NetworkMode::Host);
     }
 
     #[test]

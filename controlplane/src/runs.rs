@@ -4,23 +4,14 @@
 
 use std::time::Duration;
 
-use agentd_proto::node::StreamEventsRequest;
+use agentd_proto::node::session_event::Event;
+use agentd_proto::node::{SessionEvent, StreamEventsRequest};
 use futures::StreamExt;
-use serde::Deserialize;
 
 use crate::AppState;
 use crate::store::StoreError;
 
 const RETRY: Duration = Duration::from_millis(500);
-
-#[derive(Deserialize)]
-struct RunEnd {
-    run_id: String,
-    #[serde(default)]
-    stop_reason: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
-}
 
 /// Starts following `session_id` until its log closes or agentd shuts down.
 pub fn watch_session(app: AppState, session_id: String) {
@@ -36,8 +27,7 @@ pub fn watch_session(app: AppState, session_id: String) {
 async fn follow(app: &AppState, session_id: &str) {
     let mut after_seq = 0;
     loop {
-        let kinds = vec!["run.completed".to_string(), "run.failed".to_string()];
-        let request = StreamEventsRequest { session_id: session_id.to_string(), after_seq, kinds };
+        let request = StreamEventsRequest { session_id: session_id.to_string(), after_seq };
         let mut events = match app.node.clone().stream_events(request).await {
             Ok(events) => events.into_inner(),
             Err(status) if status.code() == tonic::Code::NotFound => return,
@@ -53,7 +43,7 @@ async fn follow(app: &AppState, session_id: &str) {
             // recorded because the store is down is retried until it is
             // back, or the run would stay running for good.
             loop {
-                match record(app, &event.kind, &event.data_json).await {
+                match record(app, &event).await {
                     Ok(()) => break,
                     Err(e @ StoreError::Db(_)) => {
                         tracing::warn!(session_id, seq = event.seq, error = %e, "cannot record run end; retrying");
@@ -75,16 +65,10 @@ async fn follow(app: &AppState, session_id: &str) {
     }
 }
 
-async fn record(app: &AppState, kind: &str, data: &str) -> Result<(), StoreError> {
-    if kind != "run.completed" && kind != "run.failed" {
-        return Ok(());
-    }
-    let Ok(end) = serde_json::from_str::<RunEnd>(data) else {
-        tracing::warn!(kind, data, "malformed run end event");
-        return Ok(());
-    };
-    match (kind, end.stop_reason, end.error) {
-        ("run.completed", Some(reason), _) => app.store.run_completed(&end.run_id, &reason).await,
-        (_, _, error) => app.store.run_failed(&end.run_id, error.as_deref().unwrap_or("run failed")).await,
+async fn record(app: &AppState, event: &SessionEvent) -> Result<(), StoreError> {
+    match &event.event {
+        Some(Event::RunCompleted(c)) => app.store.run_completed(&event.run_id, &c.stop_reason).await,
+        Some(Event::RunFailed(f)) => app.store.run_failed(&event.run_id, if f.error.is_empty() { "run failed" } else { &f.error }).await,
+        _ => Ok(()),
     }
 }

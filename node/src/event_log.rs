@@ -12,17 +12,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use agentd_proto::events;
 use agentd_proto::node::SessionEvent;
+use agentd_proto::node::session_event::Event;
 use futures::Stream;
 use tokio::sync::watch;
 
-pub const RUN_STARTED: &str = "run.started";
-pub const SESSION_UPDATE: &str = "session.update";
-pub const RUN_COMPLETED: &str = "run.completed";
-pub const RUN_FAILED: &str = "run.failed";
-pub const SANDBOX_OOM: &str = "sandbox.oom";
-
-/// One line of the JSONL file; `data` is the event's JSON as it came.
+/// One line of the JSONL file: the event as clients see it
+/// ([`agentd_proto::events`]), which reads back into the typed event.
 #[derive(serde::Serialize)]
 struct LogLine<'a> {
     seq: u64,
@@ -66,25 +63,20 @@ impl EventLog {
     }
 
     /// Appends one event and wakes readers. Returns its sequence number.
-    pub fn append(&self, kind: &str, run_id: &str, data_json: String) -> u64 {
+    pub fn append(&self, run_id: &str, event: Event) -> u64 {
         let mut inner = self.inner.lock().unwrap();
         let seq = inner.events.len() as u64 + 1;
+        let kind = events::kind(&event);
+        let data = events::data_json(run_id, &event);
         let event = Arc::new(SessionEvent {
             seq,
             session_id: self.session_id.clone(),
-            kind: kind.to_string(),
             run_id: run_id.to_string(),
-            data_json,
             ts_ms: now_ms(),
+            event: Some(event),
         });
         if let Some(file) = inner.file.as_mut() {
-            let line = LogLine {
-                seq,
-                kind: &event.kind,
-                run_id: &event.run_id,
-                ts_ms: event.ts_ms,
-                data: serde_json::from_str(&event.data_json).ok(),
-            };
+            let line = LogLine { seq, kind, run_id: &event.run_id, ts_ms: event.ts_ms, data: serde_json::from_str(&data).ok() };
             // One write per event: formatting straight into the file would
             // issue a write syscall per JSON token.
             let mut buf = serde_json::to_vec(&line).expect("a log line serializes");
@@ -138,6 +130,7 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentd_proto::node::{RunCompleted, RunStarted, SessionUpdate};
     use futures::StreamExt;
 
     #[tokio::test]
@@ -145,11 +138,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(EventLog::open("ses_1", &dir.path().join("events.jsonl")));
         for i in 0..3 {
-            log.append(SESSION_UPDATE, "run_1", format!("{{\"n\":{i}}}"));
+            log.append("run_1", Event::SessionUpdate(SessionUpdate { acp_update: format!("{{\"n\":{i}}}") }));
         }
         let follower = tokio::spawn(Arc::clone(&log).follow(1).map(|e| e.seq).collect::<Vec<_>>());
         tokio::task::yield_now().await;
-        log.append(RUN_COMPLETED, "run_1", "{}".into());
+        log.append("run_1", Event::RunCompleted(RunCompleted { stop_reason: "end_turn".into() }));
         log.close();
         assert_eq!(follower.await.unwrap(), vec![2, 3, 4]);
         let file = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
@@ -164,7 +157,7 @@ mod tests {
         let mut stream = Box::pin(Arc::clone(&log).follow(0));
         let next = tokio::spawn(async move { stream.next().await.map(|e| e.seq) });
         tokio::task::yield_now().await;
-        log.append(RUN_STARTED, "run_1", "{}".into());
+        log.append("run_1", Event::RunStarted(RunStarted {}));
         assert_eq!(next.await.unwrap(), Some(1));
     }
 }

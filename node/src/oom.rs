@@ -6,10 +6,10 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use serde_json::json;
+use agentd_proto::node::SandboxOom;
+use agentd_proto::node::session_event::Event;
 
 use crate::Node;
-use crate::event_log::SANDBOX_OOM;
 
 /// Polling a counter file is cheap; the kernel offers no portable
 /// notification across v1 and v2.
@@ -23,10 +23,10 @@ pub fn watch(node: Weak<Node>) {
             for sandbox in node.sandboxes.list() {
                 let Some(grown) = sandbox.note_oom_kills() else { continue };
                 tracing::warn!(container = sandbox.id, oom_kills = grown, "OOM kill in sandbox");
-                let data = json!({"container_id": sandbox.id, "oom_kills": grown, "memory_max": sandbox.memory_max()});
+                let oom = SandboxOom { container_id: sandbox.id.clone(), oom_kills: grown, memory_max: sandbox.memory_max().unwrap_or(0) };
                 for session in node.sessions.of_container(&sandbox.id) {
                     let run = session.active_run().unwrap_or_default();
-                    session.log.append(SANDBOX_OOM, &run, data.to_string());
+                    session.log.append(&run, Event::SandboxOom(oom.clone()));
                 }
             }
         }

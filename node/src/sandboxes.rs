@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentd_proto::error::status;
-use agentd_proto::node::{Sandbox as SandboxInfo, SandboxPlan, SandboxUsage};
+use agentd_proto::common::SeccompPolicy;
+use agentd_proto::node::{Sandbox as SandboxInfo, SandboxPlan, SandboxUsage, mount, sandbox as sandbox_info};
 use agentd_proto::supervisor::ShutdownRequest;
 use agentd_proto::supervisor::supervisor_client::SupervisorClient;
 use agentd_cgroups::limits::{HostCapacity, Limits};
@@ -97,6 +98,8 @@ pub struct Checked {
     workspace_path: PathBuf,
     /// The plan's binds, sources present on this node.
     mounts: Vec<BindMount>,
+    /// The agents' seccomp policy, known to compile here.
+    seccomp: Option<SeccompPolicy>,
 }
 
 /// The spare cgroups with their parked worker, and whether the node is
@@ -129,6 +132,8 @@ pub struct Sandbox {
     /// Limits, freeze, whole-tree kill, usage and the OOM counter.
     pub cgroup: SandboxCgroup,
     limits: Limits,
+    /// Given to the supervisor for each agent it starts; `None`: the default filter.
+    pub seccomp: Option<SeccompPolicy>,
     /// OOM kills already reported (see `oom.rs`).
     oom_seen: AtomicU64,
     frozen: AtomicBool,
@@ -151,7 +156,7 @@ impl Sandbox {
         });
         SandboxInfo {
             container_id: self.id.clone(),
-            state: if self.is_running() { "running" } else { "exited" }.into(),
+            state: if self.is_running() { sandbox_info::State::Running } else { sandbox_info::State::Exited }.into(),
             supervisor_pid: self.pid,
             host_uid_base: self.ids.host_base,
             id_range_size: self.ids.size,
@@ -408,10 +413,12 @@ impl Sandboxes {
             &self.host,
         )
         .map_err(|e| invalid_profile(e.to_string()))?;
-        let network: Network = match plan.network.as_str() {
-            "" => Network::None,
-            other => other.parse().map_err(invalid_profile)?,
-        };
+        let network = agentd_proto::convert::network(plan.network());
+        let seccomp = plan.seccomp.clone();
+        if let Some(policy) = &seccomp {
+            let policy = agentd_proto::convert::seccomp(policy).map_err(|e| invalid_profile(format!("seccomp policy: {e}")))?;
+            agentd_harden::compile_custom(&policy.to_json()).map_err(|e| invalid_profile(format!("seccomp policy: {e}")))?;
+        }
         let rootfs = (!plan.rootfs.is_empty()).then(|| PathBuf::from(&plan.rootfs));
         if let Some(rootfs) = &rootfs {
             spec::check_rootfs(rootfs, None).map_err(|e| invalid_profile(e.to_string()))?;
@@ -424,9 +431,9 @@ impl Sandboxes {
         for m in &plan.mounts {
             spec::check_mount_target(Path::new(&m.target)).map_err(|e| status(Code::InvalidArgument, "invalid_request", e.to_string()))?;
             if !Path::new(&m.source).is_absolute() || std::fs::symlink_metadata(&m.source).is_err() {
-                let (code, what) = match m.role.as_str() {
-                    "agent" => ("agent_executable_not_found", "agent executable"),
-                    _ => ("mount_source_not_found", "mount source"),
+                let (code, what) = match m.role() {
+                    mount::Role::Agent => ("agent_executable_not_found", "agent executable"),
+                    mount::Role::Data => ("mount_source_not_found", "mount source"),
                 };
                 return Err(status(Code::FailedPrecondition, code, format!("{what} {} does not exist on node", m.source)));
             }
@@ -436,7 +443,7 @@ impl Sandboxes {
             spec::check_mount_target(Path::new(&b.target))
                 .map_err(|e| status(Code::InvalidArgument, "invalid_request", format!("bundle target {:?}: {e}", b.target)))?;
         }
-        Ok(Checked { limits, network, rootfs, hostname, workspace_path, mounts })
+        Ok(Checked { limits, network, rootfs, hostname, workspace_path, mounts, seccomp })
     }
 
     /// Builds the sandbox a plan describes. Creating an id that exists answers
@@ -467,6 +474,7 @@ impl Sandboxes {
         })?;
         let dir = self.config.state_dir.join("sandboxes").join(&id);
         let limits = checked.limits;
+        let seccomp = checked.seccomp.clone();
         // Held until the spare is renamed: a refill meanwhile would find the
         // spare's directories still there and take them for an old spare.
         let mut spare_slot = self.spare.lock().await;
@@ -501,6 +509,7 @@ impl Sandboxes {
                     supervisor,
                     cgroup,
                     limits,
+                    seccomp,
                     oom_seen: AtomicU64::new(0),
                     frozen: AtomicBool::new(false),
                     exited,

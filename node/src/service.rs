@@ -8,13 +8,14 @@ use agentd_proto::node::node_server;
 use agentd_proto::node::*;
 use agentd_proto::supervisor::supervisor_client::SupervisorClient;
 use agentd_proto::supervisor::{self as sup, prompt_event};
+use agentd_proto::common;
+use agentd_proto::node::session_event::Event;
 use futures::{Stream, StreamExt};
-use serde_json::json;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::Node;
-use crate::event_log::{EventLog, RUN_COMPLETED, RUN_FAILED, RUN_STARTED, SESSION_UPDATE};
+use crate::event_log::EventLog;
 use crate::sandboxes::{Sandbox as NodeSandbox, valid_id};
 use crate::sessions::NodeSession;
 
@@ -60,24 +61,18 @@ impl NodeService {
                 env: agent.env,
                 cwd: agent.cwd,
                 initialize_timeout_ms: agent.initialize_timeout_ms,
-                seccomp_json: agent.seccomp_json,
-                policy: agent.policy.map(|p| sup::AgentPolicy {
-                    restart: p.restart,
-                    max_restarts: p.max_restarts,
-                    restart_backoff_ms: p.restart_backoff_ms,
-                    request_timeout_ms: p.request_timeout_ms,
-                    auth_method: p.auth_method,
-                }),
+                seccomp: sandbox.seccomp.clone(),
+                policy: agent.policy,
                 reuse: r.reuse,
             })
             .await?
             .into_inner();
         Ok(AgentInstance {
             agent_instance_id: if answer.agent_instance_id.is_empty() { r.agent_instance_id } else { answer.agent_instance_id },
-            state: "ready".into(),
+            state: common::AgentState::Ready.into(),
             pid: answer.pid,
             protocol_version: answer.protocol_version,
-            initialize_json: answer.initialize_json,
+            acp_initialize: answer.acp_initialize,
         })
     }
 
@@ -95,9 +90,9 @@ impl NodeService {
             .new_session(sup::NewSessionRequest {
                 agent_instance_id: r.agent_instance_id.clone(),
                 cwd: r.cwd,
-                permission_policy: r.permission_policy,
+                permission_mode: r.permission_mode,
                 permission_timeout_ms: r.permission_timeout_ms,
-                mcp_servers_json: r.mcp_servers_json,
+                acp_mcp_servers: r.acp_mcp_servers,
                 load_session_id: r.load_acp_session_id,
                 additional_directories: r.additional_directories,
                 resume_session_id: r.resume_acp_session_id,
@@ -106,8 +101,8 @@ impl NodeService {
             .into_inner();
         let log = EventLog::open(&r.session_id, &sandbox.sessions_dir().join(format!("{}.jsonl", r.session_id)));
         // A loaded session's history opens its stream, before any turn.
-        for update in &answer.replay_json {
-            log.append(SESSION_UPDATE, "", update.clone());
+        for update in answer.acp_replay {
+            log.append("", Event::SessionUpdate(SessionUpdate { acp_update: update }));
         }
         let session = self.node.sessions.insert(NodeSession::new(
             r.session_id.clone(),
@@ -146,11 +141,11 @@ impl NodeService {
         }
         session.begin_run(&r.run_id)?;
         let log = &session.log;
-        log.append(RUN_STARTED, &r.run_id, json!({"run_id": r.run_id}).to_string());
+        log.append(&r.run_id, Event::RunStarted(RunStarted {}));
         let request = sup::PromptRequest {
             agent_instance_id: session.agent_instance_id.clone(),
             acp_session_id: session.acp_session_id.clone(),
-            prompt_json: r.prompt_json,
+            acp_prompt: r.acp_prompt,
         };
         match sandbox.supervisor.clone().prompt(request).await {
             Ok(events) => {
@@ -158,7 +153,7 @@ impl NodeService {
                 Ok(PromptAccepted { run_id: r.run_id })
             }
             Err(e) => {
-                log.append(RUN_FAILED, &r.run_id, json!({"run_id": r.run_id, "error": e.message()}).to_string());
+                log.append(&r.run_id, failed(e.message(), ""));
                 session.end_run();
                 Err(e)
             }
@@ -167,6 +162,10 @@ impl NodeService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<SessionEvent, Status>> + Send>>;
+
+fn failed(error: impl Into<String>, code: &str) -> Event {
+    Event::RunFailed(RunFailed { error: error.into(), code: code.to_string() })
+}
 
 /// Copies one turn's events from the supervisor into the session's log, and
 /// makes sure the log gets exactly one terminal event whatever happens.
@@ -185,21 +184,27 @@ async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id:
     let mut ended = false;
     while let Some(item) = events.next().await {
         match item.map(|e| e.event) {
-            Ok(Some(prompt_event::Event::UpdateJson(update))) => {
-                log.append(SESSION_UPDATE, &run_id, update);
+            Ok(Some(prompt_event::Event::AcpUpdate(update))) => {
+                log.append(&run_id, Event::SessionUpdate(SessionUpdate { acp_update: update }));
             }
             Ok(Some(prompt_event::Event::StopReason(stop_reason))) => {
-                log.append(RUN_COMPLETED, &run_id, json!({"run_id": run_id, "stop_reason": stop_reason}).to_string());
+                log.append(&run_id, Event::RunCompleted(RunCompleted { stop_reason }));
                 ended = true;
                 break;
             }
             Ok(Some(prompt_event::Event::Error(error))) => {
-                log.append(RUN_FAILED, &run_id, json!({"run_id": run_id, "error": explain(&error)}).to_string());
+                log.append(&run_id, failed(explain(&error), ""));
                 ended = true;
                 break;
             }
-            Ok(Some(prompt_event::Event::AgentdEvent(event))) => {
-                log.append(&event.kind, &run_id, event.data_json);
+            Ok(Some(prompt_event::Event::PermissionRequested(e))) => {
+                log.append(&run_id, Event::PermissionRequested(e));
+            }
+            Ok(Some(prompt_event::Event::PermissionResolved(e))) => {
+                log.append(&run_id, Event::PermissionResolved(e));
+            }
+            Ok(Some(prompt_event::Event::AgentProtocolError(e))) => {
+                log.append(&run_id, Event::AgentProtocolError(e));
             }
             Ok(None) => {}
             Err(e) => {
@@ -210,22 +215,22 @@ async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id:
     }
     if !ended {
         let error = explain("the sandbox stopped during the run");
-        log.append(RUN_FAILED, &run_id, json!({"run_id": run_id, "error": error}).to_string());
+        log.append(&run_id, failed(error, "sandbox_stopped"));
     }
     session.end_run();
 }
 
 impl NodeService {
     /// The session's agent as its supervisor reports it.
-    async fn agent_state(&self, session: &NodeSession) -> Option<AgentState> {
+    async fn agent_state(&self, session: &NodeSession) -> Option<AgentReport> {
         let sandbox = self.node.sandboxes.get(&session.container_id).ok()?;
         // A frozen (hibernated) sandbox's supervisor cannot answer.
         let mut supervisor = sandbox.supervisor.clone();
         let status = supervisor.status(sup::StatusRequest {});
         let answer = tokio::time::timeout(std::time::Duration::from_millis(500), status).await.ok()?.ok()?.into_inner();
         let mut a = answer.agents.into_iter().find(|a| a.agent_instance_id == session.agent_instance_id)?;
-        let settings_json = a.session_settings_json.remove(&session.acp_session_id).unwrap_or_default();
-        Some(AgentState { state: a.state, restarts: a.restarts, last_error: a.last_error, pid: a.pid, settings_json })
+        let settings = a.session_settings.remove(&session.acp_session_id);
+        Some(AgentReport { state: a.state, restarts: a.restarts, last_error: a.last_error, pid: a.pid, settings })
     }
 
     /// A session and the supervisor of its sandbox, for calls about it.
@@ -304,7 +309,7 @@ impl node_server::Node for NodeService {
 
     async fn get_setup_stage(&self, req: Request<GetSetupStageRequest>) -> Result<Response<SetupStage>, Status> {
         let stage = self.node.setups.get(&req.into_inner().container_id).unwrap_or_default();
-        Ok(Response::new(SetupStage { stage: stage.to_string() }))
+        Ok(Response::new(SetupStage { stage: stage.into() }))
     }
 
     async fn close_session(&self, req: Request<CloseSessionRequest>) -> Result<Response<CloseSessionResponse>, Status> {
@@ -324,7 +329,7 @@ impl node_server::Node for NodeService {
         let sandbox = self.node.sandboxes.get(&r.container_id)?;
         let request = sup::ListSessionsRequest { agent_instance_id: r.agent_instance_id, cwd: r.cwd, cursor: r.cursor };
         let answer = sandbox.supervisor.clone().list_sessions(request).await?.into_inner();
-        Ok(Response::new(ListAgentSessionsResponse { answer_json: answer.answer_json }))
+        Ok(Response::new(ListAgentSessionsResponse { acp_answer: answer.acp_answer }))
     }
 
     async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<PromptAccepted>, Status> {
@@ -399,7 +404,7 @@ impl node_server::Node for NodeService {
             })
             .await?
             .into_inner();
-        Ok(Response::new(SessionSettingResponse { answer_json: answer.answer_json, settings_json: answer.settings_json }))
+        Ok(Response::new(SessionSettingResponse { acp_answer: answer.acp_answer, settings: answer.settings }))
     }
 
     async fn set_session_config_option(
@@ -413,11 +418,11 @@ impl node_server::Node for NodeService {
                 agent_instance_id: session.agent_instance_id.clone(),
                 acp_session_id: session.acp_session_id.clone(),
                 config_id: r.config_id,
-                value_json: r.value_json,
+                acp_value: r.acp_value,
             })
             .await?
             .into_inner();
-        Ok(Response::new(SessionSettingResponse { answer_json: answer.answer_json, settings_json: answer.settings_json }))
+        Ok(Response::new(SessionSettingResponse { acp_answer: answer.acp_answer, settings: answer.settings }))
     }
 
     async fn answer_permission(&self, req: Request<AnswerPermissionRequest>) -> Result<Response<AnswerPermissionResponse>, Status> {
@@ -441,11 +446,7 @@ impl node_server::Node for NodeService {
     async fn stream_events(&self, req: Request<StreamEventsRequest>) -> Result<Response<Self::StreamEventsStream>, Status> {
         let r = req.into_inner();
         let session = self.node.sessions.get(&r.session_id)?;
-        let kinds = r.kinds;
-        let stream = Arc::clone(&session.log)
-            .follow(r.after_seq)
-            .filter(move |e| std::future::ready(kinds.is_empty() || kinds.iter().any(|k| *k == e.kind)))
-            .map(|e| Ok((*e).clone()));
+        let stream = Arc::clone(&session.log).follow(r.after_seq).map(|e| Ok((*e).clone()));
         Ok(Response::new(Box::pin(stream)))
     }
 }

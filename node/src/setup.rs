@@ -8,12 +8,14 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-pub const INSTALLING: &str = "installing";
-pub const STARTING: &str = "starting";
+pub use agentd_proto::node::setup_stage::Stage as Kind;
+
+pub const INSTALLING: Kind = Kind::Installing;
+pub const STARTING: Kind = Kind::Starting;
 
 #[derive(Default)]
 pub struct Setups {
-    table: Mutex<HashMap<String, &'static str>>,
+    table: Mutex<HashMap<String, Kind>>,
 }
 
 /// Holds a container's stage until dropped.
@@ -23,12 +25,12 @@ pub struct Stage<'a> {
 }
 
 impl Setups {
-    pub fn enter(&self, container_id: &str, stage: &'static str) -> Stage<'_> {
+    pub fn enter(&self, container_id: &str, stage: Kind) -> Stage<'_> {
         self.table.lock().unwrap().insert(container_id.to_string(), stage);
         Stage { setups: self, container_id: container_id.to_string() }
     }
 
-    pub fn get(&self, container_id: &str) -> Option<&'static str> {
+    pub fn get(&self, container_id: &str) -> Option<Kind> {
         self.table.lock().unwrap().get(container_id).copied()
     }
 }

@@ -4,21 +4,47 @@
 //!   runs and each session's event log).
 //! - [`supervisor`]: the node's view of one sandbox's PID 1 (agent processes and
 //!   their ACP sessions), served on a unix socket per sandbox.
+//! - [`common`]: what both share (agent policies and states, seccomp
+//!   policies, the events agentd adds to a turn).
 //!
-//! Both are generated at build time from `proto/*.proto` by `protox` and tonic.
-//!
+//! All three are generated at build time from `proto/*.proto` by `protox` and
+//! tonic. Around them:
+//! - [`events`]: the session events' names and the JSON clients see, defined
+//!   once for the node's log, the SSE stream and the archives.
+//! - [`convert`]: the plan vocabulary (agentd-plan) to and from its messages.
 //! - [`unix`]: tonic channels over unix sockets (node -> supervisor, and the
 //!   control plane -> its node in `agentd up`).
+//! - [`error`]: stable error codes across gRPC.
 
+pub mod convert;
+pub mod events;
 pub mod unix;
 
-pub mod node {
-    tonic::include_proto!("agentd.node.v1");
+/// The generated code, nested as the proto packages are, so that one
+/// package's references to another resolve.
+pub mod generated {
+    pub mod agentd {
+        pub mod common {
+            pub mod v1 {
+                tonic::include_proto!("agentd.common.v1");
+            }
+        }
+        pub mod node {
+            pub mod v1 {
+                tonic::include_proto!("agentd.node.v1");
+            }
+        }
+        pub mod supervisor {
+            pub mod v1 {
+                tonic::include_proto!("agentd.supervisor.v1");
+            }
+        }
+    }
 }
 
-pub mod supervisor {
-    tonic::include_proto!("agentd.supervisor.v1");
-}
+pub use generated::agentd::common::v1 as common;
+pub use generated::agentd::node::v1 as node;
+pub use generated::agentd::supervisor::v1 as supervisor;
 
 /// Stable error codes carried across gRPC, so that the HTTP API can answer with
 /// the same `code` whichever process found the problem.
@@ -38,3 +64,6 @@ pub mod error {
         status.metadata().get(CODE_KEY).and_then(|v| v.to_str().ok())
     }
 }
+
+#[cfg(test)]
+mod naming;

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentd_proto::common::AcpSettings;
 use agentd_proto::error::status;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -58,8 +59,10 @@ pub enum TurnEvent {
     Update(String),
     Stopped(String),
     Failed(String),
-    /// An event agentd adds to the turn (permission.requested, ...).
-    Event { kind: &'static str, data: String },
+    // Events agentd adds to the turn.
+    PermissionRequested(agentd_proto::common::PermissionRequested),
+    PermissionResolved(agentd_proto::common::PermissionResolved),
+    ProtocolError(agentd_proto::common::AgentProtocolError),
 }
 
 type Sinks = Mutex<HashMap<String, mpsc::Sender<TurnEvent>>>;
@@ -113,9 +116,9 @@ impl InboundHandler for Inbound {
     /// Bad output the connection survived: every running turn hears of it,
     /// so a client sees why something it waited for may be missing.
     fn protocol_error(&self, reason: &str) {
-        let data = serde_json::json!({"error": reason}).to_string();
+        let event = agentd_proto::common::AgentProtocolError { error: reason.to_string() };
         for sink in self.sinks.lock().unwrap().values() {
-            let _ = sink.try_send(TurnEvent::Event { kind: "agent.protocol_error", data: data.clone() });
+            let _ = sink.try_send(TurnEvent::ProtocolError(event.clone()));
         }
     }
 }
@@ -478,19 +481,22 @@ impl Agent {
     }
 
     /// The session's modes and config options as the agent last reported them.
-    pub fn session_settings(&self, session_id: &str) -> Value {
+    pub fn session_settings(&self, session_id: &str) -> AcpSettings {
         self.settings_of(session_id)
     }
 
     /// Every session's settings, by its first ACP id.
-    pub fn all_session_settings(&self) -> HashMap<String, String> {
+    pub fn all_session_settings(&self) -> HashMap<String, AcpSettings> {
         let ids: Vec<String> = self.sessions.lock().unwrap().keys().cloned().collect();
-        ids.into_iter().map(|id| (id.clone(), self.settings_of(&id).to_string())).collect()
+        ids.into_iter().map(|id| (id.clone(), self.settings_of(&id))).collect()
     }
 
-    fn settings_of(&self, session_id: &str) -> Value {
+    /// The session's modes and config options as its agent last announced
+    /// them, verbatim; empty where it announced none.
+    fn settings_of(&self, session_id: &str) -> AcpSettings {
         let opened = self.sessions.lock().unwrap().get(session_id).map(|r| r.opened.clone()).unwrap_or_default();
-        serde_json::json!({"modes": opened.get("modes"), "config_options": opened.get("configOptions")})
+        let raw = |key: &str| opened.get(key).filter(|v| !v.is_null()).map(Value::to_string).unwrap_or_default();
+        AcpSettings { acp_modes: raw("modes"), acp_config_options: raw("configOptions") }
     }
 
     fn record_in(process: &Process, record: &SessionRecord) {
@@ -1075,7 +1081,7 @@ mod tests {
             cwd: "/workspace".into(),
             initialize_timeout: Duration::from_secs(30),
             seccomp_json: None,
-            restart: RestartPolicy::parse("", 0, 0).unwrap(),
+            restart: RestartPolicy::default(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             auth_method: None,
         }
@@ -1089,7 +1095,7 @@ mod tests {
         other_env.env.insert("TOKEN".into(), "t".into());
         assert!(!spec("agi_1", &["--x"]).same_definition(&other_env), "credentials are part of the definition");
         let mut other_policy = spec("agi_2", &["--x"]);
-        other_policy.restart = RestartPolicy::parse("never", 0, 0).unwrap();
+        other_policy.restart = RestartPolicy::new(agentd_proto::common::RestartPolicy::Never, 0, 0);
         assert!(!spec("agi_1", &["--x"]).same_definition(&other_policy));
     }
 }

@@ -24,6 +24,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
+use agentd_proto::common::permission_resolved::By;
+use agentd_proto::common::{PermissionMode, PermissionRequested, PermissionResolved};
+
 use super::agents::TurnEvent;
 use agentd_acp::ErrorObject;
 
@@ -49,15 +52,15 @@ impl Default for Policy {
 }
 
 impl Policy {
-    pub fn parse(mode: &str, timeout_ms: u32) -> Result<Policy, String> {
+    /// From the session's fields; unspecified or zero means the default.
+    pub fn new(mode: PermissionMode, timeout_ms: u32) -> Policy {
         let mode = match mode {
-            "" | "ask" => Mode::Ask,
-            "allow" => Mode::Allow,
-            "deny" => Mode::Deny,
-            other => return Err(format!("unknown permission policy {other:?} (known: allow, deny, ask)")),
+            PermissionMode::Unspecified | PermissionMode::Ask => Mode::Ask,
+            PermissionMode::Allow => Mode::Allow,
+            PermissionMode::Deny => Mode::Deny,
         };
         let ask_timeout = if timeout_ms == 0 { DEFAULT_ASK_TIMEOUT } else { Duration::from_millis(timeout_ms.into()) };
-        Ok(Policy { mode, ask_timeout })
+        Policy { mode, ask_timeout }
     }
 }
 
@@ -90,10 +93,11 @@ impl Outcome {
         }
     }
 
-    fn describe(&self) -> Value {
+    /// The chosen option's id; empty when cancelled.
+    fn selected(&self) -> String {
         match self {
-            Outcome::Selected(id) => json!({"outcome": "selected", "option_id": id}),
-            Outcome::Cancelled => json!({"outcome": "cancelled"}),
+            Outcome::Selected(id) => id.clone(),
+            Outcome::Cancelled => String::new(),
         }
     }
 }
@@ -125,9 +129,13 @@ struct Asked<'a> {
 impl Drop for Asked<'_> {
     fn drop(&mut self) {
         self.permissions.pending.lock().unwrap().remove(self.request_id);
-        let data = json!({"tool_call": self.tool_call, "by": "agent", "request_id": self.request_id,
-            "outcome": Outcome::Cancelled.describe()});
-        let _ = self.sink.try_send(TurnEvent::Event { kind: "permission.resolved", data: data.to_string() });
+        let resolved = PermissionResolved {
+            request_id: self.request_id.to_string(),
+            acp_tool_call: self.tool_call.to_string(),
+            by: By::Agent.into(),
+            selected_option_id: Outcome::Cancelled.selected(),
+        };
+        let _ = self.sink.try_send(TurnEvent::PermissionResolved(resolved));
     }
 }
 
@@ -179,30 +187,37 @@ impl Permissions {
                     .ok()
                     .and_then(|v: Value| v.get("options").cloned())
                     .unwrap_or(Value::Null);
-                let data = json!({"request_id": request_id, "tool_call": request.tool_call, "options": options,
-                    "timeout_ms": policy.ask_timeout.as_millis() as u64});
-                let _ = sink.send(TurnEvent::Event { kind: "permission.requested", data: data.to_string() }).await;
+                let requested = PermissionRequested {
+                    request_id: request_id.clone(),
+                    acp_tool_call: request.tool_call.to_string(),
+                    acp_options: options.to_string(),
+                    timeout_ms: policy.ask_timeout.as_millis() as u64,
+                };
+                let _ = sink.send(TurnEvent::PermissionRequested(requested)).await;
                 let guard = Asked { permissions: self, request_id: &request_id, sink, tool_call: &request.tool_call };
                 let answered = tokio::time::timeout(policy.ask_timeout, rx).await;
                 std::mem::forget(guard);
                 match answered {
                     Ok(Ok(outcome)) => {
-                        let by = if matches!(outcome, Outcome::Cancelled) { "cancel" } else { "client" };
+                        let by = if matches!(outcome, Outcome::Cancelled) { By::Cancel } else { By::Client };
                         (outcome, by, Some(request_id))
                     }
                     _ => {
                         self.pending.lock().unwrap().remove(&request_id);
-                        (by_policy(&request.options, Mode::Deny), "timeout", Some(request_id))
+                        (by_policy(&request.options, Mode::Deny), By::Timeout, Some(request_id))
                     }
                 }
             }
-            (mode, _) => (by_policy(&request.options, mode), "policy", None),
+            (mode, _) => (by_policy(&request.options, mode), By::Policy, None),
         };
         if let Some(sink) = sink {
-            let mut data = json!({"tool_call": request.tool_call, "by": by});
-            data["request_id"] = request_id.map(Value::String).unwrap_or(Value::Null);
-            data["outcome"] = outcome.describe();
-            let _ = sink.send(TurnEvent::Event { kind: "permission.resolved", data: data.to_string() }).await;
+            let resolved = PermissionResolved {
+                request_id: request_id.unwrap_or_default(),
+                acp_tool_call: request.tool_call.to_string(),
+                by: by.into(),
+                selected_option_id: outcome.selected(),
+            };
+            let _ = sink.send(TurnEvent::PermissionResolved(resolved)).await;
         }
         Ok(outcome.to_json())
     }
@@ -263,17 +278,15 @@ mod tests {
             let p = std::sync::Arc::clone(&p);
             async move { p.request(Some(REQUEST), move |_| Some(tx.clone())).await }
         });
-        let TurnEvent::Event { kind, data } = rx.recv().await.unwrap() else { panic!("expected an event") };
-        assert_eq!(kind, "permission.requested");
-        let data: Value = serde_json::from_str(&data).unwrap();
-        let id = data["request_id"].as_str().unwrap().to_string();
-        assert_eq!(data["options"][0]["optionId"], "yes");
+        let TurnEvent::PermissionRequested(requested) = rx.recv().await.unwrap() else { panic!("expected a request") };
+        let id = requested.request_id.clone();
+        let options: Value = serde_json::from_str(&requested.acp_options).unwrap();
+        assert_eq!(options[0]["optionId"], "yes");
         assert!(matches!(p.answer(&id, "maybe"), Err(AnswerError::UnknownOption { .. })));
         p.answer(&id, "yes").unwrap();
         assert_eq!(asking.await.unwrap().unwrap()["outcome"]["optionId"], "yes");
-        let TurnEvent::Event { kind, data } = rx.recv().await.unwrap() else { panic!() };
-        assert_eq!(kind, "permission.resolved");
-        assert!(data.contains("\"by\":\"client\""), "{data}");
+        let TurnEvent::PermissionResolved(resolved) = rx.recv().await.unwrap() else { panic!("expected a resolution") };
+        assert_eq!((resolved.by(), resolved.selected_option_id.as_str()), (By::Client, "yes"));
         assert_eq!(p.answer(&id, "yes"), Err(AnswerError::Unknown(id.clone())), "answered once only");
     }
 
@@ -300,6 +313,5 @@ mod tests {
         assert_eq!(outside["outcome"]["optionId"], "no");
         let err = Permissions::default().request(Some(REQUEST), |_| None).await.unwrap_err();
         assert_eq!(err.code, -32602);
-        assert_eq!(Policy::parse("maybe", 0).unwrap_err(), "unknown permission policy \"maybe\" (known: allow, deny, ask)");
     }
 }

@@ -33,21 +33,21 @@ impl Default for RestartPolicy {
 }
 
 impl RestartPolicy {
-    /// From the plan's fields; empty or zero means the default.
-    pub fn parse(restart: &str, max_restarts: u32, backoff_ms: u32) -> Result<Self, String> {
+    /// From the plan's fields; unspecified or zero means the default.
+    pub fn new(restart: agentd_proto::common::RestartPolicy, max_restarts: u32, backoff_ms: u32) -> Self {
+        use agentd_proto::common::RestartPolicy as Wire;
         let d = Self::default();
         let restart = match restart {
-            "" | "on_failure" => Restart::OnFailure,
-            "never" => Restart::Never,
-            "always" => Restart::Always,
-            other => return Err(format!("unknown restart policy {other:?} (known: never, on_failure, always)")),
+            Wire::Unspecified | Wire::OnFailure => Restart::OnFailure,
+            Wire::Never => Restart::Never,
+            Wire::Always => Restart::Always,
         };
-        Ok(Self {
+        Self {
             restart,
             max_restarts: if max_restarts == 0 { d.max_restarts } else { max_restarts },
             backoff: if backoff_ms == 0 { d.backoff } else { Duration::from_millis(backoff_ms.into()) },
             backoff_max: d.backoff_max,
-        })
+        }
     }
 
     pub fn wants_restart(&self, exit: Exit) -> bool {
@@ -68,6 +68,7 @@ impl RestartPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentd_proto::common::RestartPolicy as Wire;
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {
@@ -79,14 +80,14 @@ mod tests {
 
     #[test]
     fn policies_decide_by_exit() {
-        let on_failure = RestartPolicy::parse("", 0, 0).unwrap();
+        let on_failure = RestartPolicy::default();
         assert!(on_failure.wants_restart(Exit::Signal(9)));
         assert!(on_failure.wants_restart(Exit::Code(1)));
         assert!(!on_failure.wants_restart(Exit::Code(0)));
-        assert!(RestartPolicy::parse("always", 0, 0).unwrap().wants_restart(Exit::Code(0)));
-        assert!(!RestartPolicy::parse("never", 0, 0).unwrap().wants_restart(Exit::Signal(9)));
-        assert_eq!(RestartPolicy::parse("sometimes", 0, 0).unwrap_err(), "unknown restart policy \"sometimes\" (known: never, on_failure, always)");
-        let custom = RestartPolicy::parse("on_failure", 2, 50).unwrap();
+        assert!(RestartPolicy::new(Wire::Always, 0, 0).wants_restart(Exit::Code(0)));
+        assert!(!RestartPolicy::new(Wire::Never, 0, 0).wants_restart(Exit::Signal(9)));
+        assert_eq!(RestartPolicy::new(Wire::Unspecified, 0, 0), RestartPolicy::new(Wire::OnFailure, 0, 0));
+        let custom = RestartPolicy::new(Wire::OnFailure, 2, 50);
         assert_eq!((custom.max_restarts, custom.backoff), (2, Duration::from_millis(50)));
     }
 }

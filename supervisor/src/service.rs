@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentd_proto::common;
 use agentd_proto::supervisor::supervisor_server::Supervisor;
 use agentd_proto::supervisor::{prompt_event, *};
 use futures::Stream;
@@ -34,8 +35,21 @@ impl SupervisorService {
 
 impl SupervisorService {
     fn settings(&self, agent_id: &str, session_id: &str, answer: serde_json::Value) -> SessionSettingResponse {
-        let settings = self.agents.get(agent_id).map(|a| a.session_settings(session_id)).unwrap_or_default();
-        SessionSettingResponse { answer_json: answer.to_string(), settings_json: settings.to_string() }
+        let settings = self.agents.get(agent_id).ok().map(|a| a.session_settings(session_id));
+        SessionSettingResponse { acp_answer: answer.to_string(), settings }
+    }
+}
+
+/// An agent's state as the contract spells it.
+fn agent_state(state: &str) -> common::AgentState {
+    match state {
+        "starting" => common::AgentState::Starting,
+        "ready" => common::AgentState::Ready,
+        "running" => common::AgentState::Running,
+        "auth_required" => common::AgentState::AuthRequired,
+        "exited" => common::AgentState::Exited,
+        "failed" => common::AgentState::Failed,
+        _ => common::AgentState::Unspecified,
     }
 }
 
@@ -51,7 +65,11 @@ impl Supervisor for SupervisorService {
         };
         let policy = r.policy.unwrap_or_default();
         let invalid = |e: String| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", e);
-        let restart = RestartPolicy::parse(&policy.restart, policy.max_restarts, policy.restart_backoff_ms).map_err(invalid)?;
+        let restart = RestartPolicy::new(policy.restart(), policy.max_restarts, policy.restart_backoff_ms);
+        let seccomp_json = match &r.seccomp {
+            None => None,
+            Some(policy) => Some(agentd_proto::convert::seccomp(policy).map_err(invalid)?.to_json()),
+        };
         let spec = StartSpec {
             id: r.agent_instance_id,
             command: r.command,
@@ -59,7 +77,7 @@ impl Supervisor for SupervisorService {
             env: r.env,
             cwd: r.cwd,
             initialize_timeout: timeout,
-            seccomp_json: (!r.seccomp_json.is_empty()).then_some(r.seccomp_json),
+            seccomp_json,
             restart,
             request_timeout: match policy.request_timeout_ms {
                 0 => DEFAULT_REQUEST_TIMEOUT,
@@ -72,16 +90,15 @@ impl Supervisor for SupervisorService {
         Ok(Response::new(StartAgentResponse {
             pid: agent.pid(),
             protocol_version: initialized.protocol_version as u32,
-            initialize_json: initialized.raw,
+            acp_initialize: initialized.raw,
             agent_instance_id: agent.id.clone(),
         }))
     }
 
     async fn new_session(&self, req: Request<NewSessionRequest>) -> Result<Response<NewSessionResponse>, Status> {
         let r = req.into_inner();
-        let policy = Policy::parse(&r.permission_policy, r.permission_timeout_ms)
-            .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", e))?;
-        let mcp_servers = match r.mcp_servers_json.as_str() {
+        let policy = Policy::new(r.permission_mode(), r.permission_timeout_ms);
+        let mcp_servers = match r.acp_mcp_servers.as_str() {
             "" => serde_json::json!([]),
             json => serde_json::from_str(json)
                 .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_mcp_server", format!("mcpServers is not JSON: {e}")))?,
@@ -96,7 +113,7 @@ impl Supervisor for SupervisorService {
         };
         let open = OpenSpec { cwd: r.cwd, policy, mcp_servers, additional_directories: r.additional_directories, existing };
         let opened = self.agents.new_session(&r.agent_instance_id, open).await?;
-        Ok(Response::new(NewSessionResponse { acp_session_id: opened.acp_session_id, replay_json: opened.replay }))
+        Ok(Response::new(NewSessionResponse { acp_session_id: opened.acp_session_id, acp_replay: opened.replay }))
     }
 
     async fn close_session(&self, req: Request<CloseSessionRequest>) -> Result<Response<CloseSessionResponse>, Status> {
@@ -108,20 +125,22 @@ impl Supervisor for SupervisorService {
     async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
         let r = req.into_inner();
         let answer = self.agents.list_sessions(&r.agent_instance_id, &r.cwd, &r.cursor).await?;
-        Ok(Response::new(ListSessionsResponse { answer_json: answer.to_string() }))
+        Ok(Response::new(ListSessionsResponse { acp_answer: answer.to_string() }))
     }
 
     type PromptStream = EventStream;
 
     async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<Self::PromptStream>, Status> {
         let r = req.into_inner();
-        let rx = self.agents.prompt(&r.agent_instance_id, &r.acp_session_id, &r.prompt_json)?;
+        let rx = self.agents.prompt(&r.agent_instance_id, &r.acp_session_id, &r.acp_prompt)?;
         let stream = ReceiverStream::new(rx).map(|event| {
             let event = match event {
-                TurnEvent::Update(json) => prompt_event::Event::UpdateJson(json),
+                TurnEvent::Update(json) => prompt_event::Event::AcpUpdate(json),
                 TurnEvent::Stopped(reason) => prompt_event::Event::StopReason(reason),
                 TurnEvent::Failed(error) => prompt_event::Event::Error(error),
-                TurnEvent::Event { kind, data } => prompt_event::Event::AgentdEvent(AgentdEvent { kind: kind.into(), data_json: data }),
+                TurnEvent::PermissionRequested(e) => prompt_event::Event::PermissionRequested(e),
+                TurnEvent::PermissionResolved(e) => prompt_event::Event::PermissionResolved(e),
+                TurnEvent::ProtocolError(e) => prompt_event::Event::AgentProtocolError(e),
             };
             Ok(PromptEvent { event: Some(event) })
         });
@@ -151,7 +170,7 @@ impl Supervisor for SupervisorService {
         req: Request<SetSessionConfigOptionRequest>,
     ) -> Result<Response<SessionSettingResponse>, Status> {
         let r = req.into_inner();
-        let value = serde_json::from_str(&r.value_json)
+        let value = serde_json::from_str(&r.acp_value)
             .map_err(|e| agentd_proto::error::status(tonic::Code::InvalidArgument, "invalid_request", format!("value is not JSON: {e}")))?;
         let answer = self.agents.set_config_option(&r.agent_instance_id, &r.acp_session_id, &r.config_id, value).await?;
         Ok(Response::new(self.settings(&r.agent_instance_id, &r.acp_session_id, answer)))
@@ -167,10 +186,10 @@ impl Supervisor for SupervisorService {
                 AgentStatus {
                     agent_instance_id: a.id.clone(),
                     pid: a.pid(),
-                    state: s.state.to_string(),
+                    state: agent_state(s.state).into(),
                     restarts: s.restarts,
                     last_error: s.last_error.unwrap_or_default(),
-                    session_settings_json: a.all_session_settings(),
+                    session_settings: a.all_session_settings(),
                 }
             })
             .collect();

@@ -134,7 +134,7 @@ pub async fn agent_sessions(
     }
     let request = ListAgentSessionsRequest { container_id: id, agent_instance_id: instance_id.clone(), cwd, cursor: query.cursor.unwrap_or_default() };
     let answer = app.node.clone().list_agent_sessions(request).await?.into_inner();
-    let answer: Value = serde_json::from_str(&answer.answer_json).unwrap_or_else(|_| json!({}));
+    let answer: Value = serde_json::from_str(&answer.acp_answer).unwrap_or_else(|_| json!({}));
     Ok(Json(json!({
         "agent_instance_id": instance_id,
         "sessions": answer.get("sessions").cloned().unwrap_or_else(|| json!([])),

@@ -60,11 +60,11 @@ pub async fn stream(
         }
         return Err(Problem::new(axum::http::StatusCode::GONE, "session_closed", format!("session {id} is {}; its events are gone", s.state)));
     }
-    let events = app.node.clone().stream_events(StreamEventsRequest { session_id: id, after_seq, kinds: Vec::new() }).await?.into_inner();
+    let events = app.node.clone().stream_events(StreamEventsRequest { session_id: id, after_seq }).await?.into_inner();
     let events = events
         .take_while(|item| std::future::ready(item.is_ok()))
         .filter_map(|item| async move { item.ok() })
-        .map(|e| Ok::<_, Infallible>(sse_event(e.seq, e.kind, e.data_json)))
+        .filter_map(|e| async move { agentd_proto::events::wire(&e).map(|(kind, data)| Ok::<_, Infallible>(sse_event(e.seq, kind.to_string(), data))) })
         .take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }

@@ -17,8 +17,10 @@ use crate::store::states::{container, run as run_state, session as session_state
 use crate::store::outbox::{NewStep, OutboxRow};
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, flows, new_id, workflow};
-use agentd_proto::node::{
-    AgentPolicy, AnswerPermissionRequest, CancelRequest, CheckSandboxPlanRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
+use agentd_proto::common::{AcpSettings, AgentPolicy, RestartPolicy};
+use agentd_proto::convert::agent_state_name;
+use agentd_proto::node::{setup_stage, 
+    AnswerPermissionRequest, CancelRequest, CheckSandboxPlanRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
 };
 
 #[derive(Debug, Deserialize)]
@@ -72,12 +74,14 @@ pub struct PolicyBody {
 
 impl PolicyBody {
     fn agent_policy(&self) -> Result<AgentPolicy, Problem> {
-        let restart = self.restart.clone().unwrap_or_default();
-        if !["", "never", "on_failure", "always"].contains(&restart.as_str()) {
-            return Err(Problem::invalid("invalid_request", format!("policy.restart must be never, on_failure or always, got {restart:?}")));
-        }
+        let restart = match self.restart.as_deref().unwrap_or_default() {
+            "" | "on_failure" => RestartPolicy::OnFailure,
+            "never" => RestartPolicy::Never,
+            "always" => RestartPolicy::Always,
+            other => return Err(Problem::invalid("invalid_request", format!("policy.restart must be never, on_failure or always, got {other:?}"))),
+        };
         Ok(AgentPolicy {
-            restart,
+            restart: restart.into(),
             max_restarts: self.max_restarts.unwrap_or(0),
             restart_backoff_ms: self.restart_backoff_ms.unwrap_or(0),
             request_timeout_ms: self.request_timeout_ms.unwrap_or(0),
@@ -129,11 +133,21 @@ async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
         return stored_agent_state(app, s, Some(format!("the node did not answer within {LIVE_STATE_WAIT:?}"))).await;
     };
     match answer.map(|r| r.into_inner().agent) {
-        Ok(Some(a)) => json!({"state": a.state, "restarts": a.restarts, "pid": a.pid,
+        Ok(Some(a)) => json!({"state": agent_state_name(a.state()), "restarts": a.restarts, "pid": a.pid,
             "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) },
-            "settings": serde_json::from_str::<Value>(&a.settings_json).unwrap_or(Value::Null)}),
+            "settings": acp_settings(a.settings.as_ref())}),
         Ok(None) => stored_agent_state(app, s, None).await,
         Err(e) => stored_agent_state(app, s, Some(e.message().to_string())).await,
+    }
+}
+
+/// A session's modes and config options as the API shows them: the
+/// agent's own JSON, `null` where it announced none.
+fn acp_settings(settings: Option<&AcpSettings>) -> Value {
+    let raw = |json: &str| if json.is_empty() { Value::Null } else { serde_json::from_str(json).unwrap_or(Value::Null) };
+    match settings {
+        Some(s) => json!({"modes": raw(&s.acp_modes), "config_options": raw(&s.acp_config_options)}),
+        None => json!({"modes": null, "config_options": null}),
     }
 }
 
@@ -155,7 +169,11 @@ async fn stored_agent_state(app: &AppState, s: &SessionRow, error: Option<String
 async fn setup_stage(app: &AppState, s: &SessionRow) -> Value {
     let request = GetSetupStageRequest { container_id: s.container_id.clone() };
     match tokio::time::timeout(LIVE_STATE_WAIT, app.node.clone().get_setup_stage(request)).await {
-        Ok(Ok(stage)) if !stage.get_ref().stage.is_empty() => json!({"state": stage.into_inner().stage}),
+        Ok(Ok(stage)) => match stage.into_inner().stage() {
+            setup_stage::Stage::None => Value::Null,
+            setup_stage::Stage::Installing => json!({"state": "installing"}),
+            setup_stage::Stage::Starting => json!({"state": "starting"}),
+        },
         _ => Value::Null,
     }
 }
@@ -417,7 +435,7 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, hea
             let body: SetConfigOptionBody = parse_body(&body)?;
             let s = app.store.get_session(id).await?;
             require_ready(&s)?;
-            let request = SetSessionConfigOptionRequest { session_id: s.id.clone(), config_id: body.config_id, value_json: body.value.to_string() };
+            let request = SetSessionConfigOptionRequest { session_id: s.id.clone(), config_id: body.config_id, acp_value: body.value.to_string() };
             let answer = app.node.clone().set_session_config_option(request).await?;
             Ok(settings(&s.id, answer.into_inner()))
         }
@@ -430,7 +448,7 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, hea
 
 /// The session's modes and config options after a change.
 fn settings(session_id: &str, answer: SessionSettingResponse) -> Response {
-    let mut body: Value = serde_json::from_str(&answer.settings_json).unwrap_or_else(|_| json!({}));
+    let mut body = acp_settings(answer.settings.as_ref());
     body["session_id"] = json!(session_id);
     (StatusCode::OK, Json(body)).into_response()
 }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use agentd_proto::convert::agent_state_name;
 use agentd_proto::node::{AgentInstance, GetSessionRequest};
 
 use crate::AppState;
@@ -19,7 +20,7 @@ pub async fn observe_started(app: &AppState, s: &SessionRow, instance_id: &str, 
         container_id: &s.container_id,
         agent_id: &s.agent_id,
         agent_version: &s.agent_version,
-        state: &started.state,
+        state: agent_state_name(started.state()),
         restarts: 0,
         pid: (started.pid > 0).then_some(i64::from(started.pid)),
         error: None,
@@ -55,7 +56,7 @@ pub async fn refresh(app: &AppState, node_id: &str, timeout: Duration) -> Result
                 container_id: &c.id,
                 agent_id: &s.agent_id,
                 agent_version: &s.agent_version,
-                state: &agent.state,
+                state: agent_state_name(agent.state()),
                 restarts: i64::from(agent.restarts),
                 pid: (agent.pid > 0).then_some(i64::from(agent.pid)),
                 error: (!agent.last_error.is_empty()).then_some(agent.last_error.as_str()),

@@ -70,7 +70,7 @@ pub async fn archive_session(app: &AppState, session_id: &str) -> Result<Option<
     let mut lines: VecDeque<String> = VecDeque::new();
     let mut bytes = 0;
     if last_seq > 0 {
-        let request = StreamEventsRequest { session_id: session_id.to_string(), after_seq: 0, kinds: Vec::new() };
+        let request = StreamEventsRequest { session_id: session_id.to_string(), after_seq: 0 };
         let collect = async {
             let mut events = app.node.clone().stream_events(request).await.map_err(|s| format!("node: {}", s.message()))?.into_inner();
             while let Some(event) = events.next().await {
@@ -104,8 +104,8 @@ pub async fn archive_session(app: &AppState, session_id: &str) -> Result<Option<
 }
 
 fn line_of(e: SessionEvent) -> Result<String, String> {
-    let data = if e.data_json.is_empty() { "null".to_string() } else { e.data_json };
+    let (kind, data) = agentd_proto::events::wire(&e).ok_or_else(|| format!("event {} has no kind", e.seq))?;
     let data = RawValue::from_string(data).map_err(|err| format!("event {} is not JSON: {err}", e.seq))?;
-    let event = ArchivedEvent { seq: e.seq, kind: e.kind, run_id: e.run_id, ts_ms: e.ts_ms, data };
+    let event = ArchivedEvent { seq: e.seq, kind: kind.to_string(), run_id: e.run_id, ts_ms: e.ts_ms, data };
     serde_json::to_string(&event).map_err(|err| err.to_string())
 }

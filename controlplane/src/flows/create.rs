@@ -9,6 +9,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use agentd_proto::common::PermissionMode;
 use agentd_proto::node::{AgentInstance, AgentPlan, CreateSandboxRequest, CreateSessionRequest, DeleteSandboxRequest, SandboxPlan, StartAgentRequest};
 
 use super::{agent_deadline, deadline, fence, failed, within, node_error, ok, store_error, test_pause, transient};
@@ -53,6 +54,15 @@ pub struct Payload {
     pub additional_directories: Vec<String>,
 }
 
+/// The session's permission policy (checked by the API: allow, deny, ask).
+fn permission_mode(policy: &str) -> PermissionMode {
+    match policy {
+        "allow" => PermissionMode::Allow,
+        "deny" => PermissionMode::Deny,
+        _ => PermissionMode::Ask,
+    }
+}
+
 impl Payload {
     pub fn new(compiled: &Compiled, session_id: &str, agent_instance_id: &str, permissions: (String, u32), open: &OpenOptions) -> Self {
         Self {
@@ -82,9 +92,9 @@ impl Payload {
             agent_instance_id: agent_instance_id.to_string(),
             session_id: self.session_id.clone(),
             cwd: self.working_dir.clone(),
-            permission_policy: self.permission_policy.clone(),
+            permission_mode: permission_mode(&self.permission_policy).into(),
             permission_timeout_ms: self.permission_timeout_ms,
-            mcp_servers_json: self.mcp_servers_json.clone(),
+            acp_mcp_servers: self.mcp_servers_json.clone(),
             load_acp_session_id: self.load_acp_session_id.clone(),
             resume_acp_session_id: self.resume_acp_session_id.clone(),
             additional_directories: self.additional_directories.clone(),

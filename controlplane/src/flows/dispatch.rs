@@ -49,7 +49,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         container_id: ctx.entity_id.clone(),
         session_id: payload.session_id.clone(),
         run_id: payload.run_id.clone(),
-        prompt_json: payload.prompt_json.clone(),
+        acp_prompt: payload.prompt_json.clone(),
         fence: fence(&ctx, "prompt"),
     };
     match within(deadline(&app), app.node.clone().prompt(request)).await {
