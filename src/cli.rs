@@ -21,6 +21,11 @@ pub enum Command {
     Node(NodeArgs),
     /// The control plane alone, against a node's socket.
     Server(ServerArgs),
+    /// Checks this host for what agentd needs, with the settings `up` would use.
+    Doctor(DoctorArgs),
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Sandboxes for operators and tests (`agentd sandbox run --help`).
     #[command(disable_help_flag = true)]
     Sandbox {
@@ -116,6 +121,14 @@ pub struct ApiArgs {
     pub registry_sync_interval_ms: u64,
 }
 
+impl ApiArgs {
+    /// The PostgreSQL URL, if one is given: an empty one (`database_url = ""`
+    /// in the config file) means the embedded store, as no URL does.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_deref().filter(|url| !url.is_empty())
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
@@ -146,4 +159,25 @@ pub struct ServerArgs {
     /// Unix socket of the node to schedule onto.
     #[arg(long, env = "AGENTD_NODE_SOCKET")]
     pub node_socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The settings `agentd up` takes (state dir, id ranges, database, ...),
+    /// from the same flags, environment and config file.
+    #[command(flatten)]
+    pub up: UpArgs,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Checks a config file: unknown keys and bad values, with their line
+    /// and column.
+    Check {
+        /// The file (default: $AGENTD_CONFIG, else /etc/agentd/agentd.toml).
+        file: Option<PathBuf>,
+    },
 }

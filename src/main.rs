@@ -9,25 +9,50 @@
 //! listed here too, for `agentd --help`, and run in process if this binary
 //! is called with them ([`agentd_sandbox::main`]); the node starts its
 //! zygote from `agentd` ([`sandbox_bin`]).
+//!
+//! Layout: [`cli`] (flags), [`config`] (the config file and its key table),
+//! `commands/` (one module per subcommand), [`doctor`] (`agentd doctor`'s
+//! host checks, one module per concern).
 
 mod cli;
 mod commands;
 mod config;
+mod doctor;
 mod sandbox_bin;
+
+use std::process::ExitCode;
 
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
-    if matches!(std::env::args_os().nth(1).as_deref().and_then(|a| a.to_str()), Some("sandbox-init" | "sandbox")) {
-        return agentd_sandbox::main();
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, whatever RUST_BACKTRACE says: an error here is for
+            // the operator (a bad config, a port in use), not a crash.
+            eprintln!("agentd: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    config::load_into_env()?;
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let first = std::env::args_os().nth(1);
+    let first = first.as_deref().and_then(|a| a.to_str());
+    if matches!(first, Some("sandbox-init" | "sandbox")) {
+        return agentd_sandbox::main().map(|()| ExitCode::SUCCESS);
+    }
+    // `config check` reads the file itself (perhaps another one): a broken
+    // default file must not stop it from saying what is broken.
+    let loaded = if first == Some("config") { None } else { config::load_into_env()? };
     let cli = cli::Cli::parse();
     match cli.command {
-        cli::Command::Up(args) => commands::up::run(args),
-        cli::Command::Node(args) => commands::node::run(args),
-        cli::Command::Server(args) => commands::server::run(args),
+        cli::Command::Up(args) => commands::up::run(args).map(|()| ExitCode::SUCCESS),
+        cli::Command::Node(args) => commands::node::run(args).map(|()| ExitCode::SUCCESS),
+        cli::Command::Server(args) => commands::server::run(args).map(|()| ExitCode::SUCCESS),
+        cli::Command::Doctor(args) => commands::doctor::run(args, loaded),
+        cli::Command::Config(command) => commands::config::run(command),
         // Dispatched above, before parsing.
-        cli::Command::Sandbox { .. } | cli::Command::SandboxInit { .. } => agentd_sandbox::main(),
+        cli::Command::Sandbox { .. } | cli::Command::SandboxInit { .. } => agentd_sandbox::main().map(|()| ExitCode::SUCCESS),
     }
 }

@@ -9,6 +9,7 @@ mod architecture;
 mod archive;
 mod audit;
 mod bad_input;
+mod doctor;
 mod durability;
 mod hostile;
 mod multi_session;

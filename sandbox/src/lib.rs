@@ -16,6 +16,10 @@ pub mod daemon;
 mod ids;
 mod run;
 
+/// The first host id `sandbox run` gives its command; the node's ranges
+/// (`--id-base` onwards) stay below it (`agentd doctor` checks).
+pub use ids::FIRST_ID;
+
 use agentd_builder::Pid1;
 use agentd_harden::Hardening;
 use clap::Parser;

@@ -1,5 +1,7 @@
 //! One module per subcommand, plus what they share.
 
+pub mod config;
+pub mod doctor;
 pub mod node;
 pub mod server;
 pub mod up;
@@ -115,8 +117,8 @@ pub fn fleet_config(api: &crate::cli::ApiArgs) -> agentd_controlplane::flows::no
 /// SQLite file in the state dir.
 pub async fn open_store(api: &crate::cli::ApiArgs, state_dir: &Path) -> anyhow::Result<agentd_controlplane::store::Store> {
     use anyhow::Context;
-    let location = match &api.database_url {
-        Some(url) => url.clone(),
+    let location = match api.database_url() {
+        Some(url) => url.to_owned(),
         None => state_dir.join("agentd.db").display().to_string(),
     };
     let store = agentd_controlplane::store::Store::open(&location).await.context("cannot open store")?;

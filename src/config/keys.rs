@@ -1,0 +1,214 @@
+//! The keys a config file may set, each with its type: the one table a new
+//! key is added to (one line), and the checks each type's values get.
+//!
+//! A key `k` becomes the environment default `AGENTD_K` (upper case), the
+//! variable its command-line flag reads, so the checks here are the file's
+//! share of what clap checks for flags and variables, plus what only makes
+//! sense in a file (paths are absolute: relative to what?).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use toml::de::DeValue;
+
+/// What a key's value must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `host:port`, as `listen` binds it.
+    SocketAddr,
+    /// A TOML integer from `min` to `max` (the flag's type bounds `max`).
+    Int { min: u64, max: u64 },
+    Bool,
+    /// An absolute path.
+    Path,
+    /// A PostgreSQL URL, or empty for the embedded SQLite store.
+    DatabaseUrl,
+    /// A registry file: an absolute path, or a file://, http:// or https:// URL.
+    Registry,
+    /// A `tracing` filter (`RUST_LOG` syntax).
+    LogFilter,
+    /// One cgroup directory name (see `agentd_cgroups::layout::check_name`).
+    CgroupName,
+}
+
+/// Milliseconds or counts a flag holds in a `u32`.
+const fn u32_from(min: u64) -> Kind {
+    Kind::Int { min, max: u32::MAX as u64 }
+}
+
+/// Milliseconds a flag holds in a `u64` (TOML integers stop at `i64::MAX`).
+const fn u64_from(min: u64) -> Kind {
+    Kind::Int { min, max: i64::MAX as u64 }
+}
+
+/// One key of the file.
+#[derive(Debug)]
+pub struct Key {
+    pub name: &'static str,
+    pub kind: Kind,
+}
+
+const fn key(name: &'static str, kind: Kind) -> Key {
+    Key { name, kind }
+}
+
+/// Every key, with the type of its flag (`src/cli.rs`). Minimums of 1 where
+/// 0 would break agentd rather than mean "never": a zero timeout fails every
+/// call, id base 0 maps host root, no ids or no sandboxes run nothing.
+pub const KEYS: &[Key] = &[
+    key("listen", Kind::SocketAddr),
+    key("state_dir", Kind::Path),
+    key("log", Kind::LogFilter),
+    key("log_json", Kind::Bool),
+    key("initialize_timeout_ms", u32_from(1)),
+    key("node_call_timeout_ms", u64_from(1)),
+    key("node_socket", Kind::Path),
+    key("database_url", Kind::DatabaseUrl),
+    key("node_check_interval_ms", u64_from(1)),
+    key("node_heartbeat_timeout_ms", u64_from(1)),
+    key("hibernate_after_ms", u64_from(0)),
+    key("container_ttl_ms", u64_from(0)),
+    key("cgroup_subtree", Kind::CgroupName),
+    key("id_base", u32_from(1)),
+    key("id_range_size", u32_from(1)),
+    key("max_sandboxes", u32_from(1)),
+    key("stop_grace_ms", u32_from(0)),
+    key("registry", Kind::Registry),
+    key("registry_sync_interval_ms", u64_from(0)),
+    key("sandbox_bin", Kind::Path),
+];
+
+pub fn find(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+/// The environment variable a key sets.
+pub fn env_name(key: &Key) -> String {
+    format!("AGENTD_{}", key.name.to_uppercase())
+}
+
+impl Key {
+    /// The value as its environment variable holds it, or what is wrong with
+    /// it (a phrase that follows the key's name: "must be ...").
+    pub fn check(&self, value: &DeValue<'_>) -> Result<String, String> {
+        let found = || describe(value);
+        match self.kind {
+            Kind::Int { min, max } => {
+                let n = match value {
+                    DeValue::Integer(i) => i128::from_str_radix(i.as_str(), i.radix()).ok(),
+                    _ => None,
+                };
+                match n {
+                    Some(n) if n >= i128::from(min) && n <= i128::from(max) => Ok(n.to_string()),
+                    _ => Err(format!("must be an integer from {min} to {max}, found {}", found())),
+                }
+            }
+            Kind::Bool => match value {
+                DeValue::Boolean(b) => Ok(b.to_string()),
+                _ => Err(format!("must be true or false, found {}", found())),
+            },
+            _ => {
+                let DeValue::String(s) = value else {
+                    return Err(format!("must be a string ({}), found {}", self.kind.what(), found()));
+                };
+                self.kind.check_str(s).map(|()| s.to_string())
+            }
+        }
+    }
+}
+
+impl Kind {
+    /// What a string of this kind is, for messages.
+    fn what(self) -> &'static str {
+        match self {
+            Kind::SocketAddr => "a socket address such as \"127.0.0.1:8080\"",
+            Kind::Path => "an absolute path",
+            Kind::DatabaseUrl => "a postgres:// URL, or empty for the embedded SQLite store",
+            Kind::Registry => "an absolute path or a file://, http:// or https:// URL",
+            Kind::LogFilter => "a log filter such as \"info,agentd_node=debug\"",
+            Kind::CgroupName => "a cgroup name of 1 to 128 letters, digits, '_' or '-'",
+            Kind::Int { .. } | Kind::Bool => "",
+        }
+    }
+
+    fn check_str(self, s: &str) -> Result<(), String> {
+        let bad = || format!("must be {}, found {s:?}", self.what());
+        match self {
+            Kind::SocketAddr => s.parse::<SocketAddr>().map(drop).map_err(|_| bad()),
+            Kind::Path => absolute(s).ok_or_else(bad),
+            Kind::DatabaseUrl => check_database_url(s).map_err(|why| format!("must be {}: {why}", self.what())),
+            Kind::Registry => match s.split_once("://") {
+                Some((scheme, rest)) if ["file", "http", "https"].contains(&scheme) && !rest.is_empty() => Ok(()),
+                Some(_) => Err(bad()),
+                None => absolute(s).ok_or_else(bad),
+            },
+            Kind::LogFilter => tracing_subscriber::EnvFilter::builder()
+                .parse(s)
+                .map(drop)
+                .map_err(|e| format!("must be {}: {e} in {s:?}", self.what())),
+            Kind::CgroupName => agentd_cgroups::layout::check_name(s).map_err(|_| bad()),
+            Kind::Int { .. } | Kind::Bool => unreachable!("not a string kind"),
+        }
+    }
+}
+
+fn absolute(s: &str) -> Option<()> {
+    (Path::new(s).is_absolute() && !s.contains('\0')).then_some(())
+}
+
+/// Empty, or a URL `Store::open` takes as PostgreSQL's. The reason never
+/// quotes the URL: it may hold a password.
+pub fn check_database_url(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return Err("no scheme".into());
+    };
+    if !scheme.eq_ignore_ascii_case("postgres") && !scheme.eq_ignore_ascii_case("postgresql") {
+        return Err(format!("scheme {scheme:?} is not postgres or postgresql"));
+    }
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // Without a host sqlx dials a local socket directory; a config file
+    // naming a database means a server.
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    Ok(())
+}
+
+/// "an integer (-5)", "a string (\"x\")", "a table": the value, where short.
+fn describe(value: &DeValue<'_>) -> String {
+    match value {
+        DeValue::String(s) => format!("the string {s:?}"),
+        DeValue::Integer(i) => format!("{i}"),
+        DeValue::Float(f) => format!("the float {}", f.as_str()),
+        DeValue::Boolean(b) => format!("{b}"),
+        DeValue::Datetime(d) => format!("the datetime {d}"),
+        DeValue::Array(_) => "an array".into(),
+        DeValue::Table(_) => "a table".into(),
+    }
+}
+
+/// The known key nearest to `name` if it is a likely typo (at most two
+/// edits away).
+pub fn suggest(name: &str) -> Option<&'static str> {
+    KEYS.iter().map(|k| (edit_distance(name, k.name), k.name)).filter(|&(d, _)| d <= 2).min().map(|(_, k)| k)
+}
+
+/// Levenshtein distance, on chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
