@@ -17,10 +17,14 @@ pub struct Cli {
 pub enum Command {
     /// Control plane and one node in one process, on the embedded store.
     Up(UpArgs),
-    /// The node daemon alone, serving the node API on a unix socket.
+    /// The node daemon alone: the node API on a unix socket, and over TCP
+    /// with mutual TLS once it joined a fleet (`--join`).
     Node(NodeArgs),
-    /// The control plane alone, against a node's socket.
+    /// The control plane alone: schedules onto the fleet's nodes.
     Server(ServerArgs),
+    /// Single-use tokens for nodes to join the fleet with.
+    #[command(subcommand, name = "join-token")]
+    JoinToken(JoinTokenCommand),
     /// Checks this host for what agentd needs, with the settings `up` would use.
     Doctor(DoctorArgs),
     /// The configuration file.
@@ -76,6 +80,34 @@ pub struct NodeFlags {
     /// (default: agentd beside agentd-daemon).
     #[arg(long, env = "AGENTD_SANDBOX_BIN")]
     pub sandbox_bin: Option<PathBuf>,
+    /// This node's id in the fleet (lower-case letters, digits, '-'); by
+    /// default the one it joined with, else "local".
+    #[arg(long, env = "AGENTD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Labels placement selects nodes by: `zone=a,disk=ssd`.
+    #[arg(long, env = "AGENTD_LABELS", value_parser = parse_labels, default_value = "")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Memory sandboxes may reserve, in bytes (default: the host's).
+    #[arg(long, env = "AGENTD_CAPACITY_MEMORY")]
+    pub capacity_memory: Option<u64>,
+    /// CPUs sandboxes may reserve (default: the host's).
+    #[arg(long, env = "AGENTD_CAPACITY_CPUS")]
+    pub capacity_cpus: Option<f64>,
+}
+
+/// `k=v,k2=v2` into labels; empty gives none.
+pub fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut labels = std::collections::BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| format!("label {pair:?} is not key=value"))?;
+        if !agentd_plan::ids::valid_label(k, v) {
+            return Err(format!("label {pair:?}: keys of letters, digits, '.', '-', '_', '/' (at most 63), values of at most 63 printable characters"));
+        }
+        if labels.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("label {k:?} is given twice"));
+        }
+    }
+    Ok(labels)
 }
 
 #[derive(Debug, Args, Clone)]
@@ -119,6 +151,10 @@ pub struct ApiArgs {
     /// start and on `POST /v1/registry:sync`.
     #[arg(long, env = "AGENTD_REGISTRY_SYNC_INTERVAL_MS", default_value_t = 3_600_000)]
     pub registry_sync_interval_ms: u64,
+    /// How a new container's node is chosen: `spread` (least loaded) or
+    /// `binpack` (most loaded that fits).
+    #[arg(long, env = "AGENTD_PLACEMENT", default_value = "spread")]
+    pub placement: agentd_controlplane::store::placement::Strategy,
 }
 
 impl ApiArgs {
@@ -148,6 +184,21 @@ pub struct NodeArgs {
     /// Unix socket of the node API (default: <state-dir>/run/node.sock).
     #[arg(long, env = "AGENTD_NODE_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// Join the fleet of the control plane at this URL (http:// or https://),
+    /// once: the certificate it issues is kept in the state directory and used
+    /// at every later start.
+    #[arg(long, env = "AGENTD_JOIN", requires = "join_token")]
+    pub join: Option<String>,
+    /// The join token `agentd join-token create` printed.
+    #[arg(long, env = "AGENTD_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Where control planes reach this node's gRPC service: `host:port`.
+    #[arg(long, env = "AGENTD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Where the node serves gRPC over mutual TLS (with a certificate from
+    /// joining).
+    #[arg(long, env = "AGENTD_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -156,9 +207,51 @@ pub struct ServerArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub api: ApiArgs,
-    /// Unix socket of the node to schedule onto.
+    /// Unix socket of a node on this host to register and schedule onto,
+    /// besides the fleet's joined nodes.
     #[arg(long, env = "AGENTD_NODE_SOCKET")]
-    pub node_socket: PathBuf,
+    pub node_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCommand {
+    /// Makes a single-use join token and prints it as the last line.
+    Create(JoinTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JoinTokenArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The fleet's PostgreSQL (postgres://...); without it, the embedded
+    /// store in the state directory.
+    #[arg(long, env = "AGENTD_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// How long the token may be used: `30m`, `1h`, `7d`.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: std::time::Duration,
+    /// A note kept with the token (which node it is for).
+    #[arg(long, default_value = "")]
+    pub description: String,
+}
+
+/// `90s`, `30m`, `1h`, `7d`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{text:?} is not a duration such as 30m, 1h or 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?} is not a duration such as 30m, 1h or 7d")),
+    };
+    if secs == 0 {
+        return Err("a duration must be positive".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Debug, Args)]

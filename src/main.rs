@@ -18,6 +18,7 @@ mod cli;
 mod commands;
 mod config;
 mod doctor;
+mod join;
 mod sandbox_bin;
 
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ fn run() -> anyhow::Result<ExitCode> {
         cli::Command::Up(args) => commands::up::run(args).map(|()| ExitCode::SUCCESS),
         cli::Command::Node(args) => commands::node::run(args).map(|()| ExitCode::SUCCESS),
         cli::Command::Server(args) => commands::server::run(args).map(|()| ExitCode::SUCCESS),
+        cli::Command::JoinToken(command) => commands::join_token::run(command).map(|()| ExitCode::SUCCESS),
         cli::Command::Doctor(args) => commands::doctor::run(args, loaded),
         cli::Command::Config(command) => commands::config::run(command),
         // Dispatched above, before parsing.

@@ -10,12 +10,16 @@
 //! - [`plan`]: compiles a session request (agent, profile, session options)
 //!   into the sandbox and agent plans a node executes.
 //! - [`store`]: containers, sessions and runs, behind enforced state machines.
-//! - [`runs`]: follows each live session's event log and records run ends.
+//! - [`fleet`]: a client per node, and each node's journal (turn ends,
+//!   sandboxes lost) recorded by the control plane holding its watch.
 //! - [`flows`]: the API's workflows (session create, container delete) as
 //!   outbox steps, and the API's wait for their outcome.
 //! - [`teardown`]: recording containers gone; direct deletion on shutdown.
 //! - [`workflow`]: the outbox runner: steps written with their state change,
 //!   claimed under fenced leases, retried with backoff.
+//!
+//! - [`process`]: [`process::ControlPlane`], one control plane wired from its
+//!   settings; both binaries start theirs with it.
 //!
 //! [`serve`] runs the API until shutdown; [`app`] builds the router alone.
 
@@ -51,10 +55,11 @@ macro_rules! backend_suite {
 pub mod agent_registry;
 pub mod agent_spec;
 pub mod api;
+pub mod fleet;
 pub mod flows;
 pub mod mcp;
 pub mod plan;
-pub mod runs;
+pub mod process;
 pub mod store;
 pub mod teardown;
 pub mod workflow;
@@ -65,10 +70,8 @@ mod outage_tests;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use agentd_proto::node::node_client::NodeClient;
 use agentd_proto::node::GetSandboxRequest;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use store::Store;
 use store::states::container;
@@ -79,9 +82,10 @@ pub use agentd_plan::new_id;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub node: NodeClient<Channel>,
-    /// The node this control plane schedules onto (one, until the fleet lands).
-    pub node_id: String,
+    /// A client per node of the fleet.
+    pub nodes: fleet::Nodes,
+    /// How a new container's node is chosen.
+    pub placement: store::placement::Strategy,
     pub defaults: plan::PlanDefaults,
     /// Deadline of each node call a workflow step makes (calls that wait
     /// for the agent get `initialize_timeout` on top): past it the attempt
@@ -128,7 +132,10 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
                 tracing::info!(container = c.id, state = c.state, "interrupted work resumes on the runner");
                 continue;
             }
-            let known = state.node.clone().get_sandbox(GetSandboxRequest { container_id: c.id.clone() }).await;
+            let known = match state.nodes.client(&c.node_id).await {
+                Ok(client) => client.clone().get_sandbox(GetSandboxRequest { container_id: c.id.clone() }).await,
+                Err(e) => Err(e),
+            };
             match known {
                 Ok(_) if c.state == container::STOPPING => {
                     // Its delete step failed for good: try once more now.
@@ -136,13 +143,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
                         tracing::warn!(container = c.id, error = ?e, "cannot finish deleting container");
                     }
                 }
-                Ok(_) => {
-                    for s in state.store.sessions_of_container(&c.id).await? {
-                        if s.state == store::states::session::READY {
-                            runs::watch_session(state.clone(), s.id);
-                        }
-                    }
-                }
+                Ok(_) => {}
                 Err(status) if status.code() == tonic::Code::NotFound => {
                     tracing::warn!(container = c.id, "node no longer runs this sandbox; recording it gone");
                     if c.state == container::PROVISIONING {
@@ -190,6 +191,7 @@ pub async fn start_workflows(
     let runner_store = state.store.with_own_pool(u32::try_from(config.workers).unwrap_or(64) + 4);
     let runner_state = AppState { store: runner_store.clone(), ..state.clone() };
     tokio::spawn(flows::node_check::schedule(runner_state.clone(), fleet, shutdown.clone()));
+    tokio::spawn(fleet::watch::run(runner_state.clone(), config.owner.clone(), fleet::watch::WatchConfig::default(), shutdown.clone()));
     if let Some(interval) = fleet.registry_sync_interval {
         tokio::spawn(flows::registry_sync::schedule(runner_state.clone(), interval, shutdown.clone()));
     }

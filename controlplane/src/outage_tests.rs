@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use agentd_proto::node::node_client::NodeClient;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use serde_json::{Value, json};
@@ -20,12 +19,12 @@ use crate::store::Store;
 use crate::workflow::{Backoff, Registry, Runner, RunnerConfig};
 use crate::{AppState, app};
 
-fn state(store: &Store, dir: &std::path::Path) -> AppState {
+fn state(store: &Store) -> AppState {
     AppState {
         store: store.clone(),
-        // No node answers here: these requests never reach one.
-        node: NodeClient::new(agentd_proto::unix::lazy_channel(&dir.join("no-node.sock"))),
-        node_id: "local".into(),
+        // No node is registered: these requests never reach one.
+        nodes: crate::fleet::Nodes::new(store.clone(), None),
+        placement: Default::default(),
         defaults: crate::plan::PlanDefaults { initialize_timeout_ms: 1_000 },
         node_call_timeout: std::time::Duration::from_secs(5),
         registry_source: None,
@@ -48,8 +47,7 @@ async fn get(state: &AppState, path: &str) -> (StatusCode, Option<String>, Optio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_answers_503_while_the_store_is_down_and_recovers() {
     let (mut pg, store) = postgres().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = state(&store, dir.path());
+    let state = state(&store);
     store.insert_container("ctr_1", "local", "{}").await.unwrap();
     assert_eq!(get(&state, "/v1/containers/ctr_1").await.0, StatusCode::OK);
 

@@ -11,7 +11,8 @@ use crate::store::StoreError;
 use crate::store::states::session;
 
 pub async fn delete_container(app: &AppState, container_id: &str, reason: &str) -> Result<(), Problem> {
-    app.node.clone().delete_sandbox(DeleteSandboxRequest { container_id: container_id.to_string(), fence: None }).await?;
+    let (_, node) = app.nodes.of_container(container_id).await?;
+    node.clone().delete_sandbox(DeleteSandboxRequest { container_id: container_id.to_string(), fence: None }).await?;
     record_gone(app, container_id, reason).await?;
     Ok(())
 }

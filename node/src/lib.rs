@@ -10,6 +10,8 @@
 //! - [`event_log`]: each session's append-only event log (memory and a JSONL
 //!   file), from which clients resume by sequence number.
 //! - [`sessions`]: ACP sessions on this node and the turn running on each.
+//! - [`journal`]: what the control plane must record from this node, in
+//!   order: each turn's end, each sandbox lost; the one path run ends take.
 //! - [`fence`]: epoch fencing and idempotency keys of workflow steps' calls.
 //! - `oom`: turns OOM kills in a sandbox's cgroup into `sandbox.oom` events.
 //! - [`service`]: the `Node` gRPC service.
@@ -19,6 +21,7 @@
 pub mod bundles;
 pub mod event_log;
 pub mod fence;
+pub mod journal;
 mod oom;
 pub mod sandboxes;
 pub mod service;
@@ -29,6 +32,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use agentd_proto::node::SandboxLost;
+use agentd_proto::node::journal_entry::Fact;
 use agentd_proto::node::node_server::NodeServer;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -58,6 +63,14 @@ pub struct NodeConfig {
     /// How long agents get between SIGTERM and SIGKILL when their sandbox is
     /// deleted or the node stops; zero kills them at once.
     pub stop_grace: std::time::Duration,
+    /// This node's id in the fleet (a DNS label).
+    pub node_id: String,
+    /// Labels placement selects nodes by.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// What the node offers sandboxes; unset parts are measured from the
+    /// host at start (memory, CPUs) or are `max_sandboxes` (slots).
+    pub capacity_memory: Option<u64>,
+    pub capacity_cpus: Option<f64>,
 }
 
 impl NodeConfig {
@@ -73,6 +86,10 @@ impl NodeConfig {
             proc_root: "/proc".into(),
             cgroup_subtree: "agentd".into(),
             stop_grace: std::time::Duration::from_secs(2),
+            node_id: "local".into(),
+            labels: Default::default(),
+            capacity_memory: None,
+            capacity_cpus: None,
         }
     }
 }
@@ -85,6 +102,8 @@ pub struct Node {
     pub fences: fence::Fences,
     /// Containers being created or starting an agent: what they are doing.
     pub setups: setup::Setups,
+    /// Turn ends and lost sandboxes, for the control plane to record.
+    pub journal: Arc<journal::Journal>,
 }
 
 impl Node {
@@ -92,9 +111,14 @@ impl Node {
     /// and removes what an earlier run left behind.
     pub async fn start(config: NodeConfig) -> std::io::Result<Arc<Self>> {
         sandboxes::become_subreaper()?;
-        let sandboxes = sandboxes::Sandboxes::open(config).await?;
+        let journal = Arc::new(journal::Journal::open(&config.state_dir)?);
+        let (sandboxes, lost) = sandboxes::Sandboxes::open(config).await?;
+        for container_id in lost {
+            let reason = "the node restarted and its sandbox was stopped".to_string();
+            journal.append(Fact::SandboxLost(SandboxLost { container_id, reason }));
+        }
         let sessions = Arc::new(sessions::Sessions::default());
-        let node = Arc::new(Self { sandboxes, sessions, fences: fence::Fences::default(), setups: setup::Setups::default() });
+        let node = Arc::new(Self { sandboxes, sessions, fences: fence::Fences::default(), setups: setup::Setups::default(), journal });
         oom::watch(Arc::downgrade(&node));
         Ok(node)
     }
@@ -115,26 +139,54 @@ impl Node {
     }
 }
 
-/// Serves the node on the unix socket `socket` until `shutdown` resolves.
+/// Where the node serves besides its unix socket: TCP with mutual TLS, for
+/// control planes on other machines.
+pub struct TcpListen {
+    pub listener: tokio::net::TcpListener,
+    /// The node's certificate and key, and the cluster CA whose
+    /// control-plane certificates alone it accepts.
+    pub tls: tonic::transport::ServerTlsConfig,
+}
+
+/// Serves the node on the unix socket `socket`, and on `tcp` if given,
+/// until `shutdown` resolves.
 ///
-/// Sandboxes are stopped before the server drains: that closes every session
-/// log, which ends the event streams a graceful shutdown would otherwise wait
-/// for forever.
-pub async fn serve(node: Arc<Node>, socket: &Path, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+/// Sandboxes are stopped before the servers drain: that closes every session
+/// log and the journal, which ends the streams a graceful shutdown would
+/// otherwise wait for forever.
+pub async fn serve(node: Arc<Node>, socket: &Path, tcp: Option<TcpListen>, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)?;
-    let svc = service::NodeService::new(Arc::clone(&node));
+    let stopped = tokio_util::sync::CancellationToken::new();
     let stop = {
         let node = Arc::clone(&node);
+        let stopped = stopped.clone();
         async move {
             shutdown.await;
             node.stop_all().await;
+            node.journal.close();
+            stopped.cancel();
         }
     };
-    let served = tonic::transport::Server::builder()
-        .add_service(NodeServer::new(svc))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
-        .await;
+    let local = tonic::transport::Server::builder()
+        .add_service(NodeServer::new(service::NodeService::new(Arc::clone(&node))))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop);
+    let remote = async {
+        let Some(tcp) = tcp else { return Ok(()) };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp.listener);
+        tonic::transport::Server::builder()
+            .tls_config(tcp.tls)
+            .map_err(std::io::Error::other)?
+            // A control plane that vanished mid-stream is noticed.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .add_service(NodeServer::new(service::NodeService::new(Arc::clone(&node))))
+            .serve_with_incoming_shutdown(incoming, stopped.cancelled_owned())
+            .await
+            .map_err(std::io::Error::other)
+    };
+    let (served, remote) = tokio::join!(local, remote);
     let _ = std::fs::remove_file(socket);
-    served.map_err(std::io::Error::other)
+    served.map_err(std::io::Error::other)?;
+    remote
 }

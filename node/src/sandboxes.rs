@@ -277,7 +277,9 @@ fn internal(e: impl std::fmt::Display) -> Status {
 }
 
 impl Sandboxes {
-    pub async fn open(config: NodeConfig) -> std::io::Result<Arc<Self>> {
+    /// Opens the table; also returns the ids of the sandboxes an earlier
+    /// node process left, which are gone now.
+    pub async fn open(config: NodeConfig) -> std::io::Result<(Arc<Self>, Vec<String>)> {
         let root = config.state_dir.join("sandboxes");
         std::fs::create_dir_all(&root)?;
         let free_slots = (0..config.max_sandboxes).collect();
@@ -299,6 +301,7 @@ impl Sandboxes {
             bundles,
         });
         let leftovers = this.clean_leftovers(&root).await;
+        let lost = leftovers.iter().map(|(record, _)| record.id.clone()).collect();
         let report = this.cgroups.clean_leftovers();
         if !report.removed.is_empty() || !report.failed.is_empty() {
             tracing::warn!(removed = ?report.removed, failed = ?report.failed, "cleaned cgroups an earlier node left");
@@ -318,7 +321,7 @@ impl Sandboxes {
             }
         }
         this.refill_spare().await;
-        Ok(this)
+        Ok((this, lost))
     }
 
     /// Makes the spare cgroups and parks a worker in them, unless there is
@@ -376,6 +379,19 @@ impl Sandboxes {
             }
         }
         leftovers
+    }
+
+    /// What this node offers sandboxes: the flags' figures, else the host's.
+    pub fn capacity(&self) -> agentd_proto::node::NodeCapacity {
+        agentd_proto::node::NodeCapacity {
+            slots: self.config.max_sandboxes,
+            memory_bytes: self.config.capacity_memory.unwrap_or(self.host.memory_bytes),
+            cpus: self.config.capacity_cpus.unwrap_or(self.host.cpus),
+        }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, Status> {

@@ -9,6 +9,7 @@ use agentd_proto::node::*;
 use agentd_proto::supervisor::supervisor_client::SupervisorClient;
 use agentd_proto::supervisor::{self as sup, prompt_event};
 use agentd_proto::common;
+use agentd_proto::node::journal_entry::Fact;
 use agentd_proto::node::session_event::Event;
 use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
@@ -16,6 +17,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::Node;
 use crate::event_log::EventLog;
+use crate::journal::Journal;
 use crate::sandboxes::{Sandbox as NodeSandbox, valid_id};
 use crate::sessions::NodeSession;
 
@@ -149,12 +151,12 @@ impl NodeService {
         };
         match sandbox.supervisor.clone().prompt(request).await {
             Ok(events) => {
-                tokio::spawn(pump_turn(Arc::clone(&session), Arc::clone(&sandbox), r.run_id.clone(), events.into_inner()));
+                let journal = Arc::clone(&self.node.journal);
+                tokio::spawn(pump_turn(journal, Arc::clone(&session), Arc::clone(&sandbox), r.run_id.clone(), events.into_inner()));
                 Ok(PromptAccepted { run_id: r.run_id })
             }
             Err(e) => {
-                log.append(&r.run_id, failed(e.message(), ""));
-                session.end_run();
+                end_turn(&self.node.journal, &session, &r.run_id, failed(e.message(), ""));
                 Err(e)
             }
         }
@@ -162,14 +164,34 @@ impl NodeService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<SessionEvent, Status>> + Send>>;
+type JournalStream = Pin<Box<dyn Stream<Item = Result<JournalEntry, Status>> + Send>>;
 
 fn failed(error: impl Into<String>, code: &str) -> Event {
     Event::RunFailed(RunFailed { error: error.into(), code: code.to_string() })
 }
 
+/// Ends the session's turn with `end` (`run.completed` or `run.failed`): in
+/// its log for clients, in the journal for the control plane (the one path
+/// a run's end takes to the store), then frees the session for the next turn.
+fn end_turn(journal: &Journal, session: &NodeSession, run_id: &str, end: Event) {
+    let outcome = match &end {
+        Event::RunCompleted(c) => run_ended::Outcome::Completed(c.clone()),
+        Event::RunFailed(f) => run_ended::Outcome::Failed(f.clone()),
+        other => unreachable!("a turn ends with run.completed or run.failed, not {}", agentd_proto::events::kind(other)),
+    };
+    session.log.append(run_id, end);
+    journal.append(Fact::RunEnded(RunEnded {
+        container_id: session.container_id.clone(),
+        session_id: session.session_id.clone(),
+        run_id: run_id.to_string(),
+        outcome: Some(outcome),
+    }));
+    session.end_run();
+}
+
 /// Copies one turn's events from the supervisor into the session's log, and
 /// makes sure the log gets exactly one terminal event whatever happens.
-async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id: String, mut events: Streaming<sup::PromptEvent>) {
+async fn pump_turn(journal: Arc<Journal>, session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id: String, mut events: Streaming<sup::PromptEvent>) {
     let log = &session.log;
     let oom_before = sandbox.oom_kills();
     // A turn whose agent died in an OOM kill says so, never just "exited".
@@ -181,20 +203,18 @@ async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id:
             error.to_string()
         }
     };
-    let mut ended = false;
+    let mut end = None;
     while let Some(item) = events.next().await {
         match item.map(|e| e.event) {
             Ok(Some(prompt_event::Event::AcpUpdate(update))) => {
                 log.append(&run_id, Event::SessionUpdate(SessionUpdate { acp_update: update }));
             }
             Ok(Some(prompt_event::Event::StopReason(stop_reason))) => {
-                log.append(&run_id, Event::RunCompleted(RunCompleted { stop_reason }));
-                ended = true;
+                end = Some(Event::RunCompleted(RunCompleted { stop_reason }));
                 break;
             }
             Ok(Some(prompt_event::Event::Error(error))) => {
-                log.append(&run_id, failed(explain(&error), ""));
-                ended = true;
+                end = Some(failed(explain(&error), ""));
                 break;
             }
             Ok(Some(prompt_event::Event::PermissionRequested(e))) => {
@@ -213,11 +233,8 @@ async fn pump_turn(session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id:
             }
         }
     }
-    if !ended {
-        let error = explain("the sandbox stopped during the run");
-        log.append(&run_id, failed(error, "sandbox_stopped"));
-    }
-    session.end_run();
+    let end = end.unwrap_or_else(|| failed(explain("the sandbox stopped during the run"), "sandbox_stopped"));
+    end_turn(&journal, &session, &run_id, end);
 }
 
 impl NodeService {
@@ -273,6 +290,18 @@ impl node_server::Node for NodeService {
 
     async fn get_sandbox(&self, req: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
         Ok(Response::new(self.node.sandboxes.get(&req.into_inner().container_id)?.info()))
+    }
+
+    async fn get_node_info(&self, _req: Request<GetNodeInfoRequest>) -> Result<Response<NodeInfo>, Status> {
+        let config = self.node.sandboxes.config();
+        Ok(Response::new(NodeInfo {
+            node_id: config.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: config.labels.clone().into_iter().collect(),
+            capacity: Some(self.node.sandboxes.capacity()),
+            sandboxes: self.node.sandboxes.list().iter().map(|s| s.info()).collect(),
+            journal_id: self.node.journal.id().to_string(),
+        }))
     }
 
     async fn list_sandboxes(&self, _req: Request<ListSandboxesRequest>) -> Result<Response<ListSandboxesResponse>, Status> {
@@ -442,6 +471,13 @@ impl node_server::Node for NodeService {
     }
 
     type StreamEventsStream = EventStream;
+    type WatchJournalStream = JournalStream;
+
+    async fn watch_journal(&self, req: Request<WatchJournalRequest>) -> Result<Response<Self::WatchJournalStream>, Status> {
+        let r = req.into_inner();
+        let stream = Arc::clone(&self.node.journal).follow(&r.journal_id, r.after_seq).map(|e| Ok((*e).clone()));
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn stream_events(&self, req: Request<StreamEventsRequest>) -> Result<Response<Self::StreamEventsStream>, Status> {
         let r = req.into_inner();

@@ -15,12 +15,7 @@ pub const NODE_DNS_SUFFIX: &str = ".node.agentd";
 /// that does not end in `-` (a label that does is not a valid DNS name, and the
 /// control plane could not dial it by name).
 pub fn valid_node_id(id: &str) -> bool {
-    let bytes = id.as_bytes();
-    let allowed = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
-    matches!(bytes.first(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
-        && bytes.len() <= 63
-        && bytes.iter().all(allowed)
-        && !id.ends_with('-')
+    agentd_plan::ids::valid_node_id(id)
 }
 
 /// A node id that [`valid_node_id`] refuses.

@@ -31,6 +31,10 @@ pub enum ProfileError {
     Limit(#[from] LimitsError),
     #[error("seccomp policy is not valid: {0}")]
     Seccomp(String),
+    #[error("node_id {0:?} is not a node id (lower-case letters, digits and '-', at most 63)")]
+    BadNodeId(String),
+    #[error("node_selector label {0:?} is not valid: keys of letters, digits, '.', '-', '_', '/' (at most 63), values at most 63 printable characters")]
+    BadLabel(String),
 }
 
 /// `256M`, `1G`, `512K`, `1048576` (binary units).
@@ -64,6 +68,10 @@ struct Input {
     rootfs: Option<String>,
     #[serde(default)]
     seccomp: Option<Value>,
+    #[serde(default)]
+    node_id: Option<String>,
+    #[serde(default)]
+    node_selector: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn memory(value: &Value) -> Result<u64, ProfileError> {
@@ -97,6 +105,10 @@ pub struct Profile {
     /// A custom seccomp policy for the agents (its shape checked; the node
     /// compiles it).
     pub seccomp: Option<SeccompPolicy>,
+    /// The node the container must run on (the original agentd's field).
+    pub node_id: Option<String>,
+    /// Labels the container's node must carry, each with this value.
+    pub node_selector: std::collections::BTreeMap<String, String>,
 }
 
 impl Profile {
@@ -117,7 +129,15 @@ impl Profile {
             Some(r) => return Err(ProfileError::RelativeRootfs(r)),
         };
         let seccomp = input.seccomp.as_ref().map(SeccompPolicy::from_json).transpose().map_err(ProfileError::Seccomp)?;
-        Ok(Profile { memory_bytes, pids_max, cpus, network, rootfs, seccomp })
+        let node_id = match input.node_id {
+            Some(id) if !crate::ids::valid_node_id(&id) => return Err(ProfileError::BadNodeId(id)),
+            other => other,
+        };
+        let node_selector = input.node_selector.unwrap_or_default();
+        if let Some((k, v)) = node_selector.iter().find(|(k, v)| !crate::ids::valid_label(k, v)) {
+            return Err(ProfileError::BadLabel(format!("{k}={v}")));
+        }
+        Ok(Profile { memory_bytes, pids_max, cpus, network, rootfs, seccomp, node_id, node_selector })
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod doctor;
+pub mod join_token;
 pub mod node;
 pub mod server;
 pub mod up;
@@ -73,7 +74,29 @@ pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow
     config.id_range_size = flags.id_range_size;
     config.max_sandboxes = flags.max_sandboxes;
     config.stop_grace = std::time::Duration::from_millis(flags.stop_grace_ms.into());
+    config.node_id = flags.node_id.clone().unwrap_or_else(|| "local".into());
+    anyhow::ensure!(agentd_plan::ids::valid_node_id(&config.node_id), "--node-id {:?} is not a node id: lower-case letters, digits and '-', at most 63", config.node_id);
+    config.labels = flags.labels.clone();
+    config.capacity_memory = flags.capacity_memory;
+    config.capacity_cpus = flags.capacity_cpus;
+    if let Some(cpus) = flags.capacity_cpus {
+        anyhow::ensure!(cpus.is_finite() && cpus > 0.0, "--capacity-cpus must be a positive number");
+    }
     Ok(config)
+}
+
+/// A control plane's settings from the flags, on `store`.
+pub fn control_plane_settings(api: &crate::cli::ApiArgs, state_dir: &Path, store: agentd_controlplane::store::Store) -> agentd_controlplane::process::Settings {
+    agentd_controlplane::process::Settings {
+        store,
+        runner: runner_config(state_dir),
+        defaults: agentd_controlplane::plan::PlanDefaults { initialize_timeout_ms: api.initialize_timeout_ms },
+        node_call_timeout: std::time::Duration::from_millis(api.node_call_timeout_ms.max(1)),
+        registry_source: api.registry.clone(),
+        fleet: fleet_config(api),
+        placement: api.placement,
+        tls: true,
+    }
 }
 
 pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {

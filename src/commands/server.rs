@@ -1,11 +1,10 @@
-//! `agentd server`: the control plane alone, scheduling onto one node's socket.
+//! `agentd server`: the control plane alone. It schedules onto the fleet's
+//! joined nodes (over mutual TLS), and onto a node on this host's unix
+//! socket if `--node-socket` names one.
 
-use agentd_controlplane::{AppState, plan::PlanDefaults};
-use agentd_proto::node::node_client::NodeClient;
 use anyhow::Context;
-use tokio_util::sync::CancellationToken;
 
-use super::{init_tracing, prepare_state_dir, runtime, shutdown_signal};
+use super::{control_plane_settings, init_tracing, prepare_state_dir, runtime, shutdown_signal};
 use crate::cli::ServerArgs;
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -13,30 +12,15 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         prepare_state_dir(&args.common.state_dir)?;
         let store = super::open_store(&args.api, &args.common.state_dir).await?;
-        let state = AppState {
-            store: store.clone(),
-            node: NodeClient::new(agentd_proto::unix::lazy_channel(&args.node_socket)),
-            node_id: "local".into(),
-            defaults: PlanDefaults { initialize_timeout_ms: args.api.initialize_timeout_ms },
-            node_call_timeout: std::time::Duration::from_millis(args.api.node_call_timeout_ms.max(1)),
-            registry_source: args.api.registry.clone(),
-            http: agentd_controlplane::agent_registry::http_client(),
-            shutdown: CancellationToken::new(),
-            audit: agentd_controlplane::api::audit::AuditLog::start(store.clone()),
-            steps: agentd_controlplane::workflow::InlineConfig::of(&super::runner_config(&args.common.state_dir)),
-        };
-        agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
-        agentd_controlplane::sync_registry_at_start(&state).await;
-        let runner_stop = CancellationToken::new();
-        let runner = agentd_controlplane::start_workflows(&state, super::runner_config(&args.common.state_dir), super::fleet_config(&args.api), runner_stop.clone())
-            .await
-            .context("cannot start the workflow runner")?;
-        let served = agentd_controlplane::serve(state.clone(), args.api.listen, shutdown_signal()).await;
-        state.audit.close().await;
-        runner_stop.cancel();
-        if let Err(e) = runner.await {
-            tracing::error!(error = %e, "workflow runner panicked");
+        if let Some(socket) = &args.node_socket {
+            let node_id = agentd_controlplane::fleet::nodes::register_unix_node(&store, socket).await.map_err(anyhow::Error::msg)?;
+            tracing::info!(node_id, socket = %socket.display(), "node on this host registered");
         }
+        let cp = agentd_controlplane::process::ControlPlane::start(control_plane_settings(&args.api, &args.common.state_dir, store.clone()))
+            .await
+            .context("cannot start the control plane")?;
+        let served = cp.serve(args.api.listen, shutdown_signal()).await;
+        cp.stop().await;
         store.close().await;
         served?;
         Ok(())

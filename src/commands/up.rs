@@ -1,15 +1,13 @@
 //! `agentd up`: one node and the control plane in one process. They still talk
 //! gRPC over a unix socket, so the same code paths serve one machine and a
-//! fleet.
+//! fleet (nodes on other machines may join it too).
 
 use std::sync::Arc;
 
-use agentd_controlplane::{AppState, plan::PlanDefaults};
-use agentd_proto::node::node_client::NodeClient;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::{init_tracing, node_config, node_socket, prepare_state_dir, runtime, shutdown_signal};
+use super::{control_plane_settings, init_tracing, node_config, node_socket, prepare_state_dir, runtime, shutdown_signal};
 use crate::cli::UpArgs;
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -37,36 +35,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         let node = Arc::clone(&node);
         let socket = socket.clone();
         let stop = node_stop.clone();
-        async move { agentd_node::serve(node, &socket, stop.cancelled_owned()).await }
+        async move { agentd_node::serve(node, &socket, None, stop.cancelled_owned()).await }
     });
 
     let store = super::open_store(&args.api, state_dir).await?;
-    let state = AppState {
-        store: store.clone(),
-        node: NodeClient::new(agentd_proto::unix::lazy_channel(&socket)),
-        node_id: "local".into(),
-        defaults: PlanDefaults { initialize_timeout_ms: args.api.initialize_timeout_ms },
-        node_call_timeout: std::time::Duration::from_millis(args.api.node_call_timeout_ms.max(1)),
-        registry_source: args.api.registry.clone(),
-        http: agentd_controlplane::agent_registry::http_client(),
-        shutdown: CancellationToken::new(),
-        audit: agentd_controlplane::api::audit::AuditLog::start(store.clone()),
-        steps: agentd_controlplane::workflow::InlineConfig::of(&super::runner_config(state_dir)),
-    };
-    agentd_controlplane::reconcile(&state).await.context("cannot reconcile store with node")?;
-    agentd_controlplane::sync_registry_at_start(&state).await;
-    let runner_stop = CancellationToken::new();
-    let runner = agentd_controlplane::start_workflows(&state, super::runner_config(state_dir), super::fleet_config(&args.api), runner_stop.clone())
+    agentd_controlplane::fleet::nodes::register_unix_node(&store, &socket).await.map_err(anyhow::Error::msg)?;
+    let cp = agentd_controlplane::process::ControlPlane::start(control_plane_settings(&args.api, state_dir, store.clone()))
         .await
-        .context("cannot start the workflow runner")?;
+        .context("cannot start the control plane")?;
 
-    let served = agentd_controlplane::serve(state.clone(), args.api.listen, shutdown_signal()).await;
-    state.audit.close().await;
+    let served = cp.serve(args.api.listen, shutdown_signal()).await;
+    let state = cp.state.clone();
     // Steps still running get the drain bound, then the rest is stopped directly.
-    runner_stop.cancel();
-    if let Err(e) = runner.await {
-        tracing::error!(error = %e, "workflow runner panicked");
-    }
+    cp.stop().await;
     agentd_controlplane::stop_all_containers(&state).await;
     node_stop.cancel();
     match node_task.await {

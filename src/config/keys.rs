@@ -12,7 +12,7 @@ use std::path::Path;
 use toml::de::DeValue;
 
 /// What a key's value must be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
     /// `host:port`, as `listen` binds it.
     SocketAddr,
@@ -29,6 +29,19 @@ pub enum Kind {
     LogFilter,
     /// One cgroup directory name (see `agentd_cgroups::layout::check_name`).
     CgroupName,
+    /// A node id: a DNS label (`agentd_plan::ids::valid_node_id`).
+    NodeId,
+    /// Labels `k=v,k2=v2`.
+    Labels,
+    /// `host:port` (a name or an address).
+    HostPort,
+    /// An http:// or https:// URL.
+    HttpUrl,
+    /// One of a fixed set of words.
+    Choice(&'static [&'static str]),
+    /// A TOML integer or float of at least `min`, as a string (the flag is
+    /// an `f64`).
+    Number { min: f64 },
 }
 
 /// Milliseconds or counts a flag holds in a `u32`.
@@ -76,6 +89,14 @@ pub const KEYS: &[Key] = &[
     key("registry", Kind::Registry),
     key("registry_sync_interval_ms", u64_from(0)),
     key("sandbox_bin", Kind::Path),
+    key("node_id", Kind::NodeId),
+    key("labels", Kind::Labels),
+    key("capacity_memory", u64_from(1)),
+    key("capacity_cpus", Kind::Number { min: 0.01 }),
+    key("placement", Kind::Choice(&["spread", "binpack"])),
+    key("join", Kind::HttpUrl),
+    key("advertise", Kind::HostPort),
+    key("grpc_listen", Kind::SocketAddr),
 ];
 
 pub fn find(name: &str) -> Option<&'static Key> {
@@ -107,6 +128,17 @@ impl Key {
                 DeValue::Boolean(b) => Ok(b.to_string()),
                 _ => Err(format!("must be true or false, found {}", found())),
             },
+            Kind::Number { min } => {
+                let n = match value {
+                    DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok().map(|n| n as f64),
+                    DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
+                    _ => None,
+                };
+                match n {
+                    Some(n) if n.is_finite() && n >= min => Ok(n.to_string()),
+                    _ => Err(format!("must be a number of at least {min}, found {}", found())),
+                }
+            }
             _ => {
                 let DeValue::String(s) = value else {
                     return Err(format!("must be a string ({}), found {}", self.kind.what(), found()));
@@ -127,7 +159,12 @@ impl Kind {
             Kind::Registry => "an absolute path or a file://, http:// or https:// URL",
             Kind::LogFilter => "a log filter such as \"info,agentd_node=debug\"",
             Kind::CgroupName => "a cgroup name of 1 to 128 letters, digits, '_' or '-'",
-            Kind::Int { .. } | Kind::Bool => "",
+            Kind::NodeId => "a node id: lower-case letters, digits and '-', at most 63",
+            Kind::Labels => "labels such as \"zone=a,disk=ssd\"",
+            Kind::HostPort => "host:port, such as \"10.0.0.5:7443\"",
+            Kind::HttpUrl => "an http:// or https:// URL",
+            Kind::Choice(_) => "one of the words listed",
+            Kind::Int { .. } | Kind::Bool | Kind::Number { .. } => "",
         }
     }
 
@@ -147,7 +184,15 @@ impl Kind {
                 .map(drop)
                 .map_err(|e| format!("must be {}: {e} in {s:?}", self.what())),
             Kind::CgroupName => agentd_cgroups::layout::check_name(s).map_err(|_| bad()),
-            Kind::Int { .. } | Kind::Bool => unreachable!("not a string kind"),
+            Kind::NodeId => agentd_plan::ids::valid_node_id(s).then_some(()).ok_or_else(bad),
+            Kind::Labels => crate::cli::parse_labels(s).map(drop).map_err(|e| format!("must be {}: {e}", self.what())),
+            Kind::HostPort => match s.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+                _ => Err(bad()),
+            },
+            Kind::HttpUrl => (s.starts_with("http://") || s.starts_with("https://")).then_some(()).ok_or_else(bad),
+            Kind::Choice(words) => words.contains(&s).then_some(()).ok_or_else(|| format!("must be one of {}, found {s:?}", words.join(", "))),
+            Kind::Int { .. } | Kind::Bool | Kind::Number { .. } => unreachable!("not a string kind"),
         }
     }
 }

@@ -47,6 +47,14 @@ fn every_key_of_every_kind_takes_a_good_value() {
         registry = "https://example.org/registry.json"
         registry_sync_interval_ms = 0
         sandbox_bin = "/usr/bin/agentd"
+        node_id = "node-1"
+        labels = "zone=a,disk=ssd"
+        capacity_memory = 1073741824
+        capacity_cpus = 1.5
+        placement = "binpack"
+        join = "https://cp.example:8080"
+        advertise = "10.0.0.5:7443"
+        grpc_listen = "0.0.0.0:7443"
     "#;
     let vars = parse(Path::new("t.toml"), text).unwrap();
     assert_eq!(vars.len(), keys::KEYS.len(), "the test names every key");

@@ -19,7 +19,11 @@ async fn usage(app: &AppState, id: &str, state: &str) -> Value {
     if state != container::READY && state != container::HIBERNATED {
         return Value::Null;
     }
-    match app.node.clone().get_sandbox(GetSandboxRequest { container_id: id.to_string() }).await {
+    let node = match app.nodes.of_container(id).await {
+        Ok((_, node)) => node,
+        Err(e) => return json!({"error": e.message()}),
+    };
+    match node.clone().get_sandbox(GetSandboxRequest { container_id: id.to_string() }).await {
         Ok(s) => {
             let s = s.into_inner();
             let u = s.usage.unwrap_or_default();
@@ -63,6 +67,7 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
         "state": c.state,
         "supervisor_pid": c.supervisor_pid,
         "error": c.error,
+        "error_code": c.error_code,
         "container_profile": profile,
         "sessions": sessions,
         "agents": agents,
@@ -133,7 +138,8 @@ pub async fn agent_sessions(
         return Err(Problem::invalid("invalid_request", format!("cwd must be an absolute path, got {cwd:?}")));
     }
     let request = ListAgentSessionsRequest { container_id: id, agent_instance_id: instance_id.clone(), cwd, cursor: query.cursor.unwrap_or_default() };
-    let answer = app.node.clone().list_agent_sessions(request).await?.into_inner();
+    let (_, mut node) = app.nodes.of_container(&c.id).await?;
+    let answer = node.list_agent_sessions(request).await?.into_inner();
     let answer: Value = serde_json::from_str(&answer.acp_answer).unwrap_or_else(|_| json!({}));
     Ok(Json(json!({
         "agent_instance_id": instance_id,

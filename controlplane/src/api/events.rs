@@ -60,13 +60,50 @@ pub async fn stream(
         }
         return Err(Problem::new(axum::http::StatusCode::GONE, "session_closed", format!("session {id} is {}; its events are gone", s.state)));
     }
-    let events = app.node.clone().stream_events(StreamEventsRequest { session_id: id, after_seq }).await?.into_inner();
+    let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
+    let events = node.stream_events(StreamEventsRequest { session_id: id, after_seq }).await?.into_inner();
+    let store = app.store.clone();
     let events = events
         .take_while(|item| std::future::ready(item.is_ok()))
         .filter_map(|item| async move { item.ok() })
+        .then(move |e| {
+            let store = store.clone();
+            async move {
+                if e.event.as_ref().is_some_and(agentd_proto::events::is_run_end) {
+                    wait_recorded(&store, &e.run_id).await;
+                }
+                e
+            }
+        })
         .filter_map(|e| async move { agentd_proto::events::wire(&e).map(|(kind, data)| Ok::<_, Infallible>(sse_event(e.seq, kind.to_string(), data))) })
         .take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+}
+
+/// The longest a run's end waits on the stream for the store to record it.
+const RECORD_WAIT: Duration = Duration::from_secs(5);
+
+/// Holds a run's end back until the store has recorded it (from the node's
+/// journal, by whichever control plane watches the node), so that a client
+/// that prompts again on seeing the end finds the session free. Bounded: a
+/// store that is down delays the event, never loses it.
+async fn wait_recorded(store: &crate::store::Store, run_id: &str) {
+    let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+    let mut ended = store.runs_ended();
+    loop {
+        ended.borrow_and_update();
+        match store.get_run(run_id).await {
+            Ok(r) if !crate::store::states::run::ACTIVE.contains(&r.state.as_str()) => return,
+            Err(crate::store::StoreError::NotFound { .. }) => return,
+            _ => {}
+        }
+        tokio::select! {
+            _ = ended.changed() => {}
+            // Another control plane's recording is seen at the next look.
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            _ = tokio::time::sleep_until(deadline) => return,
+        }
+    }
 }
 
 fn sse_event(seq: u64, kind: String, data: String) -> Event {

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod containers;
 pub mod events;
 pub mod idempotency;
+pub mod nodes;
 pub mod problem;
 pub mod registry;
 pub mod sessions;
@@ -29,6 +30,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/registry:sync", axum::routing::post(registry::sync))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
         .route("/v1/audit", get(audit::list))
+        .route("/v1/nodes", get(nodes::list))
+        .route("/v1/nodes:join", axum::routing::post(nodes::join))
+        .route("/v1/nodes/{id}", get(nodes::get).delete(nodes::delete).post(nodes::action))
         .route("/v1/bundles", get(registry::bundles))
         .route("/v1/containers/{id}/agents/{instance_id}/sessions", get(containers::agent_sessions))
         .fallback(|| async { Problem::not_found("not_found", "no such resource") })

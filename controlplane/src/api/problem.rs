@@ -69,6 +69,19 @@ impl IntoResponse for Problem {
     }
 }
 
+impl From<crate::store::placement::PlacementError> for Problem {
+    fn from(e: crate::store::placement::PlacementError) -> Self {
+        use crate::store::placement::PlacementError;
+        match e {
+            PlacementError::NoCapacity(_) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", e.to_string()),
+            PlacementError::UnknownNode(_) => Problem::invalid("unknown_node", e.to_string()),
+            PlacementError::NoNodeMatches(_) => Problem::invalid("unsatisfiable_selector", e.to_string()),
+            PlacementError::NeverFits(_) => Problem::invalid("invalid_profile", e.to_string()),
+            PlacementError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Self {
         match &e {

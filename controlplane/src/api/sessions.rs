@@ -17,6 +17,7 @@ use crate::store::states::{container, run as run_state, session as session_state
 use crate::store::outbox::{NewStep, OutboxRow};
 use crate::store::{NewSession, SessionRow, StoreError};
 use crate::{AppState, flows, new_id, workflow};
+use crate::store::placement::Demand;
 use agentd_proto::common::{AcpSettings, AgentPolicy, RestartPolicy};
 use agentd_proto::convert::agent_state_name;
 use agentd_proto::node::{setup_stage, 
@@ -129,7 +130,11 @@ async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
     // A GET must answer even when the node is stopped or lost (the node
     // check fails its sessions a while later), so the live part is optional:
     // without it, the state last observed, marked as such.
-    let Ok(answer) = tokio::time::timeout(LIVE_STATE_WAIT, app.node.clone().get_session(request)).await else {
+    let node = match app.nodes.of_container(&s.container_id).await {
+        Ok((_, node)) => node,
+        Err(e) => return stored_agent_state(app, s, Some(e.message().to_string())).await,
+    };
+    let Ok(answer) = tokio::time::timeout(LIVE_STATE_WAIT, node.clone().get_session(request)).await else {
         return stored_agent_state(app, s, Some(format!("the node did not answer within {LIVE_STATE_WAIT:?}"))).await;
     };
     match answer.map(|r| r.into_inner().agent) {
@@ -168,7 +173,8 @@ async fn stored_agent_state(app: &AppState, s: &SessionRow, error: Option<String
 /// start is doing (`installing`, `starting`), as the node reports it.
 async fn setup_stage(app: &AppState, s: &SessionRow) -> Value {
     let request = GetSetupStageRequest { container_id: s.container_id.clone() };
-    match tokio::time::timeout(LIVE_STATE_WAIT, app.node.clone().get_setup_stage(request)).await {
+    let Ok((_, node)) = app.nodes.of_container(&s.container_id).await else { return Value::Null };
+    match tokio::time::timeout(LIVE_STATE_WAIT, node.clone().get_setup_stage(request)).await {
         Ok(Ok(stage)) => match stage.into_inner().stage() {
             setup_stage::Stage::None => Value::Null,
             setup_stage::Stage::Installing => json!({"state": "installing"}),
@@ -201,6 +207,7 @@ pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
         "config_options": settings["config_options"],
         "working_dir": s.working_dir,
         "error": s.error,
+        "error_code": s.error_code,
         "created_at": s.created_at,
         "updated_at": s.updated_at,
         "runs": runs,
@@ -302,8 +309,15 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         e => Problem::invalid("invalid_request", e.to_string()),
     })?;
     compiled.agent.policy = Some(agent_policy);
+    let demand = Demand {
+        memory: profile.memory_bytes.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+        cpus: profile.cpus.unwrap_or(0.0),
+        node_id: profile.node_id.clone(),
+        selector: profile.node_selector.clone(),
+    };
     if existing.is_none() {
-        check_on_node(&app, &compiled).await?;
+        let node_id = app.store.preview_placement(&demand, app.placement).await?;
+        check_on_node(&app, &node_id, &compiled).await?;
     }
 
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
@@ -312,10 +326,11 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
     let kind = if existing.is_some() { flows::SESSION_OPEN } else { flows::SESSION_CREATE };
     let step_key = format!("{kind}:{session_id}");
     let payload = serde_json::to_value(flows::create::Payload::new(&compiled, &session_id, &instance_id, permissions, &open)).expect("payload serializes");
-    let written = app.store
+    let written: Result<(), Problem> = app.store
         .transaction(async |tx| {
             if existing.is_none() {
-                tx.insert_container(&container_id, &app.node_id, &profile).await?;
+                let node_id = tx.choose_node(&demand, app.placement, true).await?;
+                tx.insert_placed_container(&container_id, &node_id, &profile, &demand).await?;
             }
             tx.insert_session(NewSession {
                 id: &session_id,
@@ -330,10 +345,11 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
                 tx.set_session_idempotency_key(&session_id, &k.key, &k.digest).await?;
             }
             tx.enqueue(NewStep::new(flows::CONTAINER, &container_id, kind, &step_key, payload)).await?;
-            Ok::<_, StoreError>(())
+            Ok(())
         })
         .await;
-    if let (Err(StoreError::KeyTaken { .. }), Some(k)) = (&written, &keyed)
+    if let (Err(p), Some(k)) = (&written, &keyed)
+        && p.code == "idempotency_key_in_use"
         && let Some(first) = app.store.session_by_idempotency_key(&k.key).await?
     {
         // A create with the same key committed first: answer as it does.
@@ -365,9 +381,16 @@ const PLAN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// and CPUs, the rootfs, mount sources), so that a plan it would refuse is
 /// refused before any row or step is written. A node that does not answer
 /// in time is no refusal: the step runs the same check when it reaches it.
-async fn check_on_node(app: &AppState, compiled: &plan::Compiled) -> Result<(), Problem> {
+async fn check_on_node(app: &AppState, node_id: &str, compiled: &plan::Compiled) -> Result<(), Problem> {
     let request = CheckSandboxPlanRequest { plan: Some(compiled.sandbox.clone()) };
-    match tokio::time::timeout(PLAN_CHECK_WAIT, app.node.clone().check_sandbox_plan(request)).await {
+    let node = match app.nodes.client(node_id).await {
+        Ok(node) => node,
+        Err(status) => {
+            tracing::debug!(node_id, error = %status, "cannot reach the node to check the plan; the create step will");
+            return Ok(());
+        }
+    };
+    match tokio::time::timeout(PLAN_CHECK_WAIT, node.clone().check_sandbox_plan(request)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(status)) if !flows::transient(&status) => Err(Problem::from(status)),
         Ok(Err(status)) => {
@@ -428,7 +451,8 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, hea
             let body: SetModeBody = parse_body(&body)?;
             let s = app.store.get_session(id).await?;
             require_ready(&s)?;
-            let answer = app.node.clone().set_session_mode(SetSessionModeRequest { session_id: s.id.clone(), mode_id: body.mode_id }).await?;
+            let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
+            let answer = node.set_session_mode(SetSessionModeRequest { session_id: s.id.clone(), mode_id: body.mode_id }).await?;
             Ok(settings(&s.id, answer.into_inner()))
         }
         "set_config_option" => {
@@ -436,7 +460,8 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, hea
             let s = app.store.get_session(id).await?;
             require_ready(&s)?;
             let request = SetSessionConfigOptionRequest { session_id: s.id.clone(), config_id: body.config_id, acp_value: body.value.to_string() };
-            let answer = app.node.clone().set_session_config_option(request).await?;
+            let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
+            let answer = node.set_session_config_option(request).await?;
             Ok(settings(&s.id, answer.into_inner()))
         }
         other => Err(Problem::not_found(
@@ -560,62 +585,43 @@ async fn replay_prompt(app: &AppState, s: &SessionRow, keyed: &Keyed, (run_id, d
 /// regardless (the step goes on).
 const DISPATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// How long a prompt waits for the store to record the end of a turn the
-/// node has already finished.
-const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The longest wait between two looks at a turn the store still records
-/// running after the node ended it; the run follower's recording of its end
-/// (in this process, usually within a millisecond) cuts it short.
-const CATCH_UP_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
-
-/// Records a new running run. A client may prompt again the moment it sees
-/// `run.completed` on the stream, a little before the run follower has
-/// recorded that end in the store; the node, which ends turns, decides whether
-/// the run the store still calls running is really running.
+/// Records a new running run; a run the store calls active is the answer
+/// (409 `run_active`). The store learns a turn's end from the node's journal
+/// (`fleet::watch`, the one path run ends take), and the event stream shows
+/// a client `run.completed` only once the store has it (`api::events`), so a
+/// client that prompts again on seeing the end finds the session free.
 ///
 /// The run and its dispatch step are written in one transaction, which also
 /// leases the step to this control plane when nothing older of its container
 /// is open: the prompt then runs it itself. Returns the leased step. The
 /// prompt's idempotency key, if any, is stored with the run.
 async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewStep<'_>, keyed: Option<&Keyed>) -> Result<Option<OutboxRow>, Problem> {
-    let deadline = tokio::time::Instant::now() + CATCH_UP;
-    let mut runs_ended = app.store.runs_ended();
-    loop {
-        runs_ended.borrow_and_update();
-        let inserted = app
-            .store
-            .transaction(async |tx| {
-                let container_state = tx.lock_container_state(&s.container_id).await?;
-                if container_state != container::READY {
-                    return Ok(Err(container_not_ready(&s.container_id, &container_state)));
-                }
-                // The step is leased here unless an older step of the
-                // container holds it back: the run then waits for a runner.
-                let step = tx.enqueue(dispatch.clone()).await?;
-                let claimed = tx.claim_enqueued(&step, &app.steps.owner, app.steps.lease).await?;
-                let first = if claimed.is_some() { run_state::DISPATCHING } else { run_state::QUEUED };
-                tx.insert_run(run_id, &s.id, first).await?;
-                if let Some(k) = keyed {
-                    tx.set_run_idempotency_key(run_id, &k.key, &k.digest).await?;
-                }
-                Ok(Ok(claimed))
-            })
-            .await;
-        match inserted {
-            Err(StoreError::RunActive { .. }) => {}
-            other => return other?,
+    let inserted = app
+        .store
+        .transaction(async |tx| {
+            let container_state = tx.lock_container_state(&s.container_id).await?;
+            if container_state != container::READY {
+                return Ok(Err(container_not_ready(&s.container_id, &container_state)));
+            }
+            // The step is leased here unless an older step of the
+            // container holds it back: the run then waits for a runner.
+            let step = tx.enqueue(dispatch.clone()).await?;
+            let claimed = tx.claim_enqueued(&step, &app.steps.owner, app.steps.lease).await?;
+            let first = if claimed.is_some() { run_state::DISPATCHING } else { run_state::QUEUED };
+            tx.insert_run(run_id, &s.id, first).await?;
+            if let Some(k) = keyed {
+                tx.set_run_idempotency_key(run_id, &k.key, &k.digest).await?;
+            }
+            Ok(Ok(claimed))
+        })
+        .await;
+    match inserted {
+        Err(StoreError::RunActive { .. }) => {
+            let active = app.store.running_runs_of_session(&s.id).await?;
+            let running = active.first().map_or("a run", |r| r.id.as_str());
+            Err(Problem::conflict("run_active", format!("{running} is still running on session {}", s.id)))
         }
-        let state = app.node.clone().get_session(GetSessionRequest { session_id: s.id.clone(), with_agent: false }).await?.into_inner();
-        let stale = app.store.running_runs_of_session(&s.id).await?.iter().all(|r| r.id != state.active_run_id);
-        if !stale || tokio::time::Instant::now() >= deadline {
-            let running = if state.active_run_id.is_empty() { "a run" } else { state.active_run_id.as_str() };
-            return Err(Problem::conflict("run_active", format!("{running} is still running on session {}", s.id)));
-        }
-        tokio::select! {
-            _ = runs_ended.changed() => {}
-            _ = tokio::time::sleep(CATCH_UP_PAUSE) => {}
-        }
+        other => other?,
     }
 }
 
@@ -631,9 +637,8 @@ fn container_not_ready(id: &str, state: &str) -> Problem {
 async fn cancel(app: AppState, id: &str) -> Result<Response, Problem> {
     let s = app.store.get_session(id).await?;
     require_ready(&s)?;
-    let answer = app
-        .node
-        .clone()
+    let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
+    let answer = node
         .cancel(CancelRequest { container_id: s.container_id.clone(), session_id: s.id.clone() })
         .await?
         .into_inner();
@@ -699,9 +704,8 @@ pub async fn answer_permission(
 ) -> Result<StatusCode, Problem> {
     let s = app.store.get_session(&id).await?;
     require_ready(&s)?;
-    app.node
-        .clone()
-        .answer_permission(AnswerPermissionRequest { session_id: s.id.clone(), request_id, option_id: body.option_id })
+    let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
+    node.answer_permission(AnswerPermissionRequest { session_id: s.id.clone(), request_id, option_id: body.option_id })
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

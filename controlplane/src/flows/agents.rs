@@ -38,6 +38,7 @@ pub async fn observe_started(app: &AppState, s: &SessionRow, instance_id: &str, 
 /// many instances changed.
 pub async fn refresh(app: &AppState, node_id: &str, timeout: Duration) -> Result<usize, StoreError> {
     let mut changed = 0;
+    let Ok(node) = app.nodes.client(node_id).await else { return Ok(0) };
     for c in app.store.containers_in_state(container::READY).await? {
         if c.node_id != node_id {
             continue;
@@ -49,7 +50,7 @@ pub async fn refresh(app: &AppState, node_id: &str, timeout: Duration) -> Result
         }
         for (instance_id, s) in &open {
             let request = GetSessionRequest { session_id: s.id.clone(), with_agent: true };
-            let Ok(Ok(answer)) = tokio::time::timeout(timeout, app.node.clone().get_session(request)).await else { continue };
+            let Ok(Ok(answer)) = tokio::time::timeout(timeout, node.clone().get_session(request)).await else { continue };
             let Some(agent) = answer.into_inner().agent else { continue };
             let o = AgentObservation {
                 id: instance_id,

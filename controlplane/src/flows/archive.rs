@@ -62,7 +62,9 @@ pub async fn archive_or_warn(app: &AppState, session_id: &str) {
 /// into the store. `None` when the node does not know the session.
 pub async fn archive_session(app: &AppState, session_id: &str) -> Result<Option<usize>, String> {
     let request = GetSessionRequest { session_id: session_id.to_string(), with_agent: false };
-    let last_seq = match within(deadline(app), app.node.clone().get_session(request)).await {
+    let s = app.store.get_session(session_id).await.map_err(|e| e.to_string())?;
+    let (_, node) = app.nodes.of_container(&s.container_id).await.map_err(|e| format!("node: {}", e.message()))?;
+    let last_seq = match within(deadline(app), node.clone().get_session(request)).await {
         Ok(answer) => answer.into_inner().last_seq,
         Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
         Err(status) => return Err(format!("node: {}", status.message())),
@@ -72,7 +74,7 @@ pub async fn archive_session(app: &AppState, session_id: &str) -> Result<Option<
     if last_seq > 0 {
         let request = StreamEventsRequest { session_id: session_id.to_string(), after_seq: 0 };
         let collect = async {
-            let mut events = app.node.clone().stream_events(request).await.map_err(|s| format!("node: {}", s.message()))?.into_inner();
+            let mut events = node.clone().stream_events(request).await.map_err(|s| format!("node: {}", s.message()))?.into_inner();
             while let Some(event) = events.next().await {
                 let event = event.map_err(|s| format!("node: {}", s.message()))?;
                 let seq = event.seq;

@@ -63,7 +63,8 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
             agent_instance_id: s.agent_instance_id.clone(),
             fence: fence(&ctx, "session"),
         };
-        match within(deadline(&app), app.node.clone().close_session(close)).await {
+        let mut node = super::node_for(&app, &c.node_id).await?;
+        match within(deadline(&app), node.close_session(close)).await {
             Ok(answer) => {
                 let answer = answer.into_inner();
                 tracing::info!(session = s.id, closed_by_agent = answer.closed_by_agent, agent_stopped = answer.agent_stopped, "session closed");

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use agentd_proto::common::PermissionMode;
+use agentd_proto::node::node_client::NodeClient;
+use tonic::transport::Channel;
 use agentd_proto::node::{AgentInstance, AgentPlan, CreateSandboxRequest, CreateSessionRequest, DeleteSandboxRequest, SandboxPlan, StartAgentRequest};
 
 use super::{agent_deadline, deadline, fence, failed, within, node_error, ok, store_error, test_pause, transient};
@@ -116,12 +118,12 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let container_id = ctx.entity_id.as_str();
     let c = app.store.get_container(container_id).await.map_err(store_error)?;
     if c.state != container::PROVISIONING {
-        return Ok(already_settled(&app, &ctx, &payload, &c.state).await?);
+        return already_settled(&app, &ctx, &payload, &c.state).await;
     }
     let (sandbox_plan, agent_plan) = payload.plans().map_err(|e| StepError::permanent(format!("bad plan in payload: {e}")))?;
     let bundles: Vec<(String, String)> = sandbox_plan.bundles.iter().map(|b| (b.archive_url.clone(), b.sha256.clone())).collect();
 
-    let mut node = app.node.clone();
+    let mut node = super::node_for(&app, &c.node_id).await?;
     let made: Result<(i32, String, AgentInstance), tonic::Status> = async {
         let create = node.create_sandbox(CreateSandboxRequest { plan: Some(sandbox_plan), fence: fence(&ctx, "sandbox") });
         let sandbox = within(deadline(&app), create).await?.into_inner();
@@ -152,7 +154,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("create session", &status)),
         Err(status) => {
             let problem = Problem::from(status);
-            undo(&app, &ctx, container_id, &payload.session_id, &problem).await?;
+            undo(&app, &ctx, &mut node, container_id, &payload.session_id, &problem).await?;
             Ok(failed(&problem))
         }
     }
@@ -168,14 +170,20 @@ async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid:
         }
         Err(e) => return Err(store_error(e)),
     }
-    crate::runs::watch_session(app.clone(), session_id.to_string());
     Ok(ok())
 }
 
 /// The node refused: remove what was built and record the failure.
-async fn undo(app: &AppState, ctx: &StepContext, container_id: &str, session_id: &str, problem: &Problem) -> Result<(), StepError> {
+async fn undo(
+    app: &AppState,
+    ctx: &StepContext,
+    node: &mut NodeClient<Channel>,
+    container_id: &str,
+    session_id: &str,
+    problem: &Problem,
+) -> Result<(), StepError> {
     let delete = DeleteSandboxRequest { container_id: container_id.to_string(), fence: fence(ctx, "undo") };
-    if let Err(e) = within(deadline(app), app.node.clone().delete_sandbox(delete)).await {
+    if let Err(e) = within(deadline(app), node.delete_sandbox(delete)).await {
         tracing::warn!(container_id, error = %e, "cannot remove the sandbox of a failed create");
     }
     let record = async {
@@ -195,7 +203,6 @@ async fn undo(app: &AppState, ctx: &StepContext, container_id: &str, session_id:
 async fn already_settled(app: &AppState, ctx: &StepContext, payload: &Payload, state: &str) -> StepResult {
     let s = app.store.get_session(&payload.session_id).await.map_err(store_error)?;
     if s.state == session::READY {
-        crate::runs::watch_session(app.clone(), s.id);
         return Ok(ok());
     }
     let detail = s.error.unwrap_or_else(|| format!("container {} is {state}", ctx.entity_id));

@@ -74,7 +74,8 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     test_pause("container.delete/start").await;
     super::archive::archive_container(&app, container_id).await;
     let request = DeleteSandboxRequest { container_id: container_id.to_string(), fence: fence(&ctx, "sandbox") };
-    match within(deadline(&app), app.node.clone().delete_sandbox(request)).await {
+    let (_, mut node) = app.nodes.of_container(container_id).await.map_err(|e| super::node_error("reach node", &e))?;
+    match within(deadline(&app), node.delete_sandbox(request)).await {
         Ok(_) => {}
         Err(status) if transient(&status) => return Err(node_error("delete sandbox", &status)),
         Err(status) => return Err(StepError::permanent(format!("delete sandbox: {}", status.message()))),

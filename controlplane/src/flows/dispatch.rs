@@ -52,7 +52,8 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         acp_prompt: payload.prompt_json.clone(),
         fence: fence(&ctx, "prompt"),
     };
-    match within(deadline(&app), app.node.clone().prompt(request)).await {
+    let (_, mut node) = app.nodes.of_container(&ctx.entity_id).await.map_err(|e| super::node_error("reach node", &e))?;
+    match within(deadline(&app), node.prompt(request)).await {
         Ok(_) => {
             // The node took the turn: its events flow. Recorded with the
             // step's end, after the caller has its answer.

@@ -25,7 +25,8 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         }
     }
     let request = FreezeSandboxRequest { container_id: id.to_string(), fence: fence(&ctx, "freeze") };
-    match within(deadline(&app), app.node.clone().freeze_sandbox(request)).await {
+    let mut node = super::node_for(&app, &c.node_id).await?;
+    match within(deadline(&app), node.freeze_sandbox(request)).await {
         Ok(_) => {}
         Err(status) if transient(&status) => return Err(node_error("freeze", &status)),
         Err(status) => return Err(StepError::permanent(format!("freeze: {}", status.message()))),

@@ -48,6 +48,8 @@ pub mod suspend;
 use std::time::Duration;
 
 use agentd_proto::node::Fence;
+use agentd_proto::node::node_client::NodeClient;
+use tonic::transport::Channel;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -198,6 +200,12 @@ pub fn store_error(e: StoreError) -> StepError {
 /// A node failure that may pass, as a retryable step error.
 pub fn node_error(what: &str, status: &tonic::Status) -> StepError {
     StepError::retryable(format!("{what}: node: {}", status.message()))
+}
+
+/// The client of the node `node_id`; a node the store cannot name or reach
+/// yet is a failure that may pass.
+pub async fn node_for(app: &AppState, node_id: &str) -> Result<NodeClient<Channel>, StepError> {
+    app.nodes.client(node_id).await.map_err(|e| node_error("reach node", &e))
 }
 
 /// Fault tests only: a step that reaches the point `AGENTD_TEST_PAUSE_STEP`

@@ -26,7 +26,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let container_id = ctx.entity_id.as_str();
     let s = app.store.get_session(&payload.session_id).await.map_err(store_error)?;
     if s.state != session::CREATING {
-        return Ok(already_settled(&app, &s));
+        return Ok(already_settled(&s));
     }
     let c = app.store.get_container(container_id).await.map_err(store_error)?;
     if c.state != container::READY {
@@ -36,7 +36,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     }
     let agent_plan = payload.agent_plan().map_err(|e| StepError::permanent(format!("bad plan in payload: {e}")))?;
 
-    let mut node = app.node.clone();
+    let mut node = super::node_for(&app, &c.node_id).await?;
     let mut instance_id = payload.agent_instance_id.clone();
     let mut started = None;
     let opened: Result<String, tonic::Status> = async {
@@ -70,7 +70,6 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
                 Err(StoreError::Illegal(e)) => return Ok(failed(&Problem::conflict("illegal_state", format!("{e} (closed while being opened)")))),
                 Err(e) => return Err(store_error(e)),
             }
-            crate::runs::watch_session(app.clone(), payload.session_id.clone());
             Ok(ok())
         }
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("open session", &status)),
@@ -83,7 +82,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
                 agent_instance_id: instance_id,
                 fence: fence(&ctx, "undo"),
             };
-            if let Err(e) = within(deadline(&app), app.node.clone().close_session(close)).await {
+            if let Err(e) = within(deadline(&app), node.clone().close_session(close)).await {
                 tracing::warn!(container_id, error = %e, "cannot release the agent of a failed session open");
             }
             record_failed(&app, &payload.session_id, &problem).await?;
@@ -101,9 +100,8 @@ async fn record_failed(app: &AppState, session_id: &str, problem: &Problem) -> R
 
 /// An earlier attempt finished (its runner died before recording the step
 /// done), or a delete overtook it: answers what the first attempt would have.
-fn already_settled(app: &AppState, s: &crate::store::SessionRow) -> serde_json::Value {
+fn already_settled(s: &crate::store::SessionRow) -> serde_json::Value {
     if s.state == session::READY {
-        crate::runs::watch_session(app.clone(), s.id.clone());
         return ok();
     }
     let detail = s.error.clone().unwrap_or_else(|| format!("session {} is {}", s.id, s.state));

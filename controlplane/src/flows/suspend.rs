@@ -99,7 +99,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         let detail = format!("container {id} is {}", c.state);
         return Ok(failed(&Problem::conflict("illegal_state", detail)));
     }
-    let mut node = app.node.clone();
+    let mut node = super::node_for(&app, &c.node_id).await?;
     let answer = match payload.action {
         Action::Hibernate => {
             let request = FreezeSandboxRequest { container_id: id.to_string(), fence: fence(&ctx, "freeze") };

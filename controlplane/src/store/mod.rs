@@ -4,7 +4,9 @@
 //! - [`Store`]: one set of methods over two backends, the embedded SQLite
 //!   file (the default of `agentd up`) and PostgreSQL (multi-node, HA).
 //!   [`Store::open`] picks by URL scheme.
-//! - [`nodes`]: node heartbeats, lost nodes and what fails with them.
+//! - [`nodes`]: the fleet's nodes: registration, heartbeats, lost nodes and
+//!   what fails with them, the journal watch leases.
+//! - [`placement`]: which node a new container goes to, decided with its row.
 //! - [`outbox`]: workflow steps written with the state change that needs
 //!   them, claimed under fenced leases ([`crate::workflow`] runs them).
 //! - [`registry`]: the agent registry's entries, replaced whole by each sync.
@@ -53,6 +55,17 @@
 //! per-session event logs.
 
 pub mod states;
+
+/// Stable codes of why something failed, kept beside its error text
+/// (`error_code`) and shown by the API.
+pub mod codes {
+    /// Its node stopped answering for longer than the heartbeat timeout.
+    pub const NODE_LOST: &str = "node_lost";
+    /// Its sandbox is gone (the node restarted, or its PID 1 died).
+    pub const SANDBOX_LOST: &str = "sandbox_lost";
+    /// The run's end could not be recorded: the node no longer ran it.
+    pub const RUN_END_LOST: &str = "run_end_lost";
+}
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -108,6 +121,8 @@ pub struct ContainerRow {
     pub profile_json: String,
     pub supervisor_pid: Option<i64>,
     pub error: Option<String>,
+    /// A stable code of why it failed, when agentd knows one ([`codes`]).
+    pub error_code: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -123,6 +138,7 @@ pub struct SessionRow {
     pub state: String,
     pub working_dir: String,
     pub error: Option<String>,
+    pub error_code: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -134,6 +150,7 @@ pub struct RunRow {
     pub state: String,
     pub stop_reason: Option<String>,
     pub error: Option<String>,
+    pub error_code: Option<String>,
     pub created_at: i64,
     /// When the node took it (streaming).
     pub started_at: Option<i64>,
@@ -173,8 +190,11 @@ macro_rules! with_pool {
 }
 
 // After `with_pool!`, which they use.
-pub mod nodes;
+#[macro_use]
 pub mod outbox;
+pub mod cluster;
+pub mod nodes;
+pub mod placement;
 pub mod agents;
 pub mod archives;
 pub mod audit;
@@ -439,9 +459,48 @@ impl Store {
     }
 
     pub async fn run_failed(&self, id: &str, error: &str) -> Result<(), StoreError> {
+        self.run_failed_with(id, error, None).await
+    }
+
+    /// A run failed, with a stable `code` of why when there is one.
+    pub async fn run_failed_with(&self, id: &str, error: &str, code: Option<&str>) -> Result<(), StoreError> {
         self.transition(Entity::Run, id, states::run::FAILED, Some(error), None).await?;
+        if let Some(code) = code {
+            self.set_error_code(Entity::Run, id, code).await?;
+        }
         self.run_ended();
         Ok(())
+    }
+
+    pub async fn session_failed_with(&self, id: &str, error: &str, code: &str) -> Result<(), StoreError> {
+        self.transition(Entity::Session, id, states::session::FAILED, Some(error), None).await?;
+        self.set_error_code(Entity::Session, id, code).await
+    }
+
+    pub async fn container_failed_with(&self, id: &str, error: &str, code: &str) -> Result<(), StoreError> {
+        self.transition(Entity::Container, id, states::container::FAILED, Some(error), None).await?;
+        self.set_error_code(Entity::Container, id, code).await
+    }
+
+    async fn set_error_code(&self, entity: Entity, id: &str, code: &str) -> Result<(), StoreError> {
+        let table = match entity {
+            Entity::Container => "containers",
+            Entity::Session => "sessions",
+            Entity::Run => "runs",
+            other => unreachable!("{other:?} has no error code"),
+        };
+        // Audited: the table name is one of three constants.
+        let sql = sqlx::AssertSqlSafe(format!("UPDATE {table} SET error_code = COALESCE(error_code, $1) WHERE id = $2"));
+        with_pool!(self, |pool| sqlx::query(sql).bind(code).bind(id).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Runs the store calls active (queued, dispatching, streaming) in
+    /// containers on `node_id`.
+    pub async fn active_runs_of_node(&self, node_id: &str) -> Result<Vec<RunRow>, StoreError> {
+        let sql = "SELECT r.* FROM runs r JOIN sessions s ON r.session_id = s.id JOIN containers c ON s.container_id = c.id \
+                   WHERE c.node_id = $1 AND r.state IN ('queued', 'dispatching', 'streaming') ORDER BY r.created_at, r.id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(node_id).fetch_all(pool).await)?)
     }
 
     pub async fn get_container(&self, id: &str) -> Result<ContainerRow, StoreError> {

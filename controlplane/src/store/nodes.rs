@@ -15,13 +15,94 @@ pub mod node_state {
     pub const LOST: &str = "lost";
 }
 
+/// What an operator decided about a node, beside whether it answers.
+pub mod node_admin {
+    /// Takes new containers.
+    pub const ACTIVE: &str = "active";
+    /// Takes no new containers; what runs there goes on.
+    pub const CORDONED: &str = "cordoned";
+    /// Cordoned, and what runs there is deleted once idle or at the deadline.
+    pub const DRAINING: &str = "draining";
+    /// Drained: nothing runs there; it may be removed.
+    pub const DRAINED: &str = "drained";
+}
+
 #[derive(Debug, Clone, Serialize, FromRow)]
 pub struct NodeRow {
     pub id: String,
+    /// alive | lost: whether it answers.
     pub state: String,
     pub last_heartbeat_at: i64,
     pub error: Option<String>,
     pub updated_at: i64,
+    /// `unix:<path>` or `<host>:<port>` (mutual TLS).
+    pub address: String,
+    /// A JSON object of string labels.
+    pub labels: String,
+    pub version: String,
+    pub capacity_slots: i64,
+    pub capacity_memory: i64,
+    pub capacity_cpus: f64,
+    /// Live usage at the last heartbeat, JSON.
+    pub usage: String,
+    /// See [`node_admin`].
+    pub admin: String,
+    pub drain_deadline: Option<i64>,
+    pub created_at: i64,
+    #[serde(skip)]
+    pub cert_fingerprint: String,
+    #[serde(skip)]
+    pub watcher: Option<String>,
+    #[serde(skip)]
+    pub watcher_until: Option<i64>,
+    #[serde(skip)]
+    pub journal_id: String,
+    #[serde(skip)]
+    pub journal_seq: i64,
+}
+
+impl NodeRow {
+    pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        serde_json::from_str(&self.labels).unwrap_or_default()
+    }
+}
+
+/// A node as it registers (joins, or is the one of `agentd up`).
+#[derive(Debug, Clone, Default)]
+pub struct NodeRegistration {
+    pub id: String,
+    pub address: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub version: String,
+    pub capacity: Capacity,
+    pub cert_fingerprint: String,
+}
+
+/// What a node offers, as it reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Capacity {
+    pub slots: i64,
+    pub memory: i64,
+    pub cpus: f64,
+}
+
+/// Where a node's journal watcher is.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct JournalCursor {
+    pub journal_id: String,
+    pub journal_seq: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeAdminError {
+    #[error("no node {0}")]
+    NotFound(String),
+    #[error("node {node_id} is {current}: it cannot become {to}")]
+    Illegal { node_id: String, current: String, to: String },
+    #[error("node {0} still holds containers")]
+    Busy(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What a lost node took with it.
@@ -33,6 +114,157 @@ pub struct Casualties {
 }
 
 impl Store {
+    /// Records a node with its address, labels and capacity (a join, or the
+    /// local node of `agentd up` at each start), alive as of now. A node id
+    /// joining again keeps its history and journal cursor.
+    pub async fn register_node(&self, n: &NodeRegistration) -> Result<(), StoreError> {
+        let labels = serde_json::to_string(&n.labels).expect("labels serialize");
+        let sql = self.sql(
+            "INSERT INTO nodes (id, state, last_heartbeat_at, updated_at, created_at, address, labels, version, \
+               capacity_slots, capacity_memory, capacity_cpus, cert_fingerprint) \
+             VALUES ($1, 'alive', NOW_MS, NOW_MS, NOW_MS, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (id) DO UPDATE SET state = 'alive', last_heartbeat_at = NOW_MS, error = NULL, updated_at = NOW_MS, \
+               address = $2, labels = $3, version = $4, capacity_slots = $5, capacity_memory = $6, capacity_cpus = $7, \
+               cert_fingerprint = $8",
+        );
+        with_pool!(self, |pool| sqlx::query(sql)
+            .bind(&n.id)
+            .bind(&n.address)
+            .bind(&labels)
+            .bind(&n.version)
+            .bind(n.capacity.slots)
+            .bind(n.capacity.memory)
+            .bind(n.capacity.cpus)
+            .bind(&n.cert_fingerprint)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// What a node said of itself at a heartbeat: its version, labels,
+    /// capacity and live usage.
+    pub async fn node_reported(
+        &self,
+        node_id: &str,
+        version: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        capacity: Capacity,
+        usage: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let sql = "UPDATE nodes SET version = $2, labels = $3, capacity_slots = $4, capacity_memory = $5, capacity_cpus = $6, usage = $7 WHERE id = $1";
+        let labels = serde_json::to_string(labels).expect("labels serialize");
+        with_pool!(self, |pool| sqlx::query(sql)
+            .bind(node_id)
+            .bind(version)
+            .bind(&labels)
+            .bind(capacity.slots)
+            .bind(capacity.memory)
+            .bind(capacity.cpus)
+            .bind(usage.to_string())
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Every node, by id.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        let sql = "SELECT * FROM nodes ORDER BY id";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).fetch_all(pool).await)?)
+    }
+
+    /// Takes or renews the watch of `node_id`'s journal for `owner`, for
+    /// `lease` (the database's clock); `None` while another control plane
+    /// holds it. Returns where recording stands.
+    pub async fn claim_node_watch(&self, node_id: &str, owner: &str, lease: Duration) -> Result<Option<JournalCursor>, StoreError> {
+        let sql = self.sql(
+            "UPDATE nodes SET watcher = $2, watcher_until = NOW_MS + $3 \
+             WHERE id = $1 AND (watcher IS NULL OR watcher = $2 OR watcher_until < NOW_MS) \
+             RETURNING journal_id, journal_seq",
+        );
+        let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(node_id).bind(owner).bind(lease).fetch_optional(pool).await)?)
+    }
+
+    /// Gives the watch of `node_id` up, if `owner` holds it.
+    pub async fn release_node_watch(&self, node_id: &str, owner: &str) -> Result<(), StoreError> {
+        let sql = "UPDATE nodes SET watcher = NULL, watcher_until = NULL WHERE id = $1 AND watcher = $2";
+        with_pool!(self, |pool| sqlx::query(sql).bind(node_id).bind(owner).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Moves `node_id`'s journal cursor, if `owner` still holds its watch;
+    /// returns whether it did (a watcher that lost its lease stops).
+    pub async fn advance_journal(&self, node_id: &str, owner: &str, cursor: &JournalCursor) -> Result<bool, StoreError> {
+        let sql = "UPDATE nodes SET journal_id = $3, journal_seq = $4 WHERE id = $1 AND watcher = $2";
+        let n = with_pool!(self, |pool| sqlx::query(sql)
+            .bind(node_id)
+            .bind(owner)
+            .bind(&cursor.journal_id)
+            .bind(cursor.journal_seq)
+            .execute(pool)
+            .await
+            .map(|d| d.rows_affected()))?;
+        Ok(n == 1)
+    }
+
+    /// Whether any session of the container has a turn queued or running.
+    pub async fn container_has_active_runs(&self, container_id: &str) -> Result<bool, StoreError> {
+        let sql = "SELECT COUNT(*) FROM runs r JOIN sessions s ON r.session_id = s.id \
+                   WHERE s.container_id = $1 AND r.state IN ('queued', 'dispatching', 'streaming')";
+        let n: i64 = with_pool!(self, |pool| sqlx::query_scalar(sql).bind(container_id).fetch_one(pool).await)?;
+        Ok(n > 0)
+    }
+
+    /// Moves a node's administrative state from one of `from` to `to`
+    /// (cordon, uncordon, drain), with the drain's deadline. Returns the
+    /// state it was in; an illegal move names it.
+    pub async fn set_node_admin(&self, node_id: &str, from: &[&str], to: &str, drain_deadline: Option<i64>) -> Result<String, NodeAdminError> {
+        let node = self.get_node(node_id).await?.ok_or_else(|| NodeAdminError::NotFound(node_id.to_string()))?;
+        if !from.contains(&node.admin.as_str()) {
+            return Err(NodeAdminError::Illegal { node_id: node_id.to_string(), current: node.admin, to: to.to_string() });
+        }
+        let sql = self.sql("UPDATE nodes SET admin = $2, drain_deadline = $3, updated_at = NOW_MS WHERE id = $1 AND admin = $4");
+        let n = with_pool!(self, |pool| sqlx::query(sql)
+            .bind(node_id)
+            .bind(to)
+            .bind(drain_deadline)
+            .bind(&node.admin)
+            .execute(pool)
+            .await
+            .map(|d| d.rows_affected()))
+        .map_err(StoreError::from)?;
+        if n == 0 {
+            let now = self.get_node(node_id).await?.map(|n| n.admin).unwrap_or_default();
+            return Err(NodeAdminError::Illegal { node_id: node_id.to_string(), current: now, to: to.to_string() });
+        }
+        Ok(node.admin)
+    }
+
+    /// A draining node with nothing left on it.
+    pub async fn node_drained(&self, node_id: &str) -> Result<(), StoreError> {
+        let sql = self.sql("UPDATE nodes SET admin = 'drained', updated_at = NOW_MS WHERE id = $1 AND admin = 'draining'");
+        with_pool!(self, |pool| sqlx::query(sql).bind(node_id).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Removes a node that is lost or drained and holds no live container.
+    pub async fn remove_node(&self, node_id: &str) -> Result<(), NodeAdminError> {
+        let node = self.get_node(node_id).await?.ok_or_else(|| NodeAdminError::NotFound(node_id.to_string()))?;
+        if node.state != node_state::LOST && node.admin != node_admin::DRAINED {
+            let current = if node.state == node_state::LOST { node.state } else { node.admin };
+            return Err(NodeAdminError::Illegal { node_id: node_id.to_string(), current, to: "removed".into() });
+        }
+        let sql = "DELETE FROM nodes WHERE id = $1 AND (state = 'lost' OR admin = 'drained') \
+                   AND NOT EXISTS (SELECT 1 FROM containers WHERE node_id = $1 AND state IN ('provisioning', 'ready', 'hibernated', 'stopping'))";
+        let n = with_pool!(self, |pool| sqlx::query(sql).bind(node_id).execute(pool).await.map(|d| d.rows_affected())).map_err(StoreError::from)?;
+        if n == 0 {
+            return Err(NodeAdminError::Busy(node_id.to_string()));
+        }
+        Ok(())
+    }
+
     /// Records that `node_id` answered now; returns the state it had before
     /// (`None` for a node never seen).
     pub async fn node_heartbeat(&self, node_id: &str) -> Result<Option<String>, StoreError> {
@@ -65,37 +297,50 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Fails everything still live on `node_id` with `reason`: its running
-    /// runs, its creating and ready sessions, its provisioning, ready and
-    /// hibernated containers. Each row goes through its state machine.
-    pub async fn fail_everything_on_node(&self, node_id: &str, reason: &str) -> Result<Casualties, StoreError> {
+    /// Fails everything still live on `node_id` with `reason` and `code`:
+    /// its running runs, its creating and ready sessions, its provisioning,
+    /// ready and hibernated containers. Each row goes through its state
+    /// machine.
+    pub async fn fail_everything_on_node(&self, node_id: &str, reason: &str, code: &str) -> Result<Casualties, StoreError> {
         let mut dead = Casualties::default();
         let live = [container::PROVISIONING, container::READY, container::HIBERNATED];
         for state in live {
             for c in self.containers_of_node_in_state(node_id, state).await? {
-                for s in self.sessions_of_container(&c.id).await? {
-                    for r in self.running_runs_of_session(&s.id).await? {
-                        match self.run_failed(&r.id, reason).await {
-                            Ok(()) => dead.runs += 1,
-                            Err(StoreError::Illegal(_)) => {} // it ended meanwhile
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    if s.state == session::CREATING || s.state == session::READY {
-                        match self.session_failed(&s.id, reason).await {
-                            Ok(()) => dead.sessions += 1,
-                            Err(StoreError::Illegal(_)) => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
+                let lost = self.fail_container_work(&c.id, reason, code).await?;
+                dead.containers += lost.containers;
+                dead.sessions += lost.sessions;
+                dead.runs += lost.runs;
+            }
+        }
+        Ok(dead)
+    }
+
+    /// Fails one container with `reason` and `code`, its live sessions and
+    /// running runs with it. Repeating it is harmless; a container already
+    /// deleted or failed only has its leftovers failed.
+    pub async fn fail_container_work(&self, container_id: &str, reason: &str, code: &str) -> Result<Casualties, StoreError> {
+        let mut dead = Casualties::default();
+        for s in self.sessions_of_container(container_id).await? {
+            for r in self.running_runs_of_session(&s.id).await? {
+                match self.run_failed_with(&r.id, reason, Some(code)).await {
+                    Ok(()) => dead.runs += 1,
+                    Err(StoreError::Illegal(_)) => {} // it ended meanwhile
+                    Err(e) => return Err(e),
                 }
-                self.agents_of_container_failed(&c.id, reason).await?;
-                match self.container_failed(&c.id, reason).await {
-                    Ok(()) => dead.containers += 1,
+            }
+            if s.state == session::CREATING || s.state == session::READY {
+                match self.session_failed_with(&s.id, reason, code).await {
+                    Ok(()) => dead.sessions += 1,
                     Err(StoreError::Illegal(_)) => {}
                     Err(e) => return Err(e),
                 }
             }
+        }
+        self.agents_of_container_failed(container_id, reason).await?;
+        match self.container_failed_with(container_id, reason, code).await {
+            Ok(()) => dead.containers += 1,
+            Err(StoreError::Illegal(_)) => {}
+            Err(e) => return Err(e),
         }
         Ok(dead)
     }
@@ -147,13 +392,15 @@ mod tests {
         assert_eq!(n.state, node_state::LOST);
         assert!(n.error.as_deref().unwrap().starts_with("no heartbeat for "), "{n:?}");
 
-        let dead = store.fail_everything_on_node("n1", "node n1 lost").await.unwrap();
+        let dead = store.fail_everything_on_node("n1", "node n1 lost", "node_lost").await.unwrap();
         assert_eq!(dead, Casualties { containers: 1, sessions: 1, runs: 1 });
         assert_eq!(store.get_run("run_1").await.unwrap().error.as_deref(), Some("node n1 lost"));
         assert_eq!(store.get_session("ses_1").await.unwrap().state, session::FAILED);
         assert_eq!(store.get_container("ctr_1").await.unwrap().state, container::FAILED);
         assert_eq!(store.get_container("ctr_2").await.unwrap().state, container::PROVISIONING);
-        assert_eq!(store.fail_everything_on_node("n1", "again").await.unwrap(), Casualties::default(), "repeating is harmless");
+        assert_eq!(store.get_run("run_1").await.unwrap().error_code.as_deref(), Some("node_lost"));
+        assert_eq!(store.get_container("ctr_1").await.unwrap().error_code.as_deref(), Some("node_lost"));
+        assert_eq!(store.fail_everything_on_node("n1", "again", "node_lost").await.unwrap(), Casualties::default(), "repeating is harmless");
 
         assert_eq!(store.node_heartbeat("n1").await.unwrap().as_deref(), Some(node_state::LOST));
         assert_eq!(store.get_node("n1").await.unwrap().unwrap().state, node_state::ALIVE);

@@ -212,7 +212,7 @@ fn key_set(updated: Result<u64, sqlx::Error>, entity: Entity, id: &str, key: &st
 }
 
 /// The open transaction of one backend.
-enum TxConn {
+pub(super) enum TxConn {
     Sqlite(Transaction<'static, Sqlite>),
     Postgres(Transaction<'static, Postgres>),
 }
@@ -220,7 +220,7 @@ enum TxConn {
 /// An open transaction on the store; dropped without [`Tx::commit`], it
 /// rolls back. Never hold one across a network call.
 pub struct Tx {
-    conn: TxConn,
+    pub(super) conn: TxConn,
     /// Steps inserted and left to the runners (not leased by
     /// [`Tx::claim_enqueued`]): the commit wakes runners when there are any.
     enqueued: usize,

@@ -1,0 +1,91 @@
+//! One control plane process, wired from its settings: the state every
+//! request shares, start-up reconciliation, the registry's first sync, the
+//! workflow runner with its periodic steps and the nodes' journal watchers.
+//! `agentd up` and `agentd server` both build theirs here.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{NodeTls, Nodes};
+use crate::flows::node_check::FleetConfig;
+use crate::store::placement::Strategy;
+use crate::store::{Store, StoreError};
+use crate::{AppState, ServeError, api, plan, workflow};
+
+/// A control plane's settings.
+pub struct Settings {
+    pub store: Store,
+    /// Its runner's owner name: stable across restarts of one control plane
+    /// (see [`crate::start_workflows`]).
+    pub runner: workflow::RunnerConfig,
+    pub defaults: plan::PlanDefaults,
+    /// Deadline of each node call a workflow step makes.
+    pub node_call_timeout: Duration,
+    pub registry_source: Option<String>,
+    pub fleet: FleetConfig,
+    pub placement: Strategy,
+    /// Dial nodes over TCP with the cluster CA's certificates (kept in the
+    /// store, made on first use). Without it only unix-socket nodes answer.
+    pub tls: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot set up the cluster certificates: {0}")]
+    Ca(#[from] crate::fleet::ca::CaError),
+    #[error("cannot reconcile the store with the nodes: {0}")]
+    Reconcile(StoreError),
+    #[error("cannot start the workflow runner: {0}")]
+    Runner(StoreError),
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub state: AppState,
+    runner: JoinHandle<()>,
+    runner_stop: CancellationToken,
+}
+
+impl ControlPlane {
+    /// Builds the shared state, brings the store in line with the nodes,
+    /// syncs the registry and starts the runner.
+    pub async fn start(s: Settings) -> Result<ControlPlane, StartError> {
+        let tls: Option<NodeTls> = if s.tls { Some(crate::fleet::ca::node_tls(&s.store).await?) } else { None };
+        let state = AppState {
+            store: s.store.clone(),
+            nodes: Nodes::new(s.store.clone(), tls),
+            placement: s.placement,
+            defaults: s.defaults,
+            node_call_timeout: s.node_call_timeout,
+            registry_source: s.registry_source,
+            http: crate::agent_registry::http_client(),
+            shutdown: CancellationToken::new(),
+            audit: api::audit::AuditLog::start(s.store.clone()),
+            steps: workflow::InlineConfig::of(&s.runner),
+        };
+        crate::reconcile(&state).await.map_err(StartError::Reconcile)?;
+        crate::sync_registry_at_start(&state).await;
+        let runner_stop = CancellationToken::new();
+        let runner = crate::start_workflows(&state, s.runner, s.fleet, runner_stop.clone()).await.map_err(StartError::Runner)?;
+        Ok(ControlPlane { state, runner, runner_stop })
+    }
+
+    /// Serves the API on `listen` until `shutdown` resolves.
+    pub async fn serve(&self, listen: SocketAddr, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        crate::serve(self.state.clone(), listen, shutdown).await
+    }
+
+    /// Flushes the audit log and stops the runner: steps still running get
+    /// its drain bound.
+    pub async fn stop(self) {
+        self.state.audit.close().await;
+        self.runner_stop.cancel();
+        if let Err(e) = self.runner.await {
+            tracing::error!(error = %e, "workflow runner panicked");
+        }
+    }
+}
