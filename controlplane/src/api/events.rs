@@ -17,6 +17,9 @@ use crate::AppState;
 use crate::flows::archive::ArchivedEvent;
 use crate::store::states::session;
 use agentd_proto::node::StreamEventsRequest;
+use agentd_proto::node::node_client::NodeClient;
+use agentd_proto::node::session_event::Event as SessionEventKind;
+use tonic::transport::Channel;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -60,24 +63,83 @@ pub async fn stream(
         }
         return Err(Problem::new(axum::http::StatusCode::GONE, "session_closed", format!("session {id} is {}; its events are gone", s.state)));
     }
-    let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
-    let events = node.stream_events(StreamEventsRequest { session_id: id, after_seq }).await?.into_inner();
-    let store = app.store.clone();
-    let events = events
-        .take_while(|item| std::future::ready(item.is_ok()))
-        .filter_map(|item| async move { item.ok() })
-        .then(move |e| {
-            let store = store.clone();
-            async move {
-                if e.event.as_ref().is_some_and(agentd_proto::events::is_run_end) {
-                    wait_recorded(&store, &e.run_id).await;
-                }
-                e
-            }
-        })
-        .filter_map(|e| async move { agentd_proto::events::wire(&e).map(|(kind, data)| Ok::<_, Infallible>(sse_event(e.seq, kind.to_string(), data))) })
-        .take_until(app.shutdown.clone().cancelled_owned());
+    let (_, node) = app.nodes.of_container(&s.container_id).await?;
+    let first = match node.clone().stream_events(StreamEventsRequest { session_id: id.clone(), after_seq }).await {
+        Ok(events) => Some(events.into_inner()),
+        Err(status) if status.code() == tonic::Code::NotFound => return Err(status.into()),
+        // The node does not answer: the stream waits for it, or for its loss.
+        Err(_) => None,
+    };
+    let events = follow(app.store.clone(), node, id, after_seq, first).take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+}
+
+/// How often a stream whose node went away looks for it, and at the store.
+const NODE_RETRY: Duration = Duration::from_millis(500);
+
+/// The session's events from its node, from `after_seq` on. A node that
+/// goes away is waited for: the stream resumes where it was when the node
+/// answers again, or ends with the failure of the turn that was running
+/// (its code, `node_lost`, says why) once the store gives the node up.
+fn follow(
+    store: crate::store::Store,
+    node: NodeClient<Channel>,
+    session_id: String,
+    after_seq: u64,
+    first: Option<tonic::Streaming<agentd_proto::node::SessionEvent>>,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    async_stream::stream! {
+        let mut after = after_seq;
+        let mut open_run: Option<String> = None;
+        let mut events = first;
+        loop {
+            if let Some(mut stream) = events.take() {
+                loop {
+                    match stream.message().await {
+                        Ok(Some(e)) => {
+                            after = e.seq;
+                            match &e.event {
+                                Some(SessionEventKind::RunStarted(_)) => open_run = Some(e.run_id.clone()),
+                                Some(end) if agentd_proto::events::is_run_end(end) => {
+                                    wait_recorded(&store, &e.run_id).await;
+                                    open_run = None;
+                                }
+                                _ => {}
+                            }
+                            if let Some((kind, data)) = agentd_proto::events::wire(&e) {
+                                yield Ok(sse_event(e.seq, kind.to_string(), data));
+                            }
+                        }
+                        // The log was closed: the session is over.
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+            }
+            // The node went away. Has the store given it up?
+            if let Ok(s) = store.get_session(&session_id).await
+                && s.state != session::READY
+            {
+                if let Some(run_id) = open_run.take()
+                    && let Ok(r) = store.get_run(&run_id).await
+                    && r.state == crate::store::states::run::FAILED
+                {
+                    let end = agentd_proto::node::session_event::Event::RunFailed(agentd_proto::node::RunFailed {
+                        error: r.error.unwrap_or_default(),
+                        code: r.error_code.unwrap_or_default(),
+                    });
+                    yield Ok(sse_event(after + 1, agentd_proto::events::kind(&end).to_string(), agentd_proto::events::data_json(&run_id, &end)));
+                }
+                return;
+            }
+            tokio::time::sleep(NODE_RETRY).await;
+            match node.clone().stream_events(StreamEventsRequest { session_id: session_id.clone(), after_seq: after }).await {
+                Ok(stream) => events = Some(stream.into_inner()),
+                Err(status) if status.code() == tonic::Code::NotFound => return,
+                Err(_) => {}
+            }
+        }
+    }
 }
 
 /// The longest a run's end waits on the stream for the store to record it.
