@@ -208,7 +208,14 @@ pub fn create_with(spec: &SandboxSpec, hardening: Hardening, pid1: Pid1) -> Resu
 /// Stages where a test may make setup fail (`SandboxSpec::inject_failure`).
 pub const FAULT_STAGES: &[&str] = &["join-cgroup", "mount", "clone", "id-map", "pivot-root"];
 
-/// Fails at `stage` if a test asked for it.
+/// Fails at `stage` if a test asked for it; only in builds with the
+/// `faults` feature (test builds), never in a release.
+#[cfg(not(feature = "faults"))]
+pub(crate) fn injected(_spec: &SandboxSpec, _stage: &'static str) -> Result<(), InitError> {
+    Ok(())
+}
+
+#[cfg(feature = "faults")]
 pub(crate) fn injected(spec: &SandboxSpec, stage: &'static str) -> Result<(), InitError> {
     match spec.inject_failure.as_deref() {
         Some(s) if s == stage => Err(InitError::new(stage, "injected failure")),

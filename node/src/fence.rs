@@ -96,12 +96,17 @@ impl Fences {
     }
 }
 
-/// Fault tests only: `AGENTD_TEST_DELAY_ANSWER=<rpc>:<ms>` (e.g.
+/// Fault tests only (the `faults` feature, which test builds turn on and
+/// release builds never have): `AGENTD_TEST_DELAY_ANSWER=<rpc>:<ms>` (e.g.
 /// `create_sandbox:3000`) makes the first `rpc` operation take `ms` longer
 /// (after its effect, before its answer), as a node that is slow to answer:
 /// the control plane's call times out, the operation must still finish (the
 /// node runs it on a task of its own), and the retry, waiting on the
 /// entity's fence, must be answered from memory, not run again.
+#[cfg(not(feature = "faults"))]
+pub async fn test_delay_first_answer(_rpc: &str) {}
+
+#[cfg(feature = "faults")]
 pub async fn test_delay_first_answer(rpc: &str) {
     static DELAYED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let Ok(spec) = std::env::var("AGENTD_TEST_DELAY_ANSWER") else { return };

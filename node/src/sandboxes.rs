@@ -61,12 +61,19 @@ const STOP_MARGIN: Duration = Duration::from_secs(2);
 /// its supervisor. The other stages are sandbox-init's ([`FAULT_STAGES`]).
 pub const NODE_FAULT_STAGES: &[&str] = &["prepare", "connect"];
 
-/// Fault tests only: `AGENTD_TEST_FAIL_CREATE=<stage>,<stage>,...` makes the
+/// Fault tests only (the `faults` feature; never in release builds):
+/// `AGENTD_TEST_FAIL_CREATE=<stage>,<stage>,...` makes the
 /// node's n-th sandbox build (creates answered from an existing sandbox do
 /// not count) fail at the n-th stage listed, a node stage
 /// ([`NODE_FAULT_STAGES`]) or one of sandbox-init's ([`FAULT_STAGES`], run in
 /// the zygote's worker); an empty entry, or a build past the list, is not
 /// failed. Tests check that each failure leaves nothing behind.
+#[cfg(not(feature = "faults"))]
+fn test_failure() -> Result<Option<String>, Status> {
+    Ok(None)
+}
+
+#[cfg(feature = "faults")]
 fn test_failure() -> Result<Option<String>, Status> {
     static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let Ok(list) = std::env::var("AGENTD_TEST_FAIL_CREATE") else { return Ok(None) };

@@ -77,7 +77,9 @@ pub struct SandboxRunArgs {
     /// container profile's `seccomp`), replacing the default one.
     #[arg(long, value_name = "FILE")]
     pub seccomp: Option<PathBuf>,
-    /// Fail setup at this stage on purpose (tests of the undo path).
+    /// Fail setup at this stage on purpose (tests of the undo path; only in
+    /// builds with the `faults` feature).
+    #[cfg(feature = "faults")]
     #[arg(long, hide = true)]
     pub inject_failure: Option<String>,
     /// Where the search for a free id range starts (default: this

@@ -22,6 +22,17 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use crate::cli::SandboxRunArgs;
 use crate::ids::IdLease;
 
+/// The stage a fault test asked setup to fail at (builds with `faults` only).
+#[cfg(feature = "faults")]
+fn inject_failure(args: &SandboxRunArgs) -> Option<&str> {
+    args.inject_failure.as_deref()
+}
+
+#[cfg(not(feature = "faults"))]
+fn inject_failure(_args: &SandboxRunArgs) -> Option<&str> {
+    None
+}
+
 /// Exit code when agentd itself fails, as `env` and container runtimes use.
 const SETUP_FAILED: i32 = 125;
 
@@ -144,8 +155,8 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         env.retain(|(name, _)| *name != k);
         env.push((k, v));
     }
-    if let Some(stage) = &args.inject_failure {
-        anyhow::ensure!(init::FAULT_STAGES.contains(&stage.as_str()) || stage == "cgroup", "unknown stage {stage:?}");
+    if let Some(stage) = inject_failure(&args) {
+        anyhow::ensure!(init::FAULT_STAGES.contains(&stage) || stage == "cgroup", "unknown stage {stage:?}");
     }
     let limits = limits(&args)?;
     let hardening = hardening(&args)?;
@@ -176,7 +187,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         payload: Payload::Command { argv: args.command.clone(), env, cwd: "/workspace".into() },
         // Run mode sets up no logging: it reports on stderr itself.
         supervisor_log_filter: String::new(),
-        inject_failure: args.inject_failure.clone(),
+        inject_failure: inject_failure(&args).map(str::to_string),
     };
     spec.validate()?;
 
@@ -204,7 +215,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     // namespace alone holds the tree together (it dies with PID 1), and
     // skipping the cgroups saves their mkdir and rmdir in every hierarchy.
     let cgroups = limits.as_ref().map(RunCgroups::create).transpose()?;
-    if args.inject_failure.as_deref() == Some("cgroup") {
+    if inject_failure(&args) == Some("cgroup") {
         bail!("sandbox setup failed at cgroup: injected failure");
     }
     if let Some(cg) = &cgroups {

@@ -211,6 +211,12 @@ pub async fn node_for(app: &AppState, node_id: &str) -> Result<NodeClient<Channe
 /// Fault tests only: a step that reaches the point `AGENTD_TEST_PAUSE_STEP`
 /// names (e.g. `session.create/sandbox`) stops there for good, so that the
 /// test can kill the control plane in the middle of the step.
+#[cfg(not(feature = "faults"))]
+pub async fn test_pause(_point: &str) {}
+
+/// See the other `test_pause`: the `faults` feature's, which test builds
+/// turn on and release builds never have.
+#[cfg(feature = "faults")]
 pub async fn test_pause(point: &str) {
     if std::env::var("AGENTD_TEST_PAUSE_STEP").is_ok_and(|p| p == point) {
         tracing::warn!(point, "step paused for a fault test (AGENTD_TEST_PAUSE_STEP)");
