@@ -171,7 +171,7 @@ async fn saturation_run(store: &Store, settings: &Settings, run: usize) -> f64 {
                             let key = format!("{id}/{}", n + 1);
                             tx.enqueue(NewStep::new("container", &id, "flip", &key, json!({ "n": n + 1 }))).await?;
                         }
-                        tx.complete_step(&ctx, &json!(null)).await
+                        ctx.complete_in(tx, &json!(null)).await
                     })
                     .await;
                 result.map_err(|e| StepError::retryable(e.to_string()))?;

@@ -2,7 +2,17 @@
 //! the client side of the node service.
 //!
 //! Layout:
-//! - [`api`]: axum routes, one module per resource; errors as problem+json.
+//! Layers, each using only those below it (checked by `layers`, a test):
+//! [`domain`] (state machines, refusals, step outcomes; with the request
+//! compilers [`plan`], [`agent_spec`], [`mcp`]) <- [`store`] <- [`workflow`]
+//! <- [`flows`] (with [`context`], [`fleet`], [`teardown`],
+//! [`agent_registry`], [`audit`]) <- [`api`] <- [`process`] and this root.
+//!
+//! - [`api`]: axum routes, one module per resource; errors as problem+json,
+//!   made here only.
+//! - [`domain`]: what the layers above share: states, refusals, outcomes.
+//! - [`context`]: [`AppState`], what handlers, steps and tasks share.
+//! - [`audit`]: the audit trail's batching writer.
 //! - [`agent_spec`]: agent definitions in the ACP registry's shape and the
 //!   original agentd's, read into one validated `AgentSpec`.
 //! - [`agent_registry`]: registry sync from a file or URL into the store.
@@ -55,6 +65,9 @@ macro_rules! backend_suite {
 pub mod agent_registry;
 pub mod agent_spec;
 pub mod api;
+pub mod audit;
+pub mod context;
+pub mod domain;
 pub mod fleet;
 pub mod flows;
 pub mod mcp;
@@ -65,6 +78,8 @@ pub mod teardown;
 pub mod workflow;
 
 #[cfg(test)]
+mod layers;
+#[cfg(test)]
 mod outage_tests;
 
 use std::future::Future;
@@ -73,36 +88,10 @@ use std::net::SocketAddr;
 use agentd_proto::node::GetSandboxRequest;
 use tokio_util::sync::CancellationToken;
 
-use store::Store;
+pub use context::AppState;
 use store::states::container;
 
 pub use agentd_plan::new_id;
-
-/// What every request handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    pub store: Store,
-    /// A client per node of the fleet.
-    pub nodes: fleet::Nodes,
-    /// How a new container's node is chosen.
-    pub placement: store::placement::Strategy,
-    pub defaults: plan::PlanDefaults,
-    /// Deadline of each node call a workflow step makes (calls that wait
-    /// for the agent get `initialize_timeout` on top): past it the attempt
-    /// fails and the runner retries it under the same idempotency key.
-    pub node_call_timeout: std::time::Duration,
-    /// The registry file or URL synced at start and by `POST /v1/registry:sync`.
-    pub registry_source: Option<String>,
-    /// For registry syncs over http(s).
-    pub http: reqwest::Client,
-    /// Cancelled on shutdown: ends SSE streams and session followers.
-    pub shutdown: CancellationToken,
-    /// Where the API's audit records go ([`api::audit`]).
-    pub audit: api::audit::AuditLog,
-    /// How a step the API runs itself is leased (a prompt's dispatch): under
-    /// this control plane's runner's owner name.
-    pub steps: workflow::InlineConfig,
-}
 
 pub fn app(state: AppState) -> axum::Router {
     api::router(state)

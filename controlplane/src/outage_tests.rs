@@ -30,7 +30,7 @@ fn state(store: &Store) -> AppState {
         registry_source: None,
         http: reqwest::Client::new(),
         shutdown: CancellationToken::new(),
-        audit: crate::api::audit::AuditLog::start(store.clone()),
+        audit: crate::audit::AuditLog::start(store.clone()),
         steps: crate::workflow::InlineConfig::default(),
     }
 }

@@ -14,7 +14,7 @@ use crate::fleet::{NodeTls, Nodes};
 use crate::flows::node_check::FleetConfig;
 use crate::store::placement::Strategy;
 use crate::store::{Store, StoreError};
-use crate::{AppState, ServeError, api, plan, workflow};
+use crate::{AppState, ServeError, plan, workflow};
 
 /// A control plane's settings.
 pub struct Settings {
@@ -64,7 +64,7 @@ impl ControlPlane {
             registry_source: s.registry_source,
             http: crate::agent_registry::http_client(),
             shutdown: CancellationToken::new(),
-            audit: api::audit::AuditLog::start(s.store.clone()),
+            audit: crate::audit::AuditLog::start(s.store.clone()),
             steps: workflow::InlineConfig::of(&s.runner),
         };
         crate::reconcile(&state).await.map_err(StartError::Reconcile)?;

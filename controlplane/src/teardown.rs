@@ -6,13 +6,16 @@
 use agentd_proto::node::DeleteSandboxRequest;
 
 use crate::AppState;
-use crate::api::Problem;
+use crate::domain::Refusal;
 use crate::store::StoreError;
 use crate::store::states::session;
 
-pub async fn delete_container(app: &AppState, container_id: &str, reason: &str) -> Result<(), Problem> {
-    let (_, node) = app.nodes.of_container(container_id).await?;
-    node.clone().delete_sandbox(DeleteSandboxRequest { container_id: container_id.to_string(), fence: None }).await?;
+pub async fn delete_container(app: &AppState, container_id: &str, reason: &str) -> Result<(), Refusal> {
+    let (_, node) = app.nodes.of_container(container_id).await.map_err(|s| Refusal::from_node(&s))?;
+    node.clone()
+        .delete_sandbox(DeleteSandboxRequest { container_id: container_id.to_string(), fence: None })
+        .await
+        .map_err(|s| Refusal::from_node(&s))?;
     record_gone(app, container_id, reason).await?;
     Ok(())
 }

@@ -2,16 +2,11 @@
 //! HEAD) leaves a record of who asked, what, when and how it ended, and
 //! `GET /v1/audit` reads them back.
 //!
-//! Records are written off the request's path: the middleware hands each to
-//! a writer task that inserts them in batches (one multi-row INSERT per
-//! batch), so a prompt pays a channel send, not a database round trip. The
-//! price is that records still queued when the process dies are lost; while
-//! the store is down the writer keeps its batch and retries, and past
-//! [`QUEUE`] queued records new ones are dropped with an error in the log.
+//! Records are written off the request's path, by the writer in
+//! [`crate::audit`].
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Json;
 use axum::extract::{ConnectInfo, Query, Request, State};
@@ -20,95 +15,20 @@ use axum::middleware::Next;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use super::Problem;
 use super::problem::ProblemCode;
 use crate::AppState;
 use crate::store::audit::{AuditQuery, NewAuditRecord};
-use crate::store::{Store, now_ms};
+pub use crate::audit::AuditLog;
+use crate::store::now_ms;
 
 /// The header a caller names itself in (recorded as given: agentd has no
 /// authentication of its own yet, so it is a claim, not an identity).
 pub const ACTOR_HEADER: &str = "x-agentd-actor";
 
-/// Records queued for the writer before new ones are dropped.
-const QUEUE: usize = 16_384;
-/// Records per batch.
-const BATCH: usize = 256;
-/// Pause before writing a batch again after a store failure.
-const RETRY: Duration = Duration::from_millis(500);
 /// The most records one `GET /v1/audit` returns.
 const MAX_PAGE: i64 = 1_000;
-
-/// The sending side of the writer; cheap to clone.
-#[derive(Clone)]
-pub struct AuditLog {
-    tx: mpsc::Sender<NewAuditRecord>,
-    writer: Arc<Writer>,
-}
-
-struct Writer {
-    stop: CancellationToken,
-    task: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl AuditLog {
-    /// Starts the writer for `store`; [`AuditLog::close`] stops it.
-    pub fn start(store: Store) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(write_batches(store, rx, stop.clone()));
-        Self { tx, writer: Arc::new(Writer { stop, task: Mutex::new(Some(task)) }) }
-    }
-
-    /// Writes what is queued and stops the writer: call it once the API
-    /// has stopped serving, before the store closes.
-    pub async fn close(&self) {
-        self.writer.stop.cancel();
-        let task = self.writer.task.lock().expect("audit writer lock").take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-    }
-
-    fn record(&self, record: NewAuditRecord) {
-        if let Err(e) = self.tx.try_send(record) {
-            let lost = match e {
-                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
-            };
-            tracing::error!(method = lost.method, path = lost.path, status = lost.status, "audit record dropped: the writer is behind or gone");
-        }
-    }
-}
-
-async fn write_batches(store: Store, mut rx: mpsc::Receiver<NewAuditRecord>, shutdown: CancellationToken) {
-    let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let stopping = tokio::select! {
-            n = rx.recv_many(&mut batch, BATCH) => n == 0,
-            _ = shutdown.cancelled() => true,
-        };
-        if stopping {
-            // Whatever was queued before shutdown, one last time.
-            while rx.try_recv().map(|r| batch.push(r)).is_ok() {}
-            if let Err(e) = store.insert_audit_records(&batch).await {
-                tracing::error!(error = %e, records = batch.len(), "audit records lost at shutdown");
-            }
-            return;
-        }
-        while let Err(e) = store.insert_audit_records(&batch).await {
-            tracing::warn!(error = %e, records = batch.len(), "cannot write audit records; retrying");
-            tokio::select! {
-                _ = tokio::time::sleep(RETRY) => {}
-                _ = shutdown.cancelled() => break,
-            }
-        }
-        batch.clear();
-    }
-}
 
 /// Middleware: records every call that may change state.
 pub async fn record(State(app): State<AppState>, request: Request, next: Next) -> Response {

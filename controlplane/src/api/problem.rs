@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::domain::Refusal;
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -31,16 +32,7 @@ impl Problem {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
     }
 
-    /// A problem read back from storage (a workflow step's outcome): `code`
-    /// must be one of the stable codes, else it becomes `internal`.
-    pub fn known(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
-        let code = NODE_CODES.iter().map(|(c, _)| *c).chain(CONTROL_PLANE_CODES.iter().copied()).find(|c| *c == code).unwrap_or("internal");
-        Self::new(status, code, detail)
-    }
 }
-
-/// Codes the control plane itself gives that a workflow step may record.
-const CONTROL_PLANE_CODES: &[&str] = &["illegal_state", "node_unavailable", "store_unavailable"];
 
 /// The `code` of a problem answer, kept on the response.
 #[derive(Debug, Clone)]
@@ -84,89 +76,19 @@ impl From<crate::store::placement::PlacementError> for Problem {
 
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Self {
-        match &e {
-            StoreError::NotFound { entity, .. } => {
-                let code = match entity {
-                    crate::store::states::Entity::Container => "container_not_found",
-                    crate::store::states::Entity::Session => "session_not_found",
-                    crate::store::states::Entity::Run => "run_not_found",
-                    crate::store::states::Entity::AgentInstance => "agent_not_found",
-                };
-                Problem::not_found(code, e.to_string())
-            }
-            StoreError::Illegal(_) => Problem::conflict("illegal_state", e.to_string()),
-            StoreError::RunActive { .. } => Problem::conflict("run_active", e.to_string()),
-            // A request with the same key committed first: a retry answers it.
-            StoreError::StaleLease { .. } => Problem::conflict("stale_lease", e.to_string()),
-            StoreError::KeyTaken { .. } => Problem::conflict("idempotency_key_in_use", e.to_string()),
-            StoreError::Db(_) | StoreError::Migrate(_) => {
-                tracing::error!(error = %e, "store error");
-                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the store is unavailable; retry later")
-            }
-        }
+        Refusal::from(e).into()
     }
 }
 
-/// The stable codes a node may send back, with the HTTP status each becomes.
-/// A closed set: any other code is treated as internal.
-const NODE_CODES: &[(&str, StatusCode)] = &[
-    ("container_not_found", StatusCode::NOT_FOUND),
-    ("session_not_found", StatusCode::NOT_FOUND),
-    ("agent_not_found", StatusCode::NOT_FOUND),
-    ("permission_request_not_found", StatusCode::NOT_FOUND),
-    ("run_active", StatusCode::CONFLICT),
-    ("agent_exists", StatusCode::CONFLICT),
-    ("container_hibernated", StatusCode::CONFLICT),
-    // A workflow step whose lease was taken over called the node late.
-    ("stale_epoch", StatusCode::CONFLICT),
-    ("invalid_request", StatusCode::UNPROCESSABLE_ENTITY),
-    ("invalid_profile", StatusCode::UNPROCESSABLE_ENTITY),
-    ("invalid_prompt", StatusCode::UNPROCESSABLE_ENTITY),
-    ("bad_working_dir", StatusCode::UNPROCESSABLE_ENTITY),
-    ("agent_executable_not_found", StatusCode::UNPROCESSABLE_ENTITY),
-    ("mount_source_not_found", StatusCode::UNPROCESSABLE_ENTITY),
-    ("unknown_option", StatusCode::UNPROCESSABLE_ENTITY),
-    ("bundle_checksum_mismatch", StatusCode::UNPROCESSABLE_ENTITY),
-    ("bundle_invalid", StatusCode::UNPROCESSABLE_ENTITY),
-    ("bundle_fetch_failed", StatusCode::BAD_GATEWAY),
-    ("unsupported_content", StatusCode::UNPROCESSABLE_ENTITY),
-    ("unknown_mode", StatusCode::UNPROCESSABLE_ENTITY),
-    ("unknown_config_option", StatusCode::UNPROCESSABLE_ENTITY),
-    ("not_supported", StatusCode::CONFLICT),
-    // session/load of an ACP session the agent does not have.
-    ("acp_session_not_found", StatusCode::UNPROCESSABLE_ENTITY),
-    ("acp_session_open", StatusCode::CONFLICT),
-    ("invalid_mcp_server", StatusCode::UNPROCESSABLE_ENTITY),
-    ("mcp_unsupported", StatusCode::UNPROCESSABLE_ENTITY),
-    // One the supervisor could not create in the sandbox.
-    ("invalid_additional_directory", StatusCode::UNPROCESSABLE_ENTITY),
-    // The plan gives no credentials the agent accepts: fix the request's env.
-    ("agent_auth_required", StatusCode::UNPROCESSABLE_ENTITY),
-    ("agent_restarting", StatusCode::SERVICE_UNAVAILABLE),
-    // Exited or failed past its restart budget: retrying will not help.
-    ("agent_unavailable", StatusCode::CONFLICT),
-    ("agent_init_failed", StatusCode::BAD_GATEWAY),
-    ("agent_error", StatusCode::BAD_GATEWAY),
-    ("agent_spawn_failed", StatusCode::BAD_GATEWAY),
-    ("node_full", StatusCode::SERVICE_UNAVAILABLE),
-    ("sandbox_failed", StatusCode::INTERNAL_SERVER_ERROR),
-    ("internal", StatusCode::INTERNAL_SERVER_ERROR),
-];
+impl From<Refusal> for Problem {
+    fn from(r: Refusal) -> Self {
+        let status = StatusCode::from_u16(r.class.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Problem::new(status, r.code, r.detail)
+    }
+}
 
 impl From<tonic::Status> for Problem {
     fn from(s: tonic::Status) -> Self {
-        match agentd_proto::error::code_of(&s) {
-            Some(code) => {
-                let (code, status) =
-                    NODE_CODES.iter().find(|(c, _)| *c == code).copied().unwrap_or(("internal", StatusCode::INTERNAL_SERVER_ERROR));
-                Problem::new(status, code, s.message().to_string())
-            }
-            None if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "node_unavailable",
-                format!("the node did not answer: {}", s.message()),
-            ),
-            None => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", s.message().to_string()),
-        }
+        Refusal::from_node(&s).into()
     }
 }

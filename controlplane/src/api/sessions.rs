@@ -556,7 +556,7 @@ const TAKEN: &str = run_state::STREAMING;
 /// answer with.
 async fn wait_for_dispatch(app: &AppState, key: &str, run_id: &str) -> Result<String, Problem> {
     match flows::wait_for_step(app, key, DISPATCH_WAIT).await? {
-        flows::Waited::Finished(outcome) => outcome.map(|()| TAKEN.to_string()),
+        flows::Waited::Finished(outcome) => Ok(outcome.map(|()| TAKEN.to_string())?),
         flows::Waited::Pending => {
             tracing::warn!(run_id, "prompt not yet taken by the node; answering 202 anyway");
             Ok(app.store.get_run(run_id).await?.state)

@@ -14,7 +14,7 @@ use agentd_proto::node::CloseSessionRequest;
 
 use super::{CONTAINER, SESSION_CLOSE, Waited, deadline, fence, node_error, ok, store_error, transient, wait_for_step, within};
 use crate::AppState;
-use crate::api::Problem;
+use crate::domain::{Class, Refusal};
 use crate::store::StoreError;
 use crate::store::outbox::NewStep;
 use crate::store::states::{container, session};
@@ -31,14 +31,14 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Writes the session's close step (one per session: a repeated DELETE
 /// waits for the same step) and waits for it.
-pub async fn request(app: &AppState, container_id: &str, session_id: &str) -> Result<(), Problem> {
+pub async fn request(app: &AppState, container_id: &str, session_id: &str) -> Result<(), Refusal> {
     let key = format!("{SESSION_CLOSE}:{session_id}");
     let payload = serde_json::to_value(Payload { session_id: session_id.to_string() }).expect("payload serializes");
     app.store.enqueue(NewStep::new(CONTAINER, container_id, SESSION_CLOSE, &key, payload)).await?;
     match wait_for_step(app, &key, WAIT).await? {
         Waited::Finished(outcome) => outcome,
-        Waited::Pending => Err(Problem::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Waited::Pending => Err(Refusal::new(
+            Class::Unavailable,
             "node_unavailable",
             format!("session {session_id} is being closed; the node has not confirmed yet (it will be retried)"),
         )),

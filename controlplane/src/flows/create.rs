@@ -2,7 +2,6 @@
 //! container and session recorded ready. Written by `POST /v1/sessions`
 //! with the container (`provisioning`) and session (`creating`) rows.
 
-use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use prost::Message;
@@ -16,7 +15,7 @@ use agentd_proto::node::{AgentInstance, AgentPlan, CreateSandboxRequest, CreateS
 
 use super::{agent_deadline, deadline, fence, failed, within, node_error, ok, store_error, test_pause, transient};
 use crate::AppState;
-use crate::api::Problem;
+use crate::domain::{Class, Refusal};
 use crate::plan::Compiled;
 use crate::store::StoreError;
 use crate::store::states::{container, session};
@@ -153,7 +152,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         }
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("create session", &status)),
         Err(status) => {
-            let problem = Problem::from(status);
+            let problem = Refusal::from_node(&status);
             undo(&app, &ctx, &mut node, container_id, &payload.session_id, &problem).await?;
             Ok(failed(&problem))
         }
@@ -166,7 +165,7 @@ async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid:
         // A delete overtook the create: its step, queued behind this one,
         // removes the sandbox and closes the session.
         Err(StoreError::Illegal(e)) => {
-            return Ok(failed(&Problem::conflict("illegal_state", format!("{e} (deleted while being created)"))));
+            return Ok(failed(&Refusal::conflict("illegal_state", format!("{e} (deleted while being created)"))));
         }
         Err(e) => return Err(store_error(e)),
     }
@@ -180,7 +179,7 @@ async fn undo(
     node: &mut NodeClient<Channel>,
     container_id: &str,
     session_id: &str,
-    problem: &Problem,
+    problem: &Refusal,
 ) -> Result<(), StepError> {
     let delete = DeleteSandboxRequest { container_id: container_id.to_string(), fence: fence(ctx, "undo") };
     if let Err(e) = within(deadline(app), node.delete_sandbox(delete)).await {
@@ -206,7 +205,7 @@ async fn already_settled(app: &AppState, ctx: &StepContext, payload: &Payload, s
         return Ok(ok());
     }
     let detail = s.error.unwrap_or_else(|| format!("container {} is {state}", ctx.entity_id));
-    let status = if state == container::DELETED || state == container::STOPPING { StatusCode::CONFLICT } else { StatusCode::BAD_GATEWAY };
-    let code = if status == StatusCode::CONFLICT { "illegal_state" } else { "sandbox_failed" };
-    Ok::<Value, StepError>(failed(&Problem::new(status, code, detail)))
+    let (class, code) =
+        if state == container::DELETED || state == container::STOPPING { (Class::Conflict, "illegal_state") } else { (Class::BadGateway, "sandbox_failed") };
+    Ok::<Value, StepError>(failed(&Refusal::new(class, code, detail)))
 }

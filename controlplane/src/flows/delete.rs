@@ -11,7 +11,7 @@ use agentd_proto::node::DeleteSandboxRequest;
 
 use super::{CONTAINER, CONTAINER_DELETE, Waited, deadline, fence, within, node_error, ok, store_error, test_pause, transient, wait_for_step};
 use crate::AppState;
-use crate::api::Problem;
+use crate::domain::{Class, Refusal};
 use crate::store::outbox::NewStep;
 use crate::store::states::{Entity, container};
 use crate::workflow::{StepContext, StepError, StepResult};
@@ -36,12 +36,12 @@ pub fn key(container_id: &str) -> String {
 /// made the move succeeds; a concurrent second delete finds the container
 /// `stopping` and gets 409 naming that state, as a later one finds it
 /// `deleted`.
-pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result<(), Problem> {
+pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result<(), Refusal> {
     let key = begin(app, container_id, reason).await?;
     match wait_for_step(app, &key, WAIT).await? {
         Waited::Finished(outcome) => outcome,
-        Waited::Pending => Err(Problem::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Waited::Pending => Err(Refusal::new(
+            Class::Unavailable,
             "node_unavailable",
             format!("container {container_id} is stopping; the node has not confirmed yet (it will be retried)"),
         )),
@@ -49,7 +49,7 @@ pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result
 }
 
 /// The transaction of [`request`], without the wait; returns the step's key.
-pub async fn begin(app: &AppState, container_id: &str, reason: &str) -> Result<String, Problem> {
+pub async fn begin(app: &AppState, container_id: &str, reason: &str) -> Result<String, Refusal> {
     let key = key(container_id);
     let payload = serde_json::to_value(Payload { reason: reason.to_string() }).expect("payload serializes");
     app.store
@@ -58,7 +58,7 @@ pub async fn begin(app: &AppState, container_id: &str, reason: &str) -> Result<S
                 Some(_) => {}
                 None => {
                     let detail = format!("container {container_id} is {}: a delete is under way", container::STOPPING);
-                    return Err(Problem::conflict("illegal_state", detail));
+                    return Err(Refusal::conflict("illegal_state", detail));
                 }
             }
             tx.enqueue(NewStep::new(CONTAINER, container_id, CONTAINER_DELETE, &key, payload)).await?;

@@ -11,7 +11,7 @@ use agentd_proto::node::PromptRequest;
 
 use super::{deadline, failed, fence, within, node_error, ok, store_error, transient};
 use crate::AppState;
-use crate::api::Problem;
+use crate::domain::Refusal;
 use crate::store::outbox::Tx;
 use crate::store::{StoreError, now_ms};
 use crate::store::states::{Entity, run};
@@ -43,7 +43,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     if let Some(state) = ended {
         // Ended before it was handed over (its container was deleted, say).
         let detail = format!("run {} is {state}", payload.run_id);
-        return Ok(failed(&Problem::conflict("illegal_state", detail)));
+        return Ok(failed(&Refusal::conflict("illegal_state", detail)));
     }
     let request = PromptRequest {
         container_id: ctx.entity_id.clone(),
@@ -66,7 +66,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         }
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("prompt", &status)),
         Err(status) => {
-            let problem = Problem::from(status);
+            let problem = Refusal::from_node(&status);
             app.store.run_failed(&payload.run_id, &problem.detail).await.map_err(store_error)?;
             Ok(failed(&problem))
         }

@@ -50,12 +50,11 @@ use std::time::Duration;
 use agentd_proto::node::Fence;
 use agentd_proto::node::node_client::NodeClient;
 use tonic::transport::Channel;
-use axum::http::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::api::Problem;
+use crate::domain::{Class, Outcome, Refusal};
 use crate::store::outbox::{NewStep, step_state};
 use crate::store::{StoreError, now_ms};
 use crate::workflow::{Registry, StepContext, StepError};
@@ -170,13 +169,13 @@ pub fn agent_deadline(app: &AppState) -> Duration {
 
 /// A step outcome that succeeded.
 pub fn ok() -> Value {
-    json!({"ok": true})
+    Outcome::Done.to_value()
 }
 
-/// A step outcome that failed with `problem`, after the entities were
+/// A step outcome that failed with `refusal`, after the entities were
 /// recorded in a true state.
-pub fn failed(problem: &Problem) -> Value {
-    json!({"ok": false, "status": problem.status.as_u16(), "code": problem.code, "detail": problem.detail})
+pub fn failed(refusal: &Refusal) -> Value {
+    Outcome::Refused(refusal.clone()).to_value()
 }
 
 /// Whether a node call's failure may pass on its own (the node unreachable
@@ -230,28 +229,27 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// What a waiting API call learned about its step.
 pub enum Waited {
-    /// The step finished: its outcome, as a problem if it failed.
-    Finished(Result<(), Problem>),
+    /// The step finished: its outcome, refused if it failed.
+    Finished(Result<(), Refusal>),
     /// Still running when the wait ended.
     Pending,
 }
 
 /// Waits up to `timeout` for the step with `key` to finish.
-pub async fn wait_for_step(app: &AppState, key: &str, timeout: Duration) -> Result<Waited, Problem> {
+pub async fn wait_for_step(app: &AppState, key: &str, timeout: Duration) -> Result<Waited, StoreError> {
     let deadline = tokio::time::Instant::now() + timeout;
     // Step ends in this process bump the wake-up signal.
     let mut wakeups = app.store.outbox_wakeups();
     loop {
         wakeups.borrow_and_update();
         let Some(step) = app.store.get_step_by_key(key).await? else {
-            return Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("step {key} vanished")));
+            return Ok(Waited::Finished(Err(Refusal::new(Class::Internal, "internal", format!("step {key} vanished")))));
         };
         match step.state.as_str() {
             step_state::DONE => return Ok(Waited::Finished(outcome(step.result.as_ref()))),
             step_state::FAILED => {
                 let error = step.last_error.unwrap_or_default();
-                let unavailable = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "node_unavailable", error);
-                return Ok(Waited::Finished(Err(unavailable)));
+                return Ok(Waited::Finished(Err(Refusal::new(Class::Unavailable, "node_unavailable", error))));
             }
             _ => {}
         }
@@ -264,15 +262,8 @@ pub async fn wait_for_step(app: &AppState, key: &str, timeout: Duration) -> Resu
 }
 
 /// A finished step's result as the API's answer.
-pub fn outcome(result: Option<&Value>) -> Result<(), Problem> {
-    let Some(result) = result else { return Ok(()) };
-    if result["ok"].as_bool() != Some(false) {
-        return Ok(());
-    }
-    let status = result["status"].as_u64().and_then(|s| StatusCode::from_u16(s as u16).ok()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let code = result["code"].as_str().unwrap_or("internal");
-    let detail = result["detail"].as_str().unwrap_or_default();
-    Err(Problem::known(status, code, detail))
+pub fn outcome(result: Option<&Value>) -> Result<(), Refusal> {
+    Outcome::from_value(result).into_result()
 }
 
 #[cfg(test)]

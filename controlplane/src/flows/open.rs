@@ -12,7 +12,7 @@ use agentd_proto::node::{CloseSessionRequest, StartAgentRequest};
 
 use super::{agent_deadline, deadline, failed, fence, node_error, ok, store_error, transient, within};
 use crate::AppState;
-use crate::api::Problem;
+use crate::domain::Refusal;
 use crate::store::StoreError;
 use crate::store::states::{container, session};
 use crate::workflow::{StepContext, StepError, StepResult};
@@ -30,7 +30,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     }
     let c = app.store.get_container(container_id).await.map_err(store_error)?;
     if c.state != container::READY {
-        let problem = Problem::conflict("illegal_state", format!("container {container_id} is {}; only a ready container takes new sessions", c.state));
+        let problem = Refusal::conflict("illegal_state", format!("container {container_id} is {}; only a ready container takes new sessions", c.state));
         record_failed(&app, &payload.session_id, &problem).await?;
         return Ok(failed(&problem));
     }
@@ -67,14 +67,14 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
             };
             match recorded.await {
                 Ok(()) => {}
-                Err(StoreError::Illegal(e)) => return Ok(failed(&Problem::conflict("illegal_state", format!("{e} (closed while being opened)")))),
+                Err(StoreError::Illegal(e)) => return Ok(failed(&Refusal::conflict("illegal_state", format!("{e} (closed while being opened)")))),
                 Err(e) => return Err(store_error(e)),
             }
             Ok(ok())
         }
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("open session", &status)),
         Err(status) => {
-            let problem = Problem::from(status);
+            let problem = Refusal::from_node(&status);
             // Stops the agent if this session was to be its first.
             let close = CloseSessionRequest {
                 container_id: container_id.to_string(),
@@ -91,7 +91,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     }
 }
 
-async fn record_failed(app: &AppState, session_id: &str, problem: &Problem) -> Result<(), StepError> {
+async fn record_failed(app: &AppState, session_id: &str, problem: &Refusal) -> Result<(), StepError> {
     match app.store.session_failed(session_id, &problem.detail).await {
         Ok(()) | Err(StoreError::Illegal(_)) => Ok(()),
         Err(e) => Err(store_error(e)),
@@ -105,5 +105,5 @@ fn already_settled(s: &crate::store::SessionRow) -> serde_json::Value {
         return ok();
     }
     let detail = s.error.clone().unwrap_or_else(|| format!("session {} is {}", s.id, s.state));
-    failed(&Problem::conflict("illegal_state", detail))
+    failed(&Refusal::conflict("illegal_state", detail))
 }

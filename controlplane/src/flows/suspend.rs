@@ -11,14 +11,13 @@
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use agentd_proto::node::{FreezeSandboxRequest, ThawSandboxRequest};
 
 use super::{CONTAINER, CONTAINER_FREEZE, CONTAINER_THAW, Waited, deadline, failed, fence, node_error, ok, store_error, transient, wait_for_step, within};
 use crate::AppState;
-use crate::api::Problem;
+use crate::domain::{Class, Refusal};
 use crate::store::StoreError;
 use crate::store::outbox::NewStep;
 use crate::store::states::{Entity, container};
@@ -59,12 +58,12 @@ pub struct Payload {
 /// Moves the container and writes its step in one transaction, then waits
 /// for the step. Anything but the one legal source state is 409 naming the
 /// container's state, a repeat included (hibernating a hibernated container).
-pub async fn request(app: &AppState, container_id: &str, action: Action) -> Result<(), Problem> {
+pub async fn request(app: &AppState, container_id: &str, action: Action) -> Result<(), Refusal> {
     let (from, to, kind) = action.plan();
     let key = format!("{kind}:{container_id}:{}", uuid::Uuid::now_v7().simple());
     let payload = serde_json::to_value(Payload { action }).expect("payload serializes");
     let refused = |state: &str| {
-        Problem::conflict("illegal_state", format!("container {container_id} is {state}; only a {from} one {}", action.verb()))
+        Refusal::conflict("illegal_state", format!("container {container_id} is {state}; only a {from} one {}", action.verb()))
     };
     let reason = format!("{kind} requested");
     app.store
@@ -81,8 +80,8 @@ pub async fn request(app: &AppState, container_id: &str, action: Action) -> Resu
         .await?;
     match wait_for_step(app, &key, WAIT).await? {
         Waited::Finished(outcome) => outcome,
-        Waited::Pending => Err(Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+        Waited::Pending => Err(Refusal::new(
+            Class::Unavailable,
             "node_unavailable",
             format!("container {container_id} is {to}; the node has not confirmed yet (it will be retried)"),
         )),
@@ -97,7 +96,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     // state is what the steps before this one left; they ran in order.
     if matches!(c.state.as_str(), container::STOPPING | container::DELETED | container::FAILED) {
         let detail = format!("container {id} is {}", c.state);
-        return Ok(failed(&Problem::conflict("illegal_state", detail)));
+        return Ok(failed(&Refusal::conflict("illegal_state", detail)));
     }
     let mut node = super::node_for(&app, &c.node_id).await?;
     let answer = match payload.action {
@@ -123,7 +122,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
                 Ok(()) | Err(StoreError::Illegal(_)) => {}
                 Err(e) => return Err(store_error(e)),
             }
-            Ok(failed(&Problem::from(status)))
+            Ok(failed(&Refusal::from_node(&status)))
         }
     }
 }

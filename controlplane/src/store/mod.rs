@@ -54,7 +54,7 @@
 //! Token-by-token output never passes through here: it lives in the node's
 //! per-session event logs.
 
-pub mod states;
+pub use crate::domain::states;
 
 /// Stable codes of why something failed, kept beside its error text
 /// (`error_code`) and shown by the API.
@@ -110,6 +110,33 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("store migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// What a store failure means to whoever asked.
+impl From<StoreError> for crate::domain::Refusal {
+    fn from(e: StoreError) -> Self {
+        use crate::domain::{Class, Refusal};
+        match &e {
+            StoreError::NotFound { entity, .. } => {
+                let code = match entity {
+                    Entity::Container => "container_not_found",
+                    Entity::Session => "session_not_found",
+                    Entity::Run => "run_not_found",
+                    Entity::AgentInstance => "agent_not_found",
+                };
+                Refusal::not_found(code, e.to_string())
+            }
+            StoreError::Illegal(_) => Refusal::conflict("illegal_state", e.to_string()),
+            StoreError::RunActive { .. } => Refusal::conflict("run_active", e.to_string()),
+            StoreError::StaleLease { .. } => Refusal::conflict("stale_lease", e.to_string()),
+            // A request with the same key committed first: a retry answers it.
+            StoreError::KeyTaken { .. } => Refusal::conflict("idempotency_key_in_use", e.to_string()),
+            StoreError::Db(_) | StoreError::Migrate(_) => {
+                tracing::error!(error = %e, "store error");
+                Refusal::new(Class::Unavailable, "store_unavailable", "the store is unavailable; retry later")
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, FromRow)]

@@ -58,7 +58,9 @@ use tokio::sync::watch;
 
 use super::states::{self, Entity, IllegalTransition};
 use super::{Backend, ConstraintKind, Extra, NewSession, Store, StoreError, insert_refused, now_ms, table, time_columns};
-use crate::workflow::CompletionWriteFn;
+/// Store writes a step's handler left to its completion (see
+/// `workflow::StepContext::complete_with`).
+pub type CompletionWriteFn = Arc<dyn for<'t> Fn(&'t mut Tx) -> futures::future::BoxFuture<'t, Result<(), StoreError>> + Send + Sync>;
 
 /// The PostgreSQL channel a committed enqueue notifies.
 pub const CHANNEL: &str = "agentd_outbox";
@@ -364,11 +366,12 @@ impl Tx {
     /// of the runner's), exactly once in effect. Fenced like a completion:
     /// a lease taken over is [`StoreError::StaleLease`], and the transaction
     /// must be rolled back (its writes were the stale worker's).
-    pub async fn complete_step(&mut self, ctx: &crate::workflow::StepContext, result: &Value) -> Result<(), StoreError> {
-        if self.mark_done(ctx.id, ctx.epoch, result).await? != 1 {
-            return Err(StoreError::StaleLease { id: ctx.id, epoch: ctx.epoch });
+    /// `recorded` is the handler's flag, set once this transaction commits.
+    pub async fn complete_step(&mut self, id: i64, epoch: i64, recorded: &Arc<std::sync::atomic::AtomicBool>, result: &Value) -> Result<(), StoreError> {
+        if self.mark_done(id, epoch, result).await? != 1 {
+            return Err(StoreError::StaleLease { id, epoch });
         }
-        self.completes.push(ctx.recorded.clone());
+        self.completes.push(Arc::clone(recorded));
         Ok(())
     }
 

@@ -97,13 +97,19 @@ impl StepContext {
     /// retried while the store is down) and not at all (the lease was lost,
     /// the process died): they must be idempotent, and nothing may depend on
     /// them but what the step's own retry would redo.
+    /// Records this step done with `result` in `tx` (see
+    /// [`Tx::complete_step`]): the handler's writes and the step's end
+    /// commit together.
+    pub async fn complete_in(&self, tx: &mut Tx, result: &serde_json::Value) -> Result<(), StoreError> {
+        tx.complete_step(self.id, self.epoch, &self.recorded, result).await
+    }
+
     pub fn complete_with(&self, writes: impl for<'t> Fn(&'t mut Tx) -> BoxFuture<'t, Result<(), StoreError>> + Send + Sync + 'static) {
         *self.completion_writes.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(writes));
     }
 }
 
-/// Store writes a handler left to its step's completion.
-pub type CompletionWriteFn = Arc<dyn for<'t> Fn(&'t mut Tx) -> BoxFuture<'t, Result<(), StoreError>> + Send + Sync>;
+pub use crate::store::outbox::CompletionWriteFn;
 
 #[derive(Clone, Default)]
 pub(crate) struct CompletionWrites(Arc<Mutex<Option<CompletionWriteFn>>>);

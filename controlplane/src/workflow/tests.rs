@@ -744,7 +744,7 @@ async fn handler_transactions_record_their_step_done(store: &Store) {
     // Rolled back: neither the move nor the step's end.
     let mut tx = store.begin().await.unwrap();
     tx.transition(Entity::Container, "c1", container::HIBERNATED, None, "idle").await.unwrap();
-    tx.complete_step(&ctx, &json!("first")).await.unwrap();
+    ctx.complete_in(&mut tx, &json!("first")).await.unwrap();
     tx.rollback().await.unwrap();
     assert!(!ctx.recorded());
     assert_eq!(step_row(store, "k1").await.state, step_state::LEASED);
@@ -757,7 +757,7 @@ async fn handler_transactions_record_their_step_done(store: &Store) {
     let stale = store
         .transaction(async |tx| {
             tx.transition(Entity::Container, "c1", container::HIBERNATED, None, "idle").await?;
-            tx.complete_step(&ctx, &json!("stale")).await
+            ctx.complete_in(tx, &json!("stale")).await
         })
         .await;
     assert!(matches!(stale, Err(StoreError::StaleLease { id, epoch: 1 }) if id == row.id), "{stale:?}");
@@ -768,7 +768,7 @@ async fn handler_transactions_record_their_step_done(store: &Store) {
     store
         .transaction(async |tx| {
             tx.transition(Entity::Container, "c1", container::HIBERNATED, None, "idle").await?;
-            tx.complete_step(&current, &json!("done")).await
+            current.complete_in(tx, &json!("done")).await
         })
         .await
         .unwrap();
@@ -786,7 +786,7 @@ async fn handler_transactions_record_their_step_done(store: &Store) {
         async move {
             s.transaction(async |tx| {
                 tx.transition(Entity::Container, "c1", container::READY, None, "resume").await?;
-                tx.complete_step(&ctx, &json!({"moved": true})).await
+                ctx.complete_in(tx, &json!({"moved": true})).await
             })
             .await
             .map_err(|e| StepError::retryable(e.to_string()))?;

@@ -1,0 +1,33 @@
+//! What every request handler, workflow step and background task of one
+//! control plane shares.
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+use crate::{audit, fleet, plan, store, workflow};
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    /// A client per node of the fleet.
+    pub nodes: fleet::Nodes,
+    /// How a new container's node is chosen.
+    pub placement: store::placement::Strategy,
+    pub defaults: plan::PlanDefaults,
+    /// Deadline of each node call a workflow step makes (calls that wait
+    /// for the agent get `initialize_timeout` on top): past it the attempt
+    /// fails and the runner retries it under the same idempotency key.
+    pub node_call_timeout: std::time::Duration,
+    /// The registry file or URL synced at start and by `POST /v1/registry:sync`.
+    pub registry_source: Option<String>,
+    /// For registry syncs over http(s).
+    pub http: reqwest::Client,
+    /// Cancelled on shutdown: ends SSE streams and session followers.
+    pub shutdown: CancellationToken,
+    /// Where the API's audit records go ([`api::audit`]).
+    pub audit: audit::AuditLog,
+    /// How a step the API runs itself is leased (a prompt's dispatch): under
+    /// this control plane's runner's owner name.
+    pub steps: workflow::InlineConfig,
+}
