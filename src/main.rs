@@ -13,6 +13,7 @@
 mod cli;
 mod commands;
 mod config;
+mod notify;
 mod sandbox_bin;
 
 use clap::Parser;

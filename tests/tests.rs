@@ -13,6 +13,7 @@ mod durability;
 mod hostile;
 mod multi_session;
 mod node_lifecycle;
+mod notify;
 mod npx_agent;
 mod permissions;
 mod registry;
