@@ -15,6 +15,7 @@ mod multi_session;
 mod node_lifecycle;
 mod notify;
 mod npx_agent;
+mod packaging;
 mod permissions;
 mod registry;
 mod sandbox_limits;
