@@ -288,3 +288,25 @@ fn without_notify_socket_nothing_is_sent_or_logged() {
     let log = daemon.log();
     assert!(!log.contains("service manager") && !log.contains("watchdog"), "{log}");
 }
+
+#[test]
+fn a_daemon_that_cannot_start_says_why() {
+    let dir = scratch();
+    let mut manager = Manager::bind(dir.path());
+    let socket = manager.path.display().to_string();
+    let state = dir.path().join("state").display().to_string();
+    // No sandbox binary there: the node stops before it makes anything.
+    let missing = dir.path().join("missing").join("agentd").display().to_string();
+    let subtree = subtree(dir.path());
+    let mut daemon = Daemon::spawn(
+        dir.path(),
+        &["node", "--state-dir", &state, "--sandbox-bin", &missing],
+        &[("NOTIFY_SOCKET", &socket), ("AGENTD_CGROUP_SUBTREE", &subtree)],
+        false,
+    );
+    assert!(!daemon.wait_exit(), "the node started with a socket it cannot bind");
+    manager.drain();
+    let statuses = manager.statuses();
+    assert!(statuses.last().is_some_and(|s| s.starts_with("failed: sandbox binary ") && s.contains("not found")), "{statuses:?}");
+    assert_eq!(manager.count("READY=1"), 0);
+}

@@ -166,7 +166,7 @@ fn the_sandbox_units_take_only_the_hardening_sandboxes_survive() {
         assert!(unit.contains_key("WatchdogSec") && unit.contains_key("LimitNOFILE"), "{name}");
         // Each of these breaks sandboxes (see the units' comments and the
         // test below).
-        for key in ["ProtectKernelTunables", "ProtectKernelLogs", "ProtectControlGroups", "RestrictNamespaces", "ProtectHostname", "PrivateDevices", "ProtectProc", "ProcSubset", "MemoryDenyWriteExecute", "PrivateUsers"] {
+        for key in ["UMask", "ProtectKernelTunables", "ProtectKernelLogs", "ProtectControlGroups", "RestrictNamespaces", "ProtectHostname", "PrivateDevices", "ProtectProc", "ProcSubset", "MemoryDenyWriteExecute", "PrivateUsers"] {
             assert!(!unit.contains_key(key), "{name} sets {key}, which sandboxes do not survive");
         }
     }
@@ -219,7 +219,7 @@ fn caps_bit(name: &str) -> u32 {
 /// applied as systemd applies it, in a mount namespace of agentd's own that
 /// dies with it (the host's mounts are never touched): ProtectSystem=full
 /// (/usr, /boot, /efi, /etc read-only), ProtectHome=read-only,
-/// ProtectKernelModules= (the modules hidden), PrivateTmp=, then
+/// ProtectKernelModules= (the modules hidden), PrivateTmp=, the umask, then
 /// NoNewPrivileges= and CapabilityBoundingSet= through setpriv. A session
 /// must run in it. SystemCallFilter= and the rest of systemd's own doing are
 /// checked by `systemd-analyze verify` only.
@@ -236,6 +236,7 @@ for d in /home /root /run/user; do if [ -d "$d" ]; then mount --rbind "$d" "$d";
 for d in $(realpath -e /usr/lib/modules /lib/modules 2>/dev/null | sort -u); do mount -t tmpfs -o ro,mode=000 tmpfs "$d"; done
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+umask "$UMASK"
 exec setpriv --no-new-privs --bounding-set "$CAPS" --inh-caps=-all "$@""#;
     // In /run: not under the emulated protections (/tmp is replaced) and
     // short (sandbox sockets under it must fit a unix socket path).
@@ -245,7 +246,9 @@ exec setpriv --no-new-privs --bounding-set "$CAPS" --inh-caps=-all "$@""#;
         .arg(agentd_bin())
         .args(["up", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state.path())
-        .env("CAPS", &caps);
+        .env("CAPS", &caps)
+        // systemd's default: the units set none (0077 breaks sandboxes).
+        .env("UMASK", unit.get("UMask").and_then(|v| v.last()).map(String::as_str).unwrap_or("0022"));
     let mut agentd = Agentd::start_command(cmd, state.path().to_owned(), Some(state), &[]).await;
 
     // The daemon runs as the unit would make it.
@@ -323,13 +326,16 @@ fn the_rpm_holds_binaries_units_and_config_and_installs_into_a_root() {
     }
     assert_eq!(stdout(Command::new("rpm").arg("-qpc").arg(&rpm)).trim(), "/etc/agentd/agentd.toml");
 
-    // `rpm -qp --scripts`: each scriptlet under a line "NAME scriptlet (using /bin/sh):".
+    // `rpm -qp --scripts`: each scriptlet under a line "NAME scriptlet:" (or
+    // "NAME scriptlet (using PROG):"); its comments dropped.
     let listing = stdout(Command::new("rpm").args(["-qp", "--scripts"]).arg(&rpm));
     let mut scripts: BTreeMap<String, String> = BTreeMap::new();
     let mut current = None;
     for line in listing.lines() {
-        if let Some((name, _)) = line.split_once(" scriptlet (using ") {
+        if let Some((name, _)) = line.split_once(" scriptlet:").or_else(|| line.split_once(" scriptlet (using ")) {
             current = Some(name.to_string());
+        } else if line.trim_start().starts_with('#') {
+            continue;
         } else if let Some(name) = &current {
             let text = scripts.entry(name.clone()).or_default();
             text.push_str(line);
@@ -399,15 +405,23 @@ fn the_deb_holds_binaries_units_config_and_maintainer_scripts() {
         run(Command::new("sh").arg("-n").arg(control.path().join(script)));
     }
     let postinst = read("postinst");
-    for unit in UNITS {
-        // Enabled again only if it was enabled before; never started.
-        assert!(postinst.contains(&format!("deb-systemd-helper --quiet was-enabled {unit}")), "{postinst}");
-    }
-    assert!(postinst.contains("if [ -d /run/systemd/system ]; then\n\t\tsystemctl --system daemon-reload"), "{postinst}");
-    assert!(postinst.contains("deb-systemd-invoke try-restart agentd.service agentd-server.service agentd-node.service"), "{postinst}");
-    assert!(!postinst.contains("deb-systemd-invoke start") && !postinst.contains("deb-systemd-helper enable agentd"), "{postinst}");
     let prerm = read("prerm");
-    assert!(prerm.contains("[ \"$1\" = remove ]") && prerm.contains("deb-systemd-invoke stop agentd.service agentd-server.service agentd-node.service"), "{prerm}");
+    assert!(postinst.contains("if [ -d /run/systemd/system ]; then\n\t\tsystemctl --system daemon-reload"), "{postinst}");
+    assert!(!postinst.contains("deb-systemd-invoke start"), "{postinst}");
+    // Every enable sits under the was-enabled guard.
+    let lines: Vec<&str> = postinst.lines().collect();
+    for (i, line) in lines.iter().enumerate().filter(|(_, l)| l.contains("deb-systemd-helper enable")) {
+        let guard = lines[..i].iter().rev().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).unwrap();
+        assert!(guard.contains("was-enabled"), "unguarded enable: {line}\n{postinst}");
+    }
+    assert!(prerm.contains("[ \"$1\" = remove ]"), "{prerm}");
+    for unit in UNITS {
+        // Enabled again only if the admin had enabled it; never started;
+        // try-restarted on upgrade (a second argument: the old version).
+        assert!(postinst.contains(&format!("deb-systemd-helper --quiet was-enabled {unit}")), "{postinst}");
+        assert!(postinst.contains(&format!("if [ -n \"$2\" ]; then\n\t\t\tdeb-systemd-invoke try-restart {unit}")), "{postinst}");
+        assert!(prerm.contains(&format!("deb-systemd-invoke stop {unit}")), "{prerm}");
+    }
     let postrm = read("postrm");
     assert!(postrm.contains("deb-systemd-helper purge") && postrm.contains("rm -rf --one-file-system /var/lib/agentd"), "{postrm}");
 }
@@ -462,6 +476,30 @@ impl DebianRoot {
         cmd
     }
 
+    /// `args` run with the root as their `/`, as a daemon runs there: in a
+    /// mount namespace of its own (slave: nothing goes back to the host, and
+    /// every mount goes with the namespace's last process), with the host's
+    /// /proc, /sys (its cgroup hierarchies with it) and /dev bound in, then
+    /// pivot_root into it, as a container runtime does. Not chroot: the
+    /// kernel refuses a new user namespace to a chrooted process (an escape
+    /// guard: clone(CLONE_NEWUSER) fails with EPERM), so no sandbox could be
+    /// built; after pivot_root the root is the namespace's own.
+    fn mounted_root(&self, args: &[&str]) -> Command {
+        let script = r#"set -e
+mount --bind "$ROOT" "$ROOT"
+mount --rbind /proc "$ROOT/proc"
+mount --rbind /sys "$ROOT/sys"
+mount --rbind /dev "$ROOT/dev"
+cd "$ROOT"
+pivot_root . .
+umount -l .
+cd /
+exec "$@""#;
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "slave", "sh", "-c", script, "sh"]).args(args).env("ROOT", self.root());
+        cmd
+    }
+
     fn mounted(&self) -> bool {
         procfs::mounts_mention(&self.root().display().to_string())
     }
@@ -492,9 +530,8 @@ fn upgrade_with_a_live_session(_root: &DebianRoot, _agentd: &Agentd, _session: &
 }
 
 /// The .deb in a minimal Debian root: dpkg installs it (maintainer scripts
-/// and all), agentd runs from it through a session with the echo agent
-/// (chrooted, in a mount namespace of its own with the host's /proc, /sys,
-/// its cgroup hierarchies and /dev bound in: all gone with the process), then
+/// and all, chrooted), agentd runs from it through a session with the echo
+/// agent (with the root as its `/`: [`DebianRoot::mounted_root`]), then
 /// `dpkg -r` keeps the config and state, `dpkg -P` removes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deb_installs_runs_a_session_and_purges_in_a_debian_root() {
@@ -511,30 +548,15 @@ async fn the_deb_installs_runs_a_session_and_purges_in_a_debian_root() {
     run(&mut root.chroot(&["dpkg", "-i", "/tmp/agentd.deb"]));
     let status = stdout(&mut root.chroot(&["dpkg-query", "-W", "-f", "${Status} ${Version}", "agentd"]));
     assert_eq!(status, format!("install ok installed {}-1", env!("CARGO_PKG_VERSION")));
-    let version = stdout(&mut root.chroot(&["/usr/bin/agentd", "--version"]));
+    let version = stdout(&mut root.mounted_root(&["/usr/bin/agentd", "--version"]));
     assert_eq!(version.trim(), format!("agentd {}", env!("CARGO_PKG_VERSION")));
     // Installed, not enabled (enable = false), nothing started.
     assert!(!root.path("/etc/systemd/system/multi-user.target.wants/agentd.service").exists());
 
     // agentd up as installed: its config from /etc/agentd, its state in
-    // /var/lib/agentd; the root is made a mount point first (pivot_root
-    // needs the caller's root to be one).
+    // /var/lib/agentd.
     let state = root.path("/var/lib/agentd");
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--mount",
-        "--propagation",
-        "slave",
-        "sh",
-        "-c",
-        r#"set -e
-mount --bind "$ROOT" "$ROOT"
-mount --rbind /proc "$ROOT/proc"
-mount --rbind /sys "$ROOT/sys"
-mount --rbind /dev "$ROOT/dev"
-exec chroot "$ROOT" /usr/bin/agentd up --listen 127.0.0.1:0"#,
-    ])
-    .env("ROOT", root.root());
+    let cmd = root.mounted_root(&["/usr/bin/agentd", "up", "--listen", "127.0.0.1:0"]);
     let mut agentd = Agentd::start_command(cmd, state.clone(), None, &[]).await;
     let mut body = session_body(&[]);
     body["manual_agent"]["distribution"]["binary"] = json!({"url": "file:///usr/local/bin/echo-agent", "executable": "/usr/local/bin/echo-agent"});

@@ -15,6 +15,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         // From the start: systemd counts the watchdog during start-up too.
         let watchdog = notify.start_watchdog();
         let result = node(args, &notify).await;
+        if let Err(e) = &result {
+            // `systemctl status` shows why, beside the exit code.
+            notify.status(&format!("failed: {e:#}"));
+        }
         watchdog.stop().await;
         result
     })
