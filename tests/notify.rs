@@ -310,3 +310,44 @@ fn a_daemon_that_cannot_start_says_why() {
     assert!(statuses.last().is_some_and(|s| s.starts_with("failed: sandbox binary ") && s.contains("not found")), "{statuses:?}");
     assert_eq!(manager.count("READY=1"), 0);
 }
+
+#[test]
+fn server_is_ready_once_it_answers() {
+    let dir = scratch();
+    let node_state = dir.path().join("node-state").display().to_string();
+    let node_socket = dir.path().join("node.sock");
+    let subtree = subtree(dir.path());
+    let mut node = Daemon::spawn(
+        dir.path(),
+        &["node", "--state-dir", &node_state, "--socket", &node_socket.display().to_string()],
+        &[("AGENTD_CGROUP_SUBTREE", &subtree)],
+        false,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(&node_socket).is_err() {
+        assert!(Instant::now() < deadline && node.child.try_wait().unwrap().is_none(), "the node did not listen; log:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let server_dir = dir.path().join("server");
+    std::fs::create_dir(&server_dir).unwrap();
+    let mut manager = Manager::bind(&server_dir);
+    let socket = manager.path.display().to_string();
+    let state = server_dir.join("state").display().to_string();
+    let mut server = Daemon::spawn(
+        &server_dir,
+        &["server", "--listen", "127.0.0.1:0", "--state-dir", &state, "--node-socket", &node_socket.display().to_string()],
+        &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", WATCHDOG_USEC)],
+        true,
+    );
+    let ready = manager.wait_for("READY=1", Duration::from_secs(30), &mut server);
+    let addr = ready.iter().find_map(|l| l.strip_prefix("STATUS=listening on ")).expect("READY=1 comes with the address").to_string();
+    assert_eq!(http_status(&addr, "/healthz"), 200);
+    assert_in_order(&manager.statuses(), &["opening the store", "reconciling the store with the node", "listening on"]);
+    manager.wait_for("WATCHDOG=1", Duration::from_secs(2), &mut server);
+    server.terminate();
+    manager.wait_for("STOPPING=1", Duration::from_secs(10), &mut server);
+    assert!(server.wait_exit(), "agentd server did not stop cleanly; log:\n{}", server.log());
+    node.terminate();
+    assert!(node.wait_exit(), "agentd node did not stop cleanly; log:\n{}", node.log());
+}

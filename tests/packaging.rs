@@ -7,7 +7,8 @@
 //!
 //! The packages come from `scripts/package` (run once by `scripts/test`,
 //! into `AGENTD_PACKAGES`, default `<target>/packages`); the Debian root
-//! from a cache, `<target>/debootstrap-bookworm.tar`, made on first use.
+//! from a cache, `<target>/debootstrap-bookworm.tar`, made on first use
+//! (`scripts/debian-root`).
 //! The tools are installed by `scripts/install-test-deps`. Without
 //! packages or tools a test is skipped loudly, or fails when
 //! `AGENTD_REQUIRE_PACKAGING=1` (as `scripts/test` sets it).
@@ -434,21 +435,14 @@ struct DebianRoot {
 }
 
 impl DebianRoot {
-    /// The cache, made on first use (minutes: it downloads Debian's required
-    /// packages); a lock keeps two test processes from making it together.
+    /// The cache, made on first use by `scripts/debian-root` (which
+    /// `scripts/test` runs before the tests: it downloads Debian's required
+    /// packages, 30-60 s).
     fn cache() -> PathBuf {
         let tar = target_dir().join("debootstrap-bookworm.tar");
-        let lock = std::fs::File::create(target_dir().join("debootstrap-bookworm.lock")).unwrap();
-        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).expect("lock the debootstrap cache");
         if !tar.is_file() {
             let started = Instant::now();
-            let build = tempfile::Builder::new().prefix("debootstrap-build.").tempdir_in(target_dir()).unwrap();
-            // Debian's default mirror, as apt on these machines uses it;
-            // bounded, as the network may hang.
-            run(Command::new("timeout").args(["1200", "debootstrap", "--variant=minbase", "bookworm"]).arg(build.path()));
-            let partial = tar.with_extension("tar.partial");
-            run(Command::new("tar").arg("-C").arg(build.path()).arg("-cf").arg(&partial).arg("."));
-            std::fs::rename(&partial, &tar).unwrap();
+            run(Command::new(repo().join("scripts/debian-root")).arg(&tar));
             eprintln!("debootstrap cache {} made in {:?}", tar.display(), started.elapsed());
         }
         tar
