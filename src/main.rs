@@ -19,6 +19,7 @@ mod commands;
 mod config;
 mod doctor;
 mod join;
+mod notify;
 mod sandbox_bin;
 
 use std::process::ExitCode;

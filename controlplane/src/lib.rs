@@ -209,10 +209,23 @@ pub async fn stop_all_containers(state: &AppState) {
 
 /// Serves the API on `listen` until `shutdown` resolves.
 pub async fn serve(state: AppState, listen: SocketAddr, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    let listener = bind(listen).await?;
+    serve_on(state, listener, shutdown).await
+}
+
+/// Binds the API's address. Split from [`serve_on`] so that a daemon can
+/// say it is ready (systemd's READY=1) once connections are accepted, and
+/// not before.
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| ServeError::Listen { addr: listen, source })?;
     let bound = listener.local_addr().map_err(|source| ServeError::Listen { addr: listen, source })?;
     // Tests and scripts that ask for port 0 read the real address here.
     tracing::info!(listen = %bound, "API listening");
+    Ok(listener)
+}
+
+/// Serves the API on a listener from [`bind`] until `shutdown` resolves.
+pub async fn serve_on(state: AppState, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
     let token = state.shutdown.clone();
     let graceful = async move {
         shutdown.await;

@@ -79,6 +79,12 @@ impl ControlPlane {
         crate::serve(self.state.clone(), listen, shutdown).await
     }
 
+    /// Serves the API on a listener from [`crate::bind`] until `shutdown`
+    /// resolves (a daemon binds first, to say it is ready only once it is).
+    pub async fn serve_on(&self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        crate::serve_on(self.state.clone(), listener, shutdown).await
+    }
+
     /// Flushes the audit log and stops the runner: steps still running get
     /// its drain bound.
     pub async fn stop(self) {

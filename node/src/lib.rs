@@ -16,7 +16,8 @@
 //! - `oom`: turns OOM kills in a sandbox's cgroup into `sandbox.oom` events.
 //! - [`service`]: the `Node` gRPC service.
 //!
-//! [`serve`] runs the service on a unix socket until shutdown.
+//! [`serve`] runs the service on a unix socket until shutdown ([`bind`] then
+//! [`serve_on`] for a caller that acts between the two).
 
 pub mod bundles;
 pub mod event_log;
@@ -155,8 +156,27 @@ pub struct TcpListen {
 /// log and the journal, which ends the streams a graceful shutdown would
 /// otherwise wait for forever.
 pub async fn serve(node: Arc<Node>, socket: &Path, tcp: Option<TcpListen>, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+    let listener = bind(socket)?;
+    serve_on(node, listener, socket, tcp, shutdown).await
+}
+
+/// Binds the node's unix socket `socket`, replacing a stale one. Split from
+/// [`serve_on`] so that a daemon says it is ready (systemd's READY=1), and a
+/// control plane in the same process dials, only once it accepts.
+pub fn bind(socket: &Path) -> std::io::Result<tokio::net::UnixListener> {
     let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket)?;
+    tokio::net::UnixListener::bind(socket)
+}
+
+/// [`serve`] on a listener from [`bind`]; `socket` is its path, removed at
+/// the end.
+pub async fn serve_on(
+    node: Arc<Node>,
+    listener: tokio::net::UnixListener,
+    socket: &Path,
+    tcp: Option<TcpListen>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
     let stopped = tokio_util::sync::CancellationToken::new();
     let stop = {
         let node = Arc::clone(&node);

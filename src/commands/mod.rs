@@ -48,6 +48,15 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
+/// [`shutdown_signal`], then tells the service manager that a stop began.
+pub fn stop_signal(notify: &std::sync::Arc<crate::notify::Notifier>) -> impl Future<Output = ()> + Send + 'static {
+    let notify = std::sync::Arc::clone(notify);
+    async move {
+        shutdown_signal().await;
+        notify.stopping("stopping");
+    }
+}
+
 pub fn node_socket(state_dir: &Path) -> PathBuf {
     state_dir.join("run").join("node.sock")
 }

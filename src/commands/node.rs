@@ -3,37 +3,60 @@
 //! certificate from the state directory at every start).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use agentd_cgroups::limits::HostCapacity;
 use anyhow::{Context, anyhow, bail};
 
-use super::{init_tracing, node_config, node_socket, prepare_state_dir, runtime, shutdown_signal};
+use super::{init_tracing, node_config, node_socket, prepare_state_dir, runtime, stop_signal};
 use crate::cli::NodeArgs;
 use crate::join::{self, Joined, Offer};
+use crate::notify::Notifier;
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     init_tracing(&args.common);
     runtime()?.block_on(async {
-        prepare_state_dir(&args.common.state_dir)?;
-        let socket = args.socket.clone().unwrap_or_else(|| node_socket(&args.common.state_dir));
-        let mut config = node_config(&args.common, &args.node)?;
-        let joined = membership(&args, &config).await?;
-        let tcp = match &joined {
-            Some(j) => {
-                config.node_id = j.identity.node_id.clone();
-                Some(tcp_listen(&args, j).await?)
-            }
-            None if args.grpc_listen.is_some() => bail!("--grpc-listen needs a certificate: join a fleet first (--join URL --join-token T --advertise HOST:PORT)"),
-            None => None,
-        };
-        let node = agentd_node::Node::start(config).await.context("cannot start node")?;
-        tracing::info!(socket = %socket.display(), "node listening");
-        if let Some(tcp) = &tcp {
-            tracing::info!(listen = %tcp.listener.local_addr()?, "node listening over mutual TLS");
+        let notify = Arc::new(Notifier::from_env());
+        // From the start: systemd counts the watchdog during start-up too.
+        let watchdog = notify.start_watchdog();
+        let result = node(args, &notify).await;
+        if let Err(e) = &result {
+            // `systemctl status` shows why, beside the exit code.
+            notify.status(&format!("failed: {e:#}"));
         }
-        agentd_node::serve(node, &socket, tcp, shutdown_signal()).await?;
-        Ok(())
+        watchdog.stop().await;
+        result
     })
+}
+
+async fn node(args: NodeArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
+    prepare_state_dir(&args.common.state_dir)?;
+    let socket = args.socket.clone().unwrap_or_else(|| node_socket(&args.common.state_dir));
+    let mut config = node_config(&args.common, &args.node)?;
+    notify.status("joining the fleet");
+    let joined = membership(&args, &config).await?;
+    let tcp = match &joined {
+        Some(j) => {
+            config.node_id = j.identity.node_id.clone();
+            Some(tcp_listen(&args, j).await?)
+        }
+        None if args.grpc_listen.is_some() => bail!("--grpc-listen needs a certificate: join a fleet first (--join URL --join-token T --advertise HOST:PORT)"),
+        None => None,
+    };
+    // Its start-up reconcile: what an earlier run left behind is removed.
+    notify.status("starting the node");
+    let node = agentd_node::Node::start(config).await.context("cannot start node")?;
+    let listener = agentd_node::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), "node listening");
+    let mut listening = format!("listening on {}", socket.display());
+    if let Some(tcp) = &tcp {
+        let addr = tcp.listener.local_addr()?;
+        tracing::info!(listen = %addr, "node listening over mutual TLS");
+        listening.push_str(&format!(" and {addr} (mutual TLS)"));
+    }
+    notify.ready(&listening);
+    agentd_node::serve_on(node, listener, &socket, tcp, stop_signal(notify)).await?;
+    Ok(())
 }
 
 /// The fleet this node belongs to: what an earlier join left, or a join now.

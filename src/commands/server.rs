@@ -2,27 +2,50 @@
 //! joined nodes (over mutual TLS), and onto a node on this host's unix
 //! socket if `--node-socket` names one.
 
+use std::sync::Arc;
+
 use anyhow::Context;
 
-use super::{control_plane_settings, init_tracing, prepare_state_dir, runtime, shutdown_signal};
+use super::{control_plane_settings, init_tracing, prepare_state_dir, runtime, stop_signal};
 use crate::cli::ServerArgs;
+use crate::notify::Notifier;
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_tracing(&args.common);
     runtime()?.block_on(async {
-        prepare_state_dir(&args.common.state_dir)?;
-        let store = super::open_store(&args.api, &args.common.state_dir).await?;
-        if let Some(socket) = &args.node_socket {
-            let node_id = agentd_controlplane::fleet::nodes::register_unix_node(&store, socket).await.map_err(anyhow::Error::msg)?;
-            tracing::info!(node_id, socket = %socket.display(), "node on this host registered");
+        let notify = Arc::new(Notifier::from_env());
+        // From the start: systemd counts the watchdog during start-up too.
+        let watchdog = notify.start_watchdog();
+        let result = server(args, &notify).await;
+        if let Err(e) = &result {
+            // `systemctl status` shows why, beside the exit code.
+            notify.status(&format!("failed: {e:#}"));
         }
-        let cp = agentd_controlplane::process::ControlPlane::start(control_plane_settings(&args.api, &args.common.state_dir, store.clone()))
-            .await
-            .context("cannot start the control plane")?;
-        let served = cp.serve(args.api.listen, shutdown_signal()).await;
-        cp.stop().await;
-        store.close().await;
-        served?;
-        Ok(())
+        watchdog.stop().await;
+        result
     })
+}
+
+async fn server(args: ServerArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
+    prepare_state_dir(&args.common.state_dir)?;
+    notify.status("opening the store");
+    let store = super::open_store(&args.api, &args.common.state_dir).await?;
+    if let Some(socket) = &args.node_socket {
+        notify.status("registering the node on this host");
+        let node_id = agentd_controlplane::fleet::nodes::register_unix_node(&store, socket).await.map_err(anyhow::Error::msg)?;
+        tracing::info!(node_id, socket = %socket.display(), "node on this host registered");
+    }
+    notify.status("reconciling the store with the nodes, syncing the agent registry");
+    let cp = agentd_controlplane::process::ControlPlane::start(control_plane_settings(&args.api, &args.common.state_dir, store.clone()))
+        .await
+        .context("cannot start the control plane")?;
+    let listener = agentd_controlplane::bind(args.api.listen).await?;
+    let bound = listener.local_addr().context("cannot read the API's address")?;
+    notify.ready(&format!("listening on {bound}"));
+    let served = cp.serve_on(listener, stop_signal(notify)).await;
+    notify.status("stopping: finishing workflow steps");
+    cp.stop().await;
+    store.close().await;
+    served?;
+    Ok(())
 }

@@ -7,15 +7,27 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::{control_plane_settings, init_tracing, node_config, node_socket, prepare_state_dir, runtime, shutdown_signal};
+use super::{control_plane_settings, init_tracing, node_config, node_socket, prepare_state_dir, runtime, stop_signal};
 use crate::cli::UpArgs;
+use crate::notify::Notifier;
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     init_tracing(&args.common);
-    runtime()?.block_on(up(args))
+    runtime()?.block_on(async {
+        let notify = Arc::new(Notifier::from_env());
+        // From the start: systemd counts the watchdog during start-up too.
+        let watchdog = notify.start_watchdog();
+        let result = up(args, &notify).await;
+        if let Err(e) = &result {
+            // `systemctl status` shows why, beside the exit code.
+            notify.status(&format!("failed: {e:#}"));
+        }
+        watchdog.stop().await;
+        result
+    })
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<()> {
+async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
     // A delete waits for the agents' grace (and up to 2 s more) before it
     // answers: a deadline shorter than that would fail every delete and
     // retry it while the first still stops the sandbox.
@@ -29,25 +41,35 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     prepare_state_dir(state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
     let socket = node_socket(state_dir);
 
+    notify.status("starting the node");
     let node = agentd_node::Node::start(node_config(&args.common, &args.node)?).await.context("cannot start node")?;
+    // Bound here, before the control plane dials it.
+    let node_listener = agentd_node::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
     let node_stop = CancellationToken::new();
     let node_task = tokio::spawn({
         let node = Arc::clone(&node);
         let socket = socket.clone();
         let stop = node_stop.clone();
-        async move { agentd_node::serve(node, &socket, None, stop.cancelled_owned()).await }
+        async move { agentd_node::serve_on(node, node_listener, &socket, None, stop.cancelled_owned()).await }
     });
 
+    notify.status("opening the store");
     let store = super::open_store(&args.api, state_dir).await?;
     agentd_controlplane::fleet::nodes::register_unix_node(&store, &socket).await.map_err(anyhow::Error::msg)?;
+    notify.status("reconciling the store with the node, syncing the agent registry");
     let cp = agentd_controlplane::process::ControlPlane::start(control_plane_settings(&args.api, state_dir, store.clone()))
         .await
         .context("cannot start the control plane")?;
 
-    let served = cp.serve(args.api.listen, shutdown_signal()).await;
+    let listener = agentd_controlplane::bind(args.api.listen).await?;
+    let bound = listener.local_addr().context("cannot read the API's address")?;
+    notify.ready(&format!("listening on {bound} (node socket {})", socket.display()));
+    let served = cp.serve_on(listener, stop_signal(notify)).await;
     let state = cp.state.clone();
     // Steps still running get the drain bound, then the rest is stopped directly.
+    notify.status("stopping: finishing workflow steps");
     cp.stop().await;
+    notify.status("stopping: stopping sandboxes");
     agentd_controlplane::stop_all_containers(&state).await;
     node_stop.cancel();
     match node_task.await {

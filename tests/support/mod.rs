@@ -22,7 +22,11 @@ pub const MARKER_VAR: &str = "AGENTD_TEST_MARKER_MUST_NOT_LEAK";
 
 pub struct Agentd {
     child: Option<Child>,
-    state: tempfile::TempDir,
+    /// The state directory, as the host sees it.
+    state: PathBuf,
+    /// The temp dir holding `state`, removed after the process is gone;
+    /// none when the caller owns the state directory.
+    _scratch: Option<tempfile::TempDir>,
     /// The node's cgroup subtree name (`AGENTD_CGROUP_SUBTREE`).
     pub subtree: String,
     pub base: String,
@@ -98,11 +102,17 @@ impl Agentd {
     /// `agentd up` with extra command-line flags and environment.
     pub async fn start_full(args: &[&str], env: &[(&str, &str)]) -> Self {
         let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
-        let subtree = format!("agentd-e2e-{}-{}", std::process::id(), state.path().file_name().unwrap().to_string_lossy().replace('.', ""));
-        let mut child = Command::new(agentd_bin())
-            .args(["up", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state.path())
-            .args(args)
+        let mut cmd = Command::new(agentd_bin());
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--state-dir"]).arg(state.path()).args(args);
+        Self::start_command(cmd, state.path().to_owned(), Some(state), env).await
+    }
+
+    /// Starts `cmd`, an `agentd up` listening on port 0 however it is run
+    /// (through a wrapper, in a chroot), whose state directory the host
+    /// sees at `state`; `scratch` is removed once the process is gone.
+    pub async fn start_command(mut cmd: Command, state: PathBuf, scratch: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Self {
+        let subtree = format!("agentd-e2e-{}-{}", std::process::id(), state.file_name().unwrap().to_string_lossy().replace('.', ""));
+        let mut child = cmd
             .env("AGENTD_LOG", "info,agentd_controlplane=debug")
             .env(MARKER_VAR, "1")
             .env("AGENTD_CGROUP_SUBTREE", &subtree)
@@ -119,19 +129,24 @@ impl Agentd {
             let log = Arc::clone(&log);
             move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("API listening") {
-                        if let Some(addr) = line.split("listen=").nth(1) {
-                            let _ = addr_tx.send(addr.trim().to_string());
-                        }
+                    if line.contains("API listening")
+                        && let Some(addr) = line.split("listen=").nth(1)
+                    {
+                        let _ = addr_tx.send(addr.trim().to_string());
                     }
                     log.lock().unwrap().push(line);
                 }
             }
         });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
-            panic!("agentd did not start; its log:\n{}", log.lock().unwrap().join("\n"));
-        });
-        Self { child: Some(child), state, subtree, base: format!("http://{addr}"), http: reqwest::Client::new(), log }
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agentd did not start; its log:\n{}", log.lock().unwrap().join("\n"));
+            }
+        };
+        Self { child: Some(child), state, _scratch: scratch, subtree, base: format!("http://{addr}"), http: reqwest::Client::new(), log }
     }
 
     /// The `agentd up` process (agentd-daemon after agentd's exec).
@@ -140,11 +155,11 @@ impl Agentd {
     }
 
     pub fn state_dir(&self) -> &Path {
-        self.state.path()
+        &self.state
     }
 
     pub fn sandboxes_dir(&self) -> PathBuf {
-        self.state.path().join("node").join("sandboxes")
+        self.state.join("node").join("sandboxes")
     }
 
     /// Names of the sandbox directories the node holds.
