@@ -25,6 +25,9 @@ pub enum Command {
     /// Single-use tokens for nodes to join the fleet with.
     #[command(subcommand, name = "join-token")]
     JoinToken(JoinTokenCommand),
+    /// Bearer tokens of the HTTP API, made and revoked in the store.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Checks this host for what agentd needs, with the settings `up` would use.
     Doctor(DoctorArgs),
     /// The configuration file.
@@ -155,6 +158,10 @@ pub struct ApiArgs {
     /// `binpack` (most loaded that fits).
     #[arg(long, env = "AGENTD_PLACEMENT", default_value = "spread")]
     pub placement: agentd_controlplane::store::placement::Strategy,
+    /// Serve the API without bearer tokens: anyone who reaches the port may
+    /// do anything. Refused unless the API listens on a loopback address.
+    #[arg(long, env = "AGENTD_NO_AUTH")]
+    pub no_auth: bool,
 }
 
 impl ApiArgs {
@@ -211,6 +218,46 @@ pub struct ServerArgs {
     /// besides the fleet's joined nodes.
     #[arg(long, env = "AGENTD_NODE_SOCKET")]
     pub node_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Makes a token and prints it once, as the last line.
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// read, write (sessions, containers, prompts, permissions) or admin.
+        #[arg(long)]
+        scope: String,
+        /// How long it may be used (`30m`, `12h`, `30d`); default: until revoked.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// A note kept with it.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Lists tokens (never their secrets).
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revokes a token by id.
+    Revoke {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+    },
+}
+
+/// Which store a command works on directly.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The fleet's PostgreSQL (postgres://...); without it, the embedded
+    /// store in the state directory.
+    #[arg(long, env = "AGENTD_DATABASE_URL")]
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

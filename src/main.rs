@@ -53,6 +53,7 @@ fn run() -> anyhow::Result<ExitCode> {
         cli::Command::Node(args) => commands::node::run(args).map(|()| ExitCode::SUCCESS),
         cli::Command::Server(args) => commands::server::run(args).map(|()| ExitCode::SUCCESS),
         cli::Command::JoinToken(command) => commands::join_token::run(command).map(|()| ExitCode::SUCCESS),
+        cli::Command::Token(command) => commands::token::run(command).map(|()| ExitCode::SUCCESS),
         cli::Command::Doctor(args) => commands::doctor::run(args, loaded),
         cli::Command::Config(command) => commands::config::run(command),
         // Dispatched above, before parsing.

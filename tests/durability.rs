@@ -44,9 +44,8 @@ async fn killed_mid_create_finishes_after_restart(database_url: Option<String>) 
     }
     let mut paused = env.clone();
     paused.push(("AGENTD_TEST_PAUSE_STEP", "session.create/sandbox"));
-    let http = reqwest::Client::new();
-
     let mut server = ServerProcess::start(&cp_state, &node.socket, &paused).await;
+    let http = server.http.clone();
     let create = tokio::spawn(http.post(server.url("/v1/sessions")).json(&session_body(&[])).send());
     server.daemon.wait_for_line("step paused for a fault test").await;
     node.daemon.wait_for_line("sandbox created").await;
@@ -107,7 +106,7 @@ async fn a_node_call_that_times_out_then_succeeds_builds_once() {
     let mut node = NodeProcess::start_with(dir.path(), &[("AGENTD_TEST_DELAY_ANSWER", "create_sandbox:4000")]).await;
     let env = [("AGENTD_NODE_CALL_TIMEOUT_MS", "1000")];
     let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &env).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
     let created = http.post(server.url("/v1/sessions")).json(&session_body(&[])).send().await.unwrap();
     assert_eq!(created.status(), StatusCode::CREATED, "{}", server.daemon.log());
     let session: Value = created.json().await.unwrap();
@@ -138,7 +137,7 @@ async fn hibernate_and_resume_run_as_fenced_steps() {
     let mut node = NodeProcess::start_with(dir.path(), &[("AGENTD_TEST_DELAY_ANSWER", "freeze_sandbox:2500")]).await;
     let env = [("AGENTD_NODE_CALL_TIMEOUT_MS", "1000")];
     let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &env).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
     let created = http.post(server.url("/v1/sessions")).json(&session_body(&[])).send().await.unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
     let session: Value = created.json().await.unwrap();
@@ -307,7 +306,7 @@ async fn a_silent_node_is_lost_its_sessions_fail_and_its_leftovers_are_reaped() 
     let mut node = NodeProcess::start(dir.path()).await;
     let env = [("AGENTD_NODE_CHECK_INTERVAL_MS", "200"), ("AGENTD_NODE_HEARTBEAT_TIMEOUT_MS", "1500")];
     let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &env).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
     let created = http.post(server.url("/v1/sessions")).json(&session_body(&["--delay-ms", "200"])).send().await.unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
     let session: Value = created.json().await.unwrap();
@@ -422,7 +421,7 @@ async fn two_servers_on_one_database_build_each_session_once() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut a = ServerProcess::start(&dir.path().join("cp-a"), &node.socket, &env).await;
     let mut b = ServerProcess::start(&dir.path().join("cp-b"), &node.socket, &env).await;
-    let http = reqwest::Client::new();
+    let http = a.http.clone();
 
     const SESSIONS: usize = 6;
     let creates = (0..SESSIONS).map(|i| {
@@ -559,7 +558,7 @@ async fn postgres_restarted_under_load_loses_and_doubles_nothing() {
     let mut node = NodeProcess::start(dir.path()).await;
     let url = pg.url();
     let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &[("AGENTD_DATABASE_URL", &url)]).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
 
     let accepted = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..CLIENTS)

@@ -340,7 +340,7 @@ async fn a_session_close_that_times_out_is_retried_and_answered_once() {
     let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
     let mut node = NodeProcess::start_with(dir.path(), &[("AGENTD_TEST_DELAY_ANSWER", "close_session:2500")]).await;
     let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &[("AGENTD_NODE_CALL_TIMEOUT_MS", "1000")]).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
     let send = async |req: reqwest::RequestBuilder| {
         let resp = req.send().await.unwrap();
         let status = resp.status();

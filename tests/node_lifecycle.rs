@@ -92,7 +92,7 @@ async fn a_node_killed_by_sigkill_cleans_up_after_itself_when_restarted() {
     let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
     let mut node = NodeProcess::start(dir.path()).await;
     let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &[]).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
     let resp = http.post(server.url("/v1/sessions")).json(&session_body(&[])).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
     let session: Value = resp.json().await.unwrap();

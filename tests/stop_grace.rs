@@ -153,7 +153,7 @@ async fn node_shutdown_stops_every_sandbox_with_its_grace_concurrently() {
     let dir = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
     let mut node = NodeProcess::start_with(dir.path(), &[("AGENTD_STOP_GRACE_MS", "1500")]).await;
     let mut server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &[]).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
     let mut pids = Vec::new();
     let mut containers = Vec::new();
     for _ in 0..3 {

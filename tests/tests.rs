@@ -8,6 +8,7 @@ mod acp_methods;
 mod architecture;
 mod archive;
 mod audit;
+mod auth;
 mod bad_input;
 mod doctor;
 mod durability;

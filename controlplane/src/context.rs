@@ -10,6 +10,9 @@ use crate::{audit, fleet, plan, store, workflow};
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    /// Whether the API asks for bearer tokens (off only on a loopback
+    /// listener, by the operator's choice).
+    pub auth: bool,
     /// A client per node of the fleet.
     pub nodes: fleet::Nodes,
     /// How a new container's node is chosen.

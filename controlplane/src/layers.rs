@@ -9,7 +9,7 @@ const LAYERS: &[&[&str]] = &[
     &["domain", "plan", "agent_spec", "mcp"],
     &["store"],
     &["workflow"],
-    &["context", "AppState", "fleet", "flows", "teardown", "agent_registry", "audit"],
+    &["context", "AppState", "fleet", "flows", "teardown", "agent_registry", "audit", "auth"],
     &["api"],
     &["process", "lib", "reconcile", "sync_registry_at_start", "start_workflows", "serve", "stop_all_containers", "app"],
 ];

@@ -66,6 +66,7 @@ pub mod agent_registry;
 pub mod agent_spec;
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod context;
 pub mod domain;
 pub mod fleet;

@@ -22,6 +22,7 @@ use crate::{AppState, app};
 fn state(store: &Store) -> AppState {
     AppState {
         store: store.clone(),
+        auth: false,
         // No node is registered: these requests never reach one.
         nodes: crate::fleet::Nodes::new(store.clone(), None),
         placement: Default::default(),

@@ -31,12 +31,18 @@ pub struct Settings {
     /// Dial nodes over TCP with the cluster CA's certificates (kept in the
     /// store, made on first use). Without it only unix-socket nodes answer.
     pub tls: bool,
+    /// Ask API callers for bearer tokens.
+    pub auth: bool,
+    /// Where the first admin token of a store with none is written.
+    pub admin_token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot set up the cluster certificates: {0}")]
     Ca(#[from] crate::fleet::ca::CaError),
+    #[error(transparent)]
+    AdminToken(#[from] crate::auth::BootstrapError),
     #[error("cannot reconcile the store with the nodes: {0}")]
     Reconcile(StoreError),
     #[error("cannot start the workflow runner: {0}")]
@@ -55,8 +61,14 @@ impl ControlPlane {
     /// syncs the registry and starts the runner.
     pub async fn start(s: Settings) -> Result<ControlPlane, StartError> {
         let tls: Option<NodeTls> = if s.tls { Some(crate::fleet::ca::node_tls(&s.store).await?) } else { None };
+        if s.auth
+            && let Some(file) = &s.admin_token_file
+        {
+            crate::auth::bootstrap_admin(&s.store, file).await?;
+        }
         let state = AppState {
             store: s.store.clone(),
+            auth: s.auth,
             nodes: Nodes::new(s.store.clone(), tls),
             placement: s.placement,
             defaults: s.defaults,

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod doctor;
 pub mod join_token;
+pub mod token;
 pub mod node;
 pub mod server;
 pub mod up;
@@ -105,7 +106,24 @@ pub fn control_plane_settings(api: &crate::cli::ApiArgs, state_dir: &Path, store
         fleet: fleet_config(api),
         placement: api.placement,
         tls: true,
+        auth: !api.no_auth,
+        admin_token_file: Some(state_dir.join("admin.token")),
     }
+}
+
+/// Refuses to serve without tokens anywhere but on loopback, and says so
+/// loudly where it is allowed.
+pub fn check_auth_setting(api: &crate::cli::ApiArgs) -> anyhow::Result<()> {
+    if !api.no_auth {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        api.listen.ip().is_loopback(),
+        "--no-auth is only allowed on a loopback address, not {}: anyone who reaches the port could run anything",
+        api.listen
+    );
+    tracing::warn!(listen = %api.listen, "THE API RUNS WITHOUT TOKENS (--no-auth): every local process may create sandboxes and drive agents");
+    Ok(())
 }
 
 pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {

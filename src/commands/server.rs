@@ -28,6 +28,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
 
 async fn server(args: ServerArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
     prepare_state_dir(&args.common.state_dir)?;
+    super::check_auth_setting(&args.api)?;
     notify.status("opening the store");
     let store = super::open_store(&args.api, &args.common.state_dir).await?;
     if let Some(socket) = &args.node_socket {

@@ -53,6 +53,7 @@ async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
         async move { agentd_node::serve_on(node, node_listener, &socket, None, stop.cancelled_owned()).await }
     });
 
+    super::check_auth_setting(&args.api)?;
     notify.status("opening the store");
     let store = super::open_store(&args.api, state_dir).await?;
     agentd_controlplane::fleet::nodes::register_unix_node(&store, &socket).await.map_err(anyhow::Error::msg)?;

@@ -97,6 +97,7 @@ pub const KEYS: &[Key] = &[
     key("join", Kind::HttpUrl),
     key("advertise", Kind::HostPort),
     key("grpc_listen", Kind::SocketAddr),
+    key("no_auth", Kind::Bool),
 ];
 
 pub fn find(name: &str) -> Option<&'static Key> {

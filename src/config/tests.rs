@@ -55,6 +55,7 @@ fn every_key_of_every_kind_takes_a_good_value() {
         join = "https://cp.example:8080"
         advertise = "10.0.0.5:7443"
         grpc_listen = "0.0.0.0:7443"
+        no_auth = false
     "#;
     let vars = parse(Path::new("t.toml"), text).unwrap();
     assert_eq!(vars.len(), keys::KEYS.len(), "the test names every key");

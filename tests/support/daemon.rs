@@ -164,6 +164,10 @@ impl NodeProcess {
 pub struct ServerProcess {
     pub daemon: Daemon,
     pub base: String,
+    /// A client that sends the admin token this server wrote into its state
+    /// dir on first start (a server sharing another's store writes none:
+    /// use the first one's client).
+    pub http: reqwest::Client,
 }
 
 impl ServerProcess {
@@ -182,7 +186,7 @@ impl ServerProcess {
         );
         let line = daemon.wait_for_line("API listening").await;
         let addr = line.split("listen=").nth(1).expect("listen= in the line").trim().to_string();
-        Self { daemon, base: format!("http://{addr}") }
+        Self { daemon, base: format!("http://{addr}"), http: super::admin_client(state) }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -146,7 +146,8 @@ impl Agentd {
                 panic!("agentd did not start; its log:\n{}", log.lock().unwrap().join("\n"));
             }
         };
-        Self { child: Some(child), state, _scratch: scratch, subtree, base: format!("http://{addr}"), http: reqwest::Client::new(), log }
+        let http = admin_client(&state);
+        Self { child: Some(child), state, _scratch: scratch, subtree, base: format!("http://{addr}"), http, log }
     }
 
     /// The `agentd up` process (agentd-daemon after agentd's exec).
@@ -370,4 +371,16 @@ impl Sse {
         }
         panic!("stream ended before the run did: {out:?}");
     }
+}
+
+/// An HTTP client that sends the admin token a daemon wrote into
+/// `state_dir` on its first start (`admin.token`), or a plain client when
+/// there is none (the daemon shares a store whose first daemon wrote it).
+pub fn admin_client(state_dir: &Path) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(token) = std::fs::read_to_string(state_dir.join("admin.token")) {
+        let value = format!("Bearer {}", token.trim());
+        headers.insert(reqwest::header::AUTHORIZATION, reqwest::header::HeaderValue::from_str(&value).expect("a token is a header value"));
+    }
+    reqwest::Client::builder().default_headers(headers).build().expect("an HTTP client")
 }

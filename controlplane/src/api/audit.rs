@@ -23,8 +23,8 @@ use crate::store::audit::{AuditQuery, NewAuditRecord};
 pub use crate::audit::AuditLog;
 use crate::store::now_ms;
 
-/// The header a caller names itself in (recorded as given: agentd has no
-/// authentication of its own yet, so it is a claim, not an identity).
+/// The header a caller may name itself in, recorded beside its token's id
+/// (a claim, where the token id is the identity).
 pub const ACTOR_HEADER: &str = "x-agentd-actor";
 
 /// The most records one `GET /v1/audit` returns.
@@ -42,12 +42,15 @@ pub async fn record(State(app): State<AppState>, request: Request, next: Next) -
     let actor = request.headers().get(ACTOR_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string());
     let response = next.run(request).await;
+    // The token's id, never the token.
+    let token_id = response.extensions().get::<crate::auth::Caller>().map(|c| c.token_id.clone());
     // A create names what it made in its Location.
     let location = response.headers().get(header::LOCATION).and_then(|v| v.to_str().ok());
     let (entity_kind, entity_id) = entity_of(location.unwrap_or(&path)).map(|(k, id)| (k.to_string(), id.to_string())).unzip();
     app.audit.record(NewAuditRecord {
         at,
         actor,
+        token_id,
         peer,
         method,
         path,

@@ -1,6 +1,7 @@
 //! The HTTP API: one module per resource, gathered by [`router`].
 
 pub mod audit;
+pub mod auth;
 pub mod containers;
 pub mod events;
 pub mod idempotency;
@@ -8,6 +9,7 @@ pub mod nodes;
 pub mod problem;
 pub mod registry;
 pub mod sessions;
+pub mod tokens;
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -30,12 +32,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/registry:sync", axum::routing::post(registry::sync))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
         .route("/v1/audit", get(audit::list))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route("/v1/nodes", get(nodes::list))
         .route("/v1/nodes:join", axum::routing::post(nodes::join))
         .route("/v1/nodes/{id}", get(nodes::get).delete(nodes::delete).post(nodes::action))
         .route("/v1/bundles", get(registry::bundles))
         .route("/v1/containers/{id}/agents/{instance_id}/sessions", get(containers::agent_sessions))
         .fallback(|| async { Problem::not_found("not_found", "no such resource") })
+        // Outermost first: the audit sees every answer, refusals included.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
         .with_state(state)
 }

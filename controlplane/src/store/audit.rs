@@ -21,8 +21,10 @@ pub struct AuditRecord {
 pub struct NewAuditRecord {
     /// When the call arrived, ms since the Unix epoch.
     pub at: i64,
-    /// Who the caller said it was (`X-Agentd-Actor`); not authenticated.
+    /// Who the caller said it was (`X-Agentd-Actor`); a claim.
     pub actor: Option<String>,
+    /// The id of the token the call was made with: the identity.
+    pub token_id: Option<String>,
     /// The caller's address, when the server knows it.
     pub peer: Option<String>,
     pub method: String,
@@ -46,7 +48,7 @@ pub struct AuditQuery {
     pub limit: i64,
 }
 
-const COLUMNS: usize = 10;
+const COLUMNS: usize = 11;
 /// Rows per INSERT: SQLite builds before 3.32 bind at most 999 parameters.
 const ROWS_PER_INSERT: usize = 999 / COLUMNS;
 
@@ -68,7 +70,8 @@ impl Store {
                         .bind(&r.entity_id)
                         .bind(r.status)
                         .bind(&r.code)
-                        .bind(r.duration_us);
+                        .bind(r.duration_us)
+                        .bind(&r.token_id);
                 }
                 q.execute(pool).await.map(|_| ())
             })?;
@@ -111,7 +114,7 @@ impl Store {
 /// `INSERT ... VALUES ($1, ..., $10), ($11, ...), ...` for `rows` rows.
 fn insert_statement(rows: usize) -> String {
     let mut sql = String::from(
-        "INSERT INTO audit_records (at, actor, peer, method, path, entity_kind, entity_id, status, code, duration_us) VALUES ",
+        "INSERT INTO audit_records (at, actor, peer, method, path, entity_kind, entity_id, status, code, duration_us, token_id) VALUES ",
     );
     for row in 0..rows {
         if row > 0 {

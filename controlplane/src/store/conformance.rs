@@ -677,6 +677,7 @@ fn audit_record(at: i64, path: &str, entity_id: Option<&str>, code: Option<&str>
     audit::NewAuditRecord {
         at,
         actor: Some("ops@example".into()),
+        token_id: Some("0123456789abcdef".into()),
         peer: None,
         method: "POST".into(),
         path: path.into(),

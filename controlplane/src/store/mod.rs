@@ -222,6 +222,7 @@ pub mod outbox;
 pub mod cluster;
 pub mod nodes;
 pub mod placement;
+pub mod tokens;
 pub mod agents;
 pub mod archives;
 pub mod audit;
