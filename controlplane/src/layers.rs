@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["workflow"],
     &["context", "AppState", "fleet", "flows", "teardown", "agent_registry", "audit", "auth"],
     &["api"],
-    &["process", "lib", "reconcile", "sync_registry_at_start", "start_workflows", "serve", "stop_all_containers", "app"],
+    &["process", "lib", "reconcile", "sync_registry_at_start", "start_workflows", "serve", "serve_on", "bind", "stop_all_containers", "app"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
