@@ -11,6 +11,7 @@ mod audit;
 mod bad_input;
 mod doctor;
 mod durability;
+mod fleet;
 mod hostile;
 mod multi_session;
 mod node_lifecycle;
