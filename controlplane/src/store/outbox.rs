@@ -562,7 +562,7 @@ impl Tx {
                 let query = match extra {
                     None => query,
                     Some(Extra::SupervisorPid(pid)) => query.bind(pid),
-                    Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
+                    Some(Extra::AcpSessionId(value) | Extra::StopReason(value) | Extra::ErrorCode(value)) => query.bind(value),
                 };
                 query.execute(conn).await.map(|done| done.rows_affected())
             })?;
@@ -628,7 +628,7 @@ impl Tx {
             let query = match extra {
                 None => query,
                 Some(Extra::SupervisorPid(pid)) => query.bind(pid),
-                Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
+                Some(Extra::AcpSessionId(value) | Extra::StopReason(value) | Extra::ErrorCode(value)) => query.bind(value),
             };
             let (current, moved_from) = query.fetch_one(&mut **t).await?;
             match (current, moved_from) {
