@@ -91,13 +91,13 @@ async fn until_first_update(events: &mut Sse) -> Vec<crate::support::SseEvent> {
     panic!("the stream ended before any update: {seen:?}");
 }
 
-/// The stream ends with `run.failed` code `node_lost`, then closes.
-async fn assert_stream_ends_node_lost(events: &mut Sse, run_id: &str) {
+/// The stream ends with `run.failed` with `code`, then closes.
+async fn assert_stream_ends_failed(events: &mut Sse, run_id: &str, code: &str) {
     let rest = events.until_run_end().await;
     let end = rest.last().unwrap();
     assert_eq!(end.event, "run.failed", "{rest:?}");
     let data = end.json();
-    assert_eq!((data["run_id"].as_str(), data["code"].as_str()), (Some(run_id), Some("node_lost")), "{data}");
+    assert_eq!((data["run_id"].as_str(), data["code"].as_str()), (Some(run_id), Some(code)), "{data}");
     assert!(events.next().await.is_none(), "the stream ends after the failed run");
 }
 
@@ -220,12 +220,38 @@ async fn nodes_join_take_placements_stream_and_drain() {
     let (status, n) = api.post("/v1/nodes/node-a:uncordon", &json!({})).await;
     assert_eq!((status, n["state"].as_str()), (StatusCode::OK, Some("alive")), "{n}");
 
-    // Drained: node-c's idle containers are deleted, the node is drained
-    // and can then be removed.
+    // Drained: node-c's idle containers are deleted at once, the busy one
+    // (a turn waiting on a permission answer) once its turn ended; the
+    // node is then drained and can be removed.
     let on_c: Vec<String> = api.node("node-c").await["containers"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(on_c.len(), 3, "node-c holds three containers");
+    let busy_session = elsewhere["id"].as_str().unwrap();
+    let busy = elsewhere["container_id"].as_str().unwrap().to_string();
+    let mut events = api.events(busy_session).await;
+    let (status, accepted) = api.prompt(busy_session, "/ask may the drain wait").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let asked = loop {
+        let e = events.next().await.expect("the stream stays open");
+        if e.event == "permission.requested" {
+            break e.json();
+        }
+    };
     let (status, n) = api.post("/v1/nodes/node-c:drain", &json!({"deadline_ms": 60_000})).await;
     assert_eq!((status, n["state"].as_str()), (StatusCode::OK, Some("draining")), "{n}");
+    for c in on_c.iter().filter(|c| **c != busy) {
+        api.wait_for(&format!("/v1/containers/{c}"), "an idle container of node-c to be deleted", Duration::from_secs(30), |v| v["state"] == "deleted").await;
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(CHECK_INTERVAL_MS)).await;
+        let (_, c) = api.get(&format!("/v1/containers/{busy}")).await;
+        assert_eq!(c["state"], "ready", "a busy container is left alone until its deadline: {c}");
+        assert_eq!(api.node("node-c").await["state"], "draining");
+    }
+    let answer = format!("/v1/sessions/{busy_session}/permissions/{}", asked["request_id"].as_str().unwrap());
+    let (status, body) = api.post(&answer, &json!({"option_id": "allow"})).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let got = events.until_run_end().await;
+    assert_eq!(got.last().unwrap().event, "run.completed", "the busy turn ran to its end: {got:?}");
     api.wait_node("node-c", "drained", Duration::from_secs(30)).await;
     for c in &on_c {
         let (_, view) = api.get(&format!("/v1/containers/{c}")).await;
@@ -262,7 +288,10 @@ async fn lost_nodes_fail_their_work_and_are_cleaned_when_they_return() {
     fleet.add_node(&NodeSpec::new("node-b")).await;
     let api = fleet.api(0).clone();
 
-    for (victim, how) in [("node-a", "SIGKILL"), ("node-b", "partition")] {
+    for (victim, how) in [("node-a", "SIGKILL"), ("node-b", "partition"), ("node-a", "restart")] {
+        // A node restarted at once is never lost: its sandboxes are, and the
+        // journal of the new process says so.
+        let code = if how == "restart" { "sandbox_lost" } else { "node_lost" };
         let view = create(&api, json!({"node_id": victim}), SLOW_AGENT, &fleet).await;
         let container = assert_runs_on(&fleet, &api, &view, victim).await;
         let (_, c) = api.get(&format!("/v1/containers/{container}")).await;
@@ -276,29 +305,38 @@ async fn lost_nodes_fail_their_work_and_are_cleaned_when_they_return() {
 
         let cut = Instant::now();
         match how {
-            "SIGKILL" => fleet.node(victim).kill9(),
-            _ => fleet.fabric().partition(&fleet.nodes.iter().find(|n| n.id == victim).unwrap().host).unwrap(),
+            "partition" => fleet.fabric().partition(&fleet.nodes.iter().find(|n| n.id == victim).unwrap().host).unwrap(),
+            _ => fleet.node(victim).kill9(),
+        }
+        if how == "restart" {
+            fleet.node(victim).start(None).await;
         }
         let failed = api.wait_for(&format!("/v1/sessions/{id}"), &format!("the session on {victim} to fail ({how})"), lost_within(), |s| s["state"] == "failed").await;
         let waited = cut.elapsed();
         eprintln!("{how}: session failed after {waited:?}");
-        assert!(waited >= Duration::from_millis(HEARTBEAT_TIMEOUT_MS - CHECK_INTERVAL_MS), "failed only after the timeout: {waited:?}");
-        assert_eq!(failed["error_code"], "node_lost", "{failed}");
-        assert_eq!((failed["runs"][0]["state"].as_str(), failed["runs"][0]["error_code"].as_str()), (Some("failed"), Some("node_lost")), "{failed}");
-        let (_, c) = api.get(&format!("/v1/containers/{container}")).await;
-        assert_eq!((c["state"].as_str(), c["error_code"].as_str()), (Some("failed"), Some("node_lost")), "{c}");
-        let n = api.node(victim).await;
-        assert_eq!(n["state"], "lost", "{n}");
-        assert_stream_ends_node_lost(&mut events, run_id).await;
+        assert_eq!(failed["error_code"], code, "{failed}");
+        assert_eq!((failed["runs"][0]["state"].as_str(), failed["runs"][0]["error_code"].as_str()), (Some("failed"), Some(code)), "{failed}");
+        // The container fails in a write of its own, after its sessions.
+        let c = api.wait_for(&format!("/v1/containers/{container}"), "the container to fail", Duration::from_secs(5), |c| c["state"] != "ready").await;
+        assert_eq!((c["state"].as_str(), c["error_code"].as_str()), (Some("failed"), Some(code)), "{c}");
+        if how != "restart" {
+            assert!(waited >= Duration::from_millis(HEARTBEAT_TIMEOUT_MS - CHECK_INTERVAL_MS), "failed only after the timeout: {waited:?}");
+            let n = api.node(victim).await;
+            assert_eq!(n["state"], "lost", "{n}");
+        }
+        assert_stream_ends_failed(&mut events, run_id, code).await;
         eprintln!("{how}: the stream ended after {:?}", cut.elapsed());
 
         // Back: alive again, and what the control plane failed is gone
         // from the node.
+        let back = Instant::now();
         match how {
             "SIGKILL" => fleet.node(victim).start(None).await,
-            _ => fleet.fabric().heal(&fleet.nodes.iter().find(|n| n.id == victim).unwrap().host).unwrap(),
+            "partition" => fleet.fabric().heal(&fleet.nodes.iter().find(|n| n.id == victim).unwrap().host).unwrap(),
+            _ => {}
         }
         api.wait_node(victim, "alive", Duration::from_secs(20)).await;
+        eprintln!("{how}: alive again {:?} after it came back", back.elapsed());
         let wait_empty = Instant::now() + Duration::from_secs(20);
         while !fleet.node(victim).sandbox_dirs().is_empty() {
             assert!(Instant::now() < wait_empty, "{victim} still holds {:?}{}", fleet.node(victim).sandbox_dirs(), fleet.logs());
@@ -311,7 +349,7 @@ async fn lost_nodes_fail_their_work_and_are_cleaned_when_they_return() {
         .await;
         let (_, c) = api.get(&format!("/v1/containers/{container}")).await;
         assert!(c["state"] == "failed" || c["state"] == "deleted", "{c}");
-        assert_eq!(c["error_code"], "node_lost", "{c}");
+        assert_eq!(c["error_code"], code, "{c}");
 
         // And it takes new work.
         let again = create(&api, json!({"node_id": victim}), &[], &fleet).await;

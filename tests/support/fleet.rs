@@ -206,6 +206,25 @@ impl FleetNode {
     }
 }
 
+impl Drop for FleetNode {
+    /// The process first (while its host still exists), then whatever
+    /// sandboxes a node killed mid-test left running: a failed test must
+    /// not leave them to the next.
+    fn drop(&mut self) {
+        drop(self.daemon.take());
+        for dir in self.sandbox_dirs() {
+            let record = std::fs::read(self.state.join("node").join("sandboxes").join(&dir).join("sandbox.json")).ok();
+            let pid = record.and_then(|r| serde_json::from_slice::<Value>(&r).ok()).and_then(|v| v["pid"].as_i64());
+            // Only a sandbox's PID 1 (its comm), not whoever reuses the pid.
+            if let Some(pid) = pid
+                && procfs::status_field(pid as u32, "Name").as_deref() == Some("agentd-sandbox")
+            {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 /// Labels and capacity a node joins with.
 pub struct NodeSpec<'a> {
     pub id: &'a str,
