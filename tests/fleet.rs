@@ -360,6 +360,44 @@ async fn lost_nodes_fail_their_work_and_are_cleaned_when_they_return() {
     fleet.finish().await;
 }
 
+/// A partition longer than the transport's keepalive (the control plane's
+/// connection to the node breaks) and shorter than the heartbeat timeout:
+/// nothing fails; the turn runs on in the node, and the open stream, once
+/// the node answers again, resumes where it was and carries the rest of the
+/// answer, each event once, to the turn's end, which the store records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_partition_loses_nothing() {
+    let mut fleet = Fleet::new().await;
+    fleet.add_server(&["--node-heartbeat-timeout-ms", "60000"]).await;
+    fleet.add_node(&NodeSpec::new("node-a")).await;
+    let api = fleet.api(0).clone();
+    let view = create(&api, json!({}), SLOW_AGENT, &fleet).await;
+    let id = view["id"].as_str().unwrap();
+    let words = format!("{SLOW_WORDS} {SLOW_WORDS}");
+    let mut events = api.events(id).await;
+    let (status, accepted) = api.prompt(id, &words).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let mut got = until_first_update(&mut events).await;
+
+    let host = &fleet.nodes[0].host;
+    fleet.fabric().partition(host).unwrap();
+    // Past the keepalive (5 s interval, 5 s timeout): the connection breaks.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(api.node("node-a").await["state"], "alive", "not lost within the timeout");
+    fleet.fabric().heal(host).unwrap();
+    got.extend(events.until_run_end().await);
+
+    assert_eq!(got.last().unwrap().event, "run.completed", "{got:?}");
+    assert_eq!(said(&got), words, "the whole answer");
+    let ids: Vec<u64> = got.iter().map(|e| e.id.unwrap()).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "each event once, in order");
+    let s = api.wait_for(&format!("/v1/sessions/{id}"), "the run's end recorded", Duration::from_secs(20), |s| s["runs"][0]["state"] == "completed").await;
+    assert_eq!(s["state"], "ready", "{s}");
+    let log = fleet.servers[0].daemon.log();
+    assert!(log.contains("cannot read the node's journal") || log.contains("node did not answer its check"), "the control plane noticed the cut");
+    fleet.finish().await;
+}
+
 /// Issue 13's case 6: two control planes on one PostgreSQL. Either answers
 /// any session's GET and SSE; the one recording the node's journal is
 /// SIGKILLed mid-turn, and the other takes the journal over once the lease

@@ -271,7 +271,9 @@ impl Fleet {
     }
 
     /// Starts `agentd server` in a new host, listening on the host's fabric
-    /// address, with short node checks and `extra` flags. Returns its index.
+    /// address, with short node checks ([`CHECK_INTERVAL_MS`],
+    /// [`HEARTBEAT_TIMEOUT_MS`], unless `extra` names them) and `extra`
+    /// flags. Returns its index.
     pub async fn add_server(&mut self, extra: &[&str]) -> usize {
         let i = self.servers.len();
         let name = format!("cp-{i}");
@@ -281,10 +283,14 @@ impl Fleet {
         cmd.arg("server")
             .args(["--listen", &format!("{}:0", host.addr()), "--state-dir"])
             .arg(&state)
-            .args(["--database-url", &self.database_url()])
-            .args(["--node-check-interval-ms", &CHECK_INTERVAL_MS.to_string()])
-            .args(["--node-heartbeat-timeout-ms", &HEARTBEAT_TIMEOUT_MS.to_string()])
-            .args(extra);
+            .args(["--database-url", &self.database_url()]);
+        // Short node checks, unless `extra` says otherwise.
+        for (flag, value) in [("--node-check-interval-ms", CHECK_INTERVAL_MS), ("--node-heartbeat-timeout-ms", HEARTBEAT_TIMEOUT_MS)] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, &value.to_string()]);
+            }
+        }
+        cmd.args(extra);
         let daemon = Daemon::spawn_command(cmd);
         let line = daemon.wait_for_line("API listening").await;
         let addr: SocketAddr = line.split("listen=").nth(1).expect("listen= in the line").trim().parse().expect("an address");
