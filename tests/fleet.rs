@@ -398,17 +398,44 @@ async fn a_short_partition_loses_nothing() {
     fleet.finish().await;
 }
 
-/// Issue 13's case 6: two control planes on one PostgreSQL. Either answers
-/// any session's GET and SSE; the one recording the node's journal is
-/// SIGKILLed mid-turn, and the other takes the journal over once the lease
-/// expires, records the run's end, and takes the next prompt; the node ran
-/// the first prompt once.
+/// Issue 13's case 6: two control planes on one PostgreSQL. Creates racing
+/// through both never oversubscribe a node; either answers any session's
+/// GET and SSE; the one recording the node's journal is SIGKILLed mid-turn,
+/// and the other takes the journal over once the lease expires, records the
+/// run's end and takes the next prompt; the node ran the first prompt once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_killed_mid_run_is_taken_over_by_the_other() {
     let mut fleet = Fleet::new().await;
     fleet.add_server(&[]).await;
     fleet.add_server(&[]).await;
     fleet.add_node(&NodeSpec::new("node-a")).await;
+
+    // Placement is decided in the container's transaction: creates racing
+    // through both control planes never take more than node-a's slots.
+    let creates = (0..2 * SLOTS as usize).map(|i| {
+        let api = fleet.api(i % 2).clone();
+        async move { api.post("/v1/sessions", &body(json!({}), &[])).await }
+    });
+    let answers = futures::future::join_all(creates).await;
+    let mut created = Vec::new();
+    for (status, answer) in &answers {
+        match *status {
+            StatusCode::CREATED => created.push(answer["id"].as_str().unwrap().to_string()),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(answer["code"], "no_capacity", "{answer}");
+                let detail = answer["detail"].as_str().unwrap();
+                assert!(detail.contains(&format!("node-a: full: {SLOTS} of {SLOTS}")), "{detail}");
+            }
+            other => panic!("{other}: {answer}{}", fleet.logs()),
+        }
+    }
+    assert_eq!(created.len(), SLOTS as usize, "as many as node-a has slots: {answers:?}");
+    assert_eq!(fleet.node("node-a").sandbox_dirs().len(), SLOTS as usize);
+    for id in &created {
+        let (status, body) = fleet.api(0).delete(&format!("/v1/sessions/{id}")).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+    assert_eq!(fleet.node("node-a").sandbox_dirs(), Vec::<String>::new());
 
     // The watcher of node-a's journal is one of the two.
     let deadline = Instant::now() + Duration::from_secs(15);
