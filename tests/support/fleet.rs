@@ -22,7 +22,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::daemon::Daemon;
-use super::host::{processes_with_uid, unique_id_base, wait_no_cgroups};
+use super::host::{cgroup_dirs, processes_with_uid, unique_id_base, wait_no_cgroups};
 use super::{Sse, agentd_bin, procfs};
 
 /// The port every node serves gRPC (mutual TLS) on, in its own namespace.
@@ -207,11 +207,14 @@ impl FleetNode {
 }
 
 impl Drop for FleetNode {
-    /// The process first (while its host still exists), then whatever
-    /// sandboxes a node killed mid-test left running: a failed test must
-    /// not leave them to the next.
+    /// The process first (while its host still exists), then whatever a
+    /// node killed mid-test left: its sandboxes and its cgroup subtree. A
+    /// failed test must not leave them to the next.
     fn drop(&mut self) {
         drop(self.daemon.take());
+        let kill = |pid: i32| {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        };
         for dir in self.sandbox_dirs() {
             let record = std::fs::read(self.state.join("node").join("sandboxes").join(&dir).join("sandbox.json")).ok();
             let pid = record.and_then(|r| serde_json::from_slice::<Value>(&r).ok()).and_then(|v| v["pid"].as_i64());
@@ -219,7 +222,21 @@ impl Drop for FleetNode {
             if let Some(pid) = pid
                 && procfs::status_field(pid as u32, "Name").as_deref() == Some("agentd-sandbox")
             {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                kill(pid as i32);
+            }
+        }
+        // Deepest first; whatever is still in them is this node's.
+        let mut dirs = cgroup_dirs(&self.subtree);
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for dir in dirs {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                procs.lines().filter_map(|p| p.trim().parse().ok()).for_each(kill);
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
