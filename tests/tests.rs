@@ -12,6 +12,7 @@ mod auth;
 mod bad_input;
 mod doctor;
 mod durability;
+mod fleet;
 mod hostile;
 mod multi_session;
 mod node_lifecycle;

@@ -347,6 +347,8 @@ impl Host {
                     Ok((client, _)) => {
                         tokio::spawn(relay(client, netns.clone(), target, host.clone()));
                     }
+                    // Shut down by the drop: the task is being aborted.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
                     Err(e) => {
                         // Out of descriptors, say: try again shortly
                         // rather than spin.

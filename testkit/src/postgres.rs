@@ -182,6 +182,13 @@ impl TempPostgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// URL of the same database over the server's unix socket (in
+    /// [`Self::dir`]): unlike the TCP one on 127.0.0.1, it reaches the server
+    /// from any network namespace (a control plane in a `netns` host).
+    pub fn socket_url(&self) -> String {
+        format!("postgres://postgres@localhost:{}/postgres?host={}", self.port, self.dir.path().display())
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -207,8 +214,10 @@ mod tests {
     fn starts_answers_queries_and_leaves_nothing_behind() {
         let pg = TempPostgres::start().expect("start postgres");
         let psql = pg_bin("psql").expect("psql");
-        let out = Command::new(psql).args([&pg.url(), "-tAc", "select 40 + 2"]).output().unwrap();
+        let out = Command::new(&psql).args([&pg.url(), "-tAc", "select 40 + 2"]).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(&psql).args([&pg.socket_url(), "-tAc", "select 6 * 7"]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "over the socket: {}", String::from_utf8_lossy(&out.stderr));
         let (dir, pid) = (pg.dir().to_owned(), pg.pid());
         drop(pg);
         assert!(!dir.exists(), "cluster directory removed");

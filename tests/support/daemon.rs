@@ -21,15 +21,19 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(agentd_bin())
-            .args(args)
-            .env("AGENTD_LOG", "info,agentd_controlplane=debug")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start agentd");
+        let mut cmd = Command::new(agentd_bin());
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn_command(cmd)
+    }
+
+    /// Starts `cmd` (an `agentd` command line, perhaps made to run in a test
+    /// host's network namespace) with its log collected; `AGENTD_LOG`
+    /// defaults to the control plane's debug lines.
+    pub fn spawn_command(mut cmd: Command) -> Self {
+        if !cmd.get_envs().any(|(k, _)| k == "AGENTD_LOG") {
+            cmd.env("AGENTD_LOG", "info,agentd_controlplane=debug");
+        }
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start agentd");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         std::thread::spawn({
@@ -47,6 +51,11 @@ impl Daemon {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// The process's id while it runs (agentd-daemon after agentd's exec).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Lines of the log containing every one of `parts`.
     pub fn count(&self, parts: &[&str]) -> usize {
         self.log.lock().unwrap().iter().filter(|l| parts.iter().all(|p| l.contains(p))).count()
@@ -58,6 +67,11 @@ impl Daemon {
         loop {
             if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
                 return line.clone();
+            }
+            // Exited (a zombie until reaped): no need to wait out the deadline.
+            if let Some(pid) = self.pid() {
+                let state = super::procfs::status_field(pid, "State");
+                assert!(!state.is_some_and(|s| s.starts_with('Z')), "agentd exited before logging {needle:?}; log:\n{}", self.log());
             }
             assert!(Instant::now() < deadline, "no log line with {needle:?}; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 pub use agentd_testkit::procfs;
 
 pub mod daemon;
+pub mod fleet;
 pub mod host;
 
 /// Set in agentd's environment; agents must never see it.

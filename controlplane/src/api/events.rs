@@ -77,10 +77,18 @@ pub async fn stream(
 /// How often a stream whose node went away looks for it, and at the store.
 const NODE_RETRY: Duration = Duration::from_millis(500);
 
+/// How long a stream whose node no longer has the session's log, a turn
+/// still open, waits for the store to record why before it ends anyway.
+const GONE_WAIT: Duration = Duration::from_secs(30);
+
 /// The session's events from its node, from `after_seq` on. A node that
 /// goes away is waited for: the stream resumes where it was when the node
 /// answers again, or ends with the failure of the turn that was running
-/// (its code, `node_lost`, says why) once the store gives the node up.
+/// (its code, `node_lost`, says why) once the store gives the node up. A
+/// node that answers without the session's log while a turn was open (a
+/// restarted node, whose sandboxes are gone; a sandbox deleted mid-turn)
+/// is not asked again: the store hears why from the node's journal, and
+/// the stream ends with the turn's failure (`sandbox_lost`) once it has.
 fn follow(
     store: crate::store::Store,
     node: NodeClient<Channel>,
@@ -92,6 +100,8 @@ fn follow(
         let mut after = after_seq;
         let mut open_run: Option<String> = None;
         let mut events = first;
+        // Since when the node has had no log of the session, a turn open.
+        let mut gone_since: Option<tokio::time::Instant> = None;
         loop {
             if let Some(mut stream) = events.take() {
                 loop {
@@ -110,18 +120,27 @@ fn follow(
                                 yield Ok(sse_event(e.seq, kind.to_string(), data));
                             }
                         }
-                        // The log was closed: the session is over.
-                        Ok(None) => return,
+                        // The log was closed: the session is over, unless a
+                        // turn was still open (its end is the store's to say).
+                        Ok(None) if open_run.is_none() => return,
+                        Ok(None) => {
+                            gone_since.get_or_insert_with(tokio::time::Instant::now);
+                            break;
+                        }
                         Err(_) => break,
                     }
                 }
             }
-            // The node went away. Has the store given it up?
-            if let Ok(s) = store.get_session(&session_id).await
-                && s.state != session::READY
-            {
-                if let Some(run_id) = open_run.take()
-                    && let Ok(r) = store.get_run(&run_id).await
+            // Has the store given the session up, or (the node having no
+            // log of it) recorded the open turn's end?
+            let given_up = matches!(store.get_session(&session_id).await, Ok(s) if s.state != session::READY);
+            let open = match &open_run {
+                Some(run_id) => store.get_run(run_id).await.ok(),
+                None => None,
+            };
+            let run_over = gone_since.is_some() && open.as_ref().is_some_and(|r| !crate::store::states::run::ACTIVE.contains(&r.state.as_str()));
+            if given_up || run_over {
+                if let (Some(run_id), Some(r)) = (open_run.take(), open)
                     && r.state == crate::store::states::run::FAILED
                 {
                     let end = agentd_proto::node::session_event::Event::RunFailed(agentd_proto::node::RunFailed {
@@ -133,9 +152,17 @@ fn follow(
                 return;
             }
             tokio::time::sleep(NODE_RETRY).await;
+            if let Some(since) = gone_since {
+                if since.elapsed() >= GONE_WAIT {
+                    tracing::warn!(session_id, run_id = open_run.as_deref(), "the node has no log of the session and the store no end of its turn; the stream ends");
+                    return;
+                }
+                continue;
+            }
             match node.clone().stream_events(StreamEventsRequest { session_id: session_id.clone(), after_seq: after }).await {
                 Ok(stream) => events = Some(stream.into_inner()),
-                Err(status) if status.code() == tonic::Code::NotFound => return,
+                Err(status) if status.code() == tonic::Code::NotFound && open_run.is_none() => return,
+                Err(status) if status.code() == tonic::Code::NotFound => gone_since = Some(tokio::time::Instant::now()),
                 Err(_) => {}
             }
         }

@@ -259,6 +259,9 @@ enum Extra<'a> {
     SupervisorPid(i64),
     AcpSessionId(&'a str),
     StopReason(&'a str),
+    /// Set with the move to `failed`, so that no reader sees the failure
+    /// without its code.
+    ErrorCode(&'a str),
 }
 
 impl Extra<'_> {
@@ -267,6 +270,7 @@ impl Extra<'_> {
             Extra::SupervisorPid(_) => "supervisor_pid",
             Extra::AcpSessionId(_) => "acp_session_id",
             Extra::StopReason(_) => "stop_reason",
+            Extra::ErrorCode(_) => "error_code",
         }
     }
 }
@@ -492,22 +496,28 @@ impl Store {
 
     /// A run failed, with a stable `code` of why when there is one.
     pub async fn run_failed_with(&self, id: &str, error: &str, code: Option<&str>) -> Result<(), StoreError> {
-        self.transition(Entity::Run, id, states::run::FAILED, Some(error), None).await?;
-        if let Some(code) = code {
-            self.set_error_code(Entity::Run, id, code).await?;
+        match code {
+            Some(code) => self.failed_with_code(Entity::Run, id, states::run::FAILED, error, code).await?,
+            None => self.transition(Entity::Run, id, states::run::FAILED, Some(error), None).await?,
         }
         self.run_ended();
         Ok(())
     }
 
     pub async fn session_failed_with(&self, id: &str, error: &str, code: &str) -> Result<(), StoreError> {
-        self.transition(Entity::Session, id, states::session::FAILED, Some(error), None).await?;
-        self.set_error_code(Entity::Session, id, code).await
+        self.failed_with_code(Entity::Session, id, states::session::FAILED, error, code).await
     }
 
     pub async fn container_failed_with(&self, id: &str, error: &str, code: &str) -> Result<(), StoreError> {
-        self.transition(Entity::Container, id, states::container::FAILED, Some(error), None).await?;
-        self.set_error_code(Entity::Container, id, code).await
+        self.failed_with_code(Entity::Container, id, states::container::FAILED, error, code).await
+    }
+
+    /// Moves a row to `failed` with its error and code in one statement (a
+    /// reader never sees the one without the other); a row failed already
+    /// without a code gets this one.
+    async fn failed_with_code(&self, entity: Entity, id: &str, failed: &str, error: &str, code: &str) -> Result<(), StoreError> {
+        self.transition(entity, id, failed, Some(error), Some(Extra::ErrorCode(code))).await?;
+        self.set_error_code(entity, id, code).await
     }
 
     async fn set_error_code(&self, entity: Entity, id: &str, code: &str) -> Result<(), StoreError> {

@@ -253,7 +253,9 @@ impl Store {
     pub async fn remove_node(&self, node_id: &str) -> Result<(), NodeAdminError> {
         let node = self.get_node(node_id).await?.ok_or_else(|| NodeAdminError::NotFound(node_id.to_string()))?;
         if node.state != node_state::LOST && node.admin != node_admin::DRAINED {
-            let current = if node.state == node_state::LOST { node.state } else { node.admin };
+            // The state clients see (`GET /v1/nodes`): `alive` for an
+            // active node, else what the operator made of it.
+            let current = if node.admin == node_admin::ACTIVE { node.state } else { node.admin };
             return Err(NodeAdminError::Illegal { node_id: node_id.to_string(), current, to: "removed".into() });
         }
         let sql = "DELETE FROM nodes WHERE id = $1 AND (state = 'lost' OR admin = 'drained') \

@@ -565,7 +565,7 @@ impl Tx {
                 let query = match extra {
                     None => query,
                     Some(Extra::SupervisorPid(pid)) => query.bind(pid),
-                    Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
+                    Some(Extra::AcpSessionId(value) | Extra::StopReason(value) | Extra::ErrorCode(value)) => query.bind(value),
                 };
                 query.execute(conn).await.map(|done| done.rows_affected())
             })?;
@@ -631,7 +631,7 @@ impl Tx {
             let query = match extra {
                 None => query,
                 Some(Extra::SupervisorPid(pid)) => query.bind(pid),
-                Some(Extra::AcpSessionId(value) | Extra::StopReason(value)) => query.bind(value),
+                Some(Extra::AcpSessionId(value) | Extra::StopReason(value) | Extra::ErrorCode(value)) => query.bind(value),
             };
             let (current, moved_from) = query.fetch_one(&mut **t).await?;
             match (current, moved_from) {
