@@ -571,8 +571,15 @@ impl Impersonator {
 /// certificate after the client finished its side of the handshake (the
 /// client may already be sending its request when the alert comes), the
 /// connection closed under it.
+/// Under TLS 1.3 a server judges the client's certificate after the client
+/// has finished its side of the handshake: the client sees the alert, or
+/// only the connection closing (or its write failing).
 fn refused_by_tls(err: &str, alert: &str) -> bool {
-    err.contains(&format!("received fatal alert: {alert}")) || err.contains("connection closed") || err.contains("peer closed connection")
+    err.contains(&format!("received fatal alert: {alert}"))
+        || err.contains("connection closed")
+        || err.contains("peer closed connection")
+        || err.contains("broken pipe")
+        || err.contains("connection reset")
 }
 
 /// A node join run to its end: its exit status and stderr.

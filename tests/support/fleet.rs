@@ -312,6 +312,10 @@ impl Fleet {
         let line = daemon.wait_for_line("API listening").await;
         let addr: SocketAddr = line.split("listen=").nth(1).expect("listen= in the line").trim().parse().expect("an address");
         let forward = host.forward(addr).await.expect("forward to the API");
+        if i == 0 {
+            // The first server wrote the store's admin token into its state dir.
+            self.http = super::admin_client(&state);
+        }
         let api = Api { http: self.http.clone(), base: format!("http://{}", forward.addr()) };
         self.servers.push(ControlPlane { daemon, forward: Some(forward), api, url: format!("http://{addr}"), host });
         i

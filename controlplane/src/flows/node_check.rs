@@ -120,10 +120,16 @@ pub async fn run(app: AppState, config: FleetConfig, ctx: StepContext) -> StepRe
         Ok(info) => info,
         Err(why) => {
             tracing::debug!(node_id, why, "node did not answer its check");
-            if app.store.mark_node_lost_if_silent(node_id, config.heartbeat_timeout).await.map_err(store_error)? {
+            // Failing what ran there is repeated at every check of a lost
+            // node (it is idempotent): a control plane that died between
+            // marking the node lost and failing its work leaves nothing live.
+            let marked = app.store.mark_node_lost_if_silent(node_id, config.heartbeat_timeout).await.map_err(store_error)?;
+            if marked || node.state == node_state::LOST {
                 let reason = format!("node {node_id} lost: no heartbeat for more than {:?} ({why})", config.heartbeat_timeout);
                 let dead = app.store.fail_everything_on_node(node_id, &reason, codes::NODE_LOST).await.map_err(store_error)?;
-                tracing::warn!(node_id, containers = dead.containers, sessions = dead.sessions, runs = dead.runs, "{reason}");
+                if marked || dead != Default::default() {
+                    tracing::warn!(node_id, containers = dead.containers, sessions = dead.sessions, runs = dead.runs, "{reason}");
+                }
             }
             return Ok(json!({"alive": false, "why": why}));
         }
