@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path};
 
-use agentd_proto::node::{AgentPlan, BundleMount, Mount, Resources, SandboxPlan, mount};
+use agentd_proto::node::{AgentFiles, AgentPlan, BundleMount, Mount, Resources, SandboxPlan, agent_files, mount};
 use agentd_plan::Network;
 use agentd_plan::Profile;
 use serde::Deserialize;
@@ -223,22 +223,10 @@ pub fn compile(
         Network::None if launched.needs_network && !profile.network_given => Network::Host,
         other => other,
     };
-    let profile = profile.profile;
-    let sandbox = SandboxPlan {
-        container_id: container_id.to_string(),
-        hostname: "sandbox".into(),
-        mounts: launched.mounts,
-        workspace_path: WORKSPACE.into(),
-        resources: Some(Resources {
-            memory_bytes: profile.memory_bytes.unwrap_or(0),
-            pids_max: profile.pids_max.unwrap_or(0),
-            cpus: profile.cpus.unwrap_or(0.0),
-        }),
-        network: agentd_proto::convert::network_mode(network).into(),
-        rootfs: profile.rootfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        bundles: launched.bundles,
-        seccomp: profile.seccomp.as_ref().map(agentd_proto::convert::seccomp_message),
-    };
+    let mut sandbox = compile_sandbox(container_id, profile.profile);
+    sandbox.network = agentd_proto::convert::network_mode(network).into();
+    sandbox.mounts = launched.mounts;
+    sandbox.bundles = launched.bundles;
     let agent_plan = AgentPlan {
         agent_id: agent.id.clone(),
         version: agent.version.clone(),
@@ -250,6 +238,52 @@ pub fn compile(
         ..Default::default()
     };
     Ok(Compiled { sandbox, agent: agent_plan, working_dir })
+}
+
+/// The plan of a sandbox shaped by `profile` alone, with no agent yet (a
+/// container made on its own: its sessions' agents bring their files).
+pub fn compile_sandbox(container_id: &str, profile: &Profile) -> SandboxPlan {
+    SandboxPlan {
+        container_id: container_id.to_string(),
+        hostname: "sandbox".into(),
+        mounts: Vec::new(),
+        workspace_path: WORKSPACE.into(),
+        resources: Some(Resources {
+            memory_bytes: profile.memory_bytes.unwrap_or(0),
+            pids_max: profile.pids_max.unwrap_or(0),
+            cpus: profile.cpus.unwrap_or(0.0),
+        }),
+        network: agentd_proto::convert::network_mode(profile.network).into(),
+        rootfs: profile.rootfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        bundles: Vec::new(),
+        seccomp: profile.seccomp.as_ref().map(agentd_proto::convert::seccomp_message),
+    }
+}
+
+/// The agent plan of `compiled` for a container that already runs: its
+/// sandbox may have been built without this agent's files (mounts and
+/// bundles are made at create), so they go with the plan
+/// (`AgentPlan::files`) for the node to put in the workspace when the
+/// command is not in the sandbox. An agent with no files of its own (npx,
+/// uvx) is unchanged.
+pub fn delivered(compiled: &Compiled) -> AgentPlan {
+    let mut plan = compiled.agent.clone();
+    let root = format!("{AGENT_MOUNT_ROOT}/{}/", plan.agent_id);
+    let source = if let Some(b) = compiled.sandbox.bundles.iter().find(|b| format!("{}/", b.target) == root) {
+        agent_files::Source::Bundle(b.clone())
+    } else if let Some(m) = compiled.sandbox.mounts.iter().find(|m| m.role() == mount::Role::Agent) {
+        agent_files::Source::HostExecutable(m.source.clone())
+    } else {
+        return plan;
+    };
+    let Some(relative) = plan.command.strip_prefix(&root).map(str::to_string) else { return plan };
+    plan.files = Some(AgentFiles {
+        source: Some(source),
+        workspace_path: compiled.sandbox.workspace_path.clone(),
+        relative_dir: format!(".agentd/agents/{}", plan.agent_id),
+        relative_command: relative,
+    });
+    plan
 }
 
 #[cfg(test)]
@@ -291,6 +325,27 @@ mod tests {
         assert_eq!(c.agent.env["ECHO_MODE"], "fast");
         assert_eq!(c.agent.env["PATH"], "/usr/local/bin:/usr/bin:/bin");
         assert_eq!(c.agent.env.len(), 5, "only the plan's variables: {:?}", c.agent.env);
+    }
+
+    #[test]
+    fn an_agent_for_a_running_container_carries_its_files() {
+        let c = build(&local("/opt/bin/echo-agent"), &Profile::default(), false).unwrap();
+        let plan = delivered(&c);
+        assert_eq!(plan.command, "/opt/agentd/agents/echo-local/echo-agent", "where a sandbox built with it has it");
+        let files = plan.files.unwrap();
+        assert_eq!(files.relative_command, "echo-agent");
+        assert_eq!(files.source, Some(agent_files::Source::HostExecutable("/opt/bin/echo-agent".into())));
+        assert_eq!((files.workspace_path.as_str(), files.relative_dir.as_str()), ("/workspace", ".agentd/agents/echo-local"));
+
+        let archive = spec(json!({"id": "codex-acp", "version": "1", "distribution": {"binary": {"linux-x86_64":
+            {"archive": "https://example.invalid/codex.tar.gz", "sha256": SHA, "cmd": "./bin/codex-acp"}}}}));
+        let plan = delivered(&build(&archive, &Profile::default(), false).unwrap());
+        assert_eq!(plan.files.as_ref().unwrap().relative_command, "bin/codex-acp");
+        assert!(matches!(plan.files.unwrap().source, Some(agent_files::Source::Bundle(b)) if b.archive_url.ends_with("codex.tar.gz")));
+
+        let npx = spec(json!({"id": "g", "version": "1", "distribution": {"npx": {"package": "p@1"}}}));
+        let plan = delivered(&build(&npx, &Profile::default(), false).unwrap());
+        assert!(plan.files.is_none() && plan.command == "npx", "nothing to deliver");
     }
 
     #[test]

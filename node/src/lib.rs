@@ -20,6 +20,7 @@
 //! [`serve_on`] for a caller that acts between the two).
 
 pub mod bundles;
+mod delivery;
 pub mod event_log;
 pub mod fence;
 pub mod journal;

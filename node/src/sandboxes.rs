@@ -397,6 +397,11 @@ impl Sandboxes {
         }
     }
 
+    /// The content-addressed cache of agent bundles.
+    pub fn bundles(&self) -> &BundleCache {
+        &self.bundles
+    }
+
     pub fn config(&self) -> &NodeConfig {
         &self.config
     }

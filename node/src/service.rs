@@ -53,12 +53,13 @@ impl NodeService {
     async fn start_agent_unfenced(&self, r: StartAgentRequest) -> Result<AgentInstance, Status> {
         let agent = r.agent.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "agent plan is required"))?;
         let sandbox = self.node.sandboxes.get(&r.container_id)?;
+        let command = crate::delivery::command(&self.node, &sandbox, &agent).await?;
         let answer = sandbox
             .supervisor
             .clone()
             .start_agent(sup::StartAgentRequest {
                 agent_instance_id: r.agent_instance_id.clone(),
-                command: agent.command,
+                command,
                 args: agent.args,
                 env: agent.env,
                 cwd: agent.cwd,

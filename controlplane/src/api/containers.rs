@@ -1,5 +1,7 @@
-//! `/v1/containers/{id}`: read and delete sandboxes, list the ACP sessions
-//! an agent of one keeps (`session/list`).
+//! `/v1/containers`: make a container on its own (the original agentd's
+//! explicit create: a profile and a capacity of sessions), list them, read
+//! and delete one, list the ACP sessions an agent of one keeps
+//! (`session/list`).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -10,9 +12,101 @@ use super::Problem;
 use crate::AppState;
 use crate::store::states::{container, session};
 use crate::flows::suspend::Action;
+use crate::store::placement::Demand;
 use agentd_proto::node::{GetSandboxRequest, ListAgentSessionsRequest};
 use axum::extract::Query;
 use serde::Deserialize;
+
+/// The most sessions `capacity` may name.
+const MAX_CAPACITY: u32 = 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    #[serde(default)]
+    pub profile: Option<Value>,
+    /// The same as `profile` (the name sessions use for it).
+    #[serde(default)]
+    pub container_profile: Option<Value>,
+    /// The most sessions it holds (409 `container_full` past it); absent:
+    /// no limit.
+    #[serde(default)]
+    pub capacity: Option<u32>,
+    #[serde(default)]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// How long a create waits for its sandbox before answering 202.
+const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `POST /v1/containers`: a ready sandbox shaped by the profile, holding up
+/// to `capacity` sessions, placed as a session's container would be.
+pub async fn create(State(app): State<AppState>, super::ApiJson(body): super::ApiJson<CreateBody>) -> Result<axum::response::Response, Problem> {
+    use axum::response::IntoResponse;
+    let value = match (body.profile, body.container_profile) {
+        (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give profile or container_profile, not both")),
+        (a, b) => a.or(b).unwrap_or_else(|| json!({})),
+    };
+    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?;
+    let capacity = match body.capacity {
+        Some(0) => return Err(Problem::invalid("invalid_request", "capacity must be at least 1")),
+        Some(n) if n > MAX_CAPACITY => return Err(Problem::invalid("invalid_request", format!("capacity must be at most {MAX_CAPACITY}"))),
+        other => other.map(i64::from),
+    };
+    let labels = body.labels.unwrap_or_default();
+    super::listing::check_labels(&labels)?;
+    let id = crate::new_id("ctr");
+    let plan = crate::plan::compile_sandbox(&id, &profile);
+    let demand = Demand {
+        memory: profile.memory_bytes.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+        cpus: profile.cpus.unwrap_or(0.0),
+        node_id: profile.node_id.clone(),
+        selector: profile.node_selector.clone(),
+    };
+    let node_id = app.store.preview_placement(&demand, app.placement).await?;
+    super::sessions::check_on_node(&app, &node_id, &plan).await?;
+    let key = format!("{}:{id}", crate::flows::CONTAINER_CREATE);
+    let payload = serde_json::to_value(crate::flows::container_create::Payload::new(&plan)).expect("payload serializes");
+    let profile_text = value.to_string();
+    app.store
+        .transaction(async |tx| -> Result<(), Problem> {
+            let node_id = tx.choose_node(&demand, app.placement, true).await?;
+            tx.insert_placed_container(&id, &node_id, &profile_text, &demand).await?;
+            tx.set_container_shape(&id, capacity, &labels).await?;
+            tx.enqueue(crate::store::outbox::NewStep::new(crate::flows::CONTAINER, &id, crate::flows::CONTAINER_CREATE, &key, payload)).await?;
+            Ok(())
+        })
+        .await?;
+    let location = format!("/v1/containers/{id}");
+    let status = match crate::flows::wait_for_step(&app, &key, CREATE_WAIT).await? {
+        crate::flows::Waited::Finished(outcome) => {
+            outcome?;
+            StatusCode::CREATED
+        }
+        crate::flows::Waited::Pending => StatusCode::ACCEPTED,
+    };
+    let Json(view) = get(State(app), Path(id)).await?;
+    Ok((status, [(axum::http::header::LOCATION, location)], Json(view)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    pub state: Option<String>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    /// Only those on this node.
+    pub node_id: Option<String>,
+}
+
+/// `GET /v1/containers[?state=S][&node_id=N][&label=k=v]...[&limit=N][&cursor=C]`.
+pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>, uri: axum::http::Uri) -> Result<Json<Value>, Problem> {
+    let page = super::listing::Query { state: q.state, limit: q.limit, cursor: q.cursor };
+    let filter = super::listing::filter("containers", &page, q.node_id, uri.query())?;
+    let rows = app.store.list_containers(&filter).await?;
+    let last = rows.last().map(|c| (c.created_at, c.id.as_str()));
+    let next = super::listing::next_cursor("containers", filter.limit, last, rows.len());
+    Ok(Json(json!({ "containers": rows, "next_cursor": next })))
+}
 
 /// Live usage from the node, for containers that still run.
 async fn usage(app: &AppState, id: &str, state: &str) -> Value {
@@ -68,6 +162,8 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
         "supervisor_pid": c.supervisor_pid,
         "error": c.error,
         "error_code": c.error_code,
+        "capacity": c.capacity,
+        "labels": serde_json::from_str::<Value>(&c.labels).unwrap_or_else(|_| json!({})),
         "container_profile": profile,
         "sessions": sessions,
         "agents": agents,

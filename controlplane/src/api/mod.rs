@@ -5,6 +5,7 @@ pub mod auth;
 pub mod containers;
 pub mod events;
 pub mod idempotency;
+pub mod listing;
 pub mod nodes;
 pub mod problem;
 pub mod registry;
@@ -26,10 +27,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
         .route("/v1/sessions/{id}/events", get(events::stream))
+        .route("/v1/runs/{id}", get(sessions::get_run))
         .route("/v1/sessions/{id}/permissions/{request_id}", axum::routing::post(sessions::answer_permission))
         .route("/v1/registry/agents", get(registry::list))
         .route("/v1/registry/agents/{id}", get(registry::get))
         .route("/v1/registry:sync", axum::routing::post(registry::sync))
+        .route("/v1/containers", get(containers::list).post(containers::create))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
         .route("/v1/audit", get(audit::list))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))

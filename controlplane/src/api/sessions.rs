@@ -2,7 +2,7 @@
 //! delete.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -42,6 +42,9 @@ pub struct CreateSessionBody {
     /// beside the others.
     #[serde(default)]
     pub container_id: Option<String>,
+    /// String labels listings filter on.
+    #[serde(default)]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// How the session answers the agent's `session/request_permission`.
@@ -208,15 +211,31 @@ pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
         "working_dir": s.working_dir,
         "error": s.error,
         "error_code": s.error_code,
+        "labels": serde_json::from_str::<Value>(&s.labels).unwrap_or_else(|_| json!({})),
         "created_at": s.created_at,
         "updated_at": s.updated_at,
         "runs": runs,
     }))
 }
 
-pub async fn list(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
-    let sessions = app.store.list_sessions().await?;
-    Ok(Json(json!({ "sessions": sessions })))
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    pub state: Option<String>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    /// Only this container's sessions.
+    pub container_id: Option<String>,
+}
+
+/// `GET /v1/sessions[?state=S][&container_id=C][&label=k=v]...[&limit=N][&cursor=C]`:
+/// newest first, a page at a time (`next_cursor`).
+pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>, uri: axum::http::Uri) -> Result<Json<Value>, Problem> {
+    let page = super::listing::Query { state: q.state, limit: q.limit, cursor: q.cursor };
+    let filter = super::listing::filter("sessions", &page, q.container_id, uri.query())?;
+    let sessions = app.store.list_sessions_page(&filter).await?;
+    let last = sessions.last().map(|s| (s.created_at, s.id.as_str()));
+    let next = super::listing::next_cursor("sessions", filter.limit, last, sessions.len());
+    Ok(Json(json!({ "sessions": sessions, "next_cursor": next })))
 }
 
 pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
@@ -232,6 +251,8 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         return replay_create(&app, k, first).await;
     }
     let body: CreateSessionBody = serde_json::from_value(raw).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
+    let labels = body.labels.clone().unwrap_or_default();
+    super::listing::check_labels(&labels)?;
     let agent = match (body.manual_agent, body.agent_id) {
         (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id, not both")),
         (Some(value), None) => AgentSpec::from_json(&value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?,
@@ -309,6 +330,9 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         e => Problem::invalid("invalid_request", e.to_string()),
     })?;
     compiled.agent.policy = Some(agent_policy);
+    if existing.is_some() {
+        compiled.agent = plan::delivered(&compiled);
+    }
     let demand = Demand {
         memory: profile.memory_bytes.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
         cpus: profile.cpus.unwrap_or(0.0),
@@ -317,7 +341,7 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
     };
     if existing.is_none() {
         let node_id = app.store.preview_placement(&demand, app.placement).await?;
-        check_on_node(&app, &node_id, &compiled).await?;
+        check_on_node(&app, &node_id, &compiled.sandbox).await?;
     }
 
     let profile = body.container_profile.unwrap_or_else(|| json!({})).to_string();
@@ -331,6 +355,14 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
             if existing.is_none() {
                 let node_id = tx.choose_node(&demand, app.placement, true).await?;
                 tx.insert_placed_container(&container_id, &node_id, &profile, &demand).await?;
+            } else {
+                // Its capacity holds against sessions opened at once.
+                tx.lock_container_state(&container_id).await?;
+                if let (Some(capacity), open) = tx.container_load(&container_id).await?
+                    && open >= capacity
+                {
+                    return Err(Problem::conflict("container_full", format!("container {container_id} holds {capacity} sessions, all open")));
+                }
             }
             tx.insert_session(NewSession {
                 id: &session_id,
@@ -343,6 +375,9 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
             .await?;
             if let Some(k) = &keyed {
                 tx.set_session_idempotency_key(&session_id, &k.key, &k.digest).await?;
+            }
+            if !labels.is_empty() {
+                tx.set_session_labels(&session_id, &labels).await?;
             }
             tx.enqueue(NewStep::new(flows::CONTAINER, &container_id, kind, &step_key, payload)).await?;
             Ok(())
@@ -381,8 +416,8 @@ const PLAN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// and CPUs, the rootfs, mount sources), so that a plan it would refuse is
 /// refused before any row or step is written. A node that does not answer
 /// in time is no refusal: the step runs the same check when it reaches it.
-async fn check_on_node(app: &AppState, node_id: &str, compiled: &plan::Compiled) -> Result<(), Problem> {
-    let request = CheckSandboxPlanRequest { plan: Some(compiled.sandbox.clone()) };
+pub(super) async fn check_on_node(app: &AppState, node_id: &str, sandbox: &agentd_proto::node::SandboxPlan) -> Result<(), Problem> {
+    let request = CheckSandboxPlanRequest { plan: Some(sandbox.clone()) };
     let node = match app.nodes.client(node_id).await {
         Ok(node) => node,
         Err(status) => {
@@ -446,7 +481,10 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, hea
             let body: PromptBody = parse_body(&body)?;
             prompt(app, id, &headers, body).await
         }
-        "cancel" => cancel(app, id).await,
+        "cancel" => {
+            let body: CancelBody = if body.is_empty() { CancelBody::default() } else { parse_body(&body)? };
+            cancel(app, id, body.run_id).await
+        }
         "set_mode" => {
             let body: SetModeBody = parse_body(&body)?;
             let s = app.store.get_session(id).await?;
@@ -634,9 +672,24 @@ fn container_not_ready(id: &str, state: &str) -> Problem {
     Problem::conflict("illegal_state", format!("container {id} is {state}"))
 }
 
-async fn cancel(app: AppState, id: &str) -> Result<Response, Problem> {
+/// `:cancel`'s body: the run to cancel, as the original agentd named it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    #[serde(default)]
+    pub run_id: Option<String>,
+}
+
+async fn cancel(app: AppState, id: &str, run_id: Option<String>) -> Result<Response, Problem> {
     let s = app.store.get_session(id).await?;
     require_ready(&s)?;
+    if let Some(run_id) = &run_id {
+        let active = app.store.running_runs_of_session(&s.id).await?;
+        if !active.iter().any(|r| &r.id == run_id) {
+            let what = active.first().map_or("no run is".to_string(), |r| format!("run {} is", r.id));
+            return Err(Problem::conflict("run_not_active", format!("run {run_id} is not the session's active run: {what} active")));
+        }
+    }
     let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
     let answer = node
         .cancel(CancelRequest { container_id: s.container_id.clone(), session_id: s.id.clone() })
@@ -693,6 +746,11 @@ async fn open_sessions_besides(app: &AppState, container_id: &str, session_id: &
     let open = [session_state::CREATING, session_state::READY];
     let sessions = app.store.sessions_of_container(container_id).await?;
     Ok(sessions.iter().filter(|o| o.id != session_id && open.contains(&o.state.as_str())).count())
+}
+
+/// `GET /v1/runs/{id}`: one run, with its state and times.
+pub async fn get_run(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+    Ok(Json(serde_json::to_value(app.store.get_run(&id).await?).expect("a run serializes")))
 }
 
 /// `POST /v1/sessions/{id}/permissions/{request_id}` with `{"option_id": ...}`:

@@ -10,6 +10,7 @@
 //!   a running agent of the same plan or a new one beside it.
 //! - [`close`]: `session.close`: one session of a container that goes on.
 //! - [`delete`]: `container.delete`: remove the sandbox, record it gone.
+//! - [`container_create`]: `container.create`: a container made on its own.
 //! - [`dispatch`]: `run.dispatch`: hand a prompt to the node.
 //! - [`hibernate`]: `container.hibernate`: freeze an idle container.
 //! - [`suspend`]: `container.freeze` / `container.thaw`: hibernate and
@@ -36,6 +37,7 @@
 pub mod agents;
 pub mod archive;
 pub mod close;
+pub mod container_create;
 pub mod create;
 pub mod delete;
 pub mod dispatch;
@@ -71,6 +73,7 @@ pub const SESSION_CREATE: &str = "session.create";
 pub const SESSION_OPEN: &str = "session.open";
 pub const SESSION_CLOSE: &str = "session.close";
 pub const CONTAINER_DELETE: &str = "container.delete";
+pub const CONTAINER_CREATE: &str = "container.create";
 pub const RUN_DISPATCH: &str = "run.dispatch";
 pub const NODE_CHECK: &str = "node.check";
 pub const REGISTRY_SYNC: &str = "registry.sync";
@@ -89,6 +92,8 @@ pub fn registry(app: &AppState, fleet: node_check::FleetConfig) -> Registry {
     registry.register(SESSION_CLOSE, move |ctx| close::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(CONTAINER_DELETE, move |ctx| delete::run(a.clone(), ctx));
+    let a = app.clone();
+    registry.register(CONTAINER_CREATE, move |ctx| container_create::run(a.clone(), ctx));
     let a = app.clone();
     registry.register(RUN_DISPATCH, move |ctx| dispatch::run(a.clone(), ctx));
     let a = app.clone();

@@ -112,6 +112,12 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// Labels kept as JSON text, served as the object they are.
+fn labels_object<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+    let labels: std::collections::BTreeMap<String, String> = serde_json::from_str(text).unwrap_or_default();
+    serde::Serialize::serialize(&labels, s)
+}
+
 /// What a store failure means to whoever asked.
 impl From<StoreError> for crate::domain::Refusal {
     fn from(e: StoreError) -> Self {
@@ -152,6 +158,11 @@ pub struct ContainerRow {
     pub error_code: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The most sessions it holds; `None`: no limit.
+    pub capacity: Option<i64>,
+    /// A JSON object of string labels (served as the object).
+    #[serde(serialize_with = "labels_object")]
+    pub labels: String,
 }
 
 #[derive(Debug, Clone, Serialize, FromRow)]
@@ -166,6 +177,9 @@ pub struct SessionRow {
     pub working_dir: String,
     pub error: Option<String>,
     pub error_code: Option<String>,
+    /// A JSON object of string labels (served as the object).
+    #[serde(serialize_with = "labels_object")]
+    pub labels: String,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -221,6 +235,7 @@ macro_rules! with_pool {
 pub mod outbox;
 pub mod cluster;
 pub mod nodes;
+pub mod listing;
 pub mod placement;
 pub mod tokens;
 pub mod agents;
