@@ -9,6 +9,7 @@ mod architecture;
 mod archive;
 mod audit;
 mod bad_input;
+mod cli;
 mod doctor;
 mod durability;
 mod hostile;

@@ -1,4 +1,4 @@
-//! `/v1/containers/{id}`: read and delete sandboxes, list the ACP sessions
+//! `/v1/containers`, `/v1/containers/{id}`: list, read and delete sandboxes, list the ACP sessions
 //! an agent of one keeps (`session/list`).
 
 use axum::Json;
@@ -37,6 +37,25 @@ async fn usage(app: &AppState, id: &str, state: &str) -> Value {
         }
         Err(e) => json!({"error": e.message()}),
     }
+}
+
+/// `GET /v1/containers`: every container the store knows, newest first,
+/// deleted ones included; without live usage (`GET /v1/containers/{id}`
+/// asks the node).
+pub async fn list(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
+    let containers: Vec<Value> = app
+        .store
+        .list_containers()
+        .await?
+        .into_iter()
+        .map(|c| {
+            let profile: Value = serde_json::from_str(&c.profile_json).unwrap_or(Value::Null);
+            let mut row = serde_json::to_value(&c).expect("a row serializes");
+            row["container_profile"] = profile;
+            row
+        })
+        .collect();
+    Ok(Json(json!({ "containers": containers })))
 }
 
 pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {

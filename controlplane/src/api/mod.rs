@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/registry/agents", get(registry::list))
         .route("/v1/registry/agents/{id}", get(registry::get))
         .route("/v1/registry:sync", axum::routing::post(registry::sync))
+        .route("/v1/containers", get(containers::list))
         .route("/v1/containers/{id}", get(containers::get).delete(containers::delete).post(containers::action))
         .route("/v1/audit", get(audit::list))
         .route("/v1/nodes", get(nodes::list))

@@ -560,6 +560,12 @@ impl Store {
         Ok(with_pool!(self, |pool| sqlx::query_as(sql).bind(container_id).fetch_all(pool).await)?)
     }
 
+    /// All containers, newest first (ids are time-ordered, so they break ties).
+    pub async fn list_containers(&self) -> Result<Vec<ContainerRow>, StoreError> {
+        let sql = "SELECT * FROM containers ORDER BY created_at DESC, id DESC";
+        Ok(with_pool!(self, |pool| sqlx::query_as(sql).fetch_all(pool).await)?)
+    }
+
     /// Containers in `state`, oldest first.
     pub async fn containers_in_state(&self, state: &str) -> Result<Vec<ContainerRow>, StoreError> {
         let sql = "SELECT * FROM containers WHERE state = $1 ORDER BY created_at, id";
