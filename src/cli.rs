@@ -300,10 +300,29 @@ pub struct ClientArgs {
     /// Bearer token sent with every request (default: the state
     /// directory's admin.token, when readable).
     #[arg(long, env = "AGENTD_TOKEN", hide_env_values = true, value_name = "TOKEN")]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// The local agentd's state directory, where its admin.token is.
     #[arg(long, env = "AGENTD_STATE_DIR", default_value = "/var/lib/agentd")]
     pub state_dir: PathBuf,
+}
+
+/// A credential: its Debug form hides it, so no log or panic message of
+/// the parsed command line shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// A listing: a table, or the API's JSON.

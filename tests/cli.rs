@@ -74,6 +74,7 @@ async fn a_session_is_created_prompted_listed_and_removed_from_the_command_line(
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 
     // The restarted agent's next turn shows only itself.
+    agentd.wait_for(&format!("/v1/sessions/{id}"), |v| v["agent"]["state"] == "ready").await;
     let out = run(&agentd, &["prompt", &id, "again"]).await;
     assert_eq!((text(&out.stdout), out.status.code()), ("again\n".to_string(), Some(0)), "stderr: {}", text(&out.stderr));
 
@@ -192,14 +193,16 @@ async fn a_create_on_a_terminal_shows_its_progress_and_prints_the_id() {
     let mut cmd = cli(&agentd, &["session", "create", "--agent-file", &agent, "--label", "zone=nowhere"]);
     cmd.stderr(tty.slave());
     // No node carries the label: refused before anything is made, with its code.
-    let out = cmd.output().await.unwrap();
+    // `output()` would capture stderr again.
+    let out = cmd.spawn().unwrap().wait_with_output().await.unwrap();
     assert_eq!(out.status.code(), Some(1));
     tty.wait_for("agentd: unsatisfiable_selector: ").await;
 
     let tty = Pty::open();
     let mut cmd = cli(&agentd, &["session", "create", "--agent-file", &agent, "--json"]);
     cmd.stderr(tty.slave());
-    let out = cmd.output().await.unwrap();
+    // `output()` would capture stderr again.
+    let out = cmd.spawn().unwrap().wait_with_output().await.unwrap();
     let seen = tty.settled().await;
     assert_eq!(out.status.code(), Some(0), "{seen}");
     let view: Value = serde_json::from_str(&text(&out.stdout)).unwrap();

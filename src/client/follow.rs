@@ -178,3 +178,74 @@ impl<'a> Follow<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::cli::ClientArgs;
+
+    /// A server that answers each request from `answers` in turn, the body
+    /// ending with the connection; the requests it got, as "PATH LAST-EVENT-ID".
+    async fn serve(answers: Vec<(&'static str, &'static str)>) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        tokio::spawn(async move {
+            for (content_type, body) in answers {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8];
+                    if conn.read(&mut byte).await.unwrap() == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+                let last = head.lines().find_map(|l| l.strip_prefix("last-event-id: ")).unwrap_or("-").trim().to_string();
+                log.lock().unwrap().push(format!("{path} {last}"));
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\nconnection: close\r\n\r\n{body}");
+                conn.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn a_dropped_stream_resumes_after_the_last_event_and_ends_with_the_session() {
+        const SSE: &str = "text/event-stream";
+        const JSON: &str = "application/json";
+        let (url, seen) = serve(vec![
+            (SSE, ": hello\n\nid: 1\nevent: run.started\ndata: {}\n\nid: 2\nevent: session.update\ndata: {}\n\nid: 3\nevent: cut"),
+            (JSON, r#"{"state": "ready"}"#),
+            (SSE, "id: 3\nevent: run.completed\ndata: {}\n\n"),
+            (JSON, r#"{"state": "closed"}"#),
+        ])
+        .await;
+        let api = Api::new(&ClientArgs { server: Some(url), token: None, state_dir: "/nonexistent".into() }).unwrap();
+        let mut follow = Follow::new(&api, "ses_1", 0, Some(Duration::from_secs(10)));
+        let mut got = Vec::new();
+        while let Some(e) = follow.next().await.unwrap() {
+            got.push((e.id, e.kind));
+        }
+        assert_eq!(got, [(1, "run.started".to_string()), (2, "session.update".into()), (3, "run.completed".into())]);
+        assert_eq!(*seen.lock().unwrap(), ["/v1/sessions/ses_1/events -", "/v1/sessions/ses_1 -", "/v1/sessions/ses_1/events 2", "/v1/sessions/ses_1 -"]);
+    }
+
+    #[tokio::test]
+    async fn a_first_connect_that_fails_is_the_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let api = Api::new(&ClientArgs { server: Some(url.clone()), token: None, state_dir: "/nonexistent".into() }).unwrap();
+        let e = Follow::new(&api, "ses_1", 5, None).next().await.unwrap_err();
+        assert!(matches!(&e, ApiError::Unreachable { url: u, .. } if *u == url), "{e}");
+    }
+}

@@ -80,7 +80,7 @@ pub struct Api {
 impl Api {
     pub fn new(args: &ClientArgs) -> Result<Api, ApiError> {
         let base = server_url(args.server.as_deref(), std::env::var("AGENTD_LISTEN").ok().as_deref())?;
-        let (token, source) = match args.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        let (token, source) = match args.token.as_ref().map(|t| t.0.trim()).filter(|t| !t.is_empty()) {
             Some(token) => (Some(token.to_string()), "--token or AGENTD_TOKEN"),
             None => (read_token_file(&args.state_dir), "the state directory's admin.token"),
         };
@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn problems_keep_their_code_and_other_errors_their_status() {
-        let api = Api::new(&ClientArgs { server: None, token: Some("t".into()), state_dir: "/nonexistent".into() }).unwrap();
+        let api = Api::new(&ClientArgs { server: None, token: Some(crate::cli::Secret("t".into())), state_dir: "/nonexistent".into() }).unwrap();
         let problem = r#"{"type":"x","title":"Not Found","status":404,"code":"session_not_found","detail":"no session ses_1"}"#;
         let e = api.refusal(Method::GET, "u".into(), StatusCode::NOT_FOUND, problem);
         assert_eq!(e.to_string(), "session_not_found: no session ses_1");
