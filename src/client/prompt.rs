@@ -92,6 +92,7 @@ async fn prompt(api: &Api, session: &str, text: String) -> anyhow::Result<ExitCo
                 }
             }
             _ = interrupts.recv() => {
+                turn.asker.close_line();
                 if interrupted {
                     out.finish();
                     eprintln!("agentd: interrupted; run {} may still be running (`agentd events {session} --follow` shows it)", turn.run_id);
@@ -138,6 +139,10 @@ impl Turn {
     fn event(&mut self, event: &WireEvent, out: &mut Terminal) -> Option<ExitCode> {
         let data = event.json();
         let ours = data["run_id"].as_str() == Some(self.run_id.as_str());
+        if self.started && event.kind != "permission.requested" {
+            // Whatever is said next goes on a line of its own.
+            self.asker.close_line();
+        }
         match event.kind.as_str() {
             "run.started" if ours => self.started = true,
             _ if !self.started => {}
@@ -228,11 +233,13 @@ struct Asker {
     lines: Option<mpsc::UnboundedReceiver<String>>,
     /// Requests not yet answered; the first is the one asked.
     queue: VecDeque<Pending>,
+    /// Whether the question's line waits for its answer, unended.
+    line_open: bool,
 }
 
 impl Asker {
     fn new(interactive: bool) -> Asker {
-        Asker { interactive, lines: None, queue: VecDeque::new() }
+        Asker { interactive, lines: None, queue: VecDeque::new(), line_open: false }
     }
 
     /// The next line typed, while a request waits for one.
@@ -279,10 +286,20 @@ impl Asker {
         }
         eprint!("answer 1-{} (Enter leaves it to the session's policy): ", p.choices.len());
         let _ = std::io::stderr().flush();
+        self.line_open = true;
+    }
+
+    /// Ends the question's line, when something else is to be said.
+    fn close_line(&mut self) {
+        if std::mem::take(&mut self.line_open) {
+            eprintln!();
+        }
     }
 
     async fn answer(&mut self, api: &Api, path: &str, line: &str, out: &mut Terminal) {
         let Some(p) = self.queue.front() else { return };
+        // The terminal echoed the line's end.
+        self.line_open = false;
         let (request_id, title) = (p.request_id.clone(), p.title.clone());
         if line.trim().is_empty() {
             out.note(&format!("permission: {title}: left to the session's policy"));
@@ -293,6 +310,7 @@ impl Asker {
         let Some(choice) = render::pick(&p.choices, line).map(|c| c.id.clone()) else {
             eprint!("answer 1-{} or Enter: ", p.choices.len());
             let _ = std::io::stderr().flush();
+            self.line_open = true;
             return;
         };
         let url = format!("{path}/permissions/{}", segment(&request_id));
@@ -311,10 +329,7 @@ impl Asker {
         let title = renderer.tool_title(&data["tool_call"]);
         let was_asked = self.queue.front().is_some_and(|p| p.request_id == request_id);
         self.queue.retain(|p| p.request_id != request_id);
-        if was_asked {
-            // The question's line is left open: end it.
-            eprintln!();
-        }
+        self.close_line();
         out.note(&render::resolved(&title, data));
         if was_asked {
             self.ask(out);
