@@ -18,7 +18,8 @@ pub enum Command {
     /// Control plane and one node in one process, on the embedded store.
     Up(UpArgs),
     /// The node daemon alone: the node API on a unix socket, and over TCP
-    /// with mutual TLS once it joined a fleet (`--join`).
+    /// with mutual TLS once it joined a fleet (`--join`); `agentd node ls`
+    /// lists the fleet's nodes.
     Node(NodeArgs),
     /// The control plane alone: schedules onto the fleet's nodes.
     Server(ServerArgs),
@@ -28,6 +29,16 @@ pub enum Command {
     /// Bearer tokens of the HTTP API, made and revoked in the store.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Sessions: create, list, show, delete.
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Sends a prompt to a session and streams the agent's answer.
+    Prompt(PromptArgs),
+    /// Containers (sandboxes): list, show, delete, hibernate, resume.
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// A session's events, one JSON line each.
+    Events(EventsArgs),
     /// Checks this host for what agentd needs, with the settings `up` would use.
     Doctor(DoctorArgs),
     /// The configuration file.
@@ -183,7 +194,11 @@ pub struct UpArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct NodeArgs {
+    /// A client command instead of the daemon.
+    #[command(subcommand)]
+    pub command: Option<NodeCommand>,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -320,4 +335,177 @@ pub enum ConfigCommand {
         /// The file (default: $AGENTD_CONFIG, else /etc/agentd/agentd.toml).
         file: Option<PathBuf>,
     },
+}
+
+/// How a client command reaches the API.
+#[derive(Debug, Args, Clone)]
+pub struct ClientArgs {
+    /// The agentd API (default: http:// and the `listen` address of the
+    /// config file or AGENTD_LISTEN, else http://127.0.0.1:8080).
+    #[arg(long, env = "AGENTD_URL", value_name = "URL")]
+    pub server: Option<String>,
+    /// Bearer token sent with every request (default: the state
+    /// directory's admin.token, when readable).
+    #[arg(long, env = "AGENTD_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<Secret>,
+    /// The local agentd's state directory, where its admin.token is.
+    #[arg(long, env = "AGENTD_STATE_DIR", default_value = "/var/lib/agentd")]
+    pub state_dir: PathBuf,
+}
+
+/// A credential: its Debug form hides it, so no log or panic message of
+/// the parsed command line shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A listing: a table, or the API's JSON.
+#[derive(Debug, Args, Clone)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also the closed sessions / deleted containers.
+    #[arg(long, short)]
+    pub all: bool,
+}
+
+/// One thing shown by id.
+#[derive(Debug, Args, Clone)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub id: String,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Things acted on by id.
+#[derive(Debug, Args, Clone)]
+pub struct IdsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(required = true, value_name = "ID")]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Creates a session (a new sandbox, or one more session in a ready
+    /// container) and prints its id.
+    Create(SessionCreateArgs),
+    /// Lists sessions, newest first (closed ones with --all).
+    #[command(alias = "list")]
+    Ls(ListArgs),
+    /// Shows a session, its agent and its runs.
+    Get(GetArgs),
+    /// Closes sessions; a container's last session takes its sandbox with it.
+    #[command(alias = "delete")]
+    Rm(IdsArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("agent_source").required(true).args(["agent", "agent_file"]))]
+pub struct SessionCreateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// An agent of the synced registry, by id.
+    #[arg(long, value_name = "ID")]
+    pub agent: Option<String>,
+    /// An agent definition (the API's `manual_agent`: the registry's shape
+    /// or agentd's) in a JSON file; `-` reads it from stdin.
+    #[arg(long, value_name = "FILE")]
+    pub agent_file: Option<PathBuf>,
+    /// Open the session in this ready container instead of a new one.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["profile_file", "label"])]
+    pub container: Option<String>,
+    /// The new container's profile (limits, network, rootfs, ...) in a JSON file.
+    #[arg(long, value_name = "FILE")]
+    pub profile_file: Option<PathBuf>,
+    /// A label the new container's node must carry (the profile's
+    /// `node_selector`); repeat for more.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub label: Vec<(String, String)>,
+    /// Print the session's JSON instead of its id.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or_else(|| format!("label {text:?} is not key=value"))?;
+    if !agentd_plan::ids::valid_label(k, v) {
+        return Err(format!("label {text:?}: keys of letters, digits, '.', '-', '_', '/' (at most 63), values of at most 63 printable characters"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[derive(Debug, Args)]
+pub struct PromptArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub session: String,
+    /// The prompt; `-` reads it from stdin.
+    pub text: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContainerCommand {
+    /// Lists containers, newest first (deleted ones with --all).
+    #[command(alias = "list")]
+    Ls(ListArgs),
+    /// Shows a container: live usage, sessions, agents.
+    Get(GetArgs),
+    /// Deletes containers: their sandboxes and every session in them.
+    #[command(alias = "delete")]
+    Rm(IdsArgs),
+    /// Freezes every process of the containers, memory intact.
+    Hibernate(IdsArgs),
+    /// Thaws hibernated containers.
+    Resume(IdsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Lists the fleet's nodes.
+    #[command(alias = "list")]
+    Ls(NodeListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub session: String,
+    /// Start after this event id (default: from the first event).
+    #[arg(long, value_name = "ID", default_value_t = 0)]
+    pub after: u64,
+    /// Keep following new events (reconnecting when the stream drops)
+    /// instead of stopping at the latest one.
+    #[arg(long, short)]
+    pub follow: bool,
 }

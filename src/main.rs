@@ -11,10 +11,13 @@
 //! zygote from `agentd` ([`sandbox_bin`]).
 //!
 //! Layout: [`cli`] (flags), [`config`] (the config file and its key table),
-//! `commands/` (one module per subcommand), [`doctor`] (`agentd doctor`'s
-//! host checks, one module per concern).
+//! `commands/` (one module per daemon subcommand), [`client`] (the HTTP
+//! client commands: `session`, `prompt`, `container`, `node ls`, `events`;
+//! one module per command group), [`doctor`] (`agentd doctor`'s host
+//! checks, one module per concern).
 
 mod cli;
+mod client;
 mod commands;
 mod config;
 mod doctor;
@@ -50,7 +53,14 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Up(args) => commands::up::run(args).map(|()| ExitCode::SUCCESS),
-        cli::Command::Node(args) => commands::node::run(args).map(|()| ExitCode::SUCCESS),
+        cli::Command::Node(mut args) => match args.command.take() {
+            Some(command) => client::node::run(command),
+            None => commands::node::run(args).map(|()| ExitCode::SUCCESS),
+        },
+        cli::Command::Session(command) => client::session::run(command),
+        cli::Command::Prompt(args) => client::prompt::run(args),
+        cli::Command::Container(command) => client::container::run(command),
+        cli::Command::Events(args) => client::events::run(args),
         cli::Command::Server(args) => commands::server::run(args).map(|()| ExitCode::SUCCESS),
         cli::Command::JoinToken(command) => commands::join_token::run(command).map(|()| ExitCode::SUCCESS),
         cli::Command::Token(command) => commands::token::run(command).map(|()| ExitCode::SUCCESS),

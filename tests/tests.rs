@@ -10,6 +10,7 @@ mod archive;
 mod audit;
 mod auth;
 mod bad_input;
+mod cli;
 mod doctor;
 mod durability;
 mod fleet;

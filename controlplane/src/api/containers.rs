@@ -105,7 +105,15 @@ pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>, uri: 
     let rows = app.store.list_containers(&filter).await?;
     let last = rows.last().map(|c| (c.created_at, c.id.as_str()));
     let next = super::listing::next_cursor("containers", filter.limit, last, rows.len());
-    Ok(Json(json!({ "containers": rows, "next_cursor": next })))
+    let containers: Vec<Value> = rows
+        .iter()
+        .map(|c| {
+            let mut row = serde_json::to_value(c).expect("a row serializes");
+            row["container_profile"] = serde_json::from_str(&c.profile_json).unwrap_or(Value::Null);
+            row
+        })
+        .collect();
+    Ok(Json(json!({ "containers": containers, "next_cursor": next })))
 }
 
 /// Live usage from the node, for containers that still run.

@@ -121,13 +121,23 @@ pub struct SetConfigOptionBody {
 /// How long a session's view waits for its agent's live state.
 const LIVE_STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// What the session's node says of it now.
+struct Live {
+    /// The agent's state (with its announced `settings`), or as last stored.
+    agent: Value,
+    /// The id of the session's latest event, when the node answered: a
+    /// client streaming `?after=` it sees only what comes next.
+    last_event_id: Option<u64>,
+}
+
 /// The agent's live state from its supervisor, for a ready session.
-async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
+async fn agent_state(app: &AppState, s: &SessionRow) -> Live {
+    let stored = async |error: Option<String>| Live { agent: stored_agent_state(app, s, error).await, last_event_id: None };
     if s.state == session_state::CREATING {
-        return setup_stage(app, s).await;
+        return Live { agent: setup_stage(app, s).await, last_event_id: None };
     }
     if s.state != session_state::READY {
-        return stored_agent_state(app, s, None).await;
+        return stored(None).await;
     }
     let request = GetSessionRequest { session_id: s.id.clone(), with_agent: true };
     // A GET must answer even when the node is stopped or lost (the node
@@ -135,17 +145,22 @@ async fn agent_state(app: &AppState, s: &SessionRow) -> Value {
     // without it, the state last observed, marked as such.
     let node = match app.nodes.of_container(&s.container_id).await {
         Ok((_, node)) => node,
-        Err(e) => return stored_agent_state(app, s, Some(e.message().to_string())).await,
+        Err(e) => return stored(Some(e.message().to_string())).await,
     };
     let Ok(answer) = tokio::time::timeout(LIVE_STATE_WAIT, node.clone().get_session(request)).await else {
-        return stored_agent_state(app, s, Some(format!("the node did not answer within {LIVE_STATE_WAIT:?}"))).await;
+        return stored(Some(format!("the node did not answer within {LIVE_STATE_WAIT:?}"))).await;
     };
-    match answer.map(|r| r.into_inner().agent) {
-        Ok(Some(a)) => json!({"state": agent_state_name(a.state()), "restarts": a.restarts, "pid": a.pid,
-            "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) },
-            "settings": acp_settings(a.settings.as_ref())}),
-        Ok(None) => stored_agent_state(app, s, None).await,
-        Err(e) => stored_agent_state(app, s, Some(e.message().to_string())).await,
+    match answer.map(|r| r.into_inner()) {
+        Ok(answer) => {
+            let agent = match answer.agent {
+                Some(a) => json!({"state": agent_state_name(a.state()), "restarts": a.restarts, "pid": a.pid,
+                    "last_error": if a.last_error.is_empty() { Value::Null } else { Value::String(a.last_error) },
+                    "settings": acp_settings(a.settings.as_ref())}),
+                None => stored_agent_state(app, s, None).await,
+            };
+            Live { agent, last_event_id: Some(answer.last_seq) }
+        }
+        Err(e) => stored(Some(e.message().to_string())).await,
     }
 }
 
@@ -190,7 +205,7 @@ async fn setup_stage(app: &AppState, s: &SessionRow) -> Value {
 /// A session as clients see it, with its runs.
 pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
     let runs = app.store.runs_of_session(&s.id).await?;
-    let live = agent_state(app, s).await;
+    let Live { agent: live, last_event_id } = agent_state(app, s).await;
     let mut agent = json!({"id": s.agent_id, "version": s.agent_version, "instance_id": s.agent_instance_id});
     // The modes and config options the agent announced for the session.
     let mut settings = json!({"modes": null, "config_options": null});
@@ -215,6 +230,7 @@ pub async fn view(app: &AppState, s: &SessionRow) -> Result<Value, Problem> {
         "created_at": s.created_at,
         "updated_at": s.updated_at,
         "runs": runs,
+        "last_event_id": last_event_id,
     }))
 }
 
@@ -248,7 +264,7 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
     if let Some(k) = &keyed
         && let Some(first) = app.store.session_by_idempotency_key(&k.key).await?
     {
-        return replay_create(&app, k, first).await;
+        return replay_create(&app, k, first, &headers).await;
     }
     let body: CreateSessionBody = serde_json::from_value(raw).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
     let labels = body.labels.clone().unwrap_or_default();
@@ -388,9 +404,17 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         && let Some(first) = app.store.session_by_idempotency_key(&k.key).await?
     {
         // A create with the same key committed first: answer as it does.
-        return replay_create(&app, k, first).await;
+        return replay_create(&app, k, first, &headers).await;
     }
     written?;
+    let location = format!("/v1/sessions/{session_id}");
+    if prefers_async(&headers) {
+        // The client follows the Location (`state` `creating` until the step
+        // ends; the same request again with its Idempotency-Key waits for
+        // the outcome); the step runs as it would otherwise.
+        let s = app.store.get_session(&session_id).await?;
+        return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], [async_applied()], Json(view(&app, &s).await?)).into_response());
+    }
 
     // The step runs to its end even if the client goes away, so nothing is
     // left half-created; the request waits for it to keep the contract (201
@@ -398,7 +422,6 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
     let wait = CREATE_WAIT + std::time::Duration::from_millis(u64::from(app.defaults.initialize_timeout_ms));
     let waited = flows::wait_for_step(&app, &step_key, wait).await?;
     let s = app.store.get_session(&session_id).await?;
-    let location = format!("/v1/sessions/{session_id}");
     match waited {
         flows::Waited::Finished(outcome) => outcome?,
         // Still being built (a slow or unreachable node): the client follows the Location.
@@ -439,11 +462,35 @@ pub(super) async fn check_on_node(app: &AppState, node_id: &str, sandbox: &agent
     }
 }
 
+/// Whether the client asked not to wait for the create (RFC 7240's
+/// `Prefer: respond-async`).
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.split(';').next().is_some_and(|token| token.trim().eq_ignore_ascii_case("respond-async")))
+}
+
+fn async_applied() -> (header::HeaderName, header::HeaderValue) {
+    (header::HeaderName::from_static("preference-applied"), header::HeaderValue::from_static("respond-async"))
+}
+
 /// A create repeated with its idempotency key: the first create's session,
 /// answered as the first was once its step ends (201, or its problem; 202
-/// while it is still being built), with the session as it is now.
-async fn replay_create(app: &AppState, keyed: &Keyed, (session_id, digest): (String, Option<String>)) -> Result<Response, Problem> {
+/// while it is still being built), with the session as it is now. With
+/// `Prefer: respond-async`, a session still being created is 202 at once.
+async fn replay_create(app: &AppState, keyed: &Keyed, (session_id, digest): (String, Option<String>), headers: &HeaderMap) -> Result<Response, Problem> {
     idempotency::check_same(keyed, digest.as_deref(), "session create")?;
+    if prefers_async(headers) {
+        let s = app.store.get_session(&session_id).await?;
+        if s.state == session_state::CREATING {
+            let location = format!("/v1/sessions/{session_id}");
+            let headers = [idempotency::replayed(), async_applied()];
+            return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], headers, Json(view(app, &s).await?)).into_response());
+        }
+    }
     let mut status = StatusCode::CREATED;
     // A new container's create, or an open in an existing one. The step
     // may be pruned long after: the session then says how it went.
