@@ -158,7 +158,7 @@ async fn registry_agents_run_from_bundles_and_bad_input_leaves_nothing() {
         .map(|b| (b["sha256"].as_str().unwrap().to_string(), b["uses"].as_u64().unwrap(), b["node_id"].as_str().unwrap().to_string()))
         .collect();
     rows.sort();
-    assert_eq!(rows, [(String::new(), 1, "local".to_string()), (sha.clone(), 1, "local".to_string())], "{listed}");
+    assert_eq!(rows, [(String::new(), 1, "node-1".to_string()), (sha.clone(), 1, "node-1".to_string())], "{listed}");
     assert!(listed["bundles"].as_array().unwrap().iter().all(|b| b["archive_url"].as_str().unwrap().ends_with(".tar.gz")), "{listed}");
     let mut events = agentd.events(&ids[0], None).await;
     let (status, _) = agentd.prompt(&ids[0], "from a bundle").await;

@@ -11,6 +11,7 @@ mod audit;
 mod auth;
 mod bad_input;
 mod cli;
+mod containers;
 mod doctor;
 mod durability;
 mod fleet;

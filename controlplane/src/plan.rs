@@ -122,6 +122,18 @@ pub struct ProfileInput<'a> {
     pub network_given: bool,
 }
 
+/// A session's working directory: absolute, or relative to the workspace
+/// (the original agentd's `"working_dir": "."` is the workspace itself).
+fn working_dir(given: Option<&str>) -> Result<String, PlanError> {
+    let dir = match given {
+        None | Some("." | "./" | "") => return Ok(WORKSPACE.to_string()),
+        Some(d) if d.starts_with('/') => d.to_string(),
+        Some(d) => format!("{WORKSPACE}/{}", d.trim_start_matches("./").trim_end_matches('/')),
+    };
+    absolute("session.working_dir", &dir)?;
+    Ok(dir)
+}
+
 fn absolute(field: &'static str, value: &str) -> Result<(), PlanError> {
     let p = Path::new(value);
     if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
@@ -206,8 +218,7 @@ pub fn compile(
     profile: ProfileInput<'_>,
     defaults: &PlanDefaults,
 ) -> Result<Compiled, PlanError> {
-    let working_dir = session.working_dir.clone().unwrap_or_else(|| WORKSPACE.to_string());
-    absolute("session.working_dir", &working_dir)?;
+    let working_dir = working_dir(session.working_dir.as_deref())?;
     let launched = launch(agent, platform)?;
 
     // The agent's whole environment: nothing of the daemon's is inherited.
@@ -325,6 +336,16 @@ mod tests {
         assert_eq!(c.agent.env["ECHO_MODE"], "fast");
         assert_eq!(c.agent.env["PATH"], "/usr/local/bin:/usr/bin:/bin");
         assert_eq!(c.agent.env.len(), 5, "only the plan's variables: {:?}", c.agent.env);
+    }
+
+    #[test]
+    fn a_relative_working_dir_is_in_the_workspace() {
+        assert_eq!(working_dir(None).unwrap(), "/workspace");
+        assert_eq!(working_dir(Some(".")).unwrap(), "/workspace");
+        assert_eq!(working_dir(Some("src/app")).unwrap(), "/workspace/src/app");
+        assert_eq!(working_dir(Some("./src")).unwrap(), "/workspace/src");
+        assert_eq!(working_dir(Some("/srv")).unwrap(), "/srv");
+        assert!(working_dir(Some("../etc")).is_err());
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl NodeConfig {
             proc_root: "/proc".into(),
             cgroup_subtree: "agentd".into(),
             stop_grace: std::time::Duration::from_secs(2),
-            node_id: "local".into(),
+            node_id: "node-1".into(),
             labels: Default::default(),
             capacity_memory: None,
             capacity_cpus: None,

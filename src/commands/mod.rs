@@ -84,7 +84,8 @@ pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow
     config.id_range_size = flags.id_range_size;
     config.max_sandboxes = flags.max_sandboxes;
     config.stop_grace = std::time::Duration::from_millis(flags.stop_grace_ms.into());
-    config.node_id = flags.node_id.clone().unwrap_or_else(|| "local".into());
+    // The original agentd's first node was `node-1`: its smoke test pins to it.
+    config.node_id = flags.node_id.clone().unwrap_or_else(|| "node-1".into());
     anyhow::ensure!(agentd_plan::ids::valid_node_id(&config.node_id), "--node-id {:?} is not a node id: lower-case letters, digits and '-', at most 63", config.node_id);
     config.labels = flags.labels.clone();
     config.capacity_memory = flags.capacity_memory;
