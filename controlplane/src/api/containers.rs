@@ -3,6 +3,7 @@
 //! and delete one, list the ACP sessions an agent of one keeps
 //! (`session/list`).
 
+use crate::domain::Code;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -44,13 +45,13 @@ const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 pub async fn create(State(app): State<AppState>, super::ApiJson(body): super::ApiJson<CreateBody>) -> Result<axum::response::Response, Problem> {
     use axum::response::IntoResponse;
     let value = match (body.profile, body.container_profile) {
-        (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give profile or container_profile, not both")),
+        (Some(_), Some(_)) => return Err(Problem::invalid(Code::InvalidRequest, "give profile or container_profile, not both")),
         (a, b) => a.or(b).unwrap_or_else(|| json!({})),
     };
-    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?;
+    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid(Code::InvalidProfile, e.to_string()))?;
     let capacity = match body.capacity {
-        Some(0) => return Err(Problem::invalid("invalid_request", "capacity must be at least 1")),
-        Some(n) if n > MAX_CAPACITY => return Err(Problem::invalid("invalid_request", format!("capacity must be at most {MAX_CAPACITY}"))),
+        Some(0) => return Err(Problem::invalid(Code::InvalidRequest, "capacity must be at least 1")),
+        Some(n) if n > MAX_CAPACITY => return Err(Problem::invalid(Code::InvalidRequest, format!("capacity must be at most {MAX_CAPACITY}"))),
         other => other.map(i64::from),
     };
     let labels = body.labels.unwrap_or_default();
@@ -184,7 +185,7 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
 pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
     let c = app.store.get_container(&id).await?;
     if c.state == container::DELETED {
-        return Err(Problem::conflict("illegal_state", format!("container {id} is already deleted")));
+        return Err(Problem::conflict(Code::IllegalState, format!("container {id} is already deleted")));
     }
     crate::flows::delete::request(&app, &id, "container deleted").await?;
     Ok(StatusCode::NO_CONTENT)
@@ -197,12 +198,12 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
 /// steps.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>) -> Result<StatusCode, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST {id}:hibernate or {id}:resume"));
+        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, Code::MethodNotAllowed, "POST {id}:hibernate or {id}:resume"));
     };
     let action = match verb {
         "hibernate" => Action::Hibernate,
         "resume" => Action::Resume,
-        other => return Err(Problem::not_found("unknown_action", format!("no container action {other:?} (try hibernate or resume)"))),
+        other => return Err(Problem::not_found(Code::UnknownAction, format!("no container action {other:?} (try hibernate or resume)"))),
     };
     // 404 for an unknown container before anything else.
     app.store.get_container(id).await?;
@@ -232,14 +233,14 @@ pub async fn agent_sessions(
     let c = app.store.get_container(&id).await?;
     let known = app.store.sessions_of_container(&id).await?.iter().any(|s| s.agent_instance_id == instance_id && s.state == session::READY);
     if !known {
-        return Err(Problem::not_found("agent_not_found", format!("container {id} has no agent {instance_id} with an open session")));
+        return Err(Problem::not_found(Code::AgentNotFound, format!("container {id} has no agent {instance_id} with an open session")));
     }
     if c.state != container::READY {
-        return Err(Problem::conflict("illegal_state", format!("container {id} is {}", c.state)));
+        return Err(Problem::conflict(Code::IllegalState, format!("container {id} is {}", c.state)));
     }
     let cwd = query.cwd.unwrap_or_default();
     if !cwd.is_empty() && !cwd.starts_with('/') {
-        return Err(Problem::invalid("invalid_request", format!("cwd must be an absolute path, got {cwd:?}")));
+        return Err(Problem::invalid(Code::InvalidRequest, format!("cwd must be an absolute path, got {cwd:?}")));
     }
     let request = ListAgentSessionsRequest { container_id: id, agent_instance_id: instance_id.clone(), cwd, cursor: query.cursor.unwrap_or_default() };
     let (_, mut node) = app.nodes.of_container(&c.id).await?;

@@ -2,6 +2,7 @@
 //! per-session monotonic ids and `Last-Event-ID` resume; a closed session's
 //! archived log ([`crate::flows::archive`]) is replayed and the stream ends.
 
+use crate::domain::Code;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ fn resume_point(headers: &HeaderMap, query: &EventsQuery) -> Result<u64, Problem
             .to_str()
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| Problem::new(axum::http::StatusCode::BAD_REQUEST, "invalid_request", "Last-Event-ID must be an event id")),
+            .ok_or_else(|| Problem::new(axum::http::StatusCode::BAD_REQUEST, Code::InvalidRequest, "Last-Event-ID must be an event id")),
         None => Ok(query.after.unwrap_or(0)),
     }
 }
@@ -61,7 +62,7 @@ pub async fn stream(
                 .collect();
             return Ok(Sse::new(futures::stream::iter(events)).into_response());
         }
-        return Err(Problem::new(axum::http::StatusCode::GONE, "session_closed", format!("session {id} is {}; its events are gone", s.state)));
+        return Err(Problem::new(axum::http::StatusCode::GONE, Code::SessionClosed, format!("session {id} is {}; its events are gone", s.state)));
     }
     let (_, node) = app.nodes.of_container(&s.container_id).await?;
     let first = match node.clone().stream_events(StreamEventsRequest { session_id: id.clone(), after_seq }).await {

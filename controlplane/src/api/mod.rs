@@ -12,6 +12,7 @@ pub mod registry;
 pub mod sessions;
 pub mod tokens;
 
+use crate::domain::Code;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
@@ -42,7 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes/{id}", get(nodes::get).delete(nodes::delete).post(nodes::action))
         .route("/v1/bundles", get(registry::bundles))
         .route("/v1/containers/{id}/agents/{instance_id}/sessions", get(containers::agent_sessions))
-        .fallback(|| async { Problem::not_found("not_found", "no such resource") })
+        .fallback(|| async { Problem::not_found(Code::NotFound, "no such resource") })
         // Outermost first: the audit sees every answer, refusals included.
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
@@ -63,15 +64,15 @@ where
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {}", e.body_text())))
+                Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidJson, format!("body is not valid JSON: {}", e.body_text())))
             }
-            Err(JsonRejection::JsonDataError(e)) => Err(Problem::invalid("invalid_request", e.body_text())),
+            Err(JsonRejection::JsonDataError(e)) => Err(Problem::invalid(Code::InvalidRequest, e.body_text())),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                Code::UnsupportedMediaType,
                 "send the body as JSON with Content-Type: application/json",
             )),
-            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())),
+            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, e.body_text())),
         }
     }
 }

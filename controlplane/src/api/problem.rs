@@ -5,30 +5,30 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::domain::Refusal;
+use crate::domain::{Code, Refusal};
 use crate::store::StoreError;
 
 #[derive(Debug)]
 pub struct Problem {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub detail: String,
 }
 
 impl Problem {
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: Code, detail: impl Into<String>) -> Self {
         Self { status, code, detail: detail.into() }
     }
 
-    pub fn not_found(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn not_found(code: Code, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, detail)
     }
 
-    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn conflict(code: Code, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, detail)
     }
 
-    pub fn invalid(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn invalid(code: Code, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
     }
 
@@ -41,13 +41,13 @@ pub struct ProblemCode(pub String);
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::warn!(code = self.code, detail = %self.detail, "request failed");
+            tracing::warn!(code = self.code.as_str(), detail = %self.detail, "request failed");
         }
         let body = json!({
             "type": format!("https://agentd.dev/problems/{}", self.code),
             "title": self.status.canonical_reason().unwrap_or("error"),
             "status": self.status.as_u16(),
-            "code": self.code,
+            "code": self.code.as_str(),
             "detail": self.detail,
         });
         let mut response = (self.status, body.to_string()).into_response();
@@ -56,7 +56,7 @@ impl IntoResponse for Problem {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         // For the audit record, which sees the response and not this body.
-        response.extensions_mut().insert(ProblemCode(self.code.to_string()));
+        response.extensions_mut().insert(ProblemCode(self.code.as_str().to_string()));
         response
     }
 }
@@ -65,10 +65,10 @@ impl From<crate::store::placement::PlacementError> for Problem {
     fn from(e: crate::store::placement::PlacementError) -> Self {
         use crate::store::placement::PlacementError;
         match e {
-            PlacementError::NoCapacity(_) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", e.to_string()),
-            PlacementError::UnknownNode(_) => Problem::invalid("unknown_node", e.to_string()),
-            PlacementError::NoNodeMatches(_) => Problem::invalid("unsatisfiable_selector", e.to_string()),
-            PlacementError::NeverFits(_) => Problem::invalid("invalid_profile", e.to_string()),
+            PlacementError::NoCapacity(_) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, Code::NoCapacity, e.to_string()),
+            PlacementError::UnknownNode(_) => Problem::invalid(Code::UnknownNode, e.to_string()),
+            PlacementError::NoNodeMatches(_) => Problem::invalid(Code::UnsatisfiableSelector, e.to_string()),
+            PlacementError::NeverFits(_) => Problem::invalid(Code::InvalidProfile, e.to_string()),
             PlacementError::Store(e) => e.into(),
         }
     }

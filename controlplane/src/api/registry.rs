@@ -1,6 +1,7 @@
 //! `/v1/registry`: the agents of the last registry sync, and the sync itself
 //! (`POST /v1/registry:sync`, from the configured source or a given one).
 
+use crate::domain::Code;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -24,9 +25,9 @@ pub struct SyncBody {
 impl From<RegistryError> for Problem {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::Fetch { .. } => Problem::new(StatusCode::BAD_GATEWAY, "registry_unavailable", e.to_string()),
+            RegistryError::Fetch { .. } => Problem::new(StatusCode::BAD_GATEWAY, Code::RegistryUnavailable, e.to_string()),
             RegistryError::Parse { .. } | RegistryError::Entry { .. } | RegistryError::Duplicate { .. } => {
-                Problem::invalid("invalid_registry", e.to_string())
+                Problem::invalid(Code::InvalidRegistry, e.to_string())
             }
             RegistryError::Store(e) => e.into(),
         }
@@ -67,7 +68,7 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
 }
 
 pub fn unknown_agent(id: &str) -> Problem {
-    Problem::not_found("unknown_agent", format!("the registry has no agent {id:?} (see GET /v1/registry/agents)"))
+    Problem::not_found(Code::UnknownAgent, format!("the registry has no agent {id:?} (see GET /v1/registry/agents)"))
 }
 
 /// `POST /v1/registry:sync`, optionally with `{"source": "<path or URL>"}`.
@@ -78,7 +79,7 @@ pub async fn sync(State(app): State<AppState>, body: axum::body::Bytes) -> Resul
         super::sessions::parse_body(&body)?
     };
     let source = body.source.or_else(|| app.registry_source.clone()).ok_or_else(|| {
-        Problem::invalid("registry_not_configured", "no registry configured (config key `registry`): give {\"source\": \"<path or URL>\"}")
+        Problem::invalid(Code::RegistryNotConfigured, "no registry configured (config key `registry`): give {\"source\": \"<path or URL>\"}")
     })?;
     let report = agent_registry::sync(&app.store, &app.http, &source).await?;
     Ok(Json(json!(report)))

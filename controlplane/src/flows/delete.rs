@@ -3,6 +3,7 @@
 //! Written by `DELETE /v1/sessions/{id}` and `DELETE /v1/containers/{id}`
 //! with the container moved to `stopping`.
 
+use crate::domain::Code;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -42,7 +43,7 @@ pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result
         Waited::Finished(outcome) => outcome,
         Waited::Pending => Err(Refusal::new(
             Class::Unavailable,
-            "node_unavailable",
+            Code::NodeUnavailable,
             format!("container {container_id} is stopping; the node has not confirmed yet (it will be retried)"),
         )),
     }
@@ -58,7 +59,7 @@ pub async fn begin(app: &AppState, container_id: &str, reason: &str) -> Result<S
                 Some(_) => {}
                 None => {
                     let detail = format!("container {container_id} is {}: a delete is under way", container::STOPPING);
-                    return Err(Refusal::conflict("illegal_state", detail));
+                    return Err(Refusal::conflict(Code::IllegalState, detail));
                 }
             }
             tx.enqueue(NewStep::new(CONTAINER, container_id, CONTAINER_DELETE, &key, payload)).await?;
