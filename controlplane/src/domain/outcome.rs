@@ -65,6 +65,7 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Code;
     use serde_json::json;
 
     #[test]
