@@ -1,4 +1,4 @@
-//! Middleware: every route but `/healthz` (and the node join, whose join
+//! Middleware: every route but `/healthz`, `/openapi.json` (and the node join, whose join
 //! token is its credential) needs `Authorization: Bearer <token>` of a
 //! scope enough for it: `read` for GET, `write` for the rest, `admin` for
 //! tokens, nodes, registry syncs and the audit log. A request without a
@@ -18,7 +18,7 @@ use crate::auth::{AuthError, Caller, Scope};
 
 /// The scope a request needs; `None`: open to anyone.
 pub fn required(method: &Method, path: &str) -> Option<Scope> {
-    if path == "/healthz" || path == "/v1/nodes:join" {
+    if path == "/healthz" || path == "/openapi.json" || path == "/v1/nodes:join" {
         return None;
     }
     let reading = matches!(*method, Method::GET | Method::HEAD);

@@ -21,7 +21,7 @@ use serde::Deserialize;
 /// The most sessions `capacity` may name.
 const MAX_CAPACITY: u32 = 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     #[serde(default)]

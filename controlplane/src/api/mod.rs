@@ -7,6 +7,7 @@ pub mod events;
 pub mod idempotency;
 pub mod listing;
 pub mod nodes;
+pub mod openapi;
 pub mod problem;
 pub mod registry;
 pub mod sessions;
@@ -25,6 +26,7 @@ pub use problem::Problem;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(openapi::serve))
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
         .route("/v1/sessions/{id}/events", get(events::stream))

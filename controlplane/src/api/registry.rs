@@ -14,7 +14,7 @@ use crate::agent_registry::{self, RegistryError};
 use crate::agent_spec::{AgentSpec, Launch, this_platform};
 use crate::store::registry::RegistryAgentRow;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncBody {
     /// A file path or URL; the configured `registry` when absent.

@@ -25,7 +25,7 @@ use agentd_proto::node::{setup_stage,
     AnswerPermissionRequest, CancelRequest, CheckSandboxPlanRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateSessionBody {
     /// An agent given inline, in the registry's shape or the original agentd's.
     #[serde(default)]
@@ -35,8 +35,10 @@ pub struct CreateSessionBody {
     #[serde(default)]
     pub container_profile: Option<Value>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub session: Option<SessionOptions>,
     #[serde(default)]
+    #[schema(inline)]
     pub policy: Option<PolicyBody>,
     /// Open the session in this container (ready) instead of a new one: on
     /// its agent of the same definition if one runs, else on a new agent
@@ -49,7 +51,7 @@ pub struct CreateSessionBody {
 }
 
 /// How the session answers the agent's `session/request_permission`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyBody {
     /// allow | deny | ask (the default: clients answer over HTTP).
@@ -95,23 +97,23 @@ impl PolicyBody {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PermissionAnswer {
     pub option_id: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PromptBody {
     pub prompt: Value,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetModeBody {
     pub mode_id: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetConfigOptionBody {
     pub config_id: String,
@@ -721,7 +723,7 @@ fn container_not_ready(id: &str, state: &str) -> Problem {
 }
 
 /// `:cancel`'s body: the run to cancel, as the original agentd named it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
     #[serde(default)]

@@ -15,7 +15,7 @@ use crate::auth::Scope;
 /// The longest a token may last: a year.
 const MAX_TTL_SECONDS: u64 = 366 * 24 * 3600;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     pub scope: String,
