@@ -48,7 +48,14 @@ async fn schemathesis_finds_no_5xx_and_no_answer_outside_the_description() {
     let mut cmd = tokio::process::Command::new(&st);
     cmd.arg("run")
         .arg(agentd.url("/openapi.json"))
-        .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
+        // Every check but these: a schema-valid body may still be refused
+        // (422 with a code) for what a schema does not say (a label key's
+        // grammar, a profile's or a prompt's content); `{id}:verb` actions
+        // share their resource's route, so a 405's `Allow` names the
+        // resource's methods; a deleted container or closed session stays
+        // readable (state `deleted` / `closed`) by design.
+        .args(["--checks", "all"])
+        .args(["--exclude-checks", "positive_data_acceptance,unsupported_method,allow_header_conformance,use_after_free"])
         .args(["--max-examples", "5", "--max-time", "60", "--request-timeout", "10", "--workers", "1", "--seed", "1"])
         .args(["--generation-allow-x00", "false"])
         .arg("--header")

@@ -19,7 +19,7 @@ use axum::extract::Query;
 use serde::Deserialize;
 
 /// The most sessions `capacity` may name.
-const MAX_CAPACITY: u32 = 1024;
+const MAX_CAPACITY: u32 = 1024; // also in `CreateBody`'s schema
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +32,7 @@ pub struct CreateBody {
     /// The most sessions it holds (409 `container_full` past it); absent:
     /// no limit.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1024)]
     pub capacity: Option<u32>,
     #[serde(default)]
     pub labels: Option<std::collections::BTreeMap<String, String>>,
@@ -198,7 +199,7 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
 /// steps.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>) -> Result<StatusCode, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, Code::MethodNotAllowed, "POST {id}:hibernate or {id}:resume"));
+        return Err(Problem::method_not_allowed("GET, DELETE", "POST {id}:hibernate or {id}:resume"));
     };
     let action = match verb {
         "hibernate" => Action::Hibernate,

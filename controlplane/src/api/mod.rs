@@ -46,6 +46,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/bundles", get(registry::bundles))
         .route("/v1/containers/{id}/agents/{instance_id}/sessions", get(containers::agent_sessions))
         .fallback(|| async { Problem::not_found(Code::NotFound, "no such resource") })
+        // axum adds `Allow`; the body is a problem like every other refusal.
+        .method_not_allowed_fallback(|| async { Problem::new(StatusCode::METHOD_NOT_ALLOWED, Code::MethodNotAllowed, "this resource does not take this method") })
         // Outermost first: the audit sees every answer, refusals included.
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))

@@ -85,7 +85,7 @@ pub struct DrainBody {
 /// `POST /v1/nodes/{id}:cordon`, `:uncordon`, `:drain`.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>, body: axum::body::Bytes) -> Result<Json<Value>, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, Code::MethodNotAllowed, "POST {id}:cordon, :uncordon or :drain"));
+        return Err(Problem::method_not_allowed("GET, DELETE", "POST {id}:cordon, :uncordon or :drain"));
     };
     use node_admin::{ACTIVE, CORDONED, DRAINED, DRAINING};
     match verb {

@@ -13,11 +13,18 @@ pub struct Problem {
     pub status: StatusCode,
     pub code: Code,
     pub detail: String,
+    /// `Allow` of a 405: the methods the resource does take (RFC 9110).
+    pub allow: Option<&'static str>,
 }
 
 impl Problem {
     pub fn new(status: StatusCode, code: Code, detail: impl Into<String>) -> Self {
-        Self { status, code, detail: detail.into() }
+        Self { status, code, detail: detail.into(), allow: None }
+    }
+
+    /// 405 for a method (or an action) the resource does not take.
+    pub fn method_not_allowed(allow: &'static str, detail: impl Into<String>) -> Self {
+        Self { allow: Some(allow), ..Self::new(StatusCode::METHOD_NOT_ALLOWED, Code::MethodNotAllowed, detail) }
     }
 
     pub fn not_found(code: Code, detail: impl Into<String>) -> Self {
@@ -54,6 +61,9 @@ impl IntoResponse for Problem {
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(allow) = self.allow {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         // For the audit record, which sees the response and not this body.
         response.extensions_mut().insert(ProblemCode(self.code.as_str().to_string()));

@@ -524,7 +524,7 @@ const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// `POST /v1/sessions/{id}:prompt` and `POST /v1/sessions/{id}:cancel`.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, Code::MethodNotAllowed, "POST a session action: {id}:prompt, :cancel, :set_mode or :set_config_option"));
+        return Err(Problem::method_not_allowed("GET, DELETE", "POST a session action: {id}:prompt, :cancel, :set_mode or :set_config_option"));
     };
     match verb {
         "prompt" => {
