@@ -73,6 +73,7 @@ pub mod fleet;
 pub mod flows;
 pub mod mcp;
 pub mod plan;
+pub mod powers;
 pub mod process;
 pub mod store;
 pub mod teardown;
