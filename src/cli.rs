@@ -93,6 +93,16 @@ pub struct NodeFlags {
     /// CPUs sandboxes may reserve (default: the host's).
     #[arg(long, env = "AGENTD_CAPACITY_CPUS")]
     pub capacity_cpus: Option<f64>,
+    /// Sandboxes outlive agentd: a stop (or a crash) leaves them, their
+    /// agents and running turns, and the next start takes them back. Off: a
+    /// stop removes every sandbox (the packaged config turns it on; `agentd
+    /// up` run by hand leaves it off unless asked).
+    #[arg(long, env = "AGENTD_LIVE_RESTORE", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub live_restore: bool,
+    /// How long a closed session's event log stays on the node, in
+    /// milliseconds (its archive in the store outlives it).
+    #[arg(long, env = "AGENTD_CLOSED_SESSION_RETENTION_MS", default_value_t = 3_600_000)]
+    pub closed_session_retention_ms: u64,
 }
 
 /// `k=v,k2=v2` into labels; empty gives none.

@@ -12,6 +12,7 @@ mod bad_input;
 mod doctor;
 mod durability;
 mod hostile;
+mod live_restore;
 mod multi_session;
 mod node_lifecycle;
 mod npx_agent;

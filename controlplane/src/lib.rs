@@ -70,7 +70,7 @@ mod outage_tests;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use agentd_proto::node::GetSandboxRequest;
+use agentd_proto::node::{CloseSessionRequest, GetSandboxRequest};
 use tokio_util::sync::CancellationToken;
 
 use store::Store;
@@ -119,7 +119,9 @@ pub enum ServeError {
 }
 
 /// Brings the store in line with the node after a restart: containers the node
-/// no longer runs are recorded gone, and live sessions are followed again.
+/// no longer runs are recorded lost (their sessions and running turns failed,
+/// code `sandbox_lost`, as the node's journal says too), or gone when they
+/// were being deleted, and live sessions are followed again.
 /// A container with a workflow step still open (a create or delete that was
 /// running when the control plane stopped) is left to that step: the runner
 /// finishes it, its node calls answered from the node's memory where they
@@ -145,11 +147,21 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
                 }
                 Ok(_) => {}
                 Err(status) if status.code() == tonic::Code::NotFound => {
-                    tracing::warn!(container = c.id, "node no longer runs this sandbox; recording it gone");
-                    if c.state == container::PROVISIONING {
-                        state.store.container_failed(&c.id, "agentd stopped while provisioning").await?;
+                    tracing::warn!(container = c.id, "node no longer runs this sandbox; recording it lost");
+                    match c.state.as_str() {
+                        container::PROVISIONING => {
+                            state.store.container_failed(&c.id, "agentd stopped while provisioning").await?;
+                            teardown::record_gone(state, &c.id, "the sandbox was lost when agentd restarted").await?;
+                        }
+                        container::STOPPING => teardown::record_gone(state, &c.id, "the sandbox was lost when agentd restarted").await?,
+                        // What the node's journal says of it too (`SandboxLost`),
+                        // whichever is recorded first: failed, not closed, so a
+                        // client learns its session was lost.
+                        _ => {
+                            let reason = "the sandbox was lost when agentd restarted";
+                            state.store.fail_container_work(&c.id, reason, store::codes::SANDBOX_LOST).await?;
+                        }
                     }
-                    teardown::record_gone(state, &c.id, "the sandbox was lost when agentd restarted").await?;
                 }
                 Err(status) => tracing::warn!(container = c.id, error = %status, "cannot reach node to reconcile"),
             }
@@ -196,14 +208,23 @@ pub async fn start_workflows(
         tokio::spawn(flows::registry_sync::schedule(runner_state.clone(), interval, shutdown.clone()));
     }
     let runner = workflow::Runner::new(runner_store.clone(), flows::registry(&runner_state, fleet), config);
+    // On SQLite the runner's pool is the API's: closing it with the runner
+    // would leave `agentd up` no store for what it does after (archiving
+    // and deleting every container on a stop).
+    let close_pool = runner_store.own_pools_are_separate();
     Ok(tokio::spawn(async move {
         runner.run(shutdown).await;
-        runner_store.close().await;
+        if close_pool {
+            runner_store.close().await;
+        }
     }))
 }
 
-/// Deletes every live container; `agentd up` does this on Ctrl-C so that
-/// nothing is left running and the store says so.
+/// Deletes every live container; `agentd up` without live restore does this
+/// on Ctrl-C so that nothing is left running and the store says so. As a
+/// delete through the API does, each session's event log is archived first
+/// (its history stays readable after the restart), and its ACP session is
+/// closed (`session/close` where the agent has it) before the sandbox goes.
 pub async fn stop_all_containers(state: &AppState) {
     let mut live = Vec::new();
     for s in [container::READY, container::HIBERNATED] {
@@ -211,11 +232,34 @@ pub async fn stop_all_containers(state: &AppState) {
     }
     // All at once: each delete may spend its agents' grace period on the node.
     let deletes = live.iter().map(|c| async move {
+        flows::archive::archive_container(state, &c.id).await;
+        if c.state == container::READY {
+            close_sessions(state, &c.id).await;
+        }
         if let Err(e) = teardown::delete_container(state, &c.id, "agentd stopped").await {
             tracing::warn!(container = c.id, error = ?e, "cannot stop container on shutdown");
         }
     });
     futures::future::join_all(deletes).await;
+}
+
+/// Closes the container's open sessions on its node, each bounded by the
+/// node call deadline; a failure is logged (the delete follows anyway).
+async fn close_sessions(state: &AppState, container_id: &str) {
+    let Ok(sessions) = state.store.sessions_of_container(container_id).await else { return };
+    let Ok((_, node)) = state.nodes.of_container(container_id).await else { return };
+    for s in sessions.iter().filter(|s| s.state == store::states::session::READY) {
+        let request = CloseSessionRequest {
+            container_id: container_id.to_string(),
+            session_id: s.id.clone(),
+            agent_instance_id: s.agent_instance_id.clone(),
+            fence: None,
+        };
+        match flows::within(flows::deadline(state), node.clone().close_session(request)).await {
+            Ok(_) => tracing::info!(session = s.id, "session closed on shutdown"),
+            Err(e) => tracing::warn!(session = s.id, error = %e.message(), "cannot close the session on shutdown"),
+        }
+    }
 }
 
 /// Serves the API on `listen` until `shutdown` resolves.

@@ -414,6 +414,7 @@ impl Sandboxes {
             // Reported by the id its directory has; without live restore
             // only those a record names, as before.
             if valid_id(&s.id) && (cfg.live_restore || s.leftover.is_some()) {
+                tracing::warn!(id = s.id, why = s.why, "sandbox of the earlier node process lost");
                 opened.lost.push((s.id.clone(), s.why));
             }
             // A range some leftover process may still run under is not given
@@ -950,6 +951,13 @@ impl Sandboxes {
         while removals.join_next().await.is_some() {}
         drop(removals);
         self.close_spare().await;
+        // With no sandbox left, nothing is to be taken back: the host is left
+        // as a stop without live restore leaves it.
+        if self.table.lock().unwrap().is_empty()
+            && let Err(e) = self.cgroups.remove_subtree()
+        {
+            tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
+        }
     }
 
     /// Ends the zygote and the spare (with the worker parked in it); no

@@ -79,6 +79,8 @@ pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow
     config.labels = flags.labels.clone();
     config.capacity_memory = flags.capacity_memory;
     config.capacity_cpus = flags.capacity_cpus;
+    config.live_restore = flags.live_restore;
+    config.closed_session_retention = std::time::Duration::from_millis(flags.closed_session_retention_ms);
     if let Some(cpus) = flags.capacity_cpus {
         anyhow::ensure!(cpus.is_finite() && cpus > 0.0, "--capacity-cpus must be a positive number");
     }

@@ -48,7 +48,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let state = cp.state.clone();
     // Steps still running get the drain bound, then the rest is stopped directly.
     cp.stop().await;
-    agentd_controlplane::stop_all_containers(&state).await;
+    if args.node.live_restore {
+        // The sandboxes run on; the next start takes them back, and the
+        // store keeps calling them ready.
+        tracing::info!("stopping with live restore: sandboxes, agents and turns run on");
+    } else {
+        agentd_controlplane::stop_all_containers(&state).await;
+    }
     node_stop.cancel();
     match node_task.await {
         Ok(Err(e)) => tracing::error!(error = %e, "node server failed"),

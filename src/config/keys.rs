@@ -97,6 +97,8 @@ pub const KEYS: &[Key] = &[
     key("join", Kind::HttpUrl),
     key("advertise", Kind::HostPort),
     key("grpc_listen", Kind::SocketAddr),
+    key("live_restore", Kind::Bool),
+    key("closed_session_retention_ms", u64_from(0)),
 ];
 
 pub fn find(name: &str) -> Option<&'static Key> {

@@ -21,6 +21,7 @@ fn the_packaged_config_passes() {
     assert!(vars.contains(&("AGENTD_LISTEN".into(), "127.0.0.1:8080".into())));
     assert!(vars.contains(&("AGENTD_INITIALIZE_TIMEOUT_MS".into(), "30000".into())));
     assert!(vars.contains(&("AGENTD_LOG_JSON".into(), "false".into())));
+    assert!(vars.contains(&("AGENTD_LIVE_RESTORE".into(), "true".into())), "the service runs with live restore");
     assert_eq!(vars[0].0, "AGENTD_LISTEN", "in file order");
 }
 
@@ -55,6 +56,8 @@ fn every_key_of_every_kind_takes_a_good_value() {
         join = "https://cp.example:8080"
         advertise = "10.0.0.5:7443"
         grpc_listen = "0.0.0.0:7443"
+        live_restore = true
+        closed_session_retention_ms = 0
     "#;
     let vars = parse(Path::new("t.toml"), text).unwrap();
     assert_eq!(vars.len(), keys::KEYS.len(), "the test names every key");

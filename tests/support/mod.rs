@@ -28,6 +28,8 @@ pub struct Agentd {
     pub base: String,
     pub http: reqwest::Client,
     log: Arc<Mutex<Vec<String>>>,
+    /// Logs of the processes before a restart.
+    earlier: Arc<Mutex<Vec<String>>>,
 }
 
 /// `agentd`, the binary users run: it builds sandboxes (their PID 1 is a
@@ -99,13 +101,19 @@ impl Agentd {
     pub async fn start_full(args: &[&str], env: &[(&str, &str)]) -> Self {
         let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
         let subtree = format!("agentd-e2e-{}-{}", std::process::id(), state.path().file_name().unwrap().to_string_lossy().replace('.', ""));
+        let (child, base, log) = Self::spawn(state.path(), &subtree, args, env).await;
+        Self { child: Some(child), state, subtree, base, http: reqwest::Client::new(), log, earlier: Arc::default() }
+    }
+
+    /// `agentd up` on `state` (and its cgroup subtree), once it listens.
+    async fn spawn(state: &Path, subtree: &str, args: &[&str], env: &[(&str, &str)]) -> (Child, String, Arc<Mutex<Vec<String>>>) {
         let mut child = Command::new(agentd_bin())
             .args(["up", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state.path())
+            .arg(state)
             .args(args)
             .env("AGENTD_LOG", "info,agentd_controlplane=debug")
             .env(MARKER_VAR, "1")
-            .env("AGENTD_CGROUP_SUBTREE", &subtree)
+            .env("AGENTD_CGROUP_SUBTREE", subtree)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -131,7 +139,31 @@ impl Agentd {
         let addr = addr_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
             panic!("agentd did not start; its log:\n{}", log.lock().unwrap().join("\n"));
         });
-        Self { child: Some(child), state, subtree, base: format!("http://{addr}"), http: reqwest::Client::new(), log }
+        (child, format!("http://{addr}"), log)
+    }
+
+    /// SIGKILL, as a crash: no shutdown, no cleanup.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agentd runs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// `agentd up` again on the same state directory and cgroup subtree,
+    /// after [`Self::kill9`] or [`Self::interrupt`]; its log starts afresh
+    /// (the previous one is kept in [`Self::earlier_log`]).
+    pub async fn restart(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "stop agentd first");
+        let (child, base, log) = Self::spawn(self.state.path(), &self.subtree, args, env).await;
+        let earlier = std::mem::replace(&mut self.log, log);
+        self.earlier.lock().unwrap().extend(earlier.lock().unwrap().drain(..));
+        self.child = Some(child);
+        self.base = base;
+    }
+
+    /// The logs of the processes before the last [`Self::restart`].
+    pub fn earlier_log(&self) -> String {
+        self.earlier.lock().unwrap().join("\n")
     }
 
     /// The `agentd up` process (agentd-daemon after agentd's exec).
@@ -211,10 +243,7 @@ impl Agentd {
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id.to_string());
         }
-        let resp = req.send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        Sse { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
+        Sse::from_response(req.send().await.unwrap())
     }
 
     /// Polls `GET path` until `check` accepts the body.
@@ -304,6 +333,13 @@ pub struct Sse {
 }
 
 impl Sse {
+    /// Reads an SSE answer (which must be one).
+    pub fn from_response(resp: reqwest::Response) -> Sse {
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        Sse { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
+    }
+
     /// The next event (comments skipped), or None when the stream ends.
     pub async fn next(&mut self) -> Option<SseEvent> {
         let deadline = Duration::from_secs(15);
