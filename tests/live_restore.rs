@@ -75,6 +75,15 @@ fn assert_consecutive(events: &[SseEvent]) {
     assert_eq!(ids, want, "{events:?}");
 }
 
+/// Waits until agentd's log has a line containing `needle`.
+async fn logged(agentd: &Agentd, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agentd.log().contains(needle) {
+        assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", agentd.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until GET `url` satisfies `check`.
 async fn wait_for(http: &reqwest::Client, url: &str, check: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -114,8 +123,9 @@ async fn a_turn_streaming_through_a_sigkill_of_agentd_up_completes_after_the_res
 
     agentd.restart(&flags, &[]).await;
     assert_eq!(processes(&agentd.http, &agentd.base, &ctr).await, (supervisor, agent), "the same PID 1 and agent, taken back");
+    logged(&agentd, "turn taken up again").await;
     let log = agentd.log();
-    assert!(log.contains("sandbox taken back after the node restarted") && log.contains("turn taken up again"), "{log}");
+    assert!(log.contains("sandbox taken back after the node restarted"), "{log}");
     assert!(!log.contains("killing sandbox left by an earlier node"), "{log}");
 
     // The client reconnects with the last id it saw and gets the rest.
@@ -179,7 +189,7 @@ async fn a_turn_streaming_through_a_sigkill_of_agentd_node_reaches_the_client_th
     assert!(procfs::is_alive(supervisor) && procfs::is_alive(agent));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let node = NodeProcess::start_with(dir.path(), &live).await;
-    assert!(node.daemon.log().contains("turn taken up again"), "{}", node.daemon.log());
+    node.daemon.wait_for_line("turn taken up again").await;
 
     // The same stream, waiting for the node meanwhile, goes on.
     seen.extend(events.until_run_end().await);

@@ -70,7 +70,7 @@ mod outage_tests;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use agentd_proto::node::{CloseSessionRequest, GetSandboxRequest};
+use agentd_proto::node::GetSandboxRequest;
 use tokio_util::sync::CancellationToken;
 
 use store::Store;
@@ -222,9 +222,10 @@ pub async fn start_workflows(
 
 /// Deletes every live container; `agentd up` without live restore does this
 /// on Ctrl-C so that nothing is left running and the store says so. As a
-/// delete through the API does, each session's event log is archived first
-/// (its history stays readable after the restart), and its ACP session is
-/// closed (`session/close` where the agent has it) before the sandbox goes.
+/// delete through the API does (`container.delete`), each session's event
+/// log is archived first, so its history stays readable after the restart,
+/// and the sessions are recorded closed once the sandbox is gone; each
+/// agent gets the node's stop grace.
 pub async fn stop_all_containers(state: &AppState) {
     let mut live = Vec::new();
     for s in [container::READY, container::HIBERNATED] {
@@ -233,33 +234,11 @@ pub async fn stop_all_containers(state: &AppState) {
     // All at once: each delete may spend its agents' grace period on the node.
     let deletes = live.iter().map(|c| async move {
         flows::archive::archive_container(state, &c.id).await;
-        if c.state == container::READY {
-            close_sessions(state, &c.id).await;
-        }
         if let Err(e) = teardown::delete_container(state, &c.id, "agentd stopped").await {
             tracing::warn!(container = c.id, error = ?e, "cannot stop container on shutdown");
         }
     });
     futures::future::join_all(deletes).await;
-}
-
-/// Closes the container's open sessions on its node, each bounded by the
-/// node call deadline; a failure is logged (the delete follows anyway).
-async fn close_sessions(state: &AppState, container_id: &str) {
-    let Ok(sessions) = state.store.sessions_of_container(container_id).await else { return };
-    let Ok((_, node)) = state.nodes.of_container(container_id).await else { return };
-    for s in sessions.iter().filter(|s| s.state == store::states::session::READY) {
-        let request = CloseSessionRequest {
-            container_id: container_id.to_string(),
-            session_id: s.id.clone(),
-            agent_instance_id: s.agent_instance_id.clone(),
-            fence: None,
-        };
-        match flows::within(flows::deadline(state), node.clone().close_session(request)).await {
-            Ok(_) => tracing::info!(session = s.id, "session closed on shutdown"),
-            Err(e) => tracing::warn!(session = s.id, error = %e.message(), "cannot close the session on shutdown"),
-        }
-    }
 }
 
 /// Serves the API on `listen` until `shutdown` resolves.

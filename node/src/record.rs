@@ -82,7 +82,10 @@ pub enum Found {
     /// Readable enough to clean up after (an older version), with why it
     /// cannot be taken back.
     Leftover(Leftover, String),
-    /// Missing, cut short or not JSON: only the directory's name is known.
+    /// None yet: a create that had not finished (the record is written,
+    /// whole, before a create answers), which the control plane retries.
+    Missing,
+    /// Unreadable, cut short or not JSON: only the directory's name is known.
     Unreadable(String),
 }
 
@@ -90,6 +93,7 @@ pub enum Found {
 pub fn read(dir: &Path) -> Found {
     let bytes = match std::fs::read(dir.join("sandbox.json")) {
         Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Found::Missing,
         Err(e) => return Found::Unreadable(format!("sandbox.json: {e}")),
     };
     match serde_json::from_slice::<Record>(&bytes) {
@@ -138,6 +142,6 @@ mod tests {
         std::fs::write(dir.path().join("sandbox.json"), r#"{"id":"ctr_1","pid":4"#).unwrap();
         assert!(matches!(read(dir.path()), Found::Unreadable(_)));
         std::fs::remove_file(dir.path().join("sandbox.json")).unwrap();
-        assert!(matches!(read(dir.path()), Found::Unreadable(_)));
+        assert!(matches!(read(dir.path()), Found::Missing));
     }
 }

@@ -333,6 +333,9 @@ struct Stale {
     id: String,
     leftover: Option<Leftover>,
     why: String,
+    /// Journaled lost: the control plane may think it alive. Not so for
+    /// a create that never finished (its step builds it again).
+    report: bool,
 }
 
 /// Why a sandbox of a node started without live restore goes.
@@ -370,12 +373,14 @@ impl Sandboxes {
             let id = entry.file_name().to_string_lossy().into_owned();
             let found = record::read(&dir);
             if !this.config.live_restore {
+                // As before live restore: reported when a record names it.
                 let leftover = match found {
                     Found::Record(r) => Some(r.leftover()),
                     Found::Leftover(l, _) => Some(l),
-                    Found::Unreadable(_) => None,
+                    Found::Unreadable(_) | Found::Missing => None,
                 };
-                stale.push(Stale { dir, id, leftover, why: STOPPED_AT_START.into() });
+                let report = leftover.is_some();
+                stale.push(Stale { dir, id, leftover, why: STOPPED_AT_START.into(), report });
                 continue;
             }
             match found {
@@ -385,16 +390,21 @@ impl Sandboxes {
                         this.table.lock().unwrap().insert(id.clone(), sandbox);
                         opened.adopted.push(id);
                     }
-                    Err(why) => stale.push(Stale { dir, id, leftover: Some(r.leftover()), why }),
+                    Err(why) => stale.push(Stale { dir, id, leftover: Some(r.leftover()), why, report: true }),
                 },
                 Found::Record(r) => {
                     let why = format!("its sandbox.json names another sandbox ({:?}): it was stopped", r.id);
-                    stale.push(Stale { dir, id, leftover: None, why });
+                    stale.push(Stale { dir, id, leftover: None, why, report: true });
                 }
-                Found::Leftover(l, why) => stale.push(Stale { dir, id, leftover: Some(l), why: format!("{why}: it was stopped") }),
+                Found::Leftover(l, why) => stale.push(Stale { dir, id, leftover: Some(l), why: format!("{why}: it was stopped"), report: true }),
                 Found::Unreadable(why) => {
                     tracing::error!(id, why, "a sandbox's state cannot be read after the restart: stopping it");
-                    stale.push(Stale { dir, id, leftover: None, why: format!("its state could not be read after the node restarted ({why}): it was stopped") });
+                    let why = format!("its state could not be read after the node restarted ({why}): it was stopped");
+                    stale.push(Stale { dir, id, leftover: None, why, report: true });
+                }
+                Found::Missing => {
+                    let why = "its create had not finished when the node stopped: undone".to_string();
+                    stale.push(Stale { dir, id, leftover: None, why, report: false });
                 }
             }
         }
@@ -403,33 +413,34 @@ impl Sandboxes {
         if !report.removed.is_empty() || !report.failed.is_empty() {
             tracing::warn!(removed = ?report.removed, failed = ?report.failed, "cleaned cgroups an earlier node left");
         }
-        let cfg = &this.config;
-        let mut free = this.free_slots.lock().unwrap();
-        for sandbox in this.table.lock().unwrap().values() {
-            for slot in slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, sandbox.ids) {
-                free.remove(&slot);
+        // Slots taken back or possibly still used are not given out.
+        {
+            let cfg = &this.config;
+            let mut free = this.free_slots.lock().unwrap();
+            for sandbox in this.table.lock().unwrap().values() {
+                for slot in slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, sandbox.ids) {
+                    free.remove(&slot);
+                }
+            }
+            for (s, gone) in stale.into_iter().zip(cleaned) {
+                // Reported by the id its directory has.
+                if s.report && valid_id(&s.id) {
+                    tracing::warn!(id = s.id, why = s.why, "sandbox of the earlier node process lost");
+                    opened.lost.push((s.id.clone(), s.why));
+                }
+                // A range some leftover process may still run under is not given
+                // to a new sandbox.
+                let Some(leftover) = s.leftover else { continue };
+                if gone && !report.failed.iter().any(|(id, _)| *id == leftover.id) {
+                    continue;
+                }
+                let held = slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, leftover.ids);
+                tracing::error!(id = leftover.id, pid = leftover.pid, ?held, "a leftover sandbox may still run: its id range stays reserved");
+                for slot in held {
+                    free.remove(&slot);
+                }
             }
         }
-        for (s, gone) in stale.into_iter().zip(cleaned) {
-            // Reported by the id its directory has; without live restore
-            // only those a record names, as before.
-            if valid_id(&s.id) && (cfg.live_restore || s.leftover.is_some()) {
-                tracing::warn!(id = s.id, why = s.why, "sandbox of the earlier node process lost");
-                opened.lost.push((s.id.clone(), s.why));
-            }
-            // A range some leftover process may still run under is not given
-            // to a new sandbox.
-            let Some(leftover) = s.leftover else { continue };
-            if gone && !report.failed.iter().any(|(id, _)| *id == leftover.id) {
-                continue;
-            }
-            let held = slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, leftover.ids);
-            tracing::error!(id = leftover.id, pid = leftover.pid, ?held, "a leftover sandbox may still run: its id range stays reserved");
-            for slot in held {
-                free.remove(&slot);
-            }
-        }
-        drop(free);
         this.refill_spare().await;
         Ok((this, opened))
     }

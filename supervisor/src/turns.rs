@@ -170,10 +170,8 @@ impl Turn {
                     _ => false,
                 });
                 let (last, ended) = *head.borrow_and_update();
-                if next > last {
-                    if ended || head.changed().await.is_err() {
-                        return;
-                    }
+                if next > last && (ended || head.changed().await.is_err()) {
+                    return;
                 }
             }
         }

@@ -145,7 +145,9 @@ impl NodeProcess {
         let sandboxes = self.state.join("node").join("sandboxes");
         let mut lines = Vec::new();
         for sandbox in std::fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
-            for log in std::fs::read_dir(sandbox.path().join("sessions")).into_iter().flatten().flatten() {
+            let logs = std::fs::read_dir(sandbox.path().join("sessions")).into_iter().flatten().flatten();
+            // `<id>.jsonl` beside each `<id>.json` state file.
+            for log in logs.filter(|e| e.path().extension().is_some_and(|x| x == "jsonl")) {
                 let text = std::fs::read_to_string(log.path()).unwrap_or_default();
                 lines.extend(text.lines().map(|l| serde_json::from_str(l).expect("an event log line is JSON")));
             }

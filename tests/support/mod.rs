@@ -127,10 +127,10 @@ impl Agentd {
             let log = Arc::clone(&log);
             move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("API listening") {
-                        if let Some(addr) = line.split("listen=").nth(1) {
-                            let _ = addr_tx.send(addr.trim().to_string());
-                        }
+                    if line.contains("API listening")
+                        && let Some(addr) = line.split("listen=").nth(1)
+                    {
+                        let _ = addr_tx.send(addr.trim().to_string());
                     }
                     log.lock().unwrap().push(line);
                 }

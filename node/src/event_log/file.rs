@@ -118,10 +118,8 @@ pub fn scan(session_id: &str, path: &Path, keep: usize) -> std::io::Result<Scann
                     scanned.runs.pop_front();
                 }
             }
-            Some(e) if events::is_run_end(e) => {
-                if scanned.active.as_ref().is_some_and(|(run, _)| *run == event.run_id) {
-                    scanned.active = None;
-                }
+            Some(e) if events::is_run_end(e) && scanned.active.as_ref().is_some_and(|(run, _)| *run == event.run_id) => {
+                scanned.active = None;
             }
             _ => {}
         }

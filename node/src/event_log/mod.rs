@@ -175,10 +175,10 @@ impl EventLog {
                 None => last,
             }
         };
-        self.from_file(next, upto).await
+        self.read_file(next, upto).await
     }
 
-    async fn from_file(&self, next: u64, upto: u64) -> (Vec<Arc<SessionEvent>>, u64) {
+    async fn read_file(&self, next: u64, upto: u64) -> (Vec<Arc<SessionEvent>>, u64) {
         let (session, path, offset) = (self.session_id.clone(), self.file.path.clone(), self.file.offset_for(next));
         let read = tokio::task::spawn_blocking(move || file::read(&session, &path, offset, next, upto, BATCH)).await;
         match read {
