@@ -60,6 +60,10 @@ pub const KEEP_BYTES: usize = 4 << 20;
 pub const PACE: u64 = 1024;
 /// Events handed to a reader per look at the buffer.
 const BATCH: usize = 256;
+/// Events kept once a reader has taken the terminal event: the node has
+/// them all but for the few its log may not have written yet when it dies
+/// right then; an idle sandbox does not hold its last turn whole.
+const KEEP_AFTER_END: usize = 256;
 
 pub struct Turn {
     /// The node's name for it (its run id): an attach must name it, so that a
@@ -131,6 +135,15 @@ impl Turn {
         self.head.borrow().1
     }
 
+    /// Keeps the newest `keep` events only.
+    fn trim(&self, keep: usize) {
+        let mut kept = self.kept.lock().unwrap();
+        while kept.events.len() > keep {
+            let old = kept.events.pop_front().expect("more than kept");
+            kept.bytes -= old.encoded_len();
+        }
+    }
+
     /// Drops the events up to `index`: a node that attaches has logged them.
     pub fn forget_through(&self, index: u64) {
         let mut kept = self.kept.lock().unwrap();
@@ -170,7 +183,11 @@ impl Turn {
                     _ => false,
                 });
                 let (last, ended) = *head.borrow_and_update();
-                if next > last && (ended || head.changed().await.is_err()) {
+                if next > last && ended {
+                    self.trim(KEEP_AFTER_END);
+                    return;
+                }
+                if next > last && head.changed().await.is_err() {
                     return;
                 }
             }
@@ -251,6 +268,8 @@ mod tests {
         turn.forget_through(2);
         let rest: Vec<u64> = Arc::clone(&turn).follow(2).map(|e| e.index).collect().await;
         assert_eq!(rest, [3, 4, 5, 6], "the rest, ending with the terminal event");
+        let again: Vec<u64> = Arc::clone(&turn).follow(4).map(|e| e.index).collect().await;
+        assert_eq!(again, [5, 6], "a node that died before its log had them asks again");
         turn.push_now(update(9), false);
         assert_eq!(turn.head.borrow().0, 6, "nothing after the end");
     }
