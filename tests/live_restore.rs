@@ -162,6 +162,52 @@ async fn a_turn_streaming_through_a_sigkill_of_agentd_up_completes_after_the_res
     assert!(agentd.sandbox_dirs().is_empty());
 }
 
+/// Ctrl-C with live restore is a stop that leaves everything running: the
+/// store still calls the container ready, and the turn completes once
+/// agentd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_with_live_restore_leaves_the_turn_running() {
+    become_subreaper();
+    let id_base = unique_id_base();
+    let flags = ["--live-restore", "--id-base", &id_base.to_string(), "--max-sandboxes", "4"];
+    let mut agentd = Agentd::start_full(&flags, &[]).await;
+    let session = agentd.create_session(&["--delay-ms", "120"]).await;
+    let id = session["id"].as_str().unwrap().to_string();
+    let ctr = session["container_id"].as_str().unwrap().to_string();
+    let (supervisor, agent) = processes(&agentd.http, &agentd.base, &ctr).await;
+    let prompt = long_prompt(20);
+    let mut events = agentd.events(&id, None).await;
+    assert_eq!(agentd.prompt(&id, &prompt).await.0, StatusCode::ACCEPTED);
+    let mut seen = some_updates(&mut events, 2).await;
+
+    assert!(agentd.interrupt().success());
+    // The stream ends with agentd, without a run end.
+    while let Some(e) = events.next().await {
+        assert!(e.event != "run.completed" && e.event != "run.failed", "{e:?}");
+        seen.push(e);
+    }
+    assert!(procfs::is_alive(supervisor) && procfs::is_alive(agent), "left running");
+    assert!(agentd.log().contains("its sandboxes run on (live restore)"), "{}", agentd.log());
+
+    agentd.restart(&flags, &[]).await;
+    let (_, c) = agentd.get(&format!("/v1/containers/{ctr}")).await;
+    assert_eq!(c["state"], "ready", "{c}");
+    let mut events = agentd.events(&id, Some(seen.last().unwrap().id.unwrap())).await;
+    seen.extend(events.until_run_end().await);
+    assert_eq!(seen.last().unwrap().event, "run.completed", "{seen:?}");
+    assert_consecutive(&seen);
+    assert_eq!(said(&seen), prompt);
+
+    let (status, _) = agentd.delete(&format!("/v1/containers/{ctr}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    gone(supervisor).await;
+    gone(agent).await;
+    assert!(agentd.interrupt().success());
+    reap_orphans();
+    assert!(cgroup_dirs(&agentd.subtree).is_empty(), "{:?}", cgroup_dirs(&agentd.subtree));
+    assert!(processes_with_uid(&(id_base..id_base + 4 * 65_536)).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_streaming_through_a_sigkill_of_agentd_node_reaches_the_client_that_stayed() {
     become_subreaper();
