@@ -23,9 +23,9 @@ use agentd_proto::node::{AgentPlan, CreateSandboxRequest, CreateSessionRequest, 
 use common::{agentd_bin, env_usize, release_bin};
 use tonic::transport::Channel;
 
-/// `agentd node --live-restore` on `state`, its log to /dev/null.
-fn start_node(state: &Path, subtree: &str, max: usize) -> Child {
-    Command::new(agentd_bin())
+/// `agentd node --live-restore` (`agentd`) on `state`, its log to /dev/null.
+fn start_node(agentd: &Path, state: &Path, subtree: &str, max: usize) -> Child {
+    Command::new(agentd)
         .args(["node", "--live-restore", "--state-dir"])
         .arg(state)
         .arg("--socket")
@@ -91,12 +91,12 @@ fn reap() {
     }
 }
 
-async fn figures(n: usize, restarts: usize) {
+async fn figures(agentd: &Path, n: usize, restarts: usize) {
     let state = tempfile::Builder::new().prefix("agentd-bench-restore-").tempdir().unwrap();
     let subtree = format!("agentd-bench-restore-{}-{n}", std::process::id());
     let socket = state.path().join("node.sock");
     let max = n.max(1);
-    let mut child = start_node(state.path(), &subtree, max);
+    let mut child = start_node(agentd, state.path(), &subtree, max);
     let (mut node, _) = ready(&socket, 0, Instant::now()).await;
     let t0 = Instant::now();
     let mut ids = Vec::new();
@@ -112,7 +112,7 @@ async fn figures(n: usize, restarts: usize) {
         child.kill().unwrap();
         child.wait().unwrap();
         let t0 = Instant::now();
-        child = start_node(state.path(), &subtree, max);
+        child = start_node(agentd, state.path(), &subtree, max);
         let (again, elapsed) = ready(&socket, n, t0).await;
         node = again;
         took.push(elapsed);
@@ -141,9 +141,10 @@ fn main() {
     let counts: Vec<usize> = std::env::var("BENCH_RESTORE").unwrap_or_else(|_| "0,100".into()).split(',').filter_map(|n| n.trim().parse().ok()).collect();
     let restarts = env_usize("BENCH_RESTARTS", 3).max(1);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let agentd = agentd_bin();
     rt.block_on(async {
         for n in counts {
-            figures(n, restarts).await;
+            figures(&agentd, n, restarts).await;
         }
     });
 }

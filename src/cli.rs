@@ -95,8 +95,9 @@ pub struct NodeFlags {
     pub capacity_cpus: Option<f64>,
     /// Sandboxes outlive agentd: a stop (or a crash) leaves them, their
     /// agents and running turns, and the next start takes them back. Off: a
-    /// stop removes every sandbox (the packaged config turns it on; `agentd
-    /// up` run by hand leaves it off unless asked).
+    /// stop removes every sandbox. The packaged config turns it on for the
+    /// service; `agentd up` run in a terminal ignores the file's setting
+    /// (Ctrl-C stops everything) unless the flag or variable is given.
     #[arg(long, env = "AGENTD_LIVE_RESTORE", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub live_restore: bool,
     /// How long a closed session's event log stays on the node, in

@@ -167,12 +167,18 @@ impl Fences {
     /// come back), keeping their pairs.
     pub fn forget_answers_except(&self, live: &HashSet<String>) {
         let entities = self.entities.lock().unwrap();
+        let mut forgot = false;
         for (id, entity) in &entities.by_id {
-            if !live.contains(id) {
-                entity.state.lock().unwrap().answers.clear();
+            let mut state = entity.state.lock().unwrap();
+            if !live.contains(id) && !state.answers.is_empty() {
+                state.answers.clear();
+                forgot = true;
             }
         }
         drop(entities);
+        if !forgot {
+            return;
+        }
         let mut file = self.file.lock().unwrap();
         if let Some(f) = file.as_mut() {
             match self.rewrite(&f.path) {

@@ -267,13 +267,19 @@ impl Turn {
                     }
                 },
             };
+            let before = last;
             match self.read(&mut events, &mut last).await {
                 Read::Ended(end, index) => break Some((end, index)),
+                Read::Broke if self.node.is_detached() => break None,
+                // A stream that got somewhere earns a fresh set of tries;
+                // one that keeps breaking at once uses them up.
+                Read::Broke if last > before => tries = 0,
                 Read::Broke => {
-                    if self.node.is_detached() {
+                    tries += 1;
+                    if tries > ATTACH_TRIES {
                         break None;
                     }
-                    tries = 0;
+                    tokio::time::sleep(ATTACH_RETRY).await;
                 }
             }
         };

@@ -114,6 +114,19 @@ pub struct NodeProcess {
     pub daemon: Daemon,
     pub socket: PathBuf,
     state: PathBuf,
+    /// Its cgroup subtree's name.
+    pub subtree: String,
+}
+
+impl Drop for NodeProcess {
+    /// A test that failed may leave sandboxes a live-restore node left
+    /// running: the node is killed, and they are.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.daemon.kill9();
+            super::host::kill_leftovers(&self.state.join("node").join("sandboxes"), &self.subtree);
+        }
+    }
 }
 
 impl NodeProcess {
@@ -131,7 +144,7 @@ impl NodeProcess {
             &[&[("AGENTD_CGROUP_SUBTREE", subtree.as_str())], env].concat(),
         );
         daemon.wait_for_line("node listening").await;
-        Self { daemon, socket, state }
+        Self { daemon, socket, state, subtree }
     }
 
     /// Sandboxes the node built (its log says so once per sandbox).

@@ -294,14 +294,9 @@ impl Drop for Agentd {
                 let _ = child.wait();
             }
         }
-        // Whatever a failed test left: kill sandboxes still recorded on disk.
-        for dir in self.sandbox_dirs() {
-            let record = std::fs::read(self.sandboxes_dir().join(&dir).join("sandbox.json")).ok();
-            let pid = record.and_then(|r| serde_json::from_slice::<Value>(&r).ok()).and_then(|v| v["pid"].as_i64());
-            if let Some(pid) = pid {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            }
-        }
+        // Whatever a failed test left (or a stop with live restore): its
+        // sandboxes and cgroups.
+        host::kill_leftovers(&self.sandboxes_dir(), &self.subtree);
     }
 }
 
