@@ -103,6 +103,8 @@ pub const KEYS: &[Key] = &[
     key("no_auth", Kind::Bool),
     key("allowed_host_paths", Kind::List(&Kind::Path)),
     key("allowed_registry_sources", Kind::List(&Kind::Registry)),
+    key("live_restore", Kind::Bool),
+    key("closed_session_retention_ms", u64_from(0)),
 ];
 
 pub fn find(name: &str) -> Option<&'static Key> {
