@@ -95,7 +95,7 @@ pub struct NodeFlags {
     #[arg(long, env = "AGENTD_SANDBOX_BIN")]
     pub sandbox_bin: Option<PathBuf>,
     /// This node's id in the fleet (lower-case letters, digits, '-'); by
-    /// default the one it joined with, else "local".
+    /// default the one it joined with, else "node-1" (as the original agentd).
     #[arg(long, env = "AGENTD_NODE_ID")]
     pub node_id: Option<String>,
     /// Labels placement selects nodes by: `zone=a,disk=ssd`.
