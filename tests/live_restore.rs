@@ -215,7 +215,7 @@ async fn a_turn_streaming_through_a_sigkill_of_agentd_node_reaches_the_client_th
     let live = [("AGENTD_LIVE_RESTORE", "true")];
     let mut node = NodeProcess::start_with(dir.path(), &live).await;
     let server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &[]).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
     let resp = http.post(server.url("/v1/sessions")).json(&session_body(&["--delay-ms", "120"])).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
     let session: Value = resp.json().await.unwrap();
