@@ -136,6 +136,10 @@ codes! {
     StoreUnavailable = "store_unavailable",
     /// The node does not answer; retry later.
     NodeUnavailable = "node_unavailable",
+    /// The node did not answer a call within its deadline; retry later.
+    NodeTimeout = "node_timeout",
+    /// The request uses a power over the node's files or network (a host path, `network: host`, seccomp, a registry source): it needs the admin scope or the operator's allow-list; `detail` names the field.
+    OperatorPower = "operator_power",
     /// A workflow step lost its lease to another runner (internal; retried).
     StaleLease = "stale_lease",
     /// A node call came from a step whose lease was taken over (internal; retried).
