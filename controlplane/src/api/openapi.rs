@@ -82,7 +82,7 @@ static OPERATIONS: LazyLock<Vec<Operation>> = LazyLock::new(|| {
         Operation(Post, "/v1/sessions/{id}/permissions/{request_id}", "Answer the agent's permission request", json_body::<sessions::PermissionAnswer>(), NoContent, true),
         Operation(Get, "/v1/registry/agents", "The agent registry", Body::None, ok, true),
         Operation(Get, "/v1/registry/agents/{id}", "One registry agent", Body::None, ok, true),
-        Operation(Post, "/v1/registry:sync", "Fetch the registry again (admin)", optional_body::<registry::SyncBody>(), ok, true),
+        Operation(Post, "/v1/registry:sync", "Fetch the registry again: the configured source (write), or `source` (admin, or a source the operator allows)", optional_body::<registry::SyncBody>(), ok, true),
         Operation(Get, "/v1/containers", "List containers (filters: state, node, label=k=v; paged by cursor)", Body::None, ok, true),
         Operation(Post, "/v1/containers", "Create a ready container holding up to `capacity` sessions", json_body::<containers::CreateBody>(), created, true),
         Operation(Get, "/v1/containers/{id}", "A container", Body::None, ok, true),
