@@ -4,7 +4,8 @@
 //! answer (status, content type, body) the description does not allow.
 //! Admin routes answer 403 to that token, which keeps the fuzzer off the
 //! node table and off registry sources. Bounded: few examples per
-//! operation, a time budget, a per-request timeout.
+//! operation, a time budget, a per-request timeout. Query and path
+//! rejections are checked to be problems first.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -42,6 +43,14 @@ async fn schemathesis_finds_no_5xx_and_no_answer_outside_the_description() {
     let (status, made) = agentd.post("/v1/tokens", &json!({"scope": "write", "name": "schemathesis"})).await;
     assert_eq!(status, StatusCode::CREATED, "{made}");
     let token = made["token"].as_str().unwrap().to_string();
+
+    // What axum would refuse in plain text is a problem with a code too.
+    for path in ["/v1/sessions?limit=many", "/v1/audit?after=x", "/v1/sessions/%FF%FE"] {
+        let (status, content_type, body) = agentd.send(agentd.http.get(agentd.url(path))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{path}: {body}");
+        assert_eq!(body["code"], "invalid_request", "{path}: {body}");
+    }
 
     // Hypothesis keeps its database in the working directory: a temp one.
     let scratch = tempfile::Builder::new().prefix("agentd-schemathesis-").tempdir().unwrap();

@@ -5,7 +5,8 @@
 
 use crate::domain::Code;
 use axum::Json;
-use axum::extract::{Path, State};
+use super::ApiPath as Path;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
@@ -15,7 +16,7 @@ use crate::store::states::{container, session};
 use crate::flows::suspend::Action;
 use crate::store::placement::Demand;
 use agentd_proto::node::{GetSandboxRequest, ListAgentSessionsRequest};
-use axum::extract::Query;
+use super::ApiQuery as Query;
 use serde::Deserialize;
 
 /// The most sessions `capacity` may name.

@@ -16,7 +16,8 @@ pub mod tokens;
 use crate::domain::Code;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::routing::get;
 
@@ -76,6 +77,44 @@ where
                 Code::UnsupportedMediaType,
                 "send the body as JSON with Content-Type: application/json",
             )),
+            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, e.body_text())),
+        }
+    }
+}
+
+/// `Query` whose rejection is a problem (400 `invalid_request`), not axum's
+/// plain text. Handlers import it as `Query`.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, e.body_text())),
+        }
+    }
+}
+
+/// `Path` whose rejection (a segment that is not UTF-8 once decoded, say)
+/// is a problem. Handlers import it as `Path`.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
             Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, e.body_text())),
         }
     }

@@ -140,9 +140,35 @@ fn parameters_of(path: &str) -> Vec<utoipa::openapi::path::Parameter> {
         .collect()
 }
 
+/// The query parameters of the GETs that take some (integers marked), as
+/// their handlers' query types have them.
+fn query_of(method: &HttpMethod, path: &str) -> Vec<utoipa::openapi::path::Parameter> {
+    let names: &[(&str, bool)] = match (method, path) {
+        (HttpMethod::Get, "/v1/sessions") => &[("state", false), ("container_id", false), ("limit", true), ("cursor", false)],
+        (HttpMethod::Get, "/v1/containers") => &[("state", false), ("node_id", false), ("limit", true), ("cursor", false)],
+        (HttpMethod::Get, "/v1/audit") => &[("after", true), ("limit", true), ("entity_kind", false), ("entity_id", false)],
+        (HttpMethod::Get, "/v1/sessions/{id}/events") => &[("after", true)],
+        (HttpMethod::Get, "/v1/containers/{id}/agents/{instance_id}/sessions") => &[("cwd", false), ("cursor", false)],
+        _ => &[],
+    };
+    names
+        .iter()
+        .map(|(name, integer)| {
+            let kind = if *integer { Type::Integer } else { Type::String };
+            ParameterBuilder::new()
+                .name(*name)
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .schema(Some(ObjectBuilder::new().schema_type(SchemaType::Type(kind))))
+                .build()
+        })
+        .collect()
+}
+
 fn operation(op: &Operation) -> utoipa::openapi::path::Operation {
-    let Operation(_, path, summary, body, answer, auth) = op;
-    let mut b = OperationBuilder::new().summary(Some(*summary)).parameters(Some(parameters_of(path)));
+    let Operation(method, path, summary, body, answer, auth) = op;
+    let parameters = parameters_of(path).into_iter().chain(query_of(method, path));
+    let mut b = OperationBuilder::new().summary(Some(*summary)).parameters(Some(parameters));
     if let Body::Json(schema, required) = body {
         let required = if *required { Required::True } else { Required::False };
         b = b.request_body(Some(

@@ -3,7 +3,8 @@
 
 use crate::domain::Code;
 use axum::Json;
-use axum::extract::{Path, State};
+use super::ApiPath as Path;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};

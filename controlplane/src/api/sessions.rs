@@ -3,7 +3,8 @@
 
 use crate::domain::Code;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use super::{ApiPath as Path, ApiQuery as Query};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
