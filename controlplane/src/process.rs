@@ -97,6 +97,17 @@ impl ControlPlane {
         crate::serve_on(self.state.clone(), listener, shutdown).await
     }
 
+    /// Serves metrics and probes without tokens on `listener` (see
+    /// [`crate::serve_metrics_on`]), on a task of its own, until shutdown.
+    pub fn serve_metrics_on(&self, listener: tokio::net::TcpListener) -> JoinHandle<()> {
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::serve_metrics_on(state, listener).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        })
+    }
+
     /// Flushes the audit log and stops the runner: steps still running get
     /// its drain bound.
     pub async fn stop(self) {

@@ -39,7 +39,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use agentd_proto::trace::Traced;
 use tonic::{Code, Status};
 
 use crate::NodeConfig;
@@ -135,7 +135,7 @@ pub struct Sandbox {
     pub slot: u32,
     pub dir: PathBuf,
     pub created_at_ms: i64,
-    pub supervisor: SupervisorClient<Channel>,
+    pub supervisor: SupervisorClient<Traced>,
     /// Limits, freeze, whole-tree kill, usage and the OOM counter.
     pub cgroup: SandboxCgroup,
     limits: Limits,
@@ -592,7 +592,7 @@ impl Sandboxes {
         cgroup: &SandboxCgroup,
         parked: bool,
         failure: &Option<String>,
-    ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>), Status> {
+    ) -> Result<(i32, IdRange, i64, SupervisorClient<Traced>, watch::Receiver<bool>), Status> {
         let cfg = &self.config;
         let ids = IdRange { host_base: cfg.id_base + slot * cfg.id_range_size, size: cfg.id_range_size };
         let workspace = dir.join("workspace");
@@ -667,7 +667,7 @@ impl Sandboxes {
         let record = Record { id: plan.container_id.clone(), pid, slot, ids, created_at_ms: now_ms() };
         std::fs::write(dir.join("sandbox.json"), serde_json::to_vec_pretty(&record).expect("record serializes"))
             .map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited))
+        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(agentd_proto::trace::traced(channel)), exited))
     }
 
     /// Stops the sandbox: its agents first, given the grace period (see

@@ -12,7 +12,7 @@ use agentd_proto::common;
 use agentd_proto::node::journal_entry::Fact;
 use agentd_proto::node::session_event::Event;
 use futures::{Stream, StreamExt};
-use tonic::transport::Channel;
+use agentd_proto::trace::Traced;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::Node;
@@ -43,7 +43,7 @@ impl NodeService {
     {
         let node = Arc::clone(&self.node);
         let service = NodeService { node: Arc::clone(&self.node) };
-        tokio::spawn(async move { node.fences.run(&entity, fence.as_ref(), op(service)).await })
+        tokio::spawn(agentd_proto::trace::carry(async move { node.fences.run(&entity, fence.as_ref(), op(service)).await }))
             .await
             .map_err(|e| status(Code::Internal, "internal", format!("fenced call: {e}")))?
     }
@@ -143,6 +143,7 @@ impl NodeService {
             return Err(status(Code::FailedPrecondition, "container_hibernated", "the sandbox is hibernated: resume it first"));
         }
         session.begin_run(&r.run_id)?;
+        tracing::info!(session_id = r.session_id, run_id = r.run_id, "turn started");
         let log = &session.log;
         log.append(&r.run_id, Event::RunStarted(RunStarted {}));
         let request = sup::PromptRequest {
@@ -153,7 +154,8 @@ impl NodeService {
         match sandbox.supervisor.clone().prompt(request).await {
             Ok(events) => {
                 let journal = Arc::clone(&self.node.journal);
-                tokio::spawn(pump_turn(journal, Arc::clone(&session), Arc::clone(&sandbox), r.run_id.clone(), events.into_inner()));
+                let pump = pump_turn(journal, Arc::clone(&session), Arc::clone(&sandbox), r.run_id.clone(), events.into_inner());
+                tokio::spawn(agentd_proto::trace::carry(pump));
                 Ok(PromptAccepted { run_id: r.run_id })
             }
             Err(e) => {
@@ -180,6 +182,7 @@ fn end_turn(journal: &Journal, session: &NodeSession, run_id: &str, end: Event) 
         Event::RunFailed(f) => run_ended::Outcome::Failed(f.clone()),
         other => unreachable!("a turn ends with run.completed or run.failed, not {}", agentd_proto::events::kind(other)),
     };
+    tracing::info!(session_id = session.session_id, run_id, outcome = agentd_proto::events::kind(&end), "turn ended");
     session.log.append(run_id, end);
     journal.append(Fact::RunEnded(RunEnded {
         container_id: session.container_id.clone(),
@@ -252,7 +255,7 @@ impl NodeService {
     }
 
     /// A session and the supervisor of its sandbox, for calls about it.
-    fn session_supervisor(&self, session_id: &str) -> Result<(Arc<NodeSession>, SupervisorClient<Channel>), Status> {
+    fn session_supervisor(&self, session_id: &str) -> Result<(Arc<NodeSession>, SupervisorClient<Traced>), Status> {
         let session = self.node.sessions.get(session_id)?;
         let supervisor = self.node.sandboxes.get(&session.container_id)?.supervisor.clone();
         Ok((session, supervisor))

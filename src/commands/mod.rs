@@ -127,6 +127,15 @@ pub fn check_auth_setting(api: &crate::cli::ApiArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Binds `--metrics-listen`; the address bound is logged (port 0 in tests).
+pub async fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let bound = listener.local_addr().context("cannot read the metrics address")?;
+    tracing::info!(metrics_listen = %bound, "metrics listening");
+    Ok(listener)
+}
+
 pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir.join("run"))?;

@@ -98,6 +98,9 @@ pub const KEYS: &[Key] = &[
     key("advertise", Kind::HostPort),
     key("grpc_listen", Kind::SocketAddr),
     key("no_auth", Kind::Bool),
+    key("metrics_listen", Kind::SocketAddr),
+    key("sse_keepalive_ms", u64_from(1)),
+    key("sse_buffer", Kind::Int { min: 1, max: 1_000_000 }),
 ];
 
 pub fn find(name: &str) -> Option<&'static Key> {

@@ -56,6 +56,9 @@ fn every_key_of_every_kind_takes_a_good_value() {
         advertise = "10.0.0.5:7443"
         grpc_listen = "0.0.0.0:7443"
         no_auth = false
+        metrics_listen = "127.0.0.1:9100"
+        sse_keepalive_ms = 15000
+        sse_buffer = 1024
     "#;
     let vars = parse(Path::new("t.toml"), text).unwrap();
     assert_eq!(vars.len(), keys::KEYS.len(), "the test names every key");

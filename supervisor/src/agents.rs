@@ -808,7 +808,8 @@ impl Agents {
             sinks.insert(acp_id.clone(), tx.clone());
         }
         agent.turns.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
+        tracing::info!(agent = agent.id, acp_session_id = acp_id, "turn started");
+        tokio::spawn(agentd_proto::trace::carry(async move {
             let mut result = process.client.prompt(&acp_id, &prompt).await;
             // A credential that expired mid-session: authenticate again and
             // resend (the agent refused the prompt, so it did none of it).
@@ -833,8 +834,12 @@ impl Agents {
                 }
                 Err(e) => TurnEvent::Failed(process.describe(e).await),
             };
+            match &last {
+                TurnEvent::Stopped(reason) => tracing::info!(agent = agent.id, acp_session_id = acp_id, stop_reason = reason, "turn ended"),
+                other => tracing::info!(agent = agent.id, acp_session_id = acp_id, outcome = ?other, "turn ended"),
+            }
             let _ = tx.send(last).await;
-        });
+        }));
         Ok(rx)
     }
 

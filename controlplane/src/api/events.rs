@@ -17,9 +17,8 @@ use crate::AppState;
 use crate::flows::archive::ArchivedEvent;
 use crate::store::states::session;
 use agentd_proto::node::StreamEventsRequest;
-use agentd_proto::node::node_client::NodeClient;
+use crate::fleet::nodes::NodeClient;
 use agentd_proto::node::session_event::Event as SessionEventKind;
-use tonic::transport::Channel;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -91,7 +90,7 @@ const GONE_WAIT: Duration = Duration::from_secs(30);
 /// the stream ends with the turn's failure (`sandbox_lost`) once it has.
 fn follow(
     store: crate::store::Store,
-    node: NodeClient<Channel>,
+    node: NodeClient,
     session_id: String,
     after_seq: u64,
     first: Option<tonic::Streaming<agentd_proto::node::SessionEvent>>,
