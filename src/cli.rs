@@ -161,6 +161,15 @@ pub struct ApiArgs {
     /// `POST /v1/registry:sync` syncs it again.
     #[arg(long, env = "AGENTD_REGISTRY")]
     pub registry: Option<String>,
+    /// Host paths (directories or files) that callers without the admin
+    /// scope may name: file:// agent bundles, agent executables, rootfs.
+    /// Comma-separated or repeated.
+    #[arg(long, env = "AGENTD_ALLOWED_HOST_PATHS", value_delimiter = ',')]
+    pub allowed_host_paths: Vec<std::path::PathBuf>,
+    /// Registry sources (paths or URLs, as written) that callers without
+    /// the admin scope may sync from. Comma-separated or repeated.
+    #[arg(long, env = "AGENTD_ALLOWED_REGISTRY_SOURCES", value_delimiter = ',')]
+    pub allowed_registry_sources: Vec<String>,
     /// Sync the registry again this often, in milliseconds; 0: only at
     /// start and on `POST /v1/registry:sync`.
     #[arg(long, env = "AGENTD_REGISTRY_SYNC_INTERVAL_MS", default_value_t = 3_600_000)]

@@ -22,6 +22,7 @@ mod notify;
 mod npx_agent;
 mod packaging;
 mod permissions;
+mod powers;
 mod registry;
 mod sandbox_limits;
 mod session_path;

@@ -76,6 +76,7 @@ pub mod flows;
 pub mod mcp;
 pub mod metrics;
 pub mod plan;
+pub mod powers;
 pub mod process;
 pub mod store;
 pub mod teardown;

@@ -104,6 +104,10 @@ pub fn control_plane_settings(api: &crate::cli::ApiArgs, state_dir: &Path, store
         defaults: agentd_controlplane::plan::PlanDefaults { initialize_timeout_ms: api.initialize_timeout_ms },
         node_call_timeout: std::time::Duration::from_millis(api.node_call_timeout_ms.max(1)),
         registry_source: api.registry.clone(),
+        allowances: agentd_controlplane::powers::Allowances {
+            host_paths: api.allowed_host_paths.clone(),
+            registry_sources: api.allowed_registry_sources.clone(),
+        },
         fleet: fleet_config(api),
         placement: api.placement,
         tls: true,
