@@ -36,4 +36,6 @@ pub struct AppState {
     /// How a step the API runs itself is leased (a prompt's dispatch): under
     /// this control plane's runner's owner name.
     pub steps: workflow::InlineConfig,
+    /// How event streams keep alive and cut off slow subscribers.
+    pub sse: crate::api::sse::SseConfig,
 }

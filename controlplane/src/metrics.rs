@@ -103,7 +103,13 @@ pub struct Metrics {
     /// Live SSE subscribers, kept beside the gauge so that a guard's drop
     /// never races a scrape into a negative value.
     subscribers_now: AtomicI64,
+    /// Runs whose first event was measured lately (oldest first), so that
+    /// each is measured once however many streams see it.
+    first_events_claimed: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
+
+/// How many runs [`Metrics::claim_first_event`] remembers.
+const CLAIMED_RUNS: usize = 4096;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -126,6 +132,7 @@ impl Default for Metrics {
             http_requests: Family::default(),
             http_latency: Family::new_with_constructor(short_buckets),
             subscribers_now: AtomicI64::new(0),
+            first_events_claimed: Default::default(),
             registry: Registry::default(),
         };
         registry.register("containers", "Containers (sandboxes) in each live state, from the store", m.containers.clone());
@@ -207,6 +214,20 @@ impl Metrics {
 
     pub fn first_event(&self, after: Duration) {
         self.first_event.observe(after.as_secs_f64());
+    }
+
+    /// Whether the caller is the first to see `run_id`'s first event (of
+    /// the last [`CLAIMED_RUNS`] runs), and so the one to measure it.
+    pub fn claim_first_event(&self, run_id: &str) -> bool {
+        let mut claimed = self.first_events_claimed.lock().unwrap();
+        if claimed.iter().any(|r| r == run_id) {
+            return false;
+        }
+        if claimed.len() == CLAIMED_RUNS {
+            claimed.pop_front();
+        }
+        claimed.push_back(run_id.to_string());
+        true
     }
 
     pub fn step_retried(&self, kind: &str) {

@@ -34,6 +34,7 @@ fn state(store: &Store) -> AppState {
         shutdown: CancellationToken::new(),
         audit: crate::audit::AuditLog::start(store.clone()),
         steps: crate::workflow::InlineConfig::default(),
+        sse: Default::default(),
     }
 }
 

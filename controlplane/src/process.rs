@@ -37,6 +37,8 @@ pub struct Settings {
     pub auth: bool,
     /// Where the first admin token of a store with none is written.
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// Event streams' keep-alive and slow-subscriber bound.
+    pub sse: crate::api::sse::SseConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,7 @@ impl ControlPlane {
             shutdown: CancellationToken::new(),
             audit: crate::audit::AuditLog::start(s.store.clone()),
             steps: workflow::InlineConfig::of(&s.runner),
+            sse: s.sse,
         };
         crate::reconcile(&state).await.map_err(StartError::Reconcile)?;
         crate::sync_registry_at_start(&state).await;

@@ -113,6 +113,10 @@ pub fn control_plane_settings(api: &crate::cli::ApiArgs, state_dir: &Path, store
         tls: true,
         auth: !api.no_auth,
         admin_token_file: Some(state_dir.join("admin.token")),
+        sse: agentd_controlplane::api::sse::SseConfig {
+            keep_alive: std::time::Duration::from_millis(api.sse_keepalive_ms),
+            buffer: api.sse_buffer as usize,
+        },
     }
 }
 

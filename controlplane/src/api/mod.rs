@@ -11,6 +11,7 @@ pub mod nodes;
 pub mod problem;
 pub mod registry;
 pub mod sessions;
+pub mod sse;
 pub mod telemetry;
 pub mod tokens;
 
