@@ -19,7 +19,7 @@ use crate::store::Store;
 use crate::workflow::{Backoff, Registry, Runner, RunnerConfig};
 use crate::{AppState, app};
 
-fn state(store: &Store) -> AppState {
+pub(crate) fn state(store: &Store) -> AppState {
     AppState {
         store: store.clone(),
         auth: false,
