@@ -197,7 +197,7 @@ fn config_check_names_each_bad_key_with_its_line() {
     // Without a FILE: AGENTD_CONFIG's (here the packaged one), which passes.
     let out = agentd(&["config", "check"], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with("ok: 12 keys"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).starts_with("ok: 14 keys"), "{}", text(&out.stdout));
 }
 
 #[test]

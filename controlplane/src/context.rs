@@ -37,5 +37,21 @@ pub struct AppState {
     /// this control plane's runner's owner name.
     pub steps: workflow::InlineConfig,
     /// How event streams keep alive and cut off slow subscribers.
-    pub sse: crate::api::sse::SseConfig,
+    pub sse: SseConfig,
 }
+
+/// How event streams keep alive and bound their subscribers (api/sse.rs).
+#[derive(Clone, Copy, Debug)]
+pub struct SseConfig {
+    /// A keep-alive comment this long after the last thing sent.
+    pub keep_alive: std::time::Duration,
+    /// Events a subscriber may have unread before it risks the cut-off.
+    pub buffer: usize,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig { keep_alive: std::time::Duration::from_secs(15), buffer: 1024 }
+    }
+}
+

@@ -13,6 +13,8 @@ pub mod registry;
 pub mod sessions;
 pub mod sse;
 pub mod telemetry;
+#[cfg(test)]
+mod tests;
 pub mod tokens;
 
 use axum::Router;

@@ -32,19 +32,7 @@ pub const LAG_GRACE: Duration = Duration::from_secs(2);
 /// The reconnect delay suggested to clients (`retry:`).
 pub const RETRY_HINT: Duration = Duration::from_secs(2);
 
-#[derive(Clone, Copy, Debug)]
-pub struct SseConfig {
-    /// A keep-alive comment this long after the last thing sent.
-    pub keep_alive: Duration,
-    /// Events a subscriber may have unread before it risks the cut-off.
-    pub buffer: usize,
-}
-
-impl Default for SseConfig {
-    fn default() -> Self {
-        SseConfig { keep_alive: Duration::from_secs(15), buffer: 1024 }
-    }
-}
+pub use crate::context::SseConfig;
 
 /// An event and its id (`None`: not part of the session's log).
 pub type Item = (Option<u64>, Event);
