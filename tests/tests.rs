@@ -16,6 +16,7 @@ mod doctor;
 mod durability;
 mod fleet;
 mod hostile;
+mod live_restore;
 mod multi_session;
 mod node_lifecycle;
 mod notify;

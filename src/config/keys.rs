@@ -106,6 +106,8 @@ pub const KEYS: &[Key] = &[
     key("sse_buffer", Kind::Int { min: 1, max: 1_000_000 }),
     key("allowed_host_paths", Kind::List(&Kind::Path)),
     key("allowed_registry_sources", Kind::List(&Kind::Registry)),
+    key("live_restore", Kind::Bool),
+    key("closed_session_retention_ms", u64_from(0)),
 ];
 
 pub fn find(name: &str) -> Option<&'static Key> {

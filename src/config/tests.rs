@@ -21,6 +21,7 @@ fn the_packaged_config_passes() {
     assert!(vars.contains(&("AGENTD_LISTEN".into(), "127.0.0.1:8080".into())));
     assert!(vars.contains(&("AGENTD_INITIALIZE_TIMEOUT_MS".into(), "30000".into())));
     assert!(vars.contains(&("AGENTD_LOG_JSON".into(), "false".into())));
+    assert!(vars.contains(&("AGENTD_LIVE_RESTORE".into(), "true".into())), "the service runs with live restore");
     assert_eq!(vars[0].0, "AGENTD_LISTEN", "in file order");
 }
 
@@ -61,6 +62,8 @@ fn every_key_of_every_kind_takes_a_good_value() {
         sse_buffer = 1024
         allowed_host_paths = ["/srv/agents", "/opt/roots"]
         allowed_registry_sources = ["https://example.org/registry.json", "/etc/agentd/registry.json"]
+        live_restore = true
+        closed_session_retention_ms = 0
     "#;
     let vars = parse(Path::new("t.toml"), text).unwrap();
     assert_eq!(vars.len(), keys::KEYS.len(), "the test names every key");
