@@ -21,6 +21,7 @@ mod multi_session;
 mod node_lifecycle;
 mod notify;
 mod npx_agent;
+mod observability;
 mod packaging;
 mod permissions;
 mod powers;

@@ -278,6 +278,7 @@ pub async fn serve_on(
         }
     };
     let local = tonic::transport::Server::builder()
+        .layer(agentd_proto::trace::ServerLayer)
         .add_service(NodeServer::new(service::NodeService::new(Arc::clone(&node))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop);
     let remote = async {
@@ -289,6 +290,7 @@ pub async fn serve_on(
             // A control plane that vanished mid-stream is noticed.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .layer(agentd_proto::trace::ServerLayer)
             .add_service(NodeServer::new(service::NodeService::new(Arc::clone(&node))))
             .serve_with_incoming_shutdown(incoming, stopped.cancelled_owned())
             .await

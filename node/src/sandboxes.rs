@@ -41,7 +41,7 @@ use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use agentd_proto::trace::Traced;
 use tonic::{Code, Status};
 
 use crate::NodeConfig;
@@ -128,7 +128,7 @@ pub struct Sandbox {
     pub slot: u32,
     pub dir: PathBuf,
     pub created_at_ms: i64,
-    pub supervisor: SupervisorClient<Channel>,
+    pub supervisor: SupervisorClient<Traced>,
     /// Limits, freeze, whole-tree kill, usage and the OOM counter.
     pub cgroup: SandboxCgroup,
     memory_max: Option<u64>,
@@ -232,7 +232,7 @@ impl Sandbox {
 /// What [`Sandboxes::build`] made.
 struct Built {
     record: Record,
-    supervisor: SupervisorClient<Channel>,
+    supervisor: SupervisorClient<Traced>,
     exited: watch::Receiver<bool>,
     pidfd: Arc<OwnedFd>,
     seccomp: Option<SeccompPolicy>,
@@ -480,7 +480,7 @@ impl Sandboxes {
             return Err(give_up(format!("its cgroup {} is gone: it was stopped", missing.path.display())));
         }
         let seccomp = r.seccomp_policy().map_err(|e| give_up(format!("its sandbox.json is damaged ({e}): it was stopped")))?;
-        let supervisor = SupervisorClient::new(uds::lazy_channel(&dir.join("supervisor.sock")));
+        let supervisor = SupervisorClient::new(agentd_proto::trace::traced(uds::lazy_channel(&dir.join("supervisor.sock"))));
         // Kills before the restart were reported before it (or not at all):
         // only new ones are.
         let oom_seen = r.cgroup.oom_kills().ok().flatten().unwrap_or(0);
@@ -865,7 +865,7 @@ impl Sandboxes {
         // Before the answer: a node that restarts right after takes back
         // every sandbox it ever answered for.
         record.write(dir).map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok(Built { record, supervisor: SupervisorClient::new(channel), exited, pidfd, seccomp })
+        Ok(Built { record, supervisor: SupervisorClient::new(agentd_proto::trace::traced(channel)), exited, pidfd, seccomp })
     }
 
     /// Stops the sandbox: its agents first, given the grace period (see

@@ -28,6 +28,10 @@ pub const SESSION_SETUP: &str = "session.setup";
 /// Streamed by the control plane when a session followed while being
 /// created failed to start (`{"state", "code", "error"}`); the stream ends.
 pub const SESSION_FAILED: &str = "session.failed";
+/// Streamed by the control plane as the last event of a stream whose
+/// subscriber fell too far behind (`{"last_event_id", "buffer", "detail"}`):
+/// it resumes with `Last-Event-ID`. Not in the session's log, so without an id.
+pub const STREAM_LAGGED: &str = "stream.lagged";
 
 /// The name of an event's kind, as SSE's `event:` field says it.
 pub fn kind(event: &Event) -> &'static str {

@@ -1,4 +1,4 @@
-//! Middleware: every route but `/healthz` (and the node join, whose join
+//! Middleware: every route but `/healthz`, `/readyz` (and the node join, whose join
 //! token is its credential) needs `Authorization: Bearer <token>` of a
 //! scope enough for it: `read` for GET, `write` for the rest, `admin` for
 //! tokens, nodes and the audit log (and, checked by handlers, for what
@@ -19,7 +19,7 @@ use crate::powers::Authority;
 
 /// The scope a request needs; `None`: open to anyone.
 pub fn required(method: &Method, path: &str) -> Option<Scope> {
-    if path == "/healthz" || path == "/v1/nodes:join" {
+    if path == "/healthz" || path == "/readyz" || path == "/v1/nodes:join" {
         return None;
     }
     let reading = matches!(*method, Method::GET | Method::HEAD);
@@ -90,6 +90,8 @@ mod tests {
         let get = Method::GET;
         let post = Method::POST;
         assert_eq!(required(&get, "/healthz"), None);
+        assert_eq!(required(&get, "/readyz"), None);
+        assert_eq!(required(&get, "/metrics"), Some(Scope::Read));
         assert_eq!(required(&post, "/v1/nodes:join"), None);
         assert_eq!(required(&get, "/v1/sessions"), Some(Scope::Read));
         assert_eq!(required(&post, "/v1/sessions/ses_1:prompt"), Some(Scope::Write));
