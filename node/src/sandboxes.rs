@@ -441,7 +441,8 @@ impl Sandboxes {
             &self.host,
         )
         .map_err(|e| invalid_profile(e.to_string()))?;
-        let network = agentd_proto::convert::network(plan.network());
+        let network = agentd_proto::convert::network(plan.network(), plan.egress.as_ref())
+            .map_err(|e| status(Code::InvalidArgument, "invalid_network_policy", e))?;
         let seccomp = plan.seccomp.clone();
         if let Some(policy) = &seccomp {
             let policy = agentd_proto::convert::seccomp(policy).map_err(|e| invalid_profile(format!("seccomp policy: {e}")))?;

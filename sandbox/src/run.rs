@@ -13,7 +13,7 @@ use agentd_cgroups::limits::{HostCapacity, Limits};
 use agentd_cgroups::sandbox::SandboxCgroup;
 use agentd_cgroups::tree::CgroupTree;
 use agentd_harden::{Hardening, compile_custom};
-use agentd_plan::parse_size;
+use agentd_plan::{EgressPolicy, parse_size};
 use agentd_supervisor::run_mode;
 use anyhow::{Context, anyhow, bail};
 use nix::sys::signal::{SigSet, Signal};
@@ -139,10 +139,21 @@ fn hardening(args: &SandboxRunArgs) -> anyhow::Result<Hardening> {
     Ok(hardening.with_seccomp(Some(program)))
 }
 
+/// `--network` with its `--allow` rules.
+fn network(args: &SandboxRunArgs) -> anyhow::Result<Network> {
+    match args.network.as_str() {
+        "egress" => Ok(Network::Egress(EgressPolicy::parse(&args.allow)?)),
+        other => {
+            anyhow::ensure!(args.allow.is_empty(), "--allow needs --network egress");
+            Ok(other.parse()?)
+        }
+    }
+}
+
 fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     // Everything the request says is checked before anything exists: a
     // refused run creates no directory, cgroup or mount.
-    let network: Network = args.network.parse().map_err(|e: String| anyhow!(e))?;
+    let network = network(&args)?;
     let mut mounts: Vec<BindMount> = args.ro_binds.iter().map(|b| parse_bind(b)).collect::<Result<_, _>>()?;
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),

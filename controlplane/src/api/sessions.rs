@@ -300,7 +300,7 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         None => body.container_profile.clone(),
     };
     let profile = match &profile_value {
-        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?,
+        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid(e.code(), e.to_string()))?,
         None => Profile::default(),
     };
     let session_options = body.session.unwrap_or_default();
