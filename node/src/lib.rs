@@ -24,6 +24,7 @@ mod delivery;
 pub mod event_log;
 pub mod fence;
 pub mod journal;
+mod egress;
 mod oom;
 pub mod sandboxes;
 pub mod service;
@@ -122,6 +123,9 @@ impl Node {
         let sessions = Arc::new(sessions::Sessions::default());
         let node = Arc::new(Self { sandboxes, sessions, fences: fence::Fences::default(), setups: setup::Setups::default(), journal });
         oom::watch(Arc::downgrade(&node));
+        if let Some(denials) = node.sandboxes.take_denials() {
+            egress::report(Arc::downgrade(&node), denials);
+        }
         Ok(node)
     }
 

@@ -145,11 +145,29 @@ pub struct Sandbox {
     oom_seen: AtomicU64,
     frozen: AtomicBool,
     exited: watch::Receiver<bool>,
+    /// An egress sandbox's gateway (resolver, proxy, link, rules), taken
+    /// and dropped by the delete, which removes them.
+    egress: Mutex<Option<agentd_egress::Serving>>,
 }
 
 impl Sandbox {
     pub fn is_running(&self) -> bool {
         !*self.exited.borrow()
+    }
+
+    /// An egress sandbox's counters; `None` for other modes.
+    pub fn egress_usage(&self) -> Option<agentd_proto::node::EgressUsage> {
+        let egress = self.egress.lock().unwrap();
+        let u = egress.as_ref()?.usage();
+        Some(agentd_proto::node::EgressUsage {
+            connections_allowed: u.connections_allowed,
+            connections_denied: u.connections_denied,
+            bytes_out: u.bytes_out,
+            bytes_in: u.bytes_in,
+            names_allowed: u.names_allowed,
+            names_denied: u.names_denied,
+            datagrams_denied: u.datagrams_denied,
+        })
     }
 
     pub fn info(&self) -> SandboxInfo {
@@ -160,6 +178,7 @@ impl Sandbox {
             pids_current: s.pids_current,
             pids_max: s.pids_max,
             oom_kills: s.oom_kills,
+            egress: self.egress_usage(),
         });
         SandboxInfo {
             container_id: self.id.clone(),
@@ -235,6 +254,9 @@ pub struct Sandboxes {
     spare: tokio::sync::Mutex<Spare>,
     /// Agent bundles the plans name, unpacked once and shared read-only.
     bundles: BundleCache,
+    /// Egress gateways' denials, by container id; read by `egress::report`.
+    denials: tokio::sync::mpsc::UnboundedSender<(String, agentd_egress::Denial)>,
+    denials_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<(String, agentd_egress::Denial)>>>,
 }
 
 /// Makes the node the parent of every orphan below it, so that sandbox PID 1s
@@ -295,6 +317,7 @@ impl Sandboxes {
         let host = HostCapacity::detect(&config.proc_root).map_err(std::io::Error::other)?;
         let launcher = Launcher::new(config.exe.clone());
         let bundles = BundleCache::open(config.state_dir.join("bundles"))?;
+        let (denials, denials_rx) = tokio::sync::mpsc::unbounded_channel();
         let this = Arc::new(Self {
             config,
             cgroups,
@@ -306,9 +329,17 @@ impl Sandboxes {
             launcher,
             spare: Default::default(),
             bundles,
+            denials,
+            denials_rx: Mutex::new(Some(denials_rx)),
         });
         let leftovers = this.clean_leftovers(&root).await;
         let lost = leftovers.iter().map(|(record, _)| record.id.clone()).collect();
+        // Links and rules of egress slots whose owner died (this node's
+        // earlier run among them: its sandboxes went with it).
+        let egress = tokio::task::spawn_blocking(agentd_egress::link::clean_leftovers).await.unwrap_or(0);
+        if egress > 0 {
+            tracing::warn!(slots = egress, "removed egress links and rules an earlier process left");
+        }
         let report = this.cgroups.clean_leftovers();
         if !report.removed.is_empty() || !report.failed.is_empty() {
             tracing::warn!(removed = ?report.removed, failed = ?report.failed, "cleaned cgroups an earlier node left");
@@ -400,6 +431,11 @@ impl Sandboxes {
     /// The content-addressed cache of agent bundles.
     pub fn bundles(&self) -> &BundleCache {
         &self.bundles
+    }
+
+    /// The egress gateways' denials; the first caller gets them.
+    pub fn take_denials(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, agentd_egress::Denial)>> {
+        self.denials_rx.lock().unwrap().take()
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -527,7 +563,7 @@ impl Sandboxes {
             }
         };
         match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, parked, &failure).await {
-            Ok((pid, ids, created_at_ms, supervisor, exited)) => {
+            Ok((pid, ids, created_at_ms, supervisor, exited, egress)) => {
                 let sandbox = Arc::new(Sandbox {
                     id: id.clone(),
                     pid,
@@ -542,6 +578,7 @@ impl Sandboxes {
                     oom_seen: AtomicU64::new(0),
                     frozen: AtomicBool::new(false),
                     exited,
+                    egress: Mutex::new(egress),
                 });
                 // Fault tests count these lines: one per sandbox built.
                 tracing::info!(id, pid, "sandbox created");
@@ -593,7 +630,7 @@ impl Sandboxes {
         cgroup: &SandboxCgroup,
         parked: bool,
         failure: &Option<String>,
-    ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>), Status> {
+    ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>, Option<agentd_egress::Serving>), Status> {
         let cfg = &self.config;
         let ids = IdRange { host_base: cfg.id_base + slot * cfg.id_range_size, size: cfg.id_range_size };
         let workspace = dir.join("workspace");
@@ -607,6 +644,24 @@ impl Sandboxes {
         let mut mounts = vec![BindMount { source: workspace, target: checked.workspace_path, read_only: false }];
         mounts.extend(checked.mounts);
         mounts.extend(bundle_mounts);
+        // An egress sandbox's gateway: reserved now, its resolver in the
+        // sandbox's /etc/resolv.conf; attached once PID 1 exists, before
+        // the supervisor answers (no agent runs before that).
+        let gateway = match &checked.network {
+            Network::Egress(policy) => {
+                let upstream = agentd_egress::upstream_dns().map_err(|e| status(Code::FailedPrecondition, "egress_unavailable", e))?;
+                let policy = policy.clone();
+                let gateway = tokio::task::spawn_blocking(move || agentd_egress::Gateway::reserve(policy, upstream))
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| status(Code::Internal, "sandbox_failed", e))?;
+                let resolv = dir.join("resolv.conf");
+                std::fs::write(&resolv, gateway.resolv_conf()).map_err(|e| internal(format!("write resolv.conf: {e}")))?;
+                mounts.push(BindMount { source: resolv, target: "/etc/resolv.conf".into(), read_only: true });
+                Some(gateway)
+            }
+            _ => None,
+        };
         let socket_path = dir.join("supervisor.sock");
         let spec = SandboxSpec {
             id: plan.container_id.clone(),
@@ -660,6 +715,20 @@ impl Sandboxes {
             let _ = waitpid(Pid::from_raw(pid), None);
             e
         };
+        let egress = match gateway {
+            Some(mut gateway) => {
+                let attached = tokio::task::spawn_blocking(move || gateway.attach(pid).map(|()| gateway)).await.map_err(internal).map_err(kill_on_error)?;
+                let gateway = attached.map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("egress: {e}"))))?;
+                let (denials, id) = (self.denials.clone(), plan.container_id.clone());
+                let serving = gateway
+                    .serve(move |d| {
+                        let _ = denials.send((id.clone(), d));
+                    })
+                    .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("egress: {e}"))))?;
+                Some(serving)
+            }
+            None => None,
+        };
         injected(failure, "connect").map_err(kill_on_error)?;
         let exited = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
         let channel = uds::connect(&socket_path)
@@ -668,7 +737,7 @@ impl Sandboxes {
         let record = Record { id: plan.container_id.clone(), pid, slot, ids, created_at_ms: now_ms() };
         std::fs::write(dir.join("sandbox.json"), serde_json::to_vec_pretty(&record).expect("record serializes"))
             .map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited))
+        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited, egress))
     }
 
     /// Stops the sandbox: its agents first, given the grace period (see
@@ -691,6 +760,11 @@ impl Sandboxes {
         let mut exited = sandbox.exited.clone();
         if tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_err() {
             tracing::error!(id, pid = sandbox.pid, "sandbox did not exit after SIGKILL");
+        }
+        // Its gateway's tasks stop, its link and rules go (`ip`, `nft`).
+        let egress = sandbox.egress.lock().unwrap().take();
+        if let Some(egress) = egress {
+            let _ = tokio::task::spawn_blocking(move || drop(egress)).await;
         }
         if let Err(e) = std::fs::remove_dir_all(&sandbox.dir) {
             tracing::warn!(id, error = %e, "cannot remove sandbox directory");

@@ -1,0 +1,355 @@
+//! Egress allow-lists end to end: `agentd sandbox run --network egress` in a
+//! test network namespace ("node"), beside another ("net") that stands in
+//! for the internet: HTTP on two ports, a TLS-like server on 443 (it only
+//! reads a ClientHello and answers), a UDP port, and the resolver the
+//! gateway asks, which knows two names. Everything lives in namespaces the
+//! test makes; the gateway's slot locks in a directory of the test's.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agentd_egress::{dns, sni};
+use agentd_testkit::netns::{Fabric, Host};
+
+use crate::support::agentd_bin;
+
+/// The gateway of slot 0 (the test's lock directory is empty): where the
+/// sandbox's resolver is.
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(100, 127, 0, 1);
+const ALLOWED: &str = "allowed.test";
+const OTHER: &str = "other.test";
+const TYPE_TXT: u16 = 16;
+
+/// What the test's servers saw.
+#[derive(Default)]
+struct Seen {
+    /// Names and types the upstream resolver was asked.
+    asked: Mutex<Vec<(String, u16)>>,
+    /// Requests per HTTP port, ClientHellos on 443, datagrams on the UDP port,
+    /// connections to the node's own listeners.
+    http_8080: AtomicUsize,
+    http_8081: AtomicUsize,
+    hellos: AtomicUsize,
+    datagrams: AtomicUsize,
+    node_services: AtomicUsize,
+}
+
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Accepts on `listener` until stopped, handing each connection to `serve`.
+fn serve_tcp(listener: TcpListener, stop: Arc<AtomicBool>, serve: impl Fn(TcpStream) + Send + 'static) -> JoinHandle<()> {
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                    serve(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    })
+}
+
+fn serve_udp(socket: UdpSocket, stop: Arc<AtomicBool>, serve: impl Fn(&UdpSocket, &[u8], SocketAddr) + Send + 'static) -> JoinHandle<()> {
+    socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                serve(&socket, &buf[..n], from);
+            }
+        }
+    })
+}
+
+fn http_reply(mut s: TcpStream, port: u16) {
+    let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return,
+        }
+    }
+    let body = format!("hello-{port}");
+    let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+}
+
+fn start_servers(net: &Host, node: &Host, seen: &Arc<Seen>) -> Servers {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ip = net.addr();
+    let mut threads = Vec::new();
+    for port in [8080u16, 8081] {
+        let seen = Arc::clone(seen);
+        let listener = net.listen(SocketAddr::from((ip, port))).unwrap();
+        threads.push(serve_tcp(listener, Arc::clone(&stop), move |s| {
+            let counter = if port == 8080 { &seen.http_8080 } else { &seen.http_8081 };
+            counter.fetch_add(1, Ordering::Relaxed);
+            http_reply(s, port);
+        }));
+    }
+    let tls_seen = Arc::clone(seen);
+    threads.push(serve_tcp(net.listen(SocketAddr::from((ip, 443))).unwrap(), Arc::clone(&stop), move |mut s| {
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = s.read(&mut buf)
+            && n > 0
+        {
+            tls_seen.hellos.fetch_add(1, Ordering::Relaxed);
+            let _ = s.write_all(b"tls-ok");
+        }
+    }));
+    let dns_seen = Arc::clone(seen);
+    let resolver = net.within(move || UdpSocket::bind((ip, 53))).unwrap();
+    threads.push(serve_udp(resolver, Arc::clone(&stop), move |socket, msg, from| {
+        let Ok(query) = dns::Query::parse(msg) else { return };
+        dns_seen.asked.lock().unwrap().push((query.name.clone(), query.qtype));
+        let answer = if (query.name == ALLOWED || query.name == OTHER) && query.qtype == dns::TYPE_A {
+            query.answer(dns::RCODE_OK, &[(ip, 300)])
+        } else {
+            query.answer(3, &[])
+        };
+        let _ = socket.send_to(&answer, from);
+    }));
+    let udp_seen = Arc::clone(seen);
+    let udp = net.within(move || UdpSocket::bind((ip, 9999))).unwrap();
+    threads.push(serve_udp(udp, Arc::clone(&stop), move |_, _, _| {
+        udp_seen.datagrams.fetch_add(1, Ordering::Relaxed);
+    }));
+    // The node's own services: on its fabric address and on every address.
+    for addr in [SocketAddr::from((node.addr(), 5556)), SocketAddr::from((Ipv4Addr::UNSPECIFIED, 5557))] {
+        let seen = Arc::clone(seen);
+        threads.push(serve_tcp(node.listen(addr).unwrap(), Arc::clone(&stop), move |_| {
+            seen.node_services.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    Servers { stop, threads }
+}
+
+/// Runs `f` on a thread in the network namespace of process `pid`.
+fn in_netns_of<T: Send>(pid: i32, f: impl FnOnce() -> T + Send) -> T {
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The child processes of `pid` (any of its threads').
+fn children(pid: u32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            found.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    found
+}
+
+/// Asks the sandbox's resolver for `name` of `qtype`: the rcode and addresses.
+fn ask(name: &str, qtype: u16) -> (u8, Vec<Ipv4Addr>) {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut query = dns::a_query(0x4242, name);
+    let at = query.len() - 4;
+    query[at..at + 2].copy_from_slice(&qtype.to_be_bytes());
+    socket.send_to(&query, (GATEWAY, 53)).unwrap();
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("no answer for {name} type {qtype}: {e}"));
+    let (rcode, addrs) = dns::read_a_answer(&buf[..n], 0x4242).expect("an answer to our query");
+    (rcode, addrs.into_iter().map(|(a, _)| a).collect())
+}
+
+/// A ClientHello for `name` to `addr`; what came back (empty if refused).
+fn tls_hello(addr: SocketAddr, name: &str) -> Vec<u8> {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else { return Vec::new() };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(&sni::sample_client_hello(Some(name)));
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
+}
+
+fn stop(mut child: Child) -> std::process::ExitStatus {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().unwrap()
+}
+
+fn links_and_tables(node: &Host) -> String {
+    let links = node.command("ip").args(["-o", "link"]).output().unwrap();
+    let tables = node.command("nft").args(["list", "tables"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout).lines().filter(|l| l.contains("aeg")).collect::<Vec<_>>().join("\n");
+    let tables = String::from_utf8_lossy(&tables.stdout).lines().filter(|l| l.contains("agentd_egress")).collect::<Vec<_>>().join("\n");
+    format!("{links}{tables}")
+}
+
+#[test]
+fn an_egress_sandbox_reaches_what_its_rules_allow_and_nothing_else() {
+    let fabric = Fabric::new().unwrap();
+    let node = fabric.host("node").unwrap();
+    let net = fabric.host("net").unwrap();
+    let seen = Arc::new(Seen::default());
+    let servers = start_servers(&net, &node, &seen);
+    let locks = tempfile::tempdir().unwrap();
+    let (n, g) = (net.addr(), node.addr());
+    let script = format!(
+        "curl -sS -m 5 http://{ALLOWED}:8080/ && echo ' ALLOWED-OK'
+curl -sS -m 5 http://{ALLOWED}:8081/ || echo PORT-REFUSED
+curl -sS -m 5 http://{OTHER}:8080/ || echo NAME-REFUSED
+curl -sS -m 5 http://{n}:8081/ || echo IP-REFUSED
+curl -sS -m 5 http://169.254.169.254/ || echo METADATA-REFUSED
+curl -sS -m 5 http://{g}:5556/ || echo HOSTADDR-REFUSED
+curl -sS -m 5 http://{GATEWAY}:5557/ || echo GATEWAY-REFUSED
+echo READY
+sleep 60
+"
+    );
+    let mut child = node
+        .command(agentd_bin())
+        .args(["sandbox", "run", "--network", "egress", "--allow", &format!("{ALLOWED}:8080"), "--allow", &format!("{ALLOWED}:443"), "--"])
+        .args(["sh", "-c", &script])
+        .env("AGENTD_EGRESS_DNS", format!("{n}:53"))
+        .env("AGENTD_EGRESS_LOCK_DIR", locks.path())
+        .env("AGENTD_EGRESS_USAGE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let err_reader = {
+        let (pipe, stderr) = (child.stderr.take().unwrap(), Arc::clone(&stderr));
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = stderr.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        })
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut stdout = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while stdout.last().map(String::as_str) != Some("READY") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => stdout.push(line),
+            Err(_) => {
+                let status = stop(child);
+                panic!("no READY ({status}); stdout {stdout:?}; stderr:\n{}", stderr.lock().unwrap());
+            }
+        }
+    }
+    let stdout = stdout.join("\n");
+    let sandbox = children(child.id());
+    assert_eq!(sandbox.len(), 1, "one PID 1 under agentd: {sandbox:?}");
+    let tls = SocketAddr::from((n, 443));
+    let (a, other_a, txt, other_txt, refused_sni, allowed_sni) = in_netns_of(sandbox[0], || {
+        let a = ask(ALLOWED, dns::TYPE_A);
+        let other_a = ask(OTHER, dns::TYPE_A);
+        let txt = ask(ALLOWED, TYPE_TXT);
+        let other_txt = ask(OTHER, TYPE_TXT);
+        let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        udp.send_to(b"anyone there?", (n, 9999)).unwrap();
+        let refused_sni = tls_hello(tls, OTHER);
+        let allowed_sni = tls_hello(tls, ALLOWED);
+        (a, other_a, txt, other_txt, refused_sni, allowed_sni)
+    });
+    // The datagram's report and the sink's read.
+    std::thread::sleep(Duration::from_millis(300));
+    let status = stop(child);
+    err_reader.join().unwrap();
+    out_reader.join().unwrap();
+    let stderr = stderr.lock().unwrap().clone();
+    drop(servers);
+    let context = format!("status {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+
+    // What is allowed works, through the resolver and the proxy.
+    assert!(stdout.contains("hello-8080 ALLOWED-OK"), "{context}");
+    assert_eq!(a, (dns::RCODE_OK, vec![n]), "{context}");
+    assert_eq!(allowed_sni, b"tls-ok", "{context}");
+    // Everything else is refused...
+    for refused in ["PORT-REFUSED", "NAME-REFUSED", "IP-REFUSED", "METADATA-REFUSED", "HOSTADDR-REFUSED", "GATEWAY-REFUSED"] {
+        assert!(stdout.contains(refused), "{refused}: {context}");
+    }
+    assert_eq!(other_a.0, dns::RCODE_REFUSED, "{context}");
+    assert_eq!(txt.0, dns::RCODE_REFUSED, "{context}");
+    assert_eq!(other_txt.0, dns::RCODE_REFUSED, "{context}");
+    assert!(refused_sni.is_empty(), "{refused_sni:?}: {context}");
+    // ... never reaching the other side ...
+    assert_eq!(seen.http_8081.load(Ordering::Relaxed), 0, "{context}");
+    assert!(seen.http_8080.load(Ordering::Relaxed) >= 1, "{context}");
+    assert_eq!(seen.hellos.load(Ordering::Relaxed), 1, "only the allowed name's hello got through: {context}");
+    assert_eq!(seen.datagrams.load(Ordering::Relaxed), 0, "{context}");
+    assert_eq!(seen.node_services.load(Ordering::Relaxed), 0, "{context}");
+    let asked = seen.asked.lock().unwrap().clone();
+    assert!(asked.iter().all(|(name, qtype)| name == ALLOWED && *qtype == dns::TYPE_A), "only allowed A queries go upstream: {asked:?}");
+    // ... and each refusal is reported, with the rule that was missing.
+    for line in [
+        format!("egress denied: tcp {n}:8081"),
+        format!("missing rule: {ALLOWED}:8081"),
+        format!("egress denied: name {OTHER}"),
+        format!("missing rule: {OTHER}"),
+        "egress denied: tcp 169.254.169.254:80".to_string(),
+        format!("egress denied: tcp {g}:5556"),
+        format!("egress denied: tcp {GATEWAY}:5557"),
+        format!("egress denied: udp {n}:9999"),
+        format!("(TLS name {OTHER})"),
+        format!("egress denied: name {ALLOWED}: only A and AAAA queries are answered"),
+    ] {
+        assert!(stderr.contains(&line), "{line:?} not reported: {context}");
+    }
+    assert!(stderr.contains("egress usage: connections allowed 2"), "{context}");
+    // Nothing is left: no link, no rules.
+    assert_eq!(links_and_tables(&node), "", "{context}");
+}
+
+#[test]
+fn a_malformed_rule_is_refused_naming_it() {
+    let out = std::process::Command::new(agentd_bin())
+        .args(["sandbox", "run", "--network", "egress", "--allow", "ok.example.com", "--allow", "api.example.com:99999", "--", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("api.example.com:99999"), "{stderr}");
+    let out = std::process::Command::new(agentd_bin()).args(["sandbox", "run", "--allow", "a.com", "--", "true"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow needs --network egress"));
+}
