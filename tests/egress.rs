@@ -337,6 +337,7 @@ sleep 60
         assert!(stderr.contains(&line), "{line:?} not reported: {context}");
     }
     assert!(stderr.contains("egress usage: connections allowed 2"), "{context}");
+    eprintln!("{context}");
     // Nothing is left: no link, no rules.
     assert_eq!(links_and_tables(&node), "", "{context}");
 }
@@ -352,4 +353,91 @@ fn a_malformed_rule_is_refused_naming_it() {
     assert!(stderr.contains("api.example.com:99999"), "{stderr}");
     let out = std::process::Command::new(agentd_bin()).args(["sandbox", "run", "--allow", "a.com", "--", "true"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow needs --network egress"));
+}
+
+/// The node's path: a container profile with an egress policy (a bad rule
+/// is 422 `invalid_network_policy` naming it), its sandbox reaches the
+/// allowed name and nothing else, each refusal a `sandbox.egress_denied`
+/// event on its session; the delete and the node's stop leave no link or
+/// rules. `agentd up` runs in the "node" namespace host, reached through a
+/// relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_sandbox_with_a_policy_reports_its_refusals_as_events() {
+    use crate::support::{Agentd, session_body};
+    use reqwest::StatusCode;
+    use serde_json::json;
+
+    let fabric = Fabric::new().unwrap();
+    let node = fabric.host("node").unwrap();
+    let net = fabric.host("net").unwrap();
+    let seen = Arc::new(Seen::default());
+    let servers = start_servers(&net, &node, &seen);
+    let n = net.addr();
+    let locks = tempfile::tempdir().unwrap();
+    let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut cmd = node.command(agentd_bin());
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--state-dir"]).arg(state.path());
+    let dns = format!("{n}:53");
+    let lock_dir = locks.path().display().to_string();
+    let env = [("AGENTD_EGRESS_DNS", dns.as_str()), ("AGENTD_EGRESS_LOCK_DIR", lock_dir.as_str())];
+    let state_path = state.path().to_owned();
+    let mut agentd = Agentd::start_command(cmd, state_path, Some(state), &env).await;
+    let port: u16 = agentd.base.rsplit(':').next().unwrap().parse().unwrap();
+    let forward = node.forward(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await.unwrap();
+    agentd.base = format!("http://{}", forward.addr());
+
+    let (status, problem) = agentd.post("/v1/containers", &json!({"container_profile": {"network": {"egress": {"allow": ["ok.test", "bad..test:80"]}}}})).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_network_policy")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("bad..test:80"), "{problem}");
+
+    let mut body = session_body(&[]);
+    body["container_profile"] = json!({"network": {"egress": {"allow": [format!("{ALLOWED}:8080")]}}});
+    let (session, mut events) = agentd.create_streaming(&body).await;
+    let (_, view) = agentd.get(&format!("/v1/sessions/{session}")).await;
+    let container = view["container_id"].as_str().unwrap().to_string();
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(agentd.sandboxes_dir().join(&container).join("sandbox.json")).unwrap()).unwrap();
+    let pid = record["pid"].as_i64().unwrap() as i32;
+    let (allowed, refused_port, other) = tokio::task::spawn_blocking(move || {
+        in_netns_of(pid, || {
+            let (_, addrs) = ask(ALLOWED, dns::TYPE_A);
+            let get = |port: u16| {
+                let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::from((addrs[0], port)), Duration::from_secs(5)) else { return String::new() };
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                let mut got = String::new();
+                let _ = s.read_to_string(&mut got);
+                got
+            };
+            (get(8080), get(8081), ask(OTHER, dns::TYPE_A).0)
+        })
+    })
+    .await
+    .unwrap();
+    assert!(allowed.ends_with("hello-8080"), "{allowed:?}\n{}", agentd.log());
+    assert_eq!(refused_port, "");
+    assert_eq!(other, dns::RCODE_REFUSED);
+    let mut denied = Vec::new();
+    while denied.len() < 2 {
+        let event = events.next().await.expect("the stream goes on");
+        if event.event == "sandbox.egress_denied" {
+            denied.push(event.json());
+        }
+    }
+    assert_eq!(denied[0]["container_id"], container.as_str());
+    assert_eq!((denied[0]["protocol"].as_str(), denied[0]["port"].as_u64()), (Some("tcp"), Some(8081)), "{denied:?}");
+    assert_eq!(denied[0]["missing_rule"], format!("{ALLOWED}:8081"));
+    assert_eq!((denied[1]["protocol"].as_str(), denied[1]["destination"].as_str()), (Some("dns"), Some(OTHER)), "{denied:?}");
+    assert_eq!(seen.http_8081.load(Ordering::Relaxed), 0);
+
+    let (status, _) = agentd.delete(&format!("/v1/containers/{container}")).await;
+    assert!(status.is_success(), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !links_and_tables(&node).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(links_and_tables(&node), "", "the delete removes the link and rules");
+    drop(events);
+    drop(agentd);
+    drop(forward);
+    drop(servers);
 }
