@@ -215,6 +215,20 @@ fn links_and_tables(node: &Host) -> String {
     format!("{links}{tables}")
 }
 
+/// [`links_and_tables`] once empty, or at the end of `within`: a killed
+/// sandbox's end of the veth goes with its network namespace, which the
+/// kernel tears down asynchronously.
+fn gone_within(node: &Host, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = links_and_tables(node);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn an_egress_sandbox_reaches_what_its_rules_allow_and_nothing_else() {
     let fabric = Fabric::new().unwrap();
@@ -440,4 +454,49 @@ async fn a_node_sandbox_with_a_policy_reports_its_refusals_as_events() {
     drop(agentd);
     drop(forward);
     drop(servers);
+}
+
+/// A gateway whose process dies (SIGKILL: no cleanup of its own) leaves its
+/// rules; the next process to take the slot, or a node starting, removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_a_killed_gateway_left_are_removed() {
+    use crate::support::Agentd;
+
+    let fabric = Fabric::new().unwrap();
+    let node = fabric.host("node").unwrap();
+    let locks = tempfile::tempdir().unwrap();
+    let run = |script: &str| {
+        node.command(agentd_bin())
+            .args(["sandbox", "run", "--network", "egress", "--allow", "example.com", "--", "sh", "-c", script])
+            .env("AGENTD_EGRESS_DNS", "192.0.2.53:53")
+            .env("AGENTD_EGRESS_LOCK_DIR", locks.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let killed_and_left = |node: &Host| {
+        let mut child = run("echo READY; sleep 60");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "READY");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let left = links_and_tables(node);
+        assert!(left.contains("agentd_egress_0"), "the killed run's rules stay: {left:?}");
+    };
+    killed_and_left(&node);
+    let status = run("true").wait().unwrap();
+    assert!(status.success());
+    assert_eq!(gone_within(&node, Duration::from_secs(5)), "", "the next run on the slot removed them");
+
+    killed_and_left(&node);
+    let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut cmd = node.command(agentd_bin());
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--state-dir"]).arg(state.path());
+    let lock_dir = locks.path().display().to_string();
+    let state_path = state.path().to_owned();
+    let agentd = Agentd::start_command(cmd, state_path, Some(state), &[("AGENTD_EGRESS_LOCK_DIR", lock_dir.as_str())]).await;
+    assert_eq!(gone_within(&node, Duration::from_secs(5)), "", "a starting node removed them");
+    drop(agentd);
 }

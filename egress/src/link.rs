@@ -154,10 +154,9 @@ impl Drop for Slot {
 }
 
 fn remove_slot(n: u32) {
-    let link = format!("{LINK_PREFIX}{n}");
-    if std::path::Path::new("/sys/class/net").join(&link).exists() {
-        let _ = run("ip", &["link", "del", &link], None);
-    }
+    // Not looked up in /sys/class/net: a process that entered a network
+    // namespace without mounting a sysfs of its own sees another's there.
+    let _ = run("ip", &["link", "del", &format!("{LINK_PREFIX}{n}")], None);
     let _ = run("nft", &["delete", "table", "inet", &format!("{TABLE_PREFIX}{n}")], None);
 }
 
@@ -165,9 +164,11 @@ fn remove_slot(n: u32) {
 /// node or a run that crashed); returns how many slots it cleaned.
 pub fn clean_leftovers() -> usize {
     let mut slots = std::collections::BTreeSet::new();
-    if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
-        for e in entries.flatten() {
-            if let Some(n) = e.file_name().to_str().and_then(|s| s.strip_prefix(LINK_PREFIX)).and_then(|n| n.parse::<u32>().ok()) {
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).stderr(Stdio::null()).output() {
+        // `7: aeg3@if6: <...>`
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split(": ").nth(1).unwrap_or("").split('@').next().unwrap_or("");
+            if let Some(n) = name.strip_prefix(LINK_PREFIX).and_then(|n| n.parse::<u32>().ok()) {
                 slots.insert(n);
             }
         }
