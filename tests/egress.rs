@@ -500,3 +500,108 @@ async fn rules_a_killed_gateway_left_are_removed() {
     assert_eq!(gone_within(&node, Duration::from_secs(5)), "", "a starting node removed them");
     drop(agentd);
 }
+
+/// Figures, not a check (`--run-ignored only --no-capture`): connection
+/// setup (connect, one byte each way) and throughput to a host in another
+/// namespace, from the node's namespace directly and from an egress
+/// sandbox through its gateway; and `sandbox run -- true` with a policy
+/// against `--network none`.
+#[test]
+#[ignore = "prints figures"]
+fn egress_figures() {
+    const CONNECTIONS: usize = 300;
+    const BYTES: usize = 256 << 20;
+    let fabric = Fabric::new().unwrap();
+    let node = fabric.host("node").unwrap();
+    let net = fabric.host("net").unwrap();
+    let n = net.addr();
+    // Blocking accepts (the other tests' servers poll): each measurement
+    // is served by a thread that takes exactly its connections.
+    let echo_listener = net.listen(SocketAddr::from((n, 7000))).unwrap();
+    let bulk_listener = net.listen(SocketAddr::from((n, 7001))).unwrap();
+    let serve = move |echo: TcpListener, bulk: TcpListener| {
+        std::thread::spawn(move || {
+            for _ in 0..CONNECTIONS {
+                let (mut s, _) = echo.accept().unwrap();
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).is_ok() {
+                    let _ = s.write_all(&b);
+                }
+            }
+            let (mut s, _) = bulk.accept().unwrap();
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..BYTES / chunk.len() {
+                if s.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let measure = move || {
+        let started = Instant::now();
+        for _ in 0..CONNECTIONS {
+            let mut s = TcpStream::connect((n, 7000)).unwrap();
+            s.write_all(b"x").unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+        }
+        let setup = started.elapsed() / CONNECTIONS as u32;
+        let started = Instant::now();
+        let mut s = TcpStream::connect((n, 7001)).unwrap();
+        s.write_all(b"go").unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        while total < BYTES {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => total += k,
+            }
+        }
+        (setup, total as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64)
+    };
+    let server = serve(echo_listener.try_clone().unwrap(), bulk_listener.try_clone().unwrap());
+    let (host_setup, host_mibs) = node.within(|| Ok(measure())).unwrap();
+    server.join().unwrap();
+    let server = serve(echo_listener, bulk_listener);
+    let locks = tempfile::tempdir().unwrap();
+    let mut child = node
+        .command(agentd_bin())
+        .args(["sandbox", "run", "--network", "egress", "--allow", &format!("{n}:7000"), "--allow", &format!("{n}:7001"), "--"])
+        .args(["sh", "-c", "echo READY; sleep 120"])
+        .env("AGENTD_EGRESS_DNS", format!("{n}:53"))
+        .env("AGENTD_EGRESS_LOCK_DIR", locks.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let sandbox = children(child.id())[0];
+    let (egress_setup, egress_mibs) = in_netns_of(sandbox, measure);
+    server.join().unwrap();
+    stop_child_quietly(child);
+    let time_runs = |network: &[&str]| {
+        let started = Instant::now();
+        for _ in 0..20 {
+            let status = node
+                .command(agentd_bin())
+                .args(["sandbox", "run"])
+                .args(network)
+                .args(["--", "true"])
+                .env("AGENTD_EGRESS_DNS", format!("{n}:53"))
+                .env("AGENTD_EGRESS_LOCK_DIR", locks.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        started.elapsed() / 20
+    };
+    let none = time_runs(&["--network", "none"]);
+    let egress = time_runs(&["--network", "egress", "--allow", "example.com"]);
+    println!("connection setup (connect + 1 byte each way, mean of {CONNECTIONS}): host {host_setup:?}, egress {egress_setup:?}, ratio {:.2}", egress_setup.as_secs_f64() / host_setup.as_secs_f64());
+    println!("throughput ({} MiB): host {host_mibs:.0} MiB/s, egress {egress_mibs:.0} MiB/s, ratio {:.2}", BYTES >> 20, egress_mibs / host_mibs);
+    println!("sandbox run -- true (mean of 20): none {none:?}, egress {egress:?}, ratio {:.2}", egress.as_secs_f64() / none.as_secs_f64());
+}
+
+fn stop_child_quietly(child: Child) {
+    let _ = stop(child);
+}

@@ -61,9 +61,17 @@ impl Slot {
     /// The first free slot, cleared of what a dead owner left in it.
     pub fn reserve() -> std::io::Result<Slot> {
         for n in 0..MAX_SLOTS {
-            if let Some(lock) = try_lock(n)? {
+            if let Some(mut lock) = try_lock(n)? {
+                // The lock file says "in use" from here until a clean
+                // release empties it: a non-empty one was left by a process
+                // that died holding the slot, whose link and rules may
+                // remain. Checked so, a clean slot costs no `ip`/`nft` run.
+                let dirty = lock.metadata()?.len() > 0;
+                lock.write_all(b"in use\n")?;
                 let slot = Slot { n, _lock: lock };
-                slot.remove();
+                if dirty {
+                    slot.remove();
+                }
                 return Ok(slot);
             }
         }
@@ -150,6 +158,7 @@ table inet {table} {{
 impl Drop for Slot {
     fn drop(&mut self) {
         self.remove();
+        let _ = self._lock.set_len(0);
     }
 }
 
