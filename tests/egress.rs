@@ -409,6 +409,14 @@ async fn a_node_sandbox_with_a_policy_reports_its_refusals_as_events() {
     let (session, mut events) = agentd.create_streaming(&body).await;
     let (_, view) = agentd.get(&format!("/v1/sessions/{session}")).await;
     let container = view["container_id"].as_str().unwrap().to_string();
+    // The agent works through the policy: a command it runs in the sandbox
+    // (an ACP terminal) fetches from the allowed name, and not from another.
+    let got = crate::support::turn(&agentd, &session, &mut events, &format!("/run curl -sS -m 5 http://{ALLOWED}:8080/")).await;
+    assert!(crate::support::said(&got).contains("hello-8080\n[exit code 0]"), "{got:?}\n{}", agentd.log());
+    let got = crate::support::turn(&agentd, &session, &mut events, &format!("/run curl -sS -m 5 http://{OTHER}:8080/")).await;
+    assert!(crate::support::said(&got).contains("[exit code 6]"), "{got:?}");
+    let during = got.iter().find(|e| e.event == "sandbox.egress_denied").expect("the refused name is reported in the turn").json();
+    assert_eq!((during["protocol"].as_str(), during["destination"].as_str()), (Some("dns"), Some(OTHER)), "{during}");
     let record: serde_json::Value = serde_json::from_slice(&std::fs::read(agentd.sandboxes_dir().join(&container).join("sandbox.json")).unwrap()).unwrap();
     let pid = record["pid"].as_i64().unwrap() as i32;
     let (allowed, refused_port, other) = tokio::task::spawn_blocking(move || {
@@ -442,6 +450,13 @@ async fn a_node_sandbox_with_a_policy_reports_its_refusals_as_events() {
     assert_eq!(denied[0]["missing_rule"], format!("{ALLOWED}:8081"));
     assert_eq!((denied[1]["protocol"].as_str(), denied[1]["destination"].as_str()), (Some("dns"), Some(OTHER)), "{denied:?}");
     assert_eq!(seen.http_8081.load(Ordering::Relaxed), 0);
+    // The counters, in the container's usage.
+    let (_, view) = agentd.get(&format!("/v1/containers/{container}")).await;
+    let egress = &view["usage"]["egress"];
+    assert_eq!(egress["connections_allowed"], 2, "the agent's fetch and ours: {view}");
+    assert_eq!(egress["connections_denied"], 1, "{view}");
+    assert!(egress["names_denied"].as_u64().unwrap() >= 2, "{view}");
+    assert!(egress["bytes_in"].as_u64().unwrap() > 0, "{view}");
 
     let (status, _) = agentd.delete(&format!("/v1/containers/{container}")).await;
     assert!(status.is_success(), "{status}");
