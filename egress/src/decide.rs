@@ -20,6 +20,8 @@ pub const ALWAYS_DENIED: &[(Ipv4Addr, u8)] = &[
     (Ipv4Addr::new(169, 254, 0, 0), 16),
     (Ipv4Addr::new(224, 0, 0, 0), 4),
     (Ipv4Addr::new(240, 0, 0, 0), 4),
+    // The sandboxes' own links (crate::link): never one sandbox to another.
+    (Ipv4Addr::new(100, 127, 0, 0), 16),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -34,6 +34,11 @@ const UPSTREAM_DNS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Denial events per second a sandbox may cause; the rest are counted in
 /// the next event's `suppressed`.
 const EVENTS_PER_SECOND: u32 = 20;
+/// Connections one sandbox may have open through its proxy at once, and
+/// names it may have looked up upstream at once: past them a connection
+/// waits in the listen queue, a query is answered SERVFAIL.
+const MAX_CONNECTIONS: usize = 1024;
+const MAX_UPSTREAM_QUERIES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -272,6 +277,7 @@ struct Shared {
 }
 
 async fn resolve(socket: Arc<UdpSocket>, upstream: SocketAddr, shared: Shared) {
+    let asking = Arc::new(tokio::sync::Semaphore::new(MAX_UPSTREAM_QUERIES));
     let mut buf = vec![0u8; 1500];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
@@ -307,8 +313,13 @@ async fn resolve(socket: Arc<UdpSocket>, upstream: SocketAddr, shared: Shared) {
                 query.answer(dns::RCODE_OK, &[])
             }
             Verdict::Allow(_) => {
+                let Ok(permit) = Arc::clone(&asking).try_acquire_owned() else {
+                    let _ = socket.send_to(&query.answer(dns::RCODE_SERVFAIL, &[]), from).await;
+                    continue;
+                };
                 let (socket, shared) = (Arc::clone(&socket), shared.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let answer = match ask_upstream(upstream, &query.name).await {
                         Ok((rcode, addrs)) => {
                             bump(&shared.counters.names_allowed, 1);
@@ -379,10 +390,15 @@ fn reset_on_close(stream: &TcpStream) {
 }
 
 async fn proxy_loop(listener: TcpListener, shared: Shared) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = Arc::clone(&open).acquire_owned().await else { return };
         let Ok((stream, _)) = listener.accept().await else { continue };
         let shared = shared.clone();
-        tokio::spawn(async move { proxy_one(stream, shared).await });
+        tokio::spawn(async move {
+            proxy_one(stream, shared).await;
+            drop(permit);
+        });
     }
 }
 
