@@ -620,3 +620,64 @@ fn egress_figures() {
 fn stop_child_quietly(child: Child) {
     let _ = stop(child);
 }
+
+/// Live restore takes back what the node left running, but not an egress
+/// sandbox: its gateway (resolver, proxy, what the sandbox resolved) died
+/// with the node, so it is stopped and reported lost, and its link and
+/// rules are removed, rather than left running without a way out or with
+/// one nobody enforces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_restore_stops_an_egress_sandbox_instead_of_taking_it_back() {
+    use crate::support::host::{become_subreaper, reap_orphans, unique_id_base};
+    use crate::support::{Agentd, procfs, session_body};
+    use reqwest::StatusCode;
+    use serde_json::json;
+
+    become_subreaper();
+    let fabric = Fabric::new().unwrap();
+    let node = fabric.host("node").unwrap();
+    let locks = tempfile::tempdir().unwrap();
+    let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let id_base = unique_id_base().to_string();
+    let flags = ["--live-restore", "--id-base", id_base.as_str(), "--max-sandboxes", "4"];
+    let up = |state: &std::path::Path| {
+        let mut cmd = node.command(agentd_bin());
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--state-dir"]).arg(state).args(flags);
+        cmd
+    };
+    let lock_dir = locks.path().display().to_string();
+    let env = [("AGENTD_EGRESS_DNS", "192.0.2.53:53"), ("AGENTD_EGRESS_LOCK_DIR", lock_dir.as_str())];
+    let state_path = state.path().to_owned();
+    let mut agentd = Agentd::start_command(up(&state_path), state_path.clone(), Some(state), &env).await;
+    let relay = |base: &str| {
+        let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+        node.forward(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    };
+    let forward = relay(&agentd.base).await.unwrap();
+    agentd.base = format!("http://{}", forward.addr());
+    let mut body = session_body(&[]);
+    body["container_profile"] = json!({"network": {"egress": {"allow": ["example.com"]}}});
+    let (status, view) = agentd.post("/v1/sessions", &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{view}\n{}", agentd.log());
+    let container = view["container_id"].as_str().unwrap().to_string();
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(agentd.sandboxes_dir().join(&container).join("sandbox.json")).unwrap()).unwrap();
+    let pid = record["pid"].as_i64().unwrap() as u32;
+
+    agentd.kill9();
+    drop(forward);
+    assert!(procfs::is_alive(pid), "the sandbox outlives agentd");
+    assert!(links_and_tables(&node).contains("agentd_egress"), "its rules stay while the node is away");
+    agentd.restart_command(up(&state_path), &env).await;
+    let forward = relay(&agentd.base).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procfs::is_alive(pid) && Instant::now() < deadline {
+        reap_orphans();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!procfs::is_alive(pid), "the egress sandbox was stopped\n{}", agentd.log());
+    assert!(agentd.log().contains("an egress sandbox's gateway cannot be taken back"), "{}", agentd.log());
+    assert_eq!(gone_within(&node, Duration::from_secs(5)), "", "its link and rules are removed");
+    drop(agentd);
+    drop(forward);
+    reap_orphans();
+}
