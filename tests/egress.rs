@@ -37,6 +37,9 @@ struct Seen {
     http_8081: AtomicUsize,
     hellos: AtomicUsize,
     datagrams: AtomicUsize,
+    /// Datagrams to the "net" host's port 5353: what a resolver answering a
+    /// spoofed query would send there.
+    reflected: AtomicUsize,
     node_services: AtomicUsize,
 }
 
@@ -135,6 +138,11 @@ fn start_servers(net: &Host, node: &Host, seen: &Arc<Seen>) -> Servers {
     let udp = net.within(move || UdpSocket::bind((ip, 9999))).unwrap();
     threads.push(serve_udp(udp, Arc::clone(&stop), move |_, _, _| {
         udp_seen.datagrams.fetch_add(1, Ordering::Relaxed);
+    }));
+    let reflected = Arc::clone(seen);
+    let udp = net.within(move || UdpSocket::bind((ip, 5353))).unwrap();
+    threads.push(serve_udp(udp, Arc::clone(&stop), move |_, _, _| {
+        reflected.reflected.fetch_add(1, Ordering::Relaxed);
     }));
     // The node's own services: on its fabric address and on every address.
     for addr in [SocketAddr::from((node.addr(), 5556)), SocketAddr::from((Ipv4Addr::UNSPECIFIED, 5557))] {
@@ -304,6 +312,12 @@ sleep 60
         udp.send_to(b"anyone there?", (n, 9999)).unwrap();
         let refused_sni = tls_hello(tls, OTHER);
         let allowed_sni = tls_hello(tls, ALLOWED);
+        // A query from a forged source (the "net" host's address, taken by
+        // the sandbox's root): no answer may go there.
+        let added = std::process::Command::new("ip").args(["addr", "add", &format!("{n}/32"), "dev", "eth0"]).status().unwrap();
+        assert!(added.success());
+        let forged = UdpSocket::bind((n, 5353)).unwrap();
+        forged.send_to(&dns::a_query(7, ALLOWED), (GATEWAY, 53)).unwrap();
         (a, other_a, txt, other_txt, refused_sni, allowed_sni)
     });
     // The datagram's report and the sink's read.
@@ -332,6 +346,7 @@ sleep 60
     assert!(seen.http_8080.load(Ordering::Relaxed) >= 1, "{context}");
     assert_eq!(seen.hellos.load(Ordering::Relaxed), 1, "only the allowed name's hello got through: {context}");
     assert_eq!(seen.datagrams.load(Ordering::Relaxed), 0, "{context}");
+    assert_eq!(seen.reflected.load(Ordering::Relaxed), 0, "a forged query is not answered: {context}");
     assert_eq!(seen.node_services.load(Ordering::Relaxed), 0, "{context}");
     let asked = seen.asked.lock().unwrap().clone();
     assert!(asked.iter().all(|(name, qtype)| name == ALLOWED && *qtype == dns::TYPE_A), "only allowed A queries go upstream: {asked:?}");

@@ -205,7 +205,7 @@ impl Gateway {
         let resolver = UdpSocket::from_std(sockets.resolver).map_err(|e| e.to_string())?;
         let proxy = TcpListener::from_std(sockets.proxy).map_err(|e| e.to_string())?;
         let sink = UdpSocket::from_std(sockets.sink).map_err(|e| e.to_string())?;
-        tasks.spawn(resolve(Arc::new(resolver), upstream, shared.clone()));
+        tasks.spawn(resolve(Arc::new(resolver), slot.sandbox_addr(), upstream, shared.clone()));
         tasks.spawn(proxy_loop(proxy, shared.clone()));
         tasks.spawn(sink_loop(sink, slot.sandbox_addr(), shared));
         Ok(Serving { counters, _tasks: tasks, _slot: slot })
@@ -276,11 +276,15 @@ struct Shared {
     reporter: Arc<Reporter>,
 }
 
-async fn resolve(socket: Arc<UdpSocket>, upstream: SocketAddr, shared: Shared) {
+async fn resolve(socket: Arc<UdpSocket>, sandbox: Ipv4Addr, upstream: SocketAddr, shared: Shared) {
     let asking = Arc::new(tokio::sync::Semaphore::new(MAX_UPSTREAM_QUERIES));
     let mut buf = vec![0u8; 1500];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
+        // Only the sandbox is answered (the rules drop spoofed sources too).
+        if from.ip() != std::net::IpAddr::V4(sandbox) {
+            continue;
+        }
         let query = match Query::parse(&buf[..n]) {
             Ok(q) => q,
             Err(ParseError::Drop) => continue,

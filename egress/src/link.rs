@@ -121,11 +121,18 @@ impl Slot {
     /// its UDP to `resolver_port` if for the gateway on port 53, else to
     /// `sink_port`; nothing else in or through.
     pub fn install_rules(&self, proxy_port: u16, sink_port: u16) -> Result<(), String> {
-        let (table, link, gw) = (self.table(), self.link(), self.gateway());
+        let (table, link, gw, sandbox) = (self.table(), self.link(), self.gateway(), self.sandbox_addr());
+        // Spoofed sources are dropped first: the gateway's answers (a DNS
+        // refusal echoing its question, a SYN-ACK) would otherwise go out
+        // to any address the sandbox names, a channel past the rules.
         let rules = format!(
             r#"table inet {table} {{}}
 delete table inet {table}
 table inet {table} {{
+  chain spoofed {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname "{link}" meta nfproto ipv4 ip saddr != {sandbox} drop
+  }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname "{link}" meta nfproto ipv4 ip daddr {gw} udp dport 53 accept
