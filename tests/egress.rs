@@ -25,6 +25,13 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(100, 127, 0, 1);
 const ALLOWED: &str = "allowed.test";
 const OTHER: &str = "other.test";
 const TYPE_TXT: u16 = 16;
+/// The "net" host's public-looking address (TEST-NET-3), added inside its
+/// namespace with a route to it in the node's: names resolve to it, since a
+/// private address (the fabric's) is reached through a name only if a rule
+/// names it.
+const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// A name that resolves to the fabric's private address.
+const PRIVATE_NAME: &str = "private.test";
 
 /// What the test's servers saw.
 #[derive(Default)]
@@ -101,11 +108,18 @@ fn http_reply(mut s: TcpStream, port: u16) {
 
 fn start_servers(net: &Host, node: &Host, seen: &Arc<Seen>) -> Servers {
     let stop = Arc::new(AtomicBool::new(false));
-    let ip = net.addr();
+    let ok = |mut c: std::process::Command| assert!(c.status().unwrap().success());
+    let mut add = net.command("ip");
+    add.args(["addr", "add", &format!("{PUBLIC}/32"), "dev", "eth0"]);
+    ok(add);
+    let mut route = node.command("ip");
+    route.args(["route", "add", &format!("{PUBLIC}/32"), "via", &net.addr().to_string()]);
+    ok(route);
+    let (ip, private) = (PUBLIC, net.addr());
     let mut threads = Vec::new();
     for port in [8080u16, 8081] {
         let seen = Arc::clone(seen);
-        let listener = net.listen(SocketAddr::from((ip, port))).unwrap();
+        let listener = net.listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).unwrap();
         threads.push(serve_tcp(listener, Arc::clone(&stop), move |s| {
             let counter = if port == 8080 { &seen.http_8080 } else { &seen.http_8081 };
             counter.fetch_add(1, Ordering::Relaxed);
@@ -123,12 +137,14 @@ fn start_servers(net: &Host, node: &Host, seen: &Arc<Seen>) -> Servers {
         }
     }));
     let dns_seen = Arc::clone(seen);
-    let resolver = net.within(move || UdpSocket::bind((ip, 53))).unwrap();
+    let resolver = net.within(move || UdpSocket::bind((private, 53))).unwrap();
     threads.push(serve_udp(resolver, Arc::clone(&stop), move |socket, msg, from| {
         let Ok(query) = dns::Query::parse(msg) else { return };
         dns_seen.asked.lock().unwrap().push((query.name.clone(), query.qtype));
         let answer = if (query.name == ALLOWED || query.name == OTHER) && query.qtype == dns::TYPE_A {
             query.answer(dns::RCODE_OK, &[(ip, 300)])
+        } else if query.name == PRIVATE_NAME && query.qtype == dns::TYPE_A {
+            query.answer(dns::RCODE_OK, &[(private, 300)])
         } else {
             query.answer(3, &[])
         };
@@ -140,7 +156,7 @@ fn start_servers(net: &Host, node: &Host, seen: &Arc<Seen>) -> Servers {
         udp_seen.datagrams.fetch_add(1, Ordering::Relaxed);
     }));
     let reflected = Arc::clone(seen);
-    let udp = net.within(move || UdpSocket::bind((ip, 5353))).unwrap();
+    let udp = net.within(move || UdpSocket::bind((private, 5353))).unwrap();
     threads.push(serve_udp(udp, Arc::clone(&stop), move |_, _, _| {
         reflected.reflected.fetch_add(1, Ordering::Relaxed);
     }));
@@ -250,7 +266,8 @@ fn an_egress_sandbox_reaches_what_its_rules_allow_and_nothing_else() {
         "curl -sS -m 5 http://{ALLOWED}:8080/ && echo ' ALLOWED-OK'
 curl -sS -m 5 http://{ALLOWED}:8081/ || echo PORT-REFUSED
 curl -sS -m 5 http://{OTHER}:8080/ || echo NAME-REFUSED
-curl -sS -m 5 http://{n}:8081/ || echo IP-REFUSED
+curl -sS -m 5 http://{PUBLIC}:8081/ || echo IP-REFUSED
+curl -sS -m 5 http://{PRIVATE_NAME}:8080/ || echo PRIVATE-REFUSED
 curl -sS -m 5 http://169.254.169.254/ || echo METADATA-REFUSED
 curl -sS -m 5 http://{g}:5556/ || echo HOSTADDR-REFUSED
 curl -sS -m 5 http://{GATEWAY}:5557/ || echo GATEWAY-REFUSED
@@ -260,7 +277,8 @@ sleep 60
     );
     let mut child = node
         .command(agentd_bin())
-        .args(["sandbox", "run", "--network", "egress", "--allow", &format!("{ALLOWED}:8080"), "--allow", &format!("{ALLOWED}:443"), "--"])
+        .args(["sandbox", "run", "--network", "egress", "--allow", &format!("{ALLOWED}:8080"), "--allow", &format!("{ALLOWED}:443")])
+        .args(["--allow", &format!("{PRIVATE_NAME}:8080"), "--"])
         .args(["sh", "-c", &script])
         .env("AGENTD_EGRESS_DNS", format!("{n}:53"))
         .env("AGENTD_EGRESS_LOCK_DIR", locks.path())
@@ -302,14 +320,14 @@ sleep 60
     let stdout = stdout.join("\n");
     let sandbox = children(child.id());
     assert_eq!(sandbox.len(), 1, "one PID 1 under agentd: {sandbox:?}");
-    let tls = SocketAddr::from((n, 443));
+    let tls = SocketAddr::from((PUBLIC, 443));
     let (a, other_a, txt, other_txt, refused_sni, allowed_sni) = in_netns_of(sandbox[0], || {
         let a = ask(ALLOWED, dns::TYPE_A);
         let other_a = ask(OTHER, dns::TYPE_A);
         let txt = ask(ALLOWED, TYPE_TXT);
         let other_txt = ask(OTHER, TYPE_TXT);
         let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        udp.send_to(b"anyone there?", (n, 9999)).unwrap();
+        udp.send_to(b"anyone there?", (PUBLIC, 9999)).unwrap();
         let refused_sni = tls_hello(tls, OTHER);
         let allowed_sni = tls_hello(tls, ALLOWED);
         // A query from a forged source (the "net" host's address, taken by
@@ -331,10 +349,10 @@ sleep 60
 
     // What is allowed works, through the resolver and the proxy.
     assert!(stdout.contains("hello-8080 ALLOWED-OK"), "{context}");
-    assert_eq!(a, (dns::RCODE_OK, vec![n]), "{context}");
+    assert_eq!(a, (dns::RCODE_OK, vec![PUBLIC]), "{context}");
     assert_eq!(allowed_sni, b"tls-ok", "{context}");
     // Everything else is refused...
-    for refused in ["PORT-REFUSED", "NAME-REFUSED", "IP-REFUSED", "METADATA-REFUSED", "HOSTADDR-REFUSED", "GATEWAY-REFUSED"] {
+    for refused in ["PORT-REFUSED", "NAME-REFUSED", "IP-REFUSED", "PRIVATE-REFUSED", "METADATA-REFUSED", "HOSTADDR-REFUSED", "GATEWAY-REFUSED"] {
         assert!(stdout.contains(refused), "{refused}: {context}");
     }
     assert_eq!(other_a.0, dns::RCODE_REFUSED, "{context}");
@@ -349,17 +367,18 @@ sleep 60
     assert_eq!(seen.reflected.load(Ordering::Relaxed), 0, "a forged query is not answered: {context}");
     assert_eq!(seen.node_services.load(Ordering::Relaxed), 0, "{context}");
     let asked = seen.asked.lock().unwrap().clone();
-    assert!(asked.iter().all(|(name, qtype)| name == ALLOWED && *qtype == dns::TYPE_A), "only allowed A queries go upstream: {asked:?}");
+    assert!(asked.iter().all(|(name, qtype)| (name == ALLOWED || name == PRIVATE_NAME) && *qtype == dns::TYPE_A), "only allowed A queries go upstream: {asked:?}");
     // ... and each refusal is reported, with the rule that was missing.
     for line in [
-        format!("egress denied: tcp {n}:8081"),
+        format!("egress denied: tcp {PUBLIC}:8081"),
+        format!("egress denied: tcp {n}:8080: {n} is a private address"),
         format!("missing rule: {ALLOWED}:8081"),
         format!("egress denied: name {OTHER}"),
         format!("missing rule: {OTHER}"),
         "egress denied: tcp 169.254.169.254:80".to_string(),
         format!("egress denied: tcp {g}:5556"),
         format!("egress denied: tcp {GATEWAY}:5557"),
-        format!("egress denied: udp {n}:9999"),
+        format!("egress denied: udp {PUBLIC}:9999"),
         format!("(TLS name {OTHER})"),
         format!("egress denied: name {ALLOWED}: only A and AAAA queries are answered"),
     ] {

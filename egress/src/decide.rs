@@ -24,6 +24,18 @@ pub const ALWAYS_DENIED: &[(Ipv4Addr, u8)] = &[
     (Ipv4Addr::new(100, 127, 0, 0), 16),
 ];
 
+/// Private ranges (RFC 1918, shared address space, benchmarking): reached
+/// through a name only if an address rule names them too (on any port), so
+/// that a name an attacker controls cannot point the sandbox at the node's
+/// LAN.
+pub const PRIVATE: &[(Ipv4Addr, u8)] = &[
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+    (Ipv4Addr::new(100, 64, 0, 0), 10),
+    (Ipv4Addr::new(198, 18, 0, 0), 15),
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Let through; the rule that allowed it, as a profile writes it.
@@ -93,6 +105,10 @@ impl Decider {
         if self.denied.iter().any(|n| n.contains(ip)) {
             return deny(target, format!("{ip} is a loopback, link-local, metadata or host address; only a rule naming it allows it"));
         }
+        let named = |ip: Ipv4Addr| self.policy.allow.iter().any(|r| matches!(&r.target, agentd_plan::network::Target::Net(n) if n.contains(ip)));
+        if PRIVATE.iter().any(|(a, l)| Ipv4Net::new(*a, *l).expect("valid block").contains(ip)) && !named(ip) {
+            return deny(target, format!("{ip} is a private address; only a rule naming it (or its block) allows it"));
+        }
         let names = self.resolved.lock().unwrap().get(&ip).cloned().unwrap_or_default();
         match server_name {
             Some(Some(sni)) => {
@@ -148,6 +164,12 @@ mod tests {
     fn a_name_s_addresses_open_on_its_ports_and_tls_names() {
         let d = decider(&["api.example.com:443", "plain.example.com:8080"]);
         let ip = Ipv4Addr::new(203, 0, 113, 5);
+        let lan = Ipv4Addr::new(192, 168, 1, 10);
+        d.resolved("api.example.com", [lan]);
+        assert!(denied(d.connection(lan, 443, Some(Some("api.example.com")))).reason.contains("private"), "a name pointing into the LAN");
+        let named = decider(&["api.example.com:443", "192.168.1.0/24:22"]);
+        named.resolved("api.example.com", [lan]);
+        assert!(matches!(named.connection(lan, 443, Some(Some("api.example.com"))), Verdict::Allow(_)), "a rule names the block");
         assert_eq!(denied(d.connection(ip, 443, None)).missing_rule, "203.0.113.5:443", "unresolved: nothing allows it");
         d.resolved("api.example.com", [ip]);
         assert!(matches!(d.connection(ip, 443, Some(Some("api.example.com"))), Verdict::Allow(_)));
