@@ -14,6 +14,7 @@ mod cli;
 mod containers;
 mod doctor;
 mod durability;
+mod egress;
 mod fleet;
 mod hostile;
 mod live_restore;

@@ -32,6 +32,7 @@ mod delivery;
 pub mod event_log;
 pub mod fence;
 pub mod journal;
+mod egress;
 mod oom;
 pub mod record;
 pub mod restore;
@@ -179,6 +180,9 @@ impl Node {
         }
         oom::watch(Arc::downgrade(&node));
         retention::watch(Arc::downgrade(&node), retention);
+        if let Some(denials) = node.sandboxes.take_denials() {
+            egress::report(Arc::downgrade(&node), denials);
+        }
         Ok(node)
     }
 

@@ -311,7 +311,7 @@ pub async fn create(
         None => body.container_profile.clone(),
     };
     let profile = match &profile_value {
-        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?,
+        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid(e.code(), e.to_string()))?,
         None => Profile::default(),
     };
     if existing.is_none() {
