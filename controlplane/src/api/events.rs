@@ -23,6 +23,11 @@ use tonic::transport::Channel;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// The reconnect delay a live stream advises (`retry:`, its first line):
+/// a stream cut by a proxy or a restart is picked up again within a second,
+/// with `Last-Event-ID`, by browsers and the dashboard alike.
+pub const RECONNECT_ADVICE: Duration = Duration::from_millis(1000);
+
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
     /// Resume after this event id, for clients that cannot set Last-Event-ID.
@@ -70,7 +75,8 @@ pub async fn stream(
         // The node does not answer: the stream waits for it, or for its loss.
         Err(_) => None,
     };
-    let events = follow(app.store.clone(), node, id, after_seq, first).take_until(app.shutdown.clone().cancelled_owned());
+    let advice = futures::stream::once(async { Ok(Event::default().retry(RECONNECT_ADVICE)) });
+    let events = advice.chain(follow(app.store.clone(), node, id, after_seq, first)).take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }
 

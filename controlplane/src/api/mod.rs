@@ -11,6 +11,7 @@ pub mod problem;
 pub mod registry;
 pub mod sessions;
 pub mod tokens;
+pub mod ui;
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -24,6 +25,9 @@ pub use problem::Problem;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/{*path}", get(ui::asset))
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
         .route("/v1/sessions/{id}/events", get(events::stream))
