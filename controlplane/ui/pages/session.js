@@ -3,7 +3,7 @@
 // by Conversation, a prompt box, cancel, and the run's state. A closed
 // session shows its archived history and stops there.
 
-import { h, field, badge, when, confirmDialog, announce, uid } from '../dom.js';
+import { h, append, field, badge, when, confirmDialog, announce, uid } from '../dom.js';
 import { get, post, del, authHeaders } from '../api.js';
 import { EventStream } from '../sse.js';
 import { Conversation } from '../conversation.js';
@@ -110,14 +110,15 @@ export function render(main, ctx) {
 
   const showFacts = (s) => {
     const agent = s.agent || {};
-    facts.replaceChildren(
+    facts.replaceChildren();
+    append(facts, [
       h('dt', 'State'), h('dd', badge(s.state)),
       h('dt', 'Agent'), h('dd', `${agent.id} ${agent.version}`, agent.state ? h('span', ' ', badge(agent.state)) : null),
       h('dt', 'Container'), h('dd', h('a', { href: `#/containers?id=${s.container_id}` }, h('code', s.container_id))),
       h('dt', 'Working directory'), h('dd', h('code', s.working_dir)),
       h('dt', 'Turns'), h('dd', String((s.runs || []).length)),
       h('dt', 'Created'), h('dd', when(s.created_at)),
-      s.error ? [h('dt', 'Error'), h('dd.error', `${s.error_code}: ${s.error}`)] : null);
+      s.error ? [h('dt', 'Error'), h('dd.error', `${s.error_code}: ${s.error}`)] : null]);
   };
 
   let refreshing = null;
