@@ -43,7 +43,8 @@ const A11Y_PROBLEMS: &str = r#"(() => {
 /// focus moved to its heading and its accessibility, and takes its picture.
 async fn visit(page: &Page<'_>, link: &str, ready: &str, shot: &str) {
     page.click(&format!("nav a[href='{link}']")).await;
-    page.wait_for(&format!("location.hash.startsWith('{link}') && ({ready})"), &format!("{link} to show")).await;
+    let route = link.trim_start_matches('#');
+    page.wait_for(&format!("document.getElementById('main').dataset.route === '{route}' && ({ready})"), &format!("{link} to show")).await;
     settle(page, shot).await;
 }
 
@@ -83,7 +84,7 @@ async fn the_dashboard_is_static_and_served_under_a_strict_policy_without_a_toke
     let etag = r.headers()["etag"].clone();
     let again = anonymous.get(agentd.url("/ui/app.js")).header("if-none-match", etag).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
-    for missing in ["/ui/nope.js", "/ui/%2e%2e/Cargo.toml", "/ui/pages/../app.js.map"] {
+    for missing in ["/ui/nope.js", "/ui/..%2fCargo.toml", "/ui/pages/../app.js.map"] {
         let r = anonymous.get(agentd.url(missing)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "{missing}");
         assert!(r.headers().contains_key("content-security-policy"));
@@ -121,6 +122,20 @@ async fn the_dashboard_runs_a_session_and_manages_containers_in_a_real_browser()
     let browser = Browser::launch();
     let page = browser.page().await;
     page.goto(&agentd.url("/ui")).await;
+    eprintln!("dashboard screenshots: {}", screenshots().display());
+
+    // The watch itself: a console error and a failed request are caught.
+    page.eval("console.error('harness probe'); fetch('/ui/no-such-file.js').then(() => true)").await;
+    let mut caught = Vec::new();
+    for _ in 0..50 {
+        caught.extend(page.problems());
+        if caught.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(caught.iter().any(|p| p == "console.error: harness probe"), "{caught:?}");
+    assert!(caught.iter().any(|p| p.starts_with("404 from ") && p.ends_with("/ui/no-such-file.js")), "{caught:?}");
 
     // Not logged in: the login page, and a wrong token is refused clearly.
     page.wait_for("location.hash === '#/login' && document.querySelector('form.login')", "the login form").await;

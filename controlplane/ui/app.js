@@ -94,6 +94,9 @@ function route() {
     heading.tabIndex = -1;
     heading.focus({ preventScroll: false });
   }
+  // Which route is shown (hashchange comes after the hash itself changes):
+  // the tests wait for it before looking at the new page.
+  main.dataset.route = path;
 }
 
 onConnectivity((error) => {

@@ -1,6 +1,6 @@
 // Small DOM helpers. Everything reaches the page as text nodes or
 // attributes: no HTML string is ever parsed (the CSP enforces Trusted
-// Types, so an innerHTML assignment would throw).
+// Types, so assigning an HTML string would throw).
 
 /** h('tag.class', {attr: value, onclick: fn}, ...children) */
 export function h(spec, attrs, ...children) {

@@ -201,6 +201,8 @@ impl Browser {
         let profile = self.profile.as_ref().map(|p| p.path().to_owned()).unwrap_or_default();
         // A closed pipe makes the browser quit by itself.
         self.writer.lock().unwrap().take();
+        // Every browser process, to see each one gone at the end.
+        let mut seen: Vec<i32> = marked_processes(&self.marker);
         if let Some(mut child) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(5);
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
@@ -219,7 +221,15 @@ impl Browser {
             }
             for pid in left {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                seen.push(pid);
             }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Killed helpers outside the group are reparented to init, which
+        // reaps them shortly after: wait for that, so none is left even as
+        // a zombie when the test ends.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.iter().any(|pid| Path::new(&format!("/proc/{pid}")).exists()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         if let Some(dir) = self.profile.take() {
