@@ -211,6 +211,13 @@ async fn the_dashboard_runs_a_session_and_manages_containers_in_a_real_browser()
     let (_, s) = agentd.get(&format!("/v1/sessions/{session_id}")).await;
     let states: Vec<&str> = s["runs"].as_array().unwrap().iter().map(|r| r["state"].as_str().unwrap()).collect();
     assert_eq!(states.iter().filter(|s| **s == "completed").count() + states.iter().filter(|s| **s == "cancelled").count(), 3, "{s}");
+    // A tool call: its title, kind and status, updated in place as it runs.
+    page.type_into("textarea[name=prompt]", "/run /bin/echo tool-ok").await;
+    page.press("Enter").await;
+    page.wait_for("document.querySelectorAll('.turn .turn-end').length === 4", "the tool turn's end").await;
+    let tool = page.eval("(() => { const t = [...document.querySelectorAll('.turn')][3]; const s = t.querySelectorAll('section.tool'); \
+        return [s.length, s[0].querySelector('.tool-kind').textContent, s[0].querySelector('.badge').textContent, t.querySelector('.msg.agent .text').textContent]; })()").await;
+    assert_eq!(tool, json!([1, "(execute)", "completed", "tool-ok\n[exit code 0]"]));
     page.screenshot(&screenshots().join("07-session-laptop.png")).await;
     page.viewport(390, 844, true).await;
     page.screenshot(&screenshots().join("08-session-phone.png")).await;
@@ -289,6 +296,34 @@ async fn the_dashboard_runs_a_session_and_manages_containers_in_a_real_browser()
         {"id": "8", "type": "message", "data": "é"},
     ], "retry": 250, "last": "8"}));
     page.assert_clean("the stream client");
+    // Diffs and plans, which the echo agent never sends: ACP updates as
+    // the stream carries them, rendered by the page's own Conversation.
+    let rendered = page.eval(r#"(async () => {
+      const { Conversation } = await import('/ui/conversation.js');
+      const log = document.createElement('div');
+      const c = new Conversation(log);
+      const update = (u) => c.apply({ type: 'session.update', data: JSON.stringify({ update: u }) });
+      c.apply({ type: 'run.started', data: JSON.stringify({ run_id: 'run_x' }) });
+      update({ sessionUpdate: 'plan', entries: [{ content: 'read', status: 'completed', priority: 'high' }, { content: 'edit', status: 'pending', priority: 'low' }] });
+      update({ sessionUpdate: 'plan', entries: [{ content: 'read', status: 'completed' }, { content: 'edit', status: 'in_progress' }] });
+      update({ sessionUpdate: 'tool_call', toolCallId: 't1', title: 'Edit a.txt', kind: 'edit', status: 'pending' });
+      update({ sessionUpdate: 'tool_call_update', toolCallId: 't1', status: 'completed',
+        content: [{ type: 'diff', path: '/w/a.txt', oldText: 'one\ntwo\nthree', newText: 'one\n2\nthree' }] });
+      const plans = log.querySelectorAll('section.plan');
+      return {
+        plans: plans.length,
+        entries: [...plans[0].querySelectorAll('li')].map((li) => li.dataset.state),
+        tools: log.querySelectorAll('section.tool').length,
+        status: log.querySelector('section.tool .badge').textContent,
+        caption: log.querySelector('figure.diff figcaption').textContent,
+        lines: [...log.querySelectorAll('figure.diff .line')].map((l) => [l.className, l.textContent]),
+      };
+    })()"#).await;
+    assert_eq!(rendered, json!({
+        "plans": 1, "entries": ["completed", "in_progress"], "tools": 1, "status": "completed",
+        "caption": "Diff of /w/a.txt",
+        "lines": [["line unchanged", "  one\n"], ["line removed", "- removed: two\n"], ["line added", "+ added: 2\n"], ["line unchanged", "  three\n"]],
+    }));
 
     // Containers: filtered by label and node, live usage, hibernate and resume.
     visit(&page, "#/containers", "document.querySelector('table, .empty')", "09-containers").await;

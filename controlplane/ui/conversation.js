@@ -200,7 +200,7 @@ export class Conversation {
       ' ', e.content, e.priority ? h('span.muted', ` (${e.priority} priority)`) : null)));
     const el = h('section.plan', { 'aria-label': 'Plan' }, h('h4', 'Plan'), list);
     // The agent sends the whole plan each time: the latest replaces the last.
-    if (turn.plan && turn.plan.isConnected) turn.plan.replaceWith(el); else turn.body.append(el);
+    if (turn.plan && turn.plan.parentNode) turn.plan.replaceWith(el); else turn.body.append(el);
     turn.plan = el;
     this.open = null;
   }
