@@ -51,6 +51,8 @@ async fn visit(page: &Page<'_>, link: &str, ready: &str, shot: &str) {
 async fn settle(page: &Page<'_>, shot: &str) {
     let focused = page.eval("document.activeElement === document.querySelector('main h1')").await;
     assert_eq!(focused, json!(true), "{shot}: focus goes to the new page's heading");
+    let wide = page.eval("[...document.querySelectorAll('.table-wrap')].filter(w => w.scrollWidth > w.clientWidth + 1).map(w => w.querySelector('caption').textContent)").await;
+    assert_eq!(wide, json!([]), "{shot}: tables fit a laptop's width");
     let problems = page.eval(A11Y_PROBLEMS).await;
     assert_eq!(problems, json!([]), "{shot}: accessibility");
     page.screenshot(&screenshots().join(format!("{shot}.png"))).await;
