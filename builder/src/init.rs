@@ -771,6 +771,14 @@ fn scrub(keep: Option<i32>) -> Result<(), InitError> {
 
 fn run_payload(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infallible, InitError> {
     let listen_fd = handover.service.as_ref().map(|(_, l)| l.as_raw_fd());
+    if let Payload::Supervisor { .. } = spec.payload {
+        // A session of its own: PID 1 keeps the creator's session and
+        // process group otherwise (the daemon's), so a terminal's Ctrl-C or
+        // hang-up meant for the daemon would stop every sandbox with it.
+        // Sandboxes outlive the daemon (live restore); only the node stops
+        // them. (Run mode keeps its caller's terminal and job control.)
+        nix::unistd::setsid().map_err(fail("setsid"))?;
+    }
     // The last fallible step: closing the error pipe (with the rest) tells
     // the creator that setup succeeded.
     scrub(listen_fd)?;

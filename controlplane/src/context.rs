@@ -24,6 +24,9 @@ pub struct AppState {
     pub node_call_timeout: std::time::Duration,
     /// The registry file or URL synced at start and by `POST /v1/registry:sync`.
     pub registry_source: Option<String>,
+    /// What callers without the admin scope may use of the node's own
+    /// files and of registry sources ([`crate::powers`]).
+    pub allowances: crate::powers::Allowances,
     /// For registry syncs over http(s).
     pub http: reqwest::Client,
     /// Cancelled on shutdown: ends SSE streams and session followers.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// Layers, lowest first: every top-level module of the crate is in one.
 const LAYERS: &[&[&str]] = &[
-    &["domain", "plan", "agent_spec", "mcp"],
+    &["domain", "plan", "agent_spec", "mcp", "powers"],
     &["store"],
     &["workflow"],
     &["context", "AppState", "fleet", "flows", "teardown", "agent_registry", "audit", "auth"],

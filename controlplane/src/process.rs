@@ -26,6 +26,8 @@ pub struct Settings {
     /// Deadline of each node call a workflow step makes.
     pub node_call_timeout: Duration,
     pub registry_source: Option<String>,
+    /// What callers without the admin scope may use of the host.
+    pub allowances: crate::powers::Allowances,
     pub fleet: FleetConfig,
     pub placement: Strategy,
     /// Dial nodes over TCP with the cluster CA's certificates (kept in the
@@ -74,6 +76,7 @@ impl ControlPlane {
             defaults: s.defaults,
             node_call_timeout: s.node_call_timeout,
             registry_source: s.registry_source,
+            allowances: s.allowances,
             http: crate::agent_registry::http_client(),
             shutdown: CancellationToken::new(),
             audit: crate::audit::AuditLog::start(s.store.clone()),

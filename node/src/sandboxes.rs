@@ -2,9 +2,12 @@
 //!
 //! Each sandbox has a directory `state_dir/sandboxes/<id>/` holding the empty
 //! mount point of its root, its workspace, its supervisor's socket and log, its
-//! sessions' event logs and `sandbox.json`, the record a restarted node uses to
-//! find what it left behind. PID 1 of each sandbox is re-parented to the node
-//! (a subreaper) and watched through a pidfd.
+//! sessions' event logs and state, and `sandbox.json` ([`crate::record`]),
+//! the record a restarted node takes the sandbox back by (live restore) or
+//! finds what it left behind. PID 1 of each sandbox is re-parented to the
+//! node (a subreaper) and watched through a pidfd; one taken back after a
+//! restart is no longer the node's child (its new parent reaps it), and is
+//! watched and signalled through its pidfd alone.
 //!
 //! A create checks its plan ([`Sandboxes::check`]) before it makes anything
 //! (slot, cgroups, directories); a failure after that undoes what was made.
@@ -14,7 +17,7 @@
 //! cgroups are removed.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +39,6 @@ use agentd_proto::unix as uds;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -45,6 +47,7 @@ use tonic::{Code, Status};
 use crate::NodeConfig;
 use crate::bundles::BundleCache;
 use crate::event_log::now_ms;
+use crate::record::{self, Found, Leftover, Record};
 
 /// How long a killed sandbox may take to disappear before teardown gives up
 /// waiting (the kernel kills the whole pid namespace with its PID 1).
@@ -118,16 +121,6 @@ struct Spare {
     closed: bool,
 }
 
-/// What `sandbox.json` records.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    id: String,
-    pid: i32,
-    slot: u32,
-    ids: IdRange,
-    created_at_ms: i64,
-}
-
 pub struct Sandbox {
     pub id: String,
     pub pid: i32,
@@ -138,13 +131,19 @@ pub struct Sandbox {
     pub supervisor: SupervisorClient<Channel>,
     /// Limits, freeze, whole-tree kill, usage and the OOM counter.
     pub cgroup: SandboxCgroup,
-    limits: Limits,
+    memory_max: Option<u64>,
     /// Given to the supervisor for each agent it starts; `None`: the default filter.
     pub seccomp: Option<SeccompPolicy>,
     /// OOM kills already reported (see `oom.rs`).
     oom_seen: AtomicU64,
     frozen: AtomicBool,
     exited: watch::Receiver<bool>,
+    /// PID 1's pidfd: signals reach it, never a process that reused its pid
+    /// (one taken back after a restart is not our child, and its parent may
+    /// reap it any time).
+    pidfd: Arc<OwnedFd>,
+    /// Written again, with `frozen`, on freeze and thaw.
+    record: Record,
 }
 
 impl Sandbox {
@@ -174,7 +173,25 @@ impl Sandbox {
     }
 
     pub fn memory_max(&self) -> Option<u64> {
-        self.limits.memory_bytes()
+        self.memory_max
+    }
+
+    /// SIGKILLs PID 1 (its pid namespace goes with it), if it still runs.
+    fn kill_pid1(&self) {
+        if let Err(e) = pidfd_send_signal(&self.pidfd, libc::SIGKILL)
+            && e.raw_os_error() != Some(libc::ESRCH)
+        {
+            tracing::warn!(id = self.id, error = %e, "cannot signal PID 1");
+        }
+    }
+
+    /// Writes `sandbox.json` again with the frozen state, so a node that
+    /// restarts takes it back hibernated.
+    fn persist(&self) {
+        let record = Record { frozen: self.is_frozen(), ..self.record.clone() };
+        if let Err(e) = record.write(&self.dir) {
+            tracing::warn!(id = self.id, error = %e, "cannot write sandbox.json: a restart would take it back as it was");
+        }
     }
 
     /// OOM kills since the last call, if any.
@@ -192,12 +209,14 @@ impl Sandbox {
     pub fn freeze(&self) -> Result<(), Status> {
         self.cgroup.freeze().map_err(|e| internal(format!("freeze: {e}")))?;
         self.frozen.store(true, Ordering::Relaxed);
+        self.persist();
         Ok(())
     }
 
     pub fn thaw(&self) -> Result<(), Status> {
         self.cgroup.thaw().map_err(|e| internal(format!("thaw: {e}")))?;
         self.frozen.store(false, Ordering::Relaxed);
+        self.persist();
         Ok(())
     }
 
@@ -208,6 +227,15 @@ impl Sandbox {
     pub fn sessions_dir(&self) -> PathBuf {
         self.dir.join("sessions")
     }
+}
+
+/// What [`Sandboxes::build`] made.
+struct Built {
+    record: Record,
+    supervisor: SupervisorClient<Channel>,
+    exited: watch::Receiver<bool>,
+    pidfd: Arc<OwnedFd>,
+    seccomp: Option<SeccompPolicy>,
 }
 
 pub struct Sandboxes {
@@ -262,31 +290,69 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Resolves when `pid` has exited, and reaps it if it is our child.
-fn watch_exit(pid: i32) -> std::io::Result<watch::Receiver<bool>> {
-    // SAFETY: an OwnedFd stays open and keeps its number until dropped.
-    let fd = unsafe { AsyncFd::register_with_interest(pidfd_open(pid)?, tokio::io::Interest::READABLE) }
+fn pidfd_send_signal(pidfd: &OwnedFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: a valid pidfd, no siginfo, no flags.
+    if unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Watches `pid` through a new pidfd: resolves when it has exited, and reaps
+/// it if it is our child. Returns the pidfd too, for signals.
+fn watch_exit(pid: i32) -> std::io::Result<(Arc<OwnedFd>, watch::Receiver<bool>)> {
+    let pidfd = Arc::new(pidfd_open(pid)?);
+    // SAFETY: the Arc keeps the descriptor open, with its number, for as
+    // long as the AsyncFd holds its clone.
+    let fd = unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), tokio::io::Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let _ = fd.readable().await;
-        // ECHILD when we are not its parent (a node started without being a
-        // subreaper); then whoever is reaps it.
+        // ECHILD when we are not its parent: a sandbox taken back after a
+        // restart (or a node started without being a subreaper); whoever
+        // is its parent reaps it.
         let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
         drop(fd);
         let _ = tx.send(true);
     });
-    Ok(rx)
+    Ok((pidfd, rx))
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
     status(Code::Internal, "internal", e.to_string())
 }
 
+/// What [`Sandboxes::open`] found of an earlier node process's sandboxes.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// Taken back, running on (live restore).
+    pub adopted: Vec<String>,
+    /// Gone now, each with why: stopped by this start, or found dead.
+    pub lost: Vec<(String, String)>,
+}
+
+/// A sandbox of an earlier node that is not taken back: its directory, its
+/// id (the directory's name), what its record says if it could be read, and
+/// why it goes.
+struct Stale {
+    dir: PathBuf,
+    id: String,
+    leftover: Option<Leftover>,
+    why: String,
+    /// Journaled lost: the control plane may think it alive. Not so for
+    /// a create that never finished (its step builds it again).
+    report: bool,
+}
+
+/// Why a sandbox of a node started without live restore goes.
+const STOPPED_AT_START: &str = "the node restarted and its sandbox was stopped";
+
 impl Sandboxes {
-    /// Opens the table; also returns the ids of the sandboxes an earlier
-    /// node process left, which are gone now.
-    pub async fn open(config: NodeConfig) -> std::io::Result<(Arc<Self>, Vec<String>)> {
+    /// Opens the table. With live restore, the sandboxes an earlier node
+    /// process left running are taken back ([`Self::adopt`]); the others
+    /// (all of them without it) are stopped and cleaned up.
+    pub async fn open(config: NodeConfig) -> std::io::Result<(Arc<Self>, Opened)> {
         let root = config.state_dir.join("sandboxes");
         std::fs::create_dir_all(&root)?;
         let free_slots = (0..config.max_sandboxes).collect();
@@ -307,28 +373,134 @@ impl Sandboxes {
             spare: Default::default(),
             bundles,
         });
-        let leftovers = this.clean_leftovers(&root).await;
-        let lost = leftovers.iter().map(|(record, _)| record.id.clone()).collect();
-        let report = this.cgroups.clean_leftovers();
+        let mut opened = Opened::default();
+        let mut stale = Vec::new();
+        for entry in std::fs::read_dir(&root)?.flatten() {
+            let dir = entry.path();
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let found = record::read(&dir);
+            if !this.config.live_restore {
+                // As before live restore: reported when a record names it.
+                let leftover = match found {
+                    Found::Record(r) => Some(r.leftover()),
+                    Found::Leftover(l, _) => Some(l),
+                    Found::Unreadable(_) | Found::Missing => None,
+                };
+                let report = leftover.is_some();
+                stale.push(Stale { dir, id, leftover, why: STOPPED_AT_START.into(), report });
+                continue;
+            }
+            match found {
+                Found::Record(r) if r.id == id => match this.adopt(&r, &dir) {
+                    Ok(sandbox) => {
+                        tracing::info!(id, pid = sandbox.pid, frozen = sandbox.is_frozen(), "sandbox taken back after the node restarted");
+                        this.table.lock().unwrap().insert(id.clone(), sandbox);
+                        opened.adopted.push(id);
+                    }
+                    Err(why) => stale.push(Stale { dir, id, leftover: Some(r.leftover()), why, report: true }),
+                },
+                Found::Record(r) => {
+                    let why = format!("its sandbox.json names another sandbox ({:?}): it was stopped", r.id);
+                    stale.push(Stale { dir, id, leftover: None, why, report: true });
+                }
+                Found::Leftover(l, why) => stale.push(Stale { dir, id, leftover: Some(l), why: format!("{why}: it was stopped"), report: true }),
+                Found::Unreadable(why) => {
+                    tracing::error!(id, why, "a sandbox's state cannot be read after the restart: stopping it");
+                    let why = format!("its state could not be read after the node restarted ({why}): it was stopped");
+                    stale.push(Stale { dir, id, leftover: None, why, report: true });
+                }
+                Found::Missing => {
+                    let why = "its create had not finished when the node stopped: undone".to_string();
+                    stale.push(Stale { dir, id, leftover: None, why, report: false });
+                }
+            }
+        }
+        let cleaned = this.clean_leftovers(&stale).await;
+        let report = this.cgroups.clean_leftovers_except(&opened.adopted);
         if !report.removed.is_empty() || !report.failed.is_empty() {
             tracing::warn!(removed = ?report.removed, failed = ?report.failed, "cleaned cgroups an earlier node left");
         }
-        // A range some leftover process may still run under is not given to
-        // a new sandbox.
-        for (record, gone) in leftovers {
-            if gone && !report.failed.iter().any(|(id, _)| *id == record.id) {
-                continue;
-            }
+        // Slots taken back or possibly still used are not given out.
+        {
             let cfg = &this.config;
-            let held = slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, record.ids);
-            tracing::error!(id = record.id, pid = record.pid, ?held, "a leftover sandbox may still run: its id range stays reserved");
             let mut free = this.free_slots.lock().unwrap();
-            for slot in held {
-                free.remove(&slot);
+            for sandbox in this.table.lock().unwrap().values() {
+                for slot in slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, sandbox.ids) {
+                    free.remove(&slot);
+                }
+            }
+            for (s, gone) in stale.into_iter().zip(cleaned) {
+                // Reported by the id its directory has.
+                if s.report && valid_id(&s.id) {
+                    tracing::warn!(id = s.id, why = s.why, "sandbox of the earlier node process lost");
+                    opened.lost.push((s.id.clone(), s.why));
+                }
+                // A range some leftover process may still run under is not given
+                // to a new sandbox.
+                let Some(leftover) = s.leftover else { continue };
+                if gone && !report.failed.iter().any(|(id, _)| *id == leftover.id) {
+                    continue;
+                }
+                let held = slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, leftover.ids);
+                tracing::error!(id = leftover.id, pid = leftover.pid, ?held, "a leftover sandbox may still run: its id range stays reserved");
+                for slot in held {
+                    free.remove(&slot);
+                }
             }
         }
         this.refill_spare().await;
-        Ok((this, lost))
+        Ok((this, opened))
+    }
+
+    /// Takes back a sandbox an earlier node process left running: its PID 1
+    /// (the same process: pid, start time and boot checked), watched by a
+    /// new pidfd; its cgroups as recorded; its supervisor over a lazy
+    /// channel (a hibernated one cannot answer until thawed). Err: why not,
+    /// PID 1 having been killed if it ran.
+    fn adopt(&self, r: &Record, dir: &Path) -> Result<Arc<Sandbox>, String> {
+        let proc_root = &self.config.proc_root;
+        if r.boot_id != record::boot_id(proc_root) {
+            return Err("the host restarted since the sandbox was made: it is gone".into());
+        }
+        let same = || is_sandbox_init(r.pid) && record::start_time(proc_root, r.pid) == Some(r.pid_start);
+        if !same() {
+            return Err("its PID 1 exited while the node was away".into());
+        }
+        let (pidfd, exited) = watch_exit(r.pid).map_err(|e| format!("its PID 1 exited while the node was away ({e})"))?;
+        // The pidfd names the process checked above unless the pid was
+        // reused in between.
+        if !same() {
+            return Err("its PID 1 exited while the node was away".into());
+        }
+        let give_up = |why: String| {
+            let _ = pidfd_send_signal(&pidfd, libc::SIGKILL);
+            why
+        };
+        if let Some(missing) = r.cgroup.dirs().iter().find(|d| !d.path.is_dir()) {
+            return Err(give_up(format!("its cgroup {} is gone: it was stopped", missing.path.display())));
+        }
+        let seccomp = r.seccomp_policy().map_err(|e| give_up(format!("its sandbox.json is damaged ({e}): it was stopped")))?;
+        let supervisor = SupervisorClient::new(uds::lazy_channel(&dir.join("supervisor.sock")));
+        // Kills before the restart were reported before it (or not at all):
+        // only new ones are.
+        let oom_seen = r.cgroup.oom_kills().ok().flatten().unwrap_or(0);
+        Ok(Arc::new(Sandbox {
+            id: r.id.clone(),
+            pid: r.pid,
+            ids: r.ids,
+            slot: r.slot,
+            dir: dir.to_owned(),
+            created_at_ms: r.created_at_ms,
+            supervisor,
+            cgroup: r.cgroup.clone(),
+            memory_max: r.memory_max,
+            seccomp,
+            oom_seen: AtomicU64::new(oom_seen),
+            frozen: AtomicBool::new(r.frozen),
+            exited,
+            pidfd,
+            record: r.clone(),
+        }))
     }
 
     /// Makes the spare cgroups and parks a worker in them, unless there is
@@ -360,32 +532,41 @@ impl Sandboxes {
         }
     }
 
-    /// Kills sandboxes an earlier node process left running and removes their
-    /// directories; returns their records, each with whether its PID 1 is
-    /// gone. (Re-adopting them instead is planned; see HACKING.md.)
-    async fn clean_leftovers(&self, root: &Path) -> Vec<(Record, bool)> {
-        let mut leftovers = Vec::new();
-        let Ok(entries) = std::fs::read_dir(root) else { return leftovers };
-        for entry in entries.flatten() {
-            let dir = entry.path();
-            let record = std::fs::read(dir.join("sandbox.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
-            if let Some(record) = record {
-                let mut gone = true;
-                if is_sandbox_init(record.pid) {
-                    tracing::warn!(id = record.id, pid = record.pid, "killing sandbox left by an earlier node");
-                    let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
-                    gone = match watch_exit(record.pid) {
-                        Ok(mut exited) => tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_ok(),
-                        Err(_) => !is_sandbox_init(record.pid),
+    /// Kills the sandboxes an earlier node process left that are not taken
+    /// back, and removes their directories; returns, for each, whether its
+    /// PID 1 is known gone. Their cgroups go afterwards (everything under
+    /// the subtree but the sandboxes taken back).
+    async fn clean_leftovers(&self, stale: &[Stale]) -> Vec<bool> {
+        let mut gone = Vec::new();
+        for s in stale {
+            let mut dead = true;
+            match &s.leftover {
+                Some(l) if is_sandbox_init(l.pid) && (l.pid_start == 0 || record::start_time(&self.config.proc_root, l.pid) == Some(l.pid_start)) => {
+                    tracing::warn!(id = l.id, pid = l.pid, why = s.why, "killing sandbox left by an earlier node");
+                    let _ = kill(Pid::from_raw(l.pid), Signal::SIGKILL);
+                    dead = match watch_exit(l.pid) {
+                        Ok((_, mut exited)) => tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_ok(),
+                        Err(_) => !is_sandbox_init(l.pid),
                     };
                 }
-                leftovers.push((record, gone));
+                Some(_) => {}
+                // No pid to go by: its cgroups hold whatever is left of it.
+                None => match self.cgroups.open(&s.id) {
+                    Ok(cgroup) if cgroup.dirs().iter().any(|d| d.path.is_dir()) => {
+                        tracing::warn!(id = s.id, why = s.why, "killing what is left of a sandbox by its cgroups");
+                        if let Err(e) = cgroup.kill() {
+                            tracing::warn!(id = s.id, error = %e, "cannot kill a leftover sandbox's cgroups");
+                        }
+                    }
+                    _ => {}
+                },
             }
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove leftover sandbox directory");
+            gone.push(dead);
+            if let Err(e) = std::fs::remove_dir_all(&s.dir) {
+                tracing::warn!(dir = %s.dir.display(), error = %e, "cannot remove leftover sandbox directory");
             }
         }
-        leftovers
+        gone
     }
 
     /// What this node offers sandboxes: the flags' figures, else the host's.
@@ -502,7 +683,6 @@ impl Sandboxes {
         })?;
         let dir = self.config.state_dir.join("sandboxes").join(&id);
         let limits = checked.limits;
-        let seccomp = checked.seccomp.clone();
         // Held until the spare is renamed: a refill meanwhile would find the
         // spare's directories still there and take them for an old spare.
         let mut spare_slot = self.spare.lock().await;
@@ -526,24 +706,26 @@ impl Sandboxes {
             }
         };
         match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, parked, &failure).await {
-            Ok((pid, ids, created_at_ms, supervisor, exited)) => {
+            Ok(Built { record, supervisor, exited, pidfd, seccomp }) => {
                 let sandbox = Arc::new(Sandbox {
                     id: id.clone(),
-                    pid,
-                    ids,
+                    pid: record.pid,
+                    ids: record.ids,
                     slot,
                     dir,
-                    created_at_ms,
+                    created_at_ms: record.created_at_ms,
                     supervisor,
                     cgroup,
-                    limits,
+                    memory_max: record.memory_max,
                     seccomp,
                     oom_seen: AtomicU64::new(0),
                     frozen: AtomicBool::new(false),
                     exited,
+                    pidfd,
+                    record,
                 });
                 // Fault tests count these lines: one per sandbox built.
-                tracing::info!(id, pid, "sandbox created");
+                tracing::info!(id, pid = sandbox.pid, "sandbox created");
                 self.table.lock().unwrap().insert(id, Arc::clone(&sandbox));
                 Ok(sandbox)
             }
@@ -592,8 +774,9 @@ impl Sandboxes {
         cgroup: &SandboxCgroup,
         parked: bool,
         failure: &Option<String>,
-    ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>), Status> {
+    ) -> Result<Built, Status> {
         let cfg = &self.config;
+        let (memory_max, seccomp) = (checked.limits.memory_bytes(), checked.seccomp.clone());
         let ids = IdRange { host_base: cfg.id_base + slot * cfg.id_range_size, size: cfg.id_range_size };
         let workspace = dir.join("workspace");
         for d in [dir.join("rootfs"), workspace.clone(), dir.join("sessions")] {
@@ -660,14 +843,29 @@ impl Sandboxes {
             e
         };
         injected(failure, "connect").map_err(kill_on_error)?;
-        let exited = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
+        let (pidfd, exited) = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
         let channel = uds::connect(&socket_path)
             .await
             .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("supervisor unreachable: {e}"))))?;
-        let record = Record { id: plan.container_id.clone(), pid, slot, ids, created_at_ms: now_ms() };
-        std::fs::write(dir.join("sandbox.json"), serde_json::to_vec_pretty(&record).expect("record serializes"))
-            .map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited))
+        let pid_start = record::start_time(&cfg.proc_root, pid).ok_or_else(|| kill_on_error(internal(format!("PID 1 ({pid}) has no start time"))))?;
+        let record = Record {
+            version: record::VERSION,
+            id: plan.container_id.clone(),
+            pid,
+            pid_start,
+            boot_id: record::boot_id(&cfg.proc_root),
+            slot,
+            ids,
+            created_at_ms: now_ms(),
+            cgroup: cgroup.clone(),
+            memory_max,
+            seccomp: Record::encode_seccomp(seccomp.as_ref()),
+            frozen: false,
+        };
+        // Before the answer: a node that restarts right after takes back
+        // every sandbox it ever answered for.
+        record.write(dir).map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
+        Ok(Built { record, supervisor: SupervisorClient::new(channel), exited, pidfd, seccomp })
     }
 
     /// Stops the sandbox: its agents first, given the grace period (see
@@ -684,8 +882,7 @@ impl Sandboxes {
             tracing::warn!(id, error = %e, "cgroup kill failed; killing PID 1");
         }
         if sandbox.is_running() {
-            // The pid cannot have been reused: it is our unreaped child.
-            let _ = kill(Pid::from_raw(sandbox.pid), Signal::SIGKILL);
+            sandbox.kill_pid1();
         }
         let mut exited = sandbox.exited.clone();
         if tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_err() {
@@ -768,11 +965,27 @@ impl Sandboxes {
         }
     }
 
-    /// Waits for pending cgroup removals, ends the zygote (and the worker
-    /// parked in the spare) and removes the spare and this node's subtree.
-    pub async fn finish_removals(&self) {
+    /// For a stop that leaves the sandboxes running (live restore): waits
+    /// for pending cgroup removals, ends the zygote (and the worker parked in
+    /// the spare) and removes the spare; this node's subtree stays, with the
+    /// sandboxes in it, for the next start to take back.
+    pub async fn release(&self) {
         let mut removals = self.removals.lock().await;
         while removals.join_next().await.is_some() {}
+        drop(removals);
+        self.close_spare().await;
+        // With no sandbox left, nothing is to be taken back: the host is left
+        // as a stop without live restore leaves it.
+        if self.table.lock().unwrap().is_empty()
+            && let Err(e) = self.cgroups.remove_subtree()
+        {
+            tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
+        }
+    }
+
+    /// Ends the zygote and the spare (with the worker parked in it); no
+    /// spare is made after this.
+    async fn close_spare(&self) {
         let spare = {
             let mut slot = self.spare.lock().await;
             slot.closed = true;
@@ -785,6 +998,15 @@ impl Sandboxes {
                 tracing::warn!(error = %e, "cannot remove the spare cgroups");
             }
         }
+    }
+
+    /// Waits for pending cgroup removals, ends the zygote (and the worker
+    /// parked in the spare) and removes the spare and this node's subtree.
+    pub async fn finish_removals(&self) {
+        let mut removals = self.removals.lock().await;
+        while removals.join_next().await.is_some() {}
+        drop(removals);
+        self.close_spare().await;
         if let Err(e) = self.cgroups.remove_subtree() {
             tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
         }

@@ -21,6 +21,13 @@ pub const PERMISSION_REQUESTED: &str = "permission.requested";
 pub const PERMISSION_RESOLVED: &str = "permission.resolved";
 pub const AGENT_PROTOCOL_ERROR: &str = "agent.protocol_error";
 pub const SANDBOX_OOM: &str = "sandbox.oom";
+/// Streamed by the control plane to a client that follows a session being
+/// created: a stage of its setup (`{"state": "installing"}`). Not in the
+/// session's log, so without an id.
+pub const SESSION_SETUP: &str = "session.setup";
+/// Streamed by the control plane when a session followed while being
+/// created failed to start (`{"state", "code", "error"}`); the stream ends.
+pub const SESSION_FAILED: &str = "session.failed";
 
 /// The name of an event's kind, as SSE's `event:` field says it.
 pub fn kind(event: &Event) -> &'static str {

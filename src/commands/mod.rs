@@ -8,7 +8,6 @@ pub mod node;
 pub mod server;
 pub mod up;
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use tracing_subscriber::EnvFilter;
@@ -34,19 +33,17 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
     }
+    tracing::info!("shutting down");
 }
 
 /// [`shutdown_signal`], then tells the service manager that a stop began.
@@ -90,6 +87,8 @@ pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow
     config.labels = flags.labels.clone();
     config.capacity_memory = flags.capacity_memory;
     config.capacity_cpus = flags.capacity_cpus;
+    config.live_restore = flags.live_restore;
+    config.closed_session_retention = std::time::Duration::from_millis(flags.closed_session_retention_ms);
     if let Some(cpus) = flags.capacity_cpus {
         anyhow::ensure!(cpus.is_finite() && cpus > 0.0, "--capacity-cpus must be a positive number");
     }
@@ -104,6 +103,10 @@ pub fn control_plane_settings(api: &crate::cli::ApiArgs, state_dir: &Path, store
         defaults: agentd_controlplane::plan::PlanDefaults { initialize_timeout_ms: api.initialize_timeout_ms },
         node_call_timeout: std::time::Duration::from_millis(api.node_call_timeout_ms.max(1)),
         registry_source: api.registry.clone(),
+        allowances: agentd_controlplane::powers::Allowances {
+            host_paths: api.allowed_host_paths.clone(),
+            registry_sources: api.allowed_registry_sources.clone(),
+        },
         fleet: fleet_config(api),
         placement: api.placement,
         tls: true,

@@ -70,8 +70,14 @@ async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
     // Steps still running get the drain bound, then the rest is stopped directly.
     notify.status("stopping: finishing workflow steps");
     cp.stop().await;
-    notify.status("stopping: stopping sandboxes");
-    agentd_controlplane::stop_all_containers(&state).await;
+    if args.node.live_restore {
+        // The sandboxes run on; the next start takes them back, and the
+        // store keeps calling them ready.
+        tracing::info!("stopping with live restore: sandboxes, agents and turns run on");
+    } else {
+        notify.status("stopping: stopping sandboxes");
+        agentd_controlplane::stop_all_containers(&state).await;
+    }
     node_stop.cancel();
     match node_task.await {
         Ok(Err(e)) => tracing::error!(error = %e, "node server failed"),

@@ -54,6 +54,10 @@ pub async fn stream(
 ) -> Result<Response, Problem> {
     let after_seq = resume_point(&headers, &query)?;
     let s = app.store.get_session(&id).await?;
+    if s.state == session::CREATING {
+        let events = setup_then_follow(app.clone(), id, after_seq).take_until(app.shutdown.clone().cancelled_owned());
+        return Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response());
+    }
     if s.state != session::READY {
         // A closed session's history, if it was archived: replayed, then the stream ends.
         if let Some(archive) = app.store.get_session_archive(&id).await? {
@@ -78,6 +82,58 @@ pub async fn stream(
     let advice = futures::stream::once(async { Ok(Event::default().retry(RECONNECT_ADVICE)) });
     let events = advice.chain(follow(app.store.clone(), node, id, after_seq, first)).take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+}
+
+/// How often a stream of a session being created looks at how far it got.
+const SETUP_POLL: Duration = Duration::from_millis(250);
+
+/// The longest a stream waits for its session's creation (its steps give up
+/// well before: an agent's install and start are bounded by the runner).
+const SETUP_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// A session's stream opened while it is being created: each stage of its
+/// setup as it changes (`session.setup`, without an id: they are not part of
+/// its log), then its events as [`follow`] serves them once it is ready, or
+/// `session.failed` (its code and error) if its creation failed.
+fn setup_then_follow(app: AppState, id: String, after_seq: u64) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    async_stream::stream! {
+        let deadline = tokio::time::Instant::now() + SETUP_WAIT;
+        let mut last_stage = serde_json::Value::Null;
+        let container_id = loop {
+            let s = match app.store.get_session(&id).await {
+                Ok(s) => s,
+                Err(crate::store::StoreError::NotFound { .. }) => return,
+                Err(_) => {
+                    tokio::time::sleep(NODE_RETRY).await;
+                    continue;
+                }
+            };
+            if s.state == session::READY {
+                break s.container_id;
+            }
+            if s.state != session::CREATING {
+                let data = serde_json::json!({"state": s.state, "code": s.error_code, "error": s.error});
+                yield Ok(Event::default().event(agentd_proto::events::SESSION_FAILED).data(data.to_string()));
+                return;
+            }
+            let stage = super::sessions::setup_stage(&app, &s).await;
+            if !stage.is_null() && stage != last_stage {
+                yield Ok(Event::default().event(agentd_proto::events::SESSION_SETUP).data(stage.to_string()));
+                last_stage = stage;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(session_id = id, "the session is still being created; its stream ends");
+                return;
+            }
+            tokio::time::sleep(SETUP_POLL).await;
+        };
+        let Ok((_, node)) = app.nodes.of_container(&container_id).await else { return };
+        let first = node.clone().stream_events(StreamEventsRequest { session_id: id.clone(), after_seq }).await.ok().map(|s| s.into_inner());
+        let mut events = std::pin::pin!(follow(app.store.clone(), node, id, after_seq, first));
+        while let Some(event) = events.next().await {
+            yield event;
+        }
+    }
 }
 
 /// How often a stream whose node went away looks for it, and at the store.

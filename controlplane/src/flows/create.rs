@@ -186,9 +186,9 @@ async fn undo(
         tracing::warn!(container_id, error = %e, "cannot remove the sandbox of a failed create");
     }
     let record = async {
-        app.store.container_failed(container_id, &problem.detail).await?;
+        app.store.container_failed_with(container_id, &problem.detail, problem.code).await?;
         app.store.container_deleted(container_id).await?;
-        app.store.session_failed(session_id, &problem.detail).await
+        app.store.session_failed_with(session_id, &problem.detail, problem.code).await
     };
     match record.await {
         Ok(()) | Err(StoreError::Illegal(_)) => Ok(()),

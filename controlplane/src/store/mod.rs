@@ -384,6 +384,12 @@ impl Store {
         }
     }
 
+    /// Whether [`Self::with_own_pool`] gives a pool apart from this one's,
+    /// which its user may close (on SQLite it is this very pool).
+    pub fn own_pools_are_separate(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
     /// The backend's name, for logs: `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self.backend {
