@@ -169,8 +169,12 @@ async fn the_dashboard_runs_a_session_and_manages_containers_in_a_real_browser()
     page.type_into("textarea[name=definition]", &agent.to_string()).await;
     page.type_into("input[name=labels]", "via=dashboard").await;
     page.click("form.create button[type=submit]").await;
+    // Answered at once, the session still being set up; the page opens
+    // its prompt box when it is ready.
     let hash = page.wait_for("/^#\\/sessions\\/ses_/.test(location.hash) && document.querySelector('.stream .badge').textContent === 'live' && location.hash", "the session page, live").await;
     let session_id = hash.as_str().unwrap().trim_start_matches("#/sessions/").to_string();
+    assert_eq!(page.statuses("POST", "/v1/sessions"), vec![202]);
+    page.wait_for("!document.querySelector('textarea[name=prompt]').disabled && !document.querySelector('form.prompt button[type=submit]').disabled", "the prompt box open").await;
     let (_, s) = agentd.get(&format!("/v1/sessions/{session_id}")).await;
     assert_eq!((s["state"].as_str(), s["labels"]["via"].as_str()), (Some("ready"), Some("dashboard")), "{s}");
     settle(&page, "05-session-new").await;

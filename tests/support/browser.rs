@@ -408,6 +408,26 @@ impl Page<'_> {
         std::fs::write(path, png).unwrap();
     }
 
+    /// The statuses of the answers so far to `method` requests whose URL ends with `url_end`.
+    pub fn statuses(&self, method: &str, url_end: &str) -> Vec<u16> {
+        let events = self.browser.events.lock().unwrap();
+        let mut wanted = std::collections::HashSet::new();
+        let mut statuses = Vec::new();
+        for e in events.iter().filter(|e| e["sessionId"] == json!(self.session)) {
+            let p = &e["params"];
+            match e["method"].as_str().unwrap_or("") {
+                "Network.requestWillBeSent" if p["request"]["method"] == method && p["request"]["url"].as_str().is_some_and(|u| u.ends_with(url_end)) => {
+                    wanted.insert(p["requestId"].as_str().unwrap_or("").to_string());
+                }
+                "Network.responseReceived" if wanted.contains(p["requestId"].as_str().unwrap_or("")) => {
+                    statuses.push(p["response"]["status"].as_u64().unwrap_or(0) as u16);
+                }
+                _ => {}
+            }
+        }
+        statuses
+    }
+
     /// Failed requests that are expected from now on (until `allow_none`).
     pub fn allow(&self, status: u16, url_part: &str) {
         self.allowed.lock().unwrap().push(Allowed { status, url_part: url_part.to_string() });

@@ -54,8 +54,9 @@ pub async fn stream(
 ) -> Result<Response, Problem> {
     let after_seq = resume_point(&headers, &query)?;
     let s = app.store.get_session(&id).await?;
+    let advice = futures::stream::once(async { Ok(Event::default().retry(RECONNECT_ADVICE)) });
     if s.state == session::CREATING {
-        let events = setup_then_follow(app.clone(), id, after_seq).take_until(app.shutdown.clone().cancelled_owned());
+        let events = advice.chain(setup_then_follow(app.clone(), id, after_seq)).take_until(app.shutdown.clone().cancelled_owned());
         return Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response());
     }
     if s.state != session::READY {
@@ -79,7 +80,6 @@ pub async fn stream(
         // The node does not answer: the stream waits for it, or for its loss.
         Err(_) => None,
     };
-    let advice = futures::stream::once(async { Ok(Event::default().retry(RECONNECT_ADVICE)) });
     let events = advice.chain(follow(app.store.clone(), node, id, after_seq, first)).take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }

@@ -142,15 +142,54 @@ export function render(main, ctx) {
     return refreshing;
   };
 
+  // The stream says nothing when setup ends (a new session may have no
+  // event yet): the session is read again each second until it is no
+  // longer being created, so the prompt box opens.
+  let awaiting = false;
+  const awaitReady = async () => {
+    if (awaiting) return;
+    awaiting = true;
+    try {
+      while (ctx.alive() && sessionState === 'creating') {
+        await new Promise((resolve) => { setTimeout(resolve, 1000); });
+        if (ctx.alive()) await refresh().catch(() => {});
+      }
+      if (ctx.alive() && sessionState === 'ready' && !running) runState.textContent = 'The agent is ready.';
+    } finally {
+      awaiting = false;
+    }
+  };
+
   const STREAM_WORDS = { connecting: 'connecting', open: 'live', reconnecting: 'reconnecting', ended: 'ended', denied: 'refused', gone: 'gone' };
   let stream = null;
   refresh().then((s) => {
     if (!ctx.alive()) return;
     const active = (s.runs || []).find((r) => ACTIVE.includes(r.state));
     if (active) setRunning(true, 'A turn is running.');
+    if (s.state === 'creating') {
+      runState.textContent = 'Setting up the agent…';
+      awaitReady();
+    }
     stream = new EventStream(`/v1/sessions/${encodeURIComponent(id)}/events`, {
       headers: authHeaders,
-      onEvent: (event) => conversation.apply(event),
+      onEvent: (event) => {
+        // A session still being created: its setup stages, then its log.
+        if (event.type === 'session.setup') {
+          const stage = JSON.parse(event.data || '{}').state;
+          runState.textContent = `Setting up the agent: ${stage === 'installing' ? 'installing it' : 'starting it'}…`;
+          awaitReady();
+          return;
+        }
+        if (event.type === 'session.failed') {
+          const f = JSON.parse(event.data || '{}');
+          problem.textContent = `The session could not be created: ${f.code ? `${f.code}: ` : ''}${f.error || f.state}`;
+          problem.hidden = false;
+          refresh().catch(() => {});
+          return;
+        }
+        if (sessionState === 'creating') refresh().catch(() => {});
+        conversation.apply(event);
+      },
       onState: (state, detail) => {
         streamState.dataset.state = state;
         streamState.textContent = STREAM_WORDS[state] || state;

@@ -82,9 +82,11 @@ function createForm(ctx) {
         return;
       }
       button.disabled = true;
-      status.textContent = 'Starting the session: building the sandbox and starting the agent…';
+      status.textContent = 'Starting the session…';
       try {
-        const s = await post('/v1/sessions', body, { idempotent: true });
+        // Answered at once (202, `creating`): the session page shows the
+        // setup's stages as they pass, or why it failed.
+        const s = await post('/v1/sessions', body, { idempotent: true, headers: { Prefer: 'respond-async' } });
         ctx.navigate(`#/sessions/${s.id}`);
       } catch (err) {
         status.textContent = `The session did not start: ${err.describe ? err.describe() : err.message}`;
