@@ -9,31 +9,12 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::wait::{WaitPidFlag, waitpid};
-use nix::unistd::Pid;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::daemon::{NodeProcess, ServerProcess};
-use crate::support::host::{cgroup_dirs, processes_with_uid, sandbox_cgroups, unique_id_base, zombie_children};
+use crate::support::host::{become_subreaper, cgroup_dirs, processes_with_uid, reap_orphans, sandbox_cgroups, unique_id_base};
 use crate::support::{Agentd, Sse, SseEvent, procfs, said, session_body, turn};
-
-/// Orphans come to this process (a subreaper) rather than to the host's
-/// init, which may not reap: a sandbox's PID 1 once its node is killed, the
-/// old zygote.
-fn become_subreaper() {
-    nix::sys::prctl::set_child_subreaper(true).unwrap();
-}
-
-/// Reaps the zombies among this process's children but agentd's own
-/// processes (their `Child` handles reap them).
-fn reap_orphans() {
-    for zombie in zombie_children(std::process::id()) {
-        if procfs::status_field(zombie, "Name").is_some_and(|n| n != "agentd-daemon") {
-            let _ = waitpid(Pid::from_raw(zombie as i32), Some(WaitPidFlag::WNOHANG));
-        }
-    }
-}
 
 /// Waits until `pid` is gone, reaping it if it comes back to us.
 async fn gone(pid: u32) {
@@ -215,7 +196,7 @@ async fn a_turn_streaming_through_a_sigkill_of_agentd_node_reaches_the_client_th
     let live = [("AGENTD_LIVE_RESTORE", "true")];
     let mut node = NodeProcess::start_with(dir.path(), &live).await;
     let server = ServerProcess::start(&dir.path().join("cp"), &node.socket, &[]).await;
-    let http = reqwest::Client::new();
+    let http = server.http.clone();
     let resp = http.post(server.url("/v1/sessions")).json(&session_body(&["--delay-ms", "120"])).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
     let session: Value = resp.json().await.unwrap();
@@ -293,7 +274,7 @@ async fn sandboxes_lost_while_agentd_was_away_are_recorded_and_cleaned_the_rest_
     agentd.kill9();
     // While agentd is away: one sandbox's PID 1 dies, another's record is
     // cut in half as a crash mid-write would (were it not written atomically).
-    nix::sys::signal::kill(Pid::from_raw(dead_pid1 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(dead_pid1 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     gone(dead_pid1).await;
     let record = agentd.sandboxes_dir().join(&bad_ctr).join("sandbox.json");
     let text = std::fs::read(&record).unwrap();

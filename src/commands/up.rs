@@ -37,6 +37,7 @@ async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
         args.node.stop_grace_ms,
         u64::from(args.node.stop_grace_ms) + 5_000
     );
+    super::check_auth_setting(&args.api)?;
     let state_dir = &args.common.state_dir;
     prepare_state_dir(state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
     let socket = node_socket(state_dir);
@@ -53,7 +54,24 @@ async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
         async move { agentd_node::serve_on(node, node_listener, &socket, None, stop.cancelled_owned()).await }
     });
 
-    super::check_auth_setting(&args.api)?;
+    // However the control plane ends (a store that cannot be opened, a port
+    // in use), the node is stopped: its zygote and cgroups go with it.
+    let result = control_plane(&args, &socket, notify).await;
+    node_stop.cancel();
+    match node_task.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "node server failed"),
+        Err(e) => tracing::error!(error = %e, "node task panicked"),
+        Ok(Ok(())) => {}
+    }
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The control plane of `agentd up`, from opening the store until it stopped
+/// and, without live restore, stopped its sandboxes.
+async fn control_plane(args: &UpArgs, socket: &std::path::Path, notify: &Arc<Notifier>) -> anyhow::Result<()> {
+    let state_dir = &args.common.state_dir;
     notify.status("opening the store");
     let store = super::open_store(&args.api, state_dir).await?;
     agentd_controlplane::fleet::nodes::register_unix_node(&store, &socket).await.map_err(anyhow::Error::msg)?;
@@ -78,14 +96,7 @@ async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
         notify.status("stopping: stopping sandboxes");
         agentd_controlplane::stop_all_containers(&state).await;
     }
-    node_stop.cancel();
-    match node_task.await {
-        Ok(Err(e)) => tracing::error!(error = %e, "node server failed"),
-        Err(e) => tracing::error!(error = %e, "node task panicked"),
-        Ok(Ok(())) => {}
-    }
     store.close().await;
     served?;
-    tracing::info!("stopped");
     Ok(())
 }

@@ -162,6 +162,7 @@ impl FleetNode {
     /// Starts the node without joining: it serves on its unix socket only
     /// ([`Self::socket`]), for a control plane beside it (`agentd server
     /// --node-socket`), and waits until it listens.
+    #[allow(dead_code)] // benches/fleet.rs's local node
     pub async fn start_local(&mut self) {
         assert!(self.daemon.is_none(), "node {} runs already", self.id);
         let mut cmd = self.host.command(agentd_bin());
@@ -172,6 +173,7 @@ impl FleetNode {
     }
 
     /// The node's unix socket (the default, `<state>/run/node.sock`).
+    #[allow(dead_code)] // benches/fleet.rs's local node
     pub fn socket(&self) -> PathBuf {
         self.state.join("run").join("node.sock")
     }

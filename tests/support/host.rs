@@ -6,7 +6,27 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+
 use super::procfs;
+
+/// Orphans come to this process (a subreaper) rather than to the host's
+/// init, which may not reap: a sandbox's PID 1 once its node is killed, the
+/// old zygote.
+pub fn become_subreaper() {
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+}
+
+/// Reaps the zombies among this process's children but agentd's own
+/// processes (their `Child` handles reap them).
+pub fn reap_orphans() {
+    for zombie in zombie_children(std::process::id()) {
+        if procfs::status_field(zombie, "Name").is_some_and(|n| n != "agentd-daemon") {
+            let _ = waitpid(Pid::from_raw(zombie as i32), Some(WaitPidFlag::WNOHANG));
+        }
+    }
+}
 
 /// cgroup directories whose path contains `needle`, in every hierarchy.
 pub fn cgroup_dirs(needle: &str) -> Vec<PathBuf> {

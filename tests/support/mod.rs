@@ -176,8 +176,14 @@ impl Agentd {
     /// after [`Self::kill9`] or [`Self::interrupt`]; its log starts afresh
     /// (the previous one is kept in [`Self::earlier_log`]).
     pub async fn restart(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        self.restart_command(Self::up_command(&self.state, args), env).await;
+    }
+
+    /// [`Self::restart`] with a command of the caller's (through a
+    /// wrapper, in a root of its own), as [`Self::start_command`].
+    pub async fn restart_command(&mut self, cmd: Command, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "stop agentd first");
-        let (child, base, log) = Self::spawn(Self::up_command(&self.state, args), &self.subtree, env);
+        let (child, base, log) = Self::spawn(cmd, &self.subtree, env);
         let earlier = std::mem::replace(&mut self.log, log);
         self.earlier.lock().unwrap().extend(earlier.lock().unwrap().drain(..));
         self.child = Some(child);
