@@ -151,7 +151,7 @@ async fn metrics_readiness_request_ids_traces_and_keepalives() {
         let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("keep-alives come").expect("the stream stays open");
         raw.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
     }
-    assert!(raw.starts_with("retry: 2000\n"), "{raw:?}");
+    assert!(raw.starts_with("retry: 1000\n"), "{raw:?}");
     assert!(started.elapsed() < Duration::from_secs(3), "three keep-alives at 200 ms took {:?}", started.elapsed());
     drop(stream);
     drop(events);

@@ -12,6 +12,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod containers;
+mod dashboard;
 mod doctor;
 mod durability;
 mod egress;

@@ -16,6 +16,7 @@ pub mod telemetry;
 #[cfg(test)]
 mod tests;
 pub mod tokens;
+pub mod ui;
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -31,6 +32,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/{*path}", get(ui::asset))
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
         .route("/v1/sessions/{id}/events", get(events::stream))

@@ -29,8 +29,10 @@ use crate::metrics::Metrics;
 /// a burst (a resumed stream's history) fills it for moments only.
 pub const LAG_GRACE: Duration = Duration::from_secs(2);
 
-/// The reconnect delay suggested to clients (`retry:`).
-pub const RETRY_HINT: Duration = Duration::from_secs(2);
+/// The reconnect delay suggested to clients (`retry:`): a stream cut by a
+/// proxy or a restart is picked up again within a second, with
+/// `Last-Event-ID`, by browsers and the dashboard alike.
+pub const RETRY_HINT: Duration = Duration::from_millis(1000);
 
 pub use crate::context::SseConfig;
 
