@@ -193,6 +193,19 @@ pub struct ApiArgs {
     /// do anything. Refused unless the API listens on a loopback address.
     #[arg(long, env = "AGENTD_NO_AUTH")]
     pub no_auth: bool,
+    /// Also serve /metrics (and /healthz, /readyz) on this address, without
+    /// a token: for a scraper that holds none. On the API's address
+    /// /metrics needs a token of scope read.
+    #[arg(long, env = "AGENTD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The interval of SSE keep-alive comments, in milliseconds.
+    #[arg(long, env = "AGENTD_SSE_KEEPALIVE_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sse_keepalive_ms: u64,
+    /// How many events an SSE subscriber may fall behind the session's
+    /// live stream before it is cut off (with a `stream.lagged` event; it
+    /// resumes with Last-Event-ID).
+    #[arg(long, env = "AGENTD_SSE_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub sse_buffer: u32,
 }
 
 impl ApiArgs {

@@ -36,4 +36,22 @@ pub struct AppState {
     /// How a step the API runs itself is leased (a prompt's dispatch): under
     /// this control plane's runner's owner name.
     pub steps: workflow::InlineConfig,
+    /// How event streams keep alive and cut off slow subscribers.
+    pub sse: SseConfig,
 }
+
+/// How event streams keep alive and bound their subscribers (api/sse.rs).
+#[derive(Clone, Copy, Debug)]
+pub struct SseConfig {
+    /// A keep-alive comment this long after the last thing sent.
+    pub keep_alive: std::time::Duration,
+    /// Events a subscriber may have unread before it risks the cut-off.
+    pub buffer: usize,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig { keep_alive: std::time::Duration::from_secs(15), buffer: 1024 }
+    }
+}
+

@@ -4,7 +4,7 @@
 //! Layout:
 //! Layers, each using only those below it (checked by `layers`, a test):
 //! [`domain`] (state machines, refusals, step outcomes; with the request
-//! compilers [`plan`], [`agent_spec`], [`mcp`]) <- [`store`] <- [`workflow`]
+//! compilers [`plan`], [`agent_spec`], [`mcp`], and [`metrics`]) <- [`store`] <- [`workflow`]
 //! <- [`flows`] (with [`context`], [`fleet`], [`teardown`],
 //! [`agent_registry`], [`audit`]) <- [`api`] <- [`process`] and this root.
 //!
@@ -17,6 +17,8 @@
 //!   original agentd's, read into one validated `AgentSpec`.
 //! - [`agent_registry`]: registry sync from a file or URL into the store.
 //! - [`mcp`]: the ACP `mcpServers` a session create passes on, validated.
+//! - [`metrics`]: the Prometheus registry (`GET /metrics`); plain data any
+//!   layer records into.
 //! - [`plan`]: compiles a session request (agent, profile, session options)
 //!   into the sandbox and agent plans a node executes.
 //! - [`store`]: containers, sessions and runs, behind enforced state machines.
@@ -72,6 +74,7 @@ pub mod domain;
 pub mod fleet;
 pub mod flows;
 pub mod mcp;
+pub mod metrics;
 pub mod plan;
 pub mod powers;
 pub mod process;
@@ -247,6 +250,13 @@ pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, ServeEr
     // Tests and scripts that ask for port 0 read the real address here.
     tracing::info!(listen = %bound, "API listening");
     Ok(listener)
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` without tokens on
+/// `listener` (`--metrics-listen`) until the control plane shuts down.
+pub async fn serve_metrics_on(state: AppState, listener: tokio::net::TcpListener) -> Result<(), ServeError> {
+    let stop = state.shutdown.clone();
+    axum::serve(listener, api::health::open_router(state)).with_graceful_shutdown(stop.cancelled_owned()).await.map_err(ServeError::Http)
 }
 
 /// Serves the API on a listener from [`bind`] until `shutdown` resolves.

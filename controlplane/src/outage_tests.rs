@@ -19,7 +19,7 @@ use crate::store::Store;
 use crate::workflow::{Backoff, Registry, Runner, RunnerConfig};
 use crate::{AppState, app};
 
-fn state(store: &Store) -> AppState {
+pub(crate) fn state(store: &Store) -> AppState {
     AppState {
         store: store.clone(),
         auth: false,
@@ -34,6 +34,7 @@ fn state(store: &Store) -> AppState {
         shutdown: CancellationToken::new(),
         audit: crate::audit::AuditLog::start(store.clone()),
         steps: crate::workflow::InlineConfig::default(),
+        sse: Default::default(),
     }
 }
 

@@ -98,6 +98,8 @@ pub fn check_profile(
             ));
         }
         Network::None => {}
+        // An allow-list confines the sandbox: no power needed.
+        Network::Egress(_) => {}
     }
     Ok(())
 }

@@ -32,6 +32,7 @@ mod delivery;
 pub mod event_log;
 pub mod fence;
 pub mod journal;
+mod egress;
 mod oom;
 pub mod record;
 pub mod restore;
@@ -179,6 +180,9 @@ impl Node {
         }
         oom::watch(Arc::downgrade(&node));
         retention::watch(Arc::downgrade(&node), retention);
+        if let Some(denials) = node.sandboxes.take_denials() {
+            egress::report(Arc::downgrade(&node), denials);
+        }
         Ok(node)
     }
 
@@ -278,6 +282,7 @@ pub async fn serve_on(
         }
     };
     let local = tonic::transport::Server::builder()
+        .layer(agentd_proto::trace::ServerLayer)
         .add_service(NodeServer::new(service::NodeService::new(Arc::clone(&node))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop);
     let remote = async {
@@ -289,6 +294,7 @@ pub async fn serve_on(
             // A control plane that vanished mid-stream is noticed.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .layer(agentd_proto::trace::ServerLayer)
             .add_service(NodeServer::new(service::NodeService::new(Arc::clone(&node))))
             .serve_with_incoming_shutdown(incoming, stopped.cancelled_owned())
             .await

@@ -41,7 +41,7 @@ use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use agentd_proto::trace::Traced;
 use tonic::{Code, Status};
 
 use crate::NodeConfig;
@@ -128,7 +128,7 @@ pub struct Sandbox {
     pub slot: u32,
     pub dir: PathBuf,
     pub created_at_ms: i64,
-    pub supervisor: SupervisorClient<Channel>,
+    pub supervisor: SupervisorClient<Traced>,
     /// Limits, freeze, whole-tree kill, usage and the OOM counter.
     pub cgroup: SandboxCgroup,
     memory_max: Option<u64>,
@@ -138,6 +138,9 @@ pub struct Sandbox {
     oom_seen: AtomicU64,
     frozen: AtomicBool,
     exited: watch::Receiver<bool>,
+    /// An egress sandbox's gateway (resolver, proxy, link, rules), taken
+    /// and dropped by the delete, which removes them.
+    egress: Mutex<Option<agentd_egress::Serving>>,
     /// PID 1's pidfd: signals reach it, never a process that reused its pid
     /// (one taken back after a restart is not our child, and its parent may
     /// reap it any time).
@@ -151,6 +154,21 @@ impl Sandbox {
         !*self.exited.borrow()
     }
 
+    /// An egress sandbox's counters; `None` for other modes.
+    pub fn egress_usage(&self) -> Option<agentd_proto::node::EgressUsage> {
+        let egress = self.egress.lock().unwrap();
+        let u = egress.as_ref()?.usage();
+        Some(agentd_proto::node::EgressUsage {
+            connections_allowed: u.connections_allowed,
+            connections_denied: u.connections_denied,
+            bytes_out: u.bytes_out,
+            bytes_in: u.bytes_in,
+            names_allowed: u.names_allowed,
+            names_denied: u.names_denied,
+            datagrams_denied: u.datagrams_denied,
+        })
+    }
+
     pub fn info(&self) -> SandboxInfo {
         let usage = self.cgroup.stats().ok().map(|s| SandboxUsage {
             memory_current: s.memory_current,
@@ -159,6 +177,7 @@ impl Sandbox {
             pids_current: s.pids_current,
             pids_max: s.pids_max,
             oom_kills: s.oom_kills,
+            egress: self.egress_usage(),
         });
         SandboxInfo {
             container_id: self.id.clone(),
@@ -232,10 +251,11 @@ impl Sandbox {
 /// What [`Sandboxes::build`] made.
 struct Built {
     record: Record,
-    supervisor: SupervisorClient<Channel>,
+    supervisor: SupervisorClient<Traced>,
     exited: watch::Receiver<bool>,
     pidfd: Arc<OwnedFd>,
     seccomp: Option<SeccompPolicy>,
+    egress: Option<agentd_egress::Serving>,
 }
 
 pub struct Sandboxes {
@@ -263,6 +283,9 @@ pub struct Sandboxes {
     spare: tokio::sync::Mutex<Spare>,
     /// Agent bundles the plans name, unpacked once and shared read-only.
     bundles: BundleCache,
+    /// Egress gateways' denials, by container id; read by `egress::report`.
+    denials: tokio::sync::mpsc::UnboundedSender<(String, agentd_egress::Denial)>,
+    denials_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<(String, agentd_egress::Denial)>>>,
 }
 
 /// Makes the node the parent of every orphan below it, so that sandbox PID 1s
@@ -361,6 +384,7 @@ impl Sandboxes {
         let host = HostCapacity::detect(&config.proc_root).map_err(std::io::Error::other)?;
         let launcher = Launcher::new(config.exe.clone());
         let bundles = BundleCache::open(config.state_dir.join("bundles"))?;
+        let (denials, denials_rx) = tokio::sync::mpsc::unbounded_channel();
         let this = Arc::new(Self {
             config,
             cgroups,
@@ -372,7 +396,16 @@ impl Sandboxes {
             launcher,
             spare: Default::default(),
             bundles,
+            denials,
+            denials_rx: Mutex::new(Some(denials_rx)),
         });
+        // Links and rules of egress slots whose owner died (this node's
+        // earlier run among them: its egress sandboxes are not taken back,
+        // see `adopt`).
+        let egress = tokio::task::spawn_blocking(agentd_egress::link::clean_leftovers).await.unwrap_or(0);
+        if egress > 0 {
+            tracing::warn!(slots = egress, "removed egress links and rules an earlier process left");
+        }
         let mut opened = Opened::default();
         let mut stale = Vec::new();
         for entry in std::fs::read_dir(&root)?.flatten() {
@@ -466,6 +499,12 @@ impl Sandboxes {
         if !same() {
             return Err("its PID 1 exited while the node was away".into());
         }
+        // Its gateway (resolver, proxy, what it resolved) died with the
+        // node process and its slot's rules are removed at start: not
+        // taken back half-connected, it is stopped (fail closed).
+        if dir.join("resolv.conf").exists() {
+            return Err("an egress sandbox's gateway cannot be taken back after a restart: it was stopped".into());
+        }
         let (pidfd, exited) = watch_exit(r.pid).map_err(|e| format!("its PID 1 exited while the node was away ({e})"))?;
         // The pidfd names the process checked above unless the pid was
         // reused in between.
@@ -480,7 +519,7 @@ impl Sandboxes {
             return Err(give_up(format!("its cgroup {} is gone: it was stopped", missing.path.display())));
         }
         let seccomp = r.seccomp_policy().map_err(|e| give_up(format!("its sandbox.json is damaged ({e}): it was stopped")))?;
-        let supervisor = SupervisorClient::new(uds::lazy_channel(&dir.join("supervisor.sock")));
+        let supervisor = SupervisorClient::new(agentd_proto::trace::traced(uds::lazy_channel(&dir.join("supervisor.sock"))));
         // Kills before the restart were reported before it (or not at all):
         // only new ones are.
         let oom_seen = r.cgroup.oom_kills().ok().flatten().unwrap_or(0);
@@ -500,6 +539,7 @@ impl Sandboxes {
             exited,
             pidfd,
             record: r.clone(),
+            egress: Mutex::new(None),
         }))
     }
 
@@ -583,6 +623,11 @@ impl Sandboxes {
         &self.bundles
     }
 
+    /// The egress gateways' denials; the first caller gets them.
+    pub fn take_denials(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, agentd_egress::Denial)>> {
+        self.denials_rx.lock().unwrap().take()
+    }
+
     pub fn config(&self) -> &NodeConfig {
         &self.config
     }
@@ -622,7 +667,8 @@ impl Sandboxes {
             &self.host,
         )
         .map_err(|e| invalid_profile(e.to_string()))?;
-        let network = agentd_proto::convert::network(plan.network());
+        let network = agentd_proto::convert::network(plan.network(), plan.egress.as_ref())
+            .map_err(|e| status(Code::InvalidArgument, "invalid_network_policy", e))?;
         let seccomp = plan.seccomp.clone();
         if let Some(policy) = &seccomp {
             let policy = agentd_proto::convert::seccomp(policy).map_err(|e| invalid_profile(format!("seccomp policy: {e}")))?;
@@ -706,7 +752,7 @@ impl Sandboxes {
             }
         };
         match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, parked, &failure).await {
-            Ok(Built { record, supervisor, exited, pidfd, seccomp }) => {
+            Ok(Built { record, supervisor, exited, pidfd, seccomp, egress }) => {
                 let sandbox = Arc::new(Sandbox {
                     id: id.clone(),
                     pid: record.pid,
@@ -721,6 +767,7 @@ impl Sandboxes {
                     oom_seen: AtomicU64::new(0),
                     frozen: AtomicBool::new(false),
                     exited,
+                    egress: Mutex::new(egress),
                     pidfd,
                     record,
                 });
@@ -789,6 +836,24 @@ impl Sandboxes {
         let mut mounts = vec![BindMount { source: workspace, target: checked.workspace_path, read_only: false }];
         mounts.extend(checked.mounts);
         mounts.extend(bundle_mounts);
+        // An egress sandbox's gateway: reserved now, its resolver in the
+        // sandbox's /etc/resolv.conf; attached once PID 1 exists, before
+        // the supervisor answers (no agent runs before that).
+        let gateway = match &checked.network {
+            Network::Egress(policy) => {
+                let upstream = agentd_egress::upstream_dns().map_err(|e| status(Code::FailedPrecondition, "egress_unavailable", e))?;
+                let policy = policy.clone();
+                let gateway = tokio::task::spawn_blocking(move || agentd_egress::Gateway::reserve(policy, upstream))
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| status(Code::Internal, "sandbox_failed", e))?;
+                let resolv = dir.join("resolv.conf");
+                std::fs::write(&resolv, gateway.resolv_conf()).map_err(|e| internal(format!("write resolv.conf: {e}")))?;
+                mounts.push(BindMount { source: resolv, target: "/etc/resolv.conf".into(), read_only: true });
+                Some(gateway)
+            }
+            _ => None,
+        };
         let socket_path = dir.join("supervisor.sock");
         let spec = SandboxSpec {
             id: plan.container_id.clone(),
@@ -842,6 +907,20 @@ impl Sandboxes {
             let _ = waitpid(Pid::from_raw(pid), None);
             e
         };
+        let egress = match gateway {
+            Some(mut gateway) => {
+                let attached = tokio::task::spawn_blocking(move || gateway.attach(pid).map(|()| gateway)).await.map_err(internal).map_err(kill_on_error)?;
+                let gateway = attached.map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("egress: {e}"))))?;
+                let (denials, id) = (self.denials.clone(), plan.container_id.clone());
+                let serving = gateway
+                    .serve(move |d| {
+                        let _ = denials.send((id.clone(), d));
+                    })
+                    .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("egress: {e}"))))?;
+                Some(serving)
+            }
+            None => None,
+        };
         injected(failure, "connect").map_err(kill_on_error)?;
         let (pidfd, exited) = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
         let channel = uds::connect(&socket_path)
@@ -865,7 +944,7 @@ impl Sandboxes {
         // Before the answer: a node that restarts right after takes back
         // every sandbox it ever answered for.
         record.write(dir).map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok(Built { record, supervisor: SupervisorClient::new(channel), exited, pidfd, seccomp })
+        Ok(Built { record, supervisor: SupervisorClient::new(agentd_proto::trace::traced(channel)), exited, pidfd, seccomp, egress })
     }
 
     /// Stops the sandbox: its agents first, given the grace period (see
@@ -887,6 +966,11 @@ impl Sandboxes {
         let mut exited = sandbox.exited.clone();
         if tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_err() {
             tracing::error!(id, pid = sandbox.pid, "sandbox did not exit after SIGKILL");
+        }
+        // Its gateway's tasks stop, its link and rules go (`ip`, `nft`).
+        let egress = sandbox.egress.lock().unwrap().take();
+        if let Some(egress) = egress {
+            let _ = tokio::task::spawn_blocking(move || drop(egress)).await;
         }
         if let Err(e) = std::fs::remove_dir_all(&sandbox.dir) {
             tracing::warn!(id, error = %e, "cannot remove sandbox directory");

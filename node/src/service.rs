@@ -12,7 +12,7 @@ use agentd_proto::common;
 use agentd_proto::node::journal_entry::Fact;
 use agentd_proto::node::session_event::Event;
 use futures::{Stream, StreamExt};
-use tonic::transport::Channel;
+use agentd_proto::trace::Traced;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::Node;
@@ -43,7 +43,7 @@ impl NodeService {
     {
         let node = Arc::clone(&self.node);
         let service = NodeService { node: Arc::clone(&self.node) };
-        tokio::spawn(async move { node.fences.run(&entity, fence.as_ref(), op(service)).await })
+        tokio::spawn(agentd_proto::trace::carry(async move { node.fences.run(&entity, fence.as_ref(), op(service)).await }))
             .await
             .map_err(|e| status(Code::Internal, "internal", format!("fenced call: {e}")))?
     }
@@ -155,6 +155,7 @@ impl NodeService {
             tracing::info!(run_id = r.run_id, session = r.session_id, "prompt repeated after a restart: already taken");
             return Ok(PromptAccepted { run_id: r.run_id });
         }
+        tracing::info!(session_id = r.session_id, run_id = r.run_id, "turn started");
         let log = &session.log;
         let started = log.append(&r.run_id, Event::RunStarted(RunStarted {}));
         // On disk before the supervisor hears of the turn: a node that
@@ -169,7 +170,8 @@ impl NodeService {
         match sandbox.supervisor.clone().prompt(request).await {
             Ok(events) => {
                 let turn = Turn { node: Arc::clone(&self.node), session: Arc::clone(&session), sandbox: Arc::clone(&sandbox), run_id: r.run_id.clone() };
-                tokio::spawn(turn.pump(Some(events.into_inner()), 0));
+                // Carried: the turn's log lines keep the prompt's trace id.
+                tokio::spawn(agentd_proto::trace::carry(turn.pump(Some(events.into_inner()), 0)));
                 Ok(PromptAccepted { run_id: r.run_id })
             }
             Err(e) => {
@@ -200,6 +202,7 @@ fn end_turn(journal: &Journal, session: &NodeSession, run_id: &str, end: Event, 
         Event::RunFailed(f) => run_ended::Outcome::Failed(f.clone()),
         other => unreachable!("a turn ends with run.completed or run.failed, not {}", agentd_proto::events::kind(other)),
     };
+    tracing::info!(session_id = session.session_id, run_id, outcome = agentd_proto::events::kind(&end), "turn ended");
     journal.append(Fact::RunEnded(RunEnded {
         container_id: session.container_id.clone(),
         session_id: session.session_id.clone(),
@@ -380,7 +383,7 @@ impl NodeService {
     }
 
     /// A session and the supervisor of its sandbox, for calls about it.
-    fn session_supervisor(&self, session_id: &str) -> Result<(Arc<NodeSession>, SupervisorClient<Channel>), Status> {
+    fn session_supervisor(&self, session_id: &str) -> Result<(Arc<NodeSession>, SupervisorClient<Traced>), Status> {
         let session = self.node.sessions.get(session_id)?;
         let supervisor = self.node.sandboxes.get(&session.container_id)?.supervisor.clone();
         Ok((session, supervisor))

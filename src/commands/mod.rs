@@ -112,6 +112,10 @@ pub fn control_plane_settings(api: &crate::cli::ApiArgs, state_dir: &Path, store
         tls: true,
         auth: !api.no_auth,
         admin_token_file: Some(state_dir.join("admin.token")),
+        sse: agentd_controlplane::api::sse::SseConfig {
+            keep_alive: std::time::Duration::from_millis(api.sse_keepalive_ms),
+            buffer: api.sse_buffer as usize,
+        },
     }
 }
 
@@ -128,6 +132,15 @@ pub fn check_auth_setting(api: &crate::cli::ApiArgs) -> anyhow::Result<()> {
     );
     tracing::warn!(listen = %api.listen, "THE API RUNS WITHOUT TOKENS (--no-auth): every local process may create sandboxes and drive agents");
     Ok(())
+}
+
+/// Binds `--metrics-listen`; the address bound is logged (port 0 in tests).
+pub async fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let bound = listener.local_addr().context("cannot read the metrics address")?;
+    tracing::info!(metrics_listen = %bound, "metrics listening");
+    Ok(listener)
 }
 
 pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {

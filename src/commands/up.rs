@@ -82,8 +82,15 @@ async fn control_plane(args: &UpArgs, socket: &std::path::Path, notify: &Arc<Not
 
     let listener = agentd_controlplane::bind(args.api.listen).await?;
     let bound = listener.local_addr().context("cannot read the API's address")?;
+    let metrics = match args.api.metrics_listen {
+        Some(addr) => Some(cp.serve_metrics_on(super::bind_metrics(addr).await?)),
+        None => None,
+    };
     notify.ready(&format!("listening on {bound} (node socket {})", socket.display()));
     let served = cp.serve_on(listener, stop_signal(notify)).await;
+    if let Some(task) = metrics {
+        let _ = task.await;
+    }
     let state = cp.state.clone();
     // Steps still running get the drain bound, then the rest is stopped directly.
     notify.status("stopping: finishing workflow steps");

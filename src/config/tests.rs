@@ -57,6 +57,9 @@ fn every_key_of_every_kind_takes_a_good_value() {
         advertise = "10.0.0.5:7443"
         grpc_listen = "0.0.0.0:7443"
         no_auth = false
+        metrics_listen = "127.0.0.1:9100"
+        sse_keepalive_ms = 15000
+        sse_buffer = 1024
         allowed_host_paths = ["/srv/agents", "/opt/roots"]
         allowed_registry_sources = ["https://example.org/registry.json", "/etc/agentd/registry.json"]
         live_restore = true

@@ -805,8 +805,10 @@ impl Agents {
         }
         agent.last_turns.lock().unwrap().insert(session_id.to_string(), Arc::clone(&turn));
         agent.turns.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(agent = agent.id, acp_session_id = acp_id, "turn started");
         let running = Arc::clone(&turn);
-        tokio::spawn(async move {
+        // Carried: the turn's log lines keep the prompt's trace id.
+        tokio::spawn(agentd_proto::trace::carry(async move {
             let mut result = process.client.prompt(&acp_id, &prompt).await;
             // A credential that expired mid-session: authenticate again and
             // resend (the agent refused the prompt, so it did none of it).
@@ -831,8 +833,12 @@ impl Agents {
                 }
                 Err(e) => TurnEvent::Failed(process.describe(e).await),
             };
+            match &last {
+                TurnEvent::Stopped(reason) => tracing::info!(agent = agent.id, acp_session_id = acp_id, stop_reason = reason, "turn ended"),
+                other => tracing::info!(agent = agent.id, acp_session_id = acp_id, outcome = ?other, "turn ended"),
+            }
             running.finish(last);
-        });
+        }));
         Ok(turn)
     }
 

@@ -93,6 +93,7 @@ async fn serve(listen_fd: i32, hardening: agentd_harden::Hardening) -> std::io::
         }
     };
     let served = tonic::transport::Server::builder()
+        .layer(agentd_proto::trace::ServerLayer)
         .add_service(agentd_proto::supervisor::supervisor_server::SupervisorServer::new(svc))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 pub use agentd_testkit::procfs;
 
+pub mod browser;
 pub mod daemon;
 pub mod fleet;
 pub mod host;

@@ -1,5 +1,6 @@
-//! Middleware: every route but `/healthz`, `/openapi.json` (and the node join, whose join
-//! token is its credential) needs `Authorization: Bearer <token>` of a
+//! Middleware: every route but `/healthz`, `/readyz`, `/openapi.json`, the dashboard's static
+//! files (`/ui`: they hold no data; its calls for data carry the token) and
+//! the node join (whose join token is its credential) needs `Authorization: Bearer <token>` of a
 //! scope enough for it: `read` for GET, `write` for the rest, `admin` for
 //! tokens, nodes and the audit log (and, checked by handlers, for what
 //! reaches the host: [`crate::powers`]). A request without a
@@ -20,7 +21,7 @@ use crate::powers::Authority;
 
 /// The scope a request needs; `None`: open to anyone.
 pub fn required(method: &Method, path: &str) -> Option<Scope> {
-    if path == "/healthz" || path == "/openapi.json" || path == "/v1/nodes:join" {
+    if path == "/healthz" || path == "/readyz" || path == "/openapi.json" || path == "/v1/nodes:join" || path == "/ui" || path.starts_with("/ui/") {
         return None;
     }
     let reading = matches!(*method, Method::GET | Method::HEAD);
@@ -91,7 +92,12 @@ mod tests {
         let get = Method::GET;
         let post = Method::POST;
         assert_eq!(required(&get, "/healthz"), None);
+        assert_eq!(required(&get, "/readyz"), None);
+        assert_eq!(required(&get, "/metrics"), Some(Scope::Read));
         assert_eq!(required(&post, "/v1/nodes:join"), None);
+        assert_eq!(required(&get, "/ui"), None);
+        assert_eq!(required(&get, "/ui/app.js"), None);
+        assert_eq!(required(&get, "/uix"), Some(Scope::Read));
         assert_eq!(required(&get, "/v1/sessions"), Some(Scope::Read));
         assert_eq!(required(&post, "/v1/sessions/ses_1:prompt"), Some(Scope::Write));
         assert_eq!(required(&Method::DELETE, "/v1/containers/c"), Some(Scope::Write));

@@ -55,7 +55,7 @@ pub async fn create(
         (Some(_), Some(_)) => return Err(Problem::invalid(Code::InvalidRequest, "give profile or container_profile, not both")),
         (a, b) => a.or(b).unwrap_or_else(|| json!({})),
     };
-    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid(Code::InvalidProfile, e.to_string()))?;
+    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid(Code::parse(e.code()).unwrap_or(Code::InvalidProfile), e.to_string()))?;
     let who = super::auth::authority(&app, caller.as_deref());
     crate::powers::check_profile(who, &app.allowances, field, &profile, value.get("network").is_some(), false)?;
     let capacity = match body.capacity {
@@ -139,12 +139,22 @@ async fn usage(app: &AppState, id: &str, state: &str) -> Value {
         Ok(s) => {
             let s = s.into_inner();
             let u = s.usage.unwrap_or_default();
+            // An egress sandbox's traffic through its node's gateway.
+            let egress = u.egress.map(|e| {
+                json!({
+                    "connections_allowed": e.connections_allowed, "connections_denied": e.connections_denied,
+                    "bytes_out": e.bytes_out, "bytes_in": e.bytes_in,
+                    "names_allowed": e.names_allowed, "names_denied": e.names_denied,
+                    "datagrams_denied": e.datagrams_denied,
+                })
+            });
             json!({
                 "frozen": s.frozen,
                 "memory_bytes": u.memory_current, "memory_max_bytes": u.memory_max,
                 "cpu_usage_usec": u.cpu_usage_usec,
                 "pids": u.pids_current, "pids_max": u.pids_max,
                 "oom_kills": u.oom_kills,
+                "egress": egress,
             })
         }
         Err(e) => json!({"error": e.message()}),

@@ -37,6 +37,8 @@ enum Answer {
     /// `text/event-stream`.
     Events,
     Text,
+    /// 200 with a body of this media type.
+    Media(&'static str),
 }
 
 /// One operation: method, path (actions as `{id}:verb`), summary, body, answer, whether it needs a token.
@@ -59,7 +61,7 @@ fn any_object() -> RefOr<Schema> {
 }
 
 use super::{containers, nodes, registry, sessions, tokens};
-use Answer::{Events, Json, NoContent, Text};
+use Answer::{Events, Json, Media, NoContent, Text};
 use HttpMethod::{Delete, Get, Post};
 
 /// Every operation of the router, in its order.
@@ -68,6 +70,11 @@ static OPERATIONS: LazyLock<Vec<Operation>> = LazyLock::new(|| {
     let created = Json(&[201, 202]);
     vec![
         Operation(Get, "/healthz", "Liveness: answers `ok`", Body::None, Text, false),
+        Operation(Get, "/readyz", "Readiness: the store answers and a node is alive (else 503)", Body::None, Text, false),
+        Operation(Get, "/metrics", "Prometheus metrics (OpenMetrics text; read)", Body::None, Media("application/openmetrics-text"), true),
+        Operation(Get, "/ui", "The web dashboard", Body::None, Media("text/html"), false),
+        Operation(Get, "/ui/", "The web dashboard", Body::None, Media("text/html"), false),
+        Operation(Get, "/ui/{path}", "The dashboard's static files", Body::None, Media("*/*"), false),
         Operation(Get, "/openapi.json", "This description", Body::None, ok, false),
         Operation(Get, "/v1/sessions", "List sessions (filters: state, node, container, label=k=v; paged by cursor)", Body::None, ok, true),
         Operation(Post, "/v1/sessions", "Create a session (a sandbox, an agent, an ACP session)", json_body::<sessions::CreateSessionBody>(), created, true),
@@ -186,6 +193,12 @@ fn operation(op: &Operation) -> utoipa::openapi::path::Operation {
                 ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(SchemaType::Type(Type::String)))).build(),
             ),
         ),
+        Media(media) => b.response(
+            "200",
+            ResponseBuilder::new()
+                .description("OK")
+                .content(*media, ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(SchemaType::Type(Type::String)))).build()),
+        ),
         Text => b.response(
             "200",
             ResponseBuilder::new()
@@ -259,7 +272,7 @@ mod tests {
         let body = source.split("pub fn router").nth(1).expect("api/mod.rs has router").split("\n}\n").next().unwrap();
         let mut routes = Vec::new();
         for line in body.lines().map(str::trim).filter(|l| l.starts_with(".route(\"")) {
-            let path = line[".route(\"".len()..].split('"').next().unwrap().to_string();
+            let path = line[".route(\"".len()..].split('"').next().unwrap().replace("{*", "{");
             for method in ["get", "post", "delete", "put", "patch"] {
                 let called = [format!(", {method}("), format!(".{method}("), format!("routing::{method}(")];
                 if called.iter().any(|c| line.contains(c.as_str())) {

@@ -315,7 +315,7 @@ pub async fn create(
         None => body.container_profile.clone(),
     };
     let profile = match &profile_value {
-        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid(Code::InvalidProfile, e.to_string()))?,
+        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid(Code::parse(e.code()).unwrap_or(Code::InvalidProfile), e.to_string()))?,
         None => Profile::default(),
     };
     if existing.is_none() {

@@ -62,6 +62,8 @@ codes! {
     IllegalState = "illegal_state",
     /// `container_profile` (or `profile`) is not valid: limits, network, rootfs, seccomp, node.
     InvalidProfile = "invalid_profile",
+    /// `container_profile.network` is not a valid network policy (egress rules).
+    InvalidNetworkPolicy = "invalid_network_policy",
     /// `prompt` is neither a string nor a non-empty array of ACP content blocks, or the agent refused it.
     InvalidPrompt = "invalid_prompt",
     /// Too many labels, or a key or value that is not valid.
@@ -138,6 +140,8 @@ codes! {
     NodeUnavailable = "node_unavailable",
     /// The node did not answer a call within its deadline; retry later.
     NodeTimeout = "node_timeout",
+    /// `/readyz`: no node is alive, so nothing can be scheduled.
+    NoNodeAlive = "no_node_alive",
     /// The request uses a power over the node's files or network (a host path, `network: host`, seccomp, a registry source): it needs the admin scope or the operator's allow-list; `detail` names the field.
     OperatorPower = "operator_power",
     /// A workflow step lost its lease to another runner (internal; retried).

@@ -126,6 +126,7 @@ pub const NODE_CODES: &[(Code, Class)] = &[
     (Code::StaleEpoch, Class::Conflict),
     (Code::InvalidRequest, Class::Invalid),
     (Code::InvalidProfile, Class::Invalid),
+    (Code::InvalidNetworkPolicy, Class::Invalid),
     (Code::InvalidPrompt, Class::Invalid),
     (Code::BadWorkingDir, Class::Invalid),
     (Code::AgentExecutableNotFound, Class::Invalid),

@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use agentd_proto::common::PermissionMode;
-use agentd_proto::node::node_client::NodeClient;
-use tonic::transport::Channel;
+use crate::fleet::nodes::NodeClient;
 use agentd_proto::node::{AgentInstance, AgentPlan, CreateSandboxRequest, CreateSessionRequest, DeleteSandboxRequest, SandboxPlan, StartAgentRequest};
 
 use super::{agent_deadline, deadline, fence, failed, within, node_error, ok, store_error, test_pause, transient};
@@ -126,7 +125,9 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let mut node = super::node_for(&app, &c.node_id).await?;
     let made: Result<(i32, String, AgentInstance), tonic::Status> = async {
         let create = node.create_sandbox(CreateSandboxRequest { plan: Some(sandbox_plan), fence: fence(&ctx, "sandbox") });
+        let started = std::time::Instant::now();
         let sandbox = within(deadline(&app), create).await?.into_inner();
+        app.store.metrics().sandbox_created(started.elapsed());
         test_pause("session.create/sandbox").await;
         let start = node.start_agent(StartAgentRequest {
             container_id: container_id.to_string(),
@@ -177,7 +178,7 @@ async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid:
 async fn undo(
     app: &AppState,
     ctx: &StepContext,
-    node: &mut NodeClient<Channel>,
+    node: &mut NodeClient,
     container_id: &str,
     session_id: &str,
     problem: &Refusal,
