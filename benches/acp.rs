@@ -68,7 +68,7 @@ fn main() {
     let events_per_turn = env_usize("BENCH_EVENTS", 200_000);
     let state = tempfile::Builder::new().prefix("agentd-bench-acp-").tempdir().unwrap();
     let mut agentd = Command::new(release_bin("agentd"))
-        .args(["up", "--listen", "127.0.0.1:0", "--state-dir"])
+        .args(["up", "--listen", "127.0.0.1:0", "--no-auth", "--state-dir"])
         .arg(state.path())
         .env("AGENTD_LOG", std::env::var("AGENTD_LOG").unwrap_or_else(|_| "warn,agentd_controlplane=info".into()))
         .env("AGENTD_CGROUP_SUBTREE", format!("agentd-bench-acp-{}", std::process::id()))

@@ -71,7 +71,7 @@ impl Record {
     }
 
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
-        crate::state_file::write_atomic(&dir.join("sandbox.json"), &serde_json::to_vec_pretty(self).expect("a record serializes"))
+        crate::state_file::write_atomic_for_this_boot(&dir.join("sandbox.json"), &serde_json::to_vec_pretty(self).expect("a record serializes"))
     }
 }
 

@@ -53,7 +53,7 @@ impl SessionFile {
     }
 
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        crate::state_file::write_atomic(path, &serde_json::to_vec_pretty(self).expect("a session file serializes"))
+        crate::state_file::write_atomic_for_this_boot(path, &serde_json::to_vec_pretty(self).expect("a session file serializes"))
     }
 }
 
