@@ -8,6 +8,7 @@
 //! - [`network`]: [`Network`], a sandbox's network mode.
 //! - [`limits`]: the bounds of memory, pids and cpus every host shares.
 //! - [`seccomp`]: a custom seccomp policy's shape ([`SeccompPolicy`]).
+//! - [`secrets`]: secrets a profile names by reference ([`SecretRef`]).
 //! - [`ids`]: entity ids.
 
 pub mod ids;
@@ -15,9 +16,11 @@ pub mod limits;
 pub mod network;
 pub mod profile;
 pub mod seccomp;
+pub mod secrets;
 
 pub use ids::new_id;
 pub use limits::LimitsError;
 pub use network::Network;
 pub use profile::{Profile, ProfileError, parse_size};
 pub use seccomp::SeccompPolicy;
+pub use secrets::{SecretError, SecretRef};
