@@ -47,7 +47,7 @@ pub async fn create(State(app): State<AppState>, super::ApiJson(body): super::Ap
         (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give profile or container_profile, not both")),
         (a, b) => a.or(b).unwrap_or_else(|| json!({})),
     };
-    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?;
+    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid(e.code(), e.to_string()))?;
     let capacity = match body.capacity {
         Some(0) => return Err(Problem::invalid("invalid_request", "capacity must be at least 1")),
         Some(n) if n > MAX_CAPACITY => return Err(Problem::invalid("invalid_request", format!("capacity must be at most {MAX_CAPACITY}"))),

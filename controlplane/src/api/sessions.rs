@@ -300,7 +300,7 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         None => body.container_profile.clone(),
     };
     let profile = match &profile_value {
-        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid("invalid_profile", e.to_string()))?,
+        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid(e.code(), e.to_string()))?,
         None => Profile::default(),
     };
     let session_options = body.session.unwrap_or_default();
@@ -343,6 +343,7 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
     )
     .map_err(|e| match e {
         PlanError::NoDistribution(e) => Problem::invalid("no_distribution", e.to_string()),
+        e @ PlanError::SecretsNeedOwnNetwork(_) => Problem::invalid("invalid_secret", e.to_string()),
         e => Problem::invalid("invalid_request", e.to_string()),
     })?;
     compiled.agent.policy = Some(agent_policy);

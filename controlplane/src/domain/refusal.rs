@@ -132,6 +132,10 @@ pub const NODE_CODES: &[(&str, Class)] = &[
     ("bad_working_dir", Class::Invalid),
     ("agent_executable_not_found", Class::Invalid),
     ("mount_source_not_found", Class::Invalid),
+    // The profile names a secret the node's secret store does not hold.
+    ("unknown_secret", Class::Invalid),
+    // The node's secret store cannot be read (its file, mode or owner).
+    ("secrets_unavailable", Class::Internal),
     ("unknown_option", Class::Invalid),
     ("bundle_checksum_mismatch", Class::Invalid),
     ("bundle_invalid", Class::Invalid),
