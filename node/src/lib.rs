@@ -14,6 +14,9 @@
 //!   order: each turn's end, each sandbox lost; the one path run ends take.
 //! - [`fence`]: epoch fencing and idempotency keys of workflow steps' calls.
 //! - `oom`: turns OOM kills in a sandbox's cgroup into `sandbox.oom` events.
+//! - [`secrets_proxy`]: keys that never enter the sandbox: the node's secret
+//!   store, and per sandbox a plain-HTTP endpoint on its own loopback that
+//!   forwards to the secret's upstream over TLS with the key added.
 //! - [`service`]: the `Node` gRPC service.
 //!
 //! [`serve`] runs the service on a unix socket until shutdown ([`bind`] then
@@ -26,6 +29,7 @@ pub mod fence;
 pub mod journal;
 mod oom;
 pub mod sandboxes;
+pub mod secrets_proxy;
 pub mod service;
 pub mod sessions;
 pub mod setup;
@@ -73,6 +77,12 @@ pub struct NodeConfig {
     /// host at start (memory, CPUs) or are `max_sandboxes` (slots).
     pub capacity_memory: Option<u64>,
     pub capacity_cpus: Option<f64>,
+    /// The secret store profiles' secrets come from (a file of `NAME=value`
+    /// lines or a directory of files; see `secrets_proxy::store`); `None`:
+    /// the node holds no secrets.
+    pub secrets_file: Option<PathBuf>,
+    /// CAs the secrets proxy trusts for upstreams besides Mozilla's roots.
+    pub secrets_ca_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -92,6 +102,8 @@ impl NodeConfig {
             labels: Default::default(),
             capacity_memory: None,
             capacity_cpus: None,
+            secrets_file: None,
+            secrets_ca_file: None,
         }
     }
 }

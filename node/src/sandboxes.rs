@@ -45,6 +45,7 @@ use tonic::{Code, Status};
 use crate::NodeConfig;
 use crate::bundles::BundleCache;
 use crate::event_log::now_ms;
+use crate::secrets_proxy::{Proxies, SandboxProxies};
 
 /// How long a killed sandbox may take to disappear before teardown gives up
 /// waiting (the kernel kills the whole pid namespace with its PID 1).
@@ -107,6 +108,8 @@ pub struct Checked {
     mounts: Vec<BindMount>,
     /// The agents' seccomp policy, known to compile here.
     seccomp: Option<SeccompPolicy>,
+    /// Secrets the node's proxies serve the sandbox, all held by its store.
+    secrets: Vec<agentd_plan::SecretRef>,
 }
 
 /// The spare cgroups with their parked worker, and whether the node is
@@ -141,6 +144,8 @@ pub struct Sandbox {
     limits: Limits,
     /// Given to the supervisor for each agent it starts; `None`: the default filter.
     pub seccomp: Option<SeccompPolicy>,
+    /// Its secrets' endpoints on its loopback; their variables go to every agent.
+    pub proxies: SandboxProxies,
     /// OOM kills already reported (see `oom.rs`).
     oom_seen: AtomicU64,
     frozen: AtomicBool,
@@ -235,6 +240,8 @@ pub struct Sandboxes {
     spare: tokio::sync::Mutex<Spare>,
     /// Agent bundles the plans name, unpacked once and shared read-only.
     bundles: BundleCache,
+    /// The secret store and the upstream client of every sandbox's proxies.
+    proxies: Proxies,
 }
 
 /// Makes the node the parent of every orphan below it, so that sandbox PID 1s
@@ -295,6 +302,7 @@ impl Sandboxes {
         let host = HostCapacity::detect(&config.proc_root).map_err(std::io::Error::other)?;
         let launcher = Launcher::new(config.exe.clone());
         let bundles = BundleCache::open(config.state_dir.join("bundles"))?;
+        let proxies = Proxies::new(config.secrets_file.clone(), config.secrets_ca_file.as_deref(), config.proc_root.clone()).map_err(std::io::Error::other)?;
         let this = Arc::new(Self {
             config,
             cgroups,
@@ -306,6 +314,7 @@ impl Sandboxes {
             launcher,
             spare: Default::default(),
             bundles,
+            proxies,
         });
         let leftovers = this.clean_leftovers(&root).await;
         let lost = leftovers.iter().map(|(record, _)| record.id.clone()).collect();
@@ -471,7 +480,12 @@ impl Sandboxes {
             spec::check_mount_target(Path::new(&b.target))
                 .map_err(|e| status(Code::InvalidArgument, "invalid_request", format!("bundle target {:?}: {e}", b.target)))?;
         }
-        Ok(Checked { limits, network, rootfs, hostname, workspace_path, mounts, seccomp })
+        let secrets = agentd_proto::convert::secrets(&plan.secrets).map_err(|e| invalid_profile(e.to_string()))?;
+        if !secrets.is_empty() && network == Network::Host {
+            return Err(invalid_profile("secrets need the sandbox's own network namespace, not the host's".into()));
+        }
+        self.proxies.check(&secrets).map_err(|e| e.status())?;
+        Ok(Checked { limits, network, rootfs, hostname, workspace_path, mounts, seccomp, secrets })
     }
 
     /// Builds the sandbox a plan describes. Creating an id that exists answers
@@ -526,7 +540,7 @@ impl Sandboxes {
             }
         };
         match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, parked, &failure).await {
-            Ok((pid, ids, created_at_ms, supervisor, exited)) => {
+            Ok((pid, ids, created_at_ms, supervisor, exited, proxies)) => {
                 let sandbox = Arc::new(Sandbox {
                     id: id.clone(),
                     pid,
@@ -538,6 +552,7 @@ impl Sandboxes {
                     cgroup,
                     limits,
                     seccomp,
+                    proxies,
                     oom_seen: AtomicU64::new(0),
                     frozen: AtomicBool::new(false),
                     exited,
@@ -592,7 +607,7 @@ impl Sandboxes {
         cgroup: &SandboxCgroup,
         parked: bool,
         failure: &Option<String>,
-    ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>), Status> {
+    ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>, SandboxProxies), Status> {
         let cfg = &self.config;
         let ids = IdRange { host_base: cfg.id_base + slot * cfg.id_range_size, size: cfg.id_range_size };
         let workspace = dir.join("workspace");
@@ -603,6 +618,7 @@ impl Sandboxes {
         std::os::unix::fs::chown(&workspace, Some(ids.host_base), Some(ids.host_base)).map_err(internal)?;
         injected(failure, "prepare")?;
 
+        let secrets = checked.secrets;
         let mut mounts = vec![BindMount { source: workspace, target: checked.workspace_path, read_only: false }];
         mounts.extend(checked.mounts);
         mounts.extend(bundle_mounts);
@@ -661,13 +677,15 @@ impl Sandboxes {
         };
         injected(failure, "connect").map_err(kill_on_error)?;
         let exited = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
+        // Before any agent can start: their variables name the ports.
+        let proxies = self.proxies.start(pid, &secrets, None, exited.clone()).map_err(|e| kill_on_error(e.status()))?;
         let channel = uds::connect(&socket_path)
             .await
             .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("supervisor unreachable: {e}"))))?;
         let record = Record { id: plan.container_id.clone(), pid, slot, ids, created_at_ms: now_ms() };
         std::fs::write(dir.join("sandbox.json"), serde_json::to_vec_pretty(&record).expect("record serializes"))
             .map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited))
+        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited, proxies))
     }
 
     /// Stops the sandbox: its agents first, given the grace period (see
@@ -691,6 +709,8 @@ impl Sandboxes {
         if tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_err() {
             tracing::error!(id, pid = sandbox.pid, "sandbox did not exit after SIGKILL");
         }
+        // Their sockets hold the sandbox's network namespace.
+        sandbox.proxies.stop().await;
         if let Err(e) = std::fs::remove_dir_all(&sandbox.dir) {
             tracing::warn!(id, error = %e, "cannot remove sandbox directory");
         }
