@@ -103,7 +103,9 @@ fn read(path: &Path, mut file: File) -> Result<Zeroizing<String>, StoreError> {
 }
 
 fn load_dir(dir: &Path) -> Result<HashMap<String, SecretValue>, StoreError> {
-    let io = |path: &Path| move |source| StoreError::Io { path: path.to_path_buf(), source };
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io { path: path.to_path_buf(), source }
+    }
     let mut held = HashMap::new();
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
