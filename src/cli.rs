@@ -95,7 +95,7 @@ pub struct NodeFlags {
     #[arg(long, env = "AGENTD_SANDBOX_BIN")]
     pub sandbox_bin: Option<PathBuf>,
     /// This node's id in the fleet (lower-case letters, digits, '-'); by
-    /// default the one it joined with, else "local".
+    /// default the one it joined with, else "node-1" (as the original agentd).
     #[arg(long, env = "AGENTD_NODE_ID")]
     pub node_id: Option<String>,
     /// Labels placement selects nodes by: `zone=a,disk=ssd`.
@@ -107,6 +107,26 @@ pub struct NodeFlags {
     /// CPUs sandboxes may reserve (default: the host's).
     #[arg(long, env = "AGENTD_CAPACITY_CPUS")]
     pub capacity_cpus: Option<f64>,
+    /// Sandboxes outlive agentd: a stop (or a crash) leaves them, their
+    /// agents and running turns, and the next start takes them back. Off: a
+    /// stop removes every sandbox. The packaged config turns it on for the
+    /// service; `agentd up` run in a terminal ignores the file's setting
+    /// (Ctrl-C stops everything) unless the flag or variable is given.
+    #[arg(long, env = "AGENTD_LIVE_RESTORE", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub live_restore: bool,
+    /// How long a closed session's event log stays on the node, in
+    /// milliseconds (its archive in the store outlives it).
+    #[arg(long, env = "AGENTD_CLOSED_SESSION_RETENTION_MS", default_value_t = 3_600_000)]
+    pub closed_session_retention_ms: u64,
+    /// The node's secrets, which profiles name by reference: a file of
+    /// `NAME=value` lines (mode 0600/0640) or a directory of one file per
+    /// secret. Agents get a proxy endpoint and a placeholder, never a value.
+    #[arg(long, env = "AGENTD_SECRETS_FILE")]
+    pub secrets_file: Option<PathBuf>,
+    /// PEM CA certificates the secrets proxy trusts for upstreams, besides
+    /// Mozilla's roots (a private gateway, a test's own CA).
+    #[arg(long, env = "AGENTD_SECRETS_CA_FILE")]
+    pub secrets_ca_file: Option<PathBuf>,
 }
 
 /// `k=v,k2=v2` into labels; empty gives none.
@@ -161,6 +181,15 @@ pub struct ApiArgs {
     /// `POST /v1/registry:sync` syncs it again.
     #[arg(long, env = "AGENTD_REGISTRY")]
     pub registry: Option<String>,
+    /// Host paths (directories or files) that callers without the admin
+    /// scope may name: file:// agent bundles, agent executables, rootfs.
+    /// Comma-separated or repeated.
+    #[arg(long, env = "AGENTD_ALLOWED_HOST_PATHS", value_delimiter = ',')]
+    pub allowed_host_paths: Vec<std::path::PathBuf>,
+    /// Registry sources (paths or URLs, as written) that callers without
+    /// the admin scope may sync from. Comma-separated or repeated.
+    #[arg(long, env = "AGENTD_ALLOWED_REGISTRY_SOURCES", value_delimiter = ',')]
+    pub allowed_registry_sources: Vec<String>,
     /// Sync the registry again this often, in milliseconds; 0: only at
     /// start and on `POST /v1/registry:sync`.
     #[arg(long, env = "AGENTD_REGISTRY_SYNC_INTERVAL_MS", default_value_t = 3_600_000)]
@@ -173,6 +202,19 @@ pub struct ApiArgs {
     /// do anything. Refused unless the API listens on a loopback address.
     #[arg(long, env = "AGENTD_NO_AUTH")]
     pub no_auth: bool,
+    /// Also serve /metrics (and /healthz, /readyz) on this address, without
+    /// a token: for a scraper that holds none. On the API's address
+    /// /metrics needs a token of scope read.
+    #[arg(long, env = "AGENTD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The interval of SSE keep-alive comments, in milliseconds.
+    #[arg(long, env = "AGENTD_SSE_KEEPALIVE_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sse_keepalive_ms: u64,
+    /// How many events an SSE subscriber may fall behind the session's
+    /// live stream before it is cut off (with a `stream.lagged` event; it
+    /// resumes with Last-Event-ID).
+    #[arg(long, env = "AGENTD_SSE_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub sse_buffer: u32,
 }
 
 impl ApiArgs {

@@ -41,6 +41,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// `agentd up` run by hand in a terminal stops its sandboxes on Ctrl-C, as
+/// a developer expects, even where the packaged config (for the service)
+/// turns live restore on: the file's setting is dropped; `--live-restore`
+/// or `AGENTD_LIVE_RESTORE` given by the user still turn it on. Must run
+/// while the process is single-threaded.
+fn up_by_hand(loaded: Option<&config::Loaded>) {
+    use std::io::IsTerminal;
+    const VAR: &str = "AGENTD_LIVE_RESTORE";
+    if std::io::stdin().is_terminal() && loaded.is_some_and(|l| l.set.iter().any(|v| v == VAR)) {
+        // SAFETY: called from main before any thread exists.
+        unsafe { std::env::remove_var(VAR) };
+    }
+}
+
 fn run() -> anyhow::Result<ExitCode> {
     let first = std::env::args_os().nth(1);
     let first = first.as_deref().and_then(|a| a.to_str());
@@ -50,6 +64,9 @@ fn run() -> anyhow::Result<ExitCode> {
     // `config check` reads the file itself (perhaps another one): a broken
     // default file must not stop it from saying what is broken.
     let loaded = if first == Some("config") { None } else { config::load_into_env()? };
+    if first == Some("up") {
+        up_by_hand(loaded.as_ref());
+    }
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Up(args) => commands::up::run(args).map(|()| ExitCode::SUCCESS),

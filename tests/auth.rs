@@ -31,7 +31,9 @@ async fn token(agentd: &Agentd, scope: &str, ttl_seconds: Option<u64>) -> (Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_but_healthz_needs_a_token_of_its_scope() {
-    let agentd = Agentd::start().await;
+    // The echo agent is an executable on the node: writers may use it here.
+    let echo_dir = crate::support::echo_agent().parent().unwrap().display().to_string();
+    let agentd = Agentd::start_full(&["--allowed-host-paths", &echo_dir], &[]).await;
     let anon = reqwest::Client::new();
 
     let file = agentd.state_dir().join("admin.token");
@@ -62,7 +64,7 @@ async fn every_route_but_healthz_needs_a_token_of_its_scope() {
     assert!(challenge.is_some_and(|c| c.contains("scope=\"write\"")));
     let (status, _, session) = call(anon.post(agentd.url("/v1/sessions")).bearer_auth(&write).json(&session_body(&[]))).await;
     assert_eq!(status, StatusCode::CREATED, "{session}");
-    for (method, path) in [("GET", "/v1/tokens"), ("GET", "/v1/audit"), ("POST", "/v1/registry:sync"), ("POST", "/v1/nodes/local:cordon")] {
+    for (method, path) in [("GET", "/v1/tokens"), ("GET", "/v1/audit"), ("POST", "/v1/nodes/local:cordon")] {
         let req = anon.request(method.parse().unwrap(), agentd.url(path)).bearer_auth(&write);
         let (status, _, body) = call(req).await;
         assert_eq!((status, body["code"].as_str()), (StatusCode::FORBIDDEN, Some("insufficient_scope")), "{method} {path}: {body}");

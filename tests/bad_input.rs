@@ -62,7 +62,7 @@ async fn malformed_requests_and_unknown_ids() {
     let (status, _) = agentd.delete(&format!("/v1/containers/{container}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, body) = agentd.delete(&format!("/v1/containers/{container}")).await;
-    assert_problem(status, &body, StatusCode::CONFLICT, "illegal_state");
+    assert_eq!(status, StatusCode::NO_CONTENT, "deleting a deleted container is done already: {body}");
     let (status, body) = agentd.prompt(id, "hello?").await;
     assert_problem(status, &body, StatusCode::CONFLICT, "illegal_state");
     assert!(body["detail"].as_str().unwrap().contains("closed"), "names the state: {body}");

@@ -95,7 +95,7 @@ fn doctor_passes_on_this_host_and_prints_its_table() {
     assert!(!lines.iter().any(|l| l.split_whitespace().nth(1) == Some("FAIL")), "{stdout}");
     assert!(lines.last().unwrap().ends_with(" 0 FAIL"), "{stdout}");
     // The config file was read, and the flag won over its state_dir.
-    assert!(stdout.contains("packaging/agentd.toml: 12 keys, valid"), "{stdout}");
+    assert!(stdout.contains("packaging/agentd.toml: 16 keys, valid"), "{stdout}");
     let state_line = lines.iter().find(|l| l.starts_with("state-dir ")).unwrap();
     assert_eq!(state_line.split_whitespace().nth(1), Some("ok"), "{state_line}");
     assert!(state_line.ends_with(&format!("{state_arg}: owner root, mode 0700")), "{state_line}");
@@ -197,7 +197,7 @@ fn config_check_names_each_bad_key_with_its_line() {
     // Without a FILE: AGENTD_CONFIG's (here the packaged one), which passes.
     let out = agentd(&["config", "check"], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with("ok: 12 keys"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).starts_with("ok: 16 keys"), "{}", text(&out.stdout));
 }
 
 #[test]

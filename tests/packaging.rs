@@ -2,8 +2,9 @@
 //! on each unit; a session under the node units' hardening (emulated:
 //! systemd is not PID 1 here) and the reason two protections are left out;
 //! the .rpm's files, scriptlets and an install into a scratch root; the
-//! .deb's files and maintainer scripts, and its install, a session, remove
-//! and purge in a minimal Debian root made by debootstrap.
+//! .deb's files and maintainer scripts, and its install, a session, an
+//! upgrade with a turn streaming through it, remove and purge in a minimal
+//! Debian root made by debootstrap.
 //!
 //! The packages come from `scripts/package` (run once by `scripts/test`,
 //! into `AGENTD_PACKAGES`, default `<target>/packages`); the Debian root
@@ -22,7 +23,8 @@ use std::time::Instant;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{Agentd, agentd_bin, echo_agent, procfs, said, session_body};
+use crate::support::host::{become_subreaper, reap_orphans};
+use crate::support::{Agentd, SseEvent, agentd_bin, echo_agent, procfs, said, session_body, turn};
 
 const UNITS: [&str; 3] = ["agentd.service", "agentd-server.service", "agentd-node.service"];
 
@@ -511,21 +513,62 @@ impl Drop for DebianRoot {
     }
 }
 
-/// Where an upgrade with a live session goes once live restore lands:
-/// install a second build of the package (`dpkg -i` of a newer version)
-/// while the session's sandbox runs, let the postinst's try-restart restart
-/// the daemon (KillMode=process leaves the sandbox alone), and check that
-/// the session keeps its sandbox (same supervisor pid), its event stream
-/// resumes from Last-Event-ID and a new turn answers. Until the daemon
-/// re-adopts running sandboxes at start, a restart loses them, so there is
-/// nothing true to test yet; this says so instead of pretending.
-fn upgrade_with_a_live_session(_root: &DebianRoot, _agentd: &Agentd, _session: &str) {
-    eprintln!("upgrade with a live session: not tested until live restore lands (see upgrade_with_a_live_session)");
+/// An upgrade with a live session: a second build of the package (the same
+/// binaries as the next version, by `dpkg-deb -R` and `-b`) is installed
+/// while a turn streams, and the daemon restarted as the postinst's
+/// try-restart has systemd do it (systemd is not PID 1 here): the unit's
+/// `KillMode=process` stop signals agentd alone, then the new binary starts.
+/// With the packaged config's `live_restore` the sandbox, its agent and the
+/// turn run on: the same PID 1, the stream resumed from Last-Event-ID with
+/// nothing missed or repeated, and a new turn answers.
+async fn upgrade_with_a_live_session(root: &DebianRoot, agentd: &mut Agentd, id: &str) {
+    let next = format!("{}-2", env!("CARGO_PKG_VERSION"));
+    run(&mut root.chroot(&["dpkg-deb", "-R", "/tmp/agentd.deb", "/tmp/agentd-next"]));
+    let control = root.path("/tmp/agentd-next/DEBIAN/control");
+    let text = std::fs::read_to_string(&control).unwrap();
+    let current = format!("Version: {}-1", env!("CARGO_PKG_VERSION"));
+    assert!(text.contains(&current), "{text}");
+    std::fs::write(&control, text.replace(&current, &format!("Version: {next}"))).unwrap();
+    // Uncompressed: xz on 160 MB of binaries takes minutes here.
+    run(&mut root.chroot(&["dpkg-deb", "-Znone", "-b", "/tmp/agentd-next", "/tmp/agentd-next.deb"]));
+
+    let (_, session) = agentd.get(&format!("/v1/sessions/{id}")).await;
+    let (_, container) = agentd.get(&format!("/v1/containers/{}", session["container_id"].as_str().unwrap())).await;
+    let supervisor = container["supervisor_pid"].as_u64().unwrap_or_else(|| panic!("{container}")) as u32;
+    let mut events = agentd.events(id, session["last_event_id"].as_u64()).await;
+    let prompt = (1..=20).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+    let (status, answer) = agentd.prompt(id, &prompt).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let mut seen = Vec::new();
+    while seen.iter().filter(|e: &&SseEvent| e.event == "session.update").count() < 3 {
+        seen.push(events.next().await.expect("the turn streams"));
+    }
+
+    run(&mut root.chroot(&["dpkg", "-i", "/tmp/agentd-next.deb"]));
+    let status = stdout(&mut root.chroot(&["dpkg-query", "-W", "-f", "${Status} ${Version}", "agentd"]));
+    assert_eq!(status, format!("install ok installed {next}"));
+    assert!(agentd.interrupt().success(), "{}", agentd.log());
+    drop(events);
+    assert!(procfs::is_alive(supervisor), "the sandbox outlives the stop");
+    agentd.restart_command(root.mounted_root(&["/usr/bin/agentd", "up", "--listen", "127.0.0.1:0"]), &[]).await;
+
+    let (_, container) = agentd.get(&format!("/v1/containers/{}", session["container_id"].as_str().unwrap())).await;
+    assert_eq!(container["supervisor_pid"].as_u64(), Some(u64::from(supervisor)), "the same PID 1, taken back: {container}");
+    let mut events = agentd.events(id, seen.last().unwrap().id).await;
+    seen.extend(events.until_run_end().await);
+    assert_eq!(seen.last().unwrap().event, "run.completed", "{seen:?}");
+    let ids: Vec<u64> = seen.iter().map(|e| e.id.expect("every event has an id")).collect();
+    let first = ids[0];
+    assert_eq!(ids, (first..first + ids.len() as u64).collect::<Vec<_>>(), "no gap, no repeat");
+    assert_eq!(said(&seen), prompt, "every chunk once, in order");
+    let after = turn(agentd, id, &mut events, "after the upgrade").await;
+    assert_eq!(said(&after), "after the upgrade");
 }
 
 /// The .deb in a minimal Debian root: dpkg installs it (maintainer scripts
 /// and all, chrooted), agentd runs from it through a session with the echo
-/// agent (with the root as its `/`: [`DebianRoot::mounted_root`]), then
+/// agent (with the root as its `/`: [`DebianRoot::mounted_root`]), is
+/// upgraded under a live turn ([`upgrade_with_a_live_session`]), then
 /// `dpkg -r` keeps the config and state, `dpkg -P` removes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deb_installs_runs_a_session_and_purges_in_a_debian_root() {
@@ -533,6 +576,8 @@ async fn the_deb_installs_runs_a_session_and_purges_in_a_debian_root() {
     if !tool("debootstrap") || !tool("unshare") {
         return;
     }
+    // The sandbox's PID 1 is orphaned while the daemon restarts.
+    become_subreaper();
     let started = Instant::now();
     let root = DebianRoot::new();
     eprintln!("Debian root unpacked in {:?}", started.elapsed());
@@ -552,19 +597,22 @@ async fn the_deb_installs_runs_a_session_and_purges_in_a_debian_root() {
     let state = root.path("/var/lib/agentd");
     let cmd = root.mounted_root(&["/usr/bin/agentd", "up", "--listen", "127.0.0.1:0"]);
     let mut agentd = Agentd::start_command(cmd, state.clone(), None, &[]).await;
-    let mut body = session_body(&[]);
+    // Each chunk a little late: a turn long enough to stream through the
+    // upgrade's restart.
+    let mut body = session_body(&["--delay-ms", "150"]);
     body["manual_agent"]["distribution"]["binary"] = json!({"url": "file:///usr/local/bin/echo-agent", "executable": "/usr/local/bin/echo-agent"});
     let (id, mut events) = agentd.create_streaming(&body).await;
     let (status, _) = agentd.prompt(&id, "from the package").await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(said(&events.until_run_end().await), "from the package");
 
-    upgrade_with_a_live_session(&root, &agentd, &id);
+    upgrade_with_a_live_session(&root, &mut agentd, &id).await;
 
     let (status, _) = agentd.delete(&format!("/v1/sessions/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{}", agentd.log());
     assert!(agentd.interrupt().success(), "{}", agentd.log());
     drop(agentd);
+    reap_orphans();
     assert!(!root.mounted(), "mounts left in the root");
     assert!(state.join("agentd.db").is_file(), "the store was not where the package says");
 

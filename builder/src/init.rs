@@ -127,7 +127,7 @@ fn read_spec() -> Result<SandboxSpec, InitError> {
 
 /// Everything the sandbox's PID 1 needs, opened or built by the creating
 /// process while it is still host root in the host's namespaces.
-struct Handover {
+struct Handover<'a> {
     /// The supervisor's log and listening socket; absent in run mode, where
     /// the command keeps the caller's stdio.
     service: Option<(File, UnixListener)>,
@@ -136,7 +136,14 @@ struct Handover {
     hardening: Hardening,
     /// What PID 1 runs once the sandbox is built.
     pid1: Pid1,
+    /// Gives an egress sandbox its route out ([`create_attached`]), before
+    /// PID 1 runs its payload.
+    attach: Option<&'a AttachNetwork<'a>>,
 }
+
+/// Connects the network namespace of the sandbox whose PID 1 is `pid` (a
+/// host pid) to whatever enforces its egress policy; `Err` fails the create.
+pub type AttachNetwork<'a> = dyn Fn(Pid) -> Result<(), String> + 'a;
 
 /// What PID 1 runs once its sandbox is built: the supervisor, or one
 /// command. Given by the binary that links them (the `agentd` binary links
@@ -171,6 +178,16 @@ pub fn create(spec: &SandboxSpec, pid1: Pid1) -> Result<Pid, InitError> {
 /// As [`create`], with the agents' hardening already built (by a zygote,
 /// once for every sandbox it makes).
 pub fn create_with(spec: &SandboxSpec, hardening: Hardening, pid1: Pid1) -> Result<Pid, InitError> {
+    create_attached(spec, hardening, pid1, None)
+}
+
+/// As [`create_with`]; for an egress sandbox, `attach` runs once PID 1's
+/// network namespace exists (its loopback up) and before PID 1 goes on to
+/// its payload, which therefore never runs without its route out. The
+/// node attaches its sandboxes itself after the create instead (no agent
+/// runs before it answers); `agentd sandbox run` runs its command at once,
+/// so it attaches here.
+pub fn create_attached(spec: &SandboxSpec, hardening: Hardening, pid1: Pid1, attach: Option<&AttachNetwork<'_>>) -> Result<Pid, InitError> {
     if let Ok(mut steps) = STEPS.lock() {
         steps.clear();
         steps.push(("start", std::time::Instant::now()));
@@ -194,7 +211,7 @@ pub fn create_with(spec: &SandboxSpec, hardening: Hardening, pid1: Pid1) -> Resu
         }
         Payload::Command { .. } => None,
     };
-    let handover = Handover { service, hardening, pid1 };
+    let handover = Handover { service, hardening, pid1, attach };
 
     let result = build(spec, &handover);
     if result.is_err()
@@ -296,7 +313,7 @@ pub const TWO_FORKS_ENV: &str = "AGENTD_SANDBOX_TWO_FORKS";
 /// it is in the sandbox's cgroups.
 fn namespace_flags(spec: &SandboxSpec) -> CloneFlags {
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
-    if spec.network == Network::None {
+    if spec.network.isolated() {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     flags
@@ -358,9 +375,10 @@ fn clone_pid1(spec: &SandboxSpec, handover: &Handover, addrs: crate::nsfork::Thr
         .and_then(|()| go.write_all(b"1").map_err(fail_io("release child")))
         .inspect(|_| step("id maps"))
         .and_then(|()| match spec.network {
-            Network::None => loopback_up_in(pid).map_err(fail_io("bring up loopback")),
             Network::Host => Ok(()),
+            Network::None | Network::Egress(_) => loopback_up_in(pid).map_err(fail_io("bring up loopback")),
         })
+        .and_then(|()| attach_network(spec, handover, pid))
         .and_then(|()| go.write_all(b"1").map_err(fail_io("release child")));
     step("network");
     // C, waiting on the go pipe after a failure of ours, sees it close and
@@ -413,7 +431,7 @@ fn pid1(spec: &SandboxSpec, handover: &Handover, go_rx: OwnedFd) -> Result<std::
         }
     }
     nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(fail("clone"))?;
-    enter(spec, handover, Some(go_rx))
+    enter(spec, handover, Some(go_rx), None)
 }
 
 /// Reads the creator's next go-ahead byte; exits if it failed (it kills us)
@@ -437,6 +455,18 @@ fn creator_lives(go_rx: &OwnedFd) {
     if ended {
         // SAFETY: _exit skips destructors that belong to the creator.
         unsafe { libc::_exit(1) }
+    }
+}
+
+/// Runs the caller's [`AttachNetwork`] for an egress sandbox.
+fn attach_network(spec: &SandboxSpec, handover: &Handover, pid: Pid) -> Result<(), InitError> {
+    match (&spec.network, handover.attach) {
+        (Network::Egress(_), Some(attach)) => {
+            let attached = attach(pid).map_err(|e| InitError::new("attach network", e));
+            step("attach network");
+            attached
+        }
+        _ => Ok(()),
     }
 }
 
@@ -471,6 +501,12 @@ fn fork_twice(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError>
     let (go_rx, go_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
     // P1, C -> P: "stage\0message" on failure; end of file once C is set up.
     let (err_rx, err_tx) = nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?;
+    // P -> C: one byte once an egress sandbox's network is attached.
+    let attached = match (&spec.network, handover.attach) {
+        (Network::Egress(_), Some(_)) => Some(nix::unistd::pipe2(cloexec).map_err(fail("pipe"))?),
+        _ => None,
+    };
+    let (attached_rx, attached_tx) = attached.map_or((None, None), |(rx, tx)| (Some(rx), Some(tx)));
 
     // SAFETY: this process is single-threaded (sandbox-init and sandbox run
     // start no threads), so the child may run arbitrary code.
@@ -479,8 +515,9 @@ fn fork_twice(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError>
             drop(up_rx);
             drop(go_tx);
             drop(err_rx);
+            drop(attached_tx);
             // Never unwind into the creator's frames from a forked copy.
-            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| namespaces(spec, handover, up_tx, go_rx, &err_tx))) {
+            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| namespaces(spec, handover, up_tx, go_rx, &err_tx, attached_rx))) {
                 Ok(Ok(never)) => match never {},
                 Ok(Err(e)) => e,
                 Err(_) => InitError::new("clone", "panic"),
@@ -492,6 +529,7 @@ fn fork_twice(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError>
     drop(up_tx);
     drop(go_rx);
     drop(err_tx);
+    drop(attached_rx);
     let mut up = File::from(up_rx);
     // P1 has failed and is on its way out (it closes its pipe end before
     // writing its error): reap it, then read why.
@@ -518,6 +556,15 @@ fn fork_twice(spec: &SandboxSpec, handover: &Handover) -> Result<Pid, InitError>
     let pid = Pid::from_raw(i32::from_ne_bytes(pid));
     // P1 exits right after forking C: once reaped, C is our child.
     let _ = waitpid(p1, None);
+    if let Some(tx) = attached_tx {
+        // C waits for this byte before its payload; on a failure here it
+        // sees the pipe close and exits (and is killed anyway).
+        let released = attach_network(spec, handover, pid).and_then(|()| File::from(tx).write_all(b"1").map_err(fail_io("release child")));
+        if let Err(e) = released {
+            kill_and_reap(pid);
+            return Err(e);
+        }
+    }
     if let Err(e) = read_error(err_rx) {
         kill_and_reap(pid);
         return Err(e);
@@ -556,6 +603,7 @@ fn namespaces(
     up_tx: OwnedFd,
     go_rx: OwnedFd,
     err_tx: &OwnedFd,
+    attached_rx: Option<OwnedFd>,
 ) -> Result<std::convert::Infallible, InitError> {
     join_cgroups(spec, nix::unistd::getpid())?;
     injected(spec, "join-cgroup")?;
@@ -574,7 +622,7 @@ fn namespaces(
     match unsafe { nix::unistd::fork() }.map_err(fail("clone"))? {
         nix::unistd::ForkResult::Child => {
             drop(up);
-            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enter(spec, handover, None))) {
+            let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enter(spec, handover, None, attached_rx))) {
                 Ok(Ok(never)) => match never {},
                 Ok(Err(e)) => e,
                 // After setup the error pipe is closed and nobody reads this.
@@ -595,8 +643,15 @@ fn namespaces(
 /// C, the sandbox's PID 1: finishes the root, pivots into it, drops what the
 /// creator held and runs the payload. Returns only on a setup failure.
 /// `network_from_creator`: the pipe on which the creator says it raised our
-/// loopback; without it (the two-fork path) we raise it ourselves.
-fn enter(spec: &SandboxSpec, handover: &Handover, network_from_creator: Option<OwnedFd>) -> Result<std::convert::Infallible, InitError> {
+/// loopback (and attached an egress network); without it (the two-fork
+/// path) we raise it ourselves, and wait on `attached` for an egress
+/// network the creator attaches.
+fn enter(
+    spec: &SandboxSpec,
+    handover: &Handover,
+    network_from_creator: Option<OwnedFd>,
+    attached: Option<OwnedFd>,
+) -> Result<std::convert::Infallible, InitError> {
     sethostname(&spec.hostname).map_err(fail("sethostname"))?;
 
     // Mounts copied into a less privileged namespace are locked, and
@@ -633,8 +688,11 @@ fn enter(spec: &SandboxSpec, handover: &Handover, network_from_creator: Option<O
                 creator_lives(&go_rx);
             }
         }
-        None if spec.network == Network::None => loopback_up().map_err(fail_io("bring up loopback"))?,
+        None if spec.network.isolated() => loopback_up().map_err(fail_io("bring up loopback"))?,
         None => {}
+    }
+    if let Some(attached) = attached {
+        wait_for_creator(&attached);
     }
     if let Some((log, _)) = &handover.service {
         redirect_stdio(log).map_err(fail_io("redirect stdio"))?;
@@ -771,6 +829,14 @@ fn scrub(keep: Option<i32>) -> Result<(), InitError> {
 
 fn run_payload(spec: &SandboxSpec, handover: &Handover) -> Result<std::convert::Infallible, InitError> {
     let listen_fd = handover.service.as_ref().map(|(_, l)| l.as_raw_fd());
+    if let Payload::Supervisor { .. } = spec.payload {
+        // A session of its own: PID 1 keeps the creator's session and
+        // process group otherwise (the daemon's), so a terminal's Ctrl-C or
+        // hang-up meant for the daemon would stop every sandbox with it.
+        // Sandboxes outlive the daemon (live restore); only the node stops
+        // them. (Run mode keeps its caller's terminal and job control.)
+        nix::unistd::setsid().map_err(fail("setsid"))?;
+    }
     // The last fallible step: closing the error pipe (with the rest) tells
     // the creator that setup succeeded.
     scrub(listen_fd)?;

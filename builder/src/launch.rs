@@ -114,6 +114,10 @@ impl Zygote {
         let mut child = Command::new(exe)
             .args(["sandbox-init", "--zygote"])
             .env_clear()
+            // Its own process group: a terminal's Ctrl-C reaches the daemon
+            // alone, which then stops (or, with live restore, leaves) its
+            // sandboxes as it means to, rather than the zygote dying under it.
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

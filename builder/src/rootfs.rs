@@ -64,15 +64,66 @@ fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), InitError> 
     Ok(())
 }
 
-/// Binds `source` at `target`, making a directory or a file to mount on.
+/// Binds `source` at `target`, making a directory or a file to mount on
+/// unless there is one (an existing one may sit in a read-only bind, such
+/// as /etc/resolv.conf).
 fn bind_any(source: &Path, target: &Path, read_only: bool) -> Result<(), InitError> {
     let meta = fs::metadata(source).map_err(|e| err("stat mount source", source, e))?;
-    if meta.is_dir() {
-        mkdir_p(target)?;
-    } else {
-        touch(target)?;
+    if fs::symlink_metadata(target).is_err() {
+        if meta.is_dir() {
+            mkdir_p(target)?;
+        } else {
+            touch(target)?;
+        }
     }
     bind(source, target, read_only)
+}
+
+/// Symbolic links followed on the way to a mount target, at most: as the
+/// kernel's own limit.
+const MAX_LINKS: usize = 40;
+
+/// The host path under `root` of `path` as the sandbox will see it: its
+/// symbolic links followed within the new root (an absolute one starts
+/// again at `root`, never at the host's root, and `..` stops at `root`).
+/// So a bind on /etc/resolv.conf, a link to
+/// ../run/systemd/resolve/stub-resolv.conf on many hosts, lands where the
+/// sandbox will read it.
+fn resolve_in_root(root: &Path, path: &Path) -> Result<PathBuf, InitError> {
+    use std::path::Component;
+    let mut pending: Vec<std::ffi::OsString> = path.components().rev().filter_map(|c| match c {
+        Component::Normal(n) => Some(n.to_owned()),
+        Component::ParentDir => Some("..".into()),
+        _ => None,
+    }).collect();
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = root.join(&resolved).join(&part);
+        match fs::symlink_metadata(&candidate) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(err("resolve mount target", path, "too many symbolic links"));
+                }
+                let link = fs::read_link(&candidate).map_err(|e| err("readlink", &candidate, e))?;
+                if link.is_absolute() {
+                    resolved.clear();
+                }
+                pending.extend(link.components().rev().filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_owned()),
+                    Component::ParentDir => Some("..".into()),
+                    _ => None,
+                }));
+            }
+            _ => resolved.push(&part),
+        }
+    }
+    Ok(root.join(resolved))
 }
 
 pub(crate) fn prepare(spec: &SandboxSpec) -> Result<(), InitError> {
@@ -99,7 +150,7 @@ pub(crate) fn prepare(spec: &SandboxSpec) -> Result<(), InitError> {
     mkdir_p(&inside(root, Path::new("/proc")))?;
 
     for m in &spec.mounts {
-        bind_any(&m.source, &inside(root, &m.target), m.read_only)?;
+        bind_any(&m.source, &resolve_in_root(root, &m.target)?, m.read_only)?;
     }
 
     // The skeleton itself is read-only: agents write to the workspace and /tmp.
@@ -163,4 +214,27 @@ fn prepare_dev(root: &Path, owner: u32) -> Result<(), InitError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         &format!("mode=1777,size=64m,uid={owner},gid={owner}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_targets_follow_links_inside_the_root_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(root.join("run/resolve")).unwrap();
+        symlink("../run/resolve/stub.conf", root.join("etc/resolv.conf")).unwrap();
+        symlink("/run", root.join("etc/abs")).unwrap();
+        symlink("../../../../..", root.join("etc/up")).unwrap();
+        symlink("loop", root.join("etc/loop")).unwrap();
+        assert_eq!(resolve_in_root(root, Path::new("/etc/resolv.conf")).unwrap(), root.join("run/resolve/stub.conf"));
+        // An absolute link starts at the new root, not the host's.
+        assert_eq!(resolve_in_root(root, Path::new("/etc/abs/x")).unwrap(), root.join("run/x"));
+        assert_eq!(resolve_in_root(root, Path::new("/etc/up/etc/passwd")).unwrap(), root.join("etc/passwd"));
+        assert_eq!(resolve_in_root(root, Path::new("/workspace")).unwrap(), root.join("workspace"));
+        assert!(resolve_in_root(root, Path::new("/etc/loop")).is_err());
+    }
 }

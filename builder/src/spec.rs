@@ -244,7 +244,7 @@ mod tests {
         s.payload = Payload::Command { argv: vec![], env: vec![], cwd: "/".into() };
         assert_eq!(s.validate(), Err(SpecError::EmptyCommand));
         assert_eq!("host".parse::<Network>(), Ok(Network::Host));
-        assert!("bridge".parse::<Network>().unwrap_err().contains("unknown network mode"));
+        assert!("bridge".parse::<Network>().unwrap_err().to_string().contains("unknown network mode"));
     }
 
     #[test]

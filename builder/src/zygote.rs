@@ -18,8 +18,13 @@
 //!
 //! The zygote is not a subreaper: a worker is one (the sandbox's PID 1 comes
 //! back to it), and when the worker exits PID 1 moves on to the node. A
-//! worker dies with the zygote (`PR_SET_DEATHSIG`), which dies with the node's
-//! handle on it.
+//! worker dies with the zygote (`PR_SET_DEATHSIG`), which ends when the node
+//! closes its stdin, or dies (a crash closes it too). Sandbox PID 1s are
+//! not tied to either: no parent-death signal (a fork's child does not
+//! inherit the worker's), a session of their own (`init::run_payload`), so
+//! they outlive the zygote and the node, which re-adopts them at its next
+//! start (live restore) or stops them; a node that starts again starts a
+//! new zygote on first use.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -367,6 +367,24 @@ fn clean_leftovers_kills_and_removes_every_sandbox_of_our_subtree_only() {
 }
 
 #[test]
+fn a_restarted_node_keeps_the_cgroups_of_the_sandboxes_it_took_back() {
+    let host = FakeHost::legacy();
+    let r = host.root();
+    let (tree, _) = discover(&host, 7);
+    tree.create("adopted", &limits()).unwrap();
+    tree.create("dead", &Limits::unlimited()).unwrap();
+    put(r.join("memory/user.slice/agentd-t/adopted/cgroup.procs"), "555\n");
+
+    let (restarted, cfs) = discover(&host, 9);
+    let report = restarted.clean_leftovers_except(&["adopted".to_string()]);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.removed, ["dead"]);
+    assert!(cfs.killed.lock().unwrap().is_empty(), "nothing of the adopted one is killed");
+    assert_eq!(restarted.sandbox_ids().unwrap(), ["adopted"]);
+    assert!(r.join("memory/user.slice/agentd-t/adopted").is_dir());
+}
+
+#[test]
 fn unified_moves_the_daemon_to_a_leaf_and_enables_controllers() {
     let start = "/system.slice/agentd.service";
     let host = FakeHost::unified(start, 777);

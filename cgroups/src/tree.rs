@@ -252,6 +252,12 @@ impl CgroupTree {
     /// Kills and removes every sandbox cgroup under our subtree, as a
     /// crashed daemon leaves them. Call at start, before creating any.
     pub fn clean_leftovers(&self) -> LeftoverReport {
+        self.clean_leftovers_except(&[])
+    }
+
+    /// As [`Self::clean_leftovers`], but for the sandboxes in `keep`: those a
+    /// restarted node took back (live restore), whose processes run on.
+    pub fn clean_leftovers_except(&self, keep: &[String]) -> LeftoverReport {
         let mut report = LeftoverReport::default();
         let ids = match self.sandbox_ids() {
             Ok(ids) => ids,
@@ -260,7 +266,7 @@ impl CgroupTree {
                 return report;
             }
         };
-        for id in ids {
+        for id in ids.into_iter().filter(|id| !keep.contains(id)) {
             let result = self.open(&id).and_then(|sb| {
                 sb.kill()?;
                 sb.remove()

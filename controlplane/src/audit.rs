@@ -4,7 +4,8 @@
 //! round trip. The price is that records still queued when the process dies
 //! are lost; while the store is down the writer keeps its batch and retries,
 //! and past [`QUEUE`] queued records new ones are dropped with an error in
-//! the log.
+//! the log. At shutdown nothing is dropped silently: what the store will
+//! not take within [`FINAL_TRIES`] goes to the log, a record per line.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +23,8 @@ const QUEUE: usize = 16_384;
 const BATCH: usize = 256;
 /// Pause before writing a batch again after a store failure.
 const RETRY: Duration = Duration::from_millis(500);
+/// Writes of the last batch at shutdown before it goes to the log instead.
+const FINAL_TRIES: u32 = 10;
 
 /// The sending side of the writer; cheap to clone.
 #[derive(Clone)]
@@ -72,20 +75,52 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<NewAuditRecord>, shu
             _ = shutdown.cancelled() => true,
         };
         if stopping {
-            // Whatever was queued before shutdown, one last time.
+            // The batch a failing store kept, and whatever was queued
+            // before shutdown.
+            rx.close();
             while rx.try_recv().map(|r| batch.push(r)).is_ok() {}
-            if let Err(e) = store.insert_audit_records(&batch).await {
-                tracing::error!(error = %e, records = batch.len(), "audit records lost at shutdown");
-            }
+            write_last(&store, &batch).await;
             return;
         }
-        while let Err(e) = store.insert_audit_records(&batch).await {
-            tracing::warn!(error = %e, records = batch.len(), "cannot write audit records; retrying");
-            tokio::select! {
-                _ = tokio::time::sleep(RETRY) => {}
-                _ = shutdown.cancelled() => break,
+        let mut written = false;
+        while !written {
+            match store.insert_audit_records(&batch).await {
+                Ok(()) => written = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, records = batch.len(), "cannot write audit records; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY) => {}
+                        // Kept for the last write.
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
             }
         }
-        batch.clear();
+        if written {
+            batch.clear();
+        }
+    }
+}
+
+/// The last write, at shutdown: retried a few times, then logged record by
+/// record so that none is lost without a trace.
+async fn write_last(store: &Store, batch: &[NewAuditRecord]) {
+    if batch.is_empty() {
+        return;
+    }
+    for attempt in 1..=FINAL_TRIES {
+        match store.insert_audit_records(batch).await {
+            Ok(()) => return,
+            Err(e) if attempt == FINAL_TRIES => {
+                tracing::error!(error = %e, records = batch.len(), "the store would not take the last audit records; they follow in the log");
+            }
+            Err(_) => tokio::time::sleep(RETRY).await,
+        }
+    }
+    for r in batch {
+        tracing::error!(
+            at = r.at, token_id = r.token_id.as_deref(), actor = r.actor.as_deref(), peer = r.peer.as_deref(), method = r.method,
+            path = r.path, status = r.status, code = r.code.as_deref(), "audit record not stored"
+        );
     }
 }

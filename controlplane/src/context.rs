@@ -24,6 +24,9 @@ pub struct AppState {
     pub node_call_timeout: std::time::Duration,
     /// The registry file or URL synced at start and by `POST /v1/registry:sync`.
     pub registry_source: Option<String>,
+    /// What callers without the admin scope may use of the node's own
+    /// files and of registry sources ([`crate::powers`]).
+    pub allowances: crate::powers::Allowances,
     /// For registry syncs over http(s).
     pub http: reqwest::Client,
     /// Cancelled on shutdown: ends SSE streams and session followers.
@@ -33,4 +36,22 @@ pub struct AppState {
     /// How a step the API runs itself is leased (a prompt's dispatch): under
     /// this control plane's runner's owner name.
     pub steps: workflow::InlineConfig,
+    /// How event streams keep alive and cut off slow subscribers.
+    pub sse: SseConfig,
 }
+
+/// How event streams keep alive and bound their subscribers (api/sse.rs).
+#[derive(Clone, Copy, Debug)]
+pub struct SseConfig {
+    /// A keep-alive comment this long after the last thing sent.
+    pub keep_alive: std::time::Duration,
+    /// Events a subscriber may have unread before it risks the cut-off.
+    pub buffer: usize,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig { keep_alive: std::time::Duration::from_secs(15), buffer: 1024 }
+    }
+}
+

@@ -6,12 +6,12 @@ use std::path::Path;
 
 /// Layers, lowest first: every top-level module of the crate is in one.
 const LAYERS: &[&[&str]] = &[
-    &["domain", "plan", "agent_spec", "mcp"],
+    &["domain", "plan", "agent_spec", "mcp", "powers", "metrics"],
     &["store"],
     &["workflow"],
     &["context", "AppState", "fleet", "flows", "teardown", "agent_registry", "audit", "auth"],
     &["api"],
-    &["process", "lib", "reconcile", "sync_registry_at_start", "start_workflows", "serve", "serve_on", "bind", "stop_all_containers", "app"],
+    &["process", "lib", "reconcile", "sync_registry_at_start", "start_workflows", "serve", "serve_on", "serve_metrics_on", "bind", "stop_all_containers", "app"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -4,7 +4,7 @@
 //! Layout:
 //! Layers, each using only those below it (checked by `layers`, a test):
 //! [`domain`] (state machines, refusals, step outcomes; with the request
-//! compilers [`plan`], [`agent_spec`], [`mcp`]) <- [`store`] <- [`workflow`]
+//! compilers [`plan`], [`agent_spec`], [`mcp`], and [`metrics`]) <- [`store`] <- [`workflow`]
 //! <- [`flows`] (with [`context`], [`fleet`], [`teardown`],
 //! [`agent_registry`], [`audit`]) <- [`api`] <- [`process`] and this root.
 //!
@@ -17,6 +17,8 @@
 //!   original agentd's, read into one validated `AgentSpec`.
 //! - [`agent_registry`]: registry sync from a file or URL into the store.
 //! - [`mcp`]: the ACP `mcpServers` a session create passes on, validated.
+//! - [`metrics`]: the Prometheus registry (`GET /metrics`); plain data any
+//!   layer records into.
 //! - [`plan`]: compiles a session request (agent, profile, session options)
 //!   into the sandbox and agent plans a node executes.
 //! - [`store`]: containers, sessions and runs, behind enforced state machines.
@@ -72,7 +74,9 @@ pub mod domain;
 pub mod fleet;
 pub mod flows;
 pub mod mcp;
+pub mod metrics;
 pub mod plan;
+pub mod powers;
 pub mod process;
 pub mod store;
 pub mod teardown;
@@ -109,7 +113,9 @@ pub enum ServeError {
 }
 
 /// Brings the store in line with the node after a restart: containers the node
-/// no longer runs are recorded gone, and live sessions are followed again.
+/// no longer runs are recorded lost (their sessions and running turns failed,
+/// code `sandbox_lost`, as the node's journal says too), or gone when they
+/// were being deleted, and live sessions are followed again.
 /// A container with a workflow step still open (a create or delete that was
 /// running when the control plane stopped) is left to that step: the runner
 /// finishes it, its node calls answered from the node's memory where they
@@ -135,11 +141,21 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
                 }
                 Ok(_) => {}
                 Err(status) if status.code() == tonic::Code::NotFound => {
-                    tracing::warn!(container = c.id, "node no longer runs this sandbox; recording it gone");
-                    if c.state == container::PROVISIONING {
-                        state.store.container_failed(&c.id, "agentd stopped while provisioning").await?;
+                    tracing::warn!(container = c.id, "node no longer runs this sandbox; recording it lost");
+                    match c.state.as_str() {
+                        container::PROVISIONING => {
+                            state.store.container_failed(&c.id, "agentd stopped while provisioning").await?;
+                            teardown::record_gone(state, &c.id, "the sandbox was lost when agentd restarted").await?;
+                        }
+                        container::STOPPING => teardown::record_gone(state, &c.id, "the sandbox was lost when agentd restarted").await?,
+                        // What the node's journal says of it too (`SandboxLost`),
+                        // whichever is recorded first: failed, not closed, so a
+                        // client learns its session was lost.
+                        _ => {
+                            let reason = "the sandbox was lost when agentd restarted";
+                            state.store.fail_container_work(&c.id, reason, store::codes::SANDBOX_LOST).await?;
+                        }
                     }
-                    teardown::record_gone(state, &c.id, "the sandbox was lost when agentd restarted").await?;
                 }
                 Err(status) => tracing::warn!(container = c.id, error = %status, "cannot reach node to reconcile"),
             }
@@ -186,14 +202,24 @@ pub async fn start_workflows(
         tokio::spawn(flows::registry_sync::schedule(runner_state.clone(), interval, shutdown.clone()));
     }
     let runner = workflow::Runner::new(runner_store.clone(), flows::registry(&runner_state, fleet), config);
+    // On SQLite the runner's pool is the API's: closing it with the runner
+    // would leave `agentd up` no store for what it does after (archiving
+    // and deleting every container on a stop).
+    let close_pool = runner_store.own_pools_are_separate();
     Ok(tokio::spawn(async move {
         runner.run(shutdown).await;
-        runner_store.close().await;
+        if close_pool {
+            runner_store.close().await;
+        }
     }))
 }
 
-/// Deletes every live container; `agentd up` does this on Ctrl-C so that
-/// nothing is left running and the store says so.
+/// Deletes every live container; `agentd up` without live restore does this
+/// on Ctrl-C so that nothing is left running and the store says so. As a
+/// delete through the API does (`container.delete`), each session's event
+/// log is archived first, so its history stays readable after the restart,
+/// and the sessions are recorded closed once the sandbox is gone; each
+/// agent gets the node's stop grace.
 pub async fn stop_all_containers(state: &AppState) {
     let mut live = Vec::new();
     for s in [container::READY, container::HIBERNATED] {
@@ -201,6 +227,7 @@ pub async fn stop_all_containers(state: &AppState) {
     }
     // All at once: each delete may spend its agents' grace period on the node.
     let deletes = live.iter().map(|c| async move {
+        flows::archive::archive_container(state, &c.id).await;
         if let Err(e) = teardown::delete_container(state, &c.id, "agentd stopped").await {
             tracing::warn!(container = c.id, error = ?e, "cannot stop container on shutdown");
         }
@@ -223,6 +250,13 @@ pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, ServeEr
     // Tests and scripts that ask for port 0 read the real address here.
     tracing::info!(listen = %bound, "API listening");
     Ok(listener)
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` without tokens on
+/// `listener` (`--metrics-listen`) until the control plane shuts down.
+pub async fn serve_metrics_on(state: AppState, listener: tokio::net::TcpListener) -> Result<(), ServeError> {
+    let stop = state.shutdown.clone();
+    axum::serve(listener, api::health::open_router(state)).with_graceful_shutdown(stop.cancelled_owned()).await.map_err(ServeError::Http)
 }
 
 /// Serves the API on a listener from [`bind`] until `shutdown` resolves.

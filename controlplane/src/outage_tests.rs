@@ -19,7 +19,7 @@ use crate::store::Store;
 use crate::workflow::{Backoff, Registry, Runner, RunnerConfig};
 use crate::{AppState, app};
 
-fn state(store: &Store) -> AppState {
+pub(crate) fn state(store: &Store) -> AppState {
     AppState {
         store: store.clone(),
         auth: false,
@@ -29,10 +29,12 @@ fn state(store: &Store) -> AppState {
         defaults: crate::plan::PlanDefaults { initialize_timeout_ms: 1_000 },
         node_call_timeout: std::time::Duration::from_secs(5),
         registry_source: None,
+        allowances: Default::default(),
         http: reqwest::Client::new(),
         shutdown: CancellationToken::new(),
         audit: crate::audit::AuditLog::start(store.clone()),
         steps: crate::workflow::InlineConfig::default(),
+        sse: Default::default(),
     }
 }
 
@@ -136,6 +138,57 @@ async fn runner_resumes_when_the_store_comes_back() {
     assert_eq!(runs.load(Ordering::SeqCst), 2, "each step ran once");
     shutdown.cancel();
     runner.await.unwrap();
+    store.close().await;
+    drop(pg);
+}
+
+/// Records made while the store is down, and a shutdown that begins before
+/// it is back: the writer's kept batch and the queue are written by the last
+/// write, none dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_survive_a_shutdown_while_the_store_is_down() {
+    let (pg, store) = postgres().await;
+    let audit = crate::audit::AuditLog::start(store.clone());
+    let mut pg = tokio::task::spawn_blocking(move || {
+        let mut pg = pg;
+        pg.stop();
+        pg
+    })
+    .await
+    .unwrap();
+    let record = |i: i64| crate::store::audit::NewAuditRecord {
+        at: crate::store::now_ms(),
+        actor: None,
+        token_id: Some("tok_test".into()),
+        peer: None,
+        method: "POST".into(),
+        path: format!("/v1/sessions/ses_{i}:prompt"),
+        entity_kind: Some("session".into()),
+        entity_id: Some(format!("ses_{i}")),
+        status: 202,
+        code: None,
+        duration_us: 10,
+    };
+    audit.record(record(1));
+    // The writer has failed at least once and holds its batch.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    audit.record(record(2));
+    let closing = tokio::spawn({
+        let audit = audit.clone();
+        async move { audit.close().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pg = tokio::task::spawn_blocking(move || {
+        pg.resume().expect("resume postgres");
+        pg
+    })
+    .await
+    .unwrap();
+    closing.await.unwrap();
+    let stored = store.audit_records(&crate::store::audit::AuditQuery { after: None, entity: None, limit: 10 }).await.unwrap();
+    let mut paths: Vec<_> = stored.iter().map(|r| r.record.path.as_str()).collect();
+    paths.sort();
+    assert_eq!(paths, ["/v1/sessions/ses_1:prompt", "/v1/sessions/ses_2:prompt"]);
     store.close().await;
     drop(pg);
 }

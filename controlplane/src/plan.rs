@@ -234,7 +234,7 @@ pub fn compile(
     ]);
     env.extend(launched.env);
 
-    let network = match profile.profile.network {
+    let network = match &profile.profile.network {
         Network::None if launched.needs_network && !profile.network_given => {
             // The secrets proxy would listen on the host's loopback.
             if !profile.profile.secrets.is_empty() {
@@ -242,10 +242,12 @@ pub fn compile(
             }
             Network::Host
         }
-        other => other,
+        other => other.clone(),
     };
     let mut sandbox = compile_sandbox(container_id, profile.profile);
-    sandbox.network = agentd_proto::convert::network_mode(network).into();
+    let (mode, egress) = agentd_proto::convert::network_plan(&network);
+    sandbox.network = mode.into();
+    sandbox.egress = egress;
     sandbox.mounts = launched.mounts;
     sandbox.bundles = launched.bundles;
     let agent_plan = AgentPlan {
@@ -264,6 +266,7 @@ pub fn compile(
 /// The plan of a sandbox shaped by `profile` alone, with no agent yet (a
 /// container made on its own: its sessions' agents bring their files).
 pub fn compile_sandbox(container_id: &str, profile: &Profile) -> SandboxPlan {
+    let (network, egress) = agentd_proto::convert::network_plan(&profile.network);
     SandboxPlan {
         container_id: container_id.to_string(),
         hostname: "sandbox".into(),
@@ -274,7 +277,8 @@ pub fn compile_sandbox(container_id: &str, profile: &Profile) -> SandboxPlan {
             pids_max: profile.pids_max.unwrap_or(0),
             cpus: profile.cpus.unwrap_or(0.0),
         }),
-        network: agentd_proto::convert::network_mode(profile.network).into(),
+        network: network.into(),
+        egress,
         rootfs: profile.rootfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         bundles: Vec::new(),
         seccomp: profile.seccomp.as_ref().map(agentd_proto::convert::seccomp_message),

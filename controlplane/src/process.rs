@@ -26,6 +26,8 @@ pub struct Settings {
     /// Deadline of each node call a workflow step makes.
     pub node_call_timeout: Duration,
     pub registry_source: Option<String>,
+    /// What callers without the admin scope may use of the host.
+    pub allowances: crate::powers::Allowances,
     pub fleet: FleetConfig,
     pub placement: Strategy,
     /// Dial nodes over TCP with the cluster CA's certificates (kept in the
@@ -35,6 +37,8 @@ pub struct Settings {
     pub auth: bool,
     /// Where the first admin token of a store with none is written.
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// Event streams' keep-alive and slow-subscriber bound.
+    pub sse: crate::api::sse::SseConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,10 +78,12 @@ impl ControlPlane {
             defaults: s.defaults,
             node_call_timeout: s.node_call_timeout,
             registry_source: s.registry_source,
+            allowances: s.allowances,
             http: crate::agent_registry::http_client(),
             shutdown: CancellationToken::new(),
             audit: crate::audit::AuditLog::start(s.store.clone()),
             steps: workflow::InlineConfig::of(&s.runner),
+            sse: s.sse,
         };
         crate::reconcile(&state).await.map_err(StartError::Reconcile)?;
         crate::sync_registry_at_start(&state).await;
@@ -95,6 +101,17 @@ impl ControlPlane {
     /// resolves (a daemon binds first, to say it is ready only once it is).
     pub async fn serve_on(&self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
         crate::serve_on(self.state.clone(), listener, shutdown).await
+    }
+
+    /// Serves metrics and probes without tokens on `listener` (see
+    /// [`crate::serve_metrics_on`]), on a task of its own, until shutdown.
+    pub fn serve_metrics_on(&self, listener: tokio::net::TcpListener) -> JoinHandle<()> {
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::serve_metrics_on(state, listener).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        })
     }
 
     /// Flushes the audit log and stops the runner: steps still running get

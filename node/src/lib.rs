@@ -4,15 +4,23 @@
 //! - [`sandboxes`]: the sandbox table: plans checked before anything is made,
 //!   id ranges, state directories, launching through `agentd sandbox-init`,
 //!   watching each PID 1 through a pidfd, teardown (the agents stopped with a
-//!   grace period first), and cleanup of what a crashed node left behind.
+//!   grace period first), and, at start, taking back the sandboxes an
+//!   earlier node process left running (live restore) or cleaning them up.
+//! - [`record`]: `sandbox.json`, what taking a sandbox back needs.
+//! - [`restore`]: taking back the sessions of those sandboxes and the turns
+//!   that were running on them.
+//! - [`state_file`]: state files written atomically.
 //! - [`bundles`]: the content-addressed cache of agent bundles (archives
 //!   fetched, checked and unpacked once, bound read-only into sandboxes).
-//! - [`event_log`]: each session's append-only event log (memory and a JSONL
-//!   file), from which clients resume by sequence number.
-//! - [`sessions`]: ACP sessions on this node and the turn running on each.
+//! - [`event_log`]: each session's append-only event log (a ring in memory,
+//!   a JSONL file written by one thread off the executor), from which
+//!   clients resume by sequence number.
+//! - [`sessions`]: ACP sessions on this node, their state files, and the
+//!   turn running on each; [`retention`]: closed sessions' files removed.
 //! - [`journal`]: what the control plane must record from this node, in
 //!   order: each turn's end, each sandbox lost; the one path run ends take.
-//! - [`fence`]: epoch fencing and idempotency keys of workflow steps' calls.
+//! - [`fence`]: epoch fencing and idempotency keys of workflow steps' calls,
+//!   kept across restarts.
 //! - `oom`: turns OOM kills in a sandbox's cgroup into `sandbox.oom` events.
 //! - [`secrets_proxy`]: keys that never enter the sandbox: the node's secret
 //!   store, and per sandbox a plain-HTTP endpoint on its own loopback that
@@ -27,16 +35,23 @@ mod delivery;
 pub mod event_log;
 pub mod fence;
 pub mod journal;
+mod egress;
 mod oom;
+pub mod record;
+pub mod restore;
+pub mod retention;
 pub mod sandboxes;
 pub mod secrets_proxy;
 pub mod service;
 pub mod sessions;
 pub mod setup;
+pub mod state_file;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use agentd_proto::node::SandboxLost;
 use agentd_proto::node::journal_entry::Fact;
@@ -83,6 +98,12 @@ pub struct NodeConfig {
     pub secrets_file: Option<PathBuf>,
     /// CAs the secrets proxy trusts for upstreams besides Mozilla's roots.
     pub secrets_ca_file: Option<PathBuf>,
+    /// Sandboxes outlive the node process: a stop leaves them running (and
+    /// their turns), and a start takes back what an earlier process left.
+    /// Off: a stop removes every sandbox, a start removes what is left.
+    pub live_restore: bool,
+    /// How long a closed session's files stay on the node (`retention.rs`).
+    pub closed_session_retention: std::time::Duration,
 }
 
 impl NodeConfig {
@@ -104,6 +125,8 @@ impl NodeConfig {
             capacity_cpus: None,
             secrets_file: None,
             secrets_ca_file: None,
+            live_restore: false,
+            closed_session_retention: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -118,23 +141,78 @@ pub struct Node {
     pub setups: setup::Setups,
     /// Turn ends and lost sandboxes, for the control plane to record.
     pub journal: Arc<journal::Journal>,
+    /// Writes every session's event log file, off the executor.
+    pub log_writer: event_log::LogWriter,
+    /// Set when the node stops leaving its sandboxes running (live
+    /// restore): turns are then left to the next start, not ended.
+    detached: AtomicBool,
 }
 
 impl Node {
-    /// Prepares the state directory, becomes the subreaper for sandbox PID 1s,
-    /// and removes what an earlier run left behind.
+    /// Prepares the state directory and becomes the subreaper for sandbox
+    /// PID 1s; then, with live restore, takes back the sandboxes an earlier
+    /// node process left running, their sessions and running turns, and
+    /// cleans up the rest (all of them without live restore). Each sandbox
+    /// not taken back is journaled lost, with why; one taken back is not.
     pub async fn start(config: NodeConfig) -> std::io::Result<Arc<Self>> {
         sandboxes::become_subreaper()?;
+        let started = std::time::Instant::now();
+        let live_restore = config.live_restore;
+        let retention = config.closed_session_retention;
         let journal = Arc::new(journal::Journal::open(&config.state_dir)?);
-        let (sandboxes, lost) = sandboxes::Sandboxes::open(config).await?;
-        for container_id in lost {
-            let reason = "the node restarted and its sandbox was stopped".to_string();
-            journal.append(Fact::SandboxLost(SandboxLost { container_id, reason }));
+        let fences = fence::Fences::open(&config.state_dir, live_restore)?;
+        let log_writer = event_log::LogWriter::start()?;
+        let (sandboxes, opened) = sandboxes::Sandboxes::open(config).await?;
+        for (container_id, reason) in &opened.lost {
+            journal.append(Fact::SandboxLost(SandboxLost { container_id: container_id.clone(), reason: reason.clone() }));
         }
+        // Answers about sandboxes that did not come back must not be given
+        // to a retry: it has to build them again.
+        fences.forget_answers_except(&opened.adopted.iter().cloned().collect::<HashSet<_>>());
         let sessions = Arc::new(sessions::Sessions::default());
-        let node = Arc::new(Self { sandboxes, sessions, fences: fence::Fences::default(), setups: setup::Setups::default(), journal });
+        let node = Arc::new(Self {
+            sandboxes,
+            sessions,
+            fences,
+            setups: setup::Setups::default(),
+            journal,
+            log_writer,
+            detached: AtomicBool::new(false),
+        });
+        if live_restore {
+            let (sessions, turns) = restore::sessions(&node);
+            tracing::info!(
+                sandboxes = opened.adopted.len(),
+                sessions,
+                turns,
+                lost = opened.lost.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "live restore: took back what the node left running"
+            );
+        }
         oom::watch(Arc::downgrade(&node));
+        retention::watch(Arc::downgrade(&node), retention);
+        if let Some(denials) = node.sandboxes.take_denials() {
+            egress::report(Arc::downgrade(&node), denials);
+        }
         Ok(node)
+    }
+
+    /// Whether the node is stopping with its sandboxes left running.
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Relaxed)
+    }
+
+    /// Stops the node the way its config says: every sandbox removed, or,
+    /// with live restore, all left running for the next start.
+    pub async fn stop(&self) {
+        if self.sandboxes.config().live_restore {
+            self.detach().await;
+        } else {
+            self.stop_all().await;
+        }
+        // Every event queued is on disk before the process goes.
+        self.log_writer.sync().await;
     }
 
     /// Stops every sandbox and removes this node's cgroup subtree; used on
@@ -143,6 +221,19 @@ impl Node {
         let ids = self.sandboxes.ids();
         futures::future::join_all(ids.iter().map(|id| self.delete_sandbox(id))).await;
         self.sandboxes.finish_removals().await;
+    }
+
+    /// A stop that leaves the sandboxes, their agents and running turns as
+    /// they are (live restore): session logs are closed (their readers end;
+    /// the next start reopens them), the zygote and the spare go, state
+    /// stays on disk.
+    pub async fn detach(&self) {
+        self.detached.store(true, Ordering::Relaxed);
+        for session in self.sessions.all() {
+            session.log.close();
+        }
+        self.sandboxes.release().await;
+        tracing::info!(sandboxes = self.sandboxes.ids().len(), "node stopped; its sandboxes run on (live restore)");
     }
 
     /// Kills a sandbox and forgets its sessions. Returns whether it existed.
@@ -165,7 +256,8 @@ pub struct TcpListen {
 /// Serves the node on the unix socket `socket`, and on `tcp` if given,
 /// until `shutdown` resolves.
 ///
-/// Sandboxes are stopped before the servers drain: that closes every session
+/// The node is stopped ([`Node::stop`]: sandboxes removed, or left running
+/// with live restore) before the servers drain: that closes every session
 /// log and the journal, which ends the streams a graceful shutdown would
 /// otherwise wait for forever.
 pub async fn serve(node: Arc<Node>, socket: &Path, tcp: Option<TcpListen>, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
@@ -196,12 +288,13 @@ pub async fn serve_on(
         let stopped = stopped.clone();
         async move {
             shutdown.await;
-            node.stop_all().await;
+            node.stop().await;
             node.journal.close();
             stopped.cancel();
         }
     };
     let local = tonic::transport::Server::builder()
+        .layer(agentd_proto::trace::ServerLayer)
         .add_service(NodeServer::new(service::NodeService::new(Arc::clone(&node))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop);
     let remote = async {
@@ -213,6 +306,7 @@ pub async fn serve_on(
             // A control plane that vanished mid-stream is noticed.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .layer(agentd_proto::trace::ServerLayer)
             .add_service(NodeServer::new(service::NodeService::new(Arc::clone(&node))))
             .serve_with_incoming_shutdown(incoming, stopped.cancelled_owned())
             .await

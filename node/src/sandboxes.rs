@@ -2,9 +2,12 @@
 //!
 //! Each sandbox has a directory `state_dir/sandboxes/<id>/` holding the empty
 //! mount point of its root, its workspace, its supervisor's socket and log, its
-//! sessions' event logs and `sandbox.json`, the record a restarted node uses to
-//! find what it left behind. PID 1 of each sandbox is re-parented to the node
-//! (a subreaper) and watched through a pidfd.
+//! sessions' event logs and state, and `sandbox.json` ([`crate::record`]),
+//! the record a restarted node takes the sandbox back by (live restore) or
+//! finds what it left behind. PID 1 of each sandbox is re-parented to the
+//! node (a subreaper) and watched through a pidfd; one taken back after a
+//! restart is no longer the node's child (its new parent reaps it), and is
+//! watched and signalled through its pidfd alone.
 //!
 //! A create checks its plan ([`Sandboxes::check`]) before it makes anything
 //! (slot, cgroups, directories); a failure after that undoes what was made.
@@ -14,7 +17,7 @@
 //! cgroups are removed.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,15 +39,15 @@ use agentd_proto::unix as uds;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use agentd_proto::trace::Traced;
 use tonic::{Code, Status};
 
 use crate::NodeConfig;
 use crate::bundles::BundleCache;
 use crate::event_log::now_ms;
+use crate::record::{self, Found, Leftover, Record};
 use crate::secrets_proxy::{Proxies, SandboxProxies};
 
 /// How long a killed sandbox may take to disappear before teardown gives up
@@ -121,16 +124,6 @@ struct Spare {
     closed: bool,
 }
 
-/// What `sandbox.json` records.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    id: String,
-    pid: i32,
-    slot: u32,
-    ids: IdRange,
-    created_at_ms: i64,
-}
-
 pub struct Sandbox {
     pub id: String,
     pub pid: i32,
@@ -138,10 +131,10 @@ pub struct Sandbox {
     pub slot: u32,
     pub dir: PathBuf,
     pub created_at_ms: i64,
-    pub supervisor: SupervisorClient<Channel>,
+    pub supervisor: SupervisorClient<Traced>,
     /// Limits, freeze, whole-tree kill, usage and the OOM counter.
     pub cgroup: SandboxCgroup,
-    limits: Limits,
+    memory_max: Option<u64>,
     /// Given to the supervisor for each agent it starts; `None`: the default filter.
     pub seccomp: Option<SeccompPolicy>,
     /// Its secrets' endpoints on its loopback; their variables go to every agent.
@@ -150,11 +143,35 @@ pub struct Sandbox {
     oom_seen: AtomicU64,
     frozen: AtomicBool,
     exited: watch::Receiver<bool>,
+    /// An egress sandbox's gateway (resolver, proxy, link, rules), taken
+    /// and dropped by the delete, which removes them.
+    egress: Mutex<Option<agentd_egress::Serving>>,
+    /// PID 1's pidfd: signals reach it, never a process that reused its pid
+    /// (one taken back after a restart is not our child, and its parent may
+    /// reap it any time).
+    pidfd: Arc<OwnedFd>,
+    /// Written again, with `frozen`, on freeze and thaw.
+    record: Record,
 }
 
 impl Sandbox {
     pub fn is_running(&self) -> bool {
         !*self.exited.borrow()
+    }
+
+    /// An egress sandbox's counters; `None` for other modes.
+    pub fn egress_usage(&self) -> Option<agentd_proto::node::EgressUsage> {
+        let egress = self.egress.lock().unwrap();
+        let u = egress.as_ref()?.usage();
+        Some(agentd_proto::node::EgressUsage {
+            connections_allowed: u.connections_allowed,
+            connections_denied: u.connections_denied,
+            bytes_out: u.bytes_out,
+            bytes_in: u.bytes_in,
+            names_allowed: u.names_allowed,
+            names_denied: u.names_denied,
+            datagrams_denied: u.datagrams_denied,
+        })
     }
 
     pub fn info(&self) -> SandboxInfo {
@@ -165,6 +182,7 @@ impl Sandbox {
             pids_current: s.pids_current,
             pids_max: s.pids_max,
             oom_kills: s.oom_kills,
+            egress: self.egress_usage(),
         });
         SandboxInfo {
             container_id: self.id.clone(),
@@ -179,7 +197,25 @@ impl Sandbox {
     }
 
     pub fn memory_max(&self) -> Option<u64> {
-        self.limits.memory_bytes()
+        self.memory_max
+    }
+
+    /// SIGKILLs PID 1 (its pid namespace goes with it), if it still runs.
+    fn kill_pid1(&self) {
+        if let Err(e) = pidfd_send_signal(&self.pidfd, libc::SIGKILL)
+            && e.raw_os_error() != Some(libc::ESRCH)
+        {
+            tracing::warn!(id = self.id, error = %e, "cannot signal PID 1");
+        }
+    }
+
+    /// Writes `sandbox.json` again with the frozen state, so a node that
+    /// restarts takes it back hibernated.
+    fn persist(&self) {
+        let record = Record { frozen: self.is_frozen(), ..self.record.clone() };
+        if let Err(e) = record.write(&self.dir) {
+            tracing::warn!(id = self.id, error = %e, "cannot write sandbox.json: a restart would take it back as it was");
+        }
     }
 
     /// OOM kills since the last call, if any.
@@ -197,12 +233,14 @@ impl Sandbox {
     pub fn freeze(&self) -> Result<(), Status> {
         self.cgroup.freeze().map_err(|e| internal(format!("freeze: {e}")))?;
         self.frozen.store(true, Ordering::Relaxed);
+        self.persist();
         Ok(())
     }
 
     pub fn thaw(&self) -> Result<(), Status> {
         self.cgroup.thaw().map_err(|e| internal(format!("thaw: {e}")))?;
         self.frozen.store(false, Ordering::Relaxed);
+        self.persist();
         Ok(())
     }
 
@@ -213,6 +251,17 @@ impl Sandbox {
     pub fn sessions_dir(&self) -> PathBuf {
         self.dir.join("sessions")
     }
+}
+
+/// What [`Sandboxes::build`] made.
+struct Built {
+    record: Record,
+    supervisor: SupervisorClient<Traced>,
+    exited: watch::Receiver<bool>,
+    pidfd: Arc<OwnedFd>,
+    seccomp: Option<SeccompPolicy>,
+    egress: Option<agentd_egress::Serving>,
+    proxies: SandboxProxies,
 }
 
 pub struct Sandboxes {
@@ -240,6 +289,9 @@ pub struct Sandboxes {
     spare: tokio::sync::Mutex<Spare>,
     /// Agent bundles the plans name, unpacked once and shared read-only.
     bundles: BundleCache,
+    /// Egress gateways' denials, by container id; read by `egress::report`.
+    denials: tokio::sync::mpsc::UnboundedSender<(String, agentd_egress::Denial)>,
+    denials_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<(String, agentd_egress::Denial)>>>,
     /// The secret store and the upstream client of every sandbox's proxies.
     proxies: Proxies,
 }
@@ -269,31 +321,69 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Resolves when `pid` has exited, and reaps it if it is our child.
-fn watch_exit(pid: i32) -> std::io::Result<watch::Receiver<bool>> {
-    // SAFETY: an OwnedFd stays open and keeps its number until dropped.
-    let fd = unsafe { AsyncFd::register_with_interest(pidfd_open(pid)?, tokio::io::Interest::READABLE) }
+fn pidfd_send_signal(pidfd: &OwnedFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: a valid pidfd, no siginfo, no flags.
+    if unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Watches `pid` through a new pidfd: resolves when it has exited, and reaps
+/// it if it is our child. Returns the pidfd too, for signals.
+fn watch_exit(pid: i32) -> std::io::Result<(Arc<OwnedFd>, watch::Receiver<bool>)> {
+    let pidfd = Arc::new(pidfd_open(pid)?);
+    // SAFETY: the Arc keeps the descriptor open, with its number, for as
+    // long as the AsyncFd holds its clone.
+    let fd = unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), tokio::io::Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let _ = fd.readable().await;
-        // ECHILD when we are not its parent (a node started without being a
-        // subreaper); then whoever is reaps it.
+        // ECHILD when we are not its parent: a sandbox taken back after a
+        // restart (or a node started without being a subreaper); whoever
+        // is its parent reaps it.
         let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
         drop(fd);
         let _ = tx.send(true);
     });
-    Ok(rx)
+    Ok((pidfd, rx))
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
     status(Code::Internal, "internal", e.to_string())
 }
 
+/// What [`Sandboxes::open`] found of an earlier node process's sandboxes.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// Taken back, running on (live restore).
+    pub adopted: Vec<String>,
+    /// Gone now, each with why: stopped by this start, or found dead.
+    pub lost: Vec<(String, String)>,
+}
+
+/// A sandbox of an earlier node that is not taken back: its directory, its
+/// id (the directory's name), what its record says if it could be read, and
+/// why it goes.
+struct Stale {
+    dir: PathBuf,
+    id: String,
+    leftover: Option<Leftover>,
+    why: String,
+    /// Journaled lost: the control plane may think it alive. Not so for
+    /// a create that never finished (its step builds it again).
+    report: bool,
+}
+
+/// Why a sandbox of a node started without live restore goes.
+const STOPPED_AT_START: &str = "the node restarted and its sandbox was stopped";
+
 impl Sandboxes {
-    /// Opens the table; also returns the ids of the sandboxes an earlier
-    /// node process left, which are gone now.
-    pub async fn open(config: NodeConfig) -> std::io::Result<(Arc<Self>, Vec<String>)> {
+    /// Opens the table. With live restore, the sandboxes an earlier node
+    /// process left running are taken back ([`Self::adopt`]); the others
+    /// (all of them without it) are stopped and cleaned up.
+    pub async fn open(config: NodeConfig) -> std::io::Result<(Arc<Self>, Opened)> {
         let root = config.state_dir.join("sandboxes");
         std::fs::create_dir_all(&root)?;
         let free_slots = (0..config.max_sandboxes).collect();
@@ -302,6 +392,7 @@ impl Sandboxes {
         let host = HostCapacity::detect(&config.proc_root).map_err(std::io::Error::other)?;
         let launcher = Launcher::new(config.exe.clone());
         let bundles = BundleCache::open(config.state_dir.join("bundles"))?;
+        let (denials, denials_rx) = tokio::sync::mpsc::unbounded_channel();
         let proxies = Proxies::new(config.secrets_file.clone(), config.secrets_ca_file.as_deref(), config.proc_root.clone()).map_err(std::io::Error::other)?;
         let this = Arc::new(Self {
             config,
@@ -314,30 +405,159 @@ impl Sandboxes {
             launcher,
             spare: Default::default(),
             bundles,
+            denials,
+            denials_rx: Mutex::new(Some(denials_rx)),
             proxies,
         });
-        let leftovers = this.clean_leftovers(&root).await;
-        let lost = leftovers.iter().map(|(record, _)| record.id.clone()).collect();
-        let report = this.cgroups.clean_leftovers();
+        // Links and rules of egress slots whose owner died (this node's
+        // earlier run among them: its egress sandboxes are not taken back,
+        // see `adopt`).
+        let egress = tokio::task::spawn_blocking(agentd_egress::link::clean_leftovers).await.unwrap_or(0);
+        if egress > 0 {
+            tracing::warn!(slots = egress, "removed egress links and rules an earlier process left");
+        }
+        let mut opened = Opened::default();
+        let mut stale = Vec::new();
+        for entry in std::fs::read_dir(&root)?.flatten() {
+            let dir = entry.path();
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let found = record::read(&dir);
+            if !this.config.live_restore {
+                // As before live restore: reported when a record names it.
+                let leftover = match found {
+                    Found::Record(r) => Some(r.leftover()),
+                    Found::Leftover(l, _) => Some(l),
+                    Found::Unreadable(_) | Found::Missing => None,
+                };
+                let report = leftover.is_some();
+                stale.push(Stale { dir, id, leftover, why: STOPPED_AT_START.into(), report });
+                continue;
+            }
+            match found {
+                Found::Record(r) if r.id == id => match this.adopt(&r, &dir) {
+                    Ok(sandbox) => {
+                        tracing::info!(id, pid = sandbox.pid, frozen = sandbox.is_frozen(), "sandbox taken back after the node restarted");
+                        this.table.lock().unwrap().insert(id.clone(), sandbox);
+                        opened.adopted.push(id);
+                    }
+                    Err(why) => stale.push(Stale { dir, id, leftover: Some(r.leftover()), why, report: true }),
+                },
+                Found::Record(r) => {
+                    let why = format!("its sandbox.json names another sandbox ({:?}): it was stopped", r.id);
+                    stale.push(Stale { dir, id, leftover: None, why, report: true });
+                }
+                Found::Leftover(l, why) => stale.push(Stale { dir, id, leftover: Some(l), why: format!("{why}: it was stopped"), report: true }),
+                Found::Unreadable(why) => {
+                    tracing::error!(id, why, "a sandbox's state cannot be read after the restart: stopping it");
+                    let why = format!("its state could not be read after the node restarted ({why}): it was stopped");
+                    stale.push(Stale { dir, id, leftover: None, why, report: true });
+                }
+                Found::Missing => {
+                    let why = "its create had not finished when the node stopped: undone".to_string();
+                    stale.push(Stale { dir, id, leftover: None, why, report: false });
+                }
+            }
+        }
+        let cleaned = this.clean_leftovers(&stale).await;
+        let report = this.cgroups.clean_leftovers_except(&opened.adopted);
         if !report.removed.is_empty() || !report.failed.is_empty() {
             tracing::warn!(removed = ?report.removed, failed = ?report.failed, "cleaned cgroups an earlier node left");
         }
-        // A range some leftover process may still run under is not given to
-        // a new sandbox.
-        for (record, gone) in leftovers {
-            if gone && !report.failed.iter().any(|(id, _)| *id == record.id) {
-                continue;
-            }
+        // Slots taken back or possibly still used are not given out.
+        {
             let cfg = &this.config;
-            let held = slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, record.ids);
-            tracing::error!(id = record.id, pid = record.pid, ?held, "a leftover sandbox may still run: its id range stays reserved");
             let mut free = this.free_slots.lock().unwrap();
-            for slot in held {
-                free.remove(&slot);
+            for sandbox in this.table.lock().unwrap().values() {
+                for slot in slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, sandbox.ids) {
+                    free.remove(&slot);
+                }
+            }
+            for (s, gone) in stale.into_iter().zip(cleaned) {
+                // Reported by the id its directory has.
+                if s.report && valid_id(&s.id) {
+                    tracing::warn!(id = s.id, why = s.why, "sandbox of the earlier node process lost");
+                    opened.lost.push((s.id.clone(), s.why));
+                }
+                // A range some leftover process may still run under is not given
+                // to a new sandbox.
+                let Some(leftover) = s.leftover else { continue };
+                if gone && !report.failed.iter().any(|(id, _)| *id == leftover.id) {
+                    continue;
+                }
+                let held = slots_overlapping(cfg.id_base, cfg.id_range_size, cfg.max_sandboxes, leftover.ids);
+                tracing::error!(id = leftover.id, pid = leftover.pid, ?held, "a leftover sandbox may still run: its id range stays reserved");
+                for slot in held {
+                    free.remove(&slot);
+                }
             }
         }
         this.refill_spare().await;
-        Ok((this, lost))
+        Ok((this, opened))
+    }
+
+    /// Takes back a sandbox an earlier node process left running: its PID 1
+    /// (the same process: pid, start time and boot checked), watched by a
+    /// new pidfd; its cgroups as recorded; its supervisor over a lazy
+    /// channel (a hibernated one cannot answer until thawed). Err: why not,
+    /// PID 1 having been killed if it ran.
+    fn adopt(&self, r: &Record, dir: &Path) -> Result<Arc<Sandbox>, String> {
+        let proc_root = &self.config.proc_root;
+        if r.boot_id != record::boot_id(proc_root) {
+            return Err("the host restarted since the sandbox was made: it is gone".into());
+        }
+        let same = || is_sandbox_init(r.pid) && record::start_time(proc_root, r.pid) == Some(r.pid_start);
+        if !same() {
+            return Err("its PID 1 exited while the node was away".into());
+        }
+        // Its gateway (resolver, proxy, what it resolved) died with the
+        // node process and its slot's rules are removed at start: not
+        // taken back half-connected, it is stopped (fail closed).
+        if dir.join("resolv.conf").exists() {
+            return Err("an egress sandbox's gateway cannot be taken back after a restart: it was stopped".into());
+        }
+        let (pidfd, exited) = watch_exit(r.pid).map_err(|e| format!("its PID 1 exited while the node was away ({e})"))?;
+        // The pidfd names the process checked above unless the pid was
+        // reused in between.
+        if !same() {
+            return Err("its PID 1 exited while the node was away".into());
+        }
+        let give_up = |why: String| {
+            let _ = pidfd_send_signal(&pidfd, libc::SIGKILL);
+            why
+        };
+        if let Some(missing) = r.cgroup.dirs().iter().find(|d| !d.path.is_dir()) {
+            return Err(give_up(format!("its cgroup {} is gone: it was stopped", missing.path.display())));
+        }
+        let seccomp = r.seccomp_policy().map_err(|e| give_up(format!("its sandbox.json is damaged ({e}): it was stopped")))?;
+        // Its agents were told these ports: served again on the same ones.
+        let (secrets, ports) = record::RecordedSecret::refs(&r.secrets).map_err(|e| give_up(format!("its sandbox.json is damaged ({e}): it was stopped")))?;
+        let proxies = self
+            .proxies
+            .start(r.pid, &secrets, Some(&ports), exited.clone())
+            .map_err(|e| give_up(format!("its secrets cannot be served again ({e}): it was stopped")))?;
+        let supervisor = SupervisorClient::new(agentd_proto::trace::traced(uds::lazy_channel(&dir.join("supervisor.sock"))));
+        // Kills before the restart were reported before it (or not at all):
+        // only new ones are.
+        let oom_seen = r.cgroup.oom_kills().ok().flatten().unwrap_or(0);
+        Ok(Arc::new(Sandbox {
+            id: r.id.clone(),
+            pid: r.pid,
+            ids: r.ids,
+            slot: r.slot,
+            dir: dir.to_owned(),
+            created_at_ms: r.created_at_ms,
+            supervisor,
+            cgroup: r.cgroup.clone(),
+            memory_max: r.memory_max,
+            seccomp,
+            proxies,
+            oom_seen: AtomicU64::new(oom_seen),
+            frozen: AtomicBool::new(r.frozen),
+            exited,
+            pidfd,
+            record: r.clone(),
+            egress: Mutex::new(None),
+        }))
     }
 
     /// Makes the spare cgroups and parks a worker in them, unless there is
@@ -369,32 +589,41 @@ impl Sandboxes {
         }
     }
 
-    /// Kills sandboxes an earlier node process left running and removes their
-    /// directories; returns their records, each with whether its PID 1 is
-    /// gone. (Re-adopting them instead is planned; see HACKING.md.)
-    async fn clean_leftovers(&self, root: &Path) -> Vec<(Record, bool)> {
-        let mut leftovers = Vec::new();
-        let Ok(entries) = std::fs::read_dir(root) else { return leftovers };
-        for entry in entries.flatten() {
-            let dir = entry.path();
-            let record = std::fs::read(dir.join("sandbox.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
-            if let Some(record) = record {
-                let mut gone = true;
-                if is_sandbox_init(record.pid) {
-                    tracing::warn!(id = record.id, pid = record.pid, "killing sandbox left by an earlier node");
-                    let _ = kill(Pid::from_raw(record.pid), Signal::SIGKILL);
-                    gone = match watch_exit(record.pid) {
-                        Ok(mut exited) => tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_ok(),
-                        Err(_) => !is_sandbox_init(record.pid),
+    /// Kills the sandboxes an earlier node process left that are not taken
+    /// back, and removes their directories; returns, for each, whether its
+    /// PID 1 is known gone. Their cgroups go afterwards (everything under
+    /// the subtree but the sandboxes taken back).
+    async fn clean_leftovers(&self, stale: &[Stale]) -> Vec<bool> {
+        let mut gone = Vec::new();
+        for s in stale {
+            let mut dead = true;
+            match &s.leftover {
+                Some(l) if is_sandbox_init(l.pid) && (l.pid_start == 0 || record::start_time(&self.config.proc_root, l.pid) == Some(l.pid_start)) => {
+                    tracing::warn!(id = l.id, pid = l.pid, why = s.why, "killing sandbox left by an earlier node");
+                    let _ = kill(Pid::from_raw(l.pid), Signal::SIGKILL);
+                    dead = match watch_exit(l.pid) {
+                        Ok((_, mut exited)) => tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_ok(),
+                        Err(_) => !is_sandbox_init(l.pid),
                     };
                 }
-                leftovers.push((record, gone));
+                Some(_) => {}
+                // No pid to go by: its cgroups hold whatever is left of it.
+                None => match self.cgroups.open(&s.id) {
+                    Ok(cgroup) if cgroup.dirs().iter().any(|d| d.path.is_dir()) => {
+                        tracing::warn!(id = s.id, why = s.why, "killing what is left of a sandbox by its cgroups");
+                        if let Err(e) = cgroup.kill() {
+                            tracing::warn!(id = s.id, error = %e, "cannot kill a leftover sandbox's cgroups");
+                        }
+                    }
+                    _ => {}
+                },
             }
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove leftover sandbox directory");
+            gone.push(dead);
+            if let Err(e) = std::fs::remove_dir_all(&s.dir) {
+                tracing::warn!(dir = %s.dir.display(), error = %e, "cannot remove leftover sandbox directory");
             }
         }
-        leftovers
+        gone
     }
 
     /// What this node offers sandboxes: the flags' figures, else the host's.
@@ -409,6 +638,11 @@ impl Sandboxes {
     /// The content-addressed cache of agent bundles.
     pub fn bundles(&self) -> &BundleCache {
         &self.bundles
+    }
+
+    /// The egress gateways' denials; the first caller gets them.
+    pub fn take_denials(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, agentd_egress::Denial)>> {
+        self.denials_rx.lock().unwrap().take()
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -450,7 +684,8 @@ impl Sandboxes {
             &self.host,
         )
         .map_err(|e| invalid_profile(e.to_string()))?;
-        let network = agentd_proto::convert::network(plan.network());
+        let network = agentd_proto::convert::network(plan.network(), plan.egress.as_ref())
+            .map_err(|e| status(Code::InvalidArgument, "invalid_network_policy", e))?;
         let seccomp = plan.seccomp.clone();
         if let Some(policy) = &seccomp {
             let policy = agentd_proto::convert::seccomp(policy).map_err(|e| invalid_profile(format!("seccomp policy: {e}")))?;
@@ -516,7 +751,6 @@ impl Sandboxes {
         })?;
         let dir = self.config.state_dir.join("sandboxes").join(&id);
         let limits = checked.limits;
-        let seccomp = checked.seccomp.clone();
         // Held until the spare is renamed: a refill meanwhile would find the
         // spare's directories still there and take them for an old spare.
         let mut spare_slot = self.spare.lock().await;
@@ -540,25 +774,28 @@ impl Sandboxes {
             }
         };
         match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, parked, &failure).await {
-            Ok((pid, ids, created_at_ms, supervisor, exited, proxies)) => {
+            Ok(Built { record, supervisor, exited, pidfd, seccomp, egress, proxies }) => {
                 let sandbox = Arc::new(Sandbox {
                     id: id.clone(),
-                    pid,
-                    ids,
+                    pid: record.pid,
+                    ids: record.ids,
                     slot,
                     dir,
-                    created_at_ms,
+                    created_at_ms: record.created_at_ms,
                     supervisor,
                     cgroup,
-                    limits,
+                    memory_max: record.memory_max,
                     seccomp,
                     proxies,
                     oom_seen: AtomicU64::new(0),
                     frozen: AtomicBool::new(false),
                     exited,
+                    egress: Mutex::new(egress),
+                    pidfd,
+                    record,
                 });
                 // Fault tests count these lines: one per sandbox built.
-                tracing::info!(id, pid, "sandbox created");
+                tracing::info!(id, pid = sandbox.pid, "sandbox created");
                 self.table.lock().unwrap().insert(id, Arc::clone(&sandbox));
                 Ok(sandbox)
             }
@@ -607,8 +844,9 @@ impl Sandboxes {
         cgroup: &SandboxCgroup,
         parked: bool,
         failure: &Option<String>,
-    ) -> Result<(i32, IdRange, i64, SupervisorClient<Channel>, watch::Receiver<bool>, SandboxProxies), Status> {
+    ) -> Result<Built, Status> {
         let cfg = &self.config;
+        let (memory_max, seccomp) = (checked.limits.memory_bytes(), checked.seccomp.clone());
         let ids = IdRange { host_base: cfg.id_base + slot * cfg.id_range_size, size: cfg.id_range_size };
         let workspace = dir.join("workspace");
         for d in [dir.join("rootfs"), workspace.clone(), dir.join("sessions")] {
@@ -622,6 +860,24 @@ impl Sandboxes {
         let mut mounts = vec![BindMount { source: workspace, target: checked.workspace_path, read_only: false }];
         mounts.extend(checked.mounts);
         mounts.extend(bundle_mounts);
+        // An egress sandbox's gateway: reserved now, its resolver in the
+        // sandbox's /etc/resolv.conf; attached once PID 1 exists, before
+        // the supervisor answers (no agent runs before that).
+        let gateway = match &checked.network {
+            Network::Egress(policy) => {
+                let upstream = agentd_egress::upstream_dns().map_err(|e| status(Code::FailedPrecondition, "egress_unavailable", e))?;
+                let policy = policy.clone();
+                let gateway = tokio::task::spawn_blocking(move || agentd_egress::Gateway::reserve(policy, upstream))
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| status(Code::Internal, "sandbox_failed", e))?;
+                let resolv = dir.join("resolv.conf");
+                std::fs::write(&resolv, gateway.resolv_conf()).map_err(|e| internal(format!("write resolv.conf: {e}")))?;
+                mounts.push(BindMount { source: resolv, target: "/etc/resolv.conf".into(), read_only: true });
+                Some(gateway)
+            }
+            _ => None,
+        };
         let socket_path = dir.join("supervisor.sock");
         let spec = SandboxSpec {
             id: plan.container_id.clone(),
@@ -675,17 +931,47 @@ impl Sandboxes {
             let _ = waitpid(Pid::from_raw(pid), None);
             e
         };
+        let egress = match gateway {
+            Some(mut gateway) => {
+                let attached = tokio::task::spawn_blocking(move || gateway.attach(pid).map(|()| gateway)).await.map_err(internal).map_err(kill_on_error)?;
+                let gateway = attached.map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("egress: {e}"))))?;
+                let (denials, id) = (self.denials.clone(), plan.container_id.clone());
+                let serving = gateway
+                    .serve(move |d| {
+                        let _ = denials.send((id.clone(), d));
+                    })
+                    .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("egress: {e}"))))?;
+                Some(serving)
+            }
+            None => None,
+        };
         injected(failure, "connect").map_err(kill_on_error)?;
-        let exited = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
+        let (pidfd, exited) = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
         // Before any agent can start: their variables name the ports.
         let proxies = self.proxies.start(pid, &secrets, None, exited.clone()).map_err(|e| kill_on_error(e.status()))?;
         let channel = uds::connect(&socket_path)
             .await
             .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("supervisor unreachable: {e}"))))?;
-        let record = Record { id: plan.container_id.clone(), pid, slot, ids, created_at_ms: now_ms() };
-        std::fs::write(dir.join("sandbox.json"), serde_json::to_vec_pretty(&record).expect("record serializes"))
-            .map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok((pid, ids, record.created_at_ms, SupervisorClient::new(channel), exited, proxies))
+        let pid_start = record::start_time(&cfg.proc_root, pid).ok_or_else(|| kill_on_error(internal(format!("PID 1 ({pid}) has no start time"))))?;
+        let record = Record {
+            version: record::VERSION,
+            id: plan.container_id.clone(),
+            pid,
+            pid_start,
+            boot_id: record::boot_id(&cfg.proc_root),
+            slot,
+            ids,
+            created_at_ms: now_ms(),
+            cgroup: cgroup.clone(),
+            memory_max,
+            seccomp: Record::encode_seccomp(seccomp.as_ref()),
+            frozen: false,
+            secrets: record::RecordedSecret::of(&secrets, &proxies.ports()),
+        };
+        // Before the answer: a node that restarts right after takes back
+        // every sandbox it ever answered for.
+        record.write(dir).map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
+        Ok(Built { record, supervisor: SupervisorClient::new(agentd_proto::trace::traced(channel)), exited, pidfd, seccomp, egress, proxies })
     }
 
     /// Stops the sandbox: its agents first, given the grace period (see
@@ -702,12 +988,16 @@ impl Sandboxes {
             tracing::warn!(id, error = %e, "cgroup kill failed; killing PID 1");
         }
         if sandbox.is_running() {
-            // The pid cannot have been reused: it is our unreaped child.
-            let _ = kill(Pid::from_raw(sandbox.pid), Signal::SIGKILL);
+            sandbox.kill_pid1();
         }
         let mut exited = sandbox.exited.clone();
         if tokio::time::timeout(EXIT_WAIT, exited.wait_for(|e| *e)).await.is_err() {
             tracing::error!(id, pid = sandbox.pid, "sandbox did not exit after SIGKILL");
+        }
+        // Its gateway's tasks stop, its link and rules go (`ip`, `nft`).
+        let egress = sandbox.egress.lock().unwrap().take();
+        if let Some(egress) = egress {
+            let _ = tokio::task::spawn_blocking(move || drop(egress)).await;
         }
         // Their sockets hold the sandbox's network namespace.
         sandbox.proxies.stop().await;
@@ -788,11 +1078,27 @@ impl Sandboxes {
         }
     }
 
-    /// Waits for pending cgroup removals, ends the zygote (and the worker
-    /// parked in the spare) and removes the spare and this node's subtree.
-    pub async fn finish_removals(&self) {
+    /// For a stop that leaves the sandboxes running (live restore): waits
+    /// for pending cgroup removals, ends the zygote (and the worker parked in
+    /// the spare) and removes the spare; this node's subtree stays, with the
+    /// sandboxes in it, for the next start to take back.
+    pub async fn release(&self) {
         let mut removals = self.removals.lock().await;
         while removals.join_next().await.is_some() {}
+        drop(removals);
+        self.close_spare().await;
+        // With no sandbox left, nothing is to be taken back: the host is left
+        // as a stop without live restore leaves it.
+        if self.table.lock().unwrap().is_empty()
+            && let Err(e) = self.cgroups.remove_subtree()
+        {
+            tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
+        }
+    }
+
+    /// Ends the zygote and the spare (with the worker parked in it); no
+    /// spare is made after this.
+    async fn close_spare(&self) {
         let spare = {
             let mut slot = self.spare.lock().await;
             slot.closed = true;
@@ -805,6 +1111,15 @@ impl Sandboxes {
                 tracing::warn!(error = %e, "cannot remove the spare cgroups");
             }
         }
+    }
+
+    /// Waits for pending cgroup removals, ends the zygote (and the worker
+    /// parked in the spare) and removes the spare and this node's subtree.
+    pub async fn finish_removals(&self) {
+        let mut removals = self.removals.lock().await;
+        while removals.join_next().await.is_some() {}
+        drop(removals);
+        self.close_spare().await;
         if let Err(e) = self.cgroups.remove_subtree() {
             tracing::warn!(error = %e, "cannot remove the node's cgroup subtree");
         }

@@ -12,14 +12,14 @@ use agentd_proto::common;
 use agentd_proto::node::journal_entry::Fact;
 use agentd_proto::node::session_event::Event;
 use futures::{Stream, StreamExt};
-use tonic::transport::Channel;
+use agentd_proto::trace::Traced;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::Node;
-use crate::event_log::EventLog;
+use crate::event_log::{EventLog, now_ms};
 use crate::journal::Journal;
 use crate::sandboxes::{Sandbox as NodeSandbox, valid_id};
-use crate::sessions::NodeSession;
+use crate::sessions::{NodeSession, SessionFile};
 
 pub struct NodeService {
     node: Arc<Node>,
@@ -43,7 +43,7 @@ impl NodeService {
     {
         let node = Arc::clone(&self.node);
         let service = NodeService { node: Arc::clone(&self.node) };
-        tokio::spawn(async move { node.fences.run(&entity, fence.as_ref(), op(service)).await })
+        tokio::spawn(agentd_proto::trace::carry(async move { node.fences.run(&entity, fence.as_ref(), op(service)).await }))
             .await
             .map_err(|e| status(Code::Internal, "internal", format!("fenced call: {e}")))?
     }
@@ -105,18 +105,25 @@ impl NodeService {
             })
             .await?
             .into_inner();
-        let log = EventLog::open(&r.session_id, &sandbox.sessions_dir().join(format!("{}.jsonl", r.session_id)));
+        let dir = sandbox.sessions_dir();
+        let log = EventLog::create(&r.session_id, &SessionFile::log_path(&dir, &r.session_id), &self.node.log_writer);
         // A loaded session's history opens its stream, before any turn.
         for update in answer.acp_replay {
             log.append("", Event::SessionUpdate(SessionUpdate { acp_update: update }));
         }
-        let session = self.node.sessions.insert(NodeSession::new(
-            r.session_id.clone(),
-            r.container_id,
-            r.agent_instance_id,
-            answer.acp_session_id,
-            log,
-        ));
+        let file = SessionFile {
+            session_id: r.session_id.clone(),
+            container_id: r.container_id,
+            agent_instance_id: r.agent_instance_id,
+            acp_session_id: answer.acp_session_id,
+            created_at_ms: now_ms(),
+            closed_at_ms: None,
+        };
+        // Its state on disk before the answer: a node that restarts right
+        // after takes back every session it answered for.
+        let session = NodeSession::create(file, SessionFile::path(&dir, &r.session_id), log)
+            .map_err(|e| status(Code::Internal, "internal", format!("cannot write the session's state: {e}")))?;
+        let session = self.node.sessions.insert(session);
         Ok(SessionInfo { session_id: r.session_id, acp_session_id: session.acp_session_id.clone() })
     }
 
@@ -145,22 +152,33 @@ impl NodeService {
         if sandbox.is_frozen() {
             return Err(status(Code::FailedPrecondition, "container_hibernated", "the sandbox is hibernated: resume it first"));
         }
-        session.begin_run(&r.run_id)?;
+        if !session.begin_run(&r.run_id)? {
+            // Taken before the node restarted (its answer lost with it): the
+            // turn runs or ran, taken up by the restart.
+            tracing::info!(run_id = r.run_id, session = r.session_id, "prompt repeated after a restart: already taken");
+            return Ok(PromptAccepted { run_id: r.run_id });
+        }
+        tracing::info!(session_id = r.session_id, run_id = r.run_id, "turn started");
         let log = &session.log;
-        log.append(&r.run_id, Event::RunStarted(RunStarted {}));
+        let started = log.append(&r.run_id, Event::RunStarted(RunStarted {}));
+        // On disk before the supervisor hears of the turn: a node that
+        // restarts finds every turn the agent may be running in its logs.
+        log.written(started).await;
         let request = sup::PromptRequest {
             agent_instance_id: session.agent_instance_id.clone(),
             acp_session_id: session.acp_session_id.clone(),
             acp_prompt: r.acp_prompt,
+            turn_id: r.run_id.clone(),
         };
         match sandbox.supervisor.clone().prompt(request).await {
             Ok(events) => {
-                let journal = Arc::clone(&self.node.journal);
-                tokio::spawn(pump_turn(journal, Arc::clone(&session), Arc::clone(&sandbox), r.run_id.clone(), events.into_inner()));
+                let turn = Turn { node: Arc::clone(&self.node), session: Arc::clone(&session), sandbox: Arc::clone(&sandbox), run_id: r.run_id.clone() };
+                // Carried: the turn's log lines keep the prompt's trace id.
+                tokio::spawn(agentd_proto::trace::carry(turn.pump(Some(events.into_inner()), 0)));
                 Ok(PromptAccepted { run_id: r.run_id })
             }
             Err(e) => {
-                end_turn(&self.node.journal, &session, &r.run_id, failed(e.message(), ""));
+                end_turn(&self.node.journal, &session, &r.run_id, failed(e.message(), ""), 0);
                 Err(e)
             }
         }
@@ -175,70 +193,183 @@ fn failed(error: impl Into<String>, code: &str) -> Event {
 }
 
 /// Ends the session's turn with `end` (`run.completed` or `run.failed`): in
-/// its log for clients, in the journal for the control plane (the one path
-/// a run's end takes to the store), then frees the session for the next turn.
-fn end_turn(journal: &Journal, session: &NodeSession, run_id: &str, end: Event) {
+/// the journal for the control plane (the one path a run's end takes to the
+/// store), in its log for clients, then frees the session for the next turn.
+/// Journaled first: a node that dies in between finds the turn still
+/// running in its log, takes it up again and ends it once more (recording
+/// an end twice changes nothing); the other way round, a logged end might
+/// never reach the store.
+fn end_turn(journal: &Journal, session: &NodeSession, run_id: &str, end: Event, turn: u64) {
     let outcome = match &end {
         Event::RunCompleted(c) => run_ended::Outcome::Completed(c.clone()),
         Event::RunFailed(f) => run_ended::Outcome::Failed(f.clone()),
         other => unreachable!("a turn ends with run.completed or run.failed, not {}", agentd_proto::events::kind(other)),
     };
-    session.log.append(run_id, end);
+    tracing::info!(session_id = session.session_id, run_id, outcome = agentd_proto::events::kind(&end), "turn ended");
     journal.append(Fact::RunEnded(RunEnded {
         container_id: session.container_id.clone(),
         session_id: session.session_id.clone(),
         run_id: run_id.to_string(),
         outcome: Some(outcome),
     }));
+    session.log.append_turn(run_id, end, turn);
     session.end_run();
 }
 
-/// Copies one turn's events from the supervisor into the session's log, and
-/// makes sure the log gets exactly one terminal event whatever happens.
-async fn pump_turn(journal: Arc<Journal>, session: Arc<NodeSession>, sandbox: Arc<NodeSandbox>, run_id: String, mut events: Streaming<sup::PromptEvent>) {
-    let log = &session.log;
-    let oom_before = sandbox.oom_kills();
-    // A turn whose agent died in an OOM kill says so, never just "exited".
-    let explain = |error: &str| {
-        if sandbox.oom_kills() > oom_before {
-            let limit = sandbox.memory_max().map(|b| format!(" of {} MiB", b >> 20)).unwrap_or_default();
+/// How often a turn whose stream broke is asked for again while its sandbox
+/// runs, and how long apart: a supervisor that answers again within that
+/// (its connection was reset) loses the node nothing.
+const ATTACH_TRIES: u32 = 5;
+const ATTACH_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// One turn, whose events the node copies from the supervisor into the
+/// session's log.
+pub(crate) struct Turn {
+    pub node: Arc<Node>,
+    pub session: Arc<NodeSession>,
+    pub sandbox: Arc<NodeSandbox>,
+    pub run_id: String,
+}
+
+/// How reading one stream of a turn ended.
+enum Read {
+    /// With the turn's terminal event, and its number.
+    Ended(Event, u64),
+    /// The stream broke or ended early.
+    Broke,
+}
+
+impl Turn {
+    /// Copies the turn's events into the log, from `stream` (the Prompt
+    /// answer), or by attaching to the turn after `last` (the number of the
+    /// last event logged: a turn taken up after a restart), and attaching
+    /// again whenever a stream breaks while the sandbox runs; then makes sure
+    /// the log gets exactly one terminal event whatever happens. A node that
+    /// is stopping with its sandboxes left running (live restore) leaves the
+    /// turn to its next start.
+    pub async fn pump(self, stream: Option<Streaming<sup::PromptEvent>>, mut last: u64) {
+        let oom_before = self.sandbox.oom_kills();
+        let mut stream = stream;
+        let mut tries = 0;
+        let end = loop {
+            let mut events = match stream.take() {
+                Some(events) => events,
+                None => match self.attach(last).await {
+                    Ok(events) => events,
+                    Err(e) if agentd_proto::error::code_of(&e) == Some("turn_not_found") => {
+                        let why = format!("the node restarted before the agent received the prompt ({})", e.message());
+                        break Some((failed(why, "node_restarted"), last));
+                    }
+                    Err(e) if agentd_proto::error::code_of(&e) == Some("agent_not_found") => {
+                        break Some((failed(format!("the agent is gone: {}", e.message()), ""), last));
+                    }
+                    Err(e) => {
+                        tries += 1;
+                        if tries > ATTACH_TRIES || !self.sandbox.is_running() || self.node.is_detached() {
+                            tracing::warn!(run_id = self.run_id, error = %e, "cannot take the turn up again");
+                            break None;
+                        }
+                        tokio::time::sleep(ATTACH_RETRY).await;
+                        continue;
+                    }
+                },
+            };
+            let before = last;
+            match self.read(&mut events, &mut last).await {
+                Read::Ended(end, index) => break Some((end, index)),
+                Read::Broke if self.node.is_detached() => break None,
+                // A stream that got somewhere earns a fresh set of tries;
+                // one that keeps breaking at once uses them up.
+                Read::Broke if last > before => tries = 0,
+                Read::Broke => {
+                    tries += 1;
+                    if tries > ATTACH_TRIES {
+                        break None;
+                    }
+                    tokio::time::sleep(ATTACH_RETRY).await;
+                }
+            }
+        };
+        if self.node.is_detached() {
+            // The node stops, leaving the sandbox running: its next start
+            // takes the turn up from what the log holds.
+            return;
+        }
+        let explain = |error: &str| self.explain(oom_before, error);
+        let (end, index) = match end {
+            Some((Event::RunFailed(f), index)) if f.code.is_empty() => (failed(explain(&f.error), ""), index),
+            Some(end) => end,
+            None => (failed(explain("the sandbox stopped during the run"), "sandbox_stopped"), last),
+        };
+        end_turn(&self.node.journal, &self.session, &self.run_id, end, index);
+    }
+
+    async fn attach(&self, after: u64) -> Result<Streaming<sup::PromptEvent>, Status> {
+        let request = sup::AttachTurnRequest {
+            agent_instance_id: self.session.agent_instance_id.clone(),
+            acp_session_id: self.session.acp_session_id.clone(),
+            turn_id: self.run_id.clone(),
+            after,
+        };
+        let events = self.sandbox.supervisor.clone().attach_turn(request).await?.into_inner();
+        tracing::info!(run_id = self.run_id, session = self.session.session_id, after, "turn taken up again");
+        Ok(events)
+    }
+
+    /// Logs one stream's events; events numbered at or below `last` are
+    /// ones the log has (a stream attached again may repeat them).
+    async fn read(&self, events: &mut Streaming<sup::PromptEvent>, last: &mut u64) -> Read {
+        let log = &self.session.log;
+        let run_id = self.run_id.as_str();
+        while let Some(item) = events.next().await {
+            let e = match item {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(run_id, error = %e, "turn stream broke");
+                    return Read::Broke;
+                }
+            };
+            let index = e.index;
+            if index != 0 {
+                if index <= *last {
+                    continue;
+                }
+                if index > *last + 1 {
+                    tracing::warn!(run_id, from = *last + 1, to = index - 1, "events of the turn were lost while the node was away (past what the supervisor keeps)");
+                }
+                *last = index;
+            }
+            match e.event {
+                Some(prompt_event::Event::AcpUpdate(update)) => {
+                    log.append_turn(run_id, Event::SessionUpdate(SessionUpdate { acp_update: update }), index);
+                }
+                Some(prompt_event::Event::StopReason(stop_reason)) => return Read::Ended(Event::RunCompleted(RunCompleted { stop_reason }), index),
+                // Explained (an OOM kill named) by the caller.
+                Some(prompt_event::Event::Error(error)) => return Read::Ended(failed(error, ""), index),
+                Some(prompt_event::Event::PermissionRequested(e)) => {
+                    log.append_turn(run_id, Event::PermissionRequested(e), index);
+                }
+                Some(prompt_event::Event::PermissionResolved(e)) => {
+                    log.append_turn(run_id, Event::PermissionResolved(e), index);
+                }
+                Some(prompt_event::Event::AgentProtocolError(e)) => {
+                    log.append_turn(run_id, Event::AgentProtocolError(e), index);
+                }
+                None => {}
+            }
+        }
+        Read::Broke
+    }
+
+    /// A turn whose agent died in an OOM kill says so, never just "exited".
+    fn explain(&self, oom_before: u64, error: &str) -> String {
+        if self.sandbox.oom_kills() > oom_before {
+            let limit = self.sandbox.memory_max().map(|b| format!(" of {} MiB", b >> 20)).unwrap_or_default();
             format!("out of memory: the sandbox hit its memory limit{limit} and the kernel killed the agent ({error})")
         } else {
             error.to_string()
         }
-    };
-    let mut end = None;
-    while let Some(item) = events.next().await {
-        match item.map(|e| e.event) {
-            Ok(Some(prompt_event::Event::AcpUpdate(update))) => {
-                log.append(&run_id, Event::SessionUpdate(SessionUpdate { acp_update: update }));
-            }
-            Ok(Some(prompt_event::Event::StopReason(stop_reason))) => {
-                end = Some(Event::RunCompleted(RunCompleted { stop_reason }));
-                break;
-            }
-            Ok(Some(prompt_event::Event::Error(error))) => {
-                end = Some(failed(explain(&error), ""));
-                break;
-            }
-            Ok(Some(prompt_event::Event::PermissionRequested(e))) => {
-                log.append(&run_id, Event::PermissionRequested(e));
-            }
-            Ok(Some(prompt_event::Event::PermissionResolved(e))) => {
-                log.append(&run_id, Event::PermissionResolved(e));
-            }
-            Ok(Some(prompt_event::Event::AgentProtocolError(e))) => {
-                log.append(&run_id, Event::AgentProtocolError(e));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(run_id, error = %e, "turn stream broke");
-                break;
-            }
-        }
     }
-    let end = end.unwrap_or_else(|| failed(explain("the sandbox stopped during the run"), "sandbox_stopped"));
-    end_turn(&journal, &session, &run_id, end);
 }
 
 impl NodeService {
@@ -255,7 +386,7 @@ impl NodeService {
     }
 
     /// A session and the supervisor of its sandbox, for calls about it.
-    fn session_supervisor(&self, session_id: &str) -> Result<(Arc<NodeSession>, SupervisorClient<Channel>), Status> {
+    fn session_supervisor(&self, session_id: &str) -> Result<(Arc<NodeSession>, SupervisorClient<Traced>), Status> {
         let session = self.node.sessions.get(session_id)?;
         let supervisor = self.node.sandboxes.get(&session.container_id)?.supervisor.clone();
         Ok((session, supervisor))

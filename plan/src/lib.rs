@@ -5,7 +5,8 @@
 //! and none of the kernel code (see `tests/architecture.rs`).
 //!
 //! - [`profile`]: the container profile as clients write it ([`Profile`]).
-//! - [`network`]: [`Network`], a sandbox's network mode.
+//! - [`network`]: [`Network`], a sandbox's network mode, and the egress
+//!   allow-list's rules ([`EgressPolicy`]), parsed and checked.
 //! - [`limits`]: the bounds of memory, pids and cpus every host shares.
 //! - [`seccomp`]: a custom seccomp policy's shape ([`SeccompPolicy`]).
 //! - [`secrets`]: secrets a profile names by reference ([`SecretRef`]).
@@ -20,7 +21,7 @@ pub mod secrets;
 
 pub use ids::new_id;
 pub use limits::LimitsError;
-pub use network::Network;
+pub use network::{EgressPolicy, EgressRule, Network, NetworkError};
 pub use profile::{Profile, ProfileError, parse_size};
 pub use seccomp::SeccompPolicy;
 pub use secrets::{SecretError, SecretRef};

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::network::Network;
+use crate::network::{Network, NetworkError};
 use crate::seccomp::SeccompPolicy;
 use crate::secrets::{SecretError, SecretRef};
 use crate::limits::{LimitsError, check_bounds};
@@ -23,7 +23,7 @@ pub enum ProfileError {
     #[error("{field} must be {what}, got {value}")]
     BadNumber { field: &'static str, what: &'static str, value: String },
     #[error("{0}")]
-    BadNetwork(String),
+    Network(#[from] NetworkError),
     #[error("rootfs must be an absolute path, got {0:?}")]
     RelativeRootfs(String),
     #[error("container_profile is not valid: {0}")]
@@ -38,16 +38,6 @@ pub enum ProfileError {
     BadLabel(String),
     #[error("{0}")]
     Secret(#[from] SecretError),
-}
-
-impl ProfileError {
-    /// The stable code of the refusal (422 at the API).
-    pub fn code(&self) -> &'static str {
-        match self {
-            ProfileError::Secret(_) => "invalid_secret",
-            _ => "invalid_profile",
-        }
-    }
 }
 
 /// `256M`, `1G`, `512K`, `1048576` (binary units).
@@ -76,7 +66,7 @@ struct Input {
     #[serde(default)]
     cpus: Option<Value>,
     #[serde(default)]
-    network: Option<String>,
+    network: Option<Value>,
     #[serde(default)]
     rootfs: Option<String>,
     #[serde(default)]
@@ -129,6 +119,19 @@ pub struct Profile {
     pub secrets: Vec<SecretRef>,
 }
 
+impl ProfileError {
+    /// The problem code a client gets for it: `invalid_network_policy` for
+    /// an egress policy's fault, `invalid_secret` for a secret reference's,
+    /// `invalid_profile` for anything else.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProfileError::Network(e) if e.is_policy() => "invalid_network_policy",
+            ProfileError::Secret(_) => "invalid_secret",
+            _ => "invalid_profile",
+        }
+    }
+}
+
 impl Profile {
     pub fn from_json(value: &serde_json::Value) -> Result<Profile, ProfileError> {
         let input: Input = serde_json::from_value(value.clone()).map_err(|e| ProfileError::Shape(e.to_string()))?;
@@ -139,7 +142,7 @@ impl Profile {
         check_bounds(memory_bytes, pids_max, cpus)?;
         let network = match input.network {
             None => Network::default(),
-            Some(n) => n.parse().map_err(ProfileError::BadNetwork)?,
+            Some(n) => Network::from_json(&n)?,
         };
         let rootfs = match input.rootfs {
             None => None,
@@ -191,7 +194,13 @@ mod tests {
         assert_eq!(Profile::from_json(&json!({})).unwrap(), Profile::default());
         assert!(matches!(Profile::from_json(&json!({"seccomp": {"x": 1}})), Err(ProfileError::Seccomp(_))));
         assert!(matches!(Profile::from_json(&json!({"memroy": "1G"})), Err(ProfileError::Shape(_))));
-        assert!(matches!(Profile::from_json(&json!({"network": "bridge"})), Err(ProfileError::BadNetwork(_))));
+        assert!(matches!(Profile::from_json(&json!({"network": "bridge"})), Err(ProfileError::Network(_))));
+        assert_eq!(Profile::from_json(&json!({"network": "bridge"})).unwrap_err().code(), "invalid_profile");
+        let bad_rule = Profile::from_json(&json!({"network": {"egress": {"allow": ["a.com:99999"]}}})).unwrap_err();
+        assert_eq!(bad_rule.code(), "invalid_network_policy");
+        assert!(bad_rule.to_string().contains("a.com:99999"), "{bad_rule}");
+        let egress = Profile::from_json(&json!({"network": {"egress": {"allow": ["a.com:443"]}}})).unwrap();
+        assert_eq!(egress.network.mode(), "egress");
         assert!(matches!(Profile::from_json(&json!({"rootfs": "srv"})), Err(ProfileError::RelativeRootfs(_))));
     }
 

@@ -2,23 +2,86 @@
 //! compiles plans with the one, the node reads them with the other.
 
 use agentd_plan::{Network, SecretError, SecretRef};
+use agentd_plan::network::{EgressPolicy, EgressRule, Ipv4Net, Ports, Target};
 use agentd_plan::seccomp::{ArgWidth, CmpOp, SeccompAction, SeccompCondition, SeccompFilter, SeccompPolicy, SeccompRule};
 
 use crate::common;
-use crate::node::NetworkMode;
+use crate::node::{self, NetworkMode, egress_rule};
 
-pub fn network_mode(network: Network) -> NetworkMode {
+pub fn network_mode(network: &Network) -> NetworkMode {
     match network {
         Network::None => NetworkMode::None,
         Network::Host => NetworkMode::Host,
+        Network::Egress(_) => NetworkMode::Egress,
     }
 }
 
-pub fn network(mode: NetworkMode) -> Network {
-    match mode {
+/// The plan's network fields for `network`: its mode, and an egress
+/// sandbox's allow-list.
+pub fn network_plan(network: &Network) -> (NetworkMode, Option<node::EgressPolicy>) {
+    let policy = match network {
+        Network::Egress(p) => Some(egress_message(p)),
+        _ => None,
+    };
+    (network_mode(network), policy)
+}
+
+pub fn egress_message(policy: &EgressPolicy) -> node::EgressPolicy {
+    let allow = policy
+        .allow
+        .iter()
+        .map(|r| node::EgressRule {
+            target: Some(match &r.target {
+                Target::Domain(d) => egress_rule::Target::Domain(d.clone()),
+                Target::Subdomains(d) => egress_rule::Target::Subdomains(d.clone()),
+                Target::Net(n) => egress_rule::Target::Net(node::Ipv4Net { addr: u32::from(n.addr()), prefix_len: u32::from(n.prefix_len()) }),
+            }),
+            port: match r.ports {
+                Ports::Web => 0,
+                Ports::One(p) => u32::from(p),
+            },
+        })
+        .collect();
+    node::EgressPolicy { allow }
+}
+
+/// A plan's network, checked as the profile's was: `Err` names the rule
+/// that cannot be (a plan from a control plane that checked less).
+pub fn network(mode: NetworkMode, egress: Option<&node::EgressPolicy>) -> Result<Network, String> {
+    Ok(match mode {
         NetworkMode::None => Network::None,
         NetworkMode::Host => Network::Host,
-    }
+        NetworkMode::Egress => {
+            let message = egress.ok_or("an egress network without its policy")?;
+            if message.allow.len() > agentd_plan::network::MAX_RULES {
+                return Err(agentd_plan::NetworkError::TooManyRules(message.allow.len()).to_string());
+            }
+            let mut allow = Vec::with_capacity(message.allow.len());
+            for r in &message.allow {
+                let target = match &r.target {
+                    Some(egress_rule::Target::Domain(d)) => {
+                        agentd_plan::network::valid_domain(d).map_err(|e| format!("egress rule {d:?}: {e}"))?;
+                        Target::Domain(agentd_plan::network::normal_name(d))
+                    }
+                    Some(egress_rule::Target::Subdomains(d)) => match Target::domain(&format!("*.{d}")) {
+                        Ok(t) => t,
+                        Err(e) => return Err(format!("egress rule \"*.{d}\": {e}")),
+                    },
+                    Some(egress_rule::Target::Net(n)) => {
+                        let len = u8::try_from(n.prefix_len).map_err(|_| format!("egress rule: prefix length {} is over 32", n.prefix_len))?;
+                        Target::Net(Ipv4Net::new(std::net::Ipv4Addr::from(n.addr), len).map_err(|e| format!("egress rule: {e}"))?)
+                    }
+                    None => return Err("an egress rule without a destination".into()),
+                };
+                let ports = match r.port {
+                    0 => Ports::Web,
+                    p => Ports::One(u16::try_from(p).map_err(|_| format!("egress rule {target}: port {p} is over 65535"))?),
+                };
+                allow.push(EgressRule { target, ports });
+            }
+            Network::Egress(EgressPolicy { allow })
+        }
+    })
 }
 
 pub fn secret_message(r: &SecretRef) -> crate::node::SecretRef {
@@ -174,6 +237,21 @@ mod tests {
             "second": {"mismatch_action": {"trace": 7}, "match_action": "kill_process", "filter": []}}))
         .unwrap();
         assert_eq!(seccomp(&seccomp_message(&policy)).unwrap(), policy);
+    }
+
+    #[test]
+    fn an_egress_policy_survives_the_trip() {
+        let value = json!({"egress": {"allow": ["api.anthropic.com:443", "*.openai.com", "198.18.0.0/15:8080", "1.2.3.4"]}});
+        let net = Network::from_json(&value).unwrap();
+        let (mode, policy) = network_plan(&net);
+        assert_eq!(mode, NetworkMode::Egress);
+        assert_eq!(network(mode, policy.as_ref()).unwrap(), net);
+        assert_eq!(network(NetworkMode::Host, None).unwrap(), Network::Host);
+        assert!(network(NetworkMode::Egress, None).is_err());
+        let bad = node::EgressPolicy { allow: vec![node::EgressRule { target: Some(egress_rule::Target::Domain("bad..name".into())), port: 0 }] };
+        assert!(network(NetworkMode::Egress, Some(&bad)).unwrap_err().contains("bad..name"));
+        let bad_port = node::EgressPolicy { allow: vec![node::EgressRule { target: Some(egress_rule::Target::Domain("a.com".into())), port: 70000 }] };
+        assert!(network(NetworkMode::Egress, Some(&bad_port)).is_err());
     }
 
     #[test]

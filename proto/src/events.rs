@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::common::{AgentProtocolError, PermissionRequested, PermissionResolved, permission_resolved};
 use crate::node::session_event::Event;
-use crate::node::{RunCompleted, RunFailed, RunStarted, SandboxOom, SessionEvent, SessionUpdate};
+use crate::node::{EgressProtocol, RunCompleted, RunFailed, RunStarted, SandboxEgressDenied, SandboxOom, SessionEvent, SessionUpdate};
 
 pub const RUN_STARTED: &str = "run.started";
 pub const SESSION_UPDATE: &str = "session.update";
@@ -21,6 +21,18 @@ pub const PERMISSION_REQUESTED: &str = "permission.requested";
 pub const PERMISSION_RESOLVED: &str = "permission.resolved";
 pub const AGENT_PROTOCOL_ERROR: &str = "agent.protocol_error";
 pub const SANDBOX_OOM: &str = "sandbox.oom";
+pub const SANDBOX_EGRESS_DENIED: &str = "sandbox.egress_denied";
+/// Streamed by the control plane to a client that follows a session being
+/// created: a stage of its setup (`{"state": "installing"}`). Not in the
+/// session's log, so without an id.
+pub const SESSION_SETUP: &str = "session.setup";
+/// Streamed by the control plane when a session followed while being
+/// created failed to start (`{"state", "code", "error"}`); the stream ends.
+pub const SESSION_FAILED: &str = "session.failed";
+/// Streamed by the control plane as the last event of a stream whose
+/// subscriber fell too far behind (`{"last_event_id", "buffer", "detail"}`):
+/// it resumes with `Last-Event-ID`. Not in the session's log, so without an id.
+pub const STREAM_LAGGED: &str = "stream.lagged";
 
 /// The name of an event's kind, as SSE's `event:` field says it.
 pub fn kind(event: &Event) -> &'static str {
@@ -33,6 +45,7 @@ pub fn kind(event: &Event) -> &'static str {
         Event::PermissionResolved(_) => PERMISSION_RESOLVED,
         Event::AgentProtocolError(_) => AGENT_PROTOCOL_ERROR,
         Event::SandboxOom(_) => SANDBOX_OOM,
+        Event::SandboxEgressDenied(_) => SANDBOX_EGRESS_DENIED,
     }
 }
 
@@ -67,6 +80,24 @@ fn by_of(name: &str) -> Option<permission_resolved::By> {
         "agent" => By::Agent,
         _ => return None,
     })
+}
+
+fn protocol_name(p: EgressProtocol) -> &'static str {
+    match p {
+        EgressProtocol::Unspecified => "unknown",
+        EgressProtocol::Tcp => "tcp",
+        EgressProtocol::Udp => "udp",
+        EgressProtocol::Dns => "dns",
+    }
+}
+
+fn protocol_of(name: &str) -> EgressProtocol {
+    match name {
+        "tcp" => EgressProtocol::Tcp,
+        "udp" => EgressProtocol::Udp,
+        "dns" => EgressProtocol::Dns,
+        _ => EgressProtocol::Unspecified,
+    }
 }
 
 /// The event's data as clients see it (SSE `data:`, archives, the node's log).
@@ -115,6 +146,20 @@ pub fn data_json(run_id: &str, event: &Event) -> String {
         Event::SandboxOom(o) => {
             let max = if o.memory_max == 0 { Value::Null } else { json!(o.memory_max) };
             json!({"container_id": o.container_id, "oom_kills": o.oom_kills, "memory_max": max})
+        }
+        Event::SandboxEgressDenied(d) => {
+            let port = if d.port == 0 { Value::Null } else { json!(d.port) };
+            let name = if d.name.is_empty() { Value::Null } else { json!(d.name) };
+            json!({
+                "container_id": d.container_id,
+                "protocol": protocol_name(d.protocol()),
+                "destination": d.destination,
+                "port": port,
+                "name": name,
+                "missing_rule": d.missing_rule,
+                "reason": d.reason,
+                "suppressed": d.suppressed,
+            })
         }
     };
     value.to_string()
@@ -172,6 +217,16 @@ pub fn from_wire(kind: &str, data: &str) -> Result<Event, WireError> {
             oom_kills: number("oom_kills"),
             memory_max: number("memory_max"),
         }),
+        SANDBOX_EGRESS_DENIED => Event::SandboxEgressDenied(SandboxEgressDenied {
+            container_id: text("container_id"),
+            protocol: protocol_of(&text("protocol")).into(),
+            destination: text("destination"),
+            port: u32::try_from(number("port")).unwrap_or(0),
+            name: text("name"),
+            missing_rule: text("missing_rule"),
+            reason: text("reason"),
+            suppressed: number("suppressed"),
+        }),
         other => return Err(WireError::UnknownKind(other.to_string())),
     })
 }
@@ -208,6 +263,26 @@ mod tests {
             Event::AgentProtocolError(AgentProtocolError { error: "not JSON".into() }),
             Event::SandboxOom(SandboxOom { container_id: "ctr_1".into(), oom_kills: 2, memory_max: 64 << 20 }),
             Event::SandboxOom(SandboxOom { container_id: "ctr_1".into(), oom_kills: 1, memory_max: 0 }),
+            Event::SandboxEgressDenied(SandboxEgressDenied {
+                container_id: "ctr_1".into(),
+                protocol: EgressProtocol::Tcp.into(),
+                destination: "203.0.113.9".into(),
+                port: 8443,
+                name: "api.example.com".into(),
+                missing_rule: "api.example.com:8443".into(),
+                reason: "no rule allows api.example.com on port 8443".into(),
+                suppressed: 3,
+            }),
+            Event::SandboxEgressDenied(SandboxEgressDenied {
+                container_id: "ctr_1".into(),
+                protocol: EgressProtocol::Dns.into(),
+                destination: "evil.example".into(),
+                port: 0,
+                name: String::new(),
+                missing_rule: "evil.example".into(),
+                reason: "no rule names evil.example".into(),
+                suppressed: 0,
+            }),
         ]
     }
 
@@ -234,6 +309,10 @@ mod tests {
         assert_eq!(json(&events[7])["request_id"], Value::Null);
         assert_eq!(json(&events[7])["outcome"], json!({"outcome": "cancelled"}));
         assert_eq!(json(&events[10])["memory_max"], Value::Null);
+        assert_eq!(json(&events[11])["protocol"], "tcp");
+        assert_eq!(json(&events[11])["port"], 8443);
+        assert_eq!(json(&events[12])["port"], Value::Null, "a name has no port");
+        assert_eq!(json(&events[12])["name"], Value::Null);
     }
 
     #[test]

@@ -15,9 +15,11 @@
 //! - [`unix`]: tonic channels over unix sockets (node -> supervisor, and the
 //!   control plane -> its node in `agentd up`).
 //! - [`error`]: stable error codes across gRPC.
+//! - [`trace`]: the W3C trace context across the three processes.
 
 pub mod convert;
 pub mod events;
+pub mod trace;
 pub mod unix;
 
 /// The generated code, nested as the proto packages are, so that one

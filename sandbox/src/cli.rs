@@ -48,9 +48,16 @@ pub struct SandboxRunArgs {
     /// CPU limit in CPUs, e.g. 0.5.
     #[arg(long, allow_negative_numbers = true)]
     pub cpus: Option<f64>,
-    /// none (own network namespace, loopback only) or host.
+    /// none (own network namespace, loopback only), host, or egress (own
+    /// network namespace, a route out through a gateway that lets through
+    /// only what --allow names).
     #[arg(long, default_value = "none")]
     pub network: String,
+    /// With --network egress: a destination the sandbox may reach, as a
+    /// profile's egress rule: NAME, *.NAME, IPv4 or CIDR, each with an
+    /// optional :PORT (80 and 443 without one). Repeatable.
+    #[arg(long = "allow", value_name = "RULE")]
+    pub allow: Vec<String>,
     /// A root filesystem directory to use instead of the host's system dirs.
     #[arg(long)]
     pub rootfs: Option<PathBuf>,

@@ -12,6 +12,7 @@
 //! forking need a single-threaded process.
 
 mod cli;
+mod egress;
 pub mod daemon;
 mod ids;
 mod run;

@@ -13,7 +13,7 @@ use agentd_cgroups::limits::{HostCapacity, Limits};
 use agentd_cgroups::sandbox::SandboxCgroup;
 use agentd_cgroups::tree::CgroupTree;
 use agentd_harden::{Hardening, compile_custom};
-use agentd_plan::parse_size;
+use agentd_plan::{EgressPolicy, parse_size};
 use agentd_supervisor::run_mode;
 use anyhow::{Context, anyhow, bail};
 use nix::sys::signal::{SigSet, Signal};
@@ -139,10 +139,21 @@ fn hardening(args: &SandboxRunArgs) -> anyhow::Result<Hardening> {
     Ok(hardening.with_seccomp(Some(program)))
 }
 
+/// `--network` with its `--allow` rules.
+fn network(args: &SandboxRunArgs) -> anyhow::Result<Network> {
+    match args.network.as_str() {
+        "egress" => Ok(Network::Egress(EgressPolicy::parse(&args.allow)?)),
+        other => {
+            anyhow::ensure!(args.allow.is_empty(), "--allow needs --network egress");
+            Ok(other.parse()?)
+        }
+    }
+}
+
 fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     // Everything the request says is checked before anything exists: a
     // refused run creates no directory, cgroup or mount.
-    let network: Network = args.network.parse().map_err(|e: String| anyhow!(e))?;
+    let network = network(&args)?;
     let mut mounts: Vec<BindMount> = args.ro_binds.iter().map(|b| parse_bind(b)).collect::<Result<_, _>>()?;
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
@@ -229,8 +240,27 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
     // its own, so this one goes as soon as the sandbox is built, while the
     // command runs: tearing down its mounts takes a few hundred microseconds
     // that would otherwise follow the command's exit.
+    // An egress sandbox's gateway: reserved now (its resolver's address goes
+    // into the sandbox's /etc/resolv.conf), attached by the creator before
+    // the command runs, served on a thread of its own once the build is done.
+    let (gateway, _resolv_conf) = match &spec.network {
+        Network::Egress(policy) => {
+            let upstream = agentd_egress::upstream_dns().map_err(|e| anyhow!(e))?;
+            let gateway = agentd_egress::Gateway::reserve(policy.clone(), upstream).map_err(|e| anyhow!(e))?;
+            let file = tempfile::Builder::new().prefix(&prefix).suffix("-resolv.conf").tempfile_in(&scratch).context("cannot write resolv.conf")?;
+            std::fs::write(file.path(), gateway.resolv_conf())?;
+            std::fs::set_permissions(file.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+            spec.mounts.push(BindMount { source: file.path().to_owned(), target: "/etc/resolv.conf".into(), read_only: true });
+            (Some(std::cell::RefCell::new(gateway)), Some(file))
+        }
+        _ => (None, None),
+    };
+    let attach = |pid: nix::unistd::Pid| match &gateway {
+        Some(g) => g.borrow_mut().attach(pid.as_raw()),
+        None => Ok(()),
+    };
     let host_mnt = std::fs::File::open("/proc/self/ns/mnt").context("cannot open own mount namespace")?;
-    let created = init::create_with(&spec, hardening, crate::PID1);
+    let created = init::create_attached(&spec, hardening, crate::PID1, gateway.as_ref().map(|_| &attach as &init::AttachNetwork<'_>));
     if let Err(e) = nix::sched::setns(host_mnt.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS) {
         // Still in the private namespace: removing the root's mount point
         // here would walk into its bind mounts. Leave the empty directory.
@@ -238,6 +268,16 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
         return Err(e).context("cannot return to the host mount namespace");
     }
     let pid = created.map_err(|e| anyhow!("sandbox setup failed at {e}"))?;
+    // Before the signals are unblocked: the gateway's thread keeps them
+    // blocked (they go to this one, which forwards them).
+    let gateway = match gateway.map(|g| crate::egress::serve(g.into_inner())).transpose() {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            return Err(e);
+        }
+    };
     // Unblocks the signals held since the start: one that came meanwhile is
     // forwarded now.
     run_mode::forward_signals_to(pid.as_raw()).context("cannot forward signals")?;
@@ -267,6 +307,7 @@ fn run_sandbox(args: SandboxRunArgs) -> anyhow::Result<i32> {
             eprintln!("agentd sandbox: the sandbox hit its process limit ({limit}): {hits} fork(s) refused");
         }
     }
+    drop(gateway);
     drop(cgroups);
     drop(scratch_workspace);
     drop(lease);

@@ -8,7 +8,6 @@ pub mod node;
 pub mod server;
 pub mod up;
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use tracing_subscriber::EnvFilter;
@@ -34,19 +33,17 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
     }
+    tracing::info!("shutting down");
 }
 
 /// [`shutdown_signal`], then tells the service manager that a stop began.
@@ -90,6 +87,10 @@ pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow
     config.labels = flags.labels.clone();
     config.capacity_memory = flags.capacity_memory;
     config.capacity_cpus = flags.capacity_cpus;
+    config.live_restore = flags.live_restore;
+    config.closed_session_retention = std::time::Duration::from_millis(flags.closed_session_retention_ms);
+    config.secrets_file = flags.secrets_file.clone();
+    config.secrets_ca_file = flags.secrets_ca_file.clone();
     if let Some(cpus) = flags.capacity_cpus {
         anyhow::ensure!(cpus.is_finite() && cpus > 0.0, "--capacity-cpus must be a positive number");
     }
@@ -104,11 +105,19 @@ pub fn control_plane_settings(api: &crate::cli::ApiArgs, state_dir: &Path, store
         defaults: agentd_controlplane::plan::PlanDefaults { initialize_timeout_ms: api.initialize_timeout_ms },
         node_call_timeout: std::time::Duration::from_millis(api.node_call_timeout_ms.max(1)),
         registry_source: api.registry.clone(),
+        allowances: agentd_controlplane::powers::Allowances {
+            host_paths: api.allowed_host_paths.clone(),
+            registry_sources: api.allowed_registry_sources.clone(),
+        },
         fleet: fleet_config(api),
         placement: api.placement,
         tls: true,
         auth: !api.no_auth,
         admin_token_file: Some(state_dir.join("admin.token")),
+        sse: agentd_controlplane::api::sse::SseConfig {
+            keep_alive: std::time::Duration::from_millis(api.sse_keepalive_ms),
+            buffer: api.sse_buffer as usize,
+        },
     }
 }
 
@@ -125,6 +134,15 @@ pub fn check_auth_setting(api: &crate::cli::ApiArgs) -> anyhow::Result<()> {
     );
     tracing::warn!(listen = %api.listen, "THE API RUNS WITHOUT TOKENS (--no-auth): every local process may create sandboxes and drive agents");
     Ok(())
+}
+
+/// Binds `--metrics-listen`; the address bound is logged (port 0 in tests).
+pub async fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let bound = listener.local_addr().context("cannot read the metrics address")?;
+    tracing::info!(metrics_listen = %bound, "metrics listening");
+    Ok(listener)
 }
 
 pub fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {

@@ -42,8 +42,15 @@ async fn server(args: ServerArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> 
         .context("cannot start the control plane")?;
     let listener = agentd_controlplane::bind(args.api.listen).await?;
     let bound = listener.local_addr().context("cannot read the API's address")?;
+    let metrics = match args.api.metrics_listen {
+        Some(addr) => Some(cp.serve_metrics_on(super::bind_metrics(addr).await?)),
+        None => None,
+    };
     notify.ready(&format!("listening on {bound}"));
     let served = cp.serve_on(listener, stop_signal(notify)).await;
+    if let Some(task) = metrics {
+        let _ = task.await;
+    }
     notify.status("stopping: finishing workflow steps");
     cp.stop().await;
     store.close().await;

@@ -37,6 +37,7 @@ async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
         args.node.stop_grace_ms,
         u64::from(args.node.stop_grace_ms) + 5_000
     );
+    super::check_auth_setting(&args.api)?;
     let state_dir = &args.common.state_dir;
     prepare_state_dir(state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
     let socket = node_socket(state_dir);
@@ -53,7 +54,24 @@ async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
         async move { agentd_node::serve_on(node, node_listener, &socket, None, stop.cancelled_owned()).await }
     });
 
-    super::check_auth_setting(&args.api)?;
+    // However the control plane ends (a store that cannot be opened, a port
+    // in use), the node is stopped: its zygote and cgroups go with it.
+    let result = control_plane(&args, &socket, notify).await;
+    node_stop.cancel();
+    match node_task.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "node server failed"),
+        Err(e) => tracing::error!(error = %e, "node task panicked"),
+        Ok(Ok(())) => {}
+    }
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The control plane of `agentd up`, from opening the store until it stopped
+/// and, without live restore, stopped its sandboxes.
+async fn control_plane(args: &UpArgs, socket: &std::path::Path, notify: &Arc<Notifier>) -> anyhow::Result<()> {
+    let state_dir = &args.common.state_dir;
     notify.status("opening the store");
     let store = super::open_store(&args.api, state_dir).await?;
     agentd_controlplane::fleet::nodes::register_unix_node(&store, &socket).await.map_err(anyhow::Error::msg)?;
@@ -64,22 +82,28 @@ async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {
 
     let listener = agentd_controlplane::bind(args.api.listen).await?;
     let bound = listener.local_addr().context("cannot read the API's address")?;
+    let metrics = match args.api.metrics_listen {
+        Some(addr) => Some(cp.serve_metrics_on(super::bind_metrics(addr).await?)),
+        None => None,
+    };
     notify.ready(&format!("listening on {bound} (node socket {})", socket.display()));
     let served = cp.serve_on(listener, stop_signal(notify)).await;
+    if let Some(task) = metrics {
+        let _ = task.await;
+    }
     let state = cp.state.clone();
     // Steps still running get the drain bound, then the rest is stopped directly.
     notify.status("stopping: finishing workflow steps");
     cp.stop().await;
-    notify.status("stopping: stopping sandboxes");
-    agentd_controlplane::stop_all_containers(&state).await;
-    node_stop.cancel();
-    match node_task.await {
-        Ok(Err(e)) => tracing::error!(error = %e, "node server failed"),
-        Err(e) => tracing::error!(error = %e, "node task panicked"),
-        Ok(Ok(())) => {}
+    if args.node.live_restore {
+        // The sandboxes run on; the next start takes them back, and the
+        // store keeps calling them ready.
+        tracing::info!("stopping with live restore: sandboxes, agents and turns run on");
+    } else {
+        notify.status("stopping: stopping sandboxes");
+        agentd_controlplane::stop_all_containers(&state).await;
     }
     store.close().await;
     served?;
-    tracing::info!("stopped");
     Ok(())
 }

@@ -42,6 +42,9 @@ pub enum Kind {
     /// A TOML integer or float of at least `min`, as a string (the flag is
     /// an `f64`).
     Number { min: f64 },
+    /// An array of strings each of the kind given (the variable joins them
+    /// with commas, so none may hold one).
+    List(&'static Kind),
 }
 
 /// Milliseconds or counts a flag holds in a `u32`.
@@ -98,6 +101,15 @@ pub const KEYS: &[Key] = &[
     key("advertise", Kind::HostPort),
     key("grpc_listen", Kind::SocketAddr),
     key("no_auth", Kind::Bool),
+    key("metrics_listen", Kind::SocketAddr),
+    key("sse_keepalive_ms", u64_from(1)),
+    key("sse_buffer", Kind::Int { min: 1, max: 1_000_000 }),
+    key("allowed_host_paths", Kind::List(&Kind::Path)),
+    key("allowed_registry_sources", Kind::List(&Kind::Registry)),
+    key("live_restore", Kind::Bool),
+    key("closed_session_retention_ms", u64_from(0)),
+    key("secrets_file", Kind::Path),
+    key("secrets_ca_file", Kind::Path),
 ];
 
 pub fn find(name: &str) -> Option<&'static Key> {
@@ -140,6 +152,23 @@ impl Key {
                     _ => Err(format!("must be a number of at least {min}, found {}", found())),
                 }
             }
+            Kind::List(kind) => {
+                let DeValue::Array(items) = value else {
+                    return Err(format!("must be an array of strings, each {}, found {}", kind.what(), found()));
+                };
+                let mut joined = Vec::with_capacity(items.len());
+                for item in items {
+                    let DeValue::String(s) = item.get_ref() else {
+                        return Err(format!("must be an array of strings, found {} in it", describe(item.get_ref())));
+                    };
+                    if s.contains(',') {
+                        return Err(format!("must hold no commas, found {s:?}"));
+                    }
+                    kind.check_str(s)?;
+                    joined.push(s.to_string());
+                }
+                Ok(joined.join(","))
+            }
             _ => {
                 let DeValue::String(s) = value else {
                     return Err(format!("must be a string ({}), found {}", self.kind.what(), found()));
@@ -165,7 +194,7 @@ impl Kind {
             Kind::HostPort => "host:port, such as \"10.0.0.5:7443\"",
             Kind::HttpUrl => "an http:// or https:// URL",
             Kind::Choice(_) => "one of the words listed",
-            Kind::Int { .. } | Kind::Bool | Kind::Number { .. } => "",
+            Kind::Int { .. } | Kind::Bool | Kind::Number { .. } | Kind::List(_) => "",
         }
     }
 
@@ -193,7 +222,7 @@ impl Kind {
             },
             Kind::HttpUrl => (s.starts_with("http://") || s.starts_with("https://")).then_some(()).ok_or_else(bad),
             Kind::Choice(words) => words.contains(&s).then_some(()).ok_or_else(|| format!("must be one of {}, found {s:?}", words.join(", "))),
-            Kind::Int { .. } | Kind::Bool | Kind::Number { .. } => unreachable!("not a string kind"),
+            Kind::Int { .. } | Kind::Bool | Kind::Number { .. } | Kind::List(_) => unreachable!("not a string kind"),
         }
     }
 }

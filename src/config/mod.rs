@@ -123,6 +123,8 @@ pub struct Loaded {
     pub path: PathBuf,
     /// How many keys it set.
     pub keys: usize,
+    /// The environment variables it set (those not set already).
+    pub set: Vec<String>,
 }
 
 /// Loads the config file, if any, into the environment; `None` when there
@@ -136,13 +138,15 @@ pub fn load_into_env() -> Result<Option<Loaded>, ConfigError> {
         Err(e) => return Err(e),
     };
     let keys = vars.len();
+    let mut set = Vec::new();
     for (name, value) in vars {
         if std::env::var_os(&name).is_none() {
             // SAFETY: called from main before any thread exists.
-            unsafe { std::env::set_var(name, value) };
+            unsafe { std::env::set_var(&name, value) };
+            set.push(name);
         }
     }
-    Ok(Some(Loaded { path, keys }))
+    Ok(Some(Loaded { path, keys, set }))
 }
 
 #[cfg(test)]

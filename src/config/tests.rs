@@ -21,6 +21,7 @@ fn the_packaged_config_passes() {
     assert!(vars.contains(&("AGENTD_LISTEN".into(), "127.0.0.1:8080".into())));
     assert!(vars.contains(&("AGENTD_INITIALIZE_TIMEOUT_MS".into(), "30000".into())));
     assert!(vars.contains(&("AGENTD_LOG_JSON".into(), "false".into())));
+    assert!(vars.contains(&("AGENTD_LIVE_RESTORE".into(), "true".into())), "the service runs with live restore");
     assert_eq!(vars[0].0, "AGENTD_LISTEN", "in file order");
 }
 
@@ -56,12 +57,20 @@ fn every_key_of_every_kind_takes_a_good_value() {
         advertise = "10.0.0.5:7443"
         grpc_listen = "0.0.0.0:7443"
         no_auth = false
+        metrics_listen = "127.0.0.1:9100"
+        sse_keepalive_ms = 15000
+        sse_buffer = 1024
+        allowed_host_paths = ["/srv/agents", "/opt/roots"]
+        allowed_registry_sources = ["https://example.org/registry.json", "/etc/agentd/registry.json"]
+        live_restore = true
+        closed_session_retention_ms = 0
     "#;
     let vars = parse(Path::new("t.toml"), text).unwrap();
     assert_eq!(vars.len(), keys::KEYS.len(), "the test names every key");
     assert!(vars.contains(&("AGENTD_NODE_CALL_TIMEOUT_MS".into(), "16".into())), "hex read as its value");
     assert!(vars.contains(&("AGENTD_NODE_CHECK_INTERVAL_MS".into(), "1000".into())));
     assert!(vars.contains(&("AGENTD_LOG_JSON".into(), "true".into())));
+    assert!(vars.contains(&("AGENTD_ALLOWED_HOST_PATHS".into(), "/srv/agents,/opt/roots".into())), "lists joined with commas");
     for ok in ["database_url = \"\"", "database_url = \"postgresql://db/agentd\"", "registry = \"/etc/agentd/registry.json\"", "registry = \"file:///r.json\""] {
         parse(Path::new("t.toml"), ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
@@ -97,6 +106,10 @@ fn each_kind_of_bad_value_is_refused_where_it_is() {
         ("log = \"info,agentd_node=loud\"", "log must be a log filter"),
         ("cgroup_subtree = \"a/b\"", "cgroup_subtree must be a cgroup name"),
         ("hibernate_after_ms = 2024-01-01", "found the datetime 2024-01-01"),
+        ("allowed_host_paths = \"/srv\"", "allowed_host_paths must be an array of strings, each an absolute path"),
+        ("allowed_host_paths = [\"srv\"]", "allowed_host_paths must be an absolute path, found \"srv\""),
+        ("allowed_host_paths = [\"/a,b\"]", "must hold no commas"),
+        ("allowed_registry_sources = [1]", "must be an array of strings, found 1 in it"),
     ];
     for (text, want) in cases {
         let text = format!("# comment\n{text}\n");

@@ -49,23 +49,13 @@ use agentd_harden::compile_custom;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an agent left without sessions gets to exit after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-/// Events buffered per turn before the agent is slowed down to the reader's pace.
-const TURN_BUFFER: usize = 1024;
+pub use super::turns::TurnEvent;
+use super::turns::{Sink, Turn};
 
-/// One event of a running turn, in the order the agent produced it.
-#[derive(Debug)]
-pub enum TurnEvent {
-    /// `session/update` params, verbatim.
-    Update(String),
-    Stopped(String),
-    Failed(String),
-    // Events agentd adds to the turn.
-    PermissionRequested(agentd_proto::common::PermissionRequested),
-    PermissionResolved(agentd_proto::common::PermissionResolved),
-    ProtocolError(agentd_proto::common::AgentProtocolError),
-}
+/// Updates a `session/load` replay buffers before the agent is slowed down.
+const REPLAY_BUFFER: usize = 1024;
 
-type Sinks = Mutex<HashMap<String, mpsc::Sender<TurnEvent>>>;
+type Sinks = Mutex<HashMap<String, Sink>>;
 
 /// Routes each `session/update` to the turn running on its session, and
 /// serves the agent's requests to its client.
@@ -94,9 +84,7 @@ impl InboundHandler for Inbound {
         };
         let sink = self.sinks.lock().unwrap().get(&target.session_id).cloned();
         match sink {
-            Some(tx) => {
-                let _ = tx.send(TurnEvent::Update(params.map(|p| p.get().to_string()).unwrap_or_default())).await;
-            }
+            Some(sink) => sink.send(TurnEvent::Update(params.map(|p| p.get().to_string()).unwrap_or_default())).await,
             None => tracing::debug!(session = target.session_id, "update outside a turn dropped"),
         }
     }
@@ -118,7 +106,7 @@ impl InboundHandler for Inbound {
     fn protocol_error(&self, reason: &str) {
         let event = agentd_proto::common::AgentProtocolError { error: reason.to_string() };
         for sink in self.sinks.lock().unwrap().values() {
-            let _ = sink.try_send(TurnEvent::ProtocolError(event.clone()));
+            sink.send_now(TurnEvent::ProtocolError(event.clone()));
         }
     }
 }
@@ -311,6 +299,10 @@ pub struct Agent {
     sessions: Mutex<HashMap<String, SessionRecord>>,
     /// Turns running now: `ready` shows as `running` while any does.
     turns: AtomicUsize,
+    /// Each session's last turn (by its first ACP id), running or ended:
+    /// kept until the next one starts or the session closes, so that a node
+    /// that restarted mid-turn can take it up, its end included.
+    last_turns: Mutex<HashMap<String, Arc<Turn>>>,
     /// Set when the sandbox stops: an exit then is no failure.
     stopping: AtomicBool,
 }
@@ -403,13 +395,13 @@ impl Agent {
     /// order, and returned with the answer.
     async fn open_existing(&self, process: &Process, existing: &Existing, setup: &SessionSetup<'_>) -> Result<(Value, Vec<String>), Status> {
         let (method, acp_id) = (existing.method(), existing.id());
-        let (tx, mut rx) = mpsc::channel(TURN_BUFFER);
+        let (tx, mut rx) = mpsc::channel(REPLAY_BUFFER);
         {
             let mut sinks = process.sinks.lock().unwrap();
             if sinks.contains_key(acp_id) {
                 return Err(status(Code::FailedPrecondition, "acp_session_open", format!("ACP session {acp_id} is already open on agent {}", self.id)));
             }
-            sinks.insert(acp_id.to_string(), tx);
+            sinks.insert(acp_id.to_string(), Sink::Collect(tx));
         }
         // Drained while the load runs: the connection's reader waits on a full sink.
         let collector = tokio::spawn(async move {
@@ -562,6 +554,7 @@ impl Agents {
             current: Mutex::new(Some(process)),
             sessions: Mutex::default(),
             turns: AtomicUsize::new(0),
+            last_turns: Mutex::default(),
             stopping: AtomicBool::new(false),
         });
         {
@@ -732,6 +725,7 @@ impl Agents {
         let agent = self.get(agent_id)?;
         let mut closed_by_agent = false;
         let record = if session_id.is_empty() { None } else { agent.sessions.lock().unwrap().remove(session_id) };
+        agent.last_turns.lock().unwrap().remove(session_id);
         if let (Some(record), Ok(process)) = (record, agent.process()) {
             let acp_id = record.acp_id;
             process.permissions.cancel_session(&acp_id);
@@ -792,23 +786,29 @@ impl Agents {
         Ok((agent, process, acp_id))
     }
 
-    /// Starts a turn. Its events arrive on the returned channel, ending with
-    /// exactly one `Stopped` or `Failed`.
-    pub fn prompt(&self, agent_id: &str, session_id: &str, prompt_json: &str) -> Result<mpsc::Receiver<TurnEvent>, Status> {
+    /// Starts a turn named `turn_id` (the node's run id). Its events are
+    /// kept in the returned [`Turn`], ending with exactly one `Stopped` or
+    /// `Failed`, whoever reads them and whenever: a node that goes away
+    /// leaves the turn running ([`Self::attach`] takes it up again).
+    pub fn prompt(&self, agent_id: &str, session_id: &str, prompt_json: &str, turn_id: &str) -> Result<Arc<Turn>, Status> {
         let (agent, process, acp_id) = self.session_target(agent_id, session_id)?;
         let prompt = RawValue::from_string(prompt_json.to_string())
             .map_err(|e| status(Code::InvalidArgument, "invalid_prompt", format!("prompt is not JSON: {e}")))?;
         check_blocks(&process.initialized, &prompt)?;
-        let (tx, rx) = mpsc::channel(TURN_BUFFER);
+        let turn = Turn::new(turn_id.to_string());
         {
             let mut sinks = process.sinks.lock().unwrap();
             if sinks.contains_key(&acp_id) {
                 return Err(status(Code::FailedPrecondition, "run_active", "a turn is already running on this session"));
             }
-            sinks.insert(acp_id.clone(), tx.clone());
+            sinks.insert(acp_id.clone(), Sink::Turn(Arc::clone(&turn)));
         }
+        agent.last_turns.lock().unwrap().insert(session_id.to_string(), Arc::clone(&turn));
         agent.turns.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
+        tracing::info!(agent = agent.id, acp_session_id = acp_id, "turn started");
+        let running = Arc::clone(&turn);
+        // Carried: the turn's log lines keep the prompt's trace id.
+        tokio::spawn(agentd_proto::trace::carry(async move {
             let mut result = process.client.prompt(&acp_id, &prompt).await;
             // A credential that expired mid-session: authenticate again and
             // resend (the agent refused the prompt, so it did none of it).
@@ -833,9 +833,29 @@ impl Agents {
                 }
                 Err(e) => TurnEvent::Failed(process.describe(e).await),
             };
-            let _ = tx.send(last).await;
-        });
-        Ok(rx)
+            match &last {
+                TurnEvent::Stopped(reason) => tracing::info!(agent = agent.id, acp_session_id = acp_id, stop_reason = reason, "turn ended"),
+                other => tracing::info!(agent = agent.id, acp_session_id = acp_id, outcome = ?other, "turn ended"),
+            }
+            running.finish(last);
+        }));
+        Ok(turn)
+    }
+
+    /// The session's last turn, if it is `turn_id`: for a node that lost its
+    /// stream (it restarted) to read on from where its log ends.
+    pub fn attach(&self, agent_id: &str, session_id: &str, turn_id: &str) -> Result<Arc<Turn>, Status> {
+        let agent = self.get(agent_id)?;
+        let turn = agent.last_turns.lock().unwrap().get(session_id).cloned();
+        match turn {
+            Some(turn) if turn.id == turn_id => Ok(turn),
+            Some(turn) => Err(status(
+                Code::NotFound,
+                "turn_not_found",
+                format!("session {session_id}'s last turn is {:?}, not {turn_id:?}: the agent never got that prompt", turn.id),
+            )),
+            None => Err(status(Code::NotFound, "turn_not_found", format!("session {session_id} has had no turn here: the agent never got the prompt of {turn_id:?}"))),
+        }
     }
 
     pub fn cancel(&self, agent_id: &str, session_id: &str) -> Result<bool, Status> {

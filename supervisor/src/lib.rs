@@ -9,6 +9,8 @@
 //!   each agent's ACP client, gathering [`fs`] (text files, confined to the
 //!   session's directories) and [`terminals`] (commands run in the sandbox).
 //! - [`permissions`]: `session/request_permission` by the session's policy.
+//! - [`turns`]: each turn's events, kept apart from the node's stream so a
+//!   turn outlives a node restart and the node takes it up again.
 //! - [`service`]: the `Supervisor` gRPC service on the inherited unix socket.
 //! - [`run_mode`]: PID 1 of `agentd sandbox run`: one command, stdio attached,
 //!   started by [`spawn`] (a `CLONE_VM | CLONE_VFORK` child, as posix_spawn).
@@ -28,6 +30,7 @@ pub mod service;
 pub mod spawn;
 pub mod stderr;
 pub mod terminals;
+pub mod turns;
 
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
@@ -90,6 +93,7 @@ async fn serve(listen_fd: i32, hardening: agentd_harden::Hardening) -> std::io::
         }
     };
     let served = tonic::transport::Server::builder()
+        .layer(agentd_proto::trace::ServerLayer)
         .add_service(agentd_proto::supervisor::supervisor_server::SupervisorServer::new(svc))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;

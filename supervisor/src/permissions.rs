@@ -22,12 +22,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use agentd_proto::common::permission_resolved::By;
 use agentd_proto::common::{PermissionMode, PermissionRequested, PermissionResolved};
 
-use super::agents::TurnEvent;
+use super::turns::{Sink, TurnEvent};
 use agentd_acp::ErrorObject;
 
 pub const DEFAULT_ASK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -122,7 +122,7 @@ pub enum AnswerError {
 struct Asked<'a> {
     permissions: &'a Permissions,
     request_id: &'a str,
-    sink: &'a mpsc::Sender<TurnEvent>,
+    sink: &'a Sink,
     tool_call: &'a Value,
 }
 
@@ -135,7 +135,7 @@ impl Drop for Asked<'_> {
             by: By::Agent.into(),
             selected_option_id: Outcome::Cancelled.selected(),
         };
-        let _ = self.sink.try_send(TurnEvent::PermissionResolved(resolved));
+        self.sink.send_now(TurnEvent::PermissionResolved(resolved));
     }
 }
 
@@ -166,7 +166,7 @@ impl Permissions {
 
     /// Serves one `session/request_permission`; `turn` is the running turn's
     /// event sink, if a turn runs on the session.
-    pub async fn request(&self, params: Option<&str>, turn: impl Fn(&str) -> Option<mpsc::Sender<TurnEvent>>) -> Result<Value, ErrorObject> {
+    pub async fn request(&self, params: Option<&str>, turn: impl Fn(&str) -> Option<Sink>) -> Result<Value, ErrorObject> {
         let invalid = |m: String| ErrorObject { code: -32602, message: m, data: None };
         let request: Request = serde_json::from_str(params.unwrap_or("null")).map_err(|e| invalid(format!("invalid permission request: {e}")))?;
         let policy = self.policies.lock().unwrap().get(&request.session_id).copied();
@@ -193,7 +193,7 @@ impl Permissions {
                     acp_options: options.to_string(),
                     timeout_ms: policy.ask_timeout.as_millis() as u64,
                 };
-                let _ = sink.send(TurnEvent::PermissionRequested(requested)).await;
+                sink.send(TurnEvent::PermissionRequested(requested)).await;
                 let guard = Asked { permissions: self, request_id: &request_id, sink, tool_call: &request.tool_call };
                 let answered = tokio::time::timeout(policy.ask_timeout, rx).await;
                 std::mem::forget(guard);
@@ -217,7 +217,7 @@ impl Permissions {
                 by: by.into(),
                 selected_option_id: outcome.selected(),
             };
-            let _ = sink.send(TurnEvent::PermissionResolved(resolved)).await;
+            sink.send(TurnEvent::PermissionResolved(resolved)).await;
         }
         Ok(outcome.to_json())
     }
@@ -249,6 +249,7 @@ impl Permissions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     const REQUEST: &str = r#"{"sessionId":"s1","toolCall":{"toolCallId":"t1","title":"rm -rf"},
         "options":[{"optionId":"yes","name":"Allow","kind":"allow_once"},{"optionId":"no","name":"Reject","kind":"reject_once"}]}"#;
@@ -276,7 +277,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         let asking = tokio::spawn({
             let p = std::sync::Arc::clone(&p);
-            async move { p.request(Some(REQUEST), move |_| Some(tx.clone())).await }
+            async move { p.request(Some(REQUEST), move |_| Some(Sink::Collect(tx.clone()))).await }
         });
         let TurnEvent::PermissionRequested(requested) = rx.recv().await.unwrap() else { panic!("expected a request") };
         let id = requested.request_id.clone();
@@ -293,14 +294,14 @@ mod tests {
     #[tokio::test]
     async fn ask_times_out_to_deny_and_cancel_answers_cancelled() {
         let (tx, _rx) = mpsc::channel(8);
-        let timed_out = perms(Mode::Ask, 30).request(Some(REQUEST), move |_| Some(tx.clone())).await.unwrap();
+        let timed_out = perms(Mode::Ask, 30).request(Some(REQUEST), move |_| Some(Sink::Collect(tx.clone()))).await.unwrap();
         assert_eq!(timed_out["outcome"]["optionId"], "no");
 
         let p = std::sync::Arc::new(perms(Mode::Ask, 5_000));
         let (tx, mut rx) = mpsc::channel(8);
         let asking = tokio::spawn({
             let p = std::sync::Arc::clone(&p);
-            async move { p.request(Some(REQUEST), move |_| Some(tx.clone())).await }
+            async move { p.request(Some(REQUEST), move |_| Some(Sink::Collect(tx.clone()))).await }
         });
         rx.recv().await.unwrap();
         p.cancel_session("s1");

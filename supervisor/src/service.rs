@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use agentd_proto::common;
 use agentd_proto::supervisor::supervisor_server::Supervisor;
-use agentd_proto::supervisor::{prompt_event, *};
+use agentd_proto::supervisor::*;
 use futures::Stream;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::agents::{Agents, DEFAULT_REQUEST_TIMEOUT, Existing, OpenSpec, StartSpec, TurnEvent};
+use super::agents::{Agents, DEFAULT_REQUEST_TIMEOUT, Existing, OpenSpec, StartSpec};
 use super::permissions::Policy;
 use super::restart::RestartPolicy;
 
@@ -132,19 +131,19 @@ impl Supervisor for SupervisorService {
 
     async fn prompt(&self, req: Request<PromptRequest>) -> Result<Response<Self::PromptStream>, Status> {
         let r = req.into_inner();
-        let rx = self.agents.prompt(&r.agent_instance_id, &r.acp_session_id, &r.acp_prompt)?;
-        let stream = ReceiverStream::new(rx).map(|event| {
-            let event = match event {
-                TurnEvent::Update(json) => prompt_event::Event::AcpUpdate(json),
-                TurnEvent::Stopped(reason) => prompt_event::Event::StopReason(reason),
-                TurnEvent::Failed(error) => prompt_event::Event::Error(error),
-                TurnEvent::PermissionRequested(e) => prompt_event::Event::PermissionRequested(e),
-                TurnEvent::PermissionResolved(e) => prompt_event::Event::PermissionResolved(e),
-                TurnEvent::ProtocolError(e) => prompt_event::Event::AgentProtocolError(e),
-            };
-            Ok(PromptEvent { event: Some(event) })
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let turn = self.agents.prompt(&r.agent_instance_id, &r.acp_session_id, &r.acp_prompt, &r.turn_id)?;
+        Ok(Response::new(Box::pin(turn.follow(0).map(Ok))))
+    }
+
+    type AttachTurnStream = EventStream;
+
+    async fn attach_turn(&self, req: Request<AttachTurnRequest>) -> Result<Response<Self::AttachTurnStream>, Status> {
+        let r = req.into_inner();
+        let turn = self.agents.attach(&r.agent_instance_id, &r.acp_session_id, &r.turn_id)?;
+        // The node has logged these: they need not be kept any longer.
+        turn.forget_through(r.after);
+        tracing::info!(turn = turn.id, after = r.after, finished = turn.is_finished(), "the node takes up a turn again");
+        Ok(Response::new(Box::pin(turn.follow(r.after).map(Ok))))
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {

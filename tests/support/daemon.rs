@@ -128,6 +128,19 @@ pub struct NodeProcess {
     pub daemon: Daemon,
     pub socket: PathBuf,
     state: PathBuf,
+    /// Its cgroup subtree's name.
+    pub subtree: String,
+}
+
+impl Drop for NodeProcess {
+    /// A test that failed may leave sandboxes a live-restore node left
+    /// running: the node is killed, and they are.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.daemon.kill9();
+            super::host::kill_leftovers(&self.state.join("node").join("sandboxes"), &self.subtree);
+        }
+    }
 }
 
 impl NodeProcess {
@@ -145,7 +158,7 @@ impl NodeProcess {
             &[&[("AGENTD_CGROUP_SUBTREE", subtree.as_str())], env].concat(),
         );
         daemon.wait_for_line("node listening").await;
-        Self { daemon, socket, state }
+        Self { daemon, socket, state, subtree }
     }
 
     /// Sandboxes the node built (its log says so once per sandbox).
@@ -159,7 +172,9 @@ impl NodeProcess {
         let sandboxes = self.state.join("node").join("sandboxes");
         let mut lines = Vec::new();
         for sandbox in std::fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
-            for log in std::fs::read_dir(sandbox.path().join("sessions")).into_iter().flatten().flatten() {
+            let logs = std::fs::read_dir(sandbox.path().join("sessions")).into_iter().flatten().flatten();
+            // `<id>.jsonl` beside each `<id>.json` state file.
+            for log in logs.filter(|e| e.path().extension().is_some_and(|x| x == "jsonl")) {
                 let text = std::fs::read_to_string(log.path()).unwrap_or_default();
                 lines.extend(text.lines().map(|l| serde_json::from_str(l).expect("an event log line is JSON")));
             }

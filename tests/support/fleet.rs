@@ -29,8 +29,9 @@ use super::{Sse, agentd_bin, procfs};
 pub const GRPC_PORT: u16 = 7443;
 /// Sandboxes per node (`--max-sandboxes`): its capacity in slots.
 pub const SLOTS: u32 = 3;
-/// Host ids per node: its slots' ranges (`--id-range-size` 65536). Five
-/// nodes fit in the 1000000 ids of [`unique_id_base`]'s window.
+/// Host ids per node: its slots' ranges (`--id-range-size` 65536 at
+/// [`SLOTS`]; a node with more slots gets smaller ranges). Five nodes fit in
+/// the 1000000 ids of [`unique_id_base`]'s window.
 const IDS_PER_NODE: u32 = SLOTS * 65_536;
 /// How often servers check nodes, and the silence after which a node is lost.
 pub const CHECK_INTERVAL_MS: u64 = 500;
@@ -128,7 +129,8 @@ pub struct FleetNode {
     pub subtree: String,
     /// The first host id of its sandboxes (`--id-base`).
     pub id_base: u32,
-    /// Its per-host flags (state dir, subtree, ids, labels, capacity, gRPC).
+    /// Its per-host flags (state dir, subtree, ids, labels, capacity); the
+    /// gRPC address is added by [`Self::command`].
     flags: Vec<String>,
 }
 
@@ -150,11 +152,30 @@ impl FleetNode {
     /// The node's command line (in its host), joining with `join` if given.
     pub fn command(&self, join: Option<(&str, &str)>) -> Command {
         let mut cmd = self.host.command(agentd_bin());
-        cmd.arg("node").args(&self.flags);
+        cmd.arg("node").args(&self.flags).args(["--grpc-listen", &self.grpc_addr().to_string()]);
         if let Some((url, token)) = join {
             cmd.args(["--join", url, "--join-token", token, "--advertise", &self.grpc_addr().to_string()]);
         }
         cmd
+    }
+
+    /// Starts the node without joining: it serves on its unix socket only
+    /// ([`Self::socket`]), for a control plane beside it (`agentd server
+    /// --node-socket`), and waits until it listens.
+    #[allow(dead_code)] // benches/fleet.rs's local node
+    pub async fn start_local(&mut self) {
+        assert!(self.daemon.is_none(), "node {} runs already", self.id);
+        let mut cmd = self.host.command(agentd_bin());
+        cmd.arg("node").args(&self.flags);
+        let daemon = Daemon::spawn_command(cmd);
+        daemon.wait_for_line("node listening").await;
+        self.daemon = Some(daemon);
+    }
+
+    /// The node's unix socket (the default, `<state>/run/node.sock`).
+    #[allow(dead_code)] // benches/fleet.rs's local node
+    pub fn socket(&self) -> PathBuf {
+        self.state.join("run").join("node.sock")
     }
 
     pub fn daemon(&self) -> &Daemon {
@@ -248,11 +269,14 @@ pub struct NodeSpec<'a> {
     pub labels: &'a str,
     pub memory: &'a str,
     pub cpus: &'a str,
+    /// Sandbox slots (`--max-sandboxes`): [`SLOTS`] unless a test or bench
+    /// needs more, which share the node's ids in smaller ranges.
+    pub slots: u32,
 }
 
 impl<'a> NodeSpec<'a> {
     pub fn new(id: &'a str) -> Self {
-        Self { id, labels: "", memory: "2147483648", cpus: "2" }
+        Self { id, labels: "", memory: "2147483648", cpus: "2", slots: SLOTS }
     }
 }
 
@@ -346,8 +370,8 @@ impl Fleet {
         let host = self.fabric.host(spec.id).expect("a host for the node");
         let state = self.dir.path().join(format!("node-{k}"));
         let subtree = format!("agentd-e2e-{}-fleet-{k}", std::process::id());
-        let grpc = SocketAddr::from((host.addr(), GRPC_PORT)).to_string();
         let id_base = unique_id_base() + k * IDS_PER_NODE;
+        assert!((1..=IDS_PER_NODE).contains(&spec.slots), "{} slots do not fit in a node's {IDS_PER_NODE} ids", spec.slots);
         let mut flags: Vec<String> = vec![
             "--state-dir".into(),
             state.display().to_string(),
@@ -358,17 +382,15 @@ impl Fleet {
             "--id-base".into(),
             id_base.to_string(),
             "--id-range-size".into(),
-            "65536".into(),
+            (IDS_PER_NODE / spec.slots).to_string(),
             "--max-sandboxes".into(),
-            SLOTS.to_string(),
+            spec.slots.to_string(),
             "--stop-grace-ms".into(),
             "500".into(),
             "--capacity-memory".into(),
             spec.memory.into(),
             "--capacity-cpus".into(),
             spec.cpus.into(),
-            "--grpc-listen".into(),
-            grpc,
         ];
         if !spec.labels.is_empty() {
             flags.extend(["--labels".into(), spec.labels.into()]);

@@ -6,7 +6,27 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+
 use super::procfs;
+
+/// Orphans come to this process (a subreaper) rather than to the host's
+/// init, which may not reap: a sandbox's PID 1 once its node is killed, the
+/// old zygote.
+pub fn become_subreaper() {
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+}
+
+/// Reaps the zombies among this process's children but agentd's own
+/// processes (their `Child` handles reap them).
+pub fn reap_orphans() {
+    for zombie in zombie_children(std::process::id()) {
+        if procfs::status_field(zombie, "Name").is_some_and(|n| n != "agentd-daemon") {
+            let _ = waitpid(Pid::from_raw(zombie as i32), Some(WaitPidFlag::WNOHANG));
+        }
+    }
+}
 
 /// cgroup directories whose path contains `needle`, in every hierarchy.
 pub fn cgroup_dirs(needle: &str) -> Vec<PathBuf> {
@@ -110,4 +130,52 @@ pub fn cgroup_file(pid: u32, controller: &str, file: &str) -> Option<String> {
     }
     let path = v2?;
     std::fs::read_to_string(PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/')).join(file)).ok()
+}
+
+/// Stops whatever a failed test left of a node: the processes in its cgroup
+/// subtree (`subtree`, in every hierarchy) and the PID 1s its records under
+/// `sandboxes` name, killed and, where they come back to this process,
+/// reaped; then its cgroup directories, deepest first. With live restore a
+/// node's stop leaves its sandboxes running by design, so a test that fails
+/// before deleting them must not leave them behind. Harmless when nothing
+/// is left.
+pub fn kill_leftovers(sandboxes: &std::path::Path, subtree: &str) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let in_cgroups = || -> Vec<i32> {
+        cgroup_dirs(subtree)
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<i32>>())
+            .collect()
+    };
+    let recorded: Vec<i32> = std::fs::read_dir(sandboxes)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|d| std::fs::read(d.path().join("sandbox.json")).ok())
+        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r).ok()?["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<i32> = in_cgroups();
+        for pid in left.iter().chain(&recorded) {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        for zombie in zombie_children(std::process::id()) {
+            if procfs::status_field(zombie, "Name").is_some_and(|n| n != "agentd-daemon") {
+                let _ = nix::sys::wait::waitpid(Pid::from_raw(zombie as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            }
+        }
+        if left.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut dirs = cgroup_dirs(subtree);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        let _ = std::fs::remove_dir(d);
+    }
 }

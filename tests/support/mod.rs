@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 pub use agentd_testkit::procfs;
 
+pub mod browser;
 pub mod daemon;
 pub mod fleet;
 pub mod host;
@@ -33,6 +34,8 @@ pub struct Agentd {
     pub base: String,
     pub http: reqwest::Client,
     log: Arc<Mutex<Vec<String>>>,
+    /// Logs of the processes before a restart.
+    earlier: Arc<Mutex<Vec<String>>>,
 }
 
 /// `agentd`, the binary users run: it builds sandboxes (their PID 1 is a
@@ -103,20 +106,32 @@ impl Agentd {
     /// `agentd up` with extra command-line flags and environment.
     pub async fn start_full(args: &[&str], env: &[(&str, &str)]) -> Self {
         let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
-        let mut cmd = Command::new(agentd_bin());
-        cmd.args(["up", "--listen", "127.0.0.1:0", "--state-dir"]).arg(state.path()).args(args);
+        let cmd = Self::up_command(state.path(), args);
         Self::start_command(cmd, state.path().to_owned(), Some(state), env).await
+    }
+
+    fn up_command(state: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(agentd_bin());
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--state-dir"]).arg(state).args(args);
+        cmd
     }
 
     /// Starts `cmd`, an `agentd up` listening on port 0 however it is run
     /// (through a wrapper, in a chroot), whose state directory the host
     /// sees at `state`; `scratch` is removed once the process is gone.
-    pub async fn start_command(mut cmd: Command, state: PathBuf, scratch: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Self {
+    pub async fn start_command(cmd: Command, state: PathBuf, scratch: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Self {
         let subtree = format!("agentd-e2e-{}-{}", std::process::id(), state.file_name().unwrap().to_string_lossy().replace('.', ""));
+        let (child, base, log) = Self::spawn(cmd, &subtree, env);
+        let http = admin_client(&state);
+        Self { child: Some(child), state, _scratch: scratch, subtree, base, http, log, earlier: Arc::default() }
+    }
+
+    /// Runs `cmd` (an `agentd up` on its cgroup subtree) until it listens.
+    fn spawn(mut cmd: Command, subtree: &str, env: &[(&str, &str)]) -> (Child, String, Arc<Mutex<Vec<String>>>) {
         let mut child = cmd
             .env("AGENTD_LOG", "info,agentd_controlplane=debug")
             .env(MARKER_VAR, "1")
-            .env("AGENTD_CGROUP_SUBTREE", &subtree)
+            .env("AGENTD_CGROUP_SUBTREE", subtree)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -147,8 +162,37 @@ impl Agentd {
                 panic!("agentd did not start; its log:\n{}", log.lock().unwrap().join("\n"));
             }
         };
-        let http = admin_client(&state);
-        Self { child: Some(child), state, _scratch: scratch, subtree, base: format!("http://{addr}"), http, log }
+        (child, format!("http://{addr}"), log)
+    }
+
+    /// SIGKILL, as a crash: no shutdown, no cleanup.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agentd runs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// `agentd up` again on the same state directory and cgroup subtree,
+    /// after [`Self::kill9`] or [`Self::interrupt`]; its log starts afresh
+    /// (the previous one is kept in [`Self::earlier_log`]).
+    pub async fn restart(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        self.restart_command(Self::up_command(&self.state, args), env).await;
+    }
+
+    /// [`Self::restart`] with a command of the caller's (through a
+    /// wrapper, in a root of its own), as [`Self::start_command`].
+    pub async fn restart_command(&mut self, cmd: Command, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "stop agentd first");
+        let (child, base, log) = Self::spawn(cmd, &self.subtree, env);
+        let earlier = std::mem::replace(&mut self.log, log);
+        self.earlier.lock().unwrap().extend(earlier.lock().unwrap().drain(..));
+        self.child = Some(child);
+        self.base = base;
+    }
+
+    /// The logs of the processes before the last [`Self::restart`].
+    pub fn earlier_log(&self) -> String {
+        self.earlier.lock().unwrap().join("\n")
     }
 
     /// The `agentd up` process (agentd-daemon after agentd's exec).
@@ -228,10 +272,7 @@ impl Agentd {
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id.to_string());
         }
-        let resp = req.send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        Sse { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
+        Sse::from_response(req.send().await.unwrap())
     }
 
     /// Polls `GET path` until `check` accepts the body.
@@ -282,14 +323,9 @@ impl Drop for Agentd {
                 let _ = child.wait();
             }
         }
-        // Whatever a failed test left: kill sandboxes still recorded on disk.
-        for dir in self.sandbox_dirs() {
-            let record = std::fs::read(self.sandboxes_dir().join(&dir).join("sandbox.json")).ok();
-            let pid = record.and_then(|r| serde_json::from_slice::<Value>(&r).ok()).and_then(|v| v["pid"].as_i64());
-            if let Some(pid) = pid {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            }
-        }
+        // Whatever a failed test left (or a stop with live restore): its
+        // sandboxes and cgroups.
+        host::kill_leftovers(&self.sandboxes_dir(), &self.subtree);
     }
 }
 
@@ -321,6 +357,13 @@ pub struct Sse {
 }
 
 impl Sse {
+    /// Reads an SSE answer (which must be one).
+    pub fn from_response(resp: reqwest::Response) -> Sse {
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        Sse { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
+    }
+
     /// The next event (comments skipped), or None when the stream ends.
     pub async fn next(&mut self) -> Option<SseEvent> {
         let deadline = Duration::from_secs(15);

@@ -1,7 +1,9 @@
-//! Middleware: every route but `/healthz` (and the node join, whose join
-//! token is its credential) needs `Authorization: Bearer <token>` of a
+//! Middleware: every route but `/healthz`, `/readyz`, the dashboard's static
+//! files (`/ui`: they hold no data; its calls for data carry the token) and
+//! the node join (whose join token is its credential) needs `Authorization: Bearer <token>` of a
 //! scope enough for it: `read` for GET, `write` for the rest, `admin` for
-//! tokens, nodes, registry syncs and the audit log. A request without a
+//! tokens, nodes and the audit log (and, checked by handlers, for what
+//! reaches the host: [`crate::powers`]). A request without a
 //! usable token is 401 with `WWW-Authenticate: Bearer`; one whose token is
 //! too weak, 403. The caller is handed on (request and response
 //! extensions): the audit record names its token's id, never the token.
@@ -14,16 +16,16 @@ use axum::response::{IntoResponse, Response};
 use super::Problem;
 use crate::AppState;
 use crate::auth::{AuthError, Caller, Scope};
+use crate::powers::Authority;
 
 /// The scope a request needs; `None`: open to anyone.
 pub fn required(method: &Method, path: &str) -> Option<Scope> {
-    if path == "/healthz" || path == "/v1/nodes:join" {
+    if path == "/healthz" || path == "/readyz" || path == "/v1/nodes:join" || path == "/ui" || path.starts_with("/ui/") {
         return None;
     }
     let reading = matches!(*method, Method::GET | Method::HEAD);
     let admin = path.starts_with("/v1/tokens")
         || path.starts_with("/v1/audit")
-        || path == "/v1/registry:sync"
         || (path.starts_with("/v1/nodes") && !reading);
     Some(if admin { Scope::Admin } else if reading { Scope::Read } else { Scope::Write })
 }
@@ -69,6 +71,17 @@ pub fn caller(request_extensions: &axum::http::Extensions) -> Option<&Caller> {
     request_extensions.get::<Caller>()
 }
 
+/// Who a request speaks for, for [`crate::powers`]: an admin token, or any
+/// request of an API run without tokens (the operator's loopback choice),
+/// is the operator.
+pub fn authority(app: &AppState, caller: Option<&Caller>) -> Authority {
+    match caller {
+        _ if !app.auth => Authority::Operator,
+        Some(c) if c.scope == Scope::Admin => Authority::Operator,
+        _ => Authority::User,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,7 +91,12 @@ mod tests {
         let get = Method::GET;
         let post = Method::POST;
         assert_eq!(required(&get, "/healthz"), None);
+        assert_eq!(required(&get, "/readyz"), None);
+        assert_eq!(required(&get, "/metrics"), Some(Scope::Read));
         assert_eq!(required(&post, "/v1/nodes:join"), None);
+        assert_eq!(required(&get, "/ui"), None);
+        assert_eq!(required(&get, "/ui/app.js"), None);
+        assert_eq!(required(&get, "/uix"), Some(Scope::Read));
         assert_eq!(required(&get, "/v1/sessions"), Some(Scope::Read));
         assert_eq!(required(&post, "/v1/sessions/ses_1:prompt"), Some(Scope::Write));
         assert_eq!(required(&Method::DELETE, "/v1/containers/c"), Some(Scope::Write));
@@ -86,6 +104,7 @@ mod tests {
         assert_eq!(required(&post, "/v1/nodes/n1:cordon"), Some(Scope::Admin));
         assert_eq!(required(&get, "/v1/tokens"), Some(Scope::Admin));
         assert_eq!(required(&get, "/v1/audit"), Some(Scope::Admin));
-        assert_eq!(required(&post, "/v1/registry:sync"), Some(Scope::Admin));
+        // A source of the caller's choice is checked by the handler.
+        assert_eq!(required(&post, "/v1/registry:sync"), Some(Scope::Write));
     }
 }

@@ -41,13 +41,20 @@ const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `POST /v1/containers`: a ready sandbox shaped by the profile, holding up
 /// to `capacity` sessions, placed as a session's container would be.
-pub async fn create(State(app): State<AppState>, super::ApiJson(body): super::ApiJson<CreateBody>) -> Result<axum::response::Response, Problem> {
+pub async fn create(
+    State(app): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+    super::ApiJson(body): super::ApiJson<CreateBody>,
+) -> Result<axum::response::Response, Problem> {
     use axum::response::IntoResponse;
+    let field = if body.container_profile.is_some() { "container_profile" } else { "profile" };
     let value = match (body.profile, body.container_profile) {
         (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give profile or container_profile, not both")),
         (a, b) => a.or(b).unwrap_or_else(|| json!({})),
     };
     let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid(e.code(), e.to_string()))?;
+    let who = super::auth::authority(&app, caller.as_deref());
+    crate::powers::check_profile(who, &app.allowances, field, &profile, value.get("network").is_some(), false)?;
     let capacity = match body.capacity {
         Some(0) => return Err(Problem::invalid("invalid_request", "capacity must be at least 1")),
         Some(n) if n > MAX_CAPACITY => return Err(Problem::invalid("invalid_request", format!("capacity must be at most {MAX_CAPACITY}"))),
@@ -129,12 +136,22 @@ async fn usage(app: &AppState, id: &str, state: &str) -> Value {
         Ok(s) => {
             let s = s.into_inner();
             let u = s.usage.unwrap_or_default();
+            // An egress sandbox's traffic through its node's gateway.
+            let egress = u.egress.map(|e| {
+                json!({
+                    "connections_allowed": e.connections_allowed, "connections_denied": e.connections_denied,
+                    "bytes_out": e.bytes_out, "bytes_in": e.bytes_in,
+                    "names_allowed": e.names_allowed, "names_denied": e.names_denied,
+                    "datagrams_denied": e.datagrams_denied,
+                })
+            });
             json!({
                 "frozen": s.frozen,
                 "memory_bytes": u.memory_current, "memory_max_bytes": u.memory_max,
                 "cpu_usage_usec": u.cpu_usage_usec,
                 "pids": u.pids_current, "pids_max": u.pids_max,
                 "oom_kills": u.oom_kills,
+                "egress": egress,
             })
         }
         Err(e) => json!({"error": e.message()}),
@@ -182,12 +199,17 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
 }
 
 pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
-    let c = app.store.get_container(&id).await?;
-    if c.state == container::DELETED {
-        return Err(Problem::conflict("illegal_state", format!("container {id} is already deleted")));
+    app.store.get_container(&id).await?;
+    Ok(deleted_status(crate::flows::delete::request(&app, &id, "container deleted").await?))
+}
+
+/// 204 when the sandbox is gone, 202 while the node has yet to confirm
+/// (the delete is retried until it does): the same for every DELETE of it.
+pub fn deleted_status(deleted: crate::flows::delete::Deleted) -> StatusCode {
+    match deleted {
+        crate::flows::delete::Deleted::Done => StatusCode::NO_CONTENT,
+        crate::flows::delete::Deleted::Pending => StatusCode::ACCEPTED,
     }
-    crate::flows::delete::request(&app, &id, "container deleted").await?;
-    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /v1/containers/{id}:hibernate` freezes every process of the sandbox

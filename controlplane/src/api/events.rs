@@ -1,27 +1,26 @@
 //! `GET /v1/sessions/{id}/events`: the session's event log as SSE, with
 //! per-session monotonic ids and `Last-Event-ID` resume; a closed session's
 //! archived log ([`crate::flows::archive`]) is replayed and the stream ends.
+//! Keep-alives, the `retry:` hint and the cut-off of a subscriber that falls
+//! behind: [`super::sse`].
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use axum::response::sse::Event;
 use futures::StreamExt;
 use serde::Deserialize;
 
 use super::Problem;
+use super::sse::{self, Item};
 use crate::AppState;
 use crate::flows::archive::ArchivedEvent;
 use crate::store::states::session;
 use agentd_proto::node::StreamEventsRequest;
-use agentd_proto::node::node_client::NodeClient;
+use crate::fleet::nodes::NodeClient;
 use agentd_proto::node::session_event::Event as SessionEventKind;
-use tonic::transport::Channel;
-
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
@@ -49,17 +48,21 @@ pub async fn stream(
 ) -> Result<Response, Problem> {
     let after_seq = resume_point(&headers, &query)?;
     let s = app.store.get_session(&id).await?;
+    if s.state == session::CREATING {
+        let events = setup_then_follow(app.clone(), id, after_seq).take_until(app.shutdown.clone().cancelled_owned());
+        return Ok(sse::respond(app.store.metrics(), app.sse, events, true));
+    }
     if s.state != session::READY {
         // A closed session's history, if it was archived: replayed, then the stream ends.
         if let Some(archive) = app.store.get_session_archive(&id).await? {
-            let events: Vec<Result<Event, Infallible>> = archive
+            let events: Vec<Item> = archive
                 .events
                 .lines()
                 .filter_map(|line| serde_json::from_str::<ArchivedEvent>(line).ok())
                 .filter(|e| e.seq > after_seq)
-                .map(|e| Ok(sse_event(e.seq, e.kind, e.data.get().to_string())))
+                .map(|e| sse_event(e.seq, e.kind, e.data.get().to_string()))
                 .collect();
-            return Ok(Sse::new(futures::stream::iter(events)).into_response());
+            return Ok(sse::respond(app.store.metrics(), app.sse, futures::stream::iter(events), false));
         }
         return Err(Problem::new(axum::http::StatusCode::GONE, "session_closed", format!("session {id} is {}; its events are gone", s.state)));
     }
@@ -71,7 +74,59 @@ pub async fn stream(
         Err(_) => None,
     };
     let events = follow(app.store.clone(), node, id, after_seq, first).take_until(app.shutdown.clone().cancelled_owned());
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+    Ok(sse::respond(app.store.metrics(), app.sse, events, true))
+}
+
+/// How often a stream of a session being created looks at how far it got.
+const SETUP_POLL: Duration = Duration::from_millis(250);
+
+/// The longest a stream waits for its session's creation (its steps give up
+/// well before: an agent's install and start are bounded by the runner).
+const SETUP_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// A session's stream opened while it is being created: each stage of its
+/// setup as it changes (`session.setup`, without an id: they are not part of
+/// its log), then its events as [`follow`] serves them once it is ready, or
+/// `session.failed` (its code and error) if its creation failed.
+fn setup_then_follow(app: AppState, id: String, after_seq: u64) -> impl futures::Stream<Item = Item> + Send + 'static {
+    async_stream::stream! {
+        let deadline = tokio::time::Instant::now() + SETUP_WAIT;
+        let mut last_stage = serde_json::Value::Null;
+        let container_id = loop {
+            let s = match app.store.get_session(&id).await {
+                Ok(s) => s,
+                Err(crate::store::StoreError::NotFound { .. }) => return,
+                Err(_) => {
+                    tokio::time::sleep(NODE_RETRY).await;
+                    continue;
+                }
+            };
+            if s.state == session::READY {
+                break s.container_id;
+            }
+            if s.state != session::CREATING {
+                let data = serde_json::json!({"state": s.state, "code": s.error_code, "error": s.error});
+                yield (None, Event::default().event(agentd_proto::events::SESSION_FAILED).data(data.to_string()));
+                return;
+            }
+            let stage = super::sessions::setup_stage(&app, &s).await;
+            if !stage.is_null() && stage != last_stage {
+                yield (None, Event::default().event(agentd_proto::events::SESSION_SETUP).data(stage.to_string()));
+                last_stage = stage;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(session_id = id, "the session is still being created; its stream ends");
+                return;
+            }
+            tokio::time::sleep(SETUP_POLL).await;
+        };
+        let Ok((_, node)) = app.nodes.of_container(&container_id).await else { return };
+        let first = node.clone().stream_events(StreamEventsRequest { session_id: id.clone(), after_seq }).await.ok().map(|s| s.into_inner());
+        let mut events = std::pin::pin!(follow(app.store.clone(), node, id, after_seq, first));
+        while let Some(event) = events.next().await {
+            yield event;
+        }
+    }
 }
 
 /// How often a stream whose node went away looks for it, and at the store.
@@ -91,13 +146,15 @@ const GONE_WAIT: Duration = Duration::from_secs(30);
 /// the stream ends with the turn's failure (`sandbox_lost`) once it has.
 fn follow(
     store: crate::store::Store,
-    node: NodeClient<Channel>,
+    node: NodeClient,
     session_id: String,
     after_seq: u64,
     first: Option<tonic::Streaming<agentd_proto::node::SessionEvent>>,
-) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
+) -> impl futures::Stream<Item = Item> + Send + 'static {
     async_stream::stream! {
         let mut after = after_seq;
+        // The run whose first event after run.started is still to come.
+        let mut awaiting_first: Option<String> = None;
         let mut open_run: Option<String> = None;
         let mut events = first;
         // Since when the node has had no log of the session, a turn open.
@@ -109,7 +166,10 @@ fn follow(
                         Ok(Some(e)) => {
                             after = e.seq;
                             match &e.event {
-                                Some(SessionEventKind::RunStarted(_)) => open_run = Some(e.run_id.clone()),
+                                Some(SessionEventKind::RunStarted(_)) => {
+                                    open_run = Some(e.run_id.clone());
+                                    awaiting_first = Some(e.run_id.clone());
+                                }
                                 Some(end) if agentd_proto::events::is_run_end(end) => {
                                     wait_recorded(&store, &e.run_id).await;
                                     open_run = None;
@@ -117,7 +177,13 @@ fn follow(
                                 _ => {}
                             }
                             if let Some((kind, data)) = agentd_proto::events::wire(&e) {
-                                yield Ok(sse_event(e.seq, kind.to_string(), data));
+                                yield sse_event(e.seq, kind.to_string(), data);
+                            }
+                            if !matches!(e.event, Some(SessionEventKind::RunStarted(_)))
+                                && awaiting_first.as_deref() == Some(e.run_id.as_str())
+                            {
+                                awaiting_first = None;
+                                first_event_seen(&store, &e.run_id, e.ts_ms).await;
                             }
                         }
                         // The log was closed: the session is over, unless a
@@ -147,7 +213,7 @@ fn follow(
                         error: r.error.unwrap_or_default(),
                         code: r.error_code.unwrap_or_default(),
                     });
-                    yield Ok(sse_event(after + 1, agentd_proto::events::kind(&end).to_string(), agentd_proto::events::data_json(&run_id, &end)));
+                    yield sse_event(after + 1, agentd_proto::events::kind(&end).to_string(), agentd_proto::events::data_json(&run_id, &end));
                 }
                 return;
             }
@@ -195,8 +261,26 @@ async fn wait_recorded(store: &crate::store::Store, run_id: &str) {
     }
 }
 
-fn sse_event(seq: u64, kind: String, data: String) -> Event {
+fn sse_event(seq: u64, kind: String, data: String) -> Item {
     // Agents' JSON arrives on one line; a stray CR would break SSE framing.
     let data = if data.contains('\r') { data.replace('\r', " ") } else { data };
-    Event::default().id(seq.to_string()).event(kind).data(data)
+    (Some(seq), Event::default().id(seq.to_string()).event(kind).data(data))
 }
+
+/// A stream saw the first event of `run_id` after its `run.started`, one
+/// the node appended at `at_ms`: `agentd_prompt_first_event_seconds` gets
+/// the time from the prompt (the run's creation) to it, once per run (the
+/// first stream to see it). An event appended long ago is a replay of
+/// history, measured when it was live (or by a process since gone).
+async fn first_event_seen(store: &crate::store::Store, run_id: &str, at_ms: i64) {
+    if crate::store::now_ms().saturating_sub(at_ms) > REPLAY_AGE_MS || !store.metrics().claim_first_event(run_id) {
+        return;
+    }
+    if let Ok(run) = store.get_run(run_id).await {
+        let waited = at_ms.saturating_sub(run.created_at).max(0);
+        store.metrics().first_event(Duration::from_millis(waited as u64));
+    }
+}
+
+/// An event older than this when a stream reads it is history, not news.
+const REPLAY_AGE_MS: i64 = 60_000;

@@ -4,13 +4,19 @@ pub mod audit;
 pub mod auth;
 pub mod containers;
 pub mod events;
+pub mod health;
 pub mod idempotency;
 pub mod listing;
 pub mod nodes;
 pub mod problem;
 pub mod registry;
 pub mod sessions;
+pub mod sse;
+pub mod telemetry;
+#[cfg(test)]
+mod tests;
 pub mod tokens;
+pub mod ui;
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -23,7 +29,12 @@ pub use problem::Problem;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/{*path}", get(ui::asset))
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
         .route("/v1/sessions/{id}/events", get(events::stream))
@@ -46,6 +57,8 @@ pub fn router(state: AppState) -> Router {
         // Outermost first: the audit sees every answer, refusals included.
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
+        // Outermost: ids, trace and span cover the audit and auth too.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), telemetry::observe))
         .with_state(state)
 }
 

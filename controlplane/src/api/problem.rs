@@ -43,13 +43,16 @@ impl IntoResponse for Problem {
         if self.status.is_server_error() {
             tracing::warn!(code = self.code, detail = %self.detail, "request failed");
         }
-        let body = json!({
+        let mut body = json!({
             "type": format!("https://agentd.dev/problems/{}", self.code),
             "title": self.status.canonical_reason().unwrap_or("error"),
             "status": self.status.as_u16(),
             "code": self.code,
             "detail": self.detail,
         });
+        if let Some(id) = super::telemetry::current_request_id() {
+            body["instance"] = json!(format!("urn:agentd:request:{id}"));
+        }
         let mut response = (self.status, body.to_string()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {

@@ -71,12 +71,18 @@ pub fn unknown_agent(id: &str) -> Problem {
 }
 
 /// `POST /v1/registry:sync`, optionally with `{"source": "<path or URL>"}`.
-pub async fn sync(State(app): State<AppState>, body: axum::body::Bytes) -> Result<Json<Value>, Problem> {
+pub async fn sync(
+    State(app): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, Problem> {
     let body: SyncBody = if body.iter().all(u8::is_ascii_whitespace) {
         SyncBody::default()
     } else {
         super::sessions::parse_body(&body)?
     };
+    let who = super::auth::authority(&app, caller.as_deref());
+    crate::powers::check_registry_source(who, &app.allowances, body.source.as_deref())?;
     let source = body.source.or_else(|| app.registry_source.clone()).ok_or_else(|| {
         Problem::invalid("registry_not_configured", "no registry configured (config key `registry`): give {\"source\": \"<path or URL>\"}")
     })?;

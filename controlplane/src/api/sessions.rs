@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::idempotency::{self, Keyed};
 use super::{ApiJson, Problem};
-use crate::agent_spec::{AgentSpec, this_platform};
+use crate::agent_spec::{AgentSpec, Launch, this_platform};
 use crate::plan::{self, PlanError, ProfileInput, SessionOptions};
 use agentd_plan::Profile;
 use crate::store::states::{container, run as run_state, session as session_state};
@@ -189,7 +189,7 @@ async fn stored_agent_state(app: &AppState, s: &SessionRow, error: Option<String
 
 /// A session being created: what its container's creation or its agent's
 /// start is doing (`installing`, `starting`), as the node reports it.
-async fn setup_stage(app: &AppState, s: &SessionRow) -> Value {
+pub(super) async fn setup_stage(app: &AppState, s: &SessionRow) -> Value {
     let request = GetSetupStageRequest { container_id: s.container_id.clone() };
     let Ok((_, node)) = app.nodes.of_container(&s.container_id).await else { return Value::Null };
     match tokio::time::timeout(LIVE_STATE_WAIT, node.clone().get_setup_stage(request)).await {
@@ -259,7 +259,12 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
     Ok(Json(view(&app, &s).await?))
 }
 
-pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw): ApiJson<Value>) -> Result<Response, Problem> {
+pub async fn create(
+    State(app): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+    headers: HeaderMap,
+    ApiJson(raw): ApiJson<Value>,
+) -> Result<Response, Problem> {
     let keyed = idempotency::from_headers(&headers, &raw)?;
     if let Some(k) = &keyed
         && let Some(first) = app.store.session_by_idempotency_key(&k.key).await?
@@ -269,9 +274,15 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
     let body: CreateSessionBody = serde_json::from_value(raw).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
     let labels = body.labels.clone().unwrap_or_default();
     super::listing::check_labels(&labels)?;
+    let who = super::auth::authority(&app, caller.as_deref());
+    let manual = body.manual_agent.is_some();
     let agent = match (body.manual_agent, body.agent_id) {
         (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id, not both")),
-        (Some(value), None) => AgentSpec::from_json(&value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?,
+        (Some(value), None) => {
+            let agent = AgentSpec::from_json(&value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
+            crate::powers::check_manual_agent(who, &app.allowances, &agent, &this_platform())?;
+            agent
+        }
         (None, Some(id)) => {
             let row = app.store.registry_agent(&id).await?.ok_or_else(|| super::registry::unknown_agent(&id))?;
             let entry: Value = serde_json::from_str(&row.entry_json)
@@ -303,6 +314,13 @@ pub async fn create(State(app): State<AppState>, headers: HeaderMap, ApiJson(raw
         Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid(e.code(), e.to_string()))?,
         None => Profile::default(),
     };
+    if existing.is_none() {
+        // A registry agent's download over the host's network is the
+        // operator's choice (the registry is theirs); a caller's own is not.
+        let downloads = manual && matches!(agent.launch_for(&this_platform()), Ok(Launch::Npx(_) | Launch::Uvx(_)));
+        let network_given = profile_value.as_ref().is_some_and(|p| p.get("network").is_some());
+        crate::powers::check_profile(who, &app.allowances, "container_profile", &profile, network_given, downloads)?;
+    }
     let session_options = body.session.unwrap_or_default();
     let open = flows::create::OpenOptions {
         mcp_servers_json: match &session_options.mcp_servers {
@@ -538,8 +556,8 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, hea
             let s = app.store.get_session(id).await?;
             require_ready(&s)?;
             let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
-            let answer = node.set_session_mode(SetSessionModeRequest { session_id: s.id.clone(), mode_id: body.mode_id }).await?;
-            Ok(settings(&s.id, answer.into_inner()))
+            let answer = node_call(&app, node.set_session_mode(SetSessionModeRequest { session_id: s.id.clone(), mode_id: body.mode_id })).await?;
+            Ok(settings(&s.id, answer))
         }
         "set_config_option" => {
             let body: SetConfigOptionBody = parse_body(&body)?;
@@ -547,8 +565,8 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, hea
             require_ready(&s)?;
             let request = SetSessionConfigOptionRequest { session_id: s.id.clone(), config_id: body.config_id, acp_value: body.value.to_string() };
             let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
-            let answer = node.set_session_config_option(request).await?;
-            Ok(settings(&s.id, answer.into_inner()))
+            let answer = node_call(&app, node.set_session_config_option(request)).await?;
+            Ok(settings(&s.id, answer))
         }
         other => Err(Problem::not_found(
             "unknown_action",
@@ -739,10 +757,7 @@ async fn cancel(app: AppState, id: &str, run_id: Option<String>) -> Result<Respo
         }
     }
     let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
-    let answer = node
-        .cancel(CancelRequest { container_id: s.container_id.clone(), session_id: s.id.clone() })
-        .await?
-        .into_inner();
+    let answer = node_call(&app, node.cancel(CancelRequest { container_id: s.container_id.clone(), session_id: s.id.clone() })).await?;
     if !answer.was_running {
         return Err(Problem::conflict("no_active_run", format!("session {id} has no running turn")));
     }
@@ -750,14 +765,20 @@ async fn cancel(app: AppState, id: &str, run_id: Option<String>) -> Result<Respo
 }
 
 pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
+    use super::containers::deleted_status;
     let s = app.store.get_session(&id).await?;
+    // Deleting a session again is answered as the first delete was.
     if s.state == session_state::CLOSED {
-        return Err(Problem::conflict("illegal_state", format!("session {id} is already closed")));
+        return Ok(StatusCode::NO_CONTENT);
     }
     let c = app.store.get_container(&s.container_id).await?;
     if c.state == container::DELETED {
         app.store.session_closed(&id).await?;
         return Ok(StatusCode::NO_CONTENT);
+    }
+    if c.state == container::STOPPING {
+        // Its container is being deleted, and the session with it.
+        return Ok(deleted_status(flows::delete::request(&app, &c.id, "session deleted").await?));
     }
     if open_sessions_besides(&app, &c.id, &s.id).await? == 0 {
         // The container's last session: the sandbox goes with it, after the
@@ -770,8 +791,7 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
                 return Ok(StatusCode::NO_CONTENT);
             }
         }
-        flows::delete::request(&app, &c.id, "session deleted").await?;
-        return Ok(StatusCode::NO_CONTENT);
+        return Ok(deleted_status(flows::delete::request(&app, &c.id, "session deleted").await?));
     }
     if c.state != container::READY {
         return Err(Problem::conflict("illegal_state", format!("container {} is {}: resume it before closing one of its sessions", c.id, c.state)));
@@ -780,10 +800,7 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
     // Two deletes at once may each have seen the other's session open: the
     // one that finds none left afterwards removes the container.
     if open_sessions_besides(&app, &c.id, &s.id).await? == 0 {
-        match flows::delete::request(&app, &c.id, "session deleted").await {
-            Err(p) if p.code == "illegal_state" => {} // the other delete removes it
-            other => other?,
-        }
+        return Ok(deleted_status(flows::delete::request(&app, &c.id, "session deleted").await?));
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -811,7 +828,23 @@ pub async fn answer_permission(
     let s = app.store.get_session(&id).await?;
     require_ready(&s)?;
     let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
-    node.answer_permission(AnswerPermissionRequest { session_id: s.id.clone(), request_id, option_id: body.option_id })
-        .await?;
+    node_call(&app, node.answer_permission(AnswerPermissionRequest { session_id: s.id.clone(), request_id, option_id: body.option_id })).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A node call a request makes itself, under the deadline of every node
+/// call: a node that does not answer is 504 `node_timeout`, not a request
+/// that hangs.
+async fn node_call<T>(
+    app: &AppState,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Problem> {
+    match tokio::time::timeout(app.node_call_timeout, call).await {
+        Ok(answer) => Ok(answer?.into_inner()),
+        Err(_) => Err(Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "node_timeout",
+            format!("the node did not answer within {:?}", app.node_call_timeout),
+        )),
+    }
 }

@@ -128,6 +128,7 @@ pub const NODE_CODES: &[(&str, Class)] = &[
     ("stale_epoch", Class::Conflict),
     ("invalid_request", Class::Invalid),
     ("invalid_profile", Class::Invalid),
+    ("invalid_network_policy", Class::Invalid),
     ("invalid_prompt", Class::Invalid),
     ("bad_working_dir", Class::Invalid),
     ("agent_executable_not_found", Class::Invalid),

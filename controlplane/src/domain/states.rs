@@ -33,6 +33,8 @@ pub mod container {
     pub const HIBERNATED: &str = "hibernated";
     pub const FAILED: &str = "failed";
     pub const DELETED: &str = "deleted";
+    /// Not final: what the metrics gauge (final states only ever grow).
+    pub const LIVE: &[&str] = &[PROVISIONING, READY, HIBERNATED, STOPPING];
 }
 
 /// Session: creating -> ready -> closed, or failed.
@@ -41,6 +43,8 @@ pub mod session {
     pub const READY: &str = "ready";
     pub const FAILED: &str = "failed";
     pub const CLOSED: &str = "closed";
+    /// Not final: what the metrics gauge.
+    pub const LIVE: &[&str] = &[CREATING, READY];
 }
 
 /// Run: queued (its dispatch waits for a runner) -> dispatching (handed to

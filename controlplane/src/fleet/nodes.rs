@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use agentd_pki::ControlPlaneIdentity;
 use agentd_proto::error::status;
-use agentd_proto::node::node_client::NodeClient;
+use agentd_proto::trace::traced;
 use tonic::Code;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::store::nodes::NodeRow;
 use crate::store::{Store, StoreError};
@@ -22,6 +22,10 @@ use crate::store::{Store, StoreError};
 /// How long dialling a node over TCP may take before the call fails (and a
 /// workflow step retries it).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A node's client: its calls carry the caller's trace
+/// ([`agentd_proto::trace`]).
+pub type NodeClient = agentd_proto::node::node_client::NodeClient<agentd_proto::trace::Traced>;
 
 /// What this control plane shows nodes and trusts in them.
 pub struct NodeTls {
@@ -31,7 +35,7 @@ pub struct NodeTls {
 
 struct Cached {
     address: String,
-    client: NodeClient<Channel>,
+    client: NodeClient,
 }
 
 /// The nodes this control plane talks to, by id. Cheap to clone.
@@ -59,7 +63,7 @@ impl Nodes {
 
     /// The client of `node_id`. Fails (`Unavailable`, so steps retry) when
     /// the store does not know the node or cannot be read.
-    pub async fn client(&self, node_id: &str) -> Result<NodeClient<Channel>, Status> {
+    pub async fn client(&self, node_id: &str) -> Result<NodeClient, Status> {
         if let Some(c) = self.clients.lock().unwrap().get(node_id) {
             return Ok(c.client.clone());
         }
@@ -73,7 +77,7 @@ impl Nodes {
     }
 
     /// The node running `container_id`, and its client.
-    pub async fn of_container(&self, container_id: &str) -> Result<(String, NodeClient<Channel>), Status> {
+    pub async fn of_container(&self, container_id: &str) -> Result<(String, NodeClient), Status> {
         let c = self.store.get_container(container_id).await.map_err(|e| match e {
             StoreError::NotFound { .. } => status(Code::NotFound, "container_not_found", e.to_string()),
             e => store_unavailable(e),
@@ -84,7 +88,7 @@ impl Nodes {
 
     /// The client for `row`'s address, made anew if the address changed
     /// (the node joined again from elsewhere).
-    pub fn refresh(&self, row: &NodeRow) -> Result<NodeClient<Channel>, Status> {
+    pub fn refresh(&self, row: &NodeRow) -> Result<NodeClient, Status> {
         let mut clients = self.clients.lock().unwrap();
         if let Some(c) = clients.get(&row.id)
             && c.address == row.address
@@ -101,9 +105,9 @@ impl Nodes {
         self.clients.lock().unwrap().remove(node_id);
     }
 
-    fn dial(&self, node_id: &str, address: &str) -> Result<NodeClient<Channel>, Status> {
+    fn dial(&self, node_id: &str, address: &str) -> Result<NodeClient, Status> {
         if let Some(path) = address.strip_prefix("unix:") {
-            return Ok(NodeClient::new(agentd_proto::unix::lazy_channel(std::path::Path::new(path))));
+            return Ok(NodeClient::new(traced(agentd_proto::unix::lazy_channel(std::path::Path::new(path)))));
         }
         if address.is_empty() {
             return Err(unavailable(format!("node {node_id} has no address")));
@@ -121,7 +125,7 @@ impl Nodes {
             .tcp_keepalive(Some(Duration::from_secs(10)))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        Ok(NodeClient::new(endpoint.connect_lazy()))
+        Ok(NodeClient::new(traced(endpoint.connect_lazy())))
     }
 }
 
@@ -135,7 +139,7 @@ pub async fn register_unix_node(store: &Store, socket: &std::path::Path) -> Resu
     let address = format!("unix:{}", socket.display());
     let deadline = tokio::time::Instant::now() + REGISTER_WAIT;
     let info = loop {
-        let mut client = NodeClient::new(agentd_proto::unix::lazy_channel(socket));
+        let mut client = NodeClient::new(traced(agentd_proto::unix::lazy_channel(socket)));
         match client.get_node_info(agentd_proto::node::GetNodeInfoRequest {}).await {
             Ok(info) => break info.into_inner(),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(format!("node at {address} does not answer: {}", e.message())),

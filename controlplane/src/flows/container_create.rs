@@ -50,12 +50,16 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let plan = payload.plan().map_err(|e| StepError::permanent(format!("bad plan in payload: {e}")))?;
     let mut node = super::node_for(&app, &c.node_id).await?;
     let create = node.create_sandbox(CreateSandboxRequest { plan: Some(plan), fence: fence(&ctx, "sandbox") });
+    let started = std::time::Instant::now();
     match within(deadline(&app), create).await {
-        Ok(sandbox) => match app.store.container_ready(container_id, sandbox.into_inner().supervisor_pid).await {
-            Ok(()) => Ok(ok()),
-            Err(StoreError::Illegal(e)) => Ok(failed(&Refusal::conflict("illegal_state", format!("{e} (deleted while being created)")))),
-            Err(e) => Err(store_error(e)),
-        },
+        Ok(sandbox) => {
+            app.store.metrics().sandbox_created(started.elapsed());
+            match app.store.container_ready(container_id, sandbox.into_inner().supervisor_pid).await {
+                Ok(()) => Ok(ok()),
+                Err(StoreError::Illegal(e)) => Ok(failed(&Refusal::conflict("illegal_state", format!("{e} (deleted while being created)")))),
+                Err(e) => Err(store_error(e)),
+            }
+        }
         Err(status) if transient(&status) && !ctx.is_last_attempt() => Err(node_error("create container", &status)),
         Err(status) => {
             let refusal = Refusal::from_node(&status);

@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use agentd_proto::common::PermissionMode;
-use agentd_proto::node::node_client::NodeClient;
-use tonic::transport::Channel;
+use crate::fleet::nodes::NodeClient;
 use agentd_proto::node::{AgentInstance, AgentPlan, CreateSandboxRequest, CreateSessionRequest, DeleteSandboxRequest, SandboxPlan, StartAgentRequest};
 
 use super::{agent_deadline, deadline, fence, failed, within, node_error, ok, store_error, test_pause, transient};
@@ -125,7 +124,9 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let mut node = super::node_for(&app, &c.node_id).await?;
     let made: Result<(i32, String, AgentInstance), tonic::Status> = async {
         let create = node.create_sandbox(CreateSandboxRequest { plan: Some(sandbox_plan), fence: fence(&ctx, "sandbox") });
+        let started = std::time::Instant::now();
         let sandbox = within(deadline(&app), create).await?.into_inner();
+        app.store.metrics().sandbox_created(started.elapsed());
         test_pause("session.create/sandbox").await;
         let start = node.start_agent(StartAgentRequest {
             container_id: container_id.to_string(),
@@ -176,7 +177,7 @@ async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid:
 async fn undo(
     app: &AppState,
     ctx: &StepContext,
-    node: &mut NodeClient<Channel>,
+    node: &mut NodeClient,
     container_id: &str,
     session_id: &str,
     problem: &Refusal,
@@ -186,9 +187,9 @@ async fn undo(
         tracing::warn!(container_id, error = %e, "cannot remove the sandbox of a failed create");
     }
     let record = async {
-        app.store.container_failed(container_id, &problem.detail).await?;
+        app.store.container_failed_with(container_id, &problem.detail, problem.code).await?;
         app.store.container_deleted(container_id).await?;
-        app.store.session_failed(session_id, &problem.detail).await
+        app.store.session_failed_with(session_id, &problem.detail, problem.code).await
     };
     match record.await {
         Ok(()) | Err(StoreError::Illegal(_)) => Ok(()),

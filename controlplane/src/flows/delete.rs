@@ -11,7 +11,7 @@ use agentd_proto::node::DeleteSandboxRequest;
 
 use super::{CONTAINER, CONTAINER_DELETE, Waited, deadline, fence, within, node_error, ok, store_error, test_pause, transient, wait_for_step};
 use crate::AppState;
-use crate::domain::{Class, Refusal};
+use crate::domain::Refusal;
 use crate::store::outbox::NewStep;
 use crate::store::states::{Entity, container};
 use crate::workflow::{StepContext, StepError, StepResult};
@@ -31,20 +31,32 @@ pub fn key(container_id: &str) -> String {
     format!("{CONTAINER_DELETE}:{container_id}")
 }
 
+/// Where a delete stands when its request answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// The sandbox is gone and the store says so.
+    Done,
+    /// The step is written and retried until the node confirms.
+    Pending,
+}
+
 /// Moves the container to `stopping` and writes its delete step, in one
-/// transaction, then waits for the step. Only the caller whose transaction
-/// made the move succeeds; a concurrent second delete finds the container
-/// `stopping` and gets 409 naming that state, as a later one finds it
-/// `deleted`.
-pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result<(), Refusal> {
-    let key = begin(app, container_id, reason).await?;
+/// transaction, then waits for the step. Idempotent: a delete that finds
+/// the container `stopping` waits for the delete under way (its step has
+/// one key per container), one that finds it `deleted` is done.
+pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result<Deleted, Refusal> {
+    let key = match begin(app, container_id, reason).await {
+        Ok(key) => key,
+        Err(refused) if refused.code == "illegal_state" => match app.store.get_container(container_id).await?.state.as_str() {
+            container::DELETED => return Ok(Deleted::Done),
+            container::STOPPING => key(container_id),
+            _ => return Err(refused),
+        },
+        Err(refused) => return Err(refused),
+    };
     match wait_for_step(app, &key, WAIT).await? {
-        Waited::Finished(outcome) => outcome,
-        Waited::Pending => Err(Refusal::new(
-            Class::Unavailable,
-            "node_unavailable",
-            format!("container {container_id} is stopping; the node has not confirmed yet (it will be retried)"),
-        )),
+        Waited::Finished(outcome) => outcome.map(|()| Deleted::Done),
+        Waited::Pending => Ok(Deleted::Pending),
     }
 }
 

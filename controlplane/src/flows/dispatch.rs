@@ -55,6 +55,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     let (_, mut node) = app.nodes.of_container(&ctx.entity_id).await.map_err(|e| super::node_error("reach node", &e))?;
     match within(deadline(&app), node.prompt(request)).await {
         Ok(_) => {
+            app.store.metrics().run_started();
             // The node took the turn: its events flow. Recorded with the
             // step's end, after the caller has its answer.
             let (run_id, taken_at) = (payload.run_id.clone(), now_ms());

@@ -50,8 +50,7 @@ pub mod suspend;
 use std::time::Duration;
 
 use agentd_proto::node::Fence;
-use agentd_proto::node::node_client::NodeClient;
-use tonic::transport::Channel;
+use crate::fleet::nodes::NodeClient;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -208,7 +207,7 @@ pub fn node_error(what: &str, status: &tonic::Status) -> StepError {
 
 /// The client of the node `node_id`; a node the store cannot name or reach
 /// yet is a failure that may pass.
-pub async fn node_for(app: &AppState, node_id: &str) -> Result<NodeClient<Channel>, StepError> {
+pub async fn node_for(app: &AppState, node_id: &str) -> Result<NodeClient, StepError> {
     app.nodes.client(node_id).await.map_err(|e| node_error("reach node", &e))
 }
 

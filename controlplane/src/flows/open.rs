@@ -92,7 +92,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
 }
 
 async fn record_failed(app: &AppState, session_id: &str, problem: &Refusal) -> Result<(), StepError> {
-    match app.store.session_failed(session_id, &problem.detail).await {
+    match app.store.session_failed_with(session_id, &problem.detail, problem.code).await {
         Ok(()) | Err(StoreError::Illegal(_)) => Ok(()),
         Err(e) => Err(store_error(e)),
     }

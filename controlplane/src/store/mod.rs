@@ -71,7 +71,10 @@ pub mod codes {
 pub(crate) mod conformance;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::metrics::{Metrics, Outcome};
 
 use serde::Serialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -244,11 +247,15 @@ pub mod audit;
 pub mod bundles;
 mod checkpoint;
 pub mod registry;
+pub mod gauges;
 
 #[derive(Clone)]
 pub struct Store {
     /// Which database, and the pool of connections to it.
     backend: Backend,
+    /// This process's metrics: the store records what only it sees whole
+    /// (every run end passes through it), and shares them with the API.
+    metrics: Arc<Metrics>,
 }
 
 fn table(entity: Entity) -> &'static str {
@@ -350,7 +357,7 @@ impl Store {
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         checkpoint::spawn(pool.clone());
-        Ok(Self { backend: Backend::Sqlite(pool) })
+        Ok(Self { backend: Backend::Sqlite(pool), metrics: Arc::default() })
     }
 
     /// Connects to the PostgreSQL database at `url` and migrates it (sqlx's
@@ -366,7 +373,7 @@ impl Store {
             // but stricter levels add serialization failures the store does not retry.
             tracing::warn!(%isolation, "PostgreSQL default_transaction_isolation is not read committed");
         }
-        Ok(Self { backend: Backend::Postgres(pool) })
+        Ok(Self { backend: Backend::Postgres(pool), metrics: Arc::default() })
     }
 
     /// The same database through a pool of its own of `max_connections`, so
@@ -379,9 +386,15 @@ impl Store {
             Backend::Postgres(pool) => {
                 let options = (*pool.connect_options()).clone();
                 let pool = PgPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options);
-                Self { backend: Backend::Postgres(pool) }
+                Self { backend: Backend::Postgres(pool), metrics: Arc::clone(&self.metrics) }
             }
         }
+    }
+
+    /// Whether [`Self::with_own_pool`] gives a pool apart from this one's,
+    /// which its user may close (on SQLite it is this very pool).
+    pub fn own_pools_are_separate(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
     }
 
     /// The backend's name, for logs: `sqlite` or `postgres`.
@@ -502,6 +515,8 @@ impl Store {
         let to = if stop_reason == "cancelled" { states::run::CANCELLED } else { states::run::COMPLETED };
         self.transition(Entity::Run, id, to, None, Some(Extra::StopReason(stop_reason))).await?;
         self.run_ended();
+        let outcome = if to == states::run::CANCELLED { Outcome::cancelled } else { Outcome::completed };
+        self.count_run_end(id, outcome).await;
         Ok(())
     }
 
@@ -516,7 +531,22 @@ impl Store {
             None => self.transition(Entity::Run, id, states::run::FAILED, Some(error), None).await?,
         }
         self.run_ended();
+        self.count_run_end(id, Outcome::failed).await;
         Ok(())
+    }
+
+    /// Counts a run's recorded end, with its duration from its creation.
+    async fn count_run_end(&self, id: &str, outcome: Outcome) {
+        let duration = match self.get_run(id).await {
+            Ok(r) => r.completed_at.map(|end| Duration::from_millis(end.saturating_sub(r.created_at).max(0) as u64)),
+            Err(_) => None,
+        };
+        self.metrics.run_ended(outcome, duration);
+    }
+
+    /// This process's metrics ([`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub async fn session_failed_with(&self, id: &str, error: &str, code: &str) -> Result<(), StoreError> {

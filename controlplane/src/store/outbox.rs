@@ -386,9 +386,10 @@ impl Tx {
     }
 
     /// Sets when the node took run `id`, with its move to `streaming` (or
-    /// without: a turn whose end was recorded first).
+    /// without: a turn whose end was recorded first, whose start then is no
+    /// later than its end: the dispatch step's end may be recorded after it).
     pub async fn set_run_started_at(&mut self, id: &str, at: i64) -> Result<(), StoreError> {
-        let sql = "UPDATE runs SET started_at = $2 WHERE id = $1";
+        let sql = "UPDATE runs SET started_at = CASE WHEN completed_at IS NOT NULL AND completed_at < $2 THEN completed_at ELSE $2 END WHERE id = $1";
         with_tx!(self, |conn| sqlx::query(sql).bind(id).bind(at).execute(conn).await.map(|_| ()))?;
         Ok(())
     }

@@ -68,11 +68,12 @@ where
     };
     let handler: Handler = Arc::new(move |ctx| Box::pin(handler(ctx)));
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    // Carried: the step's node calls belong to the request's trace.
+    tokio::spawn(agentd_proto::trace::carry(async move {
         step::execute(&shared, row, Some(handler), |outcome| {
             let _ = tx.send(outcome.clone());
         })
         .await;
-    });
+    }));
     rx.await.ok()
 }

@@ -137,6 +137,7 @@ async fn record(shared: &Shared, id: i64, epoch: i64, kind: &str, attempt: i64, 
     match recorded {
         Ok(None) => tracing::debug!(id, epoch, kind, "step done"),
         Ok(Some((Failed::Retry { available_at }, e))) => {
+            shared.store.metrics().step_retried(kind);
             tracing::info!(id, epoch, kind, attempt, available_at, error = %e, "step failed; will retry")
         }
         Ok(Some((Failed::Final, e))) => tracing::warn!(id, epoch, kind, attempt, error = %e, "step failed for good"),
