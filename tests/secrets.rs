@@ -1,0 +1,258 @@
+//! Keys that never enter the sandbox, end to end: `agentd up` holds a
+//! secret in its `--secrets-file`; a container profile names it by
+//! reference. The fake upstream is an HTTPS server on the host's loopback
+//! with a certificate from a CA the test makes (given to the node with
+//! `--secrets-ca-file`). The echo agent runs curl in the sandbox against
+//! the URL the node gave it; the upstream must see the real key in the
+//! named header, and the sandbox's processes, files, the event stream, the
+//! API's answers and the node's log must hold no trace of it.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::{Agentd, said, session_body, turn};
+
+/// One request as the fake upstream read it: its request line and headers.
+#[derive(Debug, Clone)]
+struct Seen {
+    line: String,
+    headers: Vec<(String, String)>,
+}
+
+/// An HTTPS server on 127.0.0.1 that records each request's head and
+/// answers `upstream-ok`.
+struct Upstream {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A CA (its PEM) and a server configuration for `localhost` it signed.
+fn test_pki() -> (String, rustls::ServerConfig) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "agentd secrets test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    (ca_cert.pem(), config)
+}
+
+fn start_upstream(config: rustls::ServerConfig) -> Upstream {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (seen, stop) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+    let config = Arc::new(config);
+    let thread = {
+        let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((tcp, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                tcp.set_nonblocking(false).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let conn = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+                    match tls.read(&mut buf) {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let mut lines = text.split("\r\n");
+                let line = lines.next().unwrap_or_default().to_string();
+                let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+                seen.lock().unwrap().push(Seen { line, headers });
+                let body = "upstream-ok";
+                let _ = write!(tls, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        })
+    };
+    Upstream { port, seen, stop, thread: Some(thread) }
+}
+
+/// Files under `root` (not following symlinks, not crossing into /proc,
+/// /sys or /dev) whose bytes contain `needle`.
+fn files_containing(root: &Path, needle: &[u8], found: &mut Vec<String>, budget: &mut usize) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.is_dir() {
+            files_containing(&path, needle, found, budget);
+        } else if meta.is_file() && meta.len() <= 16 << 20 {
+            if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path.display().to_string());
+                }
+            }
+        }
+    }
+}
+
+/// The pids of the processes in the pid namespace of `pid1` (as the host
+/// numbers them).
+fn processes_of(pid1: i32) -> Vec<i32> {
+    let ns = std::fs::metadata(format!("/proc/{pid1}/ns/pid")).unwrap().ino();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::metadata(format!("/proc/{pid}/ns/pid")).is_ok_and(|m| m.ino() == ns))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_reaches_its_upstream_and_nothing_in_the_sandbox() {
+    let (ca_pem, server) = test_pki();
+    let upstream = start_upstream(server);
+    // Different each run, long enough that a match is no accident.
+    let secret = format!("sk-test-{}-{:x}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let files = tempfile::tempdir().unwrap();
+    let secrets_file = files.path().join("secrets");
+    std::fs::write(&secrets_file, format!("# the test's key\nTEST_API_KEY={secret}\n")).unwrap();
+    std::fs::set_permissions(&secrets_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let ca_file = files.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+
+    let args = ["--secrets-file", secrets_file.to_str().unwrap(), "--secrets-ca-file", ca_file.to_str().unwrap()];
+    let agentd = Agentd::start_full(&args, &[]).await;
+
+    let reference = |name: &str| json!({"name": name, "upstream": format!("https://localhost:{}/v1", upstream.port), "header": "x-api-key", "env": "TEST_BASE_URL"});
+    // A malformed reference is refused at the API, naming its field.
+    let mut body = session_body(&[]);
+    body["container_profile"] = json!({"secrets": [{"name": "TEST_API_KEY", "upstream": "http://localhost/", "header": "x-api-key", "env": "TEST_BASE_URL"}]});
+    let (status, problem) = agentd.post("/v1/sessions", &body).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_secret")), "{problem}");
+    // A secret the node does not hold: refused by the node, by name.
+    body["container_profile"] = json!({"secrets": [reference("NOT_HELD")]});
+    let (status, problem) = agentd.post("/v1/sessions", &body).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_secret")), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("NOT_HELD"), "{problem}");
+
+    body["container_profile"] = json!({"secrets": [reference("TEST_API_KEY")]});
+    let (session, mut events) = agentd.create_streaming(&body).await;
+    let (_, view) = agentd.get(&format!("/v1/sessions/{session}")).await;
+    let container = view["container_id"].as_str().unwrap().to_string();
+    let mut seen_events = Vec::new();
+
+    // The agent sees the proxy's URL and a placeholder, and works through them.
+    let got = turn(&agentd, &session, &mut events, "/run sh -c 'echo \"base=$TEST_BASE_URL key=$TEST_API_KEY\"'").await;
+    let text = said(&got);
+    assert!(text.contains("base=http://127.0.0.1:"), "{text}");
+    assert!(text.contains("/v1 key=") && !text.contains("key= "), "{text}");
+    seen_events.extend(got);
+    let got = turn(
+        &agentd,
+        &session,
+        &mut events,
+        "/run sh -c 'curl -sS -m 10 -H \"x-api-key: $TEST_API_KEY\" -H \"content-type: application/json\" -d \"{}\" \"$TEST_BASE_URL/messages\"'",
+    )
+    .await;
+    assert!(said(&got).contains("upstream-ok\n[exit code 0]"), "{got:?}\n{}", agentd.log());
+    seen_events.extend(got);
+    // Outside the base path: refused by the proxy, never sent on.
+    let got = turn(&agentd, &session, &mut events, "/run sh -c 'curl -sS -m 10 -o /dev/null -w \"%{http_code}\" \"${TEST_BASE_URL%/v1}/admin\"'").await;
+    assert!(said(&got).contains("403"), "{got:?}");
+    seen_events.extend(got);
+
+    let requests = upstream.seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].line, "POST /v1/messages HTTP/1.1", "{requests:?}");
+    let keys: Vec<&str> = requests[0].headers.iter().filter(|(k, _)| k == "x-api-key").map(|(_, v)| v.as_str()).collect();
+    assert_eq!(keys, [secret.as_str()], "the upstream gets the real key, once");
+    assert!(requests[0].headers.iter().any(|(k, v)| k == "host" && *v == format!("localhost:{}", upstream.port)), "{requests:?}");
+
+    // No trace of the key: the sandbox's processes' environments and command
+    // lines (the agent is still running), its files as it sees them and as
+    // the host keeps them, the events, the API's answers, the node's log.
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(agentd.sandboxes_dir().join(&container).join("sandbox.json")).unwrap()).unwrap();
+    let pid1 = record["pid"].as_i64().unwrap() as i32;
+    let needle = secret.as_bytes();
+    let pids = processes_of(pid1);
+    assert!(pids.len() >= 2, "PID 1 and the agent at least: {pids:?}");
+    for pid in &pids {
+        for what in ["environ", "cmdline"] {
+            let bytes = std::fs::read(format!("/proc/{pid}/{what}")).unwrap_or_default();
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "/proc/{pid}/{what} holds the key");
+        }
+    }
+    let agent_env = pids.iter().map(|p| String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default()).into_owned()).collect::<Vec<_>>().join("\n");
+    assert!(agent_env.contains("TEST_API_KEY="), "the agent has the placeholder variable");
+    let mut found = Vec::new();
+    let mut budget = 200_000;
+    // The sandbox's own view of its files (its root; /proc, /sys and /dev
+    // are not files), and what the node keeps of it on the host.
+    let root = std::path::PathBuf::from(format!("/proc/{pid1}/root"));
+    for top in std::fs::read_dir(&root).unwrap().flatten() {
+        let name = top.file_name();
+        if ["proc", "sys", "dev"].iter().any(|skip| name == *skip) {
+            continue;
+        }
+        let path = top.path();
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            files_containing(&path, needle, &mut found, &mut budget);
+        }
+    }
+    files_containing(&agentd.sandboxes_dir().join(&container), needle, &mut found, &mut budget);
+    assert!(found.is_empty(), "files hold the key: {found:?}");
+    assert!(budget > 0, "the file search was cut short");
+    let stream = seen_events.iter().map(|e| e.data.clone()).collect::<Vec<_>>().join("\n");
+    assert!(!stream.contains(&secret), "the event stream holds the key");
+    let mut replay = agentd.events(&session, Some(0)).await;
+    let replayed = replay.until_run_end().await;
+    assert!(!replayed.is_empty());
+    assert!(!replayed.iter().any(|e| e.data.contains(&secret)), "the replayed event log holds the key");
+    for path in [format!("/v1/sessions/{session}"), format!("/v1/containers/{container}")] {
+        let (_, answer) = agentd.get(&path).await;
+        assert!(!answer.to_string().contains(&secret), "{path} shows the key");
+    }
+    assert!(!agentd.log().contains(&secret), "the node's log holds the key");
+
+    // The delete takes the proxy's listener with the sandbox.
+    let (status, _) = agentd.delete(&format!("/v1/containers/{container}")).await;
+    assert!(status.is_success(), "{status}");
+    assert!(!agentd.sandboxes_dir().join(&container).exists());
+}
