@@ -256,3 +256,67 @@ async fn a_secret_reaches_its_upstream_and_nothing_in_the_sandbox() {
     assert!(status.is_success(), "{status}");
     assert!(!agentd.sandboxes_dir().join(&container).exists());
 }
+
+/// With live restore, a sandbox's secrets are served again after agentd is
+/// killed and restarted, on the ports its agent was told (the agent is the
+/// same process; its environment cannot change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_serves_a_taken_back_sandbox_its_secrets_on_the_same_port() {
+    use crate::support::host::{become_subreaper, cgroup_dirs, reap_orphans, unique_id_base};
+    become_subreaper();
+    let (ca_pem, server) = test_pki();
+    let upstream = start_upstream(server);
+    let secret = format!("sk-restore-{}-{:x}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let files = tempfile::tempdir().unwrap();
+    let secrets_file = files.path().join("secrets");
+    std::fs::write(&secrets_file, format!("TEST_API_KEY={secret}\n")).unwrap();
+    std::fs::set_permissions(&secrets_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let ca_file = files.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let id_base = unique_id_base().to_string();
+    let flags = [
+        "--live-restore",
+        "--id-base",
+        &id_base,
+        "--max-sandboxes",
+        "4",
+        "--secrets-file",
+        secrets_file.to_str().unwrap(),
+        "--secrets-ca-file",
+        ca_file.to_str().unwrap(),
+    ];
+    let mut agentd = Agentd::start_full(&flags, &[]).await;
+    let mut body = session_body(&[]);
+    body["container_profile"] = json!({"secrets": [{"name": "TEST_API_KEY", "upstream": format!("https://localhost:{}", upstream.port), "header": "authorization", "scheme": "Bearer", "env": "TEST_BASE_URL"}]});
+    let (session, mut events) = agentd.create_streaming(&body).await;
+    let (_, view) = agentd.get(&format!("/v1/sessions/{session}")).await;
+    let container = view["container_id"].as_str().unwrap().to_string();
+    let fetch = "/run sh -c 'curl -sS -m 10 \"$TEST_BASE_URL/v1/models\"'";
+    let got = turn(&agentd, &session, &mut events, fetch).await;
+    assert!(said(&got).contains("upstream-ok\n[exit code 0]"), "{got:?}\n{}", agentd.log());
+
+    let last = got.last().unwrap().id;
+    agentd.kill9();
+    drop(events);
+    agentd.restart(&flags, &[]).await;
+    assert!(agentd.log().contains("sandbox taken back after the node restarted"), "{}", agentd.log());
+    let mut events = agentd.events(&session, last).await;
+    let got = turn(&agentd, &session, &mut events, fetch).await;
+    assert!(said(&got).contains("upstream-ok\n[exit code 0]"), "{got:?}\n{}", agentd.log());
+
+    let requests = upstream.seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    for r in &requests {
+        let auth: Vec<&str> = r.headers.iter().filter(|(k, _)| k == "authorization").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(auth, [format!("Bearer {secret}").as_str()], "{:?}", r.line);
+    }
+    assert!(!agentd.log().contains(&secret) && !agentd.earlier_log().contains(&secret), "a log holds the key");
+
+    let (status, _) = agentd.delete(&format!("/v1/containers/{container}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let exit = agentd.interrupt();
+    assert!(exit.success(), "{exit}");
+    reap_orphans();
+    assert!(cgroup_dirs(&agentd.subtree).is_empty(), "{:?}", cgroup_dirs(&agentd.subtree));
+    assert!(agentd.sandbox_dirs().is_empty());
+}
