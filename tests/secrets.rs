@@ -68,7 +68,10 @@ fn test_pki() -> (String, rustls::ServerConfig) {
 }
 
 fn start_upstream(config: rustls::ServerConfig) -> Upstream {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    serve_upstream(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap(), config)
+}
+
+fn serve_upstream(listener: TcpListener, config: rustls::ServerConfig) -> Upstream {
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let (seen, stop) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
@@ -319,4 +322,67 @@ async fn a_restarted_node_serves_a_taken_back_sandbox_its_secrets_on_the_same_po
     reap_orphans();
     assert!(cgroup_dirs(&agentd.subtree).is_empty(), "{:?}", cgroup_dirs(&agentd.subtree));
     assert!(agentd.sandbox_dirs().is_empty());
+}
+
+/// A sandbox with an egress policy that does not allow the upstream still
+/// reaches it through its secret's endpoint: the proxy listens on the
+/// sandbox's loopback, which the policy does not filter, and dials from the
+/// node's namespace. `agentd up` and the upstream run in a test network
+/// namespace ("node"), the upstream on its loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_sandbox_reaches_its_secrets_upstream_without_a_rule_for_it() {
+    use std::net::SocketAddr;
+
+    use agentd_testkit::netns::Fabric;
+
+    let fabric = Fabric::new().unwrap();
+    let node = fabric.host("node").unwrap();
+    let (ca_pem, server) = test_pki();
+    let upstream = serve_upstream(node.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap(), server);
+    let secret = format!("sk-egress-{}-{:x}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let files = tempfile::tempdir().unwrap();
+    let secrets_file = files.path().join("secrets");
+    std::fs::write(&secrets_file, format!("TEST_API_KEY={secret}\n")).unwrap();
+    std::fs::set_permissions(&secrets_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let ca_file = files.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let locks = tempfile::tempdir().unwrap();
+    let state = tempfile::Builder::new().prefix("agentd-e2e-").tempdir().unwrap();
+    let mut cmd = node.command(crate::support::agentd_bin());
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--state-dir"]).arg(state.path());
+    cmd.arg("--secrets-file").arg(&secrets_file).arg("--secrets-ca-file").arg(&ca_file);
+    // No resolver answers there: nothing in this test resolves a name.
+    let dns = format!("{}:53", node.addr());
+    let lock_dir = locks.path().display().to_string();
+    let env = [("AGENTD_EGRESS_DNS", dns.as_str()), ("AGENTD_EGRESS_LOCK_DIR", lock_dir.as_str())];
+    let state_path = state.path().to_owned();
+    let mut agentd = Agentd::start_command(cmd, state_path, Some(state), &env).await;
+    let port: u16 = agentd.base.rsplit(':').next().unwrap().parse().unwrap();
+    let forward = node.forward(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await.unwrap();
+    agentd.base = format!("http://{}", forward.addr());
+
+    let mut body = session_body(&[]);
+    body["container_profile"] = json!({
+        "network": {"egress": {"allow": ["elsewhere.test:443"]}},
+        "secrets": [{"name": "TEST_API_KEY", "upstream": format!("https://localhost:{}", upstream.port), "header": "x-api-key", "env": "TEST_BASE_URL"}]
+    });
+    let (session, mut events) = agentd.create_streaming(&body).await;
+    let (_, view) = agentd.get(&format!("/v1/sessions/{session}")).await;
+    let container = view["container_id"].as_str().unwrap().to_string();
+    let got = turn(&agentd, &session, &mut events, "/run sh -c 'curl -sS -m 10 \"$TEST_BASE_URL/v1/messages\"'").await;
+    assert!(said(&got).contains("upstream-ok\n[exit code 0]"), "{got:?}\n{}", agentd.log());
+    let requests = upstream.seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert!(requests[0].headers.iter().any(|(k, v)| k == "x-api-key" && *v == secret), "{requests:?}");
+    // The upstream itself is not reachable from the sandbox directly.
+    let direct = format!("/run sh -c 'curl -sS -m 5 -k https://localhost:{}/ >/dev/null 2>&1; echo direct=$?'", upstream.port);
+    let got = turn(&agentd, &session, &mut events, &direct).await;
+    assert!(!said(&got).contains("direct=0"), "{got:?}");
+    assert_eq!(upstream.seen.lock().unwrap().len(), 1);
+
+    let (status, _) = agentd.delete(&format!("/v1/containers/{container}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let exit = agentd.interrupt();
+    assert!(exit.success(), "{exit}");
+    drop(forward);
 }
