@@ -531,6 +531,7 @@ async fn rules_a_killed_gateway_left_are_removed() {
         assert_eq!(line.trim(), "READY");
         child.kill().unwrap();
         child.wait().unwrap();
+        crate::hostile::host::remove_run_scratch(child.id());
         let left = links_and_tables(node);
         assert!(left.contains("agentd_egress_0"), "the killed run's rules stay: {left:?}");
     };

@@ -22,6 +22,21 @@ pub fn scratch_dirs() -> [PathBuf; 2] {
     [std::env::temp_dir(), PathBuf::from("/dev/shm")]
 }
 
+/// Removes the scratch files and directories of the `sandbox run` with
+/// process id `pid`, for a test that killed it (SIGKILL leaves them: the run
+/// cleans up after itself only when it lives to do so).
+pub fn remove_run_scratch(pid: u32) {
+    let tag = format!("{}-", run_tag(pid));
+    for dir in scratch_dirs() {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&tag) {
+                let path = e.path();
+                let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            }
+        }
+    }
+}
+
 /// What the `sandbox run` with process id `pid` left on the host: mounts,
 /// scratch directories and cgroups all carry its tag.
 pub fn run_leftovers(pid: u32) -> Vec<String> {

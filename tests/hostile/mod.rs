@@ -7,7 +7,7 @@
 //! what it went after (the clock, the kernel log, key users, a terminal, a
 //! file's owner, a listener, ...).
 
-mod host;
+pub(crate) mod host;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
