@@ -125,12 +125,11 @@ fn files_containing(root: &Path, needle: &[u8], found: &mut Vec<String>, budget:
         let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
         if meta.is_dir() {
             files_containing(&path, needle, found, budget);
-        } else if meta.is_file() && meta.len() <= 16 << 20 {
-            if let Ok(bytes) = std::fs::read(&path) {
-                if bytes.windows(needle.len()).any(|w| w == needle) {
-                    found.push(path.display().to_string());
-                }
-            }
+        } else if meta.is_file()
+            && meta.len() <= 16 << 20
+            && std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        {
+            found.push(path.display().to_string());
         }
     }
 }
@@ -224,24 +223,38 @@ async fn a_secret_reaches_its_upstream_and_nothing_in_the_sandbox() {
     }
     let agent_env = pids.iter().map(|p| String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default()).into_owned()).collect::<Vec<_>>().join("\n");
     assert!(agent_env.contains("TEST_API_KEY="), "the agent has the placeholder variable");
+    // The sandbox's own view of its files (its root; /proc, /sys and /dev
+    // are not files), and what the node keeps of it on the host. The host's
+    // system directories, bound read-only, are left out: the node writes
+    // nothing there, and reading all of /usr takes minutes.
+    let root = std::path::PathBuf::from(format!("/proc/{pid1}/root"));
+    let search_sandbox = |needle: &[u8], found: &mut Vec<String>, budget: &mut usize| {
+        for top in std::fs::read_dir(&root).unwrap().flatten() {
+            let name = top.file_name();
+            if ["proc", "sys", "dev", "usr", "bin", "sbin", "lib", "lib64"].iter().any(|skip| name == *skip) {
+                continue;
+            }
+            let path = top.path();
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                files_containing(&path, needle, found, budget);
+            }
+        }
+    };
     let mut found = Vec::new();
     let mut budget = 200_000;
-    // The sandbox's own view of its files (its root; /proc, /sys and /dev
-    // are not files), and what the node keeps of it on the host.
-    let root = std::path::PathBuf::from(format!("/proc/{pid1}/root"));
-    for top in std::fs::read_dir(&root).unwrap().flatten() {
-        let name = top.file_name();
-        if ["proc", "sys", "dev"].iter().any(|skip| name == *skip) {
-            continue;
-        }
-        let path = top.path();
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-            files_containing(&path, needle, &mut found, &mut budget);
-        }
-    }
-    files_containing(&agentd.sandboxes_dir().join(&container), needle, &mut found, &mut budget);
+    search_sandbox(needle, &mut found, &mut budget);
+    // The whole state directory: the sandbox's, the sessions' event logs,
+    // the store.
+    files_containing(agentd.state_dir(), needle, &mut found, &mut budget);
     assert!(found.is_empty(), "files hold the key: {found:?}");
     assert!(budget > 0, "the file search was cut short");
+    assert!(200_000 - budget > 100, "the file search saw the sandbox's files ({} entries)", 200_000 - budget);
+    // The search works: it finds what a command in the sandbox writes.
+    let got = turn(&agentd, &session, &mut events, "/run sh -c 'echo control-$((6*7))-marker > /workspace/control'").await;
+    seen_events.extend(got);
+    let mut control = Vec::new();
+    search_sandbox(b"control-42-marker", &mut control, &mut 200_000);
+    assert!(control.iter().any(|p| p.ends_with("/workspace/control")), "{control:?}");
     let stream = seen_events.iter().map(|e| e.data.clone()).collect::<Vec<_>>().join("\n");
     assert!(!stream.contains(&secret), "the event stream holds the key");
     let mut replay = agentd.events(&session, Some(0)).await;
