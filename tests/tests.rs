@@ -24,6 +24,7 @@ mod node_lifecycle;
 mod notify;
 mod npx_agent;
 mod observability;
+mod openapi_fuzz;
 mod packaging;
 mod permissions;
 mod powers;

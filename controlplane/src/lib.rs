@@ -153,7 +153,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), store::StoreError> {
                         // client learns its session was lost.
                         _ => {
                             let reason = "the sandbox was lost when agentd restarted";
-                            state.store.fail_container_work(&c.id, reason, store::codes::SANDBOX_LOST).await?;
+                            state.store.fail_container_work(&c.id, reason, crate::domain::Code::SandboxLost.as_str()).await?;
                         }
                     }
                 }

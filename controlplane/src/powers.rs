@@ -17,7 +17,7 @@ use std::path::{Component, Path, PathBuf};
 use agentd_plan::{Network, Profile};
 
 use crate::agent_spec::{AgentSpec, Launch};
-use crate::domain::{Class, Refusal};
+use crate::domain::{Class, Code, Refusal};
 
 /// Who asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,7 @@ impl Allowances {
     }
 }
 
-const CODE: &str = "operator_power";
+const CODE: Code = Code::OperatorPower;
 
 fn refuse(field: &str, what: &str) -> Refusal {
     Refusal::new(

@@ -5,11 +5,13 @@
 //! Records are written off the request's path, by the writer in
 //! [`crate::audit`].
 
+use crate::domain::Code;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, Query, Request, State};
+use super::ApiQuery as Query;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -91,12 +93,12 @@ pub struct ListQuery {
 pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, Problem> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(Problem::invalid("invalid_request", format!("limit must be 1 to {MAX_PAGE}, got {limit}")));
+        return Err(Problem::invalid(Code::InvalidRequest, format!("limit must be 1 to {MAX_PAGE}, got {limit}")));
     }
     let entity = match (q.entity_kind, q.entity_id) {
         (Some(kind), Some(id)) => Some((kind, id)),
         (None, None) => None,
-        _ => return Err(Problem::invalid("invalid_request", "give entity_kind and entity_id together")),
+        _ => return Err(Problem::invalid(Code::InvalidRequest, "give entity_kind and entity_id together")),
     };
     let records = app.store.audit_records(&AuditQuery { after: q.after, entity, limit }).await?;
     let next_after = records.last().map(|r| r.id).or(q.after);

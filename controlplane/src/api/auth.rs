@@ -1,4 +1,4 @@
-//! Middleware: every route but `/healthz`, `/readyz`, the dashboard's static
+//! Middleware: every route but `/healthz`, `/readyz`, `/openapi.json`, the dashboard's static
 //! files (`/ui`: they hold no data; its calls for data carry the token) and
 //! the node join (whose join token is its credential) needs `Authorization: Bearer <token>` of a
 //! scope enough for it: `read` for GET, `write` for the rest, `admin` for
@@ -8,6 +8,7 @@
 //! too weak, 403. The caller is handed on (request and response
 //! extensions): the audit record names its token's id, never the token.
 
+use crate::domain::Code;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -20,7 +21,7 @@ use crate::powers::Authority;
 
 /// The scope a request needs; `None`: open to anyone.
 pub fn required(method: &Method, path: &str) -> Option<Scope> {
-    if path == "/healthz" || path == "/readyz" || path == "/v1/nodes:join" || path == "/ui" || path.starts_with("/ui/") {
+    if path == "/healthz" || path == "/readyz" || path == "/openapi.json" || path == "/v1/nodes:join" || path == "/ui" || path.starts_with("/ui/") {
         return None;
     }
     let reading = matches!(*method, Method::GET | Method::HEAD);
@@ -52,13 +53,13 @@ pub async fn require(State(app): State<AppState>, mut request: Request, next: Ne
         Ok(caller) => caller,
         Err(AuthError::Store(e)) => return Problem::from(e).into_response(),
         Err(e @ (AuthError::Missing | AuthError::Malformed)) => {
-            return challenge(Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()), "invalid_request", None);
+            return challenge(Problem::new(StatusCode::UNAUTHORIZED, Code::Unauthorized, e.to_string()), "invalid_request", None);
         }
-        Err(e) => return challenge(Problem::new(StatusCode::UNAUTHORIZED, "invalid_token", e.to_string()), "invalid_token", None),
+        Err(e) => return challenge(Problem::new(StatusCode::UNAUTHORIZED, Code::InvalidToken, e.to_string()), "invalid_token", None),
     };
     if caller.scope < needed {
         let detail = format!("token {} has scope {}; this needs {}", caller.token_id, caller.scope.name(), needed.name());
-        return challenge(Problem::new(StatusCode::FORBIDDEN, "insufficient_scope", detail), "insufficient_scope", Some(needed));
+        return challenge(Problem::new(StatusCode::FORBIDDEN, Code::InsufficientScope, detail), "insufficient_scope", Some(needed));
     }
     request.extensions_mut().insert(caller.clone());
     let mut response = next.run(request).await;

@@ -3,8 +3,10 @@
 //! and delete one, list the ACP sessions an agent of one keeps
 //! (`session/list`).
 
+use crate::domain::Code;
 use axum::Json;
-use axum::extract::{Path, State};
+use super::ApiPath as Path;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
@@ -14,13 +16,13 @@ use crate::store::states::{container, session};
 use crate::flows::suspend::Action;
 use crate::store::placement::Demand;
 use agentd_proto::node::{GetSandboxRequest, ListAgentSessionsRequest};
-use axum::extract::Query;
+use super::ApiQuery as Query;
 use serde::Deserialize;
 
 /// The most sessions `capacity` may name.
-const MAX_CAPACITY: u32 = 1024;
+const MAX_CAPACITY: u32 = 1024; // also in `CreateBody`'s schema
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     #[serde(default)]
@@ -31,6 +33,7 @@ pub struct CreateBody {
     /// The most sessions it holds (409 `container_full` past it); absent:
     /// no limit.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1024)]
     pub capacity: Option<u32>,
     #[serde(default)]
     pub labels: Option<std::collections::BTreeMap<String, String>>,
@@ -49,15 +52,15 @@ pub async fn create(
     use axum::response::IntoResponse;
     let field = if body.container_profile.is_some() { "container_profile" } else { "profile" };
     let value = match (body.profile, body.container_profile) {
-        (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give profile or container_profile, not both")),
+        (Some(_), Some(_)) => return Err(Problem::invalid(Code::InvalidRequest, "give profile or container_profile, not both")),
         (a, b) => a.or(b).unwrap_or_else(|| json!({})),
     };
-    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid(e.code(), e.to_string()))?;
+    let profile = agentd_plan::Profile::from_json(&value).map_err(|e| Problem::invalid(Code::parse(e.code()).unwrap_or(Code::InvalidProfile), e.to_string()))?;
     let who = super::auth::authority(&app, caller.as_deref());
     crate::powers::check_profile(who, &app.allowances, field, &profile, value.get("network").is_some(), false)?;
     let capacity = match body.capacity {
-        Some(0) => return Err(Problem::invalid("invalid_request", "capacity must be at least 1")),
-        Some(n) if n > MAX_CAPACITY => return Err(Problem::invalid("invalid_request", format!("capacity must be at most {MAX_CAPACITY}"))),
+        Some(0) => return Err(Problem::invalid(Code::InvalidRequest, "capacity must be at least 1")),
+        Some(n) if n > MAX_CAPACITY => return Err(Problem::invalid(Code::InvalidRequest, format!("capacity must be at most {MAX_CAPACITY}"))),
         other => other.map(i64::from),
     };
     let labels = body.labels.unwrap_or_default();
@@ -219,12 +222,12 @@ pub fn deleted_status(deleted: crate::flows::delete::Deleted) -> StatusCode {
 /// steps.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>) -> Result<StatusCode, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST {id}:hibernate or {id}:resume"));
+        return Err(Problem::method_not_allowed("GET, DELETE", "POST {id}:hibernate or {id}:resume"));
     };
     let action = match verb {
         "hibernate" => Action::Hibernate,
         "resume" => Action::Resume,
-        other => return Err(Problem::not_found("unknown_action", format!("no container action {other:?} (try hibernate or resume)"))),
+        other => return Err(Problem::not_found(Code::UnknownAction, format!("no container action {other:?} (try hibernate or resume)"))),
     };
     // 404 for an unknown container before anything else.
     app.store.get_container(id).await?;
@@ -254,14 +257,14 @@ pub async fn agent_sessions(
     let c = app.store.get_container(&id).await?;
     let known = app.store.sessions_of_container(&id).await?.iter().any(|s| s.agent_instance_id == instance_id && s.state == session::READY);
     if !known {
-        return Err(Problem::not_found("agent_not_found", format!("container {id} has no agent {instance_id} with an open session")));
+        return Err(Problem::not_found(Code::AgentNotFound, format!("container {id} has no agent {instance_id} with an open session")));
     }
     if c.state != container::READY {
-        return Err(Problem::conflict("illegal_state", format!("container {id} is {}", c.state)));
+        return Err(Problem::conflict(Code::IllegalState, format!("container {id} is {}", c.state)));
     }
     let cwd = query.cwd.unwrap_or_default();
     if !cwd.is_empty() && !cwd.starts_with('/') {
-        return Err(Problem::invalid("invalid_request", format!("cwd must be an absolute path, got {cwd:?}")));
+        return Err(Problem::invalid(Code::InvalidRequest, format!("cwd must be an absolute path, got {cwd:?}")));
     }
     let request = ListAgentSessionsRequest { container_id: id, agent_instance_id: instance_id.clone(), cwd, cursor: query.cursor.unwrap_or_default() };
     let (_, mut node) = app.nodes.of_container(&c.id).await?;

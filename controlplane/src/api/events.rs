@@ -4,9 +4,11 @@
 //! Keep-alives, the `retry:` hint and the cut-off of a subscriber that falls
 //! behind: [`super::sse`].
 
+use crate::domain::Code;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use super::{ApiPath as Path, ApiQuery as Query};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::response::sse::Event;
@@ -35,7 +37,7 @@ fn resume_point(headers: &HeaderMap, query: &EventsQuery) -> Result<u64, Problem
             .to_str()
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| Problem::new(axum::http::StatusCode::BAD_REQUEST, "invalid_request", "Last-Event-ID must be an event id")),
+            .ok_or_else(|| Problem::new(axum::http::StatusCode::BAD_REQUEST, Code::InvalidRequest, "Last-Event-ID must be an event id")),
         None => Ok(query.after.unwrap_or(0)),
     }
 }
@@ -64,7 +66,7 @@ pub async fn stream(
                 .collect();
             return Ok(sse::respond(app.store.metrics(), app.sse, futures::stream::iter(events), false));
         }
-        return Err(Problem::new(axum::http::StatusCode::GONE, "session_closed", format!("session {id} is {}; its events are gone", s.state)));
+        return Err(Problem::new(axum::http::StatusCode::GONE, Code::SessionClosed, format!("session {id} is {}; its events are gone", s.state)));
     }
     let (_, node) = app.nodes.of_container(&s.container_id).await?;
     let first = match node.clone().stream_events(StreamEventsRequest { session_id: id.clone(), after_seq }).await {

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::Problem;
 use crate::AppState;
+use crate::domain::Code;
 
 pub async fn healthz() -> &'static str {
     "ok"
@@ -18,9 +19,9 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(app): State<AppState>) -> Result<&'static str, Problem> {
     let unready = |code, detail: String| Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, detail);
     match app.store.alive_nodes().await {
-        Ok(0) => Err(unready("no_node_alive", "no node is alive: nothing can be scheduled".into())),
+        Ok(0) => Err(unready(Code::NoNodeAlive, "no node is alive: nothing can be scheduled".into())),
         Ok(_) => Ok("ok"),
-        Err(e) => Err(unready("store_unavailable", format!("the store does not answer: {e}"))),
+        Err(e) => Err(unready(Code::StoreUnavailable, format!("the store does not answer: {e}"))),
     }
 }
 
@@ -48,7 +49,7 @@ pub fn open_router(state: AppState) -> axum::Router {
         .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
-        .fallback(|| async { Problem::not_found("not_found", "this address serves /metrics, /healthz and /readyz") })
+        .fallback(|| async { Problem::not_found(Code::NotFound, "this address serves /metrics, /healthz and /readyz") })
         .with_state(state)
 }
 

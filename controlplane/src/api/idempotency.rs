@@ -10,6 +10,7 @@
 //! with a different request is refused (422 `idempotency_key_reused`).
 //! Prompt keys are per session; create keys are global.
 
+use crate::domain::Code;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
 
@@ -39,7 +40,7 @@ pub fn from_headers(headers: &HeaderMap, request: &serde_json::Value) -> Result<
     let Some(key) = key else {
         return Err(Problem::new(
             StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
+            Code::InvalidIdempotencyKey,
             format!("Idempotency-Key must be 1 to {MAX_LEN} visible ASCII characters"),
         ));
     };
@@ -90,7 +91,7 @@ pub fn check_same(keyed: &Keyed, stored_digest: Option<&str>, what: &str) -> Res
         return Ok(());
     }
     Err(Problem::invalid(
-        "idempotency_key_reused",
+        Code::IdempotencyKeyReused,
         format!("Idempotency-Key {:?} was used for a different {what}: use a new key for a new request", keyed.key),
     ))
 }

@@ -5,6 +5,7 @@
 //! given at create are checked here too: at most [`MAX_LABELS`], each a
 //! valid key and value.
 
+use crate::domain::Code;
 use std::collections::BTreeMap;
 
 use base64::Engine;
@@ -33,7 +34,7 @@ pub fn encode_cursor(listing: &str, created_at: i64, id: &str) -> String {
 }
 
 fn decode_cursor(listing: &str, text: &str) -> Result<After, Problem> {
-    let bad = || Problem::new(axum::http::StatusCode::BAD_REQUEST, "invalid_cursor", format!("cursor {text:?} is not a cursor of this listing"));
+    let bad = || Problem::new(axum::http::StatusCode::BAD_REQUEST, Code::InvalidCursor, format!("cursor {text:?} is not a cursor of this listing"));
     let bytes = URL_SAFE_NO_PAD.decode(text.trim()).map_err(|_| bad())?;
     let c: Cursor = serde_json::from_slice(&bytes).map_err(|_| bad())?;
     if c.l != listing {
@@ -45,11 +46,11 @@ fn decode_cursor(listing: &str, text: &str) -> Result<After, Problem> {
 /// Checks labels a client gives a new container or session.
 pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Problem> {
     if labels.len() > MAX_LABELS {
-        return Err(Problem::invalid("invalid_labels", format!("{} labels; at most {MAX_LABELS}", labels.len())));
+        return Err(Problem::invalid(Code::InvalidLabels, format!("{} labels; at most {MAX_LABELS}", labels.len())));
     }
     if let Some((k, v)) = labels.iter().find(|(k, v)| !agentd_plan::ids::valid_label(k, v)) {
         return Err(Problem::invalid(
-            "invalid_labels",
+            Code::InvalidLabels,
             format!("label {k:?}={v:?}: keys of letters, digits, '.', '-', '_', '/' (1 to 63), values of at most 63 printable characters"),
         ));
     }
@@ -68,14 +69,14 @@ pub struct Query {
 pub fn filter(listing: &str, query: &Query, owner: Option<String>, raw_query: Option<&str>) -> Result<Filter, Problem> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(Problem::invalid("invalid_request", format!("limit must be 1 to {MAX_LIMIT}, got {limit}")));
+        return Err(Problem::invalid(Code::InvalidRequest, format!("limit must be 1 to {MAX_LIMIT}, got {limit}")));
     }
     let mut labels = BTreeMap::new();
     for (key, value) in form_urlencoded::parse(raw_query.unwrap_or("").as_bytes()) {
         if key != "label" {
             continue;
         }
-        let (k, v) = value.split_once('=').ok_or_else(|| Problem::invalid("invalid_request", format!("label filter {value:?} is not key=value")))?;
+        let (k, v) = value.split_once('=').ok_or_else(|| Problem::invalid(Code::InvalidRequest, format!("label filter {value:?} is not key=value")))?;
         labels.insert(k.to_string(), v.to_string());
     }
     let after = query.cursor.as_deref().map(|c| decode_cursor(listing, c)).transpose()?;

@@ -8,6 +8,7 @@ pub mod health;
 pub mod idempotency;
 pub mod listing;
 pub mod nodes;
+pub mod openapi;
 pub mod problem;
 pub mod registry;
 pub mod sessions;
@@ -18,9 +19,11 @@ mod tests;
 pub mod tokens;
 pub mod ui;
 
+use crate::domain::Code;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::routing::get;
 
@@ -35,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ui", get(ui::index))
         .route("/ui/", get(ui::index))
         .route("/ui/{*path}", get(ui::asset))
+        .route("/openapi.json", get(openapi::serve))
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::get).delete(sessions::delete).post(sessions::action))
         .route("/v1/sessions/{id}/events", get(events::stream))
@@ -53,7 +57,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes/{id}", get(nodes::get).delete(nodes::delete).post(nodes::action))
         .route("/v1/bundles", get(registry::bundles))
         .route("/v1/containers/{id}/agents/{instance_id}/sessions", get(containers::agent_sessions))
-        .fallback(|| async { Problem::not_found("not_found", "no such resource") })
+        .fallback(|| async { Problem::not_found(Code::NotFound, "no such resource") })
+        // axum adds `Allow`; the body is a problem like every other refusal.
+        .method_not_allowed_fallback(|| async { Problem::new(StatusCode::METHOD_NOT_ALLOWED, Code::MethodNotAllowed, "this resource does not take this method") })
         // Outermost first: the audit sees every answer, refusals included.
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
@@ -76,15 +82,53 @@ where
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {}", e.body_text())))
+                Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidJson, format!("body is not valid JSON: {}", e.body_text())))
             }
-            Err(JsonRejection::JsonDataError(e)) => Err(Problem::invalid("invalid_request", e.body_text())),
+            Err(JsonRejection::JsonDataError(e)) => Err(Problem::invalid(Code::InvalidRequest, e.body_text())),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                Code::UnsupportedMediaType,
                 "send the body as JSON with Content-Type: application/json",
             )),
-            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())),
+            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, e.body_text())),
+        }
+    }
+}
+
+/// `Query` whose rejection is a problem (400 `invalid_request`), not axum's
+/// plain text. Handlers import it as `Query`.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, e.body_text())),
+        }
+    }
+}
+
+/// `Path` whose rejection (a segment that is not UTF-8 once decoded, say)
+/// is a problem. Handlers import it as `Path`.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, e.body_text())),
         }
     }
 }

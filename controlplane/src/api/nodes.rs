@@ -2,8 +2,10 @@
 //! drain, remove), and `POST /v1/nodes:join`, where a node with a join token
 //! gets its certificate (the token's proof is its credential).
 
+use crate::domain::Code;
 use axum::Json;
-use axum::extract::{Path, State};
+use super::ApiPath as Path;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -47,9 +49,9 @@ fn view(n: &NodeRow) -> Value {
 impl From<NodeAdminError> for Problem {
     fn from(e: NodeAdminError) -> Self {
         match e {
-            NodeAdminError::NotFound(_) => Problem::not_found("node_not_found", e.to_string()),
-            NodeAdminError::Illegal { .. } => Problem::conflict("illegal_state", e.to_string()),
-            NodeAdminError::Busy(_) => Problem::conflict("node_busy", e.to_string()),
+            NodeAdminError::NotFound(_) => Problem::not_found(Code::NodeNotFound, e.to_string()),
+            NodeAdminError::Illegal { .. } => Problem::conflict(Code::IllegalState, e.to_string()),
+            NodeAdminError::Busy(_) => Problem::conflict(Code::NodeBusy, e.to_string()),
             NodeAdminError::Store(e) => e.into(),
         }
     }
@@ -61,7 +63,7 @@ pub async fn list(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
 }
 
 pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
-    let n = app.store.get_node(&id).await?.ok_or_else(|| Problem::not_found("node_not_found", format!("no node {id}")))?;
+    let n = app.store.get_node(&id).await?.ok_or_else(|| Problem::not_found(Code::NodeNotFound, format!("no node {id}")))?;
     let mut body = view(&n);
     let mut containers = Vec::new();
     for state in [container::PROVISIONING, container::READY, container::HIBERNATED, container::STOPPING] {
@@ -73,7 +75,7 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
     Ok(Json(body))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DrainBody {
     /// How long busy sessions get before their containers are deleted anyway.
@@ -84,7 +86,7 @@ pub struct DrainBody {
 /// `POST /v1/nodes/{id}:cordon`, `:uncordon`, `:drain`.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>, body: axum::body::Bytes) -> Result<Json<Value>, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST {id}:cordon, :uncordon or :drain"));
+        return Err(Problem::method_not_allowed("GET, DELETE", "POST {id}:cordon, :uncordon or :drain"));
     };
     use node_admin::{ACTIVE, CORDONED, DRAINED, DRAINING};
     match verb {
@@ -96,9 +98,9 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, bod
             let deadline = crate::store::now_ms().saturating_add(i64::try_from(deadline_ms).unwrap_or(i64::MAX / 4));
             app.store.set_node_admin(id, &[ACTIVE, CORDONED], DRAINING, Some(deadline)).await?
         }
-        other => return Err(Problem::not_found("unknown_action", format!("no node action {other:?} (try cordon, uncordon or drain)"))),
+        other => return Err(Problem::not_found(Code::UnknownAction, format!("no node action {other:?} (try cordon, uncordon or drain)"))),
     };
-    let n = app.store.get_node(id).await?.ok_or_else(|| Problem::not_found("node_not_found", format!("no node {id}")))?;
+    let n = app.store.get_node(id).await?.ok_or_else(|| Problem::not_found(Code::NodeNotFound, format!("no node {id}")))?;
     Ok(Json(view(&n)))
 }
 
@@ -113,14 +115,14 @@ impl From<JoinError> for Problem {
     fn from(e: JoinError) -> Self {
         match &e {
             JoinError::Token(TokenRefusal::Unknown) | JoinError::BadProof => {
-                Problem::new(StatusCode::UNAUTHORIZED, "invalid_join_token", e.to_string())
+                Problem::new(StatusCode::UNAUTHORIZED, Code::InvalidJoinToken, e.to_string())
             }
-            JoinError::Token(TokenRefusal::Used(_)) => Problem::new(StatusCode::UNAUTHORIZED, "join_token_used", e.to_string()),
-            JoinError::Token(TokenRefusal::Expired(_)) => Problem::new(StatusCode::UNAUTHORIZED, "join_token_expired", e.to_string()),
-            JoinError::BadNodeId(_) | JoinError::BadAddress(_) | JoinError::BadLabel(_) => Problem::invalid("invalid_request", e.to_string()),
-            JoinError::BadCsr(_) => Problem::invalid("invalid_csr", e.to_string()),
-            JoinError::NodeIdInUse(_) => Problem::conflict("node_id_in_use", e.to_string()),
-            JoinError::Ca(_) => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+            JoinError::Token(TokenRefusal::Used(_)) => Problem::new(StatusCode::UNAUTHORIZED, Code::JoinTokenUsed, e.to_string()),
+            JoinError::Token(TokenRefusal::Expired(_)) => Problem::new(StatusCode::UNAUTHORIZED, Code::JoinTokenExpired, e.to_string()),
+            JoinError::BadNodeId(_) | JoinError::BadAddress(_) | JoinError::BadLabel(_) => Problem::invalid(Code::InvalidRequest, e.to_string()),
+            JoinError::BadCsr(_) => Problem::invalid(Code::InvalidCsr, e.to_string()),
+            JoinError::NodeIdInUse(_) => Problem::conflict(Code::NodeIdInUse, e.to_string()),
+            JoinError::Ca(_) => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, e.to_string()),
             JoinError::Store(_) => {
                 let JoinError::Store(e) = e else { unreachable!() };
                 e.into()

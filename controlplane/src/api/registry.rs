@@ -1,8 +1,10 @@
 //! `/v1/registry`: the agents of the last registry sync, and the sync itself
 //! (`POST /v1/registry:sync`, from the configured source or a given one).
 
+use crate::domain::Code;
 use axum::Json;
-use axum::extract::{Path, State};
+use super::ApiPath as Path;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -13,7 +15,7 @@ use crate::agent_registry::{self, RegistryError};
 use crate::agent_spec::{AgentSpec, Launch, this_platform};
 use crate::store::registry::RegistryAgentRow;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncBody {
     /// A file path or URL; the configured `registry` when absent.
@@ -24,9 +26,9 @@ pub struct SyncBody {
 impl From<RegistryError> for Problem {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::Fetch { .. } => Problem::new(StatusCode::BAD_GATEWAY, "registry_unavailable", e.to_string()),
+            RegistryError::Fetch { .. } => Problem::new(StatusCode::BAD_GATEWAY, Code::RegistryUnavailable, e.to_string()),
             RegistryError::Parse { .. } | RegistryError::Entry { .. } | RegistryError::Duplicate { .. } => {
-                Problem::invalid("invalid_registry", e.to_string())
+                Problem::invalid(Code::InvalidRegistry, e.to_string())
             }
             RegistryError::Store(e) => e.into(),
         }
@@ -67,7 +69,7 @@ pub async fn get(State(app): State<AppState>, Path(id): Path<String>) -> Result<
 }
 
 pub fn unknown_agent(id: &str) -> Problem {
-    Problem::not_found("unknown_agent", format!("the registry has no agent {id:?} (see GET /v1/registry/agents)"))
+    Problem::not_found(Code::UnknownAgent, format!("the registry has no agent {id:?} (see GET /v1/registry/agents)"))
 }
 
 /// `POST /v1/registry:sync`, optionally with `{"source": "<path or URL>"}`.
@@ -84,7 +86,7 @@ pub async fn sync(
     let who = super::auth::authority(&app, caller.as_deref());
     crate::powers::check_registry_source(who, &app.allowances, body.source.as_deref())?;
     let source = body.source.or_else(|| app.registry_source.clone()).ok_or_else(|| {
-        Problem::invalid("registry_not_configured", "no registry configured (config key `registry`): give {\"source\": \"<path or URL>\"}")
+        Problem::invalid(Code::RegistryNotConfigured, "no registry configured (config key `registry`): give {\"source\": \"<path or URL>\"}")
     })?;
     let report = agent_registry::sync(&app.store, &app.http, &source).await?;
     Ok(Json(json!(report)))

@@ -1,8 +1,10 @@
 //! `/v1/sessions`: create (sandbox, agent, ACP session), read, prompt, cancel,
 //! delete.
 
+use crate::domain::Code;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use super::{ApiPath as Path, ApiQuery as Query};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -24,7 +26,7 @@ use agentd_proto::node::{setup_stage,
     AnswerPermissionRequest, CancelRequest, CheckSandboxPlanRequest, GetSessionRequest, GetSetupStageRequest, SessionSettingResponse, SetSessionConfigOptionRequest, SetSessionModeRequest,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateSessionBody {
     /// An agent given inline, in the registry's shape or the original agentd's.
     #[serde(default)]
@@ -34,8 +36,10 @@ pub struct CreateSessionBody {
     #[serde(default)]
     pub container_profile: Option<Value>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub session: Option<SessionOptions>,
     #[serde(default)]
+    #[schema(inline)]
     pub policy: Option<PolicyBody>,
     /// Open the session in this container (ready) instead of a new one: on
     /// its agent of the same definition if one runs, else on a new agent
@@ -48,7 +52,7 @@ pub struct CreateSessionBody {
 }
 
 /// How the session answers the agent's `session/request_permission`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyBody {
     /// allow | deny | ask (the default: clients answer over HTTP).
@@ -82,7 +86,7 @@ impl PolicyBody {
             "" | "on_failure" => RestartPolicy::OnFailure,
             "never" => RestartPolicy::Never,
             "always" => RestartPolicy::Always,
-            other => return Err(Problem::invalid("invalid_request", format!("policy.restart must be never, on_failure or always, got {other:?}"))),
+            other => return Err(Problem::invalid(Code::InvalidRequest, format!("policy.restart must be never, on_failure or always, got {other:?}"))),
         };
         Ok(AgentPolicy {
             restart: restart.into(),
@@ -94,23 +98,23 @@ impl PolicyBody {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PermissionAnswer {
     pub option_id: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PromptBody {
     pub prompt: Value,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetModeBody {
     pub mode_id: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetConfigOptionBody {
     pub config_id: String,
@@ -271,37 +275,37 @@ pub async fn create(
     {
         return replay_create(&app, k, first, &headers).await;
     }
-    let body: CreateSessionBody = serde_json::from_value(raw).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
+    let body: CreateSessionBody = serde_json::from_value(raw).map_err(|e| Problem::invalid(Code::InvalidRequest, e.to_string()))?;
     let labels = body.labels.clone().unwrap_or_default();
     super::listing::check_labels(&labels)?;
     let who = super::auth::authority(&app, caller.as_deref());
     let manual = body.manual_agent.is_some();
     let agent = match (body.manual_agent, body.agent_id) {
-        (Some(_), Some(_)) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id, not both")),
+        (Some(_), Some(_)) => return Err(Problem::invalid(Code::InvalidRequest, "give manual_agent or agent_id, not both")),
         (Some(value), None) => {
-            let agent = AgentSpec::from_json(&value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))?;
+            let agent = AgentSpec::from_json(&value).map_err(|e| Problem::invalid(Code::InvalidRequest, e.to_string()))?;
             crate::powers::check_manual_agent(who, &app.allowances, &agent, &this_platform())?;
             agent
         }
         (None, Some(id)) => {
             let row = app.store.registry_agent(&id).await?.ok_or_else(|| super::registry::unknown_agent(&id))?;
             let entry: Value = serde_json::from_str(&row.entry_json)
-                .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("stored registry entry {id}: {e}")))?;
+                .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, format!("stored registry entry {id}: {e}")))?;
             AgentSpec::from_json(&entry)
-                .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("stored registry entry {id}: {e}")))?
+                .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, format!("stored registry entry {id}: {e}")))?
         }
-        (None, None) => return Err(Problem::invalid("invalid_request", "give manual_agent or agent_id")),
+        (None, None) => return Err(Problem::invalid(Code::InvalidRequest, "give manual_agent or agent_id")),
     };
     // A further session in an existing container: its profile stays.
     let existing = match &body.container_id {
         None => None,
         Some(_) if body.container_profile.is_some() => {
-            return Err(Problem::invalid("invalid_request", "container_profile shapes a new container; leave it out with container_id"));
+            return Err(Problem::invalid(Code::InvalidRequest, "container_profile shapes a new container; leave it out with container_id"));
         }
         Some(id) => {
             let c = app.store.get_container(id).await?;
             if c.state != container::READY {
-                return Err(Problem::conflict("illegal_state", format!("container {id} is {}; only a ready container takes new sessions", c.state)));
+                return Err(Problem::conflict(Code::IllegalState, format!("container {id} is {}; only a ready container takes new sessions", c.state)));
             }
             Some(c)
         }
@@ -311,7 +315,7 @@ pub async fn create(
         None => body.container_profile.clone(),
     };
     let profile = match &profile_value {
-        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid(e.code(), e.to_string()))?,
+        Some(value) => Profile::from_json(value).map_err(|e| Problem::invalid(Code::parse(e.code()).unwrap_or(Code::InvalidProfile), e.to_string()))?,
         None => Profile::default(),
     };
     if existing.is_none() {
@@ -325,26 +329,26 @@ pub async fn create(
     let open = flows::create::OpenOptions {
         mcp_servers_json: match &session_options.mcp_servers {
             None => String::new(),
-            Some(servers) => crate::mcp::validate(servers).map_err(|e| Problem::invalid("invalid_mcp_server", e.to_string()))?.to_string(),
+            Some(servers) => crate::mcp::validate(servers).map_err(|e| Problem::invalid(Code::InvalidMcpServer, e.to_string()))?.to_string(),
         },
         load_acp_session_id: match session_options.load_session_id.as_deref() {
-            Some("") => return Err(Problem::invalid("invalid_request", "session.load_session_id must not be empty")),
+            Some("") => return Err(Problem::invalid(Code::InvalidRequest, "session.load_session_id must not be empty")),
             other => other.unwrap_or_default().to_string(),
         },
         resume_acp_session_id: match session_options.resume_session_id.as_deref() {
-            Some("") => return Err(Problem::invalid("invalid_request", "session.resume_session_id must not be empty")),
+            Some("") => return Err(Problem::invalid(Code::InvalidRequest, "session.resume_session_id must not be empty")),
             Some(_) if session_options.load_session_id.is_some() => {
-                return Err(Problem::invalid("invalid_request", "give session.load_session_id or session.resume_session_id, not both"));
+                return Err(Problem::invalid(Code::InvalidRequest, "give session.load_session_id or session.resume_session_id, not both"));
             }
             other => other.unwrap_or_default().to_string(),
         },
-        additional_directories: plan::additional_directories(&session_options).map_err(|e| Problem::invalid("invalid_additional_directory", e))?,
+        additional_directories: plan::additional_directories(&session_options).map_err(|e| Problem::invalid(Code::InvalidAdditionalDirectory, e))?,
     };
     let policy = body.policy.unwrap_or_default();
     let agent_policy = policy.agent_policy()?;
     let permission_policy = policy.permissions.unwrap_or_else(|| "ask".into());
     if !["allow", "deny", "ask"].contains(&permission_policy.as_str()) {
-        return Err(Problem::invalid("invalid_request", format!("policy.permissions must be allow, deny or ask, got {permission_policy:?}")));
+        return Err(Problem::invalid(Code::InvalidRequest, format!("policy.permissions must be allow, deny or ask, got {permission_policy:?}")));
     }
     let permissions = (permission_policy, policy.ask_timeout_ms.unwrap_or(0));
     let container_id = existing.as_ref().map_or_else(|| new_id("ctr"), |c| c.id.clone());
@@ -360,9 +364,9 @@ pub async fn create(
         &app.defaults,
     )
     .map_err(|e| match e {
-        PlanError::NoDistribution(e) => Problem::invalid("no_distribution", e.to_string()),
-        e @ PlanError::SecretsNeedOwnNetwork(_) => Problem::invalid("invalid_secret", e.to_string()),
-        e => Problem::invalid("invalid_request", e.to_string()),
+        PlanError::NoDistribution(e) => Problem::invalid(Code::NoDistribution, e.to_string()),
+        e @ PlanError::SecretsNeedOwnNetwork(_) => Problem::invalid(Code::InvalidSecret, e.to_string()),
+        e => Problem::invalid(Code::InvalidRequest, e.to_string()),
     })?;
     compiled.agent.policy = Some(agent_policy);
     if existing.is_some() {
@@ -396,7 +400,7 @@ pub async fn create(
                 if let (Some(capacity), open) = tx.container_load(&container_id).await?
                     && open >= capacity
                 {
-                    return Err(Problem::conflict("container_full", format!("container {container_id} holds {capacity} sessions, all open")));
+                    return Err(Problem::conflict(Code::ContainerFull, format!("container {container_id} holds {capacity} sessions, all open")));
                 }
             }
             tx.insert_session(NewSession {
@@ -419,7 +423,7 @@ pub async fn create(
         })
         .await;
     if let (Err(p), Some(k)) = (&written, &keyed)
-        && p.code == "idempotency_key_in_use"
+        && p.code == Code::IdempotencyKeyInUse
         && let Some(first) = app.store.session_by_idempotency_key(&k.key).await?
     {
         // A create with the same key committed first: answer as it does.
@@ -540,7 +544,7 @@ const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// `POST /v1/sessions/{id}:prompt` and `POST /v1/sessions/{id}:cancel`.
 pub async fn action(State(app): State<AppState>, Path(target): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, Problem> {
     let Some((id, verb)) = target.rsplit_once(':') else {
-        return Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a session action: {id}:prompt, :cancel, :set_mode or :set_config_option"));
+        return Err(Problem::method_not_allowed("GET, DELETE", "POST a session action: {id}:prompt, :cancel, :set_mode or :set_config_option"));
     };
     match verb {
         "prompt" => {
@@ -569,7 +573,7 @@ pub async fn action(State(app): State<AppState>, Path(target): Path<String>, hea
             Ok(settings(&s.id, answer))
         }
         other => Err(Problem::not_found(
-            "unknown_action",
+            Code::UnknownAction,
             format!("no session action {other:?} (try prompt, cancel, set_mode or set_config_option)"),
         )),
     }
@@ -584,8 +588,8 @@ fn settings(session_id: &str, answer: SessionSettingResponse) -> Response {
 
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}")))?;
-    serde_json::from_value(value).map_err(|e| Problem::invalid("invalid_request", e.to_string()))
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, Code::InvalidJson, format!("body is not valid JSON: {e}")))?;
+    serde_json::from_value(value).map_err(|e| Problem::invalid(Code::InvalidRequest, e.to_string()))
 }
 
 /// A prompt is a string (one text block) or ACP content blocks.
@@ -595,13 +599,13 @@ fn content_blocks(prompt: Value) -> Result<Value, Problem> {
         Value::Array(blocks) if !blocks.is_empty() && blocks.iter().all(|b| b.get("type").is_some_and(Value::is_string)) => {
             Ok(Value::Array(blocks))
         }
-        _ => Err(Problem::invalid("invalid_prompt", "prompt must be a string or a non-empty array of ACP content blocks")),
+        _ => Err(Problem::invalid(Code::InvalidPrompt, "prompt must be a string or a non-empty array of ACP content blocks")),
     }
 }
 
 fn require_ready(s: &SessionRow) -> Result<(), Problem> {
     if s.state != session_state::READY {
-        return Err(Problem::conflict("illegal_state", format!("session {} is {}", s.id, s.state)));
+        return Err(Problem::conflict(Code::IllegalState, format!("session {} is {}", s.id, s.state)));
     }
     Ok(())
 }
@@ -723,7 +727,7 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
         Err(StoreError::RunActive { .. }) => {
             let active = app.store.running_runs_of_session(&s.id).await?;
             let running = active.first().map_or("a run", |r| r.id.as_str());
-            Err(Problem::conflict("run_active", format!("{running} is still running on session {}", s.id)))
+            Err(Problem::conflict(Code::RunActive, format!("{running} is still running on session {}", s.id)))
         }
         other => other?,
     }
@@ -733,13 +737,13 @@ async fn claim_run(app: &AppState, s: &SessionRow, run_id: &str, dispatch: NewSt
 /// recorded for it.
 fn container_not_ready(id: &str, state: &str) -> Problem {
     if state == container::HIBERNATED {
-        return Problem::conflict("container_hibernated", format!("container {id} is hibernated: resume it first"));
+        return Problem::conflict(Code::ContainerHibernated, format!("container {id} is hibernated: resume it first"));
     }
-    Problem::conflict("illegal_state", format!("container {id} is {state}"))
+    Problem::conflict(Code::IllegalState, format!("container {id} is {state}"))
 }
 
 /// `:cancel`'s body: the run to cancel, as the original agentd named it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
     #[serde(default)]
@@ -753,13 +757,13 @@ async fn cancel(app: AppState, id: &str, run_id: Option<String>) -> Result<Respo
         let active = app.store.running_runs_of_session(&s.id).await?;
         if !active.iter().any(|r| &r.id == run_id) {
             let what = active.first().map_or("no run is".to_string(), |r| format!("run {} is", r.id));
-            return Err(Problem::conflict("run_not_active", format!("run {run_id} is not the session's active run: {what} active")));
+            return Err(Problem::conflict(Code::RunNotActive, format!("run {run_id} is not the session's active run: {what} active")));
         }
     }
     let (_, mut node) = app.nodes.of_container(&s.container_id).await?;
     let answer = node_call(&app, node.cancel(CancelRequest { container_id: s.container_id.clone(), session_id: s.id.clone() })).await?;
     if !answer.was_running {
-        return Err(Problem::conflict("no_active_run", format!("session {id} has no running turn")));
+        return Err(Problem::conflict(Code::NoActiveRun, format!("session {id} has no running turn")));
     }
     Ok((StatusCode::ACCEPTED, Json(json!({"session_id": s.id, "cancelling": true}))).into_response())
 }
@@ -794,7 +798,7 @@ pub async fn delete(State(app): State<AppState>, Path(id): Path<String>) -> Resu
         return Ok(deleted_status(flows::delete::request(&app, &c.id, "session deleted").await?));
     }
     if c.state != container::READY {
-        return Err(Problem::conflict("illegal_state", format!("container {} is {}: resume it before closing one of its sessions", c.id, c.state)));
+        return Err(Problem::conflict(Code::IllegalState, format!("container {} is {}: resume it before closing one of its sessions", c.id, c.state)));
     }
     flows::close::request(&app, &c.id, &s.id).await?;
     // Two deletes at once may each have seen the other's session open: the
@@ -843,7 +847,7 @@ async fn node_call<T>(
         Ok(answer) => Ok(answer?.into_inner()),
         Err(_) => Err(Problem::new(
             StatusCode::GATEWAY_TIMEOUT,
-            "node_timeout",
+            Code::NodeTimeout,
             format!("the node did not answer within {:?}", app.node_call_timeout),
         )),
     }

@@ -117,7 +117,7 @@ pub async fn index(request: HeaderMap) -> Response {
 pub async fn asset(Path(path): Path<String>, request: HeaderMap) -> Response {
     match find(&path) {
         Some(asset) => serve(asset, &request),
-        None => harden(Problem::not_found("not_found", format!("the dashboard has no file {path:?}")).into_response()),
+        None => harden(Problem::not_found(crate::domain::Code::NotFound, format!("the dashboard has no file {path:?}")).into_response()),
     }
 }
 

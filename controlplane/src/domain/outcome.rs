@@ -65,17 +65,18 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Code;
     use serde_json::json;
 
     #[test]
     fn outcomes_round_trip_and_old_ones_still_read() {
-        let refused = Outcome::Refused(Refusal::conflict("illegal_state", "container c is deleted"));
+        let refused = Outcome::Refused(Refusal::conflict(Code::IllegalState, "container c is deleted"));
         assert_eq!(Outcome::from_value(Some(&refused.to_value())), refused);
         assert_eq!(Outcome::from_value(Some(&Outcome::Done.to_value())), Outcome::Done);
         let old = json!({"ok": false, "status": 502, "code": "agent_init_failed", "detail": "no"});
-        assert_eq!(Outcome::from_value(Some(&old)), Outcome::Refused(Refusal::new(Class::BadGateway, "agent_init_failed", "no")));
+        assert_eq!(Outcome::from_value(Some(&old)), Outcome::Refused(Refusal::new(Class::BadGateway, Code::AgentInitFailed, "no")));
         let unknown = json!({"ok": false, "status": 409, "code": "made_up", "detail": "x"});
-        assert_eq!(Outcome::from_value(Some(&unknown)), Outcome::Refused(Refusal::new(Class::Conflict, "internal", "x")));
+        assert_eq!(Outcome::from_value(Some(&unknown)), Outcome::Refused(Refusal::new(Class::Conflict, Code::Internal, "x")));
         assert_eq!(Outcome::from_value(Some(&json!({"alive": true}))), Outcome::Done);
         assert_eq!(Outcome::from_value(None), Outcome::Done);
     }

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::code::Code;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
@@ -60,32 +62,31 @@ impl Class {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub class: Class,
-    pub code: &'static str,
+    pub code: Code,
     pub detail: String,
 }
 
 impl Refusal {
-    pub fn new(class: Class, code: &'static str, detail: impl Into<String>) -> Refusal {
+    pub fn new(class: Class, code: Code, detail: impl Into<String>) -> Refusal {
         Refusal { class, code, detail: detail.into() }
     }
 
-    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Refusal {
+    pub fn conflict(code: Code, detail: impl Into<String>) -> Refusal {
         Refusal::new(Class::Conflict, code, detail)
     }
 
-    pub fn not_found(code: &'static str, detail: impl Into<String>) -> Refusal {
+    pub fn not_found(code: Code, detail: impl Into<String>) -> Refusal {
         Refusal::new(Class::NotFound, code, detail)
     }
 
-    pub fn invalid(code: &'static str, detail: impl Into<String>) -> Refusal {
+    pub fn invalid(code: Code, detail: impl Into<String>) -> Refusal {
         Refusal::new(Class::Invalid, code, detail)
     }
 
-    /// A refusal read back from storage: `code` must be one of the stable
-    /// codes, else it becomes `internal`.
+    /// A refusal read back from storage: a code that is no longer one of
+    /// the stable codes becomes `internal`.
     pub fn known(class: Class, code: &str, detail: impl Into<String>) -> Refusal {
-        let code = NODE_CODES.iter().map(|(c, _)| *c).chain(CONTROL_PLANE_CODES.iter().copied()).find(|c| *c == code).unwrap_or("internal");
-        Refusal::new(class, code, detail)
+        Refusal::new(class, Code::parse(code).unwrap_or(Code::Internal), detail)
     }
 
     /// What a node's answer means: its stable code (`agentd-code`) and the
@@ -94,13 +95,13 @@ impl Refusal {
     pub fn from_node(s: &tonic::Status) -> Refusal {
         match agentd_proto::error::code_of(s) {
             Some(code) => {
-                let (code, class) = NODE_CODES.iter().find(|(c, _)| *c == code).copied().unwrap_or(("internal", Class::Internal));
+                let (code, class) = NODE_CODES.iter().find(|(c, _)| *c == code).copied().unwrap_or((Code::Internal, Class::Internal));
                 Refusal::new(class, code, s.message())
             }
             None if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
-                Refusal::new(Class::Unavailable, "node_unavailable", format!("the node did not answer: {}", s.message()))
+                Refusal::new(Class::Unavailable, Code::NodeUnavailable, format!("the node did not answer: {}", s.message()))
             }
-            None => Refusal::new(Class::Internal, "internal", s.message()),
+            None => Refusal::new(Class::Internal, Code::Internal, s.message()),
         }
     }
 }
@@ -111,56 +112,53 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// Codes the control plane itself gives that a workflow step may record.
-const CONTROL_PLANE_CODES: &[&str] = &["illegal_state", "node_unavailable", "store_unavailable", "no_capacity", "node_lost", "sandbox_lost"];
-
 /// The stable codes a node may send back, with the class each has. A
 /// closed set: any other code is treated as internal.
-pub const NODE_CODES: &[(&str, Class)] = &[
-    ("container_not_found", Class::NotFound),
-    ("session_not_found", Class::NotFound),
-    ("agent_not_found", Class::NotFound),
-    ("permission_request_not_found", Class::NotFound),
-    ("run_active", Class::Conflict),
-    ("agent_exists", Class::Conflict),
-    ("container_hibernated", Class::Conflict),
+pub const NODE_CODES: &[(Code, Class)] = &[
+    (Code::ContainerNotFound, Class::NotFound),
+    (Code::SessionNotFound, Class::NotFound),
+    (Code::AgentNotFound, Class::NotFound),
+    (Code::PermissionRequestNotFound, Class::NotFound),
+    (Code::RunActive, Class::Conflict),
+    (Code::AgentExists, Class::Conflict),
+    (Code::ContainerHibernated, Class::Conflict),
     // A workflow step whose lease was taken over called the node late.
-    ("stale_epoch", Class::Conflict),
-    ("invalid_request", Class::Invalid),
-    ("invalid_profile", Class::Invalid),
-    ("invalid_network_policy", Class::Invalid),
-    ("invalid_prompt", Class::Invalid),
-    ("bad_working_dir", Class::Invalid),
-    ("agent_executable_not_found", Class::Invalid),
-    ("mount_source_not_found", Class::Invalid),
+    (Code::StaleEpoch, Class::Conflict),
+    (Code::InvalidRequest, Class::Invalid),
+    (Code::InvalidProfile, Class::Invalid),
+    (Code::InvalidNetworkPolicy, Class::Invalid),
+    (Code::InvalidPrompt, Class::Invalid),
+    (Code::BadWorkingDir, Class::Invalid),
+    (Code::AgentExecutableNotFound, Class::Invalid),
+    (Code::MountSourceNotFound, Class::Invalid),
     // The profile names a secret the node's secret store does not hold.
-    ("unknown_secret", Class::Invalid),
+    (Code::UnknownSecret, Class::Invalid),
     // The node's secret store cannot be read (its file, mode or owner).
-    ("secrets_unavailable", Class::Internal),
-    ("unknown_option", Class::Invalid),
-    ("bundle_checksum_mismatch", Class::Invalid),
-    ("bundle_invalid", Class::Invalid),
-    ("bundle_fetch_failed", Class::BadGateway),
-    ("unsupported_content", Class::Invalid),
-    ("unknown_mode", Class::Invalid),
-    ("unknown_config_option", Class::Invalid),
-    ("not_supported", Class::Conflict),
+    (Code::SecretsUnavailable, Class::Internal),
+    (Code::UnknownOption, Class::Invalid),
+    (Code::BundleChecksumMismatch, Class::Invalid),
+    (Code::BundleInvalid, Class::Invalid),
+    (Code::BundleFetchFailed, Class::BadGateway),
+    (Code::UnsupportedContent, Class::Invalid),
+    (Code::UnknownMode, Class::Invalid),
+    (Code::UnknownConfigOption, Class::Invalid),
+    (Code::NotSupported, Class::Conflict),
     // session/load of an ACP session the agent does not have.
-    ("acp_session_not_found", Class::Invalid),
-    ("acp_session_open", Class::Conflict),
-    ("invalid_mcp_server", Class::Invalid),
-    ("mcp_unsupported", Class::Invalid),
+    (Code::AcpSessionNotFound, Class::Invalid),
+    (Code::AcpSessionOpen, Class::Conflict),
+    (Code::InvalidMcpServer, Class::Invalid),
+    (Code::McpUnsupported, Class::Invalid),
     // One the supervisor could not create in the sandbox.
-    ("invalid_additional_directory", Class::Invalid),
+    (Code::InvalidAdditionalDirectory, Class::Invalid),
     // The plan gives no credentials the agent accepts: fix the request's env.
-    ("agent_auth_required", Class::Invalid),
-    ("agent_restarting", Class::Unavailable),
+    (Code::AgentAuthRequired, Class::Invalid),
+    (Code::AgentRestarting, Class::Unavailable),
     // Exited or failed past its restart budget: retrying will not help.
-    ("agent_unavailable", Class::Conflict),
-    ("agent_init_failed", Class::BadGateway),
-    ("agent_error", Class::BadGateway),
-    ("agent_spawn_failed", Class::BadGateway),
-    ("node_full", Class::Unavailable),
-    ("sandbox_failed", Class::Internal),
-    ("internal", Class::Internal),
+    (Code::AgentUnavailable, Class::Conflict),
+    (Code::AgentInitFailed, Class::BadGateway),
+    (Code::AgentError, Class::BadGateway),
+    (Code::AgentSpawnFailed, Class::BadGateway),
+    (Code::NodeFull, Class::Unavailable),
+    (Code::SandboxFailed, Class::Internal),
+    (Code::Internal, Class::Internal),
 ];

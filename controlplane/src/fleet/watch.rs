@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::store::nodes::JournalCursor;
 use crate::store::states::run;
-use crate::store::{StoreError, codes};
+use crate::domain::Code;
+use crate::store::StoreError;
 
 /// How long a watch lease lasts, and how often it is renewed.
 #[derive(Debug, Clone, Copy)]
@@ -168,7 +169,7 @@ async fn apply(app: &AppState, node_id: &str, entry: &JournalEntry) {
             },
             Some(Fact::SandboxLost(lost)) => {
                 tracing::warn!(node_id, container_id = lost.container_id, reason = lost.reason, "the node lost a sandbox");
-                app.store.fail_container_work(&lost.container_id, &lost.reason, codes::SANDBOX_LOST).await.map(|_| ())
+                app.store.fail_container_work(&lost.container_id, &lost.reason, Code::SandboxLost.as_str()).await.map(|_| ())
             }
             None => Ok(()),
         };
@@ -201,7 +202,7 @@ async fn reconcile_gap(app: &AppState, node_id: &str) {
         };
         if !running {
             let error = "the run ended while its end could not be recorded (the node's journal has a gap)";
-            let _ = app.store.run_failed_with(&r.id, error, Some(codes::RUN_END_LOST)).await;
+            let _ = app.store.run_failed_with(&r.id, error, Some(Code::RunEndLost.as_str())).await;
         }
     }
 }

@@ -6,6 +6,7 @@
 //! `DELETE /v1/sessions/{id}` while the container has other sessions (the
 //! last session's delete removes the whole container, `flows::delete`).
 
+use crate::domain::Code;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -39,7 +40,7 @@ pub async fn request(app: &AppState, container_id: &str, session_id: &str) -> Re
         Waited::Finished(outcome) => outcome,
         Waited::Pending => Err(Refusal::new(
             Class::Unavailable,
-            "node_unavailable",
+            Code::NodeUnavailable,
             format!("session {session_id} is being closed; the node has not confirmed yet (it will be retried)"),
         )),
     }

@@ -4,6 +4,7 @@
 //! their agents (`session.open`). A node refusal removes what was built and
 //! records the container failed, with the node's reason as the outcome.
 
+use crate::domain::Code;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use prost::Message;
@@ -44,7 +45,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
         return Ok(if c.state == container::READY {
             ok()
         } else {
-            failed(&Refusal::conflict("illegal_state", c.error.unwrap_or_else(|| format!("container {container_id} is {}", c.state))))
+            failed(&Refusal::conflict(Code::IllegalState, c.error.unwrap_or_else(|| format!("container {container_id} is {}", c.state))))
         });
     }
     let plan = payload.plan().map_err(|e| StepError::permanent(format!("bad plan in payload: {e}")))?;
@@ -56,7 +57,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
             app.store.metrics().sandbox_created(started.elapsed());
             match app.store.container_ready(container_id, sandbox.into_inner().supervisor_pid).await {
                 Ok(()) => Ok(ok()),
-                Err(StoreError::Illegal(e)) => Ok(failed(&Refusal::conflict("illegal_state", format!("{e} (deleted while being created)")))),
+                Err(StoreError::Illegal(e)) => Ok(failed(&Refusal::conflict(Code::IllegalState, format!("{e} (deleted while being created)")))),
                 Err(e) => Err(store_error(e)),
             }
         }

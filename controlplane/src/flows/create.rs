@@ -2,6 +2,7 @@
 //! container and session recorded ready. Written by `POST /v1/sessions`
 //! with the container (`provisioning`) and session (`creating`) rows.
 
+use crate::domain::Code;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use prost::Message;
@@ -166,7 +167,7 @@ async fn record_ready(app: &AppState, container_id: &str, session_id: &str, pid:
         // A delete overtook the create: its step, queued behind this one,
         // removes the sandbox and closes the session.
         Err(StoreError::Illegal(e)) => {
-            return Ok(failed(&Refusal::conflict("illegal_state", format!("{e} (deleted while being created)"))));
+            return Ok(failed(&Refusal::conflict(Code::IllegalState, format!("{e} (deleted while being created)"))));
         }
         Err(e) => return Err(store_error(e)),
     }
@@ -187,9 +188,9 @@ async fn undo(
         tracing::warn!(container_id, error = %e, "cannot remove the sandbox of a failed create");
     }
     let record = async {
-        app.store.container_failed_with(container_id, &problem.detail, problem.code).await?;
+        app.store.container_failed_with(container_id, &problem.detail, problem.code.as_str()).await?;
         app.store.container_deleted(container_id).await?;
-        app.store.session_failed_with(session_id, &problem.detail, problem.code).await
+        app.store.session_failed_with(session_id, &problem.detail, problem.code.as_str()).await
     };
     match record.await {
         Ok(()) | Err(StoreError::Illegal(_)) => Ok(()),
@@ -207,6 +208,6 @@ async fn already_settled(app: &AppState, ctx: &StepContext, payload: &Payload, s
     }
     let detail = s.error.unwrap_or_else(|| format!("container {} is {state}", ctx.entity_id));
     let (class, code) =
-        if state == container::DELETED || state == container::STOPPING { (Class::Conflict, "illegal_state") } else { (Class::BadGateway, "sandbox_failed") };
+        if state == container::DELETED || state == container::STOPPING { (Class::Conflict, Code::IllegalState) } else { (Class::BadGateway, Code::SandboxFailed) };
     Ok::<Value, StepError>(failed(&Refusal::new(class, code, detail)))
 }

@@ -3,6 +3,7 @@
 //! Written by `DELETE /v1/sessions/{id}` and `DELETE /v1/containers/{id}`
 //! with the container moved to `stopping`.
 
+use crate::domain::Code;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -47,7 +48,7 @@ pub enum Deleted {
 pub async fn request(app: &AppState, container_id: &str, reason: &str) -> Result<Deleted, Refusal> {
     let key = match begin(app, container_id, reason).await {
         Ok(key) => key,
-        Err(refused) if refused.code == "illegal_state" => match app.store.get_container(container_id).await?.state.as_str() {
+        Err(refused) if refused.code == Code::IllegalState => match app.store.get_container(container_id).await?.state.as_str() {
             container::DELETED => return Ok(Deleted::Done),
             container::STOPPING => key(container_id),
             _ => return Err(refused),
@@ -70,7 +71,7 @@ pub async fn begin(app: &AppState, container_id: &str, reason: &str) -> Result<S
                 Some(_) => {}
                 None => {
                     let detail = format!("container {container_id} is {}: a delete is under way", container::STOPPING);
-                    return Err(Refusal::conflict("illegal_state", detail));
+                    return Err(Refusal::conflict(Code::IllegalState, detail));
                 }
             }
             tx.enqueue(NewStep::new(CONTAINER, container_id, CONTAINER_DELETE, &key, payload)).await?;

@@ -5,6 +5,7 @@
 //! end is recorded later by the run follower (`crate::runs`) from the
 //! session's event log.
 
+use crate::domain::Code;
 use serde::{Deserialize, Serialize};
 
 use agentd_proto::node::PromptRequest;
@@ -43,7 +44,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     if let Some(state) = ended {
         // Ended before it was handed over (its container was deleted, say).
         let detail = format!("run {} is {state}", payload.run_id);
-        return Ok(failed(&Refusal::conflict("illegal_state", detail)));
+        return Ok(failed(&Refusal::conflict(Code::IllegalState, detail)));
     }
     let request = PromptRequest {
         container_id: ctx.entity_id.clone(),

@@ -47,6 +47,7 @@ pub mod open;
 pub mod registry_sync;
 pub mod suspend;
 
+use crate::domain::Code;
 use std::time::Duration;
 
 use agentd_proto::node::Fence;
@@ -186,7 +187,7 @@ pub fn failed(refusal: &Refusal) -> Value {
 /// or slow, or our lease taken over), as opposed to an answer.
 pub fn transient(status: &tonic::Status) -> bool {
     match agentd_proto::error::code_of(status) {
-        Some(code) => code == "stale_epoch",
+        Some(code) => code == Code::StaleEpoch.as_str(),
         None => matches!(
             status.code(),
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
@@ -247,13 +248,13 @@ pub async fn wait_for_step(app: &AppState, key: &str, timeout: Duration) -> Resu
     loop {
         wakeups.borrow_and_update();
         let Some(step) = app.store.get_step_by_key(key).await? else {
-            return Ok(Waited::Finished(Err(Refusal::new(Class::Internal, "internal", format!("step {key} vanished")))));
+            return Ok(Waited::Finished(Err(Refusal::new(Class::Internal, Code::Internal, format!("step {key} vanished")))));
         };
         match step.state.as_str() {
             step_state::DONE => return Ok(Waited::Finished(outcome(step.result.as_ref()))),
             step_state::FAILED => {
                 let error = step.last_error.unwrap_or_default();
-                return Ok(Waited::Finished(Err(Refusal::new(Class::Unavailable, "node_unavailable", error))));
+                return Ok(Waited::Finished(Err(Refusal::new(Class::Unavailable, Code::NodeUnavailable, error))));
             }
             _ => {}
         }

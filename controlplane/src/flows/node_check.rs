@@ -27,7 +27,7 @@ use agentd_proto::node::{DeleteSandboxRequest, GetNodeInfoRequest, Sandbox};
 
 use super::{CONTAINER, CONTAINER_HIBERNATE, NODE, NODE_CHECK, store_error};
 use crate::AppState;
-use crate::store::codes;
+use crate::domain::Code;
 use crate::store::nodes::{Capacity, NodeRow, node_admin, node_state};
 use crate::store::outbox::NewStep;
 use crate::store::states::{Entity, container};
@@ -126,7 +126,7 @@ pub async fn run(app: AppState, config: FleetConfig, ctx: StepContext) -> StepRe
             let marked = app.store.mark_node_lost_if_silent(node_id, config.heartbeat_timeout).await.map_err(store_error)?;
             if marked || node.state == node_state::LOST {
                 let reason = format!("node {node_id} lost: no heartbeat for more than {:?} ({why})", config.heartbeat_timeout);
-                let dead = app.store.fail_everything_on_node(node_id, &reason, codes::NODE_LOST).await.map_err(store_error)?;
+                let dead = app.store.fail_everything_on_node(node_id, &reason, Code::NodeLost.as_str()).await.map_err(store_error)?;
                 if marked || dead != Default::default() {
                     tracing::warn!(node_id, containers = dead.containers, sessions = dead.sessions, runs = dead.runs, "{reason}");
                 }

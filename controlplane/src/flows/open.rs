@@ -8,6 +8,7 @@
 //! A node refusal fails only the session: the container and its other
 //! sessions go on, and an agent started for this session alone is stopped.
 
+use crate::domain::Code;
 use agentd_proto::node::{CloseSessionRequest, StartAgentRequest};
 
 use super::{agent_deadline, deadline, failed, fence, node_error, ok, store_error, transient, within};
@@ -30,7 +31,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     }
     let c = app.store.get_container(container_id).await.map_err(store_error)?;
     if c.state != container::READY {
-        let problem = Refusal::conflict("illegal_state", format!("container {container_id} is {}; only a ready container takes new sessions", c.state));
+        let problem = Refusal::conflict(Code::IllegalState, format!("container {container_id} is {}; only a ready container takes new sessions", c.state));
         record_failed(&app, &payload.session_id, &problem).await?;
         return Ok(failed(&problem));
     }
@@ -67,7 +68,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
             };
             match recorded.await {
                 Ok(()) => {}
-                Err(StoreError::Illegal(e)) => return Ok(failed(&Refusal::conflict("illegal_state", format!("{e} (closed while being opened)")))),
+                Err(StoreError::Illegal(e)) => return Ok(failed(&Refusal::conflict(Code::IllegalState, format!("{e} (closed while being opened)")))),
                 Err(e) => return Err(store_error(e)),
             }
             Ok(ok())
@@ -92,7 +93,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
 }
 
 async fn record_failed(app: &AppState, session_id: &str, problem: &Refusal) -> Result<(), StepError> {
-    match app.store.session_failed_with(session_id, &problem.detail, problem.code).await {
+    match app.store.session_failed_with(session_id, &problem.detail, problem.code.as_str()).await {
         Ok(()) | Err(StoreError::Illegal(_)) => Ok(()),
         Err(e) => Err(store_error(e)),
     }
@@ -105,5 +106,5 @@ fn already_settled(s: &crate::store::SessionRow) -> serde_json::Value {
         return ok();
     }
     let detail = s.error.clone().unwrap_or_else(|| format!("session {} is {}", s.id, s.state));
-    failed(&Refusal::conflict("illegal_state", detail))
+    failed(&Refusal::conflict(Code::IllegalState, detail))
 }

@@ -9,6 +9,7 @@
 //! node. A node that refuses puts the state back and its problem is the
 //! answer, as when the API called the node itself.
 
+use crate::domain::Code;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -63,7 +64,7 @@ pub async fn request(app: &AppState, container_id: &str, action: Action) -> Resu
     let key = format!("{kind}:{container_id}:{}", uuid::Uuid::now_v7().simple());
     let payload = serde_json::to_value(Payload { action }).expect("payload serializes");
     let refused = |state: &str| {
-        Refusal::conflict("illegal_state", format!("container {container_id} is {state}; only a {from} one {}", action.verb()))
+        Refusal::conflict(Code::IllegalState, format!("container {container_id} is {state}; only a {from} one {}", action.verb()))
     };
     let reason = format!("{kind} requested");
     app.store
@@ -82,7 +83,7 @@ pub async fn request(app: &AppState, container_id: &str, action: Action) -> Resu
         Waited::Finished(outcome) => outcome,
         Waited::Pending => Err(Refusal::new(
             Class::Unavailable,
-            "node_unavailable",
+            Code::NodeUnavailable,
             format!("container {container_id} is {to}; the node has not confirmed yet (it will be retried)"),
         )),
     }
@@ -96,7 +97,7 @@ pub async fn run(app: AppState, ctx: StepContext) -> StepResult {
     // state is what the steps before this one left; they ran in order.
     if matches!(c.state.as_str(), container::STOPPING | container::DELETED | container::FAILED) {
         let detail = format!("container {id} is {}", c.state);
-        return Ok(failed(&Refusal::conflict("illegal_state", detail)));
+        return Ok(failed(&Refusal::conflict(Code::IllegalState, detail)));
     }
     let mut node = super::node_for(&app, &c.node_id).await?;
     let answer = match payload.action {

@@ -56,20 +56,10 @@
 
 pub use crate::domain::states;
 
-/// Stable codes of why something failed, kept beside its error text
-/// (`error_code`) and shown by the API.
-pub mod codes {
-    /// Its node stopped answering for longer than the heartbeat timeout.
-    pub const NODE_LOST: &str = "node_lost";
-    /// Its sandbox is gone (the node restarted, or its PID 1 died).
-    pub const SANDBOX_LOST: &str = "sandbox_lost";
-    /// The run's end could not be recorded: the node no longer ran it.
-    pub const RUN_END_LOST: &str = "run_end_lost";
-}
-
 #[cfg(test)]
 pub(crate) mod conformance;
 
+use crate::domain::Code;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,21 +118,21 @@ impl From<StoreError> for crate::domain::Refusal {
         match &e {
             StoreError::NotFound { entity, .. } => {
                 let code = match entity {
-                    Entity::Container => "container_not_found",
-                    Entity::Session => "session_not_found",
-                    Entity::Run => "run_not_found",
-                    Entity::AgentInstance => "agent_not_found",
+                    Entity::Container => Code::ContainerNotFound,
+                    Entity::Session => Code::SessionNotFound,
+                    Entity::Run => Code::RunNotFound,
+                    Entity::AgentInstance => Code::AgentNotFound,
                 };
                 Refusal::not_found(code, e.to_string())
             }
-            StoreError::Illegal(_) => Refusal::conflict("illegal_state", e.to_string()),
-            StoreError::RunActive { .. } => Refusal::conflict("run_active", e.to_string()),
-            StoreError::StaleLease { .. } => Refusal::conflict("stale_lease", e.to_string()),
+            StoreError::Illegal(_) => Refusal::conflict(Code::IllegalState, e.to_string()),
+            StoreError::RunActive { .. } => Refusal::conflict(Code::RunActive, e.to_string()),
+            StoreError::StaleLease { .. } => Refusal::conflict(Code::StaleLease, e.to_string()),
             // A request with the same key committed first: a retry answers it.
-            StoreError::KeyTaken { .. } => Refusal::conflict("idempotency_key_in_use", e.to_string()),
+            StoreError::KeyTaken { .. } => Refusal::conflict(Code::IdempotencyKeyInUse, e.to_string()),
             StoreError::Db(_) | StoreError::Migrate(_) => {
                 tracing::error!(error = %e, "store error");
-                Refusal::new(Class::Unavailable, "store_unavailable", "the store is unavailable; retry later")
+                Refusal::new(Class::Unavailable, Code::StoreUnavailable, "the store is unavailable; retry later")
             }
         }
     }
@@ -157,7 +147,7 @@ pub struct ContainerRow {
     pub profile_json: String,
     pub supervisor_pid: Option<i64>,
     pub error: Option<String>,
-    /// A stable code of why it failed, when agentd knows one ([`codes`]).
+    /// A stable code of why it failed, when agentd knows one ([`crate::domain::Code`]).
     pub error_code: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
