@@ -118,6 +118,15 @@ pub struct NodeFlags {
     /// milliseconds (its archive in the store outlives it).
     #[arg(long, env = "AGENTD_CLOSED_SESSION_RETENTION_MS", default_value_t = 3_600_000)]
     pub closed_session_retention_ms: u64,
+    /// The node's secrets, which profiles name by reference: a file of
+    /// `NAME=value` lines (mode 0600/0640) or a directory of one file per
+    /// secret. Agents get a proxy endpoint and a placeholder, never a value.
+    #[arg(long, env = "AGENTD_SECRETS_FILE")]
+    pub secrets_file: Option<PathBuf>,
+    /// PEM CA certificates the secrets proxy trusts for upstreams, besides
+    /// Mozilla's roots (a private gateway, a test's own CA).
+    #[arg(long, env = "AGENTD_SECRETS_CA_FILE")]
+    pub secrets_ca_file: Option<PathBuf>,
 }
 
 /// `k=v,k2=v2` into labels; empty gives none.

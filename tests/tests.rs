@@ -30,6 +30,7 @@ mod permissions;
 mod powers;
 mod registry;
 mod sandbox_limits;
+mod secrets;
 mod session_path;
 mod session_scope;
 mod shutdown;

@@ -100,6 +100,10 @@ pub enum PlanError {
     NotAbsolute { field: &'static str, value: String },
     #[error(transparent)]
     NoDistribution(SpecError),
+    #[error(
+        "an {0} agent fetches its package over the host's network, which a sandbox with secrets cannot have: name container_profile.network (\"none\" with a warmed cache)"
+    )]
+    SecretsNeedOwnNetwork(&'static str),
 }
 
 pub struct Compiled {
@@ -231,7 +235,13 @@ pub fn compile(
     env.extend(launched.env);
 
     let network = match &profile.profile.network {
-        Network::None if launched.needs_network && !profile.network_given => Network::Host,
+        Network::None if launched.needs_network && !profile.network_given => {
+            // The secrets proxy would listen on the host's loopback.
+            if !profile.profile.secrets.is_empty() {
+                return Err(PlanError::SecretsNeedOwnNetwork(if launched.command == "npx" { "npx" } else { "uvx" }));
+            }
+            Network::Host
+        }
         other => other.clone(),
     };
     let mut sandbox = compile_sandbox(container_id, profile.profile);
@@ -272,6 +282,7 @@ pub fn compile_sandbox(container_id: &str, profile: &Profile) -> SandboxPlan {
         rootfs: profile.rootfs.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         bundles: Vec::new(),
         seccomp: profile.seccomp.as_ref().map(agentd_proto::convert::seccomp_message),
+        secrets: profile.secrets.iter().map(agentd_proto::convert::secret_message).collect(),
     }
 }
 
@@ -413,6 +424,25 @@ mod tests {
         assert_eq!((c.agent.command.as_str(), c.agent.args.as_slice()), ("uvx", &["fast-agent-acp==0.2".to_string(), "serve".to_string()][..]));
         assert_eq!(c.agent.env["UV_CACHE_DIR"], "/workspace/.cache/uv");
         assert_eq!(c.sandbox.network(), NetworkMode::Host);
+    }
+
+    /// Secrets travel as references; the host's network, which would share
+    /// their proxy with the host, is never chosen for them.
+    #[test]
+    fn secrets_travel_as_references_and_keep_the_sandbox_off_the_host_network() {
+        let secret = json!({"name": "GEMINI_API_KEY", "upstream": "https://generativelanguage.googleapis.com", "header": "x-goog-api-key",
+            "env": "GOOGLE_GEMINI_BASE_URL"});
+        let with_secret = Profile::from_json(&json!({"secrets": [secret]})).unwrap();
+        let c = build(&local("/opt/bin/echo-agent"), &with_secret, false).unwrap();
+        assert_eq!(c.sandbox.secrets.len(), 1);
+        assert_eq!(c.sandbox.secrets[0].upstream, "https://generativelanguage.googleapis.com");
+        assert_eq!(agentd_proto::convert::secrets(&c.sandbox.secrets).unwrap(), with_secret.secrets);
+
+        let npx = spec(json!({"id": "gemini", "version": "1", "distribution": {"npx": {"package": "@google/gemini-cli@1.0.0"}}}));
+        let e = build(&npx, &with_secret, false).err().unwrap();
+        assert!(matches!(e, PlanError::SecretsNeedOwnNetwork("npx")), "{e}");
+        let offline = Profile::from_json(&json!({"secrets": [secret], "network": "none"})).unwrap();
+        assert_eq!(build(&npx, &offline, true).unwrap().sandbox.network(), NetworkMode::None);
     }
 
     #[test]

@@ -22,6 +22,9 @@
 //! - [`fence`]: epoch fencing and idempotency keys of workflow steps' calls,
 //!   kept across restarts.
 //! - `oom`: turns OOM kills in a sandbox's cgroup into `sandbox.oom` events.
+//! - [`secrets_proxy`]: keys that never enter the sandbox: the node's secret
+//!   store, and per sandbox a plain-HTTP endpoint on its own loopback that
+//!   forwards to the secret's upstream over TLS with the key added.
 //! - [`service`]: the `Node` gRPC service.
 //!
 //! [`serve`] runs the service on a unix socket until shutdown ([`bind`] then
@@ -38,6 +41,7 @@ pub mod record;
 pub mod restore;
 pub mod retention;
 pub mod sandboxes;
+pub mod secrets_proxy;
 pub mod service;
 pub mod sessions;
 pub mod setup;
@@ -88,6 +92,12 @@ pub struct NodeConfig {
     /// host at start (memory, CPUs) or are `max_sandboxes` (slots).
     pub capacity_memory: Option<u64>,
     pub capacity_cpus: Option<f64>,
+    /// The secret store profiles' secrets come from (a file of `NAME=value`
+    /// lines or a directory of files; see `secrets_proxy::store`); `None`:
+    /// the node holds no secrets.
+    pub secrets_file: Option<PathBuf>,
+    /// CAs the secrets proxy trusts for upstreams besides Mozilla's roots.
+    pub secrets_ca_file: Option<PathBuf>,
     /// Sandboxes outlive the node process: a stop leaves them running (and
     /// their turns), and a start takes back what an earlier process left.
     /// Off: a stop removes every sandbox, a start removes what is left.
@@ -113,6 +123,8 @@ impl NodeConfig {
             labels: Default::default(),
             capacity_memory: None,
             capacity_cpus: None,
+            secrets_file: None,
+            secrets_ca_file: None,
             live_restore: false,
             closed_session_retention: std::time::Duration::from_secs(3600),
         }

@@ -42,6 +42,50 @@ pub struct Record {
     pub seccomp: Option<String>,
     /// Hibernated: its processes are frozen.
     pub frozen: bool,
+    /// Its secrets and the ports their proxies listen on in its namespace
+    /// (its agents were told them): a restarted node serves them again.
+    /// References only, never values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<RecordedSecret>,
+}
+
+/// One secret of a sandbox, as its record keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordedSecret {
+    pub name: String,
+    pub upstream: String,
+    pub header: String,
+    pub scheme: Option<String>,
+    pub env: String,
+    pub port: u16,
+}
+
+impl RecordedSecret {
+    /// `refs` with the ports their proxies got, in the same order.
+    pub fn of(refs: &[agentd_plan::SecretRef], ports: &[u16]) -> Vec<RecordedSecret> {
+        refs.iter()
+            .zip(ports)
+            .map(|(r, port)| RecordedSecret {
+                name: r.name.clone(),
+                upstream: r.upstream.to_string(),
+                header: r.header.clone(),
+                scheme: r.scheme.clone(),
+                env: r.env.clone(),
+                port: *port,
+            })
+            .collect()
+    }
+
+    /// The references and ports back, checked as a plan's are (the file
+    /// could have been edited).
+    pub fn refs(recorded: &[RecordedSecret]) -> Result<(Vec<agentd_plan::SecretRef>, Vec<u16>), agentd_plan::SecretError> {
+        let refs = recorded
+            .iter()
+            .enumerate()
+            .map(|(i, s)| agentd_plan::SecretRef::new(&format!("secrets[{i}]"), &s.name, &s.upstream, &s.header, s.scheme.as_deref(), &s.env))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((refs, recorded.iter().map(|s| s.port).collect()))
+    }
 }
 
 /// What cleaning up after a sandbox needs, readable from records of every

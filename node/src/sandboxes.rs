@@ -48,6 +48,7 @@ use crate::NodeConfig;
 use crate::bundles::BundleCache;
 use crate::event_log::now_ms;
 use crate::record::{self, Found, Leftover, Record};
+use crate::secrets_proxy::{Proxies, SandboxProxies};
 
 /// How long a killed sandbox may take to disappear before teardown gives up
 /// waiting (the kernel kills the whole pid namespace with its PID 1).
@@ -110,6 +111,8 @@ pub struct Checked {
     mounts: Vec<BindMount>,
     /// The agents' seccomp policy, known to compile here.
     seccomp: Option<SeccompPolicy>,
+    /// Secrets the node's proxies serve the sandbox, all held by its store.
+    secrets: Vec<agentd_plan::SecretRef>,
 }
 
 /// The spare cgroups with their parked worker, and whether the node is
@@ -134,6 +137,8 @@ pub struct Sandbox {
     memory_max: Option<u64>,
     /// Given to the supervisor for each agent it starts; `None`: the default filter.
     pub seccomp: Option<SeccompPolicy>,
+    /// Its secrets' endpoints on its loopback; their variables go to every agent.
+    pub proxies: SandboxProxies,
     /// OOM kills already reported (see `oom.rs`).
     oom_seen: AtomicU64,
     frozen: AtomicBool,
@@ -256,6 +261,7 @@ struct Built {
     pidfd: Arc<OwnedFd>,
     seccomp: Option<SeccompPolicy>,
     egress: Option<agentd_egress::Serving>,
+    proxies: SandboxProxies,
 }
 
 pub struct Sandboxes {
@@ -286,6 +292,8 @@ pub struct Sandboxes {
     /// Egress gateways' denials, by container id; read by `egress::report`.
     denials: tokio::sync::mpsc::UnboundedSender<(String, agentd_egress::Denial)>,
     denials_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<(String, agentd_egress::Denial)>>>,
+    /// The secret store and the upstream client of every sandbox's proxies.
+    proxies: Proxies,
 }
 
 /// Makes the node the parent of every orphan below it, so that sandbox PID 1s
@@ -385,6 +393,7 @@ impl Sandboxes {
         let launcher = Launcher::new(config.exe.clone());
         let bundles = BundleCache::open(config.state_dir.join("bundles"))?;
         let (denials, denials_rx) = tokio::sync::mpsc::unbounded_channel();
+        let proxies = Proxies::new(config.secrets_file.clone(), config.secrets_ca_file.as_deref(), config.proc_root.clone()).map_err(std::io::Error::other)?;
         let this = Arc::new(Self {
             config,
             cgroups,
@@ -398,6 +407,7 @@ impl Sandboxes {
             bundles,
             denials,
             denials_rx: Mutex::new(Some(denials_rx)),
+            proxies,
         });
         // Links and rules of egress slots whose owner died (this node's
         // earlier run among them: its egress sandboxes are not taken back,
@@ -519,6 +529,12 @@ impl Sandboxes {
             return Err(give_up(format!("its cgroup {} is gone: it was stopped", missing.path.display())));
         }
         let seccomp = r.seccomp_policy().map_err(|e| give_up(format!("its sandbox.json is damaged ({e}): it was stopped")))?;
+        // Its agents were told these ports: served again on the same ones.
+        let (secrets, ports) = record::RecordedSecret::refs(&r.secrets).map_err(|e| give_up(format!("its sandbox.json is damaged ({e}): it was stopped")))?;
+        let proxies = self
+            .proxies
+            .start(r.pid, &secrets, Some(&ports), exited.clone())
+            .map_err(|e| give_up(format!("its secrets cannot be served again ({e}): it was stopped")))?;
         let supervisor = SupervisorClient::new(agentd_proto::trace::traced(uds::lazy_channel(&dir.join("supervisor.sock"))));
         // Kills before the restart were reported before it (or not at all):
         // only new ones are.
@@ -534,6 +550,7 @@ impl Sandboxes {
             cgroup: r.cgroup.clone(),
             memory_max: r.memory_max,
             seccomp,
+            proxies,
             oom_seen: AtomicU64::new(oom_seen),
             frozen: AtomicBool::new(r.frozen),
             exited,
@@ -698,7 +715,12 @@ impl Sandboxes {
             spec::check_mount_target(Path::new(&b.target))
                 .map_err(|e| status(Code::InvalidArgument, "invalid_request", format!("bundle target {:?}: {e}", b.target)))?;
         }
-        Ok(Checked { limits, network, rootfs, hostname, workspace_path, mounts, seccomp })
+        let secrets = agentd_proto::convert::secrets(&plan.secrets).map_err(|e| invalid_profile(e.to_string()))?;
+        if !secrets.is_empty() && network == Network::Host {
+            return Err(invalid_profile("secrets need the sandbox's own network namespace, not the host's".into()));
+        }
+        self.proxies.check(&secrets).map_err(|e| e.status())?;
+        Ok(Checked { limits, network, rootfs, hostname, workspace_path, mounts, seccomp, secrets })
     }
 
     /// Builds the sandbox a plan describes. Creating an id that exists answers
@@ -752,7 +774,7 @@ impl Sandboxes {
             }
         };
         match self.build(&plan, checked, bundle_mounts, slot, &dir, &cgroup, parked, &failure).await {
-            Ok(Built { record, supervisor, exited, pidfd, seccomp, egress }) => {
+            Ok(Built { record, supervisor, exited, pidfd, seccomp, egress, proxies }) => {
                 let sandbox = Arc::new(Sandbox {
                     id: id.clone(),
                     pid: record.pid,
@@ -764,6 +786,7 @@ impl Sandboxes {
                     cgroup,
                     memory_max: record.memory_max,
                     seccomp,
+                    proxies,
                     oom_seen: AtomicU64::new(0),
                     frozen: AtomicBool::new(false),
                     exited,
@@ -833,6 +856,7 @@ impl Sandboxes {
         std::os::unix::fs::chown(&workspace, Some(ids.host_base), Some(ids.host_base)).map_err(internal)?;
         injected(failure, "prepare")?;
 
+        let secrets = checked.secrets;
         let mut mounts = vec![BindMount { source: workspace, target: checked.workspace_path, read_only: false }];
         mounts.extend(checked.mounts);
         mounts.extend(bundle_mounts);
@@ -923,6 +947,8 @@ impl Sandboxes {
         };
         injected(failure, "connect").map_err(kill_on_error)?;
         let (pidfd, exited) = watch_exit(pid).map_err(|e| kill_on_error(internal(format!("pidfd_open: {e}"))))?;
+        // Before any agent can start: their variables name the ports.
+        let proxies = self.proxies.start(pid, &secrets, None, exited.clone()).map_err(|e| kill_on_error(e.status()))?;
         let channel = uds::connect(&socket_path)
             .await
             .map_err(|e| kill_on_error(status(Code::Internal, "sandbox_failed", format!("supervisor unreachable: {e}"))))?;
@@ -940,11 +966,12 @@ impl Sandboxes {
             memory_max,
             seccomp: Record::encode_seccomp(seccomp.as_ref()),
             frozen: false,
+            secrets: record::RecordedSecret::of(&secrets, &proxies.ports()),
         };
         // Before the answer: a node that restarts right after takes back
         // every sandbox it ever answered for.
         record.write(dir).map_err(|e| kill_on_error(internal(format!("write sandbox.json: {e}"))))?;
-        Ok(Built { record, supervisor: SupervisorClient::new(agentd_proto::trace::traced(channel)), exited, pidfd, seccomp, egress })
+        Ok(Built { record, supervisor: SupervisorClient::new(agentd_proto::trace::traced(channel)), exited, pidfd, seccomp, egress, proxies })
     }
 
     /// Stops the sandbox: its agents first, given the grace period (see
@@ -972,6 +999,8 @@ impl Sandboxes {
         if let Some(egress) = egress {
             let _ = tokio::task::spawn_blocking(move || drop(egress)).await;
         }
+        // Their sockets hold the sandbox's network namespace.
+        sandbox.proxies.stop().await;
         if let Err(e) = std::fs::remove_dir_all(&sandbox.dir) {
             tracing::warn!(id, error = %e, "cannot remove sandbox directory");
         }

@@ -54,6 +54,9 @@ impl NodeService {
         let agent = r.agent.ok_or_else(|| status(Code::InvalidArgument, "invalid_request", "agent plan is required"))?;
         let sandbox = self.node.sandboxes.get(&r.container_id)?;
         let command = crate::delivery::command(&self.node, &sandbox, &agent).await?;
+        // The secrets' endpoints and placeholders, over whatever the plan says.
+        let mut env = agent.env;
+        env.extend(sandbox.proxies.env());
         let answer = sandbox
             .supervisor
             .clone()
@@ -61,7 +64,7 @@ impl NodeService {
                 agent_instance_id: r.agent_instance_id.clone(),
                 command,
                 args: agent.args,
-                env: agent.env,
+                env,
                 cwd: agent.cwd,
                 initialize_timeout_ms: agent.initialize_timeout_ms,
                 seccomp: sandbox.seccomp.clone(),

@@ -9,6 +9,7 @@
 //!   allow-list's rules ([`EgressPolicy`]), parsed and checked.
 //! - [`limits`]: the bounds of memory, pids and cpus every host shares.
 //! - [`seccomp`]: a custom seccomp policy's shape ([`SeccompPolicy`]).
+//! - [`secrets`]: secrets a profile names by reference ([`SecretRef`]).
 //! - [`ids`]: entity ids.
 
 pub mod ids;
@@ -16,9 +17,11 @@ pub mod limits;
 pub mod network;
 pub mod profile;
 pub mod seccomp;
+pub mod secrets;
 
 pub use ids::new_id;
 pub use limits::LimitsError;
 pub use network::{EgressPolicy, EgressRule, Network, NetworkError};
 pub use profile::{Profile, ProfileError, parse_size};
 pub use seccomp::SeccompPolicy;
+pub use secrets::{SecretError, SecretRef};

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::network::{Network, NetworkError};
 use crate::seccomp::SeccompPolicy;
+use crate::secrets::{SecretError, SecretRef};
 use crate::limits::{LimitsError, check_bounds};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -35,6 +36,8 @@ pub enum ProfileError {
     BadNodeId(String),
     #[error("node_selector label {0:?} is not valid: keys of letters, digits, '.', '-', '_', '/' (at most 63), values at most 63 printable characters")]
     BadLabel(String),
+    #[error("{0}")]
+    Secret(#[from] SecretError),
 }
 
 /// `256M`, `1G`, `512K`, `1048576` (binary units).
@@ -72,6 +75,8 @@ struct Input {
     node_id: Option<String>,
     #[serde(default)]
     node_selector: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    secrets: Option<Value>,
 }
 
 fn memory(value: &Value) -> Result<u64, ProfileError> {
@@ -109,14 +114,19 @@ pub struct Profile {
     pub node_id: Option<String>,
     /// Labels the container's node must carry, each with this value.
     pub node_selector: std::collections::BTreeMap<String, String>,
+    /// Keys the node's secrets proxy adds to requests to their upstreams;
+    /// the sandbox holds only placeholders (see [`crate::secrets`]).
+    pub secrets: Vec<SecretRef>,
 }
 
 impl ProfileError {
     /// The problem code a client gets for it: `invalid_network_policy` for
-    /// an egress policy's fault, `invalid_profile` for anything else.
+    /// an egress policy's fault, `invalid_secret` for a secret reference's,
+    /// `invalid_profile` for anything else.
     pub fn code(&self) -> &'static str {
         match self {
             ProfileError::Network(e) if e.is_policy() => "invalid_network_policy",
+            ProfileError::Secret(_) => "invalid_secret",
             _ => "invalid_profile",
         }
     }
@@ -148,7 +158,15 @@ impl Profile {
         if let Some((k, v)) = node_selector.iter().find(|(k, v)| !crate::ids::valid_label(k, v)) {
             return Err(ProfileError::BadLabel(format!("{k}={v}")));
         }
-        Ok(Profile { memory_bytes, pids_max, cpus, network, rootfs, seccomp, node_id, node_selector })
+        let secrets = input.secrets.as_ref().map(crate::secrets::parse_list).transpose()?.unwrap_or_default();
+        if !secrets.is_empty() && network == Network::Host {
+            return Err(SecretError {
+                field: "secrets".into(),
+                problem: "need the sandbox's own network namespace: with network \"host\" the key's proxy would serve every process of the host".into(),
+            }
+            .into());
+        }
+        Ok(Profile { memory_bytes, pids_max, cpus, network, rootfs, seccomp, node_id, node_selector, secrets })
     }
 }
 
@@ -184,6 +202,19 @@ mod tests {
         let egress = Profile::from_json(&json!({"network": {"egress": {"allow": ["a.com:443"]}}})).unwrap();
         assert_eq!(egress.network.mode(), "egress");
         assert!(matches!(Profile::from_json(&json!({"rootfs": "srv"})), Err(ProfileError::RelativeRootfs(_))));
+    }
+
+    #[test]
+    fn secrets_are_references_refused_with_their_own_code() {
+        let secret = json!({"name": "K", "upstream": "https://x.example", "header": "x-k", "env": "U"});
+        let p = Profile::from_json(&json!({"secrets": [secret]})).unwrap();
+        assert_eq!(p.secrets[0].name, "K");
+        let e = Profile::from_json(&json!({"secrets": [secret], "network": "host"})).unwrap_err();
+        assert_eq!((e.code(), e.to_string().starts_with("secrets ")), ("invalid_secret", true), "{e}");
+        let e = Profile::from_json(&json!({"secrets": [{"name": "K", "upstream": "http://x", "header": "x-k", "env": "U"}]})).unwrap_err();
+        assert_eq!(e.code(), "invalid_secret");
+        assert!(e.to_string().starts_with("secrets[0].upstream \"http://x\" must be an https:// URL"), "{e}");
+        assert_eq!(Profile::from_json(&json!({"pids": 0})).unwrap_err().code(), "invalid_profile");
     }
 
     /// Every refusal names its field, so a client knows what to fix.

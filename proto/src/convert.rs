@@ -1,7 +1,7 @@
 //! The plan vocabulary (agentd-plan) in messages and back: the control plane
 //! compiles plans with the one, the node reads them with the other.
 
-use agentd_plan::Network;
+use agentd_plan::{Network, SecretError, SecretRef};
 use agentd_plan::network::{EgressPolicy, EgressRule, Ipv4Net, Ports, Target};
 use agentd_plan::seccomp::{ArgWidth, CmpOp, SeccompAction, SeccompCondition, SeccompFilter, SeccompPolicy, SeccompRule};
 
@@ -82,6 +82,31 @@ pub fn network(mode: NetworkMode, egress: Option<&node::EgressPolicy>) -> Result
             Network::Egress(EgressPolicy { allow })
         }
     })
+}
+
+pub fn secret_message(r: &SecretRef) -> crate::node::SecretRef {
+    crate::node::SecretRef {
+        name: r.name.clone(),
+        upstream: r.upstream.to_string(),
+        header: r.header.clone(),
+        scheme: r.scheme.clone().unwrap_or_default(),
+        env: r.env.clone(),
+    }
+}
+
+/// The plan's secrets, checked again where they are used (a node trusts no
+/// message unchecked).
+pub fn secrets(messages: &[crate::node::SecretRef]) -> Result<Vec<SecretRef>, SecretError> {
+    let refs = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let scheme = (!m.scheme.is_empty()).then_some(m.scheme.as_str());
+            SecretRef::new(&format!("secrets[{i}]"), &m.name, &m.upstream, &m.header, scheme, &m.env)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    agentd_plan::secrets::check_unique(&refs)?;
+    Ok(refs)
 }
 
 /// An agent's state as the API and the store name it.

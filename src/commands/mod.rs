@@ -89,6 +89,8 @@ pub fn node_config(common: &CommonArgs, flags: &crate::cli::NodeFlags) -> anyhow
     config.capacity_cpus = flags.capacity_cpus;
     config.live_restore = flags.live_restore;
     config.closed_session_retention = std::time::Duration::from_millis(flags.closed_session_retention_ms);
+    config.secrets_file = flags.secrets_file.clone();
+    config.secrets_ca_file = flags.secrets_ca_file.clone();
     if let Some(cpus) = flags.capacity_cpus {
         anyhow::ensure!(cpus.is_finite() && cpus > 0.0, "--capacity-cpus must be a positive number");
     }

@@ -108,6 +108,8 @@ pub const KEYS: &[Key] = &[
     key("allowed_registry_sources", Kind::List(&Kind::Registry)),
     key("live_restore", Kind::Bool),
     key("closed_session_retention_ms", u64_from(0)),
+    key("secrets_file", Kind::Path),
+    key("secrets_ca_file", Kind::Path),
 ];
 
 pub fn find(name: &str) -> Option<&'static Key> {

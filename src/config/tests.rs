@@ -64,6 +64,8 @@ fn every_key_of_every_kind_takes_a_good_value() {
         allowed_registry_sources = ["https://example.org/registry.json", "/etc/agentd/registry.json"]
         live_restore = true
         closed_session_retention_ms = 0
+        secrets_file = "/etc/agentd/secrets"
+        secrets_ca_file = "/etc/agentd/secrets-ca.pem"
     "#;
     let vars = parse(Path::new("t.toml"), text).unwrap();
     assert_eq!(vars.len(), keys::KEYS.len(), "the test names every key");

@@ -365,6 +365,7 @@ pub async fn create(
     )
     .map_err(|e| match e {
         PlanError::NoDistribution(e) => Problem::invalid(Code::NoDistribution, e.to_string()),
+        e @ PlanError::SecretsNeedOwnNetwork(_) => Problem::invalid(Code::InvalidSecret, e.to_string()),
         e => Problem::invalid(Code::InvalidRequest, e.to_string()),
     })?;
     compiled.agent.policy = Some(agent_policy);

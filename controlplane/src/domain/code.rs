@@ -64,6 +64,12 @@ codes! {
     InvalidProfile = "invalid_profile",
     /// `container_profile.network` is not a valid network policy (egress rules).
     InvalidNetworkPolicy = "invalid_network_policy",
+    /// `container_profile.secrets` is not valid (a reference's name, upstream, header, scheme or env), or names secrets with `network: host`.
+    InvalidSecret = "invalid_secret",
+    /// The profile names a secret the node's secret store does not hold.
+    UnknownSecret = "unknown_secret",
+    /// The node's secret store cannot be read (its file, mode or owner).
+    SecretsUnavailable = "secrets_unavailable",
     /// `prompt` is neither a string nor a non-empty array of ACP content blocks, or the agent refused it.
     InvalidPrompt = "invalid_prompt",
     /// Too many labels, or a key or value that is not valid.

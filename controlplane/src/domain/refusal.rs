@@ -131,6 +131,10 @@ pub const NODE_CODES: &[(Code, Class)] = &[
     (Code::BadWorkingDir, Class::Invalid),
     (Code::AgentExecutableNotFound, Class::Invalid),
     (Code::MountSourceNotFound, Class::Invalid),
+    // The profile names a secret the node's secret store does not hold.
+    (Code::UnknownSecret, Class::Invalid),
+    // The node's secret store cannot be read (its file, mode or owner).
+    (Code::SecretsUnavailable, Class::Internal),
     (Code::UnknownOption, Class::Invalid),
     (Code::BundleChecksumMismatch, Class::Invalid),
     (Code::BundleInvalid, Class::Invalid),
