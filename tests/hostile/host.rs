@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The tag in the names of everything the `sandbox run` with process id
 /// `pid` makes: its mount point, scratch directories and cgroup subtree.
@@ -22,16 +23,47 @@ pub fn scratch_dirs() -> [PathBuf; 2] {
     [std::env::temp_dir(), PathBuf::from("/dev/shm")]
 }
 
-/// Removes the scratch files and directories of the `sandbox run` with
-/// process id `pid`, for a test that killed it (SIGKILL leaves them: the run
-/// cleans up after itself only when it lives to do so).
+/// Removes what the `sandbox run` with process id `pid` left, for a test
+/// that killed it (SIGKILL leaves it: the run cleans up after itself only
+/// when it lives to do so): its scratch files and directories, and its
+/// cgroups once their processes are gone (waited for, 5 s at most).
 pub fn remove_run_scratch(pid: u32) {
-    let tag = format!("{}-", run_tag(pid));
+    let tag = run_tag(pid);
     for dir in scratch_dirs() {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with(&tag) {
+            if e.file_name().to_string_lossy().starts_with(&format!("{tag}-")) {
                 let path = e.path();
                 let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            }
+        }
+    }
+    let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
+    let mut cgroups = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                if e.file_name().to_string_lossy() == tag {
+                    cgroups.push(e.path());
+                } else {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for cgroup in cgroups {
+        // Children first; a cgroup whose last process is still exiting
+        // refuses rmdir with EBUSY for a moment.
+        let mut dirs: Vec<PathBuf> = vec![cgroup.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            let children: Vec<PathBuf> = std::fs::read_dir(&dirs[i]).into_iter().flatten().flatten().filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false)).map(|e| e.path()).collect();
+            dirs.extend(children);
+            i += 1;
+        }
+        for dir in dirs.iter().rev() {
+            while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
