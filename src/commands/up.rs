@@ -74,7 +74,7 @@ async fn control_plane(args: &UpArgs, socket: &std::path::Path, notify: &Arc<Not
     let state_dir = &args.common.state_dir;
     notify.status("opening the store");
     let store = super::open_store(&args.api, state_dir).await?;
-    agentd_controlplane::fleet::nodes::register_unix_node(&store, &socket).await.map_err(anyhow::Error::msg)?;
+    agentd_controlplane::fleet::nodes::register_unix_node(&store, socket).await.map_err(anyhow::Error::msg)?;
     notify.status("reconciling the store with the node, syncing the agent registry");
     let cp = agentd_controlplane::process::ControlPlane::start(control_plane_settings(&args.api, state_dir, store.clone()))
         .await
