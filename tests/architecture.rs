@@ -13,7 +13,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     // Contracts only.
     ("agentd-proto", &["agentd-builder", "agentd-cgroups", "agentd-harden", "agentd-supervisor", "agentd-acp", "agentd-node", "agentd-controlplane", "agentd-sandbox"]),
     // The control plane reaches sandboxes only through a node, over gRPC.
-    ("agentd-controlplane", &["agentd-builder", "agentd-cgroups", "agentd-harden", "agentd-supervisor", "agentd-acp", "agentd-node", "agentd-sandbox"]),
+    ("agentd-controlplane", &["agentd-builder", "agentd-cgroups", "agentd-harden", "agentd-supervisor", "agentd-acp", "agentd-node", "agentd-sandbox", "agentd-egress"]),
     // The node talks to supervisors over gRPC; it never runs one.
     ("agentd-node", &["agentd-supervisor", "agentd-acp", "agentd-controlplane", "agentd-sandbox"]),
     // The builder hands PID 1 to a payload it is given.
@@ -25,6 +25,9 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("agentd-acp", &["agentd-proto", "agentd-builder", "agentd-cgroups", "agentd-harden", "agentd-supervisor", "agentd-node", "agentd-controlplane"]),
     // Certificates and tokens: no kernel code, no daemon.
     ("agentd-pki", &["agentd-builder", "agentd-cgroups", "agentd-harden", "agentd-supervisor", "agentd-acp", "agentd-node", "agentd-controlplane", "agentd-sandbox"]),
+    // Egress enforcement (links, nftables, the gateway): used by the node and
+    // `sandbox run`, using neither.
+    ("agentd-egress", &["agentd-proto", "agentd-builder", "agentd-supervisor", "agentd-acp", "agentd-node", "agentd-controlplane", "agentd-sandbox"]),
     // The small binary every sandbox is forked from: no daemon in it.
     ("agentd-sandbox", &["agentd-node", "agentd-controlplane"]),
 ];
