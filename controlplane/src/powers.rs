@@ -89,6 +89,12 @@ pub fn check_profile(
     if profile.seccomp.is_some() {
         return Err(refuse(&format!("{prefix}.seccomp"), "a seccomp policy of the caller's"));
     }
+    // The node's secrets go to the upstream the profile names, dialled from
+    // the node's own network: a caller choosing it could send a key anywhere
+    // the node reaches.
+    if !profile.secrets.is_empty() {
+        return Err(refuse(&format!("{prefix}.secrets"), "the node's secrets, sent to an upstream of the caller's choosing,"));
+    }
     match profile.network {
         Network::Host => return Err(refuse(&format!("{prefix}.network"), "the host's network")),
         Network::None if agent_needs_network && !network_given => {
@@ -170,6 +176,9 @@ mod tests {
         assert_eq!(field(check_profile(user, &none, "container_profile", &Profile::default(), false, true)), "container_profile.network");
         assert!(check_profile(user, &none, "container_profile", &profile(json!({"network": "none"})), true, true).is_ok());
         assert!(check_profile(user, &none, "container_profile", &Profile::default(), false, false).is_ok());
+        let secret = profile(json!({"secrets": [{"name": "API_KEY", "upstream": "https://api.example.com", "header": "x-api-key", "env": "API_BASE_URL"}]}));
+        assert_eq!(field(check_profile(user, &none, "container_profile", &secret, false, false)), "container_profile.secrets");
+        assert!(check_profile(Authority::Operator, &none, "container_profile", &secret, false, false).is_ok());
     }
 
     #[test]

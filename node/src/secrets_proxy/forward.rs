@@ -114,8 +114,14 @@ pub async fn handle(request: Request<Incoming>, route: Arc<Route>, upstreams: Up
 }
 
 /// Paths under the upstream's base only, without `.` or `..` segments
-/// (also percent-encoded): the key goes to the API it was given for.
+/// (also percent-encoded) and without encoded slashes or backslashes (which
+/// an upstream or its front proxy may decode before normalising): the key
+/// goes to the API it was given for.
 fn check_path(path: &str, base: &str) -> Result<(), (StatusCode, String)> {
+    let lower = path.to_ascii_lowercase();
+    if path.contains('\\') || lower.contains("%2f") || lower.contains("%5c") {
+        return Err((StatusCode::BAD_REQUEST, "paths with encoded slashes or backslashes are not forwarded".into()));
+    }
     let dotted = path.split('/').any(|s| matches!(s.to_ascii_lowercase().replace("%2e", ".").as_str(), "." | ".."));
     if dotted {
         return Err((StatusCode::BAD_REQUEST, "paths with `.` or `..` segments are not forwarded".into()));
@@ -179,6 +185,9 @@ mod tests {
             ("/v1/../admin", "/v1", StatusCode::BAD_REQUEST),
             ("/v1/%2E%2e/admin", "/v1", StatusCode::BAD_REQUEST),
             ("/./x", "", StatusCode::BAD_REQUEST),
+            ("/v1/x%2f..%2f..%2fadmin", "/v1", StatusCode::BAD_REQUEST),
+            ("/v1/x%5C..%5Cadmin", "/v1", StatusCode::BAD_REQUEST),
+            ("/v1/x\\..\\admin", "/v1", StatusCode::BAD_REQUEST),
         ] {
             assert_eq!(check_path(path, base).unwrap_err().0, status, "{path} under {base:?}");
         }
