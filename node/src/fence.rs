@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -119,26 +119,6 @@ impl Entities {
     }
 }
 
-fn read_records(path: &Path) -> Vec<FenceRecord> {
-    let mut bytes = Vec::new();
-    if File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).is_err() {
-        return Vec::new();
-    }
-    let mut buf = bytes.as_slice();
-    let mut records = Vec::new();
-    // A record cut short by a crash mid-write ends the file there.
-    while !buf.is_empty() {
-        match FenceRecord::decode_length_delimited(&mut buf) {
-            Ok(r) => records.push(r),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "fences end in a partial record; dropped");
-                break;
-            }
-        }
-    }
-    records
-}
-
 impl Fences {
     /// The fences an earlier node process kept in `dir` (`keep`), or none
     /// (without live restore its sandboxes are stopped at start, and answers
@@ -149,7 +129,7 @@ impl Fences {
         let fences = Fences::default();
         if keep {
             let mut entities = fences.entities.lock().unwrap();
-            for r in read_records(&path) {
+            for r in crate::state_file::read_delimited::<FenceRecord>(&path, "fences") {
                 let entity = entities.get_or_insert(&r.entity);
                 let mut state = entity.state.lock().unwrap();
                 state.highest = state.highest.max((r.step, r.epoch));

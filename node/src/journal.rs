@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -44,26 +44,6 @@ struct Inner {
     entries: VecDeque<Arc<JournalEntry>>,
     next_seq: u64,
     file: Option<File>,
-}
-
-fn read_records(path: &Path) -> Vec<JournalEntry> {
-    let mut bytes = Vec::new();
-    if File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).is_err() {
-        return Vec::new();
-    }
-    let mut buf = bytes.as_slice();
-    let mut records = Vec::new();
-    // A record cut short by a crash mid-write ends the journal there.
-    while !buf.is_empty() {
-        match JournalEntry::decode_length_delimited(&mut buf) {
-            Ok(entry) => records.push(entry),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "journal ends in a partial record; dropped");
-                break;
-            }
-        }
-    }
-    records
 }
 
 /// Writes `entries` to `path` whole (a temp file renamed over it).
@@ -96,7 +76,7 @@ impl Journal {
                 id
             }
         };
-        let records = read_records(&path);
+        let records = crate::state_file::read_delimited::<JournalEntry>(&path, "journal");
         let next_seq = records.last().map_or(1, |e| e.seq + 1);
         let skip = records.len().saturating_sub(KEEP);
         let entries: VecDeque<Arc<JournalEntry>> = records.into_iter().skip(skip).map(Arc::new).collect();

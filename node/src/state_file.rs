@@ -44,6 +44,25 @@ fn write_replacing(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<
     Ok(())
 }
 
+/// The length-delimited protobuf records of an append-only file (`what`
+/// names it in the log); missing or unreadable gives none. A record cut
+/// short by a crash mid-write ends the file there.
+pub fn read_delimited<M: prost::Message + Default>(path: &Path, what: &str) -> Vec<M> {
+    let Ok(bytes) = std::fs::read(path) else { return Vec::new() };
+    let mut buf = bytes.as_slice();
+    let mut records = Vec::new();
+    while !buf.is_empty() {
+        match M::decode_length_delimited(&mut buf) {
+            Ok(r) => records.push(r),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "{what} ends in a partial record; dropped");
+                break;
+            }
+        }
+    }
+    records
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
