@@ -430,9 +430,7 @@ async fn a_node_sandbox_with_a_policy_reports_its_refusals_as_events() {
     let env = [("AGENTD_EGRESS_DNS", dns.as_str()), ("AGENTD_EGRESS_LOCK_DIR", lock_dir.as_str())];
     let state_path = state.path().to_owned();
     let mut agentd = Agentd::start_command(cmd, state_path, Some(state), &env).await;
-    let port: u16 = agentd.base.rsplit(':').next().unwrap().parse().unwrap();
-    let forward = node.forward(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await.unwrap();
-    agentd.base = format!("http://{}", forward.addr());
+    let forward = agentd.reach_in(&node).await;
 
     let (status, problem) = agentd.post("/v1/containers", &json!({"container_profile": {"network": {"egress": {"allow": ["ok.test", "bad..test:80"]}}}})).await;
     assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_network_policy")), "{problem}");
@@ -684,12 +682,7 @@ async fn live_restore_stops_an_egress_sandbox_instead_of_taking_it_back() {
     let env = [("AGENTD_EGRESS_DNS", "192.0.2.53:53"), ("AGENTD_EGRESS_LOCK_DIR", lock_dir.as_str())];
     let state_path = state.path().to_owned();
     let mut agentd = Agentd::start_command(up(&state_path), state_path.clone(), Some(state), &env).await;
-    let relay = |base: &str| {
-        let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
-        node.forward(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-    };
-    let forward = relay(&agentd.base).await.unwrap();
-    agentd.base = format!("http://{}", forward.addr());
+    let forward = agentd.reach_in(&node).await;
     let mut body = session_body(&[]);
     body["container_profile"] = json!({"network": {"egress": {"allow": ["example.com"]}}});
     let (status, view) = agentd.post("/v1/sessions", &body).await;
@@ -703,7 +696,7 @@ async fn live_restore_stops_an_egress_sandbox_instead_of_taking_it_back() {
     assert!(procfs::is_alive(pid), "the sandbox outlives agentd");
     assert!(links_and_tables(&node).contains("agentd_egress"), "its rules stay while the node is away");
     agentd.restart_command(up(&state_path), &env).await;
-    let forward = relay(&agentd.base).await.unwrap();
+    let forward = agentd.reach_in(&node).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while procfs::is_alive(pid) && Instant::now() < deadline {
         reap_orphans();

@@ -370,9 +370,7 @@ async fn an_egress_sandbox_reaches_its_secrets_upstream_without_a_rule_for_it() 
     let env = [("AGENTD_EGRESS_DNS", dns.as_str()), ("AGENTD_EGRESS_LOCK_DIR", lock_dir.as_str())];
     let state_path = state.path().to_owned();
     let mut agentd = Agentd::start_command(cmd, state_path, Some(state), &env).await;
-    let port: u16 = agentd.base.rsplit(':').next().unwrap().parse().unwrap();
-    let forward = node.forward(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await.unwrap();
-    agentd.base = format!("http://{}", forward.addr());
+    let forward = agentd.reach_in(&node).await;
 
     let mut body = session_body(&[]);
     body["container_profile"] = json!({

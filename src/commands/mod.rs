@@ -28,6 +28,25 @@ pub fn init_tracing(common: &CommonArgs) {
     }
 }
 
+/// Runs a daemon (`up`, `server`, `node`) on a runtime, with systemd told
+/// what happens: the watchdog pinged from the start (systemd counts start-up
+/// too), and a failure's reason in `STATUS=` beside the exit code.
+pub fn run_daemon<Fut>(body: impl FnOnce(std::sync::Arc<crate::notify::Notifier>) -> Fut) -> anyhow::Result<()>
+where
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    runtime()?.block_on(async {
+        let notify = std::sync::Arc::new(crate::notify::Notifier::from_env());
+        let watchdog = notify.start_watchdog();
+        let result = body(std::sync::Arc::clone(&notify)).await;
+        if let Err(e) = &result {
+            notify.status(&format!("failed: {e:#}"));
+        }
+        watchdog.stop().await;
+        result
+    })
+}
+
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

@@ -8,25 +8,14 @@ use std::sync::Arc;
 use agentd_cgroups::limits::HostCapacity;
 use anyhow::{Context, anyhow, bail};
 
-use super::{init_tracing, node_config, node_socket, prepare_state_dir, runtime, stop_signal};
+use super::{init_tracing, node_config, node_socket, prepare_state_dir, stop_signal};
 use crate::cli::NodeArgs;
 use crate::join::{self, Joined, Offer};
 use crate::notify::Notifier;
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     init_tracing(&args.common);
-    runtime()?.block_on(async {
-        let notify = Arc::new(Notifier::from_env());
-        // From the start: systemd counts the watchdog during start-up too.
-        let watchdog = notify.start_watchdog();
-        let result = node(args, &notify).await;
-        if let Err(e) = &result {
-            // `systemctl status` shows why, beside the exit code.
-            notify.status(&format!("failed: {e:#}"));
-        }
-        watchdog.stop().await;
-        result
-    })
+    super::run_daemon(|notify| async move { node(args, &notify).await })
 }
 
 async fn node(args: NodeArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {

@@ -6,24 +6,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::{control_plane_settings, init_tracing, prepare_state_dir, runtime, stop_signal};
+use super::{control_plane_settings, init_tracing, prepare_state_dir, stop_signal};
 use crate::cli::ServerArgs;
 use crate::notify::Notifier;
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_tracing(&args.common);
-    runtime()?.block_on(async {
-        let notify = Arc::new(Notifier::from_env());
-        // From the start: systemd counts the watchdog during start-up too.
-        let watchdog = notify.start_watchdog();
-        let result = server(args, &notify).await;
-        if let Err(e) = &result {
-            // `systemctl status` shows why, beside the exit code.
-            notify.status(&format!("failed: {e:#}"));
-        }
-        watchdog.stop().await;
-        result
-    })
+    super::run_daemon(|notify| async move { server(args, &notify).await })
 }
 
 async fn server(args: ServerArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {

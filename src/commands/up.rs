@@ -7,24 +7,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::{control_plane_settings, init_tracing, node_config, node_socket, prepare_state_dir, runtime, stop_signal};
+use super::{control_plane_settings, init_tracing, node_config, node_socket, prepare_state_dir, stop_signal};
 use crate::cli::UpArgs;
 use crate::notify::Notifier;
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     init_tracing(&args.common);
-    runtime()?.block_on(async {
-        let notify = Arc::new(Notifier::from_env());
-        // From the start: systemd counts the watchdog during start-up too.
-        let watchdog = notify.start_watchdog();
-        let result = up(args, &notify).await;
-        if let Err(e) = &result {
-            // `systemctl status` shows why, beside the exit code.
-            notify.status(&format!("failed: {e:#}"));
-        }
-        watchdog.stop().await;
-        result
-    })
+    super::run_daemon(|notify| async move { up(args, &notify).await })
 }
 
 async fn up(args: UpArgs, notify: &Arc<Notifier>) -> anyhow::Result<()> {

@@ -195,6 +195,16 @@ impl Agentd {
         self.earlier.lock().unwrap().join("\n")
     }
 
+    /// For an `agentd up` run in a network-namespace `host` (listening on
+    /// its loopback): relays a port of the test's namespace to its API and
+    /// points [`Self::base`] there, for as long as the returned relay lives.
+    pub async fn reach_in(&mut self, host: &agentd_testkit::netns::Host) -> agentd_testkit::netns::Forward {
+        let port: u16 = self.base.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {}", self.base));
+        let forward = host.forward(std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))).await.expect("relay to agentd's API");
+        self.base = format!("http://{}", forward.addr());
+        forward
+    }
+
     /// The `agentd up` process (agentd-daemon after agentd's exec).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agentd runs").id()
